@@ -1,0 +1,71 @@
+"""safeloss: a drop-in, safe and fast replacement for ``torch.nn.CrossEntropyLoss``.
+
+    from safeloss import SafeCrossEntropyLoss as CrossEntropyLoss   # was: torch.nn
+"""
+
+from __future__ import annotations
+
+from .checks import flush as _flush
+from .config import set_strict, strict_mode
+from .errors import (
+    BackendError,
+    BatchSizeMismatchError,
+    DeviceMismatchError,
+    EmptyBatchError,
+    IgnoreIndexError,
+    InputDtypeError,
+    InputError,
+    LabelSmoothingError,
+    NonFiniteError,
+    ProbabilityTargetError,
+    ReductionError,
+    SafeLossError,
+    SafeLossWarning,
+    TargetDtypeError,
+    TargetOutOfRangeError,
+    TargetShapeError,
+    WeightError,
+)
+from .functional import cross_entropy
+from .module import SafeCrossEntropyLoss
+from .report import reset_warnings
+
+__version__ = "0.1.0"
+
+
+def check_pending() -> None:
+    """Raise or warn now for anything earlier calls found but have not reported yet.
+
+    On CUDA in default mode, checks are read back without blocking and reported at the start of the
+    next call of the same loss; call this at the end of an epoch, or before saving a checkpoint,
+    to flush them. A no-op on CPU, where every call reports at once.
+    """
+    _flush(None, None)
+
+
+__all__ = [
+    "BackendError",
+    "BatchSizeMismatchError",
+    "DeviceMismatchError",
+    "EmptyBatchError",
+    "IgnoreIndexError",
+    "InputDtypeError",
+    "InputError",
+    "LabelSmoothingError",
+    "NonFiniteError",
+    "ProbabilityTargetError",
+    "ReductionError",
+    "SafeCrossEntropyLoss",
+    "SafeLossError",
+    "SafeLossWarning",
+    "TargetDtypeError",
+    "TargetOutOfRangeError",
+    "TargetShapeError",
+    "WeightError",
+    "__version__",
+    "check_pending",
+    "cross_entropy",
+    "reset_warnings",
+    "set_strict",
+    "strict_mode",
+]

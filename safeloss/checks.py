@@ -1,0 +1,418 @@
+"""Value checks: turning what a backend counted into errors and warnings.
+
+Backends count problems while they compute the loss (see ``_flags``). This module decides what
+the counts mean and words the message. It reads tensor data only on the error path (to name
+values and positions), never on the happy path.
+
+When the counts live on a GPU, reading them would block the host until the GPU catches up. So in
+default mode they are *deferred*: copied to pinned host memory without blocking and examined at
+the start of the next call of the same loss, or by :func:`check_pending`. Strict mode and CPU
+tensors read them at once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _flags as F
+from .errors import (
+    EmptyBatchError,
+    InputError,
+    NonFiniteError,
+    ProbabilityTargetError,
+    TargetOutOfRangeError,
+    fmt_list,
+    fmt_shape,
+    plural,
+)
+from .report import Finding, report
+from .validation import Problem
+
+# ------------------------------------------------------------------------ cheap checks (CPU)
+
+
+def target_bounds(target: Tensor) -> tuple[int, int]:
+    """(min, max) of the index targets in one read; (0, -1) for an empty target."""
+    if target.numel() == 0:
+        return 0, -1
+    lo, hi = torch.aminmax(target)
+    return int(lo), int(hi)
+
+
+def count_bad_targets(target: Tensor, num_classes: int, ignore_index: int) -> int:
+    """Exact count; only called when ``target_bounds`` says something may be outside [0, C)."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    return int(bad.sum())
+
+
+def sample_rows(x: Tensor, k: int = 64) -> Tensor:
+    """Up to ``k`` evenly spaced positions of the logits as a (k, C) tensor, without a full copy.
+
+    A softmax applied before the loss affects every row, so a sample detects it as surely as a
+    full scan, at a cost independent of N (the checks must stay cheap at LLM sizes).
+    """
+    if x.dim() == 1:
+        return x.unsqueeze(0)
+    n = x.shape[0]
+    if x.dim() == 2:
+        if n <= k:
+            return x
+        return x[torch.linspace(0, n - 1, k, device=x.device).long()]
+    flat = x.flatten(2)  # (N, C, S): a view for the usual contiguous NCHW layout
+    s = flat.shape[2]
+    total = n * s
+    m = min(k, total)
+    pos = torch.linspace(0, total - 1, m, device=x.device).long()
+    return flat[pos // s, :, pos % s]
+
+
+def softmax_like(rows: Tensor) -> Tensor:
+    """Bool per row: every entry in [0, 1] and the row sums to 1 within the dtype's tolerance."""
+    tol = F.SOFTMAX_SUM_TOL[str(rows.dtype).removeprefix("torch.")]
+    lo, hi = torch.aminmax(rows, dim=-1)
+    s = rows.sum(-1, dtype=torch.float32 if rows.dtype != torch.float64 else torch.float64)
+    return (lo >= 0) & (hi <= 1) & ((s - 1).abs() <= tol)
+
+
+def scan_softmax(x: Tensor, cdim: int, num_classes: int) -> tuple[int, int]:
+    """(rows that look softmaxed, rows checked), exiting after one cheap read of one row."""
+    if num_classes < 2 or x.numel() == 0:
+        return 0, 0
+    x = x.detach()
+    first = x if x.dim() == 1 else (x[0] if x.dim() == 2 else x.flatten(2)[0, :, 0])
+    # Raw logits almost never sum to 1, so one row's sum settles the common case.
+    tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
+    if not abs(float(first.sum(dtype=torch.float64)) - 1.0) <= tol:
+        return 0, 1
+    rows = sample_rows(x)
+    return int(softmax_like(rows).sum()), rows.shape[0]
+
+
+def scan_prob_target(target: Tensor, cdim: int) -> tuple[int, int]:
+    """(positions with a negative entry, positions whose entries do not sum to 1)."""
+    if target.numel() == 0:
+        return 0, 0
+    tol = F.PROB_SUM_TOL.get(str(target.dtype).removeprefix("torch."), 1e-4)
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
+    neg = int((target < 0).any(cdim).sum())
+    badsum = int(((target.sum(cdim, dtype=acc) - 1).abs() > tol).sum())
+    return neg, badsum
+
+
+# ------------------------------------------------------------------------ messages
+
+
+def _positions(mask: Tensor, limit: int = 5) -> tuple[int, list[str]]:
+    idx = mask.nonzero()
+    if mask.dim() == 1:
+        return idx.shape[0], [f"[{i}]" for i in idx[:limit, 0].tolist()]
+    return idx.shape[0], [str(list(p)) for p in idx[:limit].tolist()]
+
+
+def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, device_type: str) -> str:
+    C = num_classes
+    t = target.detach().cpu().long()
+    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    nbad = int(bad.sum())
+    valid = t[(t != ignore_index)]
+    vals, counts = torch.unique(t[bad], return_counts=True)
+    order = counts.argsort(descending=True)
+    parts = []
+    for v in vals[order][:4].tolist():
+        _, pos = _positions(bad & (t == v), 3)
+        n_v = int((bad & (t == v)).sum())
+        parts.append(f"{v} at {fmt_list(pos, limit=3, total=n_v)}")
+    more = f"; ... ({vals.numel()} distinct bad values)" if vals.numel() > 4 else ""
+    lines = [
+        f"{nbad} of {plural(t.numel(), 'target')} {'is' if nbad == 1 else 'are'} outside the "
+        f"class range 0..{C - 1} "
+        f"({plural(C, 'class', 'classes')}).",
+        f"  bad values: {'; '.join(parts)}{more}",
+        f"  target shape {fmt_shape(t.shape)}, ignore_index={ignore_index}",
+    ]
+    bad_vals = vals.tolist()
+    lo = int(valid.min()) if valid.numel() else 0
+    hi = int(valid.max()) if valid.numel() else 0
+    if C == 1:
+        lines.append(
+            "The model has a single output, but the labels use more than one class (binary "
+            "labels 0/1 need two outputs for cross-entropy)."
+        )
+        lines.append(
+            "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the "
+            "model 2 outputs"
+        )
+    elif len(bad_vals) == 1 and (bad_vals[0] < 0 or bad_vals[0] in (255, 250, 254, 65535)):
+        v = bad_vals[0]
+        what = "padding/unknown labels" if v < 0 else "a mask code for 'void' / unlabeled pixels"
+        lines.append(
+            f"Every bad value is {v}, which looks like {what}, not a class; "
+            f"ignore_index is {ignore_index}, so these positions are not skipped."
+        )
+        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+    elif hi == C and lo >= 1:
+        lines.append(f"The labels look 1-based: they run from {lo} to {hi} and 0 never occurs.")
+        lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
+    elif hi >= C:
+        lines.append(
+            f"The labels go up to {hi}, so the data has at least {hi + 1} classes but the model "
+            f"outputs {C} scores: the final layer is too small, or the labels were not remapped "
+            "to 0..C-1."
+        )
+        lines.append(
+            f"Fix: build the final layer with {hi + 1} outputs (e.g. nn.Linear(d, {hi + 1})), or "
+            "remap the labels to 0..C-1"
+        )
+    else:
+        lines.append(
+            f"Negative labels are only allowed when they equal ignore_index ({ignore_index})."
+        )
+        lines.append(
+            "Fix: set ignore_index to the value used for 'no label', or remove those targets"
+        )
+    if device_type == "cuda":
+        lines.append(
+            "(Stock torch would have stopped with 'CUDA error: device-side assert triggered' and "
+            "left the CUDA context unusable; safeloss masked the bad positions instead.)"
+        )
+    return "\n".join(lines)
+
+
+def softmax_finding(like: int, checked: int, num_classes: int, n_positions: int) -> Finding:
+    C = num_classes
+    floor = math.log1p((C - 1) / math.e)
+    rows = f"all {checked} rows" if checked == n_positions else f"all {checked} sampled rows (of {n_positions})"
+    return Finding(
+        "softmaxed-input", InputError,
+        f"the input to cross_entropy looks already softmaxed: {rows} lie in [0, 1] and sum to 1.\n"
+        "CrossEntropyLoss applies log-softmax itself and expects raw logits; a softmax before it "
+        f"caps the loss (with {C} classes it can never go below {floor:.2f}) and shrinks the "
+        "gradients, so training stalls.\n"
+        "Fix: remove the nn.Softmax / torch.softmax before the loss (keep it only for inference). "
+        "If you really have probabilities, use torch.nn.NLLLoss on probs.log().",
+    )
+
+
+def nonfinite_finding(p: Problem, losses: Tensor | None, count: int, have_logits: bool) -> Finding:
+    n_pos = max(1, math.prod(p.positions_shape))
+    where = ""
+    detail = ""
+    if losses is not None and losses.dim() > 0:
+        mask = ~torch.isfinite(losses.detach())
+        if p.prob is False:
+            mask &= p.target != p.ignore_index
+        count, pos = _positions(mask.cpu())
+        where = f" (first at {fmt_list(pos, total=count)})"
+    if have_logits and p.input.numel():
+        x = p.input.detach()
+        cdim = 0 if x.dim() == 1 else 1
+        nan_rows = int(torch.isnan(x).any(cdim).sum())
+        inf_rows = int(torch.isposinf(x).any(cdim).sum())
+        ninf_rows = int(torch.isneginf(x).any(cdim).sum())
+        bits = []
+        if nan_rows:
+            bits.append(f"{plural(nan_rows, 'row')} with NaN")
+        if inf_rows:
+            bits.append(f"{plural(inf_rows, 'row')} with +inf")
+        if ninf_rows:
+            bits.append(f"{plural(ninf_rows, 'row')} with -inf")
+        if bits:
+            detail = f"\n  logits shape {fmt_shape(x.shape)}, dtype {x.dtype}: " + ", ".join(bits)
+    half = p.input.dtype in (torch.float16,)
+    return Finding(
+        "nonfinite", NonFiniteError,
+        f"the loss is NaN or infinite at {count} of {plural(n_pos, 'position')}{where}, because "
+        f"the logits there hold NaN or infinite values.{detail}\n"
+        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
+        "division by zero inside the model, NaN in the input data"
+        + (", or float16 overflow (values above 65504)" if half else "")
+        + ". -inf is fine for masked-out classes, but not for the target class.\n"
+        "Fix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
+        "gradients (torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() "
+        "to find the first op that produces NaN"
+        + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
+    )
+
+
+def empty_mean_finding(p: Problem) -> Finding:
+    n = math.prod(p.positions_shape)
+    if n == 0:
+        what = (
+            f"cross_entropy got an empty batch (input shape {fmt_shape(p.input.shape)}) with "
+            'reduction="mean": the mean of no values is NaN (stock torch returns NaN too).'
+        )
+    elif p.weight is not None:
+        what = (
+            f'cross_entropy with reduction="mean" has nothing to average: every one of the {n} '
+            f"targets is ignore_index={p.ignore_index} or has class weight 0, so the loss is "
+            "0/0 = NaN (stock torch returns NaN too)."
+        )
+    else:
+        what = (
+            f'cross_entropy with reduction="mean" has nothing to average: all {n} targets equal '
+            f"ignore_index={p.ignore_index}, so the loss is 0/0 = NaN (stock torch returns NaN too)."
+        )
+    return Finding(
+        "empty-mean", EmptyBatchError,
+        what + "\nGradients are zero, but the NaN loss poisons logging, loss scaling and any sum "
+        "of losses; it is common with padding-only micro-batches in language models.\n"
+        'Fix: skip such batches, or use reduction="sum" and divide by max(number of valid '
+        "targets, 1) yourself",
+    )
+
+
+def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
+    y = p.target.detach()
+    cdim = 0 if y.dim() == 1 else 1
+    n = max(1, math.prod(p.positions_shape))
+    known = y.device.type != "meta" and y.numel() > 0  # meta: a deferred check kept no data
+    sums = y.sum(cdim, dtype=torch.float64) if known else None
+    bits = []
+    if negative:
+        low = f" (min {float(y.min()):.4g})" if known else ""
+        bits.append(f"{plural(negative, 'row')} with negative entries{low}")
+    if badsum:
+        span = f" (row sums from {float(sums.min()):.4g} to {float(sums.max()):.4g})" if known else ""
+        bits.append(f"{plural(badsum, 'row')} not summing to 1{span}")
+    return Finding(
+        "bad-probabilities", ProbabilityTargetError,
+        f"the probability targets (shape {fmt_shape(y.shape)}, same as the input) are not "
+        f"probability distributions: {' and '.join(bits)} of {n}.\n"
+        "The loss is computed as stock torch does, but it is no longer a cross-entropy: it can be "
+        "negative or unbounded. Targets like these are usually logits, counts or log-probabilities "
+        "passed where probabilities were expected.\n"
+        f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
+        "for counts, or class indices of shape " + fmt_shape(p.positions_shape),
+    )
+
+
+# ------------------------------------------------------------------------ resolution
+
+
+@dataclass
+class Scan:
+    """What a backend counted: python ints already, or a device tensor to read (maybe later)."""
+
+    counts: Sequence[int] | Tensor  # layout: safeloss._flags
+    nonfinite_from_output: bool = False  # the backend did not count; judge from the output
+
+
+def resolve(
+    scan: Scan,
+    p: Problem,
+    losses: Tensor | None,
+    out: Tensor | None,
+    out_finite: bool | None,
+    strict: bool,
+    owner: object | None,
+    have_logits: bool = True,
+    device_type: str | None = None,
+) -> None:
+    """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``"."""
+    counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
+    if counts[F.BAD_TARGET]:
+        raise TargetOutOfRangeError(
+            out_of_range_message(p.target, p.num_classes, p.ignore_index,
+                                 device_type or p.input.device.type)
+        ) from None
+    if counts[F.SOFTMAX_CHECKED] and counts[F.SOFTMAX_LIKE] == counts[F.SOFTMAX_CHECKED]:
+        report(softmax_finding(counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED], p.num_classes,
+                               math.prod(p.positions_shape)), strict, owner)
+    if counts[F.PROB_NEGATIVE] or counts[F.PROB_BAD_SUM]:
+        report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
+    nonfinite = counts[F.NONFINITE_ROW]
+    if scan.nonfinite_from_output:
+        if out_finite is None and out is not None:
+            out_finite = bool(torch.isfinite(out).all())
+        if out_finite is False and losses is not None:
+            finite = torch.isfinite(losses.detach())
+            if not p.prob:
+                finite |= p.target == p.ignore_index
+            nonfinite = int((~finite).sum())
+    if nonfinite:
+        report(nonfinite_finding(p, losses, nonfinite, have_logits), strict, owner)
+    elif p.reduction == "mean" and out_finite is False and math.prod(p.positions_shape) > 0:
+        report(empty_mean_finding(p), strict, owner)
+
+
+# ------------------------------------------------------------------------ deferral
+
+
+@dataclass
+class _Pending:
+    scan: Scan
+    problem: Problem
+    losses: Tensor | None
+    out_host: Tensor | None
+    counts_host: Tensor
+    event: object | None
+    strict: bool
+    device_type: str
+
+
+_pending: dict[int, list[_Pending]] = {}
+_pending_lock = threading.Lock()
+
+
+def defer(scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int) -> None:
+    """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
+    counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
+    pinned = counts.device.type == "cuda"
+    counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=pinned)
+    counts_host.copy_(counts, non_blocking=pinned)
+    out_host = None
+    if p.reduction != "none":
+        out_host = torch.empty((), dtype=out.dtype, pin_memory=pinned)
+        out_host.copy_(out.detach(), non_blocking=pinned)
+    event = None
+    if pinned:
+        event = torch.cuda.Event()
+        event.record()
+    # Index targets and per-position losses are O(N): kept so the message can name positions.
+    # The logits and probability targets are not kept (they can be gigabytes): meta stand-ins
+    # carry their shape and dtype.
+    def light(t: Tensor) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    p_light = Problem(
+        input=light(p.input), target=light(p.target) if p.prob else p.target.detach(),
+        prob=p.prob, weight=p.weight, ignore_index=p.ignore_index,
+        label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=p.num_classes,
+        out_dtype=p.out_dtype,
+    )
+    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
+                   None if losses is None else losses.detach(), out_host, counts_host, event, strict,
+                   p.input.device.type)
+    with _pending_lock:
+        _pending.setdefault(key, []).append(rec)
+
+
+def flush(key: int | None, owner: object | None) -> None:
+    """Report what earlier calls of this loss (``key``), or of every loss (None), found."""
+    with _pending_lock:
+        if key is None:
+            recs = [r for lst in _pending.values() for r in lst]
+            _pending.clear()
+        else:
+            recs = _pending.pop(key, [])
+    for rec in recs:
+        if rec.event is not None:
+            rec.event.synchronize()  # waits for that call's kernels only, normally long finished
+        out_finite = None
+        if rec.out_host is not None:
+            out_finite = bool(torch.isfinite(rec.out_host))
+        elif rec.losses is not None:
+            out_finite = bool(torch.isfinite(rec.losses).all())
+        resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
+                have_logits=False, device_type=rec.device_type)
+
+
+def has_pending() -> bool:
+    with _pending_lock:
+        return any(_pending.values())

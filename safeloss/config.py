@@ -1,0 +1,46 @@
+"""Strict mode: where warnings become errors.
+
+Precedence: explicit ``strict=`` argument > ``with strict_mode():`` > ``set_strict()`` >
+the ``SAFELOSS_STRICT`` environment variable (read at call time, so importing safeloss has no
+side effects). The context manager uses a ``ContextVar``, so it is local to a thread / asyncio task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+_UNSET = object()
+_context_strict: ContextVar[object] = ContextVar("safeloss_strict", default=_UNSET)
+_global_strict: bool | None = None
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def set_strict(flag: bool | None) -> None:
+    """Set the process-wide default; ``None`` goes back to the ``SAFELOSS_STRICT`` variable."""
+    global _global_strict
+    _global_strict = None if flag is None else bool(flag)
+
+
+@contextlib.contextmanager
+def strict_mode(flag: bool = True) -> Iterator[None]:
+    """``with safeloss.strict_mode():`` turns every safeloss warning into an error inside the block."""
+    token = _context_strict.set(bool(flag))
+    try:
+        yield
+    finally:
+        _context_strict.reset(token)
+
+
+def is_strict(explicit: bool | None = None) -> bool:
+    if explicit is not None:
+        return bool(explicit)
+    ctx = _context_strict.get()
+    if ctx is not _UNSET:
+        return bool(ctx)
+    if _global_strict is not None:
+        return _global_strict
+    return os.environ.get("SAFELOSS_STRICT", "").strip().lower() in _TRUE

@@ -1,0 +1,77 @@
+"""Backend choice, per call: Triton for CUDA tensors when it can run, torch otherwise.
+
+``backend="triton"`` where Triton cannot run is an error, never a silent fallback: a user who asks
+for the fast kernel must know when they are not getting it. float64 always runs on torch (the
+kernel computes in fp32, which would lose the precision fp64 users ask for).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from .backends import Rows
+from .checks import Scan
+from .errors import BackendError
+from .validation import Problem
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise BackendError(
+            f"backend={backend!r} is not a safeloss backend.\n"
+            'Valid values: "auto" (Triton for CUDA tensors when available, else torch), "torch", '
+            '"triton".\nFix: backend="auto"'
+        )
+    return backend  # type: ignore[return-value]
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    if not _triton_installed():
+        return "the triton package is not installed (pip install triton; Linux with a CUDA GPU)"
+    from .backends import triton_backend
+
+    return triton_backend.unavailable_reason(device)
+
+
+def select(backend: str, p: Problem) -> str:
+    """Name of the backend that will run this call."""
+    if backend == "torch" or p.input.dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        if p.input.device.type == "cuda" and triton_unavailable_reason(p.input.device) is None:
+            return "triton"
+        return "torch"
+    reason = triton_unavailable_reason(p.input.device)
+    if reason is not None:
+        raise BackendError(
+            f'backend="triton" cannot run on {p.input.device.type} tensors here: {reason}.\n'
+            'Fix: backend="auto" picks Triton where it can run and torch elsewhere; for CPU '
+            "testing of the kernels set TRITON_INTERPRET=1 before the first call"
+        )
+    return "triton"
+
+
+def row_losses(name: str, p: Problem, immediate: bool, inplace_backward: bool) -> Rows:
+    if name == "torch":
+        from .backends import torch_backend
+
+        return torch_backend.row_losses(p, immediate)
+    from .backends import triton_backend
+
+    weight = None if p.weight is None else p.weight.float().contiguous()
+    losses, flags = triton_backend.row_losses(
+        p.input, p.target, weight=weight, ignore_index=p.ignore_index,
+        label_smoothing=p.label_smoothing, prob_target=p.prob,
+        inplace_backward=inplace_backward,
+    )
+    return Rows(losses, Scan(flags))

@@ -1,0 +1,46 @@
+"""``safeloss.cross_entropy``: the signature of ``torch.nn.functional.cross_entropy``, plus safety."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import pipeline
+from .dispatch import check_backend
+from .validation import check_label_smoothing, resolve_reduction
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    strict: bool | None = None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.cross_entropy` with checks and a fused GPU kernel.
+
+    Same arguments and, for every input torch accepts, the same values and gradients. Mistakes
+    that torch reports cryptically or not at all raise a :class:`safeloss.SafeLossError` or warn
+    with a :class:`safeloss.SafeLossWarning` naming the cause and the fix.
+
+    Args:
+        strict: turn every warning into an error; ``None`` follows ``safeloss.strict_mode()``,
+            ``safeloss.set_strict()`` and the ``SAFELOSS_STRICT`` environment variable.
+        backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
+        inplace_backward: Triton backend only: write the gradient into the logits' storage in
+            backward to save memory. The logits are overwritten, so only use it when nothing else
+            reads them after the loss.
+    """
+    return pipeline.run(
+        input, target, weight, ignore_index,
+        resolve_reduction(size_average, reduce, reduction),
+        check_label_smoothing(label_smoothing),
+        strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
+        owner=None,
+    )

@@ -1,0 +1,68 @@
+"""``safeloss.SafeCrossEntropyLoss``: a subclass of ``torch.nn.CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import pipeline
+from .dispatch import check_backend
+from .validation import check_label_smoothing, check_reduction
+
+
+class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` with checks and a fused GPU kernel.
+
+    A subclass of the stock module: ``isinstance`` checks, the ``weight`` buffer, ``state_dict``
+    (interchangeable with the stock module's), ``.to()``, pickling and ``deepcopy`` behave the same.
+    Unlike the stock module, an invalid ``reduction`` or ``label_smoothing`` fails here, at
+    construction, not at the first forward. Each distinct warning is shown once per instance.
+
+    Extra keyword-only arguments: ``strict``, ``backend`` and ``inplace_backward``, as in
+    :func:`safeloss.cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        strict: bool | None = None,
+        backend: str = "auto",
+        inplace_backward: bool = False,
+    ) -> None:
+        check_label_smoothing(label_smoothing)
+        if size_average is None and reduce is None:
+            check_reduction(reduction)
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.strict = strict
+        self.backend = check_backend(backend)
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return pipeline.run(
+            input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+            check_label_smoothing(self.label_smoothing), strict=self.strict,
+            backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
+            owner=self,
+        )
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.reduction != "mean":
+            parts.append(f"reduction={self.reduction!r}")
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index={self.ignore_index}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.strict is not None:
+            parts.append(f"strict={self.strict}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        return ", ".join(parts)

@@ -1,0 +1,56 @@
+"""One call of the loss, layer by layer: validate -> choose backend -> per-position losses ->
+shared reduction -> report what the checks found. Used by both the module and the functional API.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from . import checks, dispatch, reduction
+from .config import is_strict
+from .report import report
+from .validation import normalize
+
+# When True, CPU calls defer their checks like CUDA calls do (lets CI test the deferred model).
+_DEFER_ON_CPU = False
+
+FUNCTIONAL_KEY = 0  # pending-check key of the functional API; modules use id(module)
+
+
+def run(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction_: str,
+    label_smoothing: float,
+    *,
+    strict: bool | None,
+    backend: str,
+    inplace_backward: bool,
+    owner: object | None,
+) -> Tensor:
+    strict_ = is_strict(strict)
+    key = FUNCTIONAL_KEY if owner is None else id(owner)
+    if checks._pending:
+        checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
+
+    p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing)
+    for finding in p.findings:
+        report(finding, strict_, owner)
+    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
+        report(checks.empty_mean_finding(p), strict_, owner)
+
+    name = dispatch.select(backend, p)
+    immediate = strict_ or (p.input.device.type == "cpu" and not _DEFER_ON_CPU)
+    rows = dispatch.row_losses(name, p, immediate, inplace_backward)
+    if rows.losses is None:  # invalid targets found before any compute
+        checks.resolve(rows.scan, p, None, None, None, strict_, owner)
+    out = reduction.reduce(rows, p)
+    if immediate:
+        checks.resolve(rows.scan, p, rows.losses, out, None, strict_, owner)
+    else:
+        checks.defer(rows.scan, p, rows.losses, out, strict_, key)
+    return out

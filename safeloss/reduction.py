@@ -1,0 +1,50 @@
+"""The one place where per-position losses become the result: torch's exact reductions.
+
+* "none": the per-position losses, in the output dtype.
+* "sum": their sum (fp32 accumulation, fp64 for fp64 inputs).
+* "mean", index targets: sum / (sum of weight[target] over non-ignored positions); the plain count
+  of non-ignored positions without ``weight``. Label smoothing shares this denominator.
+* "mean", probability targets: sum / number of positions (torch does not divide by weights here;
+  pytorch issue 61309).
+* Nothing to average (empty batch, all ignored, total weight 0): NaN with zero gradients, as torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .backends import Rows
+from .validation import Problem
+
+
+def denominator(p: Problem) -> int | Tensor:
+    if p.prob:
+        return math.prod(p.positions_shape)
+    t = p.target
+    valid = (t != p.ignore_index) & (t >= 0) & (t < p.num_classes)
+    if p.weight is None:
+        return valid.sum()
+    acc = torch.float64 if p.weight.dtype == torch.float64 else torch.float32
+    w = p.weight.to(acc)[t.long().clamp(0, p.num_classes - 1)]
+    return torch.where(valid, w, 0).sum()
+
+
+def reduce(rows: Rows, p: Problem) -> Tensor:  # noqa: D103
+    losses = rows.losses  # never None here: the pipeline raises on early exits first
+    if p.reduction == "none":
+        return losses.to(p.out_dtype)
+    acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
+    total = losses.sum(dtype=acc)
+    if p.reduction == "sum":
+        return total.to(p.out_dtype)
+    denom = rows.denominator if rows.denominator is not None else denominator(p)
+    if not isinstance(denom, Tensor):
+        return (total / denom).to(p.out_dtype)  # tensor / 0 is NaN for an empty batch
+    # 0/0 must give NaN (torch's value) but zero gradients (torch's gradients): divide by a
+    # safe denominator, then overwrite; masked_fill sends no gradient through filled entries.
+    empty = denom == 0
+    out = (total / torch.where(empty, 1, denom)).masked_fill(empty, math.nan)
+    return out.to(p.out_dtype)

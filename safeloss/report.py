@@ -1,0 +1,72 @@
+"""How a finding reaches the user: an error in strict mode, otherwise a warning shown once.
+
+"Once" means once per kind of finding per ``SafeCrossEntropyLoss`` instance, or per call site of
+the functional API: a training loop that hits the same problem every step prints it one time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+
+from .errors import SafeLossError, SafeLossWarning
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A likely mistake that safeloss can handle (warning) or that strict mode turns into ``error``."""
+
+    kind: str  # stable key for warn-once, e.g. "softmaxed-input"
+    error: type[SafeLossError]
+    message: str
+
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_seen_call_sites: set[tuple[str, str, int]] = set()
+_lock = threading.Lock()
+
+
+def _user_frame() -> tuple[str, int, int]:
+    """(filename, lineno, stacklevel) of the first frame outside safeloss (and torch.nn's module glue)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        fname = frame.f_code.co_filename
+        if not (fname.startswith(_PKG_DIR) or f"{os.sep}torch{os.sep}nn{os.sep}" in fname):
+            return fname, frame.f_lineno, level
+        frame = frame.f_back
+        level += 1
+    return "<unknown>", 0, level
+
+
+def raise_error(error: type[SafeLossError], message: str) -> None:
+    # ``from None``: the internal frames that detected the problem add nothing for the user.
+    raise error(message) from None
+
+
+def report(finding: Finding, strict: bool, owner: object | None) -> None:
+    """Raise ``finding`` (strict) or warn about it once per owner (module) or call site (functional)."""
+    if strict:
+        raise finding.error(finding.message) from None
+    fname, lineno, level = _user_frame()
+    if owner is not None:
+        seen = owner.__dict__.setdefault("_safeloss_warned", set())
+        key: object = finding.kind
+    else:
+        seen = _seen_call_sites
+        key = (finding.kind, fname, lineno)
+    with _lock:
+        if key in seen:
+            return
+        seen.add(key)
+    # stacklevel points the warning at the user's line; -1 because warn() counts from report()'s caller.
+    warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
+
+
+def reset_warnings() -> None:
+    """Forget which warnings were shown (for tests and notebooks)."""
+    with _lock:
+        _seen_call_sites.clear()

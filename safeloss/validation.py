@@ -1,0 +1,524 @@
+"""Validation and target normalization: pure functions, no kernels.
+
+``normalize()`` looks at shapes, dtypes and devices (free: no data is read) and returns a
+:class:`Problem` that every backend understands, plus the findings to report. The only places
+that read tensor *data* are conversions of inputs stock torch rejects anyway (float or one-hot
+integer targets), and the one-off check of a ``weight`` tensor (cached per tensor version).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import (
+    BatchSizeMismatchError,
+    DeviceMismatchError,
+    IgnoreIndexError,
+    InputDtypeError,
+    InputError,
+    LabelSmoothingError,
+    ReductionError,
+    TargetDtypeError,
+    TargetShapeError,
+    WeightError,
+    fmt_list,
+    fmt_shape,
+    plural,
+)
+from .report import Finding
+
+REDUCTIONS = ("mean", "sum", "none")
+_INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32, torch.int16, torch.int8)
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class Problem:
+    """A validated cross-entropy call, in the one form every backend accepts."""
+
+    input: Tensor  # logits (C,), (N, C) or (N, C, d1..dK); the caller's tensor, never copied
+    target: Tensor  # class indices (positions shape) or probabilities (input's shape)
+    prob: bool  # True: probability targets
+    weight: Tensor | None  # (C,), on the input's device, in the input's dtype
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    num_classes: int
+    out_dtype: torch.dtype
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def positions_shape(self) -> tuple[int, ...]:
+        s = tuple(self.input.shape)
+        return s[1:] if len(s) == 1 else s[:1] + s[2:]
+
+
+# --------------------------------------------------------------------------------- arguments
+
+
+def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """torch's legacy precedence (``torch.nn._reduction``), then a check of the string."""
+    if size_average is not None or reduce is not None:
+        # torch's own helper: same precedence and the same deprecation warning text.
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return check_reduction(reduction)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction in REDUCTIONS:
+        return reduction  # type: ignore[return-value]
+    if reduction == "elementwise_mean":
+        return "mean"
+    raise ReductionError(
+        f"reduction={reduction!r} is not a valid reduction for cross_entropy.\n"
+        f'Valid values are "mean" (the default: average over the targets), "sum" and "none" '
+        f"(one loss per target).\n"
+        f'Fix: reduction="mean"' + (
+            " (reduction names are lower-case)" if isinstance(reduction, str)
+            and reduction.lower() in REDUCTIONS else ""
+        )
+    )
+
+
+def check_label_smoothing(label_smoothing: object) -> float:
+    try:
+        eps = float(label_smoothing)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        eps = math.nan
+    if not 0.0 <= eps <= 1.0:  # also rejects NaN
+        hint = ""
+        if eps < 0:
+            hint = (
+                "\nStock torch silently treats a negative value as 0.0, so the smoothing you asked "
+                "for would never happen."
+            )
+        elif eps > 1 and eps <= 100:
+            hint = f"\nIf you meant a percentage, label_smoothing={eps / 100:g}."
+        raise LabelSmoothingError(
+            f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}.{hint}\n"
+            "It is the share of probability mass spread uniformly over all classes; typical "
+            "values are 0.05 to 0.2.\nFix: label_smoothing=0.1 (or 0.0 to turn it off)"
+        )
+    return eps
+
+
+# --------------------------------------------------------------------------------- the logits
+
+
+def _check_input(input: object) -> Tensor:
+    if not isinstance(input, Tensor):
+        raise InputError(
+            f"cross_entropy expects the input (logits) to be a torch.Tensor, got "
+            f"{type(input).__name__}.\nFix: pass the model's output tensor, e.g. "
+            "loss_fn(model(x), y)"
+        )
+    if input.dtype not in _INPUT_DTYPES:
+        raise InputDtypeError(
+            f"cross_entropy got integer or non-real logits: input dtype {input.dtype}, shape "
+            f"{fmt_shape(input.shape)}.\nThe input must hold raw float scores (logits), one per "
+            "class; integer values usually mean the labels were passed as the first argument.\n"
+            "Fix: call loss_fn(logits, labels) with float logits, e.g. model(x) or "
+            "logits.float()"
+        )
+    if input.dim() == 0:
+        raise InputError(
+            "cross_entropy got a 0-d input (a single number); it needs one score per class.\n"
+            "  input shape (): no class dimension\n"
+            "Fix: the model should output C scores per sample, shape (N, C); for a single "
+            "yes/no score use torch.nn.BCEWithLogitsLoss"
+        )
+    return input
+
+
+# --------------------------------------------------------------------------------- devices
+
+
+def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None:
+    dev = input.device
+    bad = []
+    if target.device != dev:
+        bad.append(("target", target.device))
+    if weight is not None and weight.device != dev:
+        bad.append(("weight", weight.device))
+    if bad:
+        names = " and ".join(f"{name} is on {d}" for name, d in bad)
+        fixes = "; ".join(f"{name} = {name}.to(input.device)" for name, _ in bad)
+        raise DeviceMismatchError(
+            f"cross_entropy got tensors on different devices: input is on {dev}, {names}.\n"
+            "Everything must live on one device; usually the labels from the DataLoader were "
+            "not moved, or the loss module was created before model.to(device).\n"
+            f"Fix: {fixes}"
+            + ("  (or loss_fn.to(device) for a module's weight)" if weight is not None else "")
+        )
+
+
+# --------------------------------------------------------------------------------- weight
+
+# (id, version) of weights already checked: a training loop passes the same buffer every step,
+# and the negative-entry check reads its data (a host sync on CUDA) only the first time.
+_checked_weights: weakref.WeakValueDictionary[tuple[int, int], Tensor] = weakref.WeakValueDictionary()
+
+
+def _check_weight(weight: object, input: Tensor, num_classes: int) -> tuple[Tensor | None, list[Finding]]:
+    if weight is None:
+        return None, []
+    if not isinstance(weight, Tensor):
+        raise WeightError(
+            f"weight must be a 1-D float tensor with one entry per class, got "
+            f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
+        )
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise WeightError(
+            f"weight has shape {fmt_shape(weight.shape)} but the input has {num_classes} classes "
+            f"(input shape {fmt_shape(input.shape)}, classes along dim "
+            f"{0 if input.dim() == 1 else 1}).\nweight needs exactly one entry per class, in "
+            "class order; a length mismatch usually means the weights were computed on a "
+            "different label set, or a class with no samples was dropped.\n"
+            f"Fix: a 1-D weight of length {num_classes}, e.g. "
+            f"torch.ones({num_classes}) with the known classes filled in"
+        )
+    if not weight.is_floating_point():
+        raise WeightError(
+            f"weight must be floating point, got dtype {weight.dtype}.\n"
+            "Fix: weight.float()"
+        )
+    findings = []
+    key = (id(weight), weight._version)
+    if _checked_weights.get(key) is not weight:
+        if weight.device == input.device and bool((weight < 0).any()):
+            neg = (weight < 0).nonzero().flatten().tolist()
+            findings.append(Finding(
+                "negative-weight", WeightError,
+                f"weight has {plural(len(neg), 'negative entry', 'negative entries')} "
+                f"(classes {fmt_list([str(i) for i in neg])}).\n"
+                "A negative class weight rewards the model for being wrong on that class, so the "
+                "loss can fall forever; it is almost always a bug in how the weights were computed.\n"
+                "Fix: use non-negative weights, e.g. inverse class frequencies: "
+                "weight = counts.sum() / (C * counts)",
+            ))
+        _checked_weights[key] = weight
+    if weight.dtype != input.dtype:
+        # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.
+        weight = weight.to(input.dtype)
+    return weight, findings
+
+
+# --------------------------------------------------------------------------------- targets
+
+
+def _class_dim(input: Tensor) -> int:
+    return 0 if input.dim() == 1 else 1
+
+
+def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> None:
+    """Raise the most helpful error for an index target whose shape is not ``expected``."""
+    ishape, tshape = tuple(input.shape), tuple(target.shape)
+    C = ishape[_class_dim(input)]
+    head = (
+        f"  input  (logits) shape {fmt_shape(ishape)}\n"
+        f"  target (labels) shape {fmt_shape(tshape)}\n"
+    )
+
+    # Batch-size mismatch: same rank as expected but a different first dimension.
+    if input.dim() >= 2 and target.dim() == len(expected) and target.dim() >= 1 and tshape[0] != ishape[0]:
+        if tshape[1:] == expected[1:]:
+            n_in, n_t = ishape[0], tshape[0]
+            lines = [
+                f"cross_entropy got {n_in} predictions but {n_t} targets.",
+                f"  input  (logits) shape {fmt_shape(ishape)}: batch {n_in}, {C} classes",
+                f"  target (labels) shape {fmt_shape(tshape)}: batch {n_t}",
+            ]
+            if n_in > n_t and n_in % n_t == 0:
+                k = n_in // n_t
+                lines.append(
+                    f"The input batch is {k}x the target batch: a view/reshape inside the model most "
+                    f"likely folded another dimension into the batch (for example x.view(-1, {C}) "
+                    f"on features of shape ({n_t}, {k}, {C}), or a sequence of {k} steps per sample)."
+                )
+                lines.append(
+                    "Fix: flatten per sample with x.flatten(1) or x.view(x.size(0), -1) before the "
+                    f"final layer; for per-step labels use target of shape ({n_t}, {k})."
+                )
+            elif n_t > n_in and n_t % n_in == 0:
+                k = n_t // n_in
+                lines.append(
+                    f"The target batch is {k}x the input batch: either the labels were flattened "
+                    f"from shape ({n_in}, {k}) (per-step or per-pixel labels), or the model reduced "
+                    "a dimension it should have kept, or a hard-coded batch size in the model "
+                    "(e.g. x.view(64, -1)) cut the batch."
+                )
+                lines.append(
+                    "Fix: keep one prediction per label: x.view(x.size(0), ...) instead of a fixed "
+                    "batch size, or logits.reshape(-1, C) together with labels.reshape(-1)."
+                )
+            else:
+                hint = (
+                    "The model's batch is larger: a hard-coded batch size inside the model "
+                    f"(e.g. x.view({n_in}, -1)) breaks on the last, smaller batch of an epoch — the "
+                    "partial last batch itself is normal and not an error."
+                    if n_in > n_t else
+                    "The target batch is larger: the labels may come from a different batch than "
+                    "the inputs, or the model drops samples."
+                )
+                lines.append(hint)
+                lines.append(
+                    "Fix: derive shapes from the input (x.view(x.size(0), -1)), never from a fixed "
+                    "batch size; do not use drop_last=True to hide this."
+                )
+            raise BatchSizeMismatchError("\n".join(lines))
+
+    # (N, T, C) sequence logits or channels-last (N, H, W, C) images: classes in the last dim.
+    if input.dim() >= 3 and tshape == ishape[:-1]:
+        Cl = ishape[-1]
+        if input.dim() == 3:
+            what = f"sequence logits of shape (N, T, C) = {fmt_shape(ishape)} with {Cl} classes"
+            fix = (
+                "Fix: loss_fn(logits.transpose(1, 2), target)   # (N, C, T), no copy\n"
+                f"  or: loss_fn(logits.reshape(-1, {Cl}), target.reshape(-1))"
+            )
+        else:
+            perm = (0, input.dim() - 1) + tuple(range(1, input.dim() - 1))
+            what = f"channels-last logits {fmt_shape(ishape)} with {Cl} classes in the last dimension"
+            fix = (
+                f"Fix: loss_fn(logits.permute{perm}, target)   # classes to dim 1, no copy\n"
+                f"  or: loss_fn(logits.reshape(-1, {Cl}), target.reshape(-1))"
+            )
+        raise TargetShapeError(
+            f"cross_entropy expects classes in dim 1, but this looks like {what}.\n" + head
+            + f"cross_entropy reads dim 1 as the classes, so it would see {ishape[1]} classes and "
+            f"expect a target of shape {fmt_shape(expected)}. The logits need their class "
+            "dimension moved to position 1.\n" + fix
+        )
+
+    # (N, C) one-hot / multi-hot integer target with a different class count.
+    if input.dim() >= 2 and target.dim() == input.dim() and tshape[0] == ishape[0]:
+        if target.dim() == 2:
+            raise TargetShapeError(
+                f"cross_entropy got a 2-D target for 2-D logits, but with {tshape[1]} columns where "
+                f"the model has {C} classes.\n" + head
+                + "A 2-D target is read as one-hot/probabilities and must match the input's shape; "
+                f"its {tshape[1]} columns disagree with the model's {C} outputs.\n"
+                "Fix: pass class indices of shape (N,), e.g. target.argmax(dim=1), and check that "
+                "the model's output size equals the number of classes"
+            )
+
+    # (N*T,) targets for (N, T, C) logits, or (N, T) targets for (N*T, C) logits.
+    if target.numel() == math.prod(expected) and target.numel() > 0:
+        if input.dim() == 2 and target.dim() >= 2:
+            raise TargetShapeError(
+                f"cross_entropy got {target.dim()}-D targets for 2-D logits.\n" + head
+                + f"The target has one label per input row ({target.numel()}) but is not flat; the "
+                "logits were probably flattened (reshape(-1, C)) and the labels were not.\n"
+                "Fix: loss_fn(logits, target.reshape(-1))"
+            )
+        if input.dim() >= 3 and target.dim() == 1:
+            Cl = ishape[-1]
+            raise TargetShapeError(
+                f"cross_entropy got flat targets for {input.dim()}-D logits.\n" + head
+                + f"For {input.dim()}-D logits the target must be {fmt_shape(expected)}; the labels "
+                "were flattened but the logits were not.\n"
+                f"Fix: loss_fn(logits.reshape(-1, {Cl}), target)  if the classes are the last dim, "
+                f"or target.reshape{fmt_shape(expected)}"
+            )
+
+    if input.dim() == 1:
+        raise TargetShapeError(
+            f"cross_entropy got 1-D logits (one sample, {C} classes) and a target of shape "
+            f"{fmt_shape(tshape)}.\n" + head
+            + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n"
+            "Fix: add the batch dimension to the logits: loss_fn(logits.unsqueeze(0), target)"
+        )
+    raise TargetShapeError(
+        f"cross_entropy cannot pair this target with these logits.\n" + head
+        + f"For logits {fmt_shape(ishape)} (classes in dim 1, {C} classes) the target must hold "
+        f"class indices of shape {fmt_shape(expected)}, or probabilities of the input's own shape.\n"
+        f"Fix: reshape the target to {fmt_shape(expected)}, or check which dimension of the "
+        "logits holds the classes"
+    )
+
+
+def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]:
+    """Float labels of index shape: fine when they hold whole numbers (convert), else an error."""
+    finite = torch.isfinite(target)
+    whole = finite & (target == target.round())
+    if not bool(whole.all()):
+        bad_pos = (~whole).nonzero()
+        vals = target[~whole]
+        k = bad_pos.shape[0]
+        shown = [f"{float(v):g} at {tuple(p)}" for v, p in zip(vals[:5].tolist(), bad_pos[:5].tolist())]
+        raise TargetDtypeError(
+            f"cross_entropy got float targets of shape {fmt_shape(target.shape)} that are not whole "
+            f"class numbers: {plural(k, 'value')} with a fraction or NaN/inf: "
+            f"{fmt_list(shown, total=k)}.\n"
+            f"  input shape {fmt_shape(input.shape)}, target dtype {target.dtype}\n"
+            "Targets of this shape are class indices; soft labels (probabilities) must have the "
+            "input's shape, one probability per class.\n"
+            "Fix: pass integer class indices (target.long() after checking the labels), or "
+            "probabilities of shape " + fmt_shape(input.shape)
+        )
+    return target.long(), Finding(
+        "float-index-target", TargetDtypeError,
+        f"cross_entropy got class-index targets stored as {target.dtype} (shape "
+        f"{fmt_shape(target.shape)}); they hold whole numbers, so safeloss used them as class "
+        "indices. Stock torch rejects this (\"expected target dtype to be Long or Byte\").\n"
+        "Fix: convert the labels once in the dataset or collate function: target.long()",
+    )
+
+
+def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Finding]:
+    """An integer target with the input's shape: accept a true one-hot (convert to float)."""
+    t = target.to(torch.int64) if target.dtype == torch.bool else target
+    ok_vals = (t == 0) | (t == 1)
+    rows_ok = t.sum(cdim) == 1
+    if not (bool(ok_vals.all()) and bool(rows_ok.all())):
+        nbad_vals = int((~ok_vals).sum())
+        bad_rows = (~rows_ok).nonzero()
+        what = (
+            f"{plural(nbad_vals, 'entry', 'entries')} other than 0/1"
+            if nbad_vals else
+            f"{plural(bad_rows.shape[0], 'row')} without exactly one 1 "
+            f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()])})"
+        )
+        raise TargetDtypeError(
+            f"cross_entropy got an integer target with the input's shape {fmt_shape(input.shape)} "
+            f"that is not one-hot: {what}.\n"
+            f"  target dtype {target.dtype}\n"
+            "A target of the input's shape means class probabilities, which must be floating "
+            "point; a multi-hot (multi-label) target needs BCEWithLogitsLoss instead.\n"
+            "Fix: class indices target.argmax(dim=1), or probabilities target.float() / "
+            "target.sum(dim=1, keepdim=True), or torch.nn.BCEWithLogitsLoss for multi-label data"
+        )
+    return t.to(input.dtype), Finding(
+        "integer-onehot", TargetDtypeError,
+        f"cross_entropy got one-hot targets as {target.dtype} (shape {fmt_shape(target.shape)}); "
+        "stock torch rejects them (\"Expected floating point type for target with class "
+        "probabilities\"). safeloss used them as probabilities, which gives the same loss as class "
+        "indices except that the mean ignores class weights in its denominator.\n"
+        "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
+        "or target.float() to keep torch's probability semantics",
+    )
+
+
+def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Tensor, list[Finding]]:
+    findings: list[Finding] = []
+    cdim = _class_dim(input)
+    ishape = tuple(input.shape)
+    expected = ishape[:cdim] + ishape[cdim + 1:]
+
+    if target.dtype == torch.bool:
+        raise TargetDtypeError(
+            f"cross_entropy got boolean targets (shape {fmt_shape(target.shape)}).\n"
+            f"  input shape {fmt_shape(ishape)}: {ishape[cdim]} classes\n"
+            "Class-index targets must be integers; True/False labels belong to a binary problem.\n"
+            "Fix: target.long() with 2 model outputs, or torch.nn.BCEWithLogitsLoss with one "
+            "output and target.float()"
+        )
+    if target.is_complex():
+        raise TargetDtypeError(
+            f"cross_entropy got complex targets (dtype {target.dtype}); targets must be integer "
+            "class indices or real probabilities.\nFix: pass target.real.long() or probabilities"
+        )
+
+    tshape = tuple(target.shape)
+    if tshape != expected:
+        # (N, 1) or (N, 1, d1..dK): a singleton label column; squeeze it.
+        if (
+            target.dim() == len(expected) + 1 and target.dim() >= 2 and tshape[1] == 1
+            and tshape[:1] + tshape[2:] == expected
+        ):
+            findings.append(Finding(
+                "squeezed-target", TargetShapeError,
+                f"cross_entropy got targets of shape {fmt_shape(tshape)} for logits "
+                f"{fmt_shape(ishape)}; safeloss squeezed the singleton dimension to "
+                f"{fmt_shape(expected)}. Stock torch raises \"0D or 1D target tensor expected, "
+                "multi-target not supported\".\n"
+                "Fix: target.squeeze(1) (or target.view(-1)), usually in the dataset's "
+                "__getitem__ or the collate function",
+            ))
+            target = target.squeeze(1)
+        else:
+            _shape_error(input, target, expected)
+
+    if target.is_floating_point():
+        target, finding = _float_index_target(target, input)
+        findings.append(finding)
+    return target, findings
+
+
+def normalize(
+    input: object,
+    target: object,
+    weight: object,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Problem:
+    """Check shapes, dtypes and devices; convert the targets stock torch would reject but meant.
+
+    ``reduction`` and ``label_smoothing`` must already be checked (``check_reduction`` etc.).
+    """
+    x = _check_input(input)
+    if not isinstance(target, Tensor):
+        raise TargetDtypeError(
+            f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
+            "Fix: torch.as_tensor(labels, device=logits.device)"
+        )
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise IgnoreIndexError(
+            f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
+            "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
+        )
+    _check_devices(x, target, weight if isinstance(weight, Tensor) else None)
+    cdim = _class_dim(x)
+    C = x.shape[cdim]
+    findings: list[Finding] = []
+
+    if target.shape == x.shape and (target.is_floating_point() or C > 1 or x.dim() == 1):
+        if not target.is_floating_point():
+            if target.is_complex():
+                raise TargetDtypeError(
+                    f"cross_entropy got complex targets (dtype {target.dtype}); probabilities "
+                    "must be real.\nFix: pass target.real"
+                )
+            target, finding = _onehot_target(target, x, cdim)
+            findings.append(finding)
+        if ignore_index >= 0:
+            raise IgnoreIndexError(
+                f"ignore_index={ignore_index} cannot be used with probability targets (the target "
+                f"has the input's shape {fmt_shape(x.shape)}, so each entry is a class "
+                "probability, not a label that could be skipped).\n"
+                "Fix: drop ignore_index, and give rows to skip a zero probability vector "
+                "(or pass class indices if the targets are one-hot)"
+            )
+        prob = True
+        out_dtype = torch.promote_types(x.dtype, target.dtype)
+    else:
+        target, more = _index_target(target, x, ignore_index)
+        findings += more
+        prob = False
+        out_dtype = x.dtype
+
+    w, more = _check_weight(weight, x, C)
+    findings += more
+
+    if C == 1:
+        findings.append(Finding(
+            "single-class", InputError,
+            f"cross_entropy got logits with a single class (input shape {fmt_shape(x.shape)}): "
+            "softmax over one class is always 1, so the loss is always 0 and nothing is learned.\n"
+            "This is usually a binary problem set up with one output.\n"
+            "Fix: torch.nn.BCEWithLogitsLoss with target.float(), or give the model 2 outputs "
+            "and keep CrossEntropyLoss",
+        ))
+    return Problem(
+        input=x, target=target, prob=prob, weight=w, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, num_classes=C,
+        out_dtype=out_dtype, findings=findings,
+    )
