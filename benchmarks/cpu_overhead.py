@@ -1,0 +1,130 @@
+"""CPU overhead of safeloss: forward+backward of ``SafeCrossEntropyLoss`` vs stock ``nn.CrossEntropyLoss``.
+
+Both run in the same process, interleaved call by call (stock, safe, safe-strict, in a rotating
+order), on the same rotated inputs, many times; the report is the ratio of medians and the median
+of the per-round paired ratios. Absolute times on a shared 2-core machine are noise; the ratios
+are what this measures.
+
+    python benchmarks/cpu_overhead.py                 # the three shapes of the core issue
+    python benchmarks/cpu_overhead.py --seconds 2     # shorter
+    python benchmarks/cpu_overhead.py --profile       # + where safeloss spends its extra time
+
+Targets (fp32): (4096, 1000) <= 1.10x, (512, 32000) <= 1.10x, (256, 10) <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+CASES: list[tuple[int, int, float]] = [(4096, 1000, 1.10), (512, 32000, 1.10), (256, 10, 1.5)]
+
+
+def _pool(n: int, c: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(n, c, generator=g).requires_grad_(), torch.randint(0, c, (n,), generator=g))
+        for _ in range(k)
+    ]
+
+
+def _step(loss_fn: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def run(x: torch.Tensor, t: torch.Tensor) -> None:
+        # autograd.grad, not .backward(): no .grad accumulation, the same work for every provider.
+        torch.autograd.grad(loss_fn(x, t), (x,))
+
+    return run
+
+
+def measure(n: int, c: int, seconds: float, min_rounds: int = 30) -> dict[str, float]:
+    import safeloss
+
+    # Rotate enough copies that the working set exceeds a typical L2 (~1-2 MB/core); the large
+    # shapes are far beyond any cache already, so a few copies suffice.
+    k = max(2, min(16, (8 << 20) // max(1, n * c * 4)))
+    pool = _pool(n, c, k)
+    fns = {
+        "stock": _step(torch.nn.CrossEntropyLoss()),
+        "safe": _step(safeloss.SafeCrossEntropyLoss()),
+        "strict": _step(safeloss.SafeCrossEntropyLoss(strict=True)),
+    }
+    names = list(fns)
+    for name in names:  # warm-up: allocator, first-call caches, the weight check cache etc.
+        for x, t in pool:
+            fns[name](x, t)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + seconds
+    r = 0
+    while r < min_rounds or time.perf_counter() < deadline:
+        x, t = pool[r % k]
+        order = names[r % 3:] + names[:r % 3]  # rotate who goes first (cache / frequency effects)
+        for name in order:
+            t0 = time.perf_counter_ns()
+            fns[name](x, t)
+            times[name].append((time.perf_counter_ns() - t0) / 1e3)
+        r += 1
+    out: dict[str, float] = {"rounds": r}
+    for name in names:
+        out[f"{name}_us"] = statistics.median(times[name])
+    for name in ("safe", "strict"):
+        out[f"{name}_ratio"] = out[f"{name}_us"] / out["stock_us"]
+        out[f"{name}_paired"] = statistics.median(a / b for a, b in zip(times[name], times["stock"]))
+    return out
+
+
+def profile(n: int, c: int, strict: bool, calls: int = 300) -> None:
+    """cProfile of safeloss' fwd+bwd: cumulative time per Python function, top entries."""
+    import cProfile
+    import pstats
+
+    import safeloss
+
+    fn = _step(safeloss.SafeCrossEntropyLoss(strict=strict))
+    pool = _pool(n, c, 2)
+    for x, t in pool:
+        fn(x, t)
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(calls):
+        x, t = pool[i % 2]
+        fn(x, t)
+    prof.disable()
+    print(f"\n--- cProfile, ({n}, {c}) fp32, strict={strict}, {calls} calls (times are totals) ---")
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=6.0, help="timing budget per shape")
+    ap.add_argument("--profile", action="store_true", help="cProfile safeloss at each shape")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, mean reduction, fp32")
+    print(f"{'shape':>14} {'stock us':>10} {'safe us':>10} {'strict us':>10} "
+          f"{'safe x':>8} {'strict x':>9} {'target':>7} {'rounds':>7}")
+    ok = True
+    for n, c, target in CASES:
+        m = measure(n, c, args.seconds)
+        hit = m["safe_ratio"] <= target and m["strict_ratio"] <= target
+        ok &= hit
+        print(f"{f'({n}, {c})':>14} {m['stock_us']:10.1f} {m['safe_us']:10.1f} {m['strict_us']:10.1f} "
+              f"{m['safe_ratio']:7.3f}x {m['strict_ratio']:8.3f}x {f'<={target}':>7} {int(m['rounds']):7d}"
+              f"   (paired medians {m['safe_paired']:.3f}x / {m['strict_paired']:.3f}x)"
+              + ("" if hit else "  MISSED"))
+        sys.stdout.flush()
+    if args.profile:
+        for n, c, _ in CASES:
+            for strict in (False, True):
+                profile(n, c, strict)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
