@@ -38,8 +38,10 @@ def _triton_installed() -> bool:
 def triton_unavailable_reason(device: torch.device) -> str | None:
     if not _triton_installed():
         return "the triton package is not installed (pip install triton; Linux with a CUDA GPU)"
-    from .backends import triton_backend
-
+    try:
+        from .backends import triton_backend
+    except ImportError as e:  # a broken triton install must not break the torch path
+        return f"the Triton backend failed to import ({e})"
     return triton_backend.unavailable_reason(device)
 
 

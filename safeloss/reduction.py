@@ -32,7 +32,7 @@ def denominator(p: Problem) -> int | Tensor:
     return torch.where(valid, w, 0).sum()
 
 
-def reduce(rows: Rows, p: Problem) -> Tensor:  # noqa: D103
+def reduce(rows: Rows, p: Problem) -> Tensor:
     losses = rows.losses  # never None here: the pipeline raises on early exits first
     if p.reduction == "none":
         return losses.to(p.out_dtype)

@@ -310,22 +310,26 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
             )
 
     # (N*T,) targets for (N, T, C) logits, or (N, T) targets for (N*T, C) logits.
-    if target.numel() == math.prod(expected) and target.numel() > 0:
-        if input.dim() == 2 and target.dim() >= 2:
-            raise TargetShapeError(
-                f"cross_entropy got {target.dim()}-D targets for 2-D logits.\n" + head
-                + f"The target has one label per input row ({target.numel()}) but is not flat; the "
-                "logits were probably flattened (reshape(-1, C)) and the labels were not.\n"
-                "Fix: loss_fn(logits, target.reshape(-1))"
-            )
-        if input.dim() >= 3 and target.dim() == 1:
+    if input.dim() == 2 and target.dim() >= 2 and target.numel() == ishape[0]:
+        raise TargetShapeError(
+            f"cross_entropy got {target.dim()}-D targets for 2-D logits.\n" + head
+            + f"The target has one label per input row ({target.numel()}) but is not flat; the "
+            "logits were probably flattened (reshape(-1, C)) and the labels were not.\n"
+            "Fix: loss_fn(logits, target.reshape(-1))"
+        )
+    if input.dim() >= 3 and target.dim() == 1 and target.numel() > 0:
+        flat_last = math.prod(ishape[:-1])
+        if target.numel() in (flat_last, math.prod(expected)):
             Cl = ishape[-1]
+            fix = (
+                f"Fix: loss_fn(logits.reshape(-1, {Cl}), target)   # classes in the last dim"
+                if target.numel() == flat_last else
+                f"Fix: loss_fn(logits, target.reshape{fmt_shape(expected)})"
+            )
             raise TargetShapeError(
                 f"cross_entropy got flat targets for {input.dim()}-D logits.\n" + head
                 + f"For {input.dim()}-D logits the target must be {fmt_shape(expected)}; the labels "
-                "were flattened but the logits were not.\n"
-                f"Fix: loss_fn(logits.reshape(-1, {Cl}), target)  if the classes are the last dim, "
-                f"or target.reshape{fmt_shape(expected)}"
+                "were flattened but the logits were not.\n" + fix
             )
 
     if input.dim() == 1:
@@ -336,7 +340,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
             "Fix: add the batch dimension to the logits: loss_fn(logits.unsqueeze(0), target)"
         )
     raise TargetShapeError(
-        f"cross_entropy cannot pair this target with these logits.\n" + head
+        "cross_entropy cannot pair this target with these logits.\n" + head
         + f"For logits {fmt_shape(ishape)} (classes in dim 1, {C} classes) the target must hold "
         f"class indices of shape {fmt_shape(expected)}, or probabilities of the input's own shape.\n"
         f"Fix: reshape the target to {fmt_shape(expected)}, or check which dimension of the "

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be set
+# before triton is first imported, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warning_state():
+    """Warn-once bookkeeping is global: start every test with a clean slate."""
+    import safeloss
+
+    safeloss.reset_warnings()
+    safeloss.set_strict(None)
+    yield
+    safeloss.set_strict(None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,250 @@
+"""The drop-in contract: for every input stock torch accepts, safeloss gives the same value and the
+same gradients (input, and probability targets that require grad), with the same dtype and shape.
+
+One parametrized grid, run for every backend. The Triton backend runs through Triton's
+interpreter on CPU (small shapes), or natively on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import safeloss
+from safeloss import dispatch
+from tests.tolerances import assert_matches
+
+SHAPES = {
+    "1d": (5,),
+    "2d": (7, 5),
+    "3d": (3, 5, 4),
+    "4d": (2, 5, 3, 2),
+    "5d": (2, 4, 2, 2, 2),
+}
+TARGETS = ["int64", "uint8", "int32", "prob", "prob-grad"]
+WEIGHTS = [None, "w"]
+IGNORES = [-100, 1, 255, -1]
+REDUCTIONS = ["mean", "sum", "none"]
+SMOOTHING = [0.0, 0.1]
+
+
+def _backend_params():
+    out = [pytest.param("torch", id="torch")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = dispatch.triton_unavailable_reason(device)
+    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return out
+
+
+BACKENDS = _backend_params()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(shape, target_kind, weight, ignore_index, dtype, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype).to(device)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    pos = shape[1:] if len(shape) == 1 else shape[:1] + shape[2:]
+    if target_kind.startswith("prob"):
+        cdim = 0 if len(shape) == 1 else 1
+        t = torch.randn(shape, generator=g, dtype=torch.float64).softmax(cdim).to(dtype).to(device)
+        if target_kind == "prob-grad":
+            t.requires_grad_(True)
+    else:
+        t = torch.randint(0, C, pos, generator=g)
+        if ignore_index is not None and t.numel() > 1:
+            # Ignore some positions, never all (all-ignored is its own test).
+            flat = t.view(-1)
+            flat[:: 3] = ignore_index if not 0 <= ignore_index < C else flat[::3]
+            if 0 <= ignore_index < C:
+                flat[1::3] = ignore_index
+        if ignore_index is not None and bool((t == ignore_index).all()):
+            t.view(-1)[0] = (ignore_index + 1) % C
+        dt = {"int64": torch.int64, "uint8": torch.uint8, "int32": torch.int32}[target_kind]
+        if dt == torch.uint8 and (t < 0).any():
+            t = t.clamp_min(0)
+        t = t.to(dt).to(device)
+    w = None
+    if weight:
+        w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.25).to(dtype).to(device)
+    return x, t, w
+
+
+def stock(x, t, w, **kw):
+    """Stock torch on the input it accepts: int64 class indices."""
+    if not t.is_floating_point():
+        t = t.long()
+    return F.cross_entropy(x, t, weight=w, **kw)
+
+
+def run_both(backend, x, t, w, reduction, ignore_index, ls):
+    kw = dict(reduction=reduction, label_smoothing=ls)
+    if not t.is_floating_point():
+        kw["ignore_index"] = ignore_index
+    xs = x.detach().clone().requires_grad_(True)
+    xo = x.detach().clone().requires_grad_(True)
+    ts = t.detach().clone().requires_grad_(t.requires_grad)
+    to = t.detach().clone().requires_grad_(t.requires_grad)
+    ref = stock(xs, ts, w, **kw)
+    truth = stock(xs.detach().double(), ts.detach().double() if ts.is_floating_point() else ts,
+                  None if w is None else w.double(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any safeloss warning here is a false alarm
+        out = safeloss.cross_entropy(xo, to, w, backend=backend, **kw)
+    assert_matches(out, ref, truth, "value")
+    # A non-trivial upstream gradient: random per element for "none", 0.7 for a scalar.
+    g = torch.Generator().manual_seed(1)
+    up = (torch.rand(ref.shape, generator=g, dtype=torch.float64) * 2 - 0.5).to(ref.dtype).to(ref.device)
+    if ref.dim() == 0:
+        up = torch.tensor(0.7, dtype=ref.dtype, device=ref.device)
+    ref.backward(up)
+    out.backward(up)
+    xt = xs.detach().double().requires_grad_(True)
+    tt = ts.detach().double().requires_grad_(True) if ts.requires_grad else ts.detach()
+    if tt.is_floating_point() and not ts.requires_grad:
+        tt = tt.double()
+    stock(xt, tt, None if w is None else w.double(), **kw).backward(up.double())
+    assert_matches(xo.grad, xs.grad, xt.grad, "input grad")
+    if ts.requires_grad:
+        assert_matches(to.grad, ts.grad, tt.grad, "target grad")
+
+
+def _grid(full: bool):
+    """Every combination for the fast torch backend; a covering subset for the interpreter."""
+    cases = []
+    for i, (sname, tk, wt, red, ls) in enumerate(itertools.product(SHAPES, TARGETS, WEIGHTS, REDUCTIONS, SMOOTHING)):
+        ignores = IGNORES if full else [IGNORES[i % len(IGNORES)]]
+        for ii in ignores:
+            if tk.startswith("prob") and ii != IGNORES[0]:
+                continue
+            if not full and (i % 3) and not tk.startswith("prob"):
+                continue  # interpreter subset: one case in three, every value still covered
+            cases.append(pytest.param(sname, tk, wt, ii, red, ls, id=f"{sname}-{tk}-{wt}-ii{ii}-{red}-ls{ls}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sname,tk,wt,ii,red,ls", _grid(full=True))
+def test_grid_fp32(backend, sname, tk, wt, ii, red, ls):
+    if backend == "triton" and (sname, tk, wt, ii, red, ls) not in _SUBSET:
+        pytest.skip("interpreter subset")
+    x, t, w = make_case(SHAPES[sname], tk, wt, ii, torch.float32)
+    run_both(backend, x, t, w, red, ii, ls)
+
+
+_SUBSET = {tuple(p.values) for p in _grid(full=False)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sname", ["1d", "2d", "4d"])
+@pytest.mark.parametrize("tk,wt,red,ls", [
+    ("int64", None, "mean", 0.0),
+    ("int64", "w", "none", 0.1),
+    ("uint8", "w", "sum", 0.0),
+    ("prob", None, "mean", 0.1),
+    ("prob-grad", "w", "none", 0.0),
+])
+def test_grid_dtypes(backend, dtype, sname, tk, wt, red, ls):
+    x, t, w = make_case(SHAPES[sname], tk, wt, -100, dtype, seed=3)
+    run_both(backend, x, t, w, red, -100, ls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3)], ids=str)
+@pytest.mark.parametrize("red", ["sum", "none"])
+@pytest.mark.parametrize("tk", ["int64", "prob"])
+def test_empty_batch_sum_none(backend, shape, red, tk):
+    x, t, w = make_case(shape, tk, None, -100, torch.float32)
+    run_both(backend, x, t, w, red, -100, 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["empty", "all-ignored", "zero-weight", "empty-prob"])
+def test_nothing_to_average_is_nan_with_zero_grads(backend, case):
+    C = 5
+    w = None
+    if case == "empty":
+        x, t = torch.randn(0, C), torch.zeros(0, dtype=torch.long)
+    elif case == "empty-prob":
+        x, t = torch.randn(0, C), torch.zeros(0, C)
+    elif case == "all-ignored":
+        x, t = torch.randn(4, C), torch.full((4,), -100)
+    else:
+        x, t = torch.randn(4, C), torch.tensor([0, 1, 0, 1])
+        w = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    w = None if w is None else w.to(DEVICE)
+    xs, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref = F.cross_entropy(xs, t, weight=w)
+    with pytest.warns(safeloss.SafeLossWarning, match="nothing to average|empty batch"):
+        out = safeloss.cross_entropy(xo, t, weight=w, backend=backend)
+    assert torch.isnan(ref) and torch.isnan(out)
+    ref.backward()
+    out.backward()
+    assert torch.equal(xo.grad, xs.grad) and not xo.grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, True), (False, True), (True, False), (None, True)])
+def test_legacy_size_average_reduce(backend, size_average, reduce):
+    x, t, w = make_case((6, 4), "int64", "w", -100, torch.float32)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        ref = F.cross_entropy(x, t, w, size_average=size_average, reduce=reduce, reduction="none")
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        out = safeloss.cross_entropy(x, t, w, size_average=size_average, reduce=reduce, reduction="none", backend=backend)
+    assert_matches(out, ref)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        mod = safeloss.SafeCrossEntropyLoss(w, size_average=size_average, reduce=reduce, backend=backend)
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        stock_mod = torch.nn.CrossEntropyLoss(w, size_average=size_average, reduce=reduce)
+    assert mod.reduction == stock_mod.reduction
+    assert_matches(mod(x, t), stock_mod(x, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elementwise_mean_alias(backend):
+    x, t, _ = make_case((6, 4), "int64", None, -100, torch.float32)
+    out = safeloss.cross_entropy(x, t, reduction="elementwise_mean", backend=backend)
+    assert_matches(out, F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_onehot_matches_torch_including_weighted_mean(backend):
+    """A float one-hot target is valid torch input (probabilities): torch divides its weighted
+    mean by N, not by the weights, and safeloss must reproduce that exactly."""
+    x, t, w = make_case((8, 5), "int64", "w", -100, torch.float32)
+    onehot = F.one_hot(t.long(), 5).float()
+    for red in REDUCTIONS:
+        out = safeloss.cross_entropy(x, onehot, w, reduction=red, backend=backend)
+        assert_matches(out, F.cross_entropy(x, onehot, w, reduction=red))
+    # ... and the index path's mean differs, which is the point of keeping them apart.
+    assert not torch.allclose(F.cross_entropy(x, onehot, w), F.cross_entropy(x, t, w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_transposed_inputs(backend):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(5, 9, generator=g).to(DEVICE)
+    x = base.t()  # (9, 5), non-contiguous
+    t = torch.randint(0, 5, (9,), generator=g).to(DEVICE)
+    run_both(backend, x, t, None, "none", -100, 0.0)
+    seq = torch.randn(2, 6, 5, generator=g).to(DEVICE)  # (N, T, C) ...
+    tt = torch.randint(0, 5, (2, 6), generator=g).to(DEVICE)
+    run_both(backend, seq.transpose(1, 2), tt, None, "mean", -100, 0.1)  # ... read as (N, C, T)
+    img = torch.randn(2, 3, 4, 5, generator=g).to(DEVICE).permute(0, 3, 1, 2)  # channels-last view
+    ti = torch.randint(0, 5, (2, 3, 4), generator=g).to(DEVICE)
+    run_both(backend, img, ti, None, "sum", -100, 0.0)
+
+
+def test_caller_tensors_are_not_mutated():
+    x, t, w = make_case((6, 5), "int64", "w", -100, torch.float32)
+    x.requires_grad_(True)
+    copies = [x.detach().clone(), t.clone(), w.clone()]
+    safeloss.cross_entropy(x, t, w, label_smoothing=0.2).backward()
+    for before, after in zip(copies, [x.detach(), t, w]):
+        assert torch.equal(before, after)
