@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -31,7 +31,8 @@ from .errors import (
     fmt_shape,
     plural,
 )
-from .report import Finding, report
+from .report import Finding
+from .report import report as _report
 from .validation import Problem
 
 # ------------------------------------------------------------------------ cheap checks (CPU)
@@ -294,6 +295,11 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
 
 # ------------------------------------------------------------------------ resolution
 
+DEFERRED_NOTE = (
+    "[found by an earlier call of this loss; GPU checks are read back without blocking and "
+    "reported at the next call, or by safeloss.check_pending()]\n"
+)
+
 
 @dataclass
 class Scan:
@@ -313,13 +319,20 @@ def resolve(
     owner: object | None,
     have_logits: bool = True,
     device_type: str | None = None,
+    deferred: bool = False,
 ) -> None:
     """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``"."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
+    if deferred:
+        def report(f: Finding, strict: bool, owner: object | None) -> None:
+            _report(replace(f, message=DEFERRED_NOTE + f.message), strict, owner)
+    else:
+        report = _report
     if counts[F.BAD_TARGET]:
         raise TargetOutOfRangeError(
-            out_of_range_message(p.target, p.num_classes, p.ignore_index,
-                                 device_type or p.input.device.type)
+            (DEFERRED_NOTE if deferred else "")
+            + out_of_range_message(p.target, p.num_classes, p.ignore_index,
+                                   device_type or p.input.device.type)
         ) from None
     if counts[F.SOFTMAX_CHECKED] and counts[F.SOFTMAX_LIKE] == counts[F.SOFTMAX_CHECKED]:
         report(softmax_finding(counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED], p.num_classes,
@@ -410,7 +423,7 @@ def flush(key: int | None, owner: object | None) -> None:
         elif rec.losses is not None:
             out_finite = bool(torch.isfinite(rec.losses).all())
         resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
-                have_logits=False, device_type=rec.device_type)
+                have_logits=False, device_type=rec.device_type, deferred=True)
 
 
 def has_pending() -> bool:

@@ -1,0 +1,245 @@
+"""The module behaves like the stock module; strict-mode precedence; warn-once; backends; the
+deferred (non-blocking) check model; no import-time side effects."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import safeloss
+from safeloss import SafeCrossEntropyLoss, SafeLossWarning, dispatch, pipeline
+from tests.tolerances import assert_matches
+
+
+def data(n=6, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+# ---------------------------------------------------------------- drop-in module
+
+
+def test_is_a_stock_module_and_matches_it():
+    w = torch.rand(5) + 0.5
+    mod = SafeCrossEntropyLoss(w, ignore_index=2, label_smoothing=0.1)
+    stock = torch.nn.CrossEntropyLoss(w, ignore_index=2, label_smoothing=0.1)
+    assert isinstance(mod, torch.nn.CrossEntropyLoss)
+    x, t = data()
+    assert_matches(mod(x, t), stock(x, t))
+
+
+def test_state_dict_interchangeable():
+    w = torch.rand(5) + 0.5
+    stock = torch.nn.CrossEntropyLoss(w)
+    mod = SafeCrossEntropyLoss(torch.ones(5))
+    mod.load_state_dict(stock.state_dict())
+    assert torch.equal(mod.weight, w)
+    back = torch.nn.CrossEntropyLoss(torch.zeros(5))
+    back.load_state_dict(mod.state_dict())
+    assert torch.equal(back.weight, w)
+    assert list(SafeCrossEntropyLoss().state_dict()) == list(torch.nn.CrossEntropyLoss().state_dict()) == []
+
+
+def test_pickle_deepcopy_to():
+    mod = SafeCrossEntropyLoss(torch.rand(5) + 0.5, reduction="sum", strict=True, backend="torch")
+    x, t = data()
+    for clone in (pickle.loads(pickle.dumps(mod)), copy.deepcopy(mod)):
+        assert clone.strict is True and clone.backend == "torch" and clone.reduction == "sum"
+        assert_matches(clone(x, t), mod(x, t))
+    m64 = copy.deepcopy(mod).to(torch.float64)
+    assert m64.weight.dtype == torch.float64
+    assert m64(x.double(), t).dtype == torch.float64
+    assert "strict=True" in repr(mod) and "backend='torch'" in repr(mod)
+
+
+def test_reduction_changed_after_construction_is_checked_at_forward():
+    mod = SafeCrossEntropyLoss()
+    mod.reduction = "avg"
+    with pytest.raises(safeloss.ReductionError, match="'avg' is not a valid reduction"):
+        mod(*data())
+
+
+def test_invalid_backend_name():
+    with pytest.raises(safeloss.BackendError, match=r"backend='cuda' is not a safeloss backend"):
+        SafeCrossEntropyLoss(backend="cuda")
+    with pytest.raises(safeloss.BackendError, match=r"backend='fast' is not a safeloss backend"):
+        safeloss.cross_entropy(*data(), backend="fast")
+
+
+# ---------------------------------------------------------------- strict precedence
+
+
+def _strict_now(**kw):
+    x = torch.randn(4, 3).softmax(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            safeloss.cross_entropy(x, torch.tensor([0, 1, 2, 0]), **kw)
+    except safeloss.InputError:
+        return True
+    return False
+
+
+def test_strict_precedence(monkeypatch):
+    monkeypatch.delenv("SAFELOSS_STRICT", raising=False)
+    assert not _strict_now()
+    monkeypatch.setenv("SAFELOSS_STRICT", "1")
+    assert _strict_now()
+    safeloss.set_strict(False)  # global beats env
+    assert not _strict_now()
+    with safeloss.strict_mode():  # context beats global
+        assert _strict_now()
+        assert not _strict_now(strict=False)  # explicit beats context
+    safeloss.set_strict(None)
+    assert _strict_now()  # back to the env
+    monkeypatch.setenv("SAFELOSS_STRICT", "0")
+    assert not _strict_now() and _strict_now(strict=True)
+
+
+def test_strict_mode_context_is_thread_local():
+    seen = {}
+    with safeloss.strict_mode():
+        t = threading.Thread(target=lambda: seen.setdefault("other", _strict_now()))
+        t.start()
+        t.join()
+        seen["here"] = _strict_now()
+    assert seen == {"other": False, "here": True}
+
+
+def test_module_strict_argument():
+    x = torch.randn(4, 3).softmax(1)
+    with pytest.raises(safeloss.InputError, match="already softmaxed"):
+        SafeCrossEntropyLoss(strict=True)(x, torch.tensor([0, 1, 2, 0]))
+
+
+# ---------------------------------------------------------------- warn once
+
+
+def test_module_warns_once_per_instance():
+    x = torch.randn(4, 3).softmax(1)
+    t = torch.tensor([0, 1, 2, 0])
+    a, b = SafeCrossEntropyLoss(), SafeCrossEntropyLoss()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            a(x, t)
+        b(x, t)
+    assert len([r for r in rec if issubclass(r.category, SafeLossWarning)]) == 2
+    assert rec[0].filename == __file__  # points at the user's line, not at safeloss internals
+
+
+def test_functional_warns_once_per_call_site():
+    x = torch.randn(4, 3).softmax(1)
+    t = torch.tensor([0, 1, 2, 0])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            safeloss.cross_entropy(x, t)
+        safeloss.cross_entropy(x, t)  # a second call site
+    assert len(rec) == 2 and rec[0].lineno != rec[1].lineno
+    assert all(r.filename == __file__ for r in rec)
+
+
+# ---------------------------------------------------------------- backends
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(safeloss.BackendError, match=r"(?s)backend=\"triton\" cannot run on cpu tensors here.*TRITON_INTERPRET=1"):
+        safeloss.cross_entropy(*data(), backend="triton")
+
+
+def test_triton_missing_is_an_error_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_installed", lambda: False)
+    with pytest.raises(safeloss.BackendError, match=r"triton package is not installed"):
+        safeloss.cross_entropy(*data(), backend="triton")
+    x, t = data()
+    assert_matches(safeloss.cross_entropy(x, t, backend="auto"), F.cross_entropy(x, t))
+
+
+def test_auto_uses_torch_on_cpu():
+    x, t = data()
+    assert dispatch.select("auto", safeloss.validation.normalize(x, t, None, -100, "mean", 0.0)) == "torch"
+
+
+def test_no_import_time_side_effects():
+    code = "import sys, safeloss; print('triton' in sys.modules, 'matplotlib' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- deferred checks (the CUDA model, on CPU)
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    monkeypatch.setattr(pipeline, "_DEFER_ON_CPU", True)
+    yield
+    safeloss.checks._pending.clear()
+
+
+def test_deferred_bad_target_is_nan_now_and_raises_next_call(deferred):
+    x, t = data()
+    t[3] = 9
+    loss = safeloss.cross_entropy(x, t)  # no host sync: nothing raised yet ...
+    assert torch.isnan(loss)  # ... but nothing trains silently either
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)found by an earlier call.*9 at \[3\]"):
+        safeloss.cross_entropy(*data())
+
+
+def test_deferred_per_module_and_check_pending(deferred):
+    x, t = data()
+    bad = t.clone()
+    bad[0] = -5
+    mod, other = SafeCrossEntropyLoss(reduction="none"), SafeCrossEntropyLoss()
+    out = mod(x, bad)
+    assert torch.isnan(out[0]) and not torch.isnan(out[1:]).any()
+    other(x, t)  # another loss instance is not blocked by mod's pending error
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"-5 at \[0\]"):
+        safeloss.check_pending()
+    safeloss.check_pending()  # flushed: nothing left
+
+
+def test_deferred_warnings(deferred):
+    x, t = data()
+    mod = SafeCrossEntropyLoss()
+    mod(x.softmax(1), t)
+    with pytest.warns(SafeLossWarning, match=r"(?s)found by an earlier call.*already softmaxed"):
+        mod(x, t)
+    mod(x, torch.full_like(t, -100))
+    with pytest.warns(SafeLossWarning, match=r"(?s)found by an earlier call.*nothing to average"):
+        safeloss.check_pending()
+
+
+def test_deferred_strict_raises_in_the_same_call(deferred):
+    x, t = data()
+    t[0] = 7
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"7 at \[0\]"):
+        safeloss.cross_entropy(x, t, strict=True)
+
+
+def test_deferred_values_match_torch(deferred):
+    x, t = data()
+    w = torch.rand(5) + 0.5
+    for red in ("mean", "sum", "none"):
+        for ls in (0.0, 0.2):
+            xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ref = F.cross_entropy(xs, t, w, reduction=red, label_smoothing=ls, ignore_index=1)
+            out = safeloss.cross_entropy(xo, t, w, reduction=red, label_smoothing=ls, ignore_index=1)
+            assert_matches(out, ref)
+            ref.sum().backward()
+            out.sum().backward()
+            assert_matches(xo.grad, xs.grad)
+    y = torch.rand(6, 5).softmax(1)
+    assert_matches(safeloss.cross_entropy(x, y, w), F.cross_entropy(x, y, w))
+    safeloss.check_pending()
