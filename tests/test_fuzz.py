@@ -149,11 +149,10 @@ def invalid_calls(draw):
 @FUZZ
 @given(invalid_calls(), st.booleans(), st.booleans())
 def test_invalid_inputs_raise_safeloss_errors(call, strict, use_module):
-    mutation, x, t, w, kw = call
-    with pytest.raises(SafeLossError):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SafeLossWarning)
-            if use_module:
-                safeloss.SafeCrossEntropyLoss(w, strict=strict, **kw)(x, t)
-            else:
-                safeloss.cross_entropy(x, t, w, strict=strict, **kw)
+    _mutation, x, t, w, kw = call
+    with pytest.raises(SafeLossError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SafeLossWarning)
+        if use_module:
+            safeloss.SafeCrossEntropyLoss(w, strict=strict, **kw)(x, t)
+        else:
+            safeloss.cross_entropy(x, t, w, strict=strict, **kw)
