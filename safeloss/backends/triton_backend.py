@@ -1,0 +1,450 @@
+"""Triton backend: launchers, torch.library custom ops and their autograd.
+
+The seam the rest of safeloss calls is :func:`row_losses` (per-position losses + findings) and
+:func:`unavailable_reason`. Inputs arrive validated and normalised; nothing here re-validates
+user mistakes, and nothing here syncs with the host (no ``.item()``, no branching on values).
+
+Triton is imported lazily (see :func:`_kernels`): importing this module costs only torch.
+The forward, backward and the fused-mode rescale are ``torch.library.custom_op`` s (namespace
+``safeloss``) with fake implementations and ``register_autograd``, so ``torch.compile(fullgraph=True)``
+traces them as opaque nodes without graph breaks.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from safeloss import _flags
+
+__all__ = ["row_losses", "unavailable_reason"]
+
+# custom_op schemas are inferred from annotations; typing.Optional also works on torch 2.4 / Python 3.10.
+_OptTensor = Optional[Tensor]  # noqa: UP045
+
+# Test hooks: force the tile shape (e.g. a tiny BLOCK_C so C=300 spans several column blocks).
+FORCE_BLOCK_C: int | None = None
+FORCE_BLOCK_P: int | None = None
+
+_TILE = 4096  # elements per [BLOCK_P, BLOCK_C] tile when streaming (fp32: 16 registers/thread at 8 warps)
+_SINGLE_MAX = 32768  # fused mode keeps a row of up to this many classes in registers (read once)
+_MAX_POS_BLOCK = 128  # positions per program for NCHW-style inputs (coalesced along the pixels)
+
+
+# --------------------------------------------------------------------------------------------
+# Availability and lazy import
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+_interpreted_kernels: bool | None = None  # how triton_kernels was decorated, once imported
+
+
+@functools.cache
+def _kernels() -> Any:
+    """Import the jit kernels on first use. ``triton.jit`` picks GPU compilation or the
+    interpreter when the module is decorated, so remember which one we got."""
+    global _interpreted_kernels
+    from safeloss.backends import triton_kernels
+
+    _interpreted_kernels = os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_kernels
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None if the Triton backend can run on tensors of ``device``, else a short human reason."""
+    device = torch.device(device)
+    err = _triton_import_error()
+    if err is not None:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (slow, for testing)"
+        if _interpreted_kernels is False:
+            return "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU; set it before first use"
+        return None
+    return f"Triton runs on CUDA tensors, not on {device.type} tensors"
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: collapse the positions into at most three (size, stride) dims, no copies
+# --------------------------------------------------------------------------------------------
+def _class_dim(x: Tensor) -> int:
+    return 0 if x.dim() == 1 else 1
+
+
+def _pos_shape(x: Tensor) -> list[int]:
+    return [] if x.dim() == 1 else [x.shape[0], *x.shape[2:]]
+
+
+def _pos_strides(t: Tensor, full: bool) -> list[int]:
+    """Strides of t over the positions dims; ``full`` tensors (logits-shaped) skip the class dim."""
+    st = list(t.stride())
+    if not full:
+        return st
+    return [] if t.dim() == 1 else [st[0], *st[2:]]
+
+
+def _class_stride(t: Tensor) -> int:
+    return t.stride(_class_dim(t))
+
+
+def _collapse(
+    sizes: Sequence[int], strides: Sequence[Sequence[int]]
+) -> tuple[list[int], list[list[int]]] | None:
+    """Merge adjacent position dims that are contiguous with each other in *every* tensor.
+
+    Returns sizes padded to exactly 3 dims (leading size-1, stride-0 dims) and the per-tensor
+    strides, or None when more than 3 irreducible dims remain (exotic layouts)."""
+    out_sizes: list[int] = []
+    out_strides: list[list[int]] = [[] for _ in strides]
+    for i, n in enumerate(sizes):
+        if n == 1:
+            continue
+        if out_sizes and all(o[-1] == s[i] * n for o, s in zip(out_strides, strides)):
+            out_sizes[-1] *= n
+            for o, s in zip(out_strides, strides):
+                o[-1] = s[i]
+        else:
+            out_sizes.append(n)
+            for o, s in zip(out_strides, strides):
+                o.append(s[i])
+    if len(out_sizes) > 3:
+        return None
+    pad = 3 - len(out_sizes)
+    return [1] * pad + out_sizes, [[0] * pad + o for o in out_strides]
+
+
+def _geometry(x: Tensor, tensors: Sequence[tuple[Tensor, bool]]) -> tuple[list[int], list[list[int]]] | None:
+    """Joint collapse of x's positions with ``tensors`` ((tensor, is_logits_shaped) pairs).
+    Returns (S0, S1, S2) and one [s0, s1, s2, class_stride] list per tensor, x first."""
+    all_t = [(x, True), *tensors]
+    res = _collapse(_pos_shape(x), [_pos_strides(t, full) for t, full in all_t])
+    if res is None:
+        return None
+    sizes, strides = res
+    return sizes, [[*s, _class_stride(t) if full else 0] for s, (t, full) in zip(strides, all_t)]
+
+
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def _tiles(
+    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0
+) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile.
+
+    Class-contiguous rows (LM heads, channels-last): wide column blocks, several short rows per
+    program when C is small. Pixel-contiguous NCHW: 128 consecutive pixels x a few classes, so
+    every warp load is coalesced along the pixels. ``single_max``: let one block cover the whole
+    row (fused mode keeps it in registers) when C is at most this."""
+    S2 = sizes[2]
+    xs2, xsc = x_strides[2], x_strides[3]
+    single = single_max >= C
+    if xsc != 1 and xs2 == 1 and S2 > 1:
+        bp = min(_MAX_POS_BLOCK, _next_pow2(S2))
+        bc = min(_next_pow2(C), max(1, _TILE // bp))
+        if single and _next_pow2(C) * bp <= 4 * _TILE:
+            bc = _next_pow2(C)
+    else:
+        bc = _next_pow2(C) if single else min(_next_pow2(C), _TILE)
+        bp = min(_next_pow2(S2), max(1, _TILE // bc))
+    if FORCE_BLOCK_C is not None:
+        bc = FORCE_BLOCK_C
+    if FORCE_BLOCK_P is not None:
+        bp = FORCE_BLOCK_P
+    tile = bp * bc
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    return bp, bc, num_warps
+
+
+def _grid(sizes: Sequence[int], bp: int) -> tuple[int, int]:
+    n_pblocks = _cdiv(sizes[2], bp)
+    return n_pblocks, sizes[0] * sizes[1] * n_pblocks
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (eager code that runs inside the custom ops)
+# --------------------------------------------------------------------------------------------
+def _launch_fwd(
+    x: Tensor, target: Tensor, weight: Tensor | None, losses: Tensor, lse: Tensor, wy: Tensor, dx: Tensor | None,
+    flags: Tensor, ignore_index: int, eps: float, prob: bool, check_softmax: bool,
+) -> None:  # fmt: skip
+    k = _kernels()
+    import triton.language as tl
+
+    C = x.shape[_class_dim(x)]
+    others = [(target, prob)] + ([(dx, True)] if dx is not None else [])
+    geo = _geometry(x, others)
+    if geo is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
+        dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
+        _launch_fwd(x.contiguous(), target.contiguous(), weight, losses, lse, wy, dxc, flags,
+                    ignore_index, eps, prob, check_softmax)  # fmt: skip
+        if dx is not None:
+            dx.copy_(dxc)
+        return
+    sizes, (xs, ts, *rest) = geo
+    ds = rest[0] if dx is not None else [0, 0, 0, 0]
+    bp, bc, num_warps = _tiles(sizes, C, xs, _SINGLE_MAX if dx is not None else 0)
+    n_pblocks, grid = _grid(sizes, bp)
+    has_weight = weight is not None
+    smooth = (not prob) and eps > 0.0
+    k.ce_fwd_kernel[(grid,)](
+        x, target, weight if has_weight else lse, losses, lse, wy if prob else lse,
+        dx if dx is not None else lse, flags,
+        sizes[1], sizes[2], C, n_pblocks, min(losses.numel(), 2**31 - 1),
+        *xs, *ts, *ds,
+        ignore_index, eps,
+        _flags.SOFTMAX_SUM_TOL[_dtype_name(x.dtype)],
+        _flags.PROB_SUM_TOL.get(_dtype_name(target.dtype), 1e-4),
+        PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
+        CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
+        Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
+        BLOCK_P=bp, BLOCK_C=bc, SINGLE=bc >= C, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _launch_bwd(
+    x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, wy: Tensor, g: Tensor,
+    dx: Tensor | None, dy: Tensor | None, ignore_index: int, eps: float, prob: bool,
+) -> None:  # fmt: skip
+    k = _kernels()
+    C = x.shape[_class_dim(x)]
+    others = [(target, prob), (g, False)]
+    others += [(dx, True)] if dx is not None else []
+    others += [(dy, True)] if dy is not None else []
+    geo = _geometry(x, others)
+    if geo is None:  # exotic layout: contiguous copies in, copy the results back
+        dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
+        dyc = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device) if dy is not None else None
+        _launch_bwd(x.contiguous(), target.contiguous(), weight, lse, wy, g.contiguous(), dxc, dyc,
+                    ignore_index, eps, prob)  # fmt: skip
+        if dx is not None:
+            dx.copy_(dxc)
+        if dy is not None:
+            dy.copy_(dyc)
+        return
+    sizes, (xs, ts, gs, *rest) = geo
+    ds = rest.pop(0) if dx is not None else [0, 0, 0, 0]
+    es = rest.pop(0) if dy is not None else [0, 0, 0, 0]
+    bp, bc, num_warps = _tiles(sizes, C, xs)
+    n_pblocks, grid = _grid(sizes, bp)
+    has_weight = weight is not None
+    smooth = (not prob) and eps > 0.0
+    # W = sum_c w_c, needed before the column loop (coefficient of p_c); a device tensor, no sync.
+    wsum = weight.sum(dtype=torch.float32).reshape(1) if has_weight and smooth else lse
+    k.ce_bwd_kernel[(grid,)](
+        x, target, weight if has_weight else lse, wsum, lse, wy if prob else lse, g,
+        dx if dx is not None else lse, dy if dy is not None else lse,
+        sizes[1], sizes[2], C, n_pblocks,
+        *xs, *ts, *gs[:3], *ds, *es,
+        ignore_index, eps,
+        PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
+        COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _launch_scale(dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob: bool) -> None:
+    k = _kernels()
+    C = dx.shape[_class_dim(dx)]
+    geo = _geometry(dx, [(target, prob), (g, False)])
+    if geo is None:  # exotic layout: a plain torch multiply (no early exit, still no sync)
+        f = g.to(torch.float32)
+        if not prob:
+            f = torch.where(target == ignore_index, 1.0, f)
+        dx.copy_(dx * f.unsqueeze(_class_dim(dx)))
+        return
+    sizes, (ds, ts, gs) = geo
+    bp, bc, num_warps = _tiles(sizes, C, ds)
+    n_pblocks, grid = _grid(sizes, bp)
+    k.ce_scale_kernel[(grid,)](
+        dx, target, g, sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index,
+        PROB=prob, BLOCK_P=bp, BLOCK_C=bc, num_warps=num_warps,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+def _fwd_outputs(x: Tensor, prob: bool, fused: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    pos = _pos_shape(x)
+    n = math.prod(pos)
+    losses = x.new_empty(pos, dtype=torch.float32)
+    flags = x.new_zeros((_flags.SIZE,), dtype=torch.int32)
+    lse = x.new_empty((n,), dtype=torch.float32)
+    wy = x.new_empty((n if prob else 0,), dtype=torch.float32)
+    dx = torch.empty_like(x) if fused else x.new_empty((0,))
+    return losses, flags, lse, wy, dx
+
+
+@torch.library.custom_op("safeloss::triton_ce_fwd", mutates_args=())
+def _ce_fwd(
+    x: Tensor, target: Tensor, weight: _OptTensor, ignore_index: int, label_smoothing: float,
+    prob_target: bool, check_softmax: bool, fused: bool, inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(losses, flags, lse, sum_c w_c y'_c [prob targets], unscaled gradient [fused])."""
+    losses, flags, lse, wy, dx = _fwd_outputs(x, prob_target, fused)
+    if losses.numel() > 0:
+        _launch_fwd(x, target, weight, losses, lse, wy, dx if fused else None, flags,
+                    ignore_index, label_smoothing, prob_target, check_softmax)  # fmt: skip
+    return losses, flags, lse, wy, dx
+
+
+@_ce_fwd.register_fake
+def _(x, target, weight, ignore_index, label_smoothing, prob_target, check_softmax, fused, inplace_backward):  # type: ignore[no-untyped-def]
+    return _fwd_outputs(x, prob_target, fused)
+
+
+@torch.library.custom_op("safeloss::triton_ce_bwd", mutates_args=())
+def _ce_bwd(
+    x: Tensor, target: Tensor, weight: _OptTensor, lse: Tensor, wy: Tensor, grad: Tensor,
+    ignore_index: int, label_smoothing: float, prob_target: bool, compute_dx: bool, compute_dy: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(d/dx or empty, d/dtarget or empty), scaled by the upstream per-position gradient."""
+    dx = torch.empty_like(x) if compute_dx else x.new_empty((0,))
+    dy = torch.empty_like(target) if compute_dy else x.new_empty((0,))
+    if lse.numel() > 0 and x.numel() > 0 and (compute_dx or compute_dy):
+        _launch_bwd(x, target, weight, lse, wy, grad, dx if compute_dx else None, dy if compute_dy else None,
+                    ignore_index, label_smoothing, prob_target)  # fmt: skip
+    return dx, dy
+
+
+@_ce_bwd.register_fake
+def _(x, target, weight, lse, wy, grad, ignore_index, label_smoothing, prob_target, compute_dx, compute_dy):  # type: ignore[no-untyped-def]
+    dx = torch.empty_like(x) if compute_dx else x.new_empty((0,))
+    dy = torch.empty_like(target) if compute_dy else x.new_empty((0,))
+    return dx, dy
+
+
+@torch.library.custom_op("safeloss::triton_ce_bwd_inplace", mutates_args=("x",))
+def _ce_bwd_inplace(
+    x: Tensor, target: Tensor, weight: _OptTensor, lse: Tensor, wy: Tensor, grad: Tensor,
+    ignore_index: int, label_smoothing: float, prob_target: bool, compute_dy: bool,
+) -> Tensor:  # fmt: skip
+    """Overwrite the logits x with d/dx (each element is read before it is written); returns d/dtarget or empty."""
+    dy = torch.empty_like(target) if compute_dy else x.new_empty((0,))
+    if lse.numel() > 0 and x.numel() > 0:
+        _launch_bwd(x, target, weight, lse, wy, grad, x, dy if compute_dy else None,
+                    ignore_index, label_smoothing, prob_target)  # fmt: skip
+    return dy
+
+
+@_ce_bwd_inplace.register_fake
+def _(x, target, weight, lse, wy, grad, ignore_index, label_smoothing, prob_target, compute_dy):  # type: ignore[no-untyped-def]
+    return torch.empty_like(target) if compute_dy else x.new_empty((0,))
+
+
+@torch.library.custom_op("safeloss::triton_ce_scale_", mutates_args=("dx",))
+def _ce_scale_(dx: Tensor, target: Tensor, grad: Tensor, ignore_index: int, prob_target: bool) -> None:
+    """Fused mode: dx *= upstream gradient per position, in place; rows with factor 1 are skipped."""
+    if dx.numel() > 0:
+        _launch_scale(dx, target, grad, ignore_index, prob_target)
+
+
+@_ce_scale_.register_fake
+def _(dx, target, grad, ignore_index, prob_target):  # type: ignore[no-untyped-def]
+    return None
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, target, weight, ignore_index, eps, prob, _check, fused, inplace = inputs
+    _losses, flags, lse, wy, dx = output
+    ctx.mark_non_differentiable(flags, lse, wy, dx)
+    # Fused mode already holds the gradient: keep the logits alive only if d/dtarget needs them.
+    keep_x = not fused or (prob and target.requires_grad)
+    ctx.save_for_backward(x if keep_x else None, target, weight, lse, wy, dx if fused else None)
+    ctx.cfg = (ignore_index, eps, prob, fused, inplace and _non_overlapping_and_dense(x))
+
+
+def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
+    x, target, weight, lse, wy, dx = ctx.saved_tensors
+    ignore_index, eps, prob, fused, inplace = ctx.cfg
+    need_dx = ctx.needs_input_grad[0]
+    need_dy = prob and ctx.needs_input_grad[1]
+    gx = gy = None
+    ops = torch.ops.safeloss
+    if fused:
+        if need_dx:
+            # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
+            # check instead of rescaling the stored gradient twice.
+            ops.triton_ce_scale_(dx, target, g, ignore_index, prob)
+            gx = dx
+        if need_dy:
+            gy = ops.triton_ce_bwd(x, target, weight, lse, wy, g, ignore_index, eps, prob, False, True)[1]
+    elif need_dx and inplace:
+        gy = ops.triton_ce_bwd_inplace(x, target, weight, lse, wy, g, ignore_index, eps, prob, need_dy)
+        gx = x
+        gy = gy if need_dy else None
+    elif need_dx or need_dy:
+        gx, gy = ops.triton_ce_bwd(x, target, weight, lse, wy, g, ignore_index, eps, prob, need_dx, need_dy)
+        gx = gx if need_dx else None
+        gy = gy if need_dy else None
+    return gx, gy, None, None, None, None, None, None, None
+
+
+_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The seam
+# --------------------------------------------------------------------------------------------
+def row_losses(
+    input: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    prob_target: bool,
+    inplace_backward: bool = False,
+    check_softmax: bool = True,
+    fused_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Per-position cross-entropy (float32, positions shape) and the int32 findings vector.
+
+    ``inplace_backward``: the backward writes the gradient into the logits' storage and returns
+    it (saves one logits-sized allocation; the logits are destroyed, so only for logits nothing
+    else needs; other autograd users of them then fail loudly on the version counter).
+    ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 32768);
+    the backward only rescales rows whose upstream gradient is not exactly 1. Pays for
+    ``reduction="sum"``-style upstream gradients of 1; with a mean (upstream 1/n) the rescale
+    costs a read and a write, more than the plain path. The gradient buffer is held from forward
+    to backward; ``inplace_backward`` is ignored in this mode.
+    """
+    fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
+    losses, flags, _lse, _wy, _dx = torch.ops.safeloss.triton_ce_fwd(
+        input, target, weight, int(ignore_index), float(label_smoothing), bool(prob_target),
+        bool(check_softmax), fused, bool(inplace_backward),
+    )  # fmt: skip
+    return losses, flags

@@ -1,0 +1,352 @@
+"""Triton kernels for cross-entropy: per-position loss, log-sum-exp and findings in one pass.
+
+Imported lazily by ``triton_backend`` (never at ``import safeloss`` time): ``triton.jit`` decides at
+decoration time whether to compile for the GPU or to run under the interpreter (TRITON_INTERPRET=1).
+
+Layout seen by every kernel
+---------------------------
+The launcher collapses the "positions" (every dim but the class dim) into at most three dims
+(S0, S1, S2) with one stride per tensor and dim, plus one class stride per tensor. Nothing is
+copied: (N, C), (C, N)-transposed, (N, C, H, W) and channels-last views are all read in place.
+A program owns one (i0, i1) pair and BLOCK_P consecutive i2 positions, and walks the classes in
+BLOCK_C-wide column blocks, so a tile is [BLOCK_P, BLOCK_C]:
+  * LM-style rows (class stride 1): BLOCK_P = 1 (or several short rows), BLOCK_C up to 4096;
+    loads are contiguous along the classes.
+  * NCHW segmentation (class stride H*W, position stride 1): BLOCK_P = 128 consecutive pixels and
+    a few classes per step; loads are contiguous along the positions (coalesced), classes strided.
+Every offset is int64 (N*C > 2^31 elements is normal for LM heads).
+
+Math (per position, x = logits in fp32, w = class weights or 1, eps = label smoothing)
+-----------------------------------------------------------------------------------------
+Online softmax: running max m and s = sum exp(x - m), rescaled by exp(m_old - m_new) when the max
+grows; exp2 with a log2(e) factor (the hardware instruction). lse = m + log(s).
+Weighted sums needed by smoothing / probability targets, sum_c k_c (lse - x_c) with k_c = w_c
+(smoothing) or k_c = w_c y'_c (probability targets), are accumulated *relative to the running max*
+(acc = sum k_c (x_c - m), shifted by -(m_new - m_old) * sum k when the max grows) and finished as
+  sum_c k_c (lse - x_c) = K log(s) - acc,  K = sum_c k_c,
+so nothing of size |lse| * K cancels (logits around 1e3 with 262k classes stay exact in fp32).
+Index targets:  loss = (1-eps) w_y (lse - x_y) + (eps/C) (W log(s) - acc)          (W = sum w)
+Prob targets:   y' = (1-eps) y + eps/C,  loss = Wy log(s) - acc                      (Wy = sum w y')
+Gradient (p = softmax = exp(x - lse)):
+  index: d loss/d x_c = [(1-eps) w_y + (eps/C) W] p_c - (1-eps) w_y [c == y] - (eps/C) w_c
+  prob:  d loss/d x_c = Wy p_c - w_c y'_c,     d loss/d y_c = (1-eps) w_c (lse - x_c)
+
+Memory traffic (s = bytes per logit)
+------------------------------------
+forward: reads the logits once (s per element), writes 4 bytes of loss + 4 of lse per position.
+backward: reads the logits once and writes the gradient once (2s) from the saved lse: 3s total.
+fused (``FUSED``): when a row fits one block it stays in registers, so forward reads once and writes
+the unscaled gradient once (2s); the backward only rescales rows whose upstream gradient is not 1
+(``ce_scale_kernel`` exits early otherwise). Longer rows are streamed a second time (3s).
+Findings are int32 counters bumped with integer atomics (deterministic), one per program and only
+when the program has something to count.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# Slots of safeloss._flags (duplicated as constexprs because jit code cannot read module globals
+# that are not constexprs; test_triton_kernels checks they agree).
+BAD_TARGET = tl.constexpr(0)
+NONFINITE_ROW = tl.constexpr(1)
+SOFTMAX_LIKE = tl.constexpr(2)
+SOFTMAX_CHECKED = tl.constexpr(3)
+PROB_NEGATIVE = tl.constexpr(4)
+PROB_BAD_SUM = tl.constexpr(5)
+
+
+@triton.jit
+def _positions(S1, S2, n_pblocks, BLOCK_P: tl.constexpr):
+    """Program id -> (i0, i1) scalars, a block of i2 positions, its mask and flat position ids."""
+    pid = tl.program_id(0)
+    o = pid // n_pblocks  # which (i0, i1) pair
+    b = pid - o * n_pblocks  # which block of i2
+    o64 = o.to(tl.int64)
+    i0 = o64 // S1
+    i1 = o64 - i0 * S1
+    i2 = b.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = i2 < S2
+    pflat = o64 * S2 + i2  # index into the contiguous (S0*S1*S2,) loss / lse buffers
+    return pid, i0, i1, i2, pmask, pflat
+
+
+@triton.jit
+def _count(flags_ptr, slot, hit):
+    """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero."""
+    n = tl.sum(hit.to(tl.int32), axis=0)
+    if n > 0:
+        tl.atomic_add(flags_ptr + slot, n, sem="relaxed")
+
+
+@triton.jit
+def _class_weights(w_ptr, cols, cmask, NEED_W: tl.constexpr):
+    """Per-column weights as a [1, BLOCK_C] row (0 on masked columns). Only loaded when a formula
+    needs w_c per element (smoothing, probability targets): otherwise w[y] alone is read."""
+    if NEED_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = cmask.to(tl.float32)
+    return w[None, :]
+
+
+@triton.jit
+def _index_target(t_ptr, trow, pmask, ignore_index, C):
+    """Load index targets (any int dtype) and classify them; never used as an address unless valid."""
+    y = tl.load(t_ptr + trow, mask=pmask, other=0).to(tl.int64)
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < C)
+    use = in_range & (ignored == 0) & pmask
+    bad = (in_range == 0) & (ignored == 0) & pmask
+    y_safe = tl.where(use, y, 0)
+    return y_safe, use, bad
+
+
+@triton.jit
+def _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB: tl.constexpr, SMOOTH: tl.constexpr):
+    """Unscaled d loss / d x for one tile (see module docstring); a = coefficient of p_c."""
+    p = tl.exp2((x - lse[:, None]) * LOG2E)
+    d = a[:, None] * p
+    if PROB:
+        d = d - wys
+    else:
+        d = d - tl.where(cols[None, :] == y[:, None], wy_hot[:, None], 0.0)
+        if SMOOTH:
+            d = d - smooth_c * w
+    return d
+
+
+@triton.jit
+def ce_fwd_kernel(
+    x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, wy_ptr, dx_ptr, flags_ptr,
+    S1, S2, C, n_pblocks, n_checked,
+    xs0, xs1, xs2, xsc,
+    ts0, ts1, ts2, tsc,
+    ds0, ds1, ds2, dsc,
+    ignore_index, eps, softmax_tol, prob_tol,
+    PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, NEED_W: tl.constexpr,
+    CHECK_SOFTMAX: tl.constexpr, FUSED: tl.constexpr, Y_ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+):  # fmt: skip
+    pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    xrow = i0 * xs0 + i1 * xs1 + i2 * xs2
+    trow = i0 * ts0 + i1 * ts1 + i2 * ts2
+    smooth_c = eps / C
+    keep = 1.0 - eps
+
+    ninf = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_P,), tl.float32)
+    m = ninf  # running max
+    s = zero  # sum exp(x - m)
+    acc = zero  # sum k_c (x_c - m), k = w (smoothing) or w*y' (prob)
+    ksum = zero  # sum k_c
+    mn = tl.full((BLOCK_P,), float("inf"), tl.float32)  # softmax check: min logit
+    xsum = zero  # softmax check: plain sum of logits
+    ymin = tl.full((BLOCK_P,), float("inf"), Y_ACC)  # prob check: min target entry
+    ysum = tl.zeros((BLOCK_P,), Y_ACC)  # prob check: sum of raw target entries
+    x_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # the row, when it fits one block
+    wys_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = pmask[:, None] & cmask[None, :]
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=float("-inf"))
+        x = x.to(tl.float32)  # native dtype in memory, fp32 in registers
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # A row that is -inf so far keeps reference 0 so that (-inf) - (-inf) never makes a NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        xd = x - m_ref[:, None]  # -inf on masked lanes -> exp2 gives 0
+        s = s * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2(xd * LOG2E), axis=1)
+        if PROB or SMOOTH:
+            w = _class_weights(w_ptr, cols, cmask, NEED_W)
+            if PROB:
+                yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                ys = tl.where(mask, yraw.to(tl.float32) * keep + smooth_c, 0.0)
+                k = w * ys
+                ya = yraw.to(Y_ACC)
+                ymin = tl.minimum(ymin, tl.min(tl.where(mask, ya, float("inf")), axis=1))
+                ysum += tl.sum(ya, axis=1)
+                if SINGLE:
+                    wys_keep = k
+            else:
+                k = tl.where(mask, w, 0.0)
+            shift = tl.where(m == float("-inf"), 0.0, m_ref - m)  # ksum == 0 while m == -inf
+            acc = acc - shift * ksum + tl.sum(k * tl.where(mask, xd, 0.0), axis=1)
+            ksum += tl.sum(k, axis=1)
+        if CHECK_SOFTMAX:
+            mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
+            xsum += tl.sum(tl.where(mask, x, 0.0), axis=1)
+        if SINGLE:
+            x_keep = x
+        m = m_new
+
+    m = tl.where(pmask, m, 0.0)  # padding positions: keep them finite (never stored)
+    logs = tl.log(tl.where(pmask, s, 1.0))
+    lse = m + logs
+    if PROB:
+        loss = ksum * logs - acc
+        active = pmask
+        a = ksum
+        y = tl.zeros((BLOCK_P,), tl.int64)
+        wy_hot = zero
+        tl.store(wy_ptr + pflat, ksum, mask=pmask)
+    else:
+        y, active, bad = _index_target(t_ptr, trow, pmask, ignore_index, C)
+        x_y = tl.load(x_ptr + (xrow + y * xsc), mask=active, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w_y = tl.load(w_ptr + y, mask=active, other=0.0).to(tl.float32)
+        else:
+            w_y = tl.full((BLOCK_P,), 1.0, tl.float32)
+        wy_hot = keep * w_y
+        loss = wy_hot * ((m - x_y) + logs)
+        a = wy_hot
+        if SMOOTH:
+            loss += smooth_c * (ksum * logs - acc)
+            a += smooth_c * ksum
+        loss = tl.where(active, loss, tl.where(bad, float("nan"), 0.0))
+        _count(flags_ptr, BAD_TARGET, bad)
+    tl.store(loss_ptr + pflat, loss, mask=pmask)
+    tl.store(lse_ptr + pflat, lse, mask=pmask)
+
+    _count(flags_ptr, NONFINITE_ROW, active & ((tl.abs(loss) < float("inf")) == 0))
+    if CHECK_SOFTMAX:
+        _count(
+            flags_ptr, SOFTMAX_LIKE, pmask & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
+        )
+        if pid == 0:
+            tl.store(flags_ptr + SOFTMAX_CHECKED, n_checked)  # a plain store: the count is static
+    if PROB:
+        _count(flags_ptr, PROB_NEGATIVE, pmask & (ymin < 0))
+        _count(flags_ptr, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
+
+    if FUSED:
+        # Unscaled gradient of this position's loss; ce_scale_kernel applies the upstream gradient.
+        drow = i0 * ds0 + i1 * ds1 + i2 * ds2
+        if SINGLE:
+            cols = tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            mask = pmask[:, None] & cmask[None, :]
+            w = _class_weights(w_ptr, cols, cmask, NEED_W)
+            d = _grad_tile(x_keep, lse, a, cols, y, wy_hot, smooth_c, w, wys_keep, PROB, SMOOTH)
+            d = tl.where(active[:, None], d, 0.0)
+            dptr = dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * dsc)
+            tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                cmask = cols < C
+                mask = pmask[:, None] & cmask[None, :]
+                cols64 = cols.to(tl.int64)
+                x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0)
+                w = _class_weights(w_ptr, cols, cmask, NEED_W)
+                wys = w
+                if PROB:
+                    yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                    wys = w * (yraw.to(tl.float32) * keep + smooth_c)
+                d = _grad_tile(x.to(tl.float32), lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB, SMOOTH)
+                d = tl.where(active[:, None], d, 0.0)
+                dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+                tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_bwd_kernel(
+    x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, wy_ptr, g_ptr, dx_ptr, dy_ptr,
+    S1, S2, C, n_pblocks,
+    xs0, xs1, xs2, xsc,
+    ts0, ts1, ts2, tsc,
+    gs0, gs1, gs2,
+    ds0, ds1, ds2, dsc,
+    es0, es1, es2, esc,
+    ignore_index, eps,
+    PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, NEED_W: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DY: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Recompute softmax from the saved lse and write g * d loss / d x (and / d y) in one pass.
+
+    dx may alias x (inplace_backward): each element is read before it is written by the same
+    program, and no program reads another program's rows.
+    """
+    _pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    xrow = i0 * xs0 + i1 * xs1 + i2 * xs2
+    trow = i0 * ts0 + i1 * ts1 + i2 * ts2
+    drow = i0 * ds0 + i1 * ds1 + i2 * ds2
+    erow = i0 * es0 + i1 * es1 + i2 * es2
+    smooth_c = eps / C
+    keep = 1.0 - eps
+    lse = tl.load(lse_ptr + pflat, mask=pmask, other=0.0)
+    g = tl.load(g_ptr + (i0 * gs0 + i1 * gs1 + i2 * gs2), mask=pmask, other=0.0).to(tl.float32)
+    if PROB:
+        a = tl.load(wy_ptr + pflat, mask=pmask, other=0.0)
+        active = pmask
+        y = tl.zeros((BLOCK_P,), tl.int64)
+        wy_hot = a
+    else:
+        y, active, _bad = _index_target(t_ptr, trow, pmask, ignore_index, C)
+        if HAS_WEIGHT:
+            w_y = tl.load(w_ptr + y, mask=active, other=0.0).to(tl.float32)
+        else:
+            w_y = tl.full((BLOCK_P,), 1.0, tl.float32)
+        wy_hot = keep * w_y
+        a = wy_hot
+        if SMOOTH:
+            if HAS_WEIGHT:
+                wsum = tl.load(wsum_ptr)
+            else:
+                wsum = C * 1.0
+            a += smooth_c * wsum
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = pmask[:, None] & cmask[None, :]
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0).to(tl.float32)
+        w = _class_weights(w_ptr, cols, cmask, NEED_W)
+        wys = w
+        if PROB:
+            yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+            wys = w * (yraw.to(tl.float32) * keep + smooth_c)
+        if COMPUTE_DX:
+            d = _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB, SMOOTH)
+            # where(), not a multiply: ignored / bad rows get exactly 0 even for a NaN upstream g.
+            d = tl.where(active[:, None], g[:, None] * d, 0.0)
+            dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+            tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DY:
+            dy = (g * keep)[:, None] * w * (lse[:, None] - x)
+            eptr = dy_ptr + (erow[:, None] + cols64[None, :] * esc)
+            tl.store(eptr, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_scale_kernel(
+    dx_ptr, t_ptr, g_ptr,
+    S1, S2, C, n_pblocks,
+    ds0, ds1, ds2, dsc,
+    ts0, ts1, ts2,
+    gs0, gs1, gs2,
+    ignore_index,
+    PROB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Fused mode's backward: dx *= g per position, in place. Rows whose factor is exactly 1
+    (sum reduction, or a loss that is not rescaled) and ignored rows (already 0) are skipped
+    on the device, so g == 1 costs no traffic and never a host sync."""
+    _pid, i0, i1, i2, pmask, _pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    g = tl.load(g_ptr + (i0 * gs0 + i1 * gs1 + i2 * gs2), mask=pmask, other=1.0).to(tl.float32)
+    if PROB:
+        active = pmask
+    else:
+        _y, active, _bad = _index_target(t_ptr, i0 * ts0 + i1 * ts1 + i2 * ts2, pmask, ignore_index, C)
+    f = tl.where(active, g, 1.0)
+    n = tl.sum((f != 1.0).to(tl.int32), axis=0)
+    if n > 0:
+        drow = i0 * ds0 + i1 * ds1 + i2 * ds2
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = pmask[:, None] & (cols < C)[None, :]
+            dptr = dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * dsc)
+            d = tl.load(dptr, mask=mask, other=0.0).to(tl.float32) * f[:, None]
+            tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)

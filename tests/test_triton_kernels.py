@@ -1,0 +1,650 @@
+"""Kernel-layer tests: safeloss.backends.triton_backend.row_losses against torch's cross_entropy.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
+here before the kernels module is first imported: ``triton.jit`` reads it at decoration time).
+Shapes are kept small, and ``FORCE_BLOCK_C`` makes C=300 span several column blocks. The
+reference is torch in float64 on CPU; gradients use a random, non-trivial upstream gradient.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safeloss import _flags
+from safeloss.backends import triton_backend as tb
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if DEV.type == "cpu" and tb.unavailable_reason(DEV) is not None:  # e.g. TRITON_INTERPRET=0 was forced
+    pytest.skip(f"Triton backend unavailable: {tb.unavailable_reason(DEV)}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset() -> None:
+    torch.manual_seed(0)
+    yield
+    tb.FORCE_BLOCK_C = None
+    tb.FORCE_BLOCK_P = None
+
+
+@pytest.fixture
+def small_blocks() -> None:
+    """64-wide column blocks, so C=300 needs 5 blocks (online softmax across blocks)."""
+    tb.FORCE_BLOCK_C = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _pos_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return () if x.dim() == 1 else (x.shape[0], *x.shape[2:])
+
+
+def _tols(dtype: torch.dtype) -> dict[str, float]:
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5}
+    return {"rtol": 2e-2, "atol": 2e-3}  # the gradient is rounded to half precision once
+
+
+def _reference(x, t, g, *, weight=None, ignore_index=-100, eps=0.0, prob=False, target_grad=False):
+    """float64 torch on CPU: (losses, d/dx, d/dtarget or None)."""
+    xr = x.detach().cpu().double().requires_grad_()
+    if prob:
+        tr = t.detach().cpu().double().requires_grad_(target_grad)
+    else:
+        tr = t.detach().cpu().long()
+    w = weight.detach().cpu().double() if weight is not None else None
+    loss = F.cross_entropy(xr, tr, weight=w, ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+    loss.backward(g.detach().cpu().double())
+    return loss.detach(), xr.grad, (tr.grad if prob and target_grad else None)
+
+
+def _ours(x, t, g, *, weight=None, ignore_index=-100, eps=0.0, prob=False, target_grad=False, **kw):
+    """row_losses on views of x/t (layouts kept: detach() keeps the strides): (losses, flags, dx, dy)."""
+    xo = x.detach().requires_grad_()
+    to = t.detach().requires_grad_(target_grad) if prob else t
+    losses, flags = tb.row_losses(
+        xo, to, weight=weight, ignore_index=ignore_index, label_smoothing=eps, prob_target=prob, **kw
+    )
+    inputs = [xo, to] if target_grad else [xo]
+    grads = torch.autograd.grad(losses, inputs, g)
+    return losses, flags, grads[0], (grads[1] if target_grad else None)
+
+
+def _check(x, t, *, g=None, weight=None, ignore_index=-100, eps=0.0, prob=False, target_grad=False, **kw):
+    if g is None:
+        g = torch.randn(_pos_shape(x), device=x.device)
+    losses, flags, dx, dy = _ours(
+        x, t, g, weight=weight, ignore_index=ignore_index, eps=eps, prob=prob, target_grad=target_grad, **kw
+    )
+    ref, rdx, rdy = _reference(
+        x, t, g, weight=weight, ignore_index=ignore_index, eps=eps, prob=prob, target_grad=target_grad
+    )
+    assert losses.dtype == torch.float32 and losses.shape == ref.shape
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    tol = _tols(x.dtype)
+    torch.testing.assert_close(losses.cpu().double(), ref, **tol)
+    torch.testing.assert_close(dx.cpu().double(), rdx, **tol)
+    if target_grad:
+        assert dy.dtype == t.dtype and dy.shape == t.shape
+        torch.testing.assert_close(dy.cpu().double(), rdy, **tol)
+    assert flags.dtype == torch.int32 and flags.shape == (_flags.SIZE,)
+    assert flags[_flags.BAD_TARGET] == 0 and flags[_flags.NONFINITE_ROW] == 0
+    return losses, flags
+
+
+def _probs(shape, class_dim=1):
+    return torch.softmax(torch.randn(shape, device=DEV), class_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing
+# ---------------------------------------------------------------------------------------------
+def test_flag_slots_match_kernels() -> None:
+    k = tb._kernels()
+    for name in (
+        "BAD_TARGET",
+        "NONFINITE_ROW",
+        "SOFTMAX_LIKE",
+        "SOFTMAX_CHECKED",
+        "PROB_NEGATIVE",
+        "PROB_BAD_SUM",
+    ):
+        assert getattr(k, name).value == getattr(_flags, name)
+
+
+def test_unavailable_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tb.unavailable_reason(torch.device("cuda")) is None
+    if DEV.type == "cpu":
+        assert tb.unavailable_reason(torch.device("cpu")) is None
+        monkeypatch.delenv("TRITON_INTERPRET")
+        reason = tb.unavailable_reason(torch.device("cpu"))
+        assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert tb.unavailable_reason(torch.device("meta")) is not None
+
+
+def test_import_is_lazy() -> None:
+    code = (
+        "import sys, safeloss.backends.triton_backend; assert 'triton' not in sys.modules, 'triton imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# values and gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape",
+    [(300,), (5, 300), (2, 300, 3), (2, 7, 3, 4), (1, 1), (3, 1, 2)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_shapes(shape: tuple[int, ...], small_blocks: None) -> None:
+    x = torch.randn(shape, device=DEV) * 3
+    C = shape[0] if len(shape) == 1 else shape[1]
+    t = torch.randint(0, C, _pos_shape(x), device=DEV)
+    _check(x, t)
+    _check(x, t, weight=torch.rand(C, device=DEV), eps=0.2)
+
+
+def test_default_blocks_wide_row() -> None:
+    x = torch.randn(3, 5000, device=DEV)  # BLOCK_C 4096: two column blocks with the default tiles
+    t = torch.randint(0, 5000, (3,), device=DEV)
+    _check(x, t, weight=torch.rand(5000, device=DEV), eps=0.1)
+
+
+def test_many_short_rows_per_program() -> None:
+    x = torch.randn(37, 10, device=DEV)  # BLOCK_P > 1 rows per program, last block partial
+    _check(x, torch.randint(0, 10, (37,), device=DEV), eps=0.1)
+    tb.FORCE_BLOCK_P, tb.FORCE_BLOCK_C = 4, 4
+    _check(x, torch.randint(0, 10, (37,), device=DEV), weight=torch.rand(10, device=DEV), eps=0.1)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["transposed", "col_slice", "row_slice", "channels_last", "permuted_3d", "sliced_4d", "5d_exotic"],
+)
+def test_layouts_read_in_place(layout: str, small_blocks: None) -> None:
+    if layout == "transposed":
+        x = torch.randn(300, 6, device=DEV).t()
+    elif layout == "col_slice":
+        x = torch.randn(6, 600, device=DEV)[:, ::2]
+    elif layout == "row_slice":
+        x = torch.randn(12, 300, device=DEV)[::2]
+    elif layout == "channels_last":
+        x = torch.randn(2, 9, 3, 5, device=DEV).to(memory_format=torch.channels_last)
+    elif layout == "permuted_3d":
+        x = torch.randn(2, 4, 70, device=DEV).permute(0, 2, 1)  # (N, T, C) -> (N, C, T)
+    elif layout == "sliced_4d":
+        x = torch.randn(2, 5, 6, 8, device=DEV)[:, :, ::2, 1::3]
+    else:  # positions that cannot be collapsed into 3 dims -> contiguous fallback
+        x = torch.randn(2, 3, 4, 4, 6, device=DEV).permute(0, 4, 2, 1, 3)[:, :, ::2, :, ::2]
+    C = x.shape[1]
+    t = torch.randint(0, C, _pos_shape(x), device=DEV)
+    g = torch.randn(_pos_shape(x), device=DEV)
+    x_before = x.clone()
+    _check(x, t, g=g, weight=torch.rand(C, device=DEV), eps=0.1)
+    _check(x, _probs(x.shape), g=g, weight=torch.rand(C, device=DEV), eps=0.1, prob=True, target_grad=True)
+    assert torch.equal(x, x_before)  # default path never mutates the caller's logits
+
+
+def test_strided_target_and_upstream_gradients(small_blocks: None) -> None:
+    x = torch.randn(6, 300, device=DEV)
+    t = torch.randint(0, 300, (12,), device=DEV)[::2]
+    _check(x, t, g=torch.randn(12, device=DEV)[1::2])  # per-element, strided
+    _check(x, t, g=torch.tensor(0.37, device=DEV).expand(6))  # a mean: stride 0
+    x4 = torch.randn(2, 5, 3, 4, device=DEV)
+    t4 = torch.randint(0, 5, (2, 4, 3), device=DEV).transpose(1, 2)
+    _check(x4, t4, g=torch.randn(2, 4, 3, device=DEV).transpose(1, 2))
+    _check(x4, t4, g=torch.tensor(2.0, device=DEV).expand(2, 3, 4))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3, 255])
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ignore_index_weight_smoothing(
+    ignore_index: int, eps: float, weighted: bool, small_blocks: None
+) -> None:
+    C = 300
+    x = torch.randn(8, C, device=DEV) * 2
+    t = torch.randint(0, C, (8,), device=DEV)
+    t[1] = ignore_index
+    t[5] = ignore_index
+    t[2] = 3 if ignore_index != 3 else 4
+    w = torch.rand(C, device=DEV) if weighted else None
+    losses, _ = _check(x, t, weight=w, ignore_index=ignore_index, eps=eps)
+    assert losses[1] == 0 and losses[5] == 0
+    # K-dim as well (segmentation masks use 255)
+    x4 = torch.randn(2, C, 2, 2, device=DEV)
+    t4 = torch.randint(0, C, (2, 2, 2), device=DEV)
+    t4[0, 1, 1] = ignore_index
+    _check(x4, t4, weight=w, ignore_index=ignore_index, eps=eps)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_target_dtypes(tdtype: torch.dtype) -> None:
+    x = torch.randn(2, 40, 3, device=DEV)
+    t = torch.randint(0, 40, (2, 3), device=DEV).to(tdtype)
+    t[0, 0] = 255 if tdtype == torch.uint8 else -100
+    _check(x, t, ignore_index=255 if tdtype == torch.uint8 else -100, eps=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes(dtype: torch.dtype, small_blocks: None) -> None:
+    x = (torch.randn(6, 300, device=DEV) * 4).to(dtype)
+    t = torch.randint(0, 300, (6,), device=DEV)
+    _check(x, t, weight=torch.rand(300, device=DEV), eps=0.1)
+    _check(x, _probs((6, 300)).to(dtype), eps=0.1, prob=True, target_grad=True)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1.0])
+def test_prob_targets(eps: float, small_blocks: None) -> None:
+    w = torch.rand(300, device=DEV)
+    _check(torch.randn(5, 300, device=DEV), _probs((5, 300)), eps=eps, prob=True, target_grad=True)
+    _check(torch.randn(5, 300, device=DEV), _probs((5, 300)), weight=w, eps=eps, prob=True, target_grad=True)
+    _check(torch.randn(300, device=DEV), _probs((300,), 0), weight=w, eps=eps, prob=True, target_grad=True)
+    x4 = torch.randn(2, 6, 3, 2, device=DEV)
+    _check(x4, _probs(x4.shape), weight=w[:6], eps=eps, prob=True, target_grad=True)
+    # gradient w.r.t. the logits only
+    _check(torch.randn(5, 300, device=DEV), _probs((5, 300)), weight=w, eps=eps, prob=True)
+
+
+def test_large_logits_keep_precision(small_blocks: None) -> None:
+    # lse ~ 1000 and sum_c w_c (lse - x_c) ~ 3e4: accumulating relative to the running max keeps fp32 exact.
+    x = 1000.0 + torch.randn(4, 300, device=DEV)
+    t = torch.randint(0, 300, (4,), device=DEV)
+    _check(x, t, weight=torch.rand(300, device=DEV), eps=0.5)
+    _check(x, _probs((4, 300)), weight=torch.rand(300, device=DEV), eps=0.5, prob=True, target_grad=True)
+
+
+def test_masked_vocabulary_minus_inf(small_blocks: None) -> None:
+    x = torch.randn(4, 300, device=DEV)
+    x[:, 100:250] = float("-inf")  # e.g. disallowed tokens; a whole column block is -inf
+    x[1, :64] = float("-inf")  # the first block of a row is entirely -inf
+    t = torch.tensor([5, 70, 299, 99], device=DEV)
+    _check(x, t)
+
+
+def test_empty_batch() -> None:
+    x = torch.randn(0, 7, device=DEV, requires_grad=True)
+    losses, flags = tb.row_losses(
+        x,
+        torch.zeros(0, dtype=torch.long),
+        weight=None,
+        ignore_index=-100,
+        label_smoothing=0.0,
+        prob_target=False,
+    )
+    assert losses.shape == (0,) and flags.tolist() == [0] * _flags.SIZE
+    losses.sum().backward()
+    assert x.grad.shape == (0, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# findings
+# ---------------------------------------------------------------------------------------------
+def test_bad_targets_nan_and_counted(small_blocks: None) -> None:
+    C = 300
+    x = torch.randn(6, C, device=DEV)
+    t = torch.tensor([3, -1, C, 10**6, -100, 299], device=DEV)
+    xo = x.clone().requires_grad_()
+    losses, flags = tb.row_losses(
+        xo, t, weight=None, ignore_index=-100, label_smoothing=0.1, prob_target=False
+    )
+    assert flags[_flags.BAD_TARGET] == 3 and flags[_flags.NONFINITE_ROW] == 0
+    assert torch.isnan(losses[1:4]).all() and losses[4] == 0
+    g = torch.randn(6, device=DEV)
+    (dx,) = torch.autograd.grad(losses, xo, g)
+    assert (dx[1:5] == 0).all()  # bad rows get no gradient (their NaN loss already reports them)
+    ok = torch.tensor([0, 5])
+    ref, rdx, _ = _reference(x[ok], t[ok], g[ok], eps=0.1)
+    torch.testing.assert_close(losses[ok].double(), ref)
+    torch.testing.assert_close(dx[ok].double(), rdx)
+    # uint8 targets beyond C
+    t8 = torch.tensor([1, 200, 255, 7], dtype=torch.uint8, device=DEV)
+    _, flags = tb.row_losses(
+        torch.randn(4, 100, device=DEV),
+        t8,
+        weight=None,
+        ignore_index=255,
+        label_smoothing=0.0,
+        prob_target=False,
+    )
+    assert flags[_flags.BAD_TARGET] == 1
+
+
+def test_softmax_like_flags(small_blocks: None) -> None:
+    p = torch.softmax(torch.randn(5, 300, device=DEV), 1)
+    x = torch.cat([p, torch.randn(3, 300, device=DEV)])
+    t = torch.randint(0, 300, (8,), device=DEV)
+    _, flags = tb.row_losses(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False)
+    assert flags[_flags.SOFTMAX_LIKE] == 5 and flags[_flags.SOFTMAX_CHECKED] == 8
+    _, flags = tb.row_losses(
+        x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False, check_softmax=False
+    )
+    assert flags[_flags.SOFTMAX_LIKE] == 0 and flags[_flags.SOFTMAX_CHECKED] == 0
+    # half precision sums are looser; K-dim positions are counted one by one
+    p4 = torch.softmax(torch.randn(2, 30, 3, 2, device=DEV), 1).half()
+    _, flags = tb.row_losses(
+        p4,
+        torch.zeros(2, 3, 2, dtype=torch.long, device=DEV),
+        weight=None,
+        ignore_index=-100,
+        label_smoothing=0.0,
+        prob_target=False,
+    )
+    assert flags[_flags.SOFTMAX_LIKE] == 12 and flags[_flags.SOFTMAX_CHECKED] == 12
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter, on the NaN rows
+def test_nonfinite_flags(small_blocks: None) -> None:
+    x = torch.randn(6, 300, device=DEV)
+    x[0, 7] = float("nan")
+    x[1, 200] = float("inf")
+    x[2, 9] = float("nan")  # but row 2 is ignored: not counted
+    x[3, 11] = float("-inf")  # the target logit: loss +inf
+    t = torch.tensor([1, 2, -100, 11, 4, 5], device=DEV)
+    losses, flags = tb.row_losses(
+        x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False
+    )
+    assert flags[_flags.NONFINITE_ROW] == 3 and flags[_flags.BAD_TARGET] == 0
+    assert torch.isfinite(losses[[2, 4, 5]]).all() and not torch.isfinite(losses[[0, 1, 3]]).any()
+
+
+def test_prob_target_flags(small_blocks: None) -> None:
+    y = _probs((6, 300))
+    y[0, 3] = -0.01  # negative (and its sum is off too)
+    y[1] *= 1.5  # does not sum to 1
+    y[2, :] = 0.0  # sums to 0
+    _, flags = tb.row_losses(
+        torch.randn(6, 300, device=DEV),
+        y,
+        weight=None,
+        ignore_index=-100,
+        label_smoothing=0.2,
+        prob_target=True,
+    )
+    assert flags[_flags.PROB_NEGATIVE] == 1 and flags[_flags.PROB_BAD_SUM] == 3
+    assert flags[_flags.BAD_TARGET] == 0 and flags[_flags.NONFINITE_ROW] == 0
+    y64 = torch.softmax(torch.randn(3, 50, device=DEV, dtype=torch.float64), 1)
+    y64[0, 0] += 1e-5  # beyond the float64 tolerance, accumulated in float64
+    _, flags = tb.row_losses(
+        torch.randn(3, 50, device=DEV),
+        y64,
+        weight=None,
+        ignore_index=-100,
+        label_smoothing=0.0,
+        prob_target=True,
+    )
+    assert flags[_flags.PROB_BAD_SUM] == 1
+
+
+def test_flags_deterministic(small_blocks: None) -> None:
+    x = torch.randn(16, 300, device=DEV)
+    x[::3, 5] = float("nan")
+    t = torch.randint(-5, 305, (16,), device=DEV)
+    runs = [
+        tb.row_losses(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False)[1]
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# memory modes
+# ---------------------------------------------------------------------------------------------
+def test_inplace_backward_writes_into_logits(small_blocks: None) -> None:
+    base = torch.randn(6, 300, device=DEV, requires_grad=True)
+    t = torch.randint(0, 300, (6,), device=DEV)
+    t[2] = -100
+    w = torch.rand(300, device=DEV)
+    g = torch.randn(6, device=DEV)
+    _, rdx, _ = _reference(base.detach() * 1.5, t, g, weight=w, eps=0.1)
+    h = base * 1.5  # logits produced by some layer, used for nothing else
+    losses, _ = tb.row_losses(
+        h, t, weight=w, ignore_index=-100, label_smoothing=0.1, prob_target=False, inplace_backward=True
+    )
+    (dh,) = torch.autograd.grad(losses, h, g)
+    assert dh.data_ptr() == h.data_ptr()  # the gradient lives in the logits' storage
+    torch.testing.assert_close(dh.double(), rdx, **_tols(torch.float32))
+    assert (dh[2] == 0).all()
+
+
+def test_inplace_backward_values_and_fallback(small_blocks: None) -> None:
+    w = torch.rand(300, device=DEV)
+    x = torch.randn(6, 300, device=DEV)
+    t = torch.randint(0, 300, (6,), device=DEV)
+    g = torch.randn(6, device=DEV)
+    _, rdx, _ = _reference(x, t, g, weight=w, eps=0.1)
+    xo = x.clone().requires_grad_()
+    h = xo * 1.0
+    losses, _ = tb.row_losses(
+        h, t, weight=w, ignore_index=-100, label_smoothing=0.1, prob_target=False, inplace_backward=True
+    )
+    losses.backward(g)
+    torch.testing.assert_close(xo.grad.double(), rdx, **_tols(torch.float32))
+    torch.testing.assert_close(h.detach().double(), rdx, **_tols(torch.float32))  # h now holds its gradient
+    # prob targets with a target gradient, in place
+    y = _probs((6, 300))
+    _, rdx, rdy = _reference(x, y, g, weight=w, eps=0.1, prob=True, target_grad=True)
+    h = x.clone().requires_grad_()
+    _, _, dx, dy = _ours(h, y, g, weight=w, eps=0.1, prob=True, target_grad=True, inplace_backward=True)
+    torch.testing.assert_close(dx.double(), rdx, **_tols(torch.float32))
+    torch.testing.assert_close(dy.double(), rdy, **_tols(torch.float32))
+    # an expanded (overlapping) input cannot take the gradient: falls back to a new buffer
+    xe = torch.randn(1, 300, device=DEV).expand(4, 300)
+    before = xe.clone()
+    _check(xe, t[:4], inplace_backward=True)
+    assert torch.equal(xe, before)
+
+
+def test_inplace_backward_is_caught_by_version_counter() -> None:
+    x = torch.randn(3, 20, device=DEV, requires_grad=True)
+    h = x * 2.0
+    other = h * h  # saves h for its own backward
+    losses, _ = tb.row_losses(
+        h, torch.tensor([1, 2, 3], device=DEV), weight=None, ignore_index=-100, label_smoothing=0.0,
+        prob_target=False, inplace_backward=True,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (losses.sum() + other.sum()).backward()
+
+
+@pytest.mark.parametrize("blocks", ["single", "streamed"])
+def test_fused_grad(blocks: str) -> None:
+    if blocks == "streamed":
+        tb.FORCE_BLOCK_C = 64
+    w = torch.rand(300, device=DEV)
+    x = torch.randn(6, 300, device=DEV)
+    t = torch.randint(0, 300, (6,), device=DEV)
+    t[1] = -100
+    _check(x, t, weight=w, eps=0.1, fused_grad=True)  # per-element upstream
+    _check(x, t, g=torch.tensor(0.25, device=DEV).expand(6), weight=w, eps=0.1, fused_grad=True)  # mean
+    _check(x, t, g=torch.ones(6, device=DEV), weight=w, eps=0.1, fused_grad=True)  # sum: rescale skipped
+    _check(x.bfloat16(), t, g=torch.ones(6, device=DEV), fused_grad=True)
+    _check(x, _probs((6, 300)), weight=w, eps=0.1, prob=True, target_grad=True, fused_grad=True)
+    x4 = torch.randn(2, 7, 3, 5, device=DEV)
+    _check(x4, torch.randint(0, 7, (2, 3, 5), device=DEV), weight=w[:7], eps=0.2, fused_grad=True)
+    _check(x.t().contiguous().t(), t, fused_grad=True)
+
+
+def test_fused_grad_second_backward_is_an_error() -> None:
+    x = torch.randn(3, 20, device=DEV, requires_grad=True)
+    losses, _ = tb.row_losses(
+        x, torch.tensor([1, 2, 3], device=DEV), weight=None, ignore_index=-100, label_smoothing=0.0,
+        prob_target=False, fused_grad=True,
+    )  # fmt: skip
+    losses.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        losses.sum().backward()
+
+
+def test_no_grad_and_fused_without_grad() -> None:
+    x = torch.randn(4, 30, device=DEV)
+    t = torch.randint(0, 30, (4,), device=DEV)
+    with torch.no_grad():
+        losses, _ = tb.row_losses(
+            x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False, fused_grad=True
+        )
+    torch.testing.assert_close(losses, F.cross_entropy(x, t, reduction="none"))
+
+
+# ---------------------------------------------------------------------------------------------
+# random layouts and options (hypothesis)
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def _cases(draw):
+    ndim = draw(st.integers(1, 4))
+    C = draw(st.integers(1, 70))
+    pos = [draw(st.integers(1, 4)) for _ in range(ndim - 1)]
+    shape = [C] if ndim == 1 else [pos[0], C, *pos[1:]]
+    perm = draw(st.permutations(range(ndim)))
+    step = [draw(st.sampled_from([1, 1, 2])) for _ in range(ndim)]
+    return {
+        "shape": shape,
+        "perm": perm,
+        "step": step,
+        "prob": draw(st.booleans()),
+        "weighted": draw(st.booleans()),
+        "eps": draw(st.sampled_from([0.0, 0.0, 0.1, 0.7])),
+        "ignore_index": draw(st.sampled_from([-100, 0, 255])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+        "block_c": draw(st.sampled_from([None, 4, 16])),
+        "fused": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(_cases())
+def test_random_layouts(case) -> None:
+    shape, perm, step = case["shape"], case["perm"], case["step"]
+    big = [n * s for n, s in zip(shape, step)]
+    inv = [perm.index(i) for i in range(len(shape))]
+    storage = torch.randn([big[p] for p in perm], device=DEV).to(case["dtype"])
+    x = storage.permute(inv)[tuple(slice(None, None, s) for s in step)]
+    assert list(x.shape) == shape
+    C = shape[0] if len(shape) == 1 else shape[1]
+    tb.FORCE_BLOCK_C = case["block_c"]
+    w = torch.rand(C, device=DEV) if case["weighted"] else None
+    if case["prob"]:
+        t = _probs(shape, 0 if len(shape) == 1 else 1).to(case["dtype"])
+        _check(x, t, weight=w, eps=case["eps"], prob=True, target_grad=True, fused_grad=case["fused"])
+    else:
+        t = torch.randint(0, C, _pos_shape(x), device=DEV)
+        if t.numel() > 1:
+            t.view(-1)[0] = case["ignore_index"]
+        _check(x, t, weight=w, eps=case["eps"], ignore_index=case["ignore_index"], fused_grad=case["fused"])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------
+def _loss_fn(mode: str):
+    def fn(x, t, w):
+        losses, flags = tb.row_losses(
+            x * 1.0, t, weight=w, ignore_index=-100, label_smoothing=0.1, prob_target=False,
+            inplace_backward=mode == "inplace", fused_grad=mode == "fused",
+        )  # fmt: skip
+        return losses.sum() / (t != -100).sum(), flags
+
+    return fn
+
+
+@pytest.mark.parametrize("mode", ["plain", "fused", "inplace"])
+def test_compile_fullgraph(mode: str) -> None:
+    # aot_eager: dynamo + AOTAutograd trace the custom ops (fullgraph: no graph break); inductor
+    # code generation itself is exercised by the GPU test below.
+    torch._dynamo.reset()
+    fn = _loss_fn(mode)
+    cfn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 40, device=DEV, requires_grad=True)
+    t = torch.randint(0, 40, (5,), device=DEV)
+    t[0] = -100
+    w = torch.rand(40, device=DEV)
+    loss, flags = cfn(x, t, w)
+    loss.backward()
+    xr = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr, t, weight=w.double(), label_smoothing=0.1, reduction="none").sum() / 4
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach())
+    torch.testing.assert_close(x.grad.double(), xr.grad)
+    assert flags[_flags.SOFTMAX_CHECKED] == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+@gpu
+@needs_cuda
+def test_gpu_vocab_262144() -> None:
+    V = 262144
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(16, V, device="cuda") * 2).to(dtype)
+        t = torch.randint(0, V, (16,), device="cuda")
+        t[3] = -100
+        w = torch.rand(V, device="cuda")
+        _check(x, t, weight=w, eps=0.1)
+        _check(x, t, g=torch.tensor(1 / 15, device="cuda").expand(16), fused_grad=True)
+        _check(x, _probs((4, V)).to(dtype), weight=w, eps=0.1, prob=True, target_grad=True)
+
+
+@gpu
+@needs_cuda
+def test_gpu_more_than_2_31_elements() -> None:
+    N, V = 8200, 262144  # 2.15e9 logits: int32 offsets would overflow
+    assert N * V > 2**31
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, V, (N,), device="cuda")
+    losses, flags = tb.row_losses(
+        x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False
+    )
+    g = torch.tensor(1.0 / N, device="cuda").expand(N)
+    (dx,) = torch.autograd.grad(losses, x, g)
+    assert flags[_flags.BAD_TARGET] == 0 and flags[_flags.NONFINITE_ROW] == 0
+    assert flags[_flags.SOFTMAX_CHECKED] == N
+    rows = torch.tensor([0, 1, N // 2, N - 2, N - 1], device="cuda")
+    xr = x.detach()[rows].double().requires_grad_()
+    ref = F.cross_entropy(xr, t[rows], reduction="none")
+    ref.backward(g[rows].double())
+    torch.testing.assert_close(losses[rows].double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx[rows].double(), xr.grad, rtol=2e-2, atol=1e-7)
+
+
+@gpu
+@needs_cuda
+def test_gpu_no_host_sync_and_inductor() -> None:
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    w = torch.rand(1000, device="cuda")
+    _check(x, t, weight=w, eps=0.1)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in ({}, {"fused_grad": True}):
+            losses, _ = tb.row_losses(
+                x, t, weight=w, ignore_index=-100, label_smoothing=0.1, prob_target=False, **kw
+            )
+            losses.mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch._dynamo.reset()
+    cfn = torch.compile(_loss_fn("plain"), fullgraph=True)
+    x.grad = None
+    loss, _ = cfn(x, t, w)
+    loss.backward()
+    xr = x.detach().double().requires_grad_()
+    F.cross_entropy(xr, t, weight=w.double(), label_smoothing=0.1, reduction="sum").div(64).backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
