@@ -1,0 +1,243 @@
+"""``safeloss.patch()``: route code you did not write (Hugging Face, Lightning, old scripts) through safeloss.
+
+What is reached while patched:
+
+* every call of ``torch.nn.functional.cross_entropy`` looked up through the module at call time
+  (``F.cross_entropy(...)``, ``nn.functional.cross_entropy(...)``: Hugging Face's loss functions);
+* every ``torch.nn.CrossEntropyLoss`` instance, including those created before ``patch()`` and
+  those built from a class reference captured with ``from torch.nn import CrossEntropyLoss``:
+  the class's ``forward`` itself is replaced;
+* module-level names bound with ``from torch.nn.functional import cross_entropy`` in modules
+  already imported when ``patch()`` runs (modules imported later pick up the patched attribute).
+
+What is not reached: references kept anywhere else (closures, default arguments, class
+attributes, containers), ``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses
+from other libraries, TorchScript, and tensor subclasses (DTensor, FakeTensor, ...), which keep
+stock torch's own dispatch. ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
+
+``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
+(kept in a closure while patched) behaves as stock torch once unpatched, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import pipeline
+from .functional import cross_entropy as _safe_cross_entropy
+from .validation import check_label_smoothing, check_reduction
+
+_CLS = torch.nn.CrossEntropyLoss
+_FUNCTIONAL = torch.nn.functional
+
+_lock = threading.RLock()
+_stack: list[_Patch] = []  # active patch() calls, innermost last
+_current: _Patch | None = None  # _stack[-1] or None: read once per call, so unpatch() cannot race it
+_saved_function: Callable[..., Tensor] = _FUNCTIONAL.cross_entropy  # what patch() replaced
+_saved_forward: Callable[..., Tensor] = _CLS.forward
+_rebound: list[tuple[dict[str, Any], str]] = []  # (module globals, name) rebound by patch()
+
+
+def _plain(*tensors: object) -> bool:
+    """True when every tensor argument is a plain tensor or parameter.
+
+    Subclasses (DTensor, FakeTensor, NestedTensor, user wrappers) carry their own dispatch that
+    the checks were not written for; they keep stock behaviour, so patching never breaks them.
+    """
+    return all(
+        t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors
+    )
+
+
+def _from_safeloss(depth: int) -> bool:
+    """True when the caller ``depth`` frames up is safeloss itself (its torch backend computes
+    the per-position losses with stock ``F.cross_entropy``): that call must reach stock torch, or
+    the patch would recurse into safeloss."""
+    name = sys._getframe(depth + 1).f_globals.get("__name__", "")
+    return name == "safeloss" or (name.startswith("safeloss.") and name != __name__)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    # Stock signature exactly: callers that pass arguments by name or position keep working.
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: stock torch
+        return _saved_function(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    current = _current
+    if current is not None and _plain(input, target, weight) and not _from_safeloss(1):
+        return _safe_cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+            strict=current.strict,
+        )
+    return _saved_function(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    )
+
+
+cross_entropy.__doc__ = (
+    "torch.nn.functional.cross_entropy, routed through safeloss by safeloss.patch().\n\n"
+    + (_saved_function.__doc__ or "")
+)
+
+
+def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+    """``torch.nn.CrossEntropyLoss.forward`` while patched: the module's own settings, safeloss's
+    checks. ``owner=self`` gives the same warn-once-per-instance behaviour as SafeCrossEntropyLoss."""
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: stock torch
+        return torch.nn.functional.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+        )
+    current = _current
+    if current is not None and _plain(input, target, self.weight):
+        return pipeline.run(
+            input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+            check_label_smoothing(self.label_smoothing), strict=current.strict,
+            backend="auto", inplace_backward=False, owner=self,
+        )
+    return _saved_forward(self, input, target)
+
+
+_forward.__name__ = "forward"
+_forward.__qualname__ = "CrossEntropyLoss.forward"
+
+
+class _Patch:
+    """The handle ``patch()`` returns; as a context manager it undoes its own ``patch()``."""
+
+    def __init__(self, strict: bool | None) -> None:
+        self.strict = strict
+
+    def __enter__(self) -> _Patch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with _lock:
+            if self in _stack:  # unpatch() inside the block already removed everything
+                _stack.remove(self)
+                _settle()
+
+    def __repr__(self) -> str:
+        return f"safeloss.patch(strict={self.strict!r})"
+
+
+def patch(strict: bool | None = None) -> _Patch:
+    """Route ``torch.nn.CrossEntropyLoss`` and ``torch.nn.functional.cross_entropy`` through safeloss.
+
+    Usable as a call (``safeloss.patch()``, undone by ``safeloss.unpatch()``) or as a context
+    manager (``with safeloss.patch(): ...``, undone on exit). Calling it again while patched
+    installs nothing twice; a nested ``with`` block's ``strict`` applies inside it only.
+
+    Args:
+        strict: strict mode for the patched calls; ``None`` follows ``safeloss.strict_mode()``,
+            ``safeloss.set_strict()`` and ``SAFELOSS_STRICT``, as ``safeloss.cross_entropy`` does.
+    """
+    if strict is not None and not isinstance(strict, bool):
+        raise TypeError(f"safeloss.patch(strict=...) takes True, False or None, got {strict!r}")
+    handle = _Patch(strict)
+    with _lock:
+        if not _stack:
+            _install()
+        _stack.append(handle)
+        _settle()
+    return handle
+
+
+def unpatch() -> None:
+    """Undo every active ``patch()``: torch is exactly as it was before. A no-op when not patched."""
+    with _lock:
+        _stack.clear()
+        _settle()
+
+
+def _settle() -> None:
+    """After a change of ``_stack`` (lock held): innermost strict applies; uninstall when empty."""
+    global _current
+    if _stack:
+        _current = _stack[-1]
+    elif _current is not None:
+        _current = None
+        _uninstall()
+
+
+def is_patched() -> bool:
+    """True while a ``patch()`` is active."""
+    return _current is not None
+
+
+def _module_globals() -> list[dict[str, Any]]:
+    """Globals of every imported module except safeloss's own, which must keep stock torch."""
+    out = []
+    for name, mod in list(sys.modules.items()):
+        if name == "safeloss" or name.startswith("safeloss."):
+            continue
+        d = getattr(mod, "__dict__", None)  # a few sys.modules entries are not modules
+        if isinstance(d, dict):
+            out.append(d)
+    return out
+
+
+def _install() -> None:
+    global _saved_function, _saved_forward
+    _prime_dynamo()
+    _saved_function = _FUNCTIONAL.cross_entropy
+    _saved_forward = _CLS.__dict__["forward"]
+    _FUNCTIONAL.cross_entropy = cross_entropy
+    _CLS.forward = _forward
+    for d in _module_globals():
+        if d is _FUNCTIONAL.__dict__:
+            continue
+        for name, value in list(d.items()):
+            if value is _saved_function:
+                d[name] = cross_entropy
+                _rebound.append((d, name))
+
+
+def _prime_dynamo() -> None:
+    """Make torch.compile see stock ``F.cross_entropy`` under its own name.
+
+    Dynamo resolves the names in its list of torch functions (``torch.nn.functional.cross_entropy``
+    among them) once, on import. Imported while patched, it would take our function for a torch
+    op and put it in the graph unread; the compiler then runs it on fake tensors, which keep stock
+    behaviour, and every check would be skipped without a word. Imported first, it sees stock
+    torch there, and inlines our function like any user code.
+    """
+    with contextlib.suppress(Exception):  # a torch build without dynamo: nothing to prime
+        import torch._dynamo  # noqa: F401  (1-2 s, once; Transformers and Lightning import it anyway)
+
+
+def _uninstall() -> None:
+    # Only undo what is still ours: if another tool patched over us since, its patch stays, and
+    # our function underneath it now behaves as stock torch (the stack is empty).
+    if _FUNCTIONAL.cross_entropy is cross_entropy:
+        _FUNCTIONAL.cross_entropy = _saved_function
+    if _CLS.__dict__.get("forward") is _forward:
+        _CLS.forward = _saved_forward
+    for d, name in _rebound:
+        if d.get(name) is cross_entropy:
+            d[name] = _saved_function
+    _rebound.clear()
+    # Modules imported while patched bound the patched function: give them stock torch's.
+    for d in _module_globals():
+        for name, value in list(d.items()):
+            if value is cross_entropy:
+                d[name] = _saved_function
