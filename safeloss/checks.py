@@ -89,7 +89,7 @@ def scan_softmax(x: Tensor, cdim: int, num_classes: int) -> tuple[int, int]:
     first = x if x.dim() == 1 else (x[0] if x.dim() == 2 else x.flatten(2)[0, :, 0])
     # Raw logits almost never sum to 1, so one row's sum settles the common case.
     tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
-    if not abs(float(first.sum(dtype=torch.float64)) - 1.0) <= tol:
+    if not abs(float(first.sum()) - 1.0) <= tol:
         return 0, 1
     rows = sample_rows(x)
     return int(softmax_like(rows).sum()), rows.shape[0]
@@ -342,7 +342,7 @@ def resolve(
     nonfinite = counts[F.NONFINITE_ROW]
     if scan.nonfinite_from_output:
         if out_finite is None and out is not None:
-            out_finite = bool(torch.isfinite(out).all())
+            out_finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
         if out_finite is False and losses is not None:
             finite = torch.isfinite(losses.detach())
             if not p.prob:
