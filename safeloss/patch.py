@@ -43,7 +43,8 @@ _stack: list[_Patch] = []  # active patch() calls, innermost last
 _current: _Patch | None = None  # _stack[-1] or None: read once per call, so unpatch() cannot race it
 _saved_function: Callable[..., Tensor] = _FUNCTIONAL.cross_entropy  # what patch() replaced
 _saved_forward: Callable[..., Tensor] = _CLS.forward
-_rebound: list[tuple[dict[str, Any], str]] = []  # (module globals, name) rebound by patch()
+_NAME = "cross_entropy"
+_rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entropy`` patch() rebound
 
 
 def _plain(*tensors: object) -> bool:
@@ -203,13 +204,13 @@ def _install() -> None:
     _saved_forward = _CLS.__dict__["forward"]
     _FUNCTIONAL.cross_entropy = cross_entropy
     _CLS.forward = _forward
+    # Only the name that ``from torch.nn.functional import cross_entropy`` binds: other names
+    # holding stock torch's function (``_orig = F.cross_entropy``) are usually kept on purpose,
+    # to call stock torch, and must keep doing so.
     for d in _module_globals():
-        if d is _FUNCTIONAL.__dict__:
-            continue
-        for name, value in list(d.items()):
-            if value is _saved_function:
-                d[name] = cross_entropy
-                _rebound.append((d, name))
+        if d is not _FUNCTIONAL.__dict__ and d.get(_NAME) is _saved_function:
+            d[_NAME] = cross_entropy
+            _rebound.append(d)
 
 
 def _prime_dynamo() -> None:
@@ -232,12 +233,8 @@ def _uninstall() -> None:
         _FUNCTIONAL.cross_entropy = _saved_function
     if _CLS.__dict__.get("forward") is _forward:
         _CLS.forward = _saved_forward
-    for d, name in _rebound:
-        if d.get(name) is cross_entropy:
-            d[name] = _saved_function
+    # Rebound modules, and modules imported while patched (they bound the patched function).
+    for d in [*_rebound, *_module_globals()]:
+        if d.get(_NAME) is cross_entropy:
+            d[_NAME] = _saved_function
     _rebound.clear()
-    # Modules imported while patched bound the patched function: give them stock torch's.
-    for d in _module_globals():
-        for name, value in list(d.items()):
-            if value is cross_entropy:
-                d[name] = _saved_function
