@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from . import checks, dispatch, reduction
@@ -32,18 +33,29 @@ def run(
     inplace_backward: bool,
     owner: object | None,
 ) -> Tensor:
-    strict_ = is_strict(strict)
+    # Under torch.compile, shape/dtype validation runs at trace time exactly as in eager (same
+    # errors), but value checks cannot reach the host without a graph break: they still mask bad
+    # labels (NaN loss, no out-of-bounds read) and are otherwise not reported.
+    compiling = torch.compiler.is_compiling()
     key = FUNCTIONAL_KEY if owner is None else id(owner)
-    if checks._pending:
+    if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
 
-    p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing)
-    for finding in p.findings:
-        report(finding, strict_, owner)
-    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
-        report(checks.empty_mean_finding(p), strict_, owner)
+    p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
+                  read_values=not compiling)
+    empty_mean = p.reduction == "mean" and math.prod(p.positions_shape) == 0
+    if (p.findings or empty_mean) and not compiling:
+        strict_ = is_strict(strict)
+        for finding in p.findings:
+            report(finding, strict_, owner)
+        if empty_mean:
+            report(checks.empty_mean_finding(p), strict_, owner)
 
     name = dispatch.select(backend, p)
+    if compiling:
+        rows = dispatch.row_losses(name, p, False, inplace_backward)
+        return reduction.reduce(rows, p)
+    strict_ = is_strict(strict)
     immediate = strict_ or (p.input.device.type == "cpu" and not _DEFER_ON_CPU)
     rows = dispatch.row_losses(name, p, immediate, inplace_backward)
     if rows.losses is None:  # invalid targets found before any compute

@@ -166,7 +166,9 @@ def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None
 _checked_weights: weakref.WeakValueDictionary[tuple[int, int], Tensor] = weakref.WeakValueDictionary()
 
 
-def _check_weight(weight: object, input: Tensor, num_classes: int) -> tuple[Tensor | None, list[Finding]]:
+def _check_weight(
+    weight: object, input: Tensor, num_classes: int, read_values: bool = True
+) -> tuple[Tensor | None, list[Finding]]:
     if weight is None:
         return None, []
     if not isinstance(weight, Tensor):
@@ -191,7 +193,7 @@ def _check_weight(weight: object, input: Tensor, num_classes: int) -> tuple[Tens
         )
     findings = []
     key = (id(weight), weight._version)
-    if _checked_weights.get(key) is not weight:
+    if read_values and _checked_weights.get(key) is not weight:
         if weight.device == input.device and bool((weight < 0).any()):
             neg = (weight < 0).nonzero().flatten().tolist()
             findings.append(Finding(
@@ -463,10 +465,13 @@ def normalize(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    read_values: bool = True,
 ) -> Problem:
     """Check shapes, dtypes and devices; convert the targets stock torch would reject but meant.
 
     ``reduction`` and ``label_smoothing`` must already be checked (``check_reduction`` etc.).
+    ``read_values=False`` skips the one check that reads data on the happy path (negative
+    ``weight`` entries), for tracing under torch.compile.
     """
     x = _check_input(input)
     if not isinstance(target, Tensor):
@@ -509,7 +514,7 @@ def normalize(
         prob = False
         out_dtype = x.dtype
 
-    w, more = _check_weight(weight, x, C)
+    w, more = _check_weight(weight, x, C, read_values)
     findings += more
 
     if C == 1:
