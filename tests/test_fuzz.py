@@ -156,3 +156,25 @@ def test_invalid_inputs_raise_safeloss_errors(call, strict, use_module):
             safeloss.SafeCrossEntropyLoss(w, strict=strict, **kw)(x, t)
         else:
             safeloss.cross_entropy(x, t, w, strict=strict, **kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 300), st.integers(2, 50), st.floats(1e-3, 50), st.floats(-5, 5), st.integers(0, 2**16),
+    st.sampled_from(["randn", "rand", "uniform-small", "logsoftmax"]),
+)
+def test_no_softmax_false_alarm_on_logits(n, c, scale, shift, seed, kind):
+    """Logits of any scale and offset, including values all inside [0, 1], never look softmaxed."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        x = torch.randn(n, c, generator=g) * scale + shift
+    elif kind == "rand":
+        x = torch.rand(n, c, generator=g)  # in [0, 1] but rows sum to about c / 2
+    elif kind == "uniform-small":
+        x = torch.rand(n, c, generator=g) * (2.0 / c) * min(scale, 0.9)  # rows sum near, not at, 1
+    else:
+        x = (torch.randn(n, c, generator=g) * scale).log_softmax(1)
+    t = torch.randint(0, c, (n,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SafeLossWarning)
+        safeloss.cross_entropy(x, t)
