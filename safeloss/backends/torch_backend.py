@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn.functional as tf
-from torch import Tensor
 
 from .. import _flags as F
 from ..checks import (
