@@ -340,9 +340,9 @@ def resolve(
     if counts[F.PROB_NEGATIVE] or counts[F.PROB_BAD_SUM]:
         report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
     nonfinite = counts[F.NONFINITE_ROW]
+    if out_finite is None and out is not None and (scan.nonfinite_from_output or p.reduction == "mean"):
+        out_finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
     if scan.nonfinite_from_output:
-        if out_finite is None and out is not None:
-            out_finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
         if out_finite is False and losses is not None:
             finite = torch.isfinite(losses.detach())
             if not p.prob:

@@ -6,7 +6,8 @@
   of non-ignored positions without ``weight``. Label smoothing shares this denominator.
 * "mean", probability targets: sum / number of positions (torch does not divide by weights here;
   pytorch issue 61309).
-* Nothing to average (empty batch, all ignored, total weight 0): NaN with zero gradients, as torch.
+* Nothing to average (empty batch, all ignored, total weight 0): NaN, with torch's gradients
+  (zeros; NaN where the total weight is 0 but positions are not ignored).
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     if p.reduction == "sum":
         return total.to(p.out_dtype)
     denom = rows.denominator if rows.denominator is not None else denominator(p)
-    if not isinstance(denom, Tensor):
-        return (total / denom).to(p.out_dtype)  # tensor / 0 is NaN for an empty batch
-    # 0/0 must give NaN (torch's value) but zero gradients (torch's gradients): divide by a
-    # safe denominator, then overwrite; masked_fill sends no gradient through filled entries.
-    empty = denom == 0
-    out = (total / torch.where(empty, 1, denom)).masked_fill(empty, math.nan)
-    return out.to(p.out_dtype)
+    # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
+    # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
+    # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
+    return (total / denom).to(p.out_dtype)
