@@ -58,11 +58,24 @@ def _plain(*tensors: object) -> bool:
     )
 
 
-def _from_safeloss(depth: int) -> bool:
-    """True when the caller ``depth`` frames up is safeloss itself (its torch backend computes
-    the per-position losses with stock ``F.cross_entropy``): that call must reach stock torch, or
-    the patch would recurse into safeloss."""
-    name = sys._getframe(depth + 1).f_globals.get("__name__", "")
+_depth = 0  # patched calls in progress; only read while torch.compile traces (see _reentrant)
+
+
+def _reentrant() -> bool:
+    """True when safeloss itself called the patched function.
+
+    safeloss's torch backend computes the per-position losses with stock ``F.cross_entropy``,
+    looked up on the module: under the patch that call must reach stock torch, or it would recurse
+    into safeloss. Eagerly, the caller's module settles it, whichever safeloss entry point (the
+    patch, ``SafeCrossEntropyLoss``, ``safeloss.cross_entropy``) started the call. torch.compile
+    cannot trace frame objects (a graph break per call), so while it traces, a patched call already
+    in progress says it instead; a direct ``SafeCrossEntropyLoss`` call is then traced twice over,
+    which costs tracing time but not correctness.
+    """
+    if torch.compiler.is_compiling():
+        return _depth > 0
+    # Frames: 0 here, 1 _functional, 2 cross_entropy, 3 its caller.
+    name = sys._getframe(3).f_globals.get("__name__", "")
     return name == "safeloss" or (name.startswith("safeloss.") and name != __name__)
 
 
@@ -77,17 +90,12 @@ def cross_entropy(
     label_smoothing: float = 0.0,
 ) -> Tensor:
     # Stock signature exactly: callers that pass arguments by name or position keep working.
-    if torch.jit.is_scripting():  # TorchScript compiles only this branch: stock torch
+    # TorchScript parses this whole body (no try, no global here) but compiles only this branch.
+    if torch.jit.is_scripting():
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
-    current = _current
-    if current is not None and _plain(input, target, weight) and not _from_safeloss(1):
-        return _safe_cross_entropy(
-            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-            strict=current.strict,
-        )
-    return _saved_function(
+    return _functional(
         input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
     )
 
@@ -98,22 +106,57 @@ cross_entropy.__doc__ = (
 )
 
 
+def _functional(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    size_average: bool | None,
+    ignore_index: int,
+    reduce: bool | None,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor:
+    global _depth
+    current = _current
+    if current is None or not _plain(input, target, weight) or _reentrant():
+        return _saved_function(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    _depth += 1
+    try:
+        return _safe_cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+            strict=current.strict,
+        )
+    finally:
+        _depth -= 1
+
+
 def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     """``torch.nn.CrossEntropyLoss.forward`` while patched: the module's own settings, safeloss's
     checks. ``owner=self`` gives the same warn-once-per-instance behaviour as SafeCrossEntropyLoss."""
-    if torch.jit.is_scripting():  # TorchScript compiles only this branch: stock torch
+    if torch.jit.is_scripting():  # as in cross_entropy: TorchScript compiles only this branch
         return torch.nn.functional.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
         )
+    return _module_forward(self, input, target)
+
+
+def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+    global _depth
     current = _current
-    if current is not None and _plain(input, target, self.weight):
+    if current is None or not _plain(input, target, self.weight):
+        return _saved_forward(self, input, target)
+    _depth += 1
+    try:
         return pipeline.run(
             input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
             backend="auto", inplace_backward=False, owner=self,
         )
-    return _saved_forward(self, input, target)
+    finally:
+        _depth -= 1
 
 
 _forward.__name__ = "forward"
