@@ -166,6 +166,21 @@ def test_default_blocks_wide_row() -> None:
     _check(x, t, weight=torch.rand(5000, device=DEV), eps=0.1)
 
 
+def test_default_blocks_nchw_and_channels_last() -> None:
+    x = torch.randn(2, 40, 5, 7, device=DEV)  # pixel-contiguous: [64 pixels, 16 classes] tiles, 3 class steps
+    t = torch.randint(0, 40, (2, 5, 7), device=DEV)
+    _check(x, t, weight=torch.rand(40, device=DEV), eps=0.1)
+    _check(x.to(memory_format=torch.channels_last), t, eps=0.1)
+    _check(x, t, fused_grad=True)  # one [32, 64] block holds every class: single-pass fused gradient
+
+
+def test_tile_choice() -> None:
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 8)  # LM head rows
+    assert tb._tiles([1, 1, 8], 32000, [0, 0, 32000, 1], 32768) == (1, 32768, 32)  # fused: row in registers
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1]) == (64, 16, 4)  # short rows packed
+    assert tb._tiles([1, 4, 4096], 21, [0, 21 * 4096, 1, 4096]) == (128, 16, 4)  # NCHW
+
+
 def test_many_short_rows_per_program() -> None:
     x = torch.randn(37, 10, device=DEV)  # BLOCK_P > 1 rows per program, last block partial
     _check(x, torch.randint(0, 10, (37,), device=DEV), eps=0.1)
@@ -260,6 +275,16 @@ def test_prob_targets(eps: float, small_blocks: None) -> None:
     _check(x4, _probs(x4.shape), weight=w[:6], eps=eps, prob=True, target_grad=True)
     # gradient w.r.t. the logits only
     _check(torch.randn(5, 300, device=DEV), _probs((5, 300)), weight=w, eps=eps, prob=True)
+
+
+def test_prob_target_gradient_only() -> None:
+    x = torch.randn(4, 30, device=DEV)  # logits without grad: only d/dtarget is computed
+    y = _probs((4, 30)).requires_grad_()
+    g = torch.randn(4, device=DEV)
+    losses, _ = tb.row_losses(x, y, weight=None, ignore_index=-100, label_smoothing=0.2, prob_target=True)
+    (dy,) = torch.autograd.grad(losses, y, g)
+    _, _, rdy = _reference(x, y, g, eps=0.2, prob=True, target_grad=True)
+    torch.testing.assert_close(dy.double(), rdy, **_tols(torch.float32))
 
 
 def test_large_logits_keep_precision(small_blocks: None) -> None:

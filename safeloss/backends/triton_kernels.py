@@ -10,10 +10,11 @@ The launcher collapses the "positions" (every dim but the class dim) into at mos
 copied: (N, C), (C, N)-transposed, (N, C, H, W) and channels-last views are all read in place.
 A program owns one (i0, i1) pair and BLOCK_P consecutive i2 positions, and walks the classes in
 BLOCK_C-wide column blocks, so a tile is [BLOCK_P, BLOCK_C]:
-  * LM-style rows (class stride 1): BLOCK_P = 1 (or several short rows), BLOCK_C up to 4096;
-    loads are contiguous along the classes.
-  * NCHW segmentation (class stride H*W, position stride 1): BLOCK_P = 128 consecutive pixels and
-    a few classes per step; loads are contiguous along the positions (coalesced), classes strided.
+  * LM-style rows (class stride 1): BLOCK_P = 1, BLOCK_C up to 4096 (rows under 1024 classes are
+    packed several per program); loads are contiguous along the classes.
+  * NCHW segmentation (class stride H*W, position stride 1): BLOCK_P = 128 consecutive pixels x 16
+    classes per step; loads are contiguous along the pixels (coalesced), the class loop is strided.
+(Tile sizes live in ``triton_backend._tiles``, chosen from ptxas register reports.)
 Every offset is int64 (N*C > 2^31 elements is normal for LM heads).
 
 Math (per position, x = logits in fp32, w = class weights or 1, eps = label smoothing)
