@@ -1,0 +1,93 @@
+"""``safeloss bench --quick --device cpu`` end to end, on one tiny workload: files and fields, no timings.
+
+The CPU quick preset is what CI can afford; the GPU presets run via benchmarks/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from safeloss import bench
+
+WORKLOAD = "cls-N256-C10-fp32"
+ALWAYS = {"torch-eager", "safeloss-torch"}  # must have measured on any CPU
+CUDA_ONLY = {"safeloss-triton", "safeloss-triton-inplace", "safeloss-triton-nocheck", "liger", "quack"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main(quick=True, device="cpu", out=str(out), workloads=[WORKLOAD]) == 0
+    return out
+
+
+def test_writes_json_markdown_and_plots(run: Path) -> None:
+    for name in ("results.json", "results.md", "time_vs_classes.png", "bandwidth_vs_classes.png",
+                 "memory_vs_classes.png"):
+        f = run / name
+        assert f.is_file() and f.stat().st_size > 0, name
+    for png in run.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_rows(run: Path) -> None:
+    data = json.loads((run / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} == {p.name for p in bench.PROVIDERS}
+    assert {r["workload"] for r in rows} == {WORKLOAD}
+    for r in rows:
+        for key in ("device", "device_type", "torch", "triton", "safeloss", "git_commit", "timestamp",
+                    "workload", "provider", "status", "note", "bytes_fwd", "bytes_fwdbwd"):
+            assert key in r, key
+        assert r["device_type"] == "cpu"
+        assert r["status"] in {"ok", "skipped", "error"}, r
+    by = {r["provider"]: r for r in rows}
+    for name in ALWAYS:
+        r = by[name]
+        assert r["status"] == "ok", r
+        for key in ("fwd_ms", "fwdbwd_ms", "speedup_fwd", "speedup_fwdbwd", "gbps_fwd", "gbps_fwdbwd",
+                    "fwd_reps"):
+            assert isinstance(r[key], (int, float)) and r[key] > 0, (name, key)
+        assert r["loss_rel_err"] < 1e-5  # fp32 against an fp64 reference of the same inputs
+    assert by["torch-eager"]["speedup_fwdbwd"] == pytest.approx(1.0)
+    # torch.compile needs a C++ compiler on CPU: measured where one exists, else a reported error.
+    assert by["torch-compile"]["status"] in {"ok", "error"}
+    for name in CUDA_ONLY:  # skipped with a reason, never silently missing
+        assert by[name]["status"] == "skipped" and by[name]["note"]
+    assert data["meta"]["copy_gbps"] > 0
+
+
+def test_markdown_table(run: Path) -> None:
+    md = (run / "results.md").read_text()
+    assert f"## {WORKLOAD}" in md
+    for p in bench.PROVIDERS:
+        assert f"| {p.name} |" in md
+    assert "copy bandwidth" in md
+
+
+def test_unknown_workload_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(quick=True, device="cpu", out=str(tmp_path), workloads=["no-such-workload"]) == 2
+    assert "available" in capsys.readouterr().err
+
+
+def test_presets_cover_the_issue() -> None:
+    full = {w.name for w in bench.full_workloads()}
+    for name in ("cls-N65536-C1000-fp32", "llm-N16384-V262144-bf16", "seg-B8-C150-512x512-bf16",
+                 "llm-prob-N8192-V128256-bf16", "llm-smooth0.1-N8192-V128256-fp32"):
+        assert name in full
+    gpu = [w.name for w in bench.quick_workloads("cuda")]
+    assert gpu[0] == "llm-N8192-V128256-bf16"  # the headline target is measured first
+    assert {"cls-N4096-C10-fp32", "cls-N4096-C100-fp32"} <= set(gpu)
+
+
+def test_byte_model() -> None:
+    w = bench._llm(8192, 128256, "bf16")
+    fwd, fb = bench.must_move_bytes(w)
+    x = 8192 * 128256 * 2
+    assert fwd == x + 8192 * 8 and fb == 2 * x + 8192 * 8
+    assert bench.streamed_bytes(w) == 3 * x + 8192 * 8
+    p = bench._llm(8192, 128256, "bf16", prob=True)
+    assert bench.must_move_bytes(p)[1] == 3 * x and bench.streamed_bytes(p) == 5 * x
