@@ -13,6 +13,7 @@ traces them as opaque nodes without graph breaks.
 import functools
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -46,18 +47,19 @@ def _triton_import_error() -> str | None:
     return None
 
 
-_interpreted_kernels: bool | None = None  # how triton_kernels was decorated, once imported
-
-
 @functools.cache
 def _kernels() -> Any:
-    """Import the jit kernels on first use. ``triton.jit`` picks GPU compilation or the
-    interpreter when the module is decorated, so remember which one we got."""
-    global _interpreted_kernels
+    """Import the jit kernels on first use (``triton.jit`` picks GPU compilation or the
+    interpreter when that module is decorated, from TRITON_INTERPRET at that moment)."""
     from safeloss.backends import triton_kernels
 
-    _interpreted_kernels = os.environ.get("TRITON_INTERPRET") == "1"
     return triton_kernels
+
+
+def _kernels_interpreted() -> bool | None:
+    """How the kernels module was decorated, or None if it is not imported yet."""
+    mod = sys.modules.get("safeloss.backends.triton_kernels")
+    return None if mod is None else type(mod.ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -71,7 +73,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (slow, for testing)"
-        if _interpreted_kernels is False:
+        if _kernels_interpreted() is False:
             return "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU; set it before first use"
         return None
     return f"Triton runs on CUDA tensors, not on {device.type} tensors"
