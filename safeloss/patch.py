@@ -7,13 +7,17 @@ What is reached while patched:
 * every ``torch.nn.CrossEntropyLoss`` instance, including those created before ``patch()`` and
   those built from a class reference captured with ``from torch.nn import CrossEntropyLoss``:
   the class's ``forward`` itself is replaced;
-* module-level names bound with ``from torch.nn.functional import cross_entropy`` in modules
-  already imported when ``patch()`` runs (modules imported later pick up the patched attribute).
+* the global ``cross_entropy`` bound by ``from torch.nn.functional import cross_entropy`` in
+  modules already imported when ``patch()`` runs (modules imported later pick up the patched
+  attribute);
+* all of the above inside ``torch.compile``d code (traced like user code; fullgraph works).
 
-What is not reached: references kept anywhere else (closures, default arguments, class
-attributes, containers), ``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses
-from other libraries, TorchScript, and tensor subclasses (DTensor, FakeTensor, ...), which keep
-stock torch's own dispatch. ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
+What is not reached: references kept anywhere else (other names such as ``... import
+cross_entropy as ce``, closures, default arguments, class attributes, containers),
+``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses from other libraries,
+TorchScript (scripted code compiles stock torch), and tensor subclasses (DTensor, FakeTensor, ...),
+which keep stock torch's own dispatch. ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
+unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
 (kept in a closure while patched) behaves as stock torch once unpatched, so nothing leaks.

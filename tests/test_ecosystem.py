@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import socket
 import subprocess
@@ -23,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import patch as sp
 from safeloss.patch import patch, unpatch
+
+# The module itself (the name safeloss.patch may be the function once exported there).
+sp = importlib.import_module("safeloss.patch")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a tiny model built from a config: never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

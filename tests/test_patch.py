@@ -3,6 +3,7 @@ unpatch() leaves nothing behind."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 import warnings
@@ -13,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import patch as sp
 from safeloss.patch import is_patched, patch, unpatch
+
+# The module itself (the name safeloss.patch may be the function once exported there).
+sp = importlib.import_module("safeloss.patch")
 
 STOCK_F = F.cross_entropy
 STOCK_FORWARD = torch.nn.CrossEntropyLoss.__dict__["forward"]
