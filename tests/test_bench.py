@@ -91,3 +91,40 @@ def test_byte_model() -> None:
     assert bench.streamed_bytes(w) == 3 * x + 8192 * 8
     p = bench._llm(8192, 128256, "bf16", prob=True)
     assert bench.must_move_bytes(p)[1] == 3 * x and bench.streamed_bytes(p) == 5 * x
+
+
+def _cuda_rows() -> list[dict]:
+    """Synthetic CUDA rows (made-up timings, not measurements) to exercise the GPU report path."""
+    ms = {"torch-eager": 10.0, "torch-compile": 5.0, "safeloss-torch": 11.0, "safeloss-triton": 2.0,
+          "safeloss-triton-inplace": 2.0, "safeloss-triton-nocheck": 1.99, "liger": 2.5, "quack": 2.1}
+    rows = []
+    for w in bench.quick_workloads("cuda")[:3]:
+        raw = {}
+        for p in bench.PROVIDERS:
+            r = bench._base_row(w, p)
+            r["fwd"] = bench.Timing(ms[p.name] / 3, ms[p.name] / 3, ms[p.name] / 3, -1)
+            r["fwdbwd"] = bench.Timing(ms[p.name], ms[p.name], ms[p.name], -1)
+            grad = 0 if p.inplace else r["grad_bytes"]
+            r["peak_mem_bytes"], r["saved_mem_bytes"] = grad + 16 * w.positions, 12 * w.positions
+            r["loss_rel_err"], r["copy_gbps"] = 1e-6, 3000.0
+            raw[p.name] = r
+        rows += [bench._finish(r, raw[bench.BASELINE]) for r in raw.values()]
+    return rows
+
+
+def test_gpu_report_path(tmp_path: Path) -> None:
+    rows = _cuda_rows()
+    meta = {"device": "fake GPU", "device_type": "cuda", "preset": "quick", "copy_gbps": 3000.0,
+            "torch": "x", "triton": "x", "safeloss": "x", "liger_kernel": None, "quack": None,
+            "python": "x", "git_commit": None, "git_dirty": None, "timestamp": "t", "cpu_threads": 1}
+    head = next(r for r in rows if r["workload"] == "llm-N8192-V128256-bf16" and r["provider"] == "safeloss-triton")
+    assert head["speedup_fwdbwd"] == pytest.approx(5.0)
+    assert head["peak_minus_grad_bytes"] == 16 * 8192
+    md = bench.markdown(meta, rows, [])
+    assert "## GPU targets" in md
+    assert "| llm-N8192-V128256-bf16: safeloss-triton vs torch-eager (>= 2.5x) | 5.00x | PASS |" in md
+    assert "| llm-N8192-V128256-bf16: safeloss-triton vs liger (>= 1.0x) | 1.25x | PASS |" in md
+    assert "checks on / softmax check compiled out (<= 1.03x) | 1.01x | PASS |" in md
+    assert "n/a" not in md.split("## llm-")[0]  # every target has its rows here
+    written = bench.plots(tmp_path, meta, rows)
+    assert set(written) == {"time_vs_classes.png", "bandwidth_vs_classes.png", "memory_vs_classes.png"}

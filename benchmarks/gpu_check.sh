@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine: install, describe, GPU tests, GPU benchmark; all output in $OUT.
+#
+#   OUT=/some/empty/dir bash benchmarks/gpu_check.sh        # from the repository root
+#
+# Worst case ~7 minutes: every stage runs under `timeout`, so a hang costs its own stage only, and
+# the benchmark stops starting new workloads when its budget is spent (results so far are kept).
+# The machine may be offline: nothing here needs the network unless triton is missing.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install fails
+export PYTHONUNBUFFERED=1
+T_INSTALL=${T_INSTALL:-60} T_TESTS=${T_TESTS:-120} T_BENCH=${T_BENCH:-240}
+export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-170}  # < T_BENCH: leaves time for plots
+
+stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+rcs=()
+
+stage "install (timeout ${T_INSTALL}s)"
+{
+  # --no-build-isolation: use the installed setuptools instead of downloading one (offline box).
+  timeout "$T_INSTALL" "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . \
+    || echo "editable install failed; running from the source tree via PYTHONPATH"
+  if ! "$PY" -c "import triton" 2>/dev/null; then
+    timeout "$T_INSTALL" "$PY" -m pip install --quiet triton || echo "triton missing and not installable"
+  fi
+} 2>&1 | tee "$OUT/install.log"
+
+stage "machine and versions"
+{
+  nvidia-smi || echo "nvidia-smi not found"
+  git log -1 --format='git %H %cI %s' 2>/dev/null; git status --short 2>/dev/null | head -20
+  "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", "sm", f"{p.major}.{p.minor}",
+          "L2", getattr(p, "L2_cache_size", "?"))
+for d in ("triton", "safeloss", "liger-kernel", "quack-kernels", "pytest", "hypothesis", "numpy", "matplotlib"):
+    try:
+        print(f"{d} {md.version(d)}")
+    except md.PackageNotFoundError:
+        print(f"{d} (not installed)")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+stage "GPU tests: pytest -m gpu -x -q (timeout ${T_TESTS}s)"
+# --continue-on-collection-errors: a test module needing a package this box lacks must not hide
+# the GPU tests of the other modules.
+timeout "$T_TESTS" "$PY" -m pytest -m gpu -x -q -rs --continue-on-collection-errors \
+  --junitxml="$OUT/pytest-gpu.xml" -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+rc=$?; rcs+=("pytest=$rc"); tail -n 40 "$OUT/pytest-gpu.log"; echo "pytest rc=$rc (124 = timed out)"
+
+stage "benchmark: safeloss bench --quick --device cuda (timeout ${T_BENCH}s, budget ${SAFELOSS_BENCH_BUDGET_S}s)"
+timeout "$T_BENCH" "$PY" -m safeloss bench --quick --device cuda --out "$OUT/bench" >"$OUT/bench.log" 2>&1
+rc=$?; rcs+=("bench=$rc"); echo "bench rc=$rc (124 = timed out)"
+grep -vE '^\s*[0-9]+%\|' "$OUT/bench.log" | tail -n 5
+
+stage "summary"
+{
+  echo "stages: ${rcs[*]}"
+  if [ -f "$OUT/bench/results.md" ]; then
+    # The GPU-target verdicts, then the headline workload's table.
+    awk '/^## GPU targets/{p=1} /^## llm-N8192-V128256-bf16/{p=1} /^## /&&!/GPU targets|llm-N8192-V128256-bf16$/{p=0} p' \
+      "$OUT/bench/results.md"
+  else
+    echo "no benchmark results"
+  fi
+} 2>&1 | tee "$OUT/summary.txt"
+ls -la "$OUT" "$OUT/bench" 2>/dev/null | tail -n 20
