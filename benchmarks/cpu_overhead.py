@@ -10,6 +10,14 @@ which inflates small, many-op calls at random. ``--threads 1`` runs torch single
 the per-thread CPU clock (``time.thread_time_ns``) counts exactly the work of the call; its ratios
 are printed as well ("cpu" columns) and are the more trustworthy ones on a shared box.
 
+Large shapes are also sensitive to glibc malloc: when it hands a freed multi-MB buffer back to
+the OS, the next allocation page-faults it in again (kernel time, counted in both clocks). Which
+calls pay depends on the order of allocations, so the page faults per call are printed too. To
+take the allocator out of the comparison, keep freed memory in the heap:
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \
+        python benchmarks/cpu_overhead.py --threads 1
+
     python benchmarks/cpu_overhead.py                 # the three shapes of the core issue
     python benchmarks/cpu_overhead.py --seconds 2     # shorter
     python benchmarks/cpu_overhead.py --threads 1     # + CPU-clock ratios, robust to other load
@@ -21,6 +29,7 @@ Targets (fp32): (4096, 1000) <= 1.10x, (512, 32000) <= 1.10x, (256, 10) <= 1.5x.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -47,6 +56,14 @@ def _step(loss_fn: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], No
     return run
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this thread so far (Linux): each is a fresh 4 KiB page the kernel had
+    to zero because the allocator returned memory to the OS and took it back."""
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        return 0
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
 def measure(n: int, c: int, seconds: float, min_rounds: int = 30) -> dict[str, float]:
     import safeloss
 
@@ -65,21 +82,26 @@ def measure(n: int, c: int, seconds: float, min_rounds: int = 30) -> dict[str, f
             fns[name](x, t)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, int] = dict.fromkeys(names, 0)
     deadline = time.perf_counter() + seconds
     r = 0
     while r < min_rounds or time.perf_counter() < deadline:
         x, t = pool[r % k]
         order = names[r % 3:] + names[:r % 3]  # rotate who goes first (cache / frequency effects)
         for name in order:
+            f0 = _minor_faults()
             c0 = time.thread_time_ns()
             t0 = time.perf_counter_ns()
             fns[name](x, t)
             t1 = time.perf_counter_ns()
             c1 = time.thread_time_ns()
+            faults[name] += _minor_faults() - f0
             wall[name].append((t1 - t0) / 1e3)
             cpu[name].append((c1 - c0) / 1e3)
         r += 1
     out: dict[str, float] = {"rounds": r}
+    for name in names:
+        out[f"faults_{name}"] = faults[name] / r
     for clock, times in (("wall", wall), ("cpu", cpu)):
         for name in names:
             out[f"{clock}_{name}_us"] = statistics.median(times[name])
@@ -142,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{g['strict_us']:10.1f} {g['safe_ratio']:7.3f}x {g['strict_ratio']:8.3f}x "
                   f"{g['safe_paired']:6.3f}/{g['strict_paired']:6.3f}x {f'<={target}':>7} "
                   f"{int(m['rounds']):7d}" + ("" if hit else "  MISSED"))
+        print(f"{'':>14} page faults per call: stock {m['faults_stock']:.0f}, safe {m['faults_safe']:.0f}, "
+              f"strict {m['faults_strict']:.0f}")
         sys.stdout.flush()
     if args.profile:
         for n, c, _ in CASES:
