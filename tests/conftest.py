@@ -1,12 +1,12 @@
 import os
 
+# Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be set
+# before triton is first imported, and importing torch may import triton: so before torch.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
-
-# Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be set
-# before triton is first imported, hence here.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -243,3 +243,21 @@ def test_deferred_values_match_torch(deferred):
     y = torch.rand(6, 5).softmax(1)
     assert_matches(safeloss.cross_entropy(x, y, w), F.cross_entropy(x, y, w))
     safeloss.check_pending()
+
+
+@pytest.mark.skipif(dispatch.triton_unavailable_reason(torch.device("cpu")) is not None, reason="no Triton interpreter")
+def test_deferred_triton_kernel_flags(deferred):
+    """The GPU model end to end, through the interpreter: the kernel counts in-pass, the loss of
+    the bad position is NaN, the error comes at the next call with the same message."""
+    x, t = data()
+    t[2] = 40
+    mod = SafeCrossEntropyLoss(reduction="none", backend="triton")
+    out = mod(x.requires_grad_(), t)
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3, 4, 5]]).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[2] == 0).all()  # no NaN poisoning the weights
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)found by an earlier call.*40 at \[2\]"):
+        mod(x, data()[1])
+    mod(x.detach().softmax(1), data()[1])
+    with pytest.warns(SafeLossWarning, match=r"(?s)found by an earlier call.*all 6 rows lie in \[0, 1\]"):
+        safeloss.check_pending()
