@@ -248,10 +248,12 @@ def test_patch_reaches_compiled_code_in_a_fresh_process() -> None:
 
 # =============================================================================== autocast
 
+# Known core bug (reported): under autocast the core casts the class weight, and the per-position
+# losses of reduction="none", to the logits' dtype (bf16), where stock autocast computes and returns
+# float32. Not strict: the core is being fixed case by case; drop this mark once all cases pass.
 _AUTOCAST_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="core: under autocast the output keeps the logits' dtype (bf16) and the weight is cast to "
-    "bf16; stock autocasts cross_entropy to float32 (see the ecosystem report)",
+    strict=False,
+    reason="core: under autocast, safeloss casts to the logits' bf16 where stock torch returns float32",
 )
 
 
