@@ -204,9 +204,10 @@ def test_bad_label_under_compile_gives_nan_not_an_out_of_bounds_read() -> None:
 def test_patched_code_compiles_fullgraph() -> None:
     torch._dynamo.reset()
     module = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    safe = safeloss.SafeCrossEntropyLoss(reduction="none")  # unaffected by the patch, also compiled
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(x * 2, y, reduction="sum") + module(x, y)
+        return F.cross_entropy(x * 2, y, reduction="sum") + module(x, y) + safe(x, y).sum()
 
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     want = step(x, y)
