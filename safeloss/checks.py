@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from . import _flags as F
+from .config import LazyStrict
 from .errors import (
     EmptyBatchError,
     InputError,
@@ -307,24 +308,26 @@ class Scan:
 
     counts: Sequence[int] | Tensor  # layout: safeloss._flags
     nonfinite_from_output: bool = False  # the backend did not count; judge from the output
+    out_finite: bool | None = None  # the backend already read the (scalar) output
 
 
 def resolve(
     scan: Scan,
     p: Problem,
-    losses: Tensor | None,
+    losses: Tensor | Callable[[], Tensor] | None,
     out: Tensor | None,
     out_finite: bool | None,
-    strict: bool,
+    strict: bool | LazyStrict,
     owner: object | None,
     have_logits: bool = True,
     device_type: str | None = None,
     deferred: bool = False,
 ) -> None:
-    """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``"."""
+    """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``".
+    ``losses`` may be a callable that computes them, called only when a message needs them."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
     if deferred:
-        def report(f: Finding, strict: bool, owner: object | None) -> None:
+        def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
             _report(replace(f, message=DEFERRED_NOTE + f.message), strict, owner)
     else:
         report = _report
@@ -340,9 +343,13 @@ def resolve(
     if counts[F.PROB_NEGATIVE] or counts[F.PROB_BAD_SUM]:
         report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
     nonfinite = counts[F.NONFINITE_ROW]
+    if out_finite is None:
+        out_finite = scan.out_finite
     if out_finite is None and out is not None and (scan.nonfinite_from_output or p.reduction == "mean"):
         out_finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
     if scan.nonfinite_from_output:
+        if out_finite is False and callable(losses):
+            losses = losses()
         if out_finite is False and losses is not None:
             finite = torch.isfinite(losses.detach())
             if not p.prob:

@@ -44,3 +44,18 @@ def is_strict(explicit: bool | None = None) -> bool:
     if _global_strict is not None:
         return _global_strict
     return os.environ.get("SAFELOSS_STRICT", "").strip().lower() in _TRUE
+
+
+class LazyStrict:
+    """``is_strict(explicit)``, evaluated on first use: most calls never need to know."""
+
+    __slots__ = ("_explicit", "_value")
+
+    def __init__(self, explicit: bool | None) -> None:
+        self._explicit = explicit
+        self._value: bool | None = None
+
+    def __bool__(self) -> bool:
+        if self._value is None:
+            self._value = is_strict(self._explicit)
+        return self._value

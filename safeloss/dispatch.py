@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from .backends import Rows
+from .backends import Rows, torch_backend
 from .checks import Scan
 from .errors import BackendError
 from .validation import Problem
@@ -65,8 +65,6 @@ def select(backend: str, p: Problem) -> str:
 
 def row_losses(name: str, p: Problem, immediate: bool, inplace_backward: bool) -> Rows:
     if name == "torch":
-        from .backends import torch_backend
-
         return torch_backend.row_losses(p, immediate)
     from .backends import triton_backend
 

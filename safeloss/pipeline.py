@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reduction
-from .config import is_strict
+from .config import LazyStrict
 from .report import report
 from .validation import normalize
 
@@ -44,8 +44,8 @@ def run(
     p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
                   read_values=not compiling)
     empty_mean = p.reduction == "mean" and math.prod(p.positions_shape) == 0
+    strict_ = LazyStrict(strict)
     if (p.findings or empty_mean) and not compiling:
-        strict_ = is_strict(strict)
         for finding in p.findings:
             report(finding, strict_, owner)
         if empty_mean:
@@ -55,14 +55,13 @@ def run(
     if compiling:
         rows = dispatch.row_losses(name, p, False, inplace_backward)
         return reduction.reduce(rows, p)
-    strict_ = is_strict(strict)
-    immediate = strict_ or (p.input.device.type == "cpu" and not _DEFER_ON_CPU)
+    immediate = (p.input.device.type == "cpu" and not _DEFER_ON_CPU) or bool(strict_)
     rows = dispatch.row_losses(name, p, immediate, inplace_backward)
-    if rows.losses is None:  # invalid targets found before any compute
+    if rows.stopped:  # invalid targets found before any compute
         checks.resolve(rows.scan, p, None, None, None, strict_, owner)
     out = reduction.reduce(rows, p)
     if immediate:
-        checks.resolve(rows.scan, p, rows.losses, out, None, strict_, owner)
+        checks.resolve(rows.scan, p, rows.losses_or_recompute(), out, None, strict_, owner)
     else:
-        checks.defer(rows.scan, p, rows.losses, out, strict_, key)
+        checks.defer(rows.scan, p, rows.losses, out, bool(strict_), key)
     return out

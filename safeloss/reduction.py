@@ -34,6 +34,8 @@ def denominator(p: Problem) -> int | Tensor:
 
 
 def reduce(rows: Rows, p: Problem) -> Tensor:
+    if rows.reduced is not None:
+        return rows.reduced  # stock torch's own reduction, see Rows.reduced
     losses = rows.losses  # never None here: the pipeline raises on early exits first
     if p.reduction == "none":
         return losses.to(p.out_dtype)

@@ -12,6 +12,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+from .config import LazyStrict
 from .errors import SafeLossError, SafeLossWarning
 
 
@@ -47,7 +48,7 @@ def raise_error(error: type[SafeLossError], message: str) -> None:
     raise error(message) from None
 
 
-def report(finding: Finding, strict: bool, owner: object | None) -> None:
+def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
     """Raise ``finding`` (strict) or warn about it once per owner (module) or call site (functional)."""
     if strict:
         raise finding.error(finding.message) from None

@@ -63,6 +63,8 @@ class Problem:
 
 def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     """torch's legacy precedence (``torch.nn._reduction``), then a check of the string."""
+    if size_average is None and reduce is None and reduction in REDUCTIONS:
+        return reduction  # the common case, first
     if size_average is not None or reduce is not None:
         # torch's own helper: same precedence and the same deprecation warning text.
         from torch.nn import _reduction

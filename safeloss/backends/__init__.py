@@ -6,6 +6,7 @@ with an invalid target NaN) and a :class:`~safeloss.checks.Scan` of what it coun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -15,8 +16,21 @@ from ..checks import Scan
 
 @dataclass
 class Rows:
-    losses: Tensor | None  # None: the backend stopped early (invalid targets found on the host)
+    losses: Tensor | None  # per-position losses; None with ``reduced`` None: stopped early
     scan: Scan
     # Denominator of reduction="mean" when the backend knows it for free (no weight and no
     # ignored target seen); None: the reduction computes it from target and weight.
     denominator: int | None = None
+    # The torch backend on the host path asks stock torch for the reduced value directly: stock
+    # torch's reduction *is* the semantics ``safeloss.reduction`` reproduces, and its fused
+    # mean/sum backward saves two autograd nodes per call (which dominate at small shapes).
+    reduced: Tensor | None = None
+    # With ``reduced``: recomputes the per-position losses, only on the error path (to name rows).
+    recompute: Callable[[], Tensor] | None = None
+
+    def losses_or_recompute(self) -> Tensor | Callable[[], Tensor] | None:
+        return self.losses if self.losses is not None else self.recompute
+
+    @property
+    def stopped(self) -> bool:
+        return self.losses is None and self.reduced is None

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as tf
+from torch import Tensor
 
 from .. import _flags as F
 from ..checks import (
@@ -35,31 +36,70 @@ def row_losses(p: Problem, immediate: bool) -> Rows:
     return _immediate(p) if immediate else _deferred(p)
 
 
+def per_position(p: Problem, reduction: str = "none") -> Tensor:
+    """Stock torch on the normalized problem (targets already validated to be in range)."""
+    if p.prob:
+        return tf.cross_entropy(p.input, p.target, weight=p.weight,
+                                label_smoothing=p.label_smoothing, reduction=reduction)
+    t = p.target
+    return tf.cross_entropy(p.input, t if t.dtype == torch.int64 else t.long(), weight=p.weight,
+                            ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
+                            reduction=reduction)
+
+
 def _immediate(p: Problem) -> Rows:
     x, C = p.input, p.num_classes
     cdim = 0 if x.dim() == 1 else 1
     counts = [0] * F.SIZE
-    denominator = None
     if p.prob:
         counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, cdim)
-        losses = tf.cross_entropy(x, p.target, weight=p.weight,
-                                  label_smoothing=p.label_smoothing, reduction="none")
-        denominator = math.prod(p.positions_shape)
-    else:
-        t = p.target
-        lo, hi = target_bounds(t)
-        if lo < 0 or hi >= C:
-            nbad = count_bad_targets(t, C, p.ignore_index)
-            if nbad:
-                counts[F.BAD_TARGET] = nbad
-                return Rows(None, Scan(counts))
-        losses = tf.cross_entropy(x, t if t.dtype == torch.int64 else t.long(), weight=p.weight,
-                                  ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
-                                  reduction="none")
-        if p.weight is None and not lo <= p.ignore_index <= hi:
-            denominator = t.numel()  # nothing ignored: the mean is a plain average
+    elif x.device.type != "cpu":
+        # Strict mode on a GPU: stock torch would hit a device-side assert, so check first.
+        lo, hi = target_bounds(p.target)
+        if (lo < 0 or hi >= C) and (nbad := count_bad_targets(p.target, C, p.ignore_index)):
+            counts[F.BAD_TARGET] = nbad
+            return Rows(None, Scan(counts))
+    try:
+        result = per_position(p, p.reduction)
+    except (IndexError, RuntimeError):
+        # On CPU, stock torch checks every target itself ("Target 5 is out of bounds."): letting
+        # it do so keeps the happy path free of an extra pass over the targets.
+        if p.prob or not (nbad := count_bad_targets(p.target, C, p.ignore_index)):
+            raise
+        counts[F.BAD_TARGET] = nbad
+        return Rows(None, Scan(counts))
+    out_finite = None
+    if result.dim() == 0:
+        value = result.item()
+        out_finite = math.isfinite(value)
+        if out_finite and not _could_be_softmaxed(value, p):
+            return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=True))
     counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = scan_softmax(x, cdim, C)
-    return Rows(losses, Scan(counts, nonfinite_from_output=True), denominator)
+    return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=out_finite))
+
+
+def _could_be_softmaxed(mean_loss: float, p: Problem) -> bool:
+    """Whether a plain mean loss is compatible with softmaxed input at all.
+
+    With probabilities q in [0, 1] summing to 1 as "logits", each position's loss
+    logsumexp(q) - q_y lies in [log(1 + (C-1)/e), log(C - 1 + e)], and so does any plain mean of
+    them. A mean outside that band rules the mistake out without reading the logits again.
+    """
+    if p.reduction != "mean" or p.prob or p.weight is not None or p.label_smoothing:
+        return True  # the band is not worth deriving for these; scan the sample
+    C = p.num_classes
+    return math.log1p((C - 1) / math.e) - 1e-3 <= mean_loss <= math.log(C - 1 + math.e) + 1e-3
+
+
+def _rows(p: Problem, result: Tensor, scan: Scan) -> Rows:
+    if p.reduction == "none":
+        return Rows(result, scan)
+    return Rows(None, scan, reduced=result, recompute=lambda: _no_grad_rows(p))
+
+
+def _no_grad_rows(p: Problem) -> Tensor:
+    with torch.no_grad():
+        return per_position(p)
 
 
 def _deferred(p: Problem) -> Rows:
