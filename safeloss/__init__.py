@@ -28,6 +28,7 @@ from .errors import (
 )
 from .functional import cross_entropy
 from .module import SafeCrossEntropyLoss
+from .patch import is_patched, patch, unpatch
 from .report import reset_warnings
 
 __version__ = "0.1.0"
@@ -65,7 +66,10 @@ __all__ = [
     "__version__",
     "check_pending",
     "cross_entropy",
+    "is_patched",
+    "patch",
     "reset_warnings",
     "set_strict",
     "strict_mode",
+    "unpatch",
 ]

@@ -169,7 +169,8 @@ _checked_weights: weakref.WeakValueDictionary[tuple[int, int], Tensor] = weakref
 
 
 def _check_weight(
-    weight: object, input: Tensor, num_classes: int, read_values: bool = True
+    weight: object, input: Tensor, num_classes: int, read_values: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, list[Finding]]:
     if weight is None:
         return None, []
@@ -208,9 +209,10 @@ def _check_weight(
                 "weight = counts.sum() / (C * counts)",
             ))
         _checked_weights[key] = weight
-    if weight.dtype != input.dtype:
+    dtype = compute_dtype or input.dtype
+    if weight.dtype != dtype:
         # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.
-        weight = weight.to(input.dtype)
+        weight = weight.to(dtype)
     return weight, findings
 
 
@@ -516,7 +518,11 @@ def normalize(
         prob = False
         out_dtype = x.dtype
 
-    w, more = _check_weight(weight, x, C, read_values)
+    # Under torch.autocast, stock cross_entropy is an fp32 op: half-precision logits and the
+    # weight are upcast and the loss comes out in float32. Match its dtype rules.
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.promote_types(torch.float32, out_dtype)
+    w, more = _check_weight(weight, x, C, read_values, out_dtype)
     findings += more
 
     if C == 1:

@@ -249,26 +249,19 @@ def test_patch_reaches_compiled_code_in_a_fresh_process() -> None:
 
 # =============================================================================== autocast
 
-# Known core bug (reported): under autocast the core casts the class weight, and the per-position
-# losses of reduction="none", to the logits' dtype (bf16), where stock autocast computes and returns
-# float32. Not strict: the core is being fixed case by case; drop this mark once all cases pass.
-_AUTOCAST_BUG = pytest.mark.xfail(
-    strict=False,
-    reason="core: under autocast, safeloss casts to the logits' bf16 where stock torch returns float32",
-)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "prob"),
     [
-        pytest.param({}, False, marks=_AUTOCAST_BUG, id="index-mean"),
-        pytest.param({"reduction": "sum"}, False, marks=_AUTOCAST_BUG, id="index-sum"),
-        pytest.param({"reduction": "none"}, False, marks=_AUTOCAST_BUG, id="index-none"),
-        pytest.param({"label_smoothing": 0.1}, False, marks=_AUTOCAST_BUG, id="index-smoothing"),
-        pytest.param({"weight": True}, False, marks=_AUTOCAST_BUG, id="index-weight"),
+        pytest.param({}, False, id="index-mean"),
+        pytest.param({"reduction": "sum"}, False, id="index-sum"),
+        pytest.param({"reduction": "none"}, False, id="index-none"),
+        pytest.param({"label_smoothing": 0.1}, False, id="index-smoothing"),
+        pytest.param({"weight": True}, False, id="index-weight"),
         pytest.param({}, True, id="prob-mean"),
         pytest.param({"reduction": "none", "label_smoothing": 0.1}, True, id="prob-none-smoothing"),
-        pytest.param({"weight": True}, True, marks=_AUTOCAST_BUG, id="prob-weight"),
+        pytest.param({"weight": True}, True, id="prob-weight"),
     ],
 )
 @pytest.mark.parametrize("api", ["functional", "module"])

@@ -36,13 +36,18 @@ def row_losses(p: Problem, immediate: bool) -> Rows:
     return _immediate(p) if immediate else _deferred(p)
 
 
+# Captured at import: safeloss.patch() later routes torch.nn.functional.cross_entropy through
+# safeloss, and this backend must keep calling the stock function, never itself.
+_stock_cross_entropy = tf.cross_entropy
+
+
 def per_position(p: Problem, reduction: str = "none") -> Tensor:
     """Stock torch on the normalized problem (targets already validated to be in range)."""
     if p.prob:
-        return tf.cross_entropy(p.input, p.target, weight=p.weight,
+        return _stock_cross_entropy(p.input, p.target, weight=p.weight,
                                 label_smoothing=p.label_smoothing, reduction=reduction)
     t = p.target
-    return tf.cross_entropy(p.input, t if t.dtype == torch.int64 else t.long(), weight=p.weight,
+    return _stock_cross_entropy(p.input, t if t.dtype == torch.int64 else t.long(), weight=p.weight,
                             ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
                             reduction=reduction)
 
@@ -113,7 +118,7 @@ def _deferred(p: Problem) -> Rows:
             tol = F.PROB_SUM_TOL.get(str(y.dtype).removeprefix("torch."), 1e-4)
             neg = (y < 0).any(cdim).sum()
             badsum = ((y.sum(cdim, dtype=torch.float32) - 1).abs() > tol).sum()
-        losses = tf.cross_entropy(x, p.target, weight=p.weight,
+        losses = _stock_cross_entropy(x, p.target, weight=p.weight,
                                   label_smoothing=p.label_smoothing, reduction="none")
         valid = None
     else:
@@ -122,7 +127,7 @@ def _deferred(p: Problem) -> Rows:
         bad_count = bad.sum()
         # Masked as ignored for torch's kernel (never an out-of-bounds read), then NaN'd so that
         # nothing trains silently on a bad label before the error is raised at the next call.
-        losses = tf.cross_entropy(x, t.masked_fill(bad, p.ignore_index), weight=p.weight,
+        losses = _stock_cross_entropy(x, t.masked_fill(bad, p.ignore_index), weight=p.weight,
                                   ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
                                   reduction="none").masked_fill(bad, math.nan)
         valid = (t != p.ignore_index) & ~bad
