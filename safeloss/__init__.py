@@ -8,6 +8,7 @@ from __future__ import annotations
 from .checks import flush as _flush
 from .config import set_strict, strict_mode
 from .errors import (
+    ArgumentTypeError,
     BackendError,
     BatchSizeMismatchError,
     DeviceMismatchError,
@@ -45,6 +46,7 @@ def check_pending() -> None:
 
 
 __all__ = [
+    "ArgumentTypeError",
     "BackendError",
     "BatchSizeMismatchError",
     "DeviceMismatchError",

@@ -70,6 +70,10 @@ class DeviceMismatchError(SafeLossError, RuntimeError):
     """Input, target and weight live on different devices."""
 
 
+class ArgumentTypeError(SafeLossError, TypeError):
+    """A safeloss-only argument (``strict`` of ``patch()``, ...) has the wrong type."""
+
+
 class BackendError(SafeLossError, RuntimeError):
     """The requested backend cannot run here."""
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import pipeline
+from .errors import ArgumentTypeError
 from .functional import cross_entropy as _safe_cross_entropy
 from .validation import check_label_smoothing, check_reduction
 
@@ -68,9 +69,9 @@ _depth = 0  # patched calls in progress; only read while torch.compile traces (s
 def _reentrant() -> bool:
     """True when safeloss itself called the patched function.
 
-    safeloss's torch backend computes the per-position losses with stock ``F.cross_entropy``,
-    looked up on the module: under the patch that call must reach stock torch, or it would recurse
-    into safeloss. Eagerly, the caller's module settles it, whichever safeloss entry point (the
+    safeloss's torch backend calls the stock function it captured at import, so this is a safety
+    net: any safeloss code that looks ``F.cross_entropy`` up on the module while patched must reach
+    stock torch, or it would recurse into safeloss. Eagerly, the caller's module settles it, whichever safeloss entry point (the
     patch, ``SafeCrossEntropyLoss``, ``safeloss.cross_entropy``) started the call. torch.compile
     cannot trace frame objects (a graph break per call), so while it traces, a patched call already
     in progress says it instead; a direct ``SafeCrossEntropyLoss`` call is then traced twice over,
@@ -200,7 +201,11 @@ def patch(strict: bool | None = None) -> _Patch:
             ``safeloss.set_strict()`` and ``SAFELOSS_STRICT``, as ``safeloss.cross_entropy`` does.
     """
     if strict is not None and not isinstance(strict, bool):
-        raise TypeError(f"safeloss.patch(strict=...) takes True, False or None, got {strict!r}")
+        raise ArgumentTypeError(
+            f"safeloss.patch(strict=...) takes True, False or None, got {strict!r}.\n"
+            "Fix: safeloss.patch(strict=True) to raise on every finding, or patch() to follow "
+            "safeloss.strict_mode() / SAFELOSS_STRICT"
+        )
     handle = _Patch(strict)
     with _lock:
         if not _stack:

@@ -509,5 +509,5 @@ def test_single_class_warning(strict):
 def test_every_error_is_a_safeloss_error_and_a_builtin():
     for cls in [getattr(safeloss, n) for n in safeloss.__all__ if n.endswith("Error") and n != "SafeLossError"]:
         assert issubclass(cls, SafeLossError)
-        assert issubclass(cls, (ValueError, IndexError, RuntimeError)), cls
+        assert issubclass(cls, (ValueError, IndexError, RuntimeError, TypeError)), cls
         assert cls.__module__ == "safeloss"

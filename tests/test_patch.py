@@ -91,7 +91,7 @@ def test_unpatch_inside_a_with_block() -> None:
 
 
 def test_patch_rejects_a_non_bool_strict() -> None:
-    with pytest.raises(TypeError, match=r"strict=\.\.\.\) takes True, False or None, got 'yes'"):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"strict=\.\.\.\) takes True, False or None, got 'yes'"):
         patch(strict="yes")  # type: ignore[arg-type]
     assert not is_patched()
 
