@@ -63,7 +63,9 @@ def select(backend: str, p: Problem) -> str:
     return "triton"
 
 
-def row_losses(name: str, p: Problem, immediate: bool, inplace_backward: bool) -> Rows:
+def row_losses(
+    name: str, p: Problem, immediate: bool, inplace_backward: bool, fused_grad: bool = False
+) -> Rows:
     if name == "torch":
         return torch_backend.row_losses(p, immediate)
     from .backends import triton_backend
@@ -72,6 +74,6 @@ def row_losses(name: str, p: Problem, immediate: bool, inplace_backward: bool) -
     losses, flags = triton_backend.row_losses(
         p.input, p.target, weight=weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, prob_target=p.prob,
-        inplace_backward=inplace_backward,
+        inplace_backward=inplace_backward, fused_grad=fused_grad,
     )
     return Rows(losses, Scan(flags))

@@ -22,6 +22,7 @@ def cross_entropy(
     strict: bool | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
+    fused_grad: bool = False,
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.cross_entropy` with checks and a fused GPU kernel.
 
@@ -36,11 +37,16 @@ def cross_entropy(
         inplace_backward: Triton backend only: write the gradient into the logits' storage in
             backward to save memory. The logits are overwritten, so only use it when nothing else
             reads them after the loss.
+        fused_grad: Triton backend only: compute the gradient in the same pass as the loss
+            (read the logits once, write the gradient once) and scale it by the upstream
+            gradient in backward, skipping rows whose upstream gradient is exactly 1 without a
+            host sync. Pays off for ``reduction="sum"`` and rows up to 32K classes; it holds a
+            logits-sized gradient buffer from forward to backward.
     """
     return pipeline.run(
         input, target, weight, ignore_index,
         resolve_reduction(size_average, reduce, reduction),
         check_label_smoothing(label_smoothing),
         strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
-        owner=None,
+        fused_grad=fused_grad, owner=None,
     )

@@ -18,7 +18,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     Unlike the stock module, an invalid ``reduction`` or ``label_smoothing`` fails here, at
     construction, not at the first forward. Each distinct warning is shown once per instance.
 
-    Extra keyword-only arguments: ``strict``, ``backend`` and ``inplace_backward``, as in
+    Extra keyword-only arguments: ``strict``, ``backend``, ``inplace_backward`` and ``fused_grad``, as in
     :func:`safeloss.cross_entropy`.
     """
 
@@ -34,6 +34,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         strict: bool | None = None,
         backend: str = "auto",
         inplace_backward: bool = False,
+        fused_grad: bool = False,
     ) -> None:
         check_label_smoothing(label_smoothing)
         if size_average is None and reduce is None:
@@ -42,12 +43,14 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.strict = strict
         self.backend = check_backend(backend)
         self.inplace_backward = inplace_backward
+        self.fused_grad = fused_grad
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return pipeline.run(
             input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=self.strict,
             backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
+            fused_grad=self.fused_grad,
             owner=self,
         )
 
@@ -65,4 +68,6 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             parts.append(f"backend={self.backend!r}")
         if self.inplace_backward:
             parts.append("inplace_backward=True")
+        if self.fused_grad:
+            parts.append("fused_grad=True")
         return ", ".join(parts)

@@ -31,6 +31,7 @@ def run(
     strict: bool | None,
     backend: str,
     inplace_backward: bool,
+    fused_grad: bool = False,
     owner: object | None,
 ) -> Tensor:
     # Under torch.compile, shape/dtype validation runs at trace time exactly as in eager (same
@@ -53,10 +54,10 @@ def run(
 
     name = dispatch.select(backend, p)
     if compiling:
-        rows = dispatch.row_losses(name, p, False, inplace_backward)
+        rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         return reduction.reduce(rows, p)
     immediate = (p.input.device.type == "cpu" and not _DEFER_ON_CPU) or bool(strict_)
-    rows = dispatch.row_losses(name, p, immediate, inplace_backward)
+    rows = dispatch.row_losses(name, p, immediate, inplace_backward, fused_grad)
     if rows.stopped:  # invalid targets found before any compute
         checks.resolve(rows.scan, p, None, None, None, strict_, owner)
     out = reduction.reduce(rows, p)

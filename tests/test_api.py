@@ -261,3 +261,22 @@ def test_deferred_triton_kernel_flags(deferred):
     mod(x.detach().softmax(1), data()[1])
     with pytest.warns(SafeLossWarning, match=r"(?s)found by an earlier call.*all 6 rows lie in \[0, 1\]"):
         safeloss.check_pending()
+
+
+@pytest.mark.skipif(dispatch.triton_unavailable_reason(torch.device("cpu")) is not None, reason="no Triton interpreter")
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("option", ["fused_grad", "inplace_backward"])
+def test_kernel_options_through_the_public_api(reduction, option):
+    x, t = data(n=7, c=6)
+    w = torch.rand(6) + 0.5
+    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = F.cross_entropy(xs, t, w, reduction=reduction, label_smoothing=0.1)
+    mod = SafeCrossEntropyLoss(w, reduction=reduction, label_smoothing=0.1, backend="triton", **{option: True})
+    assert f"{option}=True" in repr(mod)
+    out = mod(xo * 1.0, t)  # a temporary the in-place option may overwrite; xo stays intact
+    assert_matches(out, ref)
+    up = torch.linspace(0.5, 2, ref.numel()).reshape(ref.shape) if ref.dim() else torch.tensor(1.0)
+    ref.backward(up)
+    out.backward(up)
+    assert_matches(xo.grad, xs.grad)
+    assert torch.equal(xo.detach(), x)
