@@ -20,6 +20,12 @@ _DEFER_ON_CPU = False
 FUNCTIONAL_KEY = 0  # pending-check key of the functional API; modules use id(module)
 
 
+def _capturing(x: object) -> bool:
+    return (
+        isinstance(x, Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
+
+
 def run(
     input: Tensor,
     target: Tensor,
@@ -37,7 +43,8 @@ def run(
     # Under torch.compile, shape/dtype validation runs at trace time exactly as in eager (same
     # errors), but value checks cannot reach the host without a graph break: they still mask bad
     # labels (NaN loss, no out-of-bounds read) and are otherwise not reported.
-    compiling = torch.compiler.is_compiling()
+    # The same holds while a CUDA graph is being captured: no host reads, no pinned copies.
+    compiling = torch.compiler.is_compiling() or _capturing(input)
     key = FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)

@@ -280,3 +280,39 @@ def test_kernel_options_through_the_public_api(reduction, option):
     out.backward(up)
     assert_matches(xo.grad, xs.grad)
     assert torch.equal(xo.detach(), x)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_default_mode_without_syncs():
+    """Default mode on CUDA: no host sync per call (sync debug mode would raise), and the whole
+    forward+backward can be captured in a CUDA graph and replayed."""
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    loss_fn = SafeCrossEntropyLoss()
+    loss_fn(x, t).backward()  # warm-up: first-call imports and kernel compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss_fn(x, t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    safeloss.check_pending()
+    static_x = x.detach().clone().requires_grad_(True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        loss_fn(static_x, t).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(static_x, t)
+        static_loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_x, t)
+    ref.backward()
+    torch.testing.assert_close(static_loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
