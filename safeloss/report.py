@@ -43,11 +43,6 @@ def _user_frame() -> tuple[str, int, int]:
     return "<unknown>", 0, level
 
 
-def raise_error(error: type[SafeLossError], message: str) -> None:
-    # ``from None``: the internal frames that detected the problem add nothing for the user.
-    raise error(message) from None
-
-
 def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
     """Raise ``finding`` (strict) or warn about it once per owner (module) or call site (functional)."""
     if strict:
@@ -63,7 +58,7 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         if key in seen:
             return
         seen.add(key)
-    # stacklevel points the warning at the user's line; -1 because warn() counts from report()'s caller.
+    # stacklevel counts from report() itself, as _user_frame() does: the warning names the user's line.
     warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
 
 

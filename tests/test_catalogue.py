@@ -103,6 +103,11 @@ def test_flat_target_with_3d_logits():
         ce(logits(2, 7, 5), labels(5, 14))
 
 
+def test_flat_target_for_kdim_logits_needs_reshape():
+    with pytest.raises(safeloss.TargetShapeError, match=r"(?s)flat targets for 3-D logits.*target.reshape\(2, 4\)"):
+        ce(logits(2, 5, 4), labels(5, 8))
+
+
 def test_onehot_with_wrong_class_count():
     with pytest.raises(safeloss.TargetShapeError, match=r"(?s)with 4 columns where the model has 5 classes.*argmax\(dim=1\)"):
         ce(logits(3, 5), torch.eye(4)[:3].long())
