@@ -9,6 +9,7 @@ integer targets), and the one-off check of a ``weight`` tensor (cached per tenso
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass, field
 
@@ -483,11 +484,16 @@ def normalize(
             f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
             "Fix: torch.as_tensor(labels, device=logits.device)"
         )
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise IgnoreIndexError(
-            f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
-            "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
-        )
+    if type(ignore_index) is not int:
+        try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
+            if isinstance(ignore_index, bool):
+                raise TypeError
+            ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise IgnoreIndexError(
+                f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
+                "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
+            ) from None
     _check_devices(x, target, weight if isinstance(weight, Tensor) else None)
     cdim = _class_dim(x)
     C = x.shape[cdim]

@@ -240,6 +240,17 @@ def test_ignore_index_with_probability_targets():
 def test_ignore_index_not_int():
     with pytest.raises(safeloss.IgnoreIndexError, match=r"ignore_index must be an int, got 1.5"):
         ce(logits(4, 5), labels(5, 4), ignore_index=1.5)
+    with pytest.raises(safeloss.IgnoreIndexError, match=r"ignore_index must be an int, got True"):
+        ce(logits(4, 5), labels(5, 4), ignore_index=True)
+
+
+def test_ignore_index_int_likes_are_accepted():
+    import numpy as np
+
+    x, t = logits(6, 5), labels(5, 6)
+    t[0] = 3
+    for ii in (np.int64(3), torch.tensor(3)):
+        assert_matches(ce(x, t, ignore_index=ii), F.cross_entropy(x, t, ignore_index=3))
 
 
 # ---------------------------------------------------------------- softmaxed input
