@@ -46,7 +46,9 @@ def generate() -> str:
             rows.append(f"| `{name}` | `{builtins[0]}` | {doc.splitlines()[0].replace('``', '`')} |")
     out = [HEADER.format(torch=torch.__version__.split("+")[0], classes="\n".join(rows))]
     out.append("## The catalogue\n")
-    for case in demo.CASES:
+    for i, case in enumerate(demo.CASES + demo.MORE_CASES):
+        if i == len(demo.CASES):
+            out.append("## Every other message\n")
         stock, ours = demo.run_case(case)
         _, strict = demo.run_case(case, strict=True)
         out.append(f"### {case.title}\n")

@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="show each classic cross-entropy mistake: stock torch vs safeloss")
     demo.add_argument("--only", metavar="NAME", help="run only the cases whose name contains NAME")
     demo.add_argument("--no-color", action="store_true", help="plain text output")
+    demo.add_argument("--all", action="store_true", help="also every other message (the full error catalogue)")
     bench = sub.add_parser("bench", help="benchmark safeloss against stock torch (and others)")
     bench.add_argument("--quick", action="store_true", help="small preset, a minute or two")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import main as demo_main
 
-        return demo_main(only=args.only, color=not args.no_color and sys.stdout.isatty())
+        return demo_main(only=args.only, color=not args.no_color and sys.stdout.isatty(), all_cases=args.all)
     from .bench import main as bench_main
 
     return bench_main(quick=args.quick, device=args.device, out=args.out, workloads=args.workload)

@@ -153,6 +153,78 @@ CASES = [
 ]
 
 
+
+def _call(shape: tuple[int, ...], target: object, **kwargs: object) -> Callable[[], tuple[tuple, dict]]:
+    """A case from logits of ``shape`` (seeded) and a target (a tensor, or a function of nothing)."""
+
+    def make() -> tuple[tuple, dict]:
+        x = torch.randn(*shape, generator=_g()) if shape else torch.tensor(1.0)
+        t = target() if callable(target) else target
+        return (x, t), dict(kwargs)
+
+    return make
+
+
+def _labels(high: int, *shape: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randint(0, high, shape, generator=_g(1))
+
+
+def _half_inf():
+    x = torch.randn(3, 5, generator=_g()).half()
+    x[0, 0] = math.inf
+    return (x, torch.tensor([0, 1, 2])), {}
+
+
+def _minus_inf_target():
+    x = torch.randn(3, 5, generator=_g())
+    x[1, 1] = -math.inf
+    return (x, torch.tensor([0, 1, 2])), {}
+
+
+# Every other message safeloss can print: in docs/errors.md and `safeloss demo --all`.
+MORE_CASES = [
+    Case("target-batch-larger", "More labels than predictions", _call((2, 5), _labels(5, 6))),
+    Case("hard-coded-batch", "A model with a hard-coded batch size on the last, smaller batch",
+         _call((32, 5), _labels(5, 20))),
+    Case("flat-logits-2d-target", "Flattened logits with unflattened (N, T) labels", _call((12, 5), _labels(5, 3, 4))),
+    Case("flat-target-3d", "Flattened labels with unflattened (N, T, C) logits", _call((2, 7, 5), _labels(5, 14))),
+    Case("flat-target-kdim", "Flattened labels with (N, C, T) logits", _call((2, 5, 4), _labels(5, 8))),
+    Case("onehot-wrong-classes", "One-hot labels with a different number of classes than the model",
+         _call((3, 5), lambda: torch.eye(4)[:3].long())),
+    Case("one-sample", "One sample's logits with a batch of labels", _call((5,), _labels(5, 3))),
+    Case("unpairable", "A target shape that fits nothing", _call((2, 5, 4), _labels(5, 2, 3, 3))),
+    Case("fractional-labels", "Float labels with fractions", _call((4, 5), lambda: torch.tensor([0.0, 1.5, 2.0, math.nan]))),
+    Case("bool-labels", "Boolean labels", _call((4, 2), lambda: torch.tensor([True, False, True, True]))),
+    Case("multi-hot", "Multi-hot (multi-label) integer targets", _call((2, 3), lambda: torch.tensor([[1, 1, 0], [0, 1, 0]]))),
+    Case("negative-probabilities", "Probability targets with negative entries",
+         _call((2, 3), lambda: torch.tensor([[1.2, -0.2, 0.0], [0.2, 0.3, 0.5]]))),
+    Case("padding-minus-one", "Padding labels of -1 with the default ignore_index=-100",
+         _call((4, 3), lambda: torch.tensor([0, 1, -1, -1]))),
+    Case("too-few-outputs", "Labels beyond the model's outputs", _call((5, 3), lambda: torch.tensor([0, 3, 7, 9, 9]))),
+    Case("negative-labels", "Negative labels that are not ignore_index", _call((3, 3), lambda: torch.tensor([-3, -7, 1]))),
+    Case("minus-inf-target", "-inf on the target class", _minus_inf_target),
+    Case("empty-batch", "An empty batch with reduction='mean'",
+         _call((0, 5), lambda: torch.zeros(0, dtype=torch.long))),
+    Case("zero-weight", "Every target's class has weight 0",
+         _call((2, 3), lambda: torch.tensor([0, 0]), weight=torch.tensor([0.0, 1.0, 1.0]))),
+    Case("negative-weight", "Negative class weights",
+         _call((6, 5), _labels(5, 6), weight=torch.tensor([1.0, -0.5, 1.0, -2.0, 1.0]))),
+    Case("integer-weight", "An integer class weight", _call((3, 5), _labels(5, 3), weight=torch.ones(5, dtype=torch.long))),
+    Case("smoothing-above-one", "label_smoothing=1.5", _call((3, 5), _labels(5, 3), label_smoothing=1.5)),
+    Case("smoothing-percent", "label_smoothing=10 (a percentage)", _call((3, 5), _labels(5, 3), label_smoothing=10.0)),
+    Case("reduction-case", "reduction='Mean'", _call((3, 5), _labels(5, 3), reduction="Mean")),
+    Case("prob-ignore-index", "ignore_index with probability targets",
+         _call((4, 5), lambda: torch.full((4, 5), 0.2), ignore_index=3)),
+    Case("integer-logits", "Integer logits (labels passed first)", lambda: ((_labels(5, 3, 5)(), _labels(5, 3)()), {})),
+    Case("scalar-logits", "A 0-d input", _call((), lambda: torch.tensor(0))),
+    Case("target-device", "Labels on another device than the logits",
+         _call((3, 5), lambda: torch.zeros(3, dtype=torch.long, device="meta"))),
+    Case("weight-device", "A class weight on another device than the logits",
+         _call((3, 5), _labels(5, 3), weight=torch.ones(5, device="meta"))),
+    Case("nonfinite-half", "float16 logits that overflowed to inf", _half_inf),
+]
+
+
 def _outcome(fn: Callable[[], torch.Tensor]) -> str:
     """What a call did, in words: the value (plus warnings), or the exception's text."""
     with warnings.catch_warnings(record=True) as caught:
@@ -206,16 +278,17 @@ def run_case(case: Case, strict: bool = False) -> tuple[str, str]:
     return stock, ours
 
 
-def main(only: str | None = None, color: bool = False) -> int:
+def main(only: str | None = None, color: bool = False, all_cases: bool = False) -> int:
     import safeloss
 
     width = max(100, min(shutil.get_terminal_size((140, 40)).columns, 180))
     bold = (lambda s: f"\033[1m{s}\033[0m") if color else (lambda s: s)
     print(bold(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs"))
     print("Each case runs both calls for real. Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy.\n")
-    cases = [c for c in CASES if only is None or only in c.name]
+    pool = CASES + MORE_CASES if all_cases else CASES
+    cases = [c for c in pool if only is None or only in c.name]
     if not cases:
-        print(f"no demo case matches {only!r}; cases: {', '.join(c.name for c in CASES)}")
+        print(f"no demo case matches {only!r}; cases: {', '.join(c.name for c in pool)}")
         return 2
     for i, case in enumerate(cases, 1):
         stock, ours = run_case(case)

@@ -164,9 +164,21 @@ def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None
 
 # --------------------------------------------------------------------------------- weight
 
-# (id, version) of weights already checked: a training loop passes the same buffer every step,
-# and the negative-entry check reads its data (a host sync on CUDA) only the first time.
-_checked_weights: weakref.WeakValueDictionary[tuple[int, int], Tensor] = weakref.WeakValueDictionary()
+# The negative entries of each weight tensor, per version: a training loop passes the same buffer
+# every step, and reading its data (a host sync on CUDA) once per version is enough. The finding
+# itself is re-reported every call (report() shows a warning once; strict mode raises each time).
+_weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
+
+
+def _negative_classes(weight: Tensor) -> list[int]:
+    key = id(weight)
+    hit = _weight_negatives.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    neg = (weight < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
+    ref = weakref.ref(weight, lambda _, key=key: _weight_negatives.pop(key, None))
+    _weight_negatives[key] = (ref, weight._version, neg)
+    return neg
 
 
 def _check_weight(
@@ -196,10 +208,9 @@ def _check_weight(
             "Fix: weight.float()"
         )
     findings = []
-    key = (id(weight), weight._version)
-    if read_values and _checked_weights.get(key) is not weight:
-        if weight.device == input.device and bool((weight < 0).any()):
-            neg = (weight < 0).nonzero().flatten().tolist()
+    if read_values and weight.device == input.device:
+        neg = _negative_classes(weight)
+        if neg:
             findings.append(Finding(
                 "negative-weight", WeightError,
                 f"weight has {plural(len(neg), 'negative entry', 'negative entries')} "
@@ -209,7 +220,6 @@ def _check_weight(
                 "Fix: use non-negative weights, e.g. inverse class frequencies: "
                 "weight = counts.sum() / (C * counts)",
             ))
-        _checked_weights[key] = weight
     dtype = compute_dtype or input.dtype
     if weight.dtype != dtype:
         # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.

@@ -527,3 +527,16 @@ def test_every_error_is_a_safeloss_error_and_a_builtin():
         assert issubclass(cls, SafeLossError)
         assert issubclass(cls, (ValueError, IndexError, RuntimeError, TypeError)), cls
         assert cls.__module__ == "safeloss"
+
+
+def test_weight_check_is_cached_per_version_but_reported_every_time():
+    x, t = logits(6, 5), labels(5, 6)
+    w = torch.ones(5)
+    ce(x, t, w, strict=True)  # clean: checked once
+    w[2] = -1.0  # an in-place change bumps the version: checked again
+    with pytest.raises(safeloss.WeightError, match=r"1 negative entry \(classes 2\)"):
+        ce(x, t, w, strict=True)
+    with pytest.warns(SafeLossWarning, match="negative entry"):
+        ce(x, t, w)
+    with pytest.raises(safeloss.WeightError, match="negative entry"):  # cached, still reported
+        ce(x, t, w, strict=True)

@@ -37,6 +37,15 @@ def test_demo_runs_every_case(capsys):
     assert "BatchSizeMismatchError" in out and "device-side assert" in out
 
 
+def test_demo_all_runs_the_full_catalogue(capsys):
+    from safeloss import demo
+
+    assert cli.main(["demo", "--all", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    for case in demo.CASES + demo.MORE_CASES:
+        assert f"({case.name})" in out
+
+
 def test_demo_filter_and_unknown_case(capsys):
     assert cli.main(["demo", "--only", "one-based"]) == 0
     assert "Labels that start at 1" in capsys.readouterr().out
