@@ -321,19 +321,19 @@ def resolve(
     owner: object | None,
     have_logits: bool = True,
     device_type: str | None = None,
-    deferred: bool = False,
+    note: str = "",
 ) -> None:
     """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``".
     ``losses`` may be a callable that computes them, called only when a message needs them."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
-    if deferred:
+    if note:
         def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
-            _report(replace(f, message=DEFERRED_NOTE + f.message), strict, owner)
+            _report(replace(f, message=note + f.message), strict, owner)
     else:
         report = _report
     if counts[F.BAD_TARGET]:
         raise TargetOutOfRangeError(
-            (DEFERRED_NOTE if deferred else "")
+            note
             + out_of_range_message(p.target, p.num_classes, p.ignore_index,
                                    device_type or p.input.device.type)
         ) from None
@@ -363,6 +363,14 @@ def resolve(
 
 # ------------------------------------------------------------------------ deferral
 
+# When True, CPU calls defer their checks like CUDA calls do (lets CI test the deferred model).
+DEFER_ON_CPU = False
+
+
+def reads_at_once(device_type: str) -> bool:
+    """Whether findings on this device are read in the call itself (free on the CPU)."""
+    return device_type == "cpu" and not DEFER_ON_CPU
+
 
 @dataclass
 class _Pending:
@@ -374,13 +382,18 @@ class _Pending:
     event: object | None
     strict: bool
     device_type: str
+    note: str
+    findings: Sequence[Finding]  # shape/dtype findings of that call, not reported yet
 
 
 _pending: dict[int, list[_Pending]] = {}
 _pending_lock = threading.Lock()
 
 
-def defer(scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int) -> None:
+def defer(
+    scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int,
+    note: str = "", findings: Sequence[Finding] = (), device_type: str | None = None,
+) -> None:
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
     pinned = counts.device.type == "cuda"
@@ -408,7 +421,7 @@ def defer(scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bo
     )
     rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
                    None if losses is None else losses.detach(), out_host, counts_host, event, strict,
-                   p.input.device.type)
+                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings)
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
 
@@ -422,6 +435,8 @@ def flush(key: int | None, owner: object | None) -> None:
         else:
             recs = _pending.pop(key, [])
     for rec in recs:
+        for f in rec.findings:
+            _report(replace(f, message=rec.note + f.message), rec.strict, owner)
         if rec.event is not None:
             rec.event.synchronize()  # waits for that call's kernels only, normally long finished
         out_finite = None
@@ -430,7 +445,7 @@ def flush(key: int | None, owner: object | None) -> None:
         elif rec.losses is not None:
             out_finite = bool(torch.isfinite(rec.losses).all())
         resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
-                have_logits=False, device_type=rec.device_type, deferred=True)
+                have_logits=False, device_type=rec.device_type, note=rec.note)
 
 
 def has_pending() -> bool:

@@ -9,13 +9,10 @@ import math
 import torch
 from torch import Tensor
 
-from . import checks, dispatch, reduction
+from . import checks, compiled, dispatch, reduction
 from .config import LazyStrict
 from .report import report
 from .validation import normalize
-
-# When True, CPU calls defer their checks like CUDA calls do (lets CI test the deferred model).
-_DEFER_ON_CPU = False
 
 FUNCTIONAL_KEY = 0  # pending-check key of the functional API; modules use id(module)
 
@@ -41,10 +38,11 @@ def run(
     owner: object | None,
 ) -> Tensor:
     # Under torch.compile, shape/dtype validation runs at trace time exactly as in eager (same
-    # errors), but value checks cannot reach the host without a graph break: they still mask bad
-    # labels (NaN loss, no out-of-bounds read) and are otherwise not reported.
-    # The same holds while a CUDA graph is being captured: no host reads, no pinned copies.
-    compiling = torch.compiler.is_compiling() or _capturing(input)
+    # errors); value checks run in the graph and are reported by an effectful op after it (see
+    # safeloss.compiled). While a CUDA graph is captured nothing may touch the host: bad labels
+    # are still masked (NaN loss, no out-of-bounds read) but findings are not reported.
+    tracing = torch.compiler.is_compiling()
+    compiling = tracing or _capturing(input)
     key = FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
@@ -62,8 +60,12 @@ def run(
     name = dispatch.select(backend, p)
     if compiling:
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
-        return reduction.reduce(rows, p)
-    immediate = (p.input.device.type == "cpu" and not _DEFER_ON_CPU) or bool(strict_)
+        out = reduction.reduce(rows, p)
+        if tracing:
+            static = p.findings + ([checks.empty_mean_finding(p)] if empty_mean else [])
+            compiled.note(p, rows, out, key, strict, static)
+        return out
+    immediate = checks.reads_at_once(p.input.device.type) or bool(strict_)
     rows = dispatch.row_losses(name, p, immediate, inplace_backward, fused_grad)
     if rows.stopped:  # invalid targets found before any compute
         checks.resolve(rows.scan, p, None, None, None, strict_, owner)

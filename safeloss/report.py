@@ -12,6 +12,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from .config import LazyStrict
 from .errors import SafeLossError, SafeLossWarning
 
@@ -26,17 +28,20 @@ class Finding:
 
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _seen_call_sites: set[tuple[str, str, int]] = set()
 _lock = threading.Lock()
 
 
 def _user_frame() -> tuple[str, int, int]:
-    """(filename, lineno, stacklevel) of the first frame outside safeloss (and torch.nn's module glue)."""
+    """(filename, lineno, stacklevel) of the first frame outside safeloss and torch (module
+    call glue, and the runtime of compiled graphs, which reports after the graph ran)."""
     frame = sys._getframe(1)
     level = 1
     while frame is not None:
         fname = frame.f_code.co_filename
-        if not (fname.startswith(_PKG_DIR) or f"{os.sep}torch{os.sep}nn{os.sep}" in fname):
+        generated = fname.startswith("<eval_with_key>") or "torchinductor" in fname  # FX / inductor code
+        if not (fname.startswith(_PKG_DIR) or fname.startswith(_TORCH_DIR) or generated):
             return fname, frame.f_lineno, level
         frame = frame.f_back
         level += 1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import SafeCrossEntropyLoss, SafeLossWarning, dispatch, pipeline
+from safeloss import SafeCrossEntropyLoss, SafeLossWarning, dispatch
 from tests.tolerances import assert_matches
 
 
@@ -183,7 +183,7 @@ def test_no_import_time_side_effects():
 
 @pytest.fixture
 def deferred(monkeypatch):
-    monkeypatch.setattr(pipeline, "_DEFER_ON_CPU", True)
+    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)
     yield
     safeloss.checks._pending.clear()
 

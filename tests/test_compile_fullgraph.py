@@ -47,3 +47,65 @@ def test_shape_errors_keep_their_type_under_default_compile():
     compiled = torch.compile(lambda x, t: loss_fn(x, t), backend="aot_eager")
     with pytest.raises(safeloss.BatchSizeMismatchError, match=r"got 8 predictions but 2 targets"):
         compiled(torch.randn(8, 5), torch.randint(0, 5, (2,)))
+
+
+# ------------------------------------------------------------------ value checks in compiled code
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_label_is_reported_by_the_compiled_call_itself(backend):
+    loss_fn = safeloss.SafeCrossEntropyLoss(backend=backend)
+    step = _compiled(lambda x, t: loss_fn(x, t))
+    x = torch.randn(6, 5)
+    step(x, torch.tensor([0, 1, 2, 3, 4, 0]))  # clean
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)1 of 6 targets.*7 at \[3\]"):
+        step(x, torch.tensor([0, 1, 2, 7, 4, 0]))  # same graph, bad values: found at run time
+
+
+def test_warnings_and_strict_mode_in_compiled_code():
+    step = _compiled(lambda x, t: safeloss.cross_entropy(x, t))
+    x = torch.randn(8, 10).softmax(1)
+    t = torch.randint(0, 10, (8,))
+    with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
+        step(x, t)
+    with safeloss.strict_mode(), pytest.raises(safeloss.InputError, match="looks already softmaxed"):
+        step(x, t)  # strictness is read when the graph runs, not baked in when it was traced
+
+
+def test_shape_findings_are_reported_from_compiled_code():
+    step = _compiled(lambda x, t: safeloss.cross_entropy(x, t, strict=True))
+    with pytest.raises(safeloss.TargetShapeError, match="squeezed the singleton dimension"):
+        step(torch.randn(4, 3), torch.tensor([[0], [1], [2], [0]]))
+
+
+def test_compiled_deferred_model(monkeypatch):
+    """The CUDA model, on CPU: findings of call k are reported at call k+1 (one record at most)."""
+    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)
+    try:
+        loss_fn = safeloss.SafeCrossEntropyLoss(reduction="none")
+        step = _compiled(lambda x, t: loss_fn(x, t))
+        x = torch.randn(4, 3)
+        out = step(x, torch.tensor([0, 5, 1, 2]))
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)torch.compile'd call.*5 at \[1\]"):
+            step(x, torch.tensor([0, 1, 1, 2]))
+        step(x, torch.tensor([0, 1, 1, 2]))
+        assert sum(len(v) for v in safeloss.checks._pending.values()) == 1  # nothing accumulates
+        safeloss.check_pending()
+    finally:
+        safeloss.checks._pending.clear()
+
+
+def test_inductor_keeps_the_checks():
+    pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, t: safeloss.cross_entropy(x, t), fullgraph=True)
+    x = torch.randn(5, 4, requires_grad=True)
+    step(x, torch.tensor([0, 1, 2, 3, 0])).backward()
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"4 at \[4\]"):
+        step(x, torch.tensor([0, 1, 2, 3, 4]))
