@@ -446,8 +446,3 @@ def flush(key: int | None, owner: object | None) -> None:
             out_finite = bool(torch.isfinite(rec.losses).all())
         resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
                 have_logits=False, device_type=rec.device_type, note=rec.note)
-
-
-def has_pending() -> bool:
-    with _pending_lock:
-        return any(_pending.values())

@@ -43,7 +43,7 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     total = losses.sum(dtype=acc)
     if p.reduction == "sum":
         return total.to(p.out_dtype)
-    denom = rows.denominator if rows.denominator is not None else denominator(p)
+    denom = denominator(p)
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.

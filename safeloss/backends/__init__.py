@@ -18,9 +18,6 @@ from ..checks import Scan
 class Rows:
     losses: Tensor | None  # per-position losses; None with ``reduced`` None: stopped early
     scan: Scan
-    # Denominator of reduction="mean" when the backend knows it for free (no weight and no
-    # ignored target seen); None: the reduction computes it from target and weight.
-    denominator: int | None = None
     # The torch backend on the host path asks stock torch for the reduced value directly: stock
     # torch's reduction *is* the semantics ``safeloss.reduction`` reproduces, and its fused
     # mean/sum backward saves two autograd nodes per call (which dominate at small shapes).
