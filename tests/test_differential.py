@@ -253,3 +253,30 @@ def test_caller_tensors_are_not_mutated():
     safeloss.cross_entropy(x, t, w, label_smoothing=0.2).backward()
     for before, after in zip(copies, [x.detach(), t, w]):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_llm_vocabulary_262144(backend, ls):
+    """An LLM-sized row (many column blocks of the online softmax), logits offset by 1000 so any
+    lse - x cancellation would show, label smoothing's sum over all classes included. At 1000 an
+    fp32 logit carries only ~6e-5 absolute precision, so both safeloss and stock are judged by
+    their distance to the fp64 truth: safeloss must be as accurate as stock."""
+    g = torch.Generator().manual_seed(0)
+    V = 262144
+    x = (torch.randn(2, V, generator=g) * 4 + 1000).to(DEVICE)
+    t = torch.tensor([5, V - 1], device=DEVICE)
+    results = {}
+    for name, fn, dtype in [
+        ("ours", lambda a: safeloss.cross_entropy(a, t, reduction="none", label_smoothing=ls, backend=backend), torch.float32),
+        ("stock", lambda a: F.cross_entropy(a, t, reduction="none", label_smoothing=ls), torch.float32),
+        ("truth", lambda a: F.cross_entropy(a, t, reduction="none", label_smoothing=ls), torch.float64),
+    ]:
+        a = x.detach().to(dtype).clone().requires_grad_()
+        out = fn(a)
+        out.backward(torch.tensor([0.7, 1.3], dtype=dtype, device=DEVICE))
+        results[name] = (out.detach().double(), a.grad.double())
+    for i, what in enumerate(["value", "grad"]):
+        ours, stock, truth = (results[k][i] for k in ("ours", "stock", "truth"))
+        err_ours, err_stock = (ours - truth).abs().max().item(), (stock - truth).abs().max().item()
+        assert err_ours <= 2 * err_stock + 1e-6, f"{what}: safeloss error {err_ours:.3g} vs stock {err_stock:.3g}"
