@@ -16,4 +16,7 @@ SIZE = 8  # spare slots keep the layout stable
 
 # Tolerances shared by every backend, so all of them flag the same rows.
 SOFTMAX_SUM_TOL = {"float64": 1e-6, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
-PROB_SUM_TOL = {"float64": 1e-6, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+# Probability targets are often made in half precision and upcast (a bf16 teacher's softmax):
+# their row sums are off by ~1e-3 whatever the dtype they arrive in. Real mistakes (counts,
+# logits, multi-hot rows) are off by far more than 1e-2.
+PROB_SUM_TOL = {"float64": 1e-2, "float32": 1e-2, "float16": 2e-2, "bfloat16": 2e-2}

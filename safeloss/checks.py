@@ -111,6 +111,8 @@ def scan_prob_target(target: Tensor, cdim: int) -> tuple[int, int]:
 
 
 def _positions(mask: Tensor, limit: int = 5) -> tuple[int, list[str]]:
+    if mask.dim() == 0:
+        return int(mask), ["the single target"] if bool(mask) else []
     idx = mask.nonzero()
     if mask.dim() == 1:
         return idx.shape[0], [f"[{i}]" for i in idx[:limit, 0].tolist()]
@@ -211,6 +213,7 @@ def nonfinite_finding(p: Problem, losses: Tensor | None, count: int, have_logits
             mask &= p.target != p.ignore_index
         count, pos = _positions(mask.cpu())
         where = f" (first at {fmt_list(pos, total=count)})"
+    cause = "the logits, or the class weights, there hold NaN or infinite values"
     if have_logits and p.input.numel():
         x = p.input.detach()
         cdim = 0 if x.dim() == 1 else 1
@@ -226,16 +229,29 @@ def nonfinite_finding(p: Problem, losses: Tensor | None, count: int, have_logits
             bits.append(f"{plural(ninf_rows, 'row')} with -inf")
         if bits:
             detail = f"\n  logits shape {fmt_shape(x.shape)}, dtype {x.dtype}: " + ", ".join(bits)
+            cause = "the logits there hold NaN or infinite values"
+        else:
+            cause = (
+                f"the loss overflowed {p.out_dtype} or a class weight is not finite (the logits "
+                "themselves are finite)"
+            )
     half = p.input.dtype in (torch.float16,)
+    spread = p.prob or p.label_smoothing > 0
     return Finding(
         "nonfinite", NonFiniteError,
         f"the loss is NaN or infinite at {count} of {plural(n_pos, 'position')}{where}, because "
-        f"the logits there hold NaN or infinite values.{detail}\n"
+        f"{cause}.{detail}\n"
         "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
         "division by zero inside the model, NaN in the input data"
         + (", or float16 overflow (values above 65504)" if half else "")
-        + ". -inf is fine for masked-out classes, but not for the target class.\n"
-        "Fix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
+        + ". A -inf logit is fine on a masked-out class with plain class-index targets, but never "
+        "on the target class"
+        + (
+            "; with label smoothing or probability targets every class enters the loss, so any "
+            "-inf makes it infinite (mask with a large finite value, e.g. torch.finfo(dtype).min / 2)"
+            if spread else ""
+        )
+        + ".\nFix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
         "gradients (torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() "
         "to find the first op that produces NaN"
         + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
@@ -286,9 +302,10 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
         "bad-probabilities", ProbabilityTargetError,
         f"the probability targets (shape {fmt_shape(y.shape)}, same as the input) are not "
         f"probability distributions: {' and '.join(bits)} of {n}.\n"
-        "The loss is computed as stock torch does, but it is no longer a cross-entropy: it can be "
-        "negative or unbounded. Targets like these are usually logits, counts or log-probabilities "
-        "passed where probabilities were expected.\n"
+        "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
+        "distributions: its minimum is no longer at the target distribution, and negative "
+        "entries can drive it below zero. Targets like these are usually logits, counts or "
+        "log-probabilities passed where probabilities were expected.\n"
         f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
         "for counts, or class indices of shape " + fmt_shape(p.positions_shape),
     )

@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class Finding:
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _seen_call_sites: set[tuple[str, str, int]] = set()
+# Per loss instance, kept outside the instance so that a deepcopy or pickled copy of a loss starts
+# fresh (and nothing is added to a stock module's state under patch()).
+_seen_by_owner: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -54,7 +58,8 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         raise finding.error(finding.message) from None
     fname, lineno, level = _user_frame()
     if owner is not None:
-        seen = owner.__dict__.setdefault("_safeloss_warned", set())
+        with _lock:
+            seen = _seen_by_owner.setdefault(owner, set())
         key: object = finding.kind
     else:
         seen = _seen_call_sites
@@ -71,3 +76,4 @@ def reset_warnings() -> None:
     """Forget which warnings were shown (for tests and notebooks)."""
     with _lock:
         _seen_call_sites.clear()
+        _seen_by_owner.clear()

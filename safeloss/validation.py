@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import (
+    ArgumentTypeError,
     BatchSizeMismatchError,
     DeviceMismatchError,
     IgnoreIndexError,
@@ -35,6 +36,12 @@ from .report import Finding
 
 REDUCTIONS = ("mean", "sum", "none")
 _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32, torch.int16, torch.int8)
+_NARROW = (torch.uint8, torch.int8, torch.int16)
+
+
+def _fits(value: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -91,10 +98,18 @@ def check_reduction(reduction: object) -> str:
 
 
 def check_label_smoothing(label_smoothing: object) -> float:
+    if isinstance(label_smoothing, (str, bytes, bool)) or label_smoothing is None:
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
+            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
+        )
     try:
         eps = float(label_smoothing)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        eps = math.nan
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
+            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
+        ) from None
     if not 0.0 <= eps <= 1.0:  # also rejects NaN
         hint = ""
         if eps < 0:
@@ -117,7 +132,7 @@ def check_label_smoothing(label_smoothing: object) -> float:
 
 def _check_input(input: object) -> Tensor:
     if not isinstance(input, Tensor):
-        raise InputError(
+        raise ArgumentTypeError(
             f"cross_entropy expects the input (logits) to be a torch.Tensor, got "
             f"{type(input).__name__}.\nFix: pass the model's output tensor, e.g. "
             "loss_fn(model(x), y)"
@@ -171,6 +186,8 @@ _weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
 
 
 def _negative_classes(weight: Tensor) -> list[int]:
+    if weight.is_inference():  # no version counter to key a cache on: read it every time
+        return (weight < 0).nonzero().flatten().tolist()
     key = id(weight)
     hit = _weight_negatives.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
@@ -188,7 +205,7 @@ def _check_weight(
     if weight is None:
         return None, []
     if not isinstance(weight, Tensor):
-        raise WeightError(
+        raise ArgumentTypeError(
             f"weight must be a 1-D float tensor with one entry per class, got "
             f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
         )
@@ -464,12 +481,18 @@ def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Ten
                 "__getitem__ or the collate function",
             ))
             target = target.squeeze(1)
+        elif input.dim() == 1 and tshape == (1,):
+            target = target.reshape(())  # stock accepts a (1,) target for (C,) logits: same result
         else:
             _shape_error(input, target, expected)
 
     if target.is_floating_point():
         target, finding = _float_index_target(target, input)
         findings.append(finding)
+    elif target.dtype in _NARROW and not _fits(ignore_index, target.dtype):
+        # A comparison with ignore_index would wrap it into the narrow dtype (-100 as uint8 is
+        # 156, a real class); widen once so every check compares true values.
+        target = target.to(torch.int32)
     return target, findings
 
 
@@ -490,7 +513,7 @@ def normalize(
     """
     x = _check_input(input)
     if not isinstance(target, Tensor):
-        raise TargetDtypeError(
+        raise ArgumentTypeError(
             f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
             "Fix: torch.as_tensor(labels, device=logits.device)"
         )
@@ -500,7 +523,7 @@ def normalize(
                 raise TypeError
             ignore_index = operator.index(ignore_index)
         except TypeError:
-            raise IgnoreIndexError(
+            raise ArgumentTypeError(
                 f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
                 "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
             ) from None
@@ -523,8 +546,9 @@ def normalize(
                 f"ignore_index={ignore_index} cannot be used with probability targets (the target "
                 f"has the input's shape {fmt_shape(x.shape)}, so each entry is a class "
                 "probability, not a label that could be skipped).\n"
-                "Fix: drop ignore_index, and give rows to skip a zero probability vector "
-                "(or pass class indices if the targets are one-hot)"
+                "Fix: drop ignore_index; to skip rows, leave them out (input[keep], "
+                "target[keep]), or pass class indices (target.argmax(dim=1) for one-hot rows) "
+                "and keep ignore_index"
             )
         prob = True
         out_dtype = torch.promote_types(x.dtype, target.dtype)
@@ -539,6 +563,15 @@ def normalize(
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.promote_types(torch.float32, out_dtype)
     w, more = _check_weight(weight, x, C, read_values, out_dtype)
+    if w is not None and w.requires_grad and not prob and torch.is_grad_enabled():
+        raise WeightError(
+            f"weight requires grad, but cross_entropy with class-index targets is not "
+            f"differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
+            f"is not differentiable wrt weight\").\n  weight shape {fmt_shape(w.shape)}, "
+            f"target shape {fmt_shape(target.shape)}\n"
+            "Fix: pass weight.detach() (class weights are usually constants), or use probability "
+            "targets, for which the gradient with respect to the weights exists"
+        )
     findings += more
 
     if C == 1:

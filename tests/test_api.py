@@ -316,3 +316,22 @@ def test_cuda_graph_capture_and_default_mode_without_syncs():
     ref.backward()
     torch.testing.assert_close(static_loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(static_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_copies_of_a_loss_warn_afresh_and_reset_warnings_covers_modules():
+    x = torch.randn(4, 3).softmax(1)
+    t = torch.tensor([0, 1, 2, 0])
+    mod = SafeCrossEntropyLoss()
+    with pytest.warns(SafeLossWarning):
+        mod(x, t)
+    clone = copy.deepcopy(mod)
+    restored = pickle.loads(pickle.dumps(mod))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        mod(x, t)  # already warned: silent
+        clone(x, t)
+        restored(x, t)
+    assert len(rec) == 2
+    safeloss.reset_warnings()
+    with pytest.warns(SafeLossWarning):
+        mod(x, t)

@@ -174,8 +174,15 @@ def test_complex_targets_error():
 
 
 def test_target_not_a_tensor():
-    with pytest.raises(safeloss.TargetDtypeError, match=r"(?s)got list.*torch.as_tensor"):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"(?s)got list.*torch.as_tensor") as e:
         ce(logits(2, 3), [0, 1])
+    assert isinstance(e.value, TypeError)
+
+
+@pytest.mark.parametrize("value", ["0.1", None, True, object()])
+def test_label_smoothing_wrong_type(value):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"label_smoothing must be a number between 0.0 and 1.0, got"):
+        ce(logits(2, 3), labels(3, 2), label_smoothing=value)
 
 
 # ---------------------------------------------------------------- one-hot / probabilities
@@ -238,9 +245,10 @@ def test_ignore_index_with_probability_targets():
 
 
 def test_ignore_index_not_int():
-    with pytest.raises(safeloss.IgnoreIndexError, match=r"ignore_index must be an int, got 1.5"):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"ignore_index must be an int, got 1.5") as e:
         ce(logits(4, 5), labels(5, 4), ignore_index=1.5)
-    with pytest.raises(safeloss.IgnoreIndexError, match=r"ignore_index must be an int, got True"):
+    assert isinstance(e.value, TypeError)  # what stock torch raises for a wrong argument type
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"ignore_index must be an int, got True"):
         ce(logits(4, 5), labels(5, 4), ignore_index=True)
 
 
@@ -392,7 +400,7 @@ def test_minus_inf_on_target_class_is_reported():
     x = logits(3, 5)
     t = torch.tensor([0, 1, 2])
     x[1, 1] = float("-inf")
-    with pytest.raises(safeloss.NonFiniteError, match=r"(?s)at 1 of 3 positions \(first at \[1\]\).*1 row with -inf.*not for the target class"):
+    with pytest.raises(safeloss.NonFiniteError, match=r"(?s)at 1 of 3 positions \(first at \[1\]\).*1 row with -inf.*never on the target class"):
         ce(x, t, strict=True)
 
 
@@ -445,7 +453,7 @@ def test_weight_wrong_length():
 
 
 def test_weight_not_a_tensor_or_not_float():
-    with pytest.raises(safeloss.WeightError, match=r"got list"):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"got list"):
         ce(logits(3, 5), labels(5, 3), [1.0] * 5)
     with pytest.raises(safeloss.WeightError, match=r"must be floating point, got dtype torch.int64"):
         ce(logits(3, 5), labels(5, 3), torch.ones(5, dtype=torch.long))
@@ -503,7 +511,7 @@ def test_integer_logits():
 
 
 def test_input_not_a_tensor_or_0d():
-    with pytest.raises(safeloss.InputError, match=r"expects the input \(logits\) to be a torch.Tensor, got list"):
+    with pytest.raises(safeloss.ArgumentTypeError, match=r"expects the input \(logits\) to be a torch.Tensor, got list"):
         ce([0.1, 0.2], labels(2, 1))
     with pytest.raises(safeloss.InputError, match=r"0-d input"):
         ce(torch.tensor(1.0), torch.tensor(0))
@@ -540,3 +548,59 @@ def test_weight_check_is_cached_per_version_but_reported_every_time():
         ce(x, t, w)
     with pytest.raises(safeloss.WeightError, match="negative entry"):  # cached, still reported
         ce(x, t, w, strict=True)
+
+
+
+def test_inference_mode_weight():
+    with torch.inference_mode():
+        w = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])
+    x, t = logits(4, 5), labels(5, 4)
+    with pytest.warns(SafeLossWarning, match="1 negative entry"):
+        assert_matches(ce(x, t, w), F.cross_entropy(x, t, w))
+
+
+def test_one_element_target_for_one_sample():
+    x = logits(5)
+    for red in ("mean", "sum", "none"):
+        assert_matches(ce(x, torch.tensor([1]), reduction=red), F.cross_entropy(x, torch.tensor([1]), reduction=red))
+
+
+@pytest.mark.parametrize("dtype,value,ignore_index", [(torch.uint8, 156, -100), (torch.int8, -1, 255), (torch.int16, 3000, 100000)])
+def test_narrow_target_dtypes_never_wrap_ignore_index(dtype, value, ignore_index):
+    """-100 as uint8 is 156: a naive comparison would treat class 156 as ignored, or miss it as bad."""
+    t = torch.tensor([0, 1, value, 2], dtype=dtype)
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=rf"1 of 4 targets.*\n  bad values: {value} at \[2\]"):
+        ce(logits(4, 5), t, ignore_index=ignore_index)
+    if value >= 0:  # with enough classes the same labels are valid, and match stock torch
+        x = logits(4, 4000)
+        assert_matches(ce(x, t, ignore_index=ignore_index), F.cross_entropy(x, t.long(), ignore_index=ignore_index))
+
+
+def test_weight_requiring_grad_with_index_targets():
+    w = (torch.rand(5) + 0.5).requires_grad_()
+    with pytest.raises(safeloss.WeightError, match=r"(?s)not differentiable with respect to the class weights.*weight.detach\(\)"):
+        ce(logits(4, 5), labels(5, 4), w)
+    with torch.no_grad():
+        ce(logits(4, 5), labels(5, 4), w)  # no graph, nothing to differentiate: fine
+
+
+def test_soft_labels_from_half_precision_are_not_flagged():
+    for dtype in (torch.bfloat16, torch.float16):
+        y = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)).to(dtype).softmax(-1).float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ce(logits(64, 1000), y, strict=True)
+
+
+def test_nonfinite_message_when_the_logits_are_finite():
+    x = logits(3, 5)
+    w = torch.tensor([1.0, float("inf"), 1.0, 1.0, 1.0])
+    with pytest.raises(safeloss.NonFiniteError, match=r"a class weight is not finite \(the logits themselves are finite\)"):
+        ce(x, torch.tensor([0, 1, 2]), w, reduction="none", strict=True)
+
+
+def test_minus_inf_with_label_smoothing_is_explained():
+    x = logits(3, 5)
+    x[:, 4] = float("-inf")
+    with pytest.raises(safeloss.NonFiniteError, match=r"with label smoothing or probability targets every class enters the loss"):
+        ce(x, torch.tensor([0, 1, 2]), label_smoothing=0.1, strict=True)
