@@ -2,7 +2,9 @@
 
 ``backend="triton"`` where Triton cannot run is an error, never a silent fallback: a user who asks
 for the fast kernel must know when they are not getting it. float64 always runs on torch (the
-kernel computes in fp32, which would lose the precision fp64 users ask for).
+kernel computes in fp32, which would lose the precision fp64 users ask for), and so do a ``weight``
+that requires grad (its gradient is stock torch's formula); with ``backend="auto"``, so do calls
+inside torch.func transforms (the kernel has no batching rule).
 """
 
 from __future__ import annotations
@@ -45,9 +47,24 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return triton_backend.unavailable_reason(device)
 
 
+def _in_functorch_transform(x: torch.Tensor) -> bool:
+    # Dynamo cannot trace this probe; while it traces, no functorch wrapper is visible anyway.
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def select(backend: str, p: Problem) -> str:
     """Name of the backend that will run this call."""
     if backend == "torch" or p.input.dtype == torch.float64:
+        return "torch"
+    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
+        return "torch"  # d loss / d weight (probability targets): stock torch's formula
+    if _in_functorch_transform(p.input):
+        if backend == "triton":
+            raise BackendError(
+                'backend="triton" cannot run inside torch.func transforms (vmap, grad, jacrev): '
+                "the kernel has no batching rule.\n"
+                'Fix: backend="auto" (uses the torch backend there) or backend="torch"'
+            )
         return "torch"
     if backend == "auto":
         if p.input.device.type == "cuda" and triton_unavailable_reason(p.input.device) is None:

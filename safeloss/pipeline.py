@@ -18,9 +18,13 @@ FUNCTIONAL_KEY = 0  # pending-check key of the functional API; modules use id(mo
 
 
 def _capturing(x: object) -> bool:
-    return (
-        isinstance(x, Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing()
-    )
+    """A CUDA graph capture, or a torch.func transform (vmap, grad, jacrev): in both, nothing may
+    read a value on the host, so findings are masked (NaN loss) but not reported."""
+    if not isinstance(x, Tensor):
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def run(
@@ -39,10 +43,11 @@ def run(
 ) -> Tensor:
     # Under torch.compile, shape/dtype validation runs at trace time exactly as in eager (same
     # errors); value checks run in the graph and are reported by an effectful op after it (see
-    # safeloss.compiled). While a CUDA graph is captured nothing may touch the host: bad labels
-    # are still masked (NaN loss, no out-of-bounds read) but findings are not reported.
+    # safeloss.compiled). While a CUDA graph is captured, or inside torch.func transforms, nothing
+    # may touch the host: bad labels are still masked (NaN loss, no out-of-bounds read) but
+    # findings are not reported.
     tracing = torch.compiler.is_compiling()
-    compiling = tracing or _capturing(input)
+    compiling = tracing or _capturing(input)  # (short-circuits: Dynamo cannot trace the probe)
     key = FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)

@@ -406,6 +406,11 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
     need_dy = prob and ctx.needs_input_grad[1]
     gx = gy = None
     ops = torch.ops.safeloss
+    if torch.is_grad_enabled() and (need_dx or need_dy):
+        # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
+        # kernels' outputs carry no graph, so differentiate torch's formula instead.
+        return (*_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
+                None, None, None, None, None, None, None)
     if fused:
         if need_dx:
             # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
@@ -423,6 +428,36 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
         gx = gx if need_dx else None
         gy = gy if need_dy else None
     return gx, gy, None, None, None, None, None, None, None
+
+
+def _differentiable_grads(
+    x: Tensor | None, target: Tensor, weight: Tensor | None, g: Tensor, ignore_index: int,
+    eps: float, prob: bool, need_dx: bool, need_dy: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """First derivatives as differentiable torch ops (the same values as the kernels)."""
+    from safeloss.errors import BackendError
+
+    from .torch_backend import _stock_cross_entropy
+
+    if x is None:
+        raise BackendError(
+            "fused_grad=True computes the gradient in the forward pass, which cannot be "
+            "differentiated again (create_graph=True).\nFix: fused_grad=False for double backward"
+        )
+    xf = x.float()
+    if prob:
+        loss = _stock_cross_entropy(xf, target.to(xf.dtype), weight, label_smoothing=eps, reduction="none")
+    else:
+        t = target.long()
+        C = x.shape[0 if x.dim() == 1 else 1]
+        bad = ((t < 0) | (t >= C)) & (t != ignore_index)  # zero gradient, as in the kernel
+        loss = _stock_cross_entropy(xf, t.masked_fill(bad, ignore_index), weight,
+                                    ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+    wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
+    grads = list(torch.autograd.grad(loss, wrt, g.to(loss.dtype), create_graph=True))
+    gx = grads.pop(0).to(x.dtype) if need_dx else None
+    gy = grads.pop(0).to(target.dtype) if need_dy else None
+    return gx, gy
 
 
 _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
