@@ -143,7 +143,13 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     bad_vals = vals.tolist()
     lo = int(valid.min()) if valid.numel() else 0
     hi = int(valid.max()) if valid.numel() else 0
-    if C == 1:
+    if C == 0:
+        lines.append("The logits have no classes at all (a zero-sized class dimension).")
+        lines.append(
+            "Fix: check the final layer's output size (e.g. nn.Linear(d, num_classes) with "
+            "num_classes > 0) and that the class dimension is dim 1"
+        )
+    elif C == 1:
         lines.append(
             "The model has a single output, but the labels use more than one class (binary "
             "labels 0/1 need two outputs for cross-entropy)."

@@ -604,3 +604,8 @@ def test_minus_inf_with_label_smoothing_is_explained():
     x[:, 4] = float("-inf")
     with pytest.raises(safeloss.NonFiniteError, match=r"with label smoothing or probability targets every class enters the loss"):
         ce(x, torch.tensor([0, 1, 2]), label_smoothing=0.1, strict=True)
+
+
+def test_zero_classes():
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)class range 0..-1 \(0 classes\).*no classes at all"):
+        ce(torch.randn(4, 0), torch.zeros(4, dtype=torch.long))
