@@ -27,3 +27,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def clean_patch():
+    """No safeloss.patch() leaks into or out of a test, and unpatch() restores the very objects."""
+    import torch.nn.functional as F
+
+    from safeloss.patch import unpatch
+
+    stock_f, stock_forward = F.cross_entropy, torch.nn.CrossEntropyLoss.__dict__["forward"]
+    unpatch()
+    yield
+    unpatch()
+    assert F.cross_entropy is stock_f
+    assert torch.nn.CrossEntropyLoss.__dict__["forward"] is stock_forward

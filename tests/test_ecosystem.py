@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss.patch import patch, unpatch
+from safeloss.patch import patch
 
 # The module itself (the name safeloss.patch may be the function once exported there).
 sp = importlib.import_module("safeloss.patch")
@@ -35,12 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    unpatch()
-    safeloss.reset_warnings()
-    yield
-    unpatch()
+pytestmark = pytest.mark.usefixtures("clean_patch")  # tests/conftest.py
 
 
 def _mlp() -> torch.nn.Module:

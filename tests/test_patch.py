@@ -7,7 +7,6 @@ import importlib
 import sys
 import types
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,14 +22,7 @@ STOCK_F = F.cross_entropy
 STOCK_FORWARD = torch.nn.CrossEntropyLoss.__dict__["forward"]
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    unpatch()
-    safeloss.reset_warnings()
-    yield
-    unpatch()
-    assert F.cross_entropy is STOCK_F
-    assert torch.nn.CrossEntropyLoss.__dict__["forward"] is STOCK_FORWARD
+pytestmark = pytest.mark.usefixtures("clean_patch")  # tests/conftest.py
 
 
 def _bad() -> tuple[torch.Tensor, torch.Tensor]:
