@@ -404,8 +404,8 @@ def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]
     return target.long(), Finding(
         "float-index-target", TargetDtypeError,
         f"cross_entropy got class-index targets stored as {target.dtype} (shape "
-        f"{fmt_shape(target.shape)}); they hold whole numbers, so safeloss used them as class "
-        "indices. Stock torch rejects this (\"expected target dtype to be Long or Byte\").\n"
+        f"{fmt_shape(target.shape)}); they hold whole numbers, so default mode uses them as "
+        "class indices (strict mode stops here). Stock torch rejects this (\"expected target dtype to be Long or Byte\").\n"
         "Fix: convert the labels once in the dataset or collate function: target.long()",
     )
 
@@ -437,8 +437,9 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Fi
         "integer-onehot", TargetDtypeError,
         f"cross_entropy got one-hot targets as {target.dtype} (shape {fmt_shape(target.shape)}); "
         "stock torch rejects them (\"Expected floating point type for target with class "
-        "probabilities\"). safeloss used them as probabilities, which gives the same loss as class "
-        "indices except that the mean ignores class weights in its denominator.\n"
+        "probabilities\"). Default mode uses them as probabilities (strict mode stops here), which "
+        "gives the same loss as class indices except that the mean ignores class weights in its "
+        "denominator.\n"
         "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
         "or target.float() to keep torch's probability semantics",
     )
@@ -474,8 +475,8 @@ def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Ten
             findings.append(Finding(
                 "squeezed-target", TargetShapeError,
                 f"cross_entropy got targets of shape {fmt_shape(tshape)} for logits "
-                f"{fmt_shape(ishape)}; safeloss squeezed the singleton dimension to "
-                f"{fmt_shape(expected)}. Stock torch raises \"0D or 1D target tensor expected, "
+                f"{fmt_shape(ishape)}; default mode squeezes the singleton dimension to "
+                f"{fmt_shape(expected)} (strict mode stops here). Stock torch raises \"0D or 1D target tensor expected, "
                 "multi-target not supported\".\n"
                 "Fix: target.squeeze(1) (or target.view(-1)), usually in the dataset's "
                 "__getitem__ or the collate function",

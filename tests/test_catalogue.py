@@ -128,7 +128,7 @@ def test_unpairable_target_shape():
 def test_singleton_target_dim_is_squeezed(strict, shape, tshape):
     x = logits(*shape)
     t = labels(5, *tshape)
-    with warns_or_raises(strict, safeloss.TargetShapeError, r"(?s)squeezed the singleton dimension.*target.squeeze\(1\)"):
+    with warns_or_raises(strict, safeloss.TargetShapeError, r"(?s)squeezes the singleton dimension.*target.squeeze\(1\)"):
         out = ce(x, t, strict=strict)
     if not strict:
         assert_matches(out, F.cross_entropy(x, t.squeeze(1)))

@@ -79,7 +79,7 @@ def test_warnings_and_strict_mode_in_compiled_code():
 
 def test_shape_findings_are_reported_from_compiled_code():
     step = _compiled(lambda x, t: safeloss.cross_entropy(x, t, strict=True))
-    with pytest.raises(safeloss.TargetShapeError, match="squeezed the singleton dimension"):
+    with pytest.raises(safeloss.TargetShapeError, match="squeezes the singleton dimension"):
         step(torch.randn(4, 3), torch.tensor([[0], [1], [2], [0]]))
 
 
