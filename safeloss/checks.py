@@ -53,15 +53,23 @@ def count_bad_targets(target: Tensor, num_classes: int, ignore_index: int) -> in
     return int(bad.sum())
 
 
-def sample_rows(x: Tensor, k: int = 64) -> Tensor:
+def sample_rows(x: Tensor, k: int = 64, fixed: bool = False) -> Tensor:
     """Up to ``k`` evenly spaced positions of the logits as a (k, C) tensor, without a full copy.
 
     A softmax applied before the loss affects every row, so a sample detects it as surely as a
     full scan, at a cost independent of N (the checks must stay cheap at LLM sizes).
+    ``fixed``: always exactly ``k`` rows (repeats when there are fewer positions), with no branch
+    on the shape: what torch.compile with dynamic shapes and torch.export need (no guards).
     """
     if x.dim() == 1:
         return x.unsqueeze(0)
     n = x.shape[0]
+    if fixed:
+        # Integer arithmetic only: linspace on a symbolic size makes the compiler guard on it.
+        flat = x.unsqueeze(2) if x.dim() == 2 else x.flatten(2)
+        s = flat.shape[2]
+        pos = torch.arange(k, device=x.device) * (n * s) // k
+        return flat[pos // s, :, pos % s]
     if x.dim() == 2:
         if n <= k:
             return x
@@ -69,8 +77,7 @@ def sample_rows(x: Tensor, k: int = 64) -> Tensor:
     flat = x.flatten(2)  # (N, C, S): a view for the usual contiguous NCHW layout
     s = flat.shape[2]
     total = n * s
-    m = min(k, total)
-    pos = torch.linspace(0, total - 1, m, device=x.device).long()
+    pos = torch.linspace(0, total - 1, min(k, total), device=x.device).long()
     return flat[pos // s, :, pos % s]
 
 
@@ -197,7 +204,7 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
 def softmax_finding(like: int, checked: int, num_classes: int, n_positions: int) -> Finding:
     C = num_classes
     floor = math.log1p((C - 1) / math.e)
-    rows = f"all {checked} rows" if checked == n_positions else f"all {checked} sampled rows (of {n_positions})"
+    rows = f"all {n_positions} rows" if checked >= n_positions else f"all {checked} sampled rows (of {n_positions})"
     return Finding(
         "softmaxed-input", InputError,
         f"the input to cross_entropy looks already softmaxed: {rows} lie in [0, 1] and sum to 1.\n"
@@ -386,6 +393,8 @@ def resolve(
 
 # ------------------------------------------------------------------------ deferral
 
+FUNCTIONAL_KEY = 0  # pending-check key of the functional API; loss instances use id(module)
+
 # When True, CPU calls defer their checks like CUDA calls do (lets CI test the deferred model).
 DEFER_ON_CPU = False
 
@@ -437,7 +446,8 @@ def defer(
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
     p_light = Problem(
-        input=light(p.input), target=light(p.target) if p.prob else p.target.detach(),
+        # A copy: the caller may refill its label buffer before the report (static CUDA buffers).
+        input=light(p.input), target=light(p.target) if p.prob else p.target.detach().clone(),
         prob=p.prob, weight=p.weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=p.num_classes,
         out_dtype=p.out_dtype,

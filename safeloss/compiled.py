@@ -79,13 +79,14 @@ def note_findings(
     found = _decode(static_findings)
     rows_losses = losses.clone() if losses.numel() or reduction == "none" else None
     scan = checks.Scan(counts.clone())
+    owner = None if key == checks.FUNCTIONAL_KEY else key  # warn once per loss instance, as eager
     if checks.reads_at_once(device_type) or strict_:
         for f in found:
-            report(f, strict_, None)
-        checks.resolve(scan, p, rows_losses, out, None, strict_, None, have_logits=False,
+            report(f, strict_, owner)
+        checks.resolve(scan, p, rows_losses, out, None, strict_, owner, have_logits=False,
                        device_type=device_type)
         return
-    checks.flush(key, None)  # the previous call's findings, as an eager call would
+    checks.flush(key, owner)  # the previous call's findings, as an eager call would
     checks.defer(scan, p, rows_losses, out.detach().clone(), strict_, key, note=COMPILED_NOTE,
                  findings=found, device_type=device_type)
 

@@ -61,8 +61,8 @@ def select(backend: str, p: Problem) -> str:
     if _in_functorch_transform(p.input):
         if backend == "triton":
             raise BackendError(
-                'backend="triton" cannot run inside torch.func transforms (vmap, grad, jacrev): '
-                "the kernel has no batching rule.\n"
+                'backend="triton" cannot run inside torch.func transforms (vmap, grad, jacrev, '
+                "functional_call): the kernel's custom ops define no functorch rules.\n"
                 'Fix: backend="auto" (uses the torch backend there) or backend="torch"'
             )
         return "torch"

@@ -10,11 +10,10 @@ import torch
 from torch import Tensor
 
 from . import checks, compiled, dispatch, reduction
+from .backends import torch_backend
 from .config import LazyStrict
 from .report import report
 from .validation import normalize
-
-FUNCTIONAL_KEY = 0  # pending-check key of the functional API; modules use id(module)
 
 
 def _capturing(x: object) -> bool:
@@ -48,7 +47,7 @@ def run(
     # findings are not reported.
     tracing = torch.compiler.is_compiling()
     compiling = tracing or _capturing(input)  # (short-circuits: Dynamo cannot trace the probe)
-    key = FUNCTIONAL_KEY if owner is None else id(owner)
+    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
 
@@ -64,6 +63,8 @@ def run(
 
     name = dispatch.select(backend, p)
     if compiling:
+        if not tracing and name == "torch" and torch._C._functorch.is_functorch_wrapped_tensor(input):
+            torch_backend._transform_guard(p)
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         out = reduction.reduce(rows, p)
         if tracing:

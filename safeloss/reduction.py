@@ -31,7 +31,9 @@ def denominator(p: Problem) -> int | Tensor:
     if p.weight is None:
         return valid.sum()
     acc = torch.float64 if p.weight.dtype == torch.float64 else torch.float32
-    w = p.weight.to(acc)[t.long().clamp(0, p.num_classes - 1)]
+    # gather, not advanced indexing: it also works for 0-d targets inside torch.func.vmap
+    idx = t.long().clamp(0, p.num_classes - 1).reshape(-1)
+    w = p.weight.to(acc).gather(0, idx).reshape(t.shape)
     return torch.where(valid, w, 0).sum()
 
 

@@ -30,10 +30,18 @@ class Finding:
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-_seen_call_sites: set[tuple[str, str, int]] = set()
-# Per loss instance, kept outside the instance so that a deepcopy or pickled copy of a loss starts
-# fresh (and nothing is added to a stock module's state under patch()).
-_seen_by_owner: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
+# (kind, file, line) for the functional API, (kind, "loss", id) per loss instance: kept outside
+# the instance, so a deepcopy or pickled copy of a loss starts fresh and nothing is added to a
+# stock module's state under patch().
+_seen: set[tuple[object, ...]] = set()
+_watched: set[int] = set()
+
+
+def _forget(oid: int) -> None:
+    with _lock:
+        _watched.discard(oid)
+        for key in [k for k in _seen if k[1] == "loss" and k[2] == oid]:
+            _seen.discard(key)
 _lock = threading.Lock()
 
 
@@ -53,16 +61,21 @@ def _user_frame() -> tuple[str, int, int]:
 
 
 def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
-    """Raise ``finding`` (strict) or warn about it once per owner (module) or call site (functional)."""
+    """Raise ``finding`` (strict) or warn about it once per owner (a loss instance, or its id) or
+    per call site (functional API, ``owner=None``)."""
     if strict:
         raise finding.error(finding.message) from None
     fname, lineno, level = _user_frame()
+    seen = _seen
     if owner is not None:
-        with _lock:
-            seen = _seen_by_owner.setdefault(owner, set())
-        key: object = finding.kind
+        # By identity, the same key in eager calls and in the compiled graph's report op (which
+        # only knows id(module)); forgotten when the instance dies, so ids are never confused.
+        oid = owner if isinstance(owner, int) else id(owner)
+        if not isinstance(owner, int) and oid not in _watched:
+            _watched.add(oid)
+            weakref.finalize(owner, _forget, oid)
+        key: tuple[object, ...] = (finding.kind, "loss", oid)
     else:
-        seen = _seen_call_sites
         key = (finding.kind, fname, lineno)
     with _lock:
         if key in seen:
@@ -75,5 +88,4 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
 def reset_warnings() -> None:
     """Forget which warnings were shown (for tests and notebooks)."""
     with _lock:
-        _seen_call_sites.clear()
-        _seen_by_owner.clear()
+        _seen.clear()

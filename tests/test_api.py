@@ -335,3 +335,14 @@ def test_copies_of_a_loss_warn_afresh_and_reset_warnings_covers_modules():
     safeloss.reset_warnings()
     with pytest.warns(SafeLossWarning):
         mod(x, t)
+
+
+def test_deferred_message_survives_a_refilled_label_buffer(deferred):
+    x, t = data()
+    buf = t.clone()
+    buf[2] = 11
+    loss_fn = SafeCrossEntropyLoss()
+    loss_fn(x, buf)
+    buf.copy_(t)  # a static label buffer, refilled for the next step
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"11 at \[2\]"):
+        loss_fn(x, buf)

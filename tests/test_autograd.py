@@ -75,3 +75,20 @@ def test_weight_gradient_with_probability_targets(backend):
         fn(x, w).backward()
         grads.append(w.grad)
     assert_matches(*grads)
+
+
+def test_bad_label_inside_torch_func_raises_like_stock():
+    x, t = _x_t()
+    t[1] = 9
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"inside a torch.func transform.*Stock torch reports"):
+        grad(lambda a: safeloss.cross_entropy(a, t))(x)
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"inside a torch.func transform"):
+        vmap(grad(lambda a, b: safeloss.cross_entropy(a, b)))(x, t)
+
+
+def test_per_sample_gradients_with_a_class_weight():
+    x, t = _x_t()
+    w = torch.rand(5, generator=torch.Generator().manual_seed(5)) + 0.5
+    ours = vmap(grad(lambda a, b: safeloss.cross_entropy(a, b, weight=w)))(x, t)
+    stock = vmap(grad(lambda a, b: F.cross_entropy(a, b, weight=w)))(x, t)
+    assert_matches(ours, stock)

@@ -109,3 +109,40 @@ def test_inductor_keeps_the_checks():
     step(x, torch.tensor([0, 1, 2, 3, 0])).backward()
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"4 at \[4\]"):
         step(x, torch.tensor([0, 1, 2, 3, 4]))
+
+
+def test_dynamic_shapes_compile_once_and_export():
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda a, b: safeloss.cross_entropy(a.transpose(1, 2), b), backend=counting_backend, dynamic=True)
+    for T in range(3, 15):
+        x, t = torch.randn(1, T, 7), torch.randint(0, 7, (1, T))
+        torch.testing.assert_close(step(x, t), F.cross_entropy(x.transpose(1, 2), t))
+    assert len(graphs) <= 2, f"{len(graphs)} graphs: the checks must not guard on the sequence length"
+
+    class M(torch.nn.Module):
+        def forward(self, x, t):
+            return safeloss.cross_entropy(x, t)
+
+    B = torch.export.Dim("B")
+    x, t = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    ep = torch.export.export(M(), (x, t), dynamic_shapes=({0: B}, {0: B}))
+    x2, t2 = torch.randn(100, 5), torch.randint(0, 5, (100,))
+    torch.testing.assert_close(ep.module()(x2, t2), F.cross_entropy(x2, t2))
+
+
+def test_compiled_warnings_are_once_per_loss_instance():
+    torch._dynamo.reset()
+    a, b = safeloss.SafeCrossEntropyLoss(), safeloss.SafeCrossEntropyLoss()
+    step = _compiled(lambda x, t: a(x, t) + b(x, t))
+    x = torch.randn(8, 10).softmax(1)
+    t = torch.randint(0, 10, (8,))
+    with pytest.warns(safeloss.SafeLossWarning) as rec:
+        step(x, t)
+        step(x, t)
+    assert len([r for r in rec if "softmaxed" in str(r.message)]) == 2  # one per instance, not per line

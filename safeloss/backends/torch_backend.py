@@ -28,12 +28,34 @@ from ..checks import (
     softmax_like,
     target_bounds,
 )
+from ..errors import TargetOutOfRangeError
 from ..validation import Problem
 from . import Rows
 
 
 def row_losses(p: Problem, immediate: bool) -> Rows:
     return _immediate(p) if immediate else _deferred(p)
+
+
+def _transform_guard(p: Problem) -> None:
+    """Inside torch.func transforms nothing can be read on the host, but on CPU stock torch's own
+    bounds check still runs: let it, so a bad label raises (as it does for stock) instead of
+    being masked into a silent zero gradient."""
+    if p.prob or p.input.device.type != "cpu":
+        return
+    try:
+        _stock_cross_entropy(p.input.detach(), p.target.long(), weight=p.weight,
+                             ignore_index=p.ignore_index, reduction="none")
+    except (IndexError, RuntimeError) as e:
+        if "out of bounds" not in str(e):
+            raise
+        raise TargetOutOfRangeError(
+            f"a class-index target is outside the class range 0..{p.num_classes - 1} "
+            f"({p.num_classes} classes) inside a torch.func transform (vmap, grad, ...), where "
+            f"safeloss cannot read the labels to name them. Stock torch reports: {e}\n"
+            "Fix: check the labels outside the transform (e.g. call the loss once eagerly on a "
+            "batch), or set ignore_index to the value used for 'no label'"
+        ) from None
 
 
 # Captured at import: safeloss.patch() later routes torch.nn.functional.cross_entropy through
@@ -136,7 +158,7 @@ def _deferred(p: Problem) -> Rows:
         nonfinite &= valid
     like = checked = zero
     if C >= 2 and x.numel():
-        rows = sample_rows(x.detach())
+        rows = sample_rows(x.detach(), fixed=torch.compiler.is_compiling())
         like = softmax_like(rows).sum()
         checked = torch.full((), rows.shape[0], dtype=torch.int64, device=x.device)
     counts = torch.stack([bad_count, nonfinite.sum(), like, checked, neg, badsum, zero, zero])
