@@ -9,7 +9,6 @@ inside torch.func transforms (the kernel has no batching rule).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -32,9 +31,13 @@ def check_backend(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
-@functools.cache
+_TRITON_INSTALLED: list[bool] = []  # a plain cache: Dynamo warns when it traces functools.cache
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

@@ -38,13 +38,18 @@ _MAX_POS_BLOCK = 128  # positions per program for NCHW-style inputs (coalesced a
 # --------------------------------------------------------------------------------------------
 # Availability and lazy import
 # --------------------------------------------------------------------------------------------
-@functools.cache
+_IMPORT_ERROR: list[str | None] = []  # a plain cache: Dynamo warns when it traces functools.cache
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+
+            _IMPORT_ERROR.append(None)
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _IMPORT_ERROR.append(f"triton is not importable ({type(exc).__name__}: {exc})")
+    return _IMPORT_ERROR[0]
 
 
 @functools.cache
