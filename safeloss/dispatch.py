@@ -50,8 +50,9 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return triton_backend.unavailable_reason(device)
 
 
-def _in_functorch_transform(x: torch.Tensor) -> bool:
-    # Dynamo cannot trace this probe; while it traces, no functorch wrapper is visible anyway.
+def in_functorch_transform(x: torch.Tensor) -> bool:
+    """Inside torch.func (vmap, grad, jacrev): nothing may be read on the host there.
+    Dynamo cannot trace this probe; while it traces, no functorch wrapper is visible anyway."""
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
@@ -61,7 +62,7 @@ def select(backend: str, p: Problem) -> str:
         return "torch"
     if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
         return "torch"  # d loss / d weight (probability targets): stock torch's formula
-    if _in_functorch_transform(p.input):
+    if in_functorch_transform(p.input):
         if backend == "triton":
             raise BackendError(
                 'backend="triton" cannot run inside torch.func transforms (vmap, grad, jacrev, '

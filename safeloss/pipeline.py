@@ -17,13 +17,7 @@ from .validation import normalize
 
 
 def _capturing(x: object) -> bool:
-    """A CUDA graph capture, or a torch.func transform (vmap, grad, jacrev): in both, nothing may
-    read a value on the host, so findings are masked (NaN loss) but not reported."""
-    if not isinstance(x, Tensor):
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return True
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return isinstance(x, Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def run(
@@ -46,7 +40,8 @@ def run(
     # may touch the host: bad labels are still masked (NaN loss, no out-of-bounds read) but
     # findings are not reported.
     tracing = torch.compiler.is_compiling()
-    compiling = tracing or _capturing(input)  # (short-circuits: Dynamo cannot trace the probe)
+    transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
+    compiling = tracing or transform or _capturing(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
         checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
@@ -63,8 +58,8 @@ def run(
 
     name = dispatch.select(backend, p)
     if compiling:
-        if not tracing and name == "torch" and torch._C._functorch.is_functorch_wrapped_tensor(input):
-            torch_backend._transform_guard(p)
+        if transform:
+            torch_backend.transform_guard(p)
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         out = reduction.reduce(rows, p)
         if tracing:

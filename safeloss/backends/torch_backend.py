@@ -37,7 +37,7 @@ def row_losses(p: Problem, immediate: bool) -> Rows:
     return _immediate(p) if immediate else _deferred(p)
 
 
-def _transform_guard(p: Problem) -> None:
+def transform_guard(p: Problem) -> None:
     """Inside torch.func transforms nothing can be read on the host, but on CPU stock torch's own
     bounds check still runs: let it, so a bad label raises (as it does for stock) instead of
     being masked into a silent zero gradient."""
