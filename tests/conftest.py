@@ -7,6 +7,13 @@ if not os.path.exists("/dev/nvidiactl"):
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI must be reproducible: the same examples on every run (a failure there is a real, replayable
+# bug, never a flaky draw). Locally, hypothesis explores new examples each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
