@@ -47,10 +47,14 @@ def target_bounds(target: Tensor) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def bad_target_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Index targets outside [0, C) that are not ignore_index (the one definition of "bad")."""
+    return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+
+
 def count_bad_targets(target: Tensor, num_classes: int, ignore_index: int) -> int:
-    """Exact count; only called when ``target_bounds`` says something may be outside [0, C)."""
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    return int(bad.sum())
+    """Exact count; only called on the error path (bounds or stock torch's check failed)."""
+    return int(bad_target_mask(target, num_classes, ignore_index).sum())
 
 
 def sample_rows(x: Tensor, k: int = 64, fixed: bool = False) -> Tensor:
@@ -103,15 +107,20 @@ def scan_softmax(x: Tensor, cdim: int, num_classes: int) -> tuple[int, int]:
     return int(softmax_like(rows).sum()), rows.shape[0]
 
 
+def prob_target_counts(target: Tensor, cdim: int) -> tuple[Tensor, Tensor]:
+    """Device counts: (positions with a negative entry, positions not summing to 1)."""
+    y = target.detach()
+    tol = F.PROB_SUM_TOL.get(str(y.dtype).removeprefix("torch."), 1e-4)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return (y < 0).any(cdim).sum(), ((y.sum(cdim, dtype=acc) - 1).abs() > tol).sum()
+
+
 def scan_prob_target(target: Tensor, cdim: int) -> tuple[int, int]:
-    """(positions with a negative entry, positions whose entries do not sum to 1)."""
+    """``prob_target_counts`` read on the host (the immediate path)."""
     if target.numel() == 0:
         return 0, 0
-    tol = F.PROB_SUM_TOL.get(str(target.dtype).removeprefix("torch."), 1e-4)
-    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
-    neg = int((target < 0).any(cdim).sum())
-    badsum = int(((target.sum(cdim, dtype=acc) - 1).abs() > tol).sum())
-    return neg, badsum
+    neg, badsum = prob_target_counts(target, cdim)
+    return int(neg), int(badsum)
 
 
 # ------------------------------------------------------------------------ messages
@@ -129,7 +138,7 @@ def _positions(mask: Tensor, limit: int = 5) -> tuple[int, list[str]]:
 def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, device_type: str) -> str:
     C = num_classes
     t = target.detach().cpu().long()
-    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    bad = bad_target_mask(t, C, ignore_index)
     nbad = int(bad.sum())
     valid = t[(t != ignore_index)]
     vals, counts = torch.unique(t[bad], return_counts=True)

@@ -48,13 +48,14 @@ def run(
 
     p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
                   read_values=not compiling)
-    empty_mean = p.reduction == "mean" and math.prod(p.positions_shape) == 0
+    # Findings known from shapes alone: reported now, or by the compiled graph's report op.
+    static = p.findings
+    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
+        static = [*static, checks.empty_mean_finding(p)]
     strict_ = LazyStrict(strict)
-    if (p.findings or empty_mean) and not compiling:
-        for finding in p.findings:
+    if static and not compiling:
+        for finding in static:
             report(finding, strict_, owner)
-        if empty_mean:
-            report(checks.empty_mean_finding(p), strict_, owner)
 
     name = dispatch.select(backend, p)
     if compiling:
@@ -63,7 +64,6 @@ def run(
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         out = reduction.reduce(rows, p)
         if tracing:
-            static = p.findings + ([checks.empty_mean_finding(p)] if empty_mean else [])
             compiled.note(p, rows, out, key, strict, static)
         return out
     immediate = checks.reads_at_once(p.input.device.type) or bool(strict_)

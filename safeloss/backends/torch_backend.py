@@ -21,7 +21,9 @@ from torch import Tensor
 from .. import _flags as F
 from ..checks import (
     Scan,
+    bad_target_mask,
     count_bad_targets,
+    prob_target_counts,
     sample_rows,
     scan_prob_target,
     scan_softmax,
@@ -136,16 +138,13 @@ def _deferred(p: Problem) -> Rows:
     bad_count = neg = badsum = zero
     if p.prob:
         if p.target.numel():
-            y = p.target.detach()
-            tol = F.PROB_SUM_TOL.get(str(y.dtype).removeprefix("torch."), 1e-4)
-            neg = (y < 0).any(cdim).sum()
-            badsum = ((y.sum(cdim, dtype=torch.float32) - 1).abs() > tol).sum()
+            neg, badsum = prob_target_counts(p.target, cdim)
         losses = _stock_cross_entropy(x, p.target, weight=p.weight,
                                   label_smoothing=p.label_smoothing, reduction="none")
         valid = None
     else:
         t = p.target.long()
-        bad = ((t < 0) | (t >= C)) & (t != p.ignore_index)
+        bad = bad_target_mask(t, C, p.ignore_index)
         bad_count = bad.sum()
         # Masked as ignored for torch's kernel (never an out-of-bounds read), then NaN'd so that
         # nothing trains silently on a bad label before the error is raised at the next call.

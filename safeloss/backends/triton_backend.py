@@ -440,6 +440,7 @@ def _differentiable_grads(
     eps: float, prob: bool, need_dx: bool, need_dy: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """First derivatives as differentiable torch ops (the same values as the kernels)."""
+    from safeloss.checks import bad_target_mask
     from safeloss.errors import BackendError
 
     from .torch_backend import _stock_cross_entropy
@@ -455,7 +456,7 @@ def _differentiable_grads(
     else:
         t = target.long()
         C = x.shape[0 if x.dim() == 1 else 1]
-        bad = ((t < 0) | (t >= C)) & (t != ignore_index)  # zero gradient, as in the kernel
+        bad = bad_target_mask(t, C, ignore_index)  # zero gradient, as in the kernel
         loss = _stock_cross_entropy(xf, t.masked_fill(bad, ignore_index), weight,
                                     ignore_index=ignore_index, label_smoothing=eps, reduction="none")
     wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
