@@ -1,11 +1,14 @@
-"""Pure-torch backend: stock torch ops for the per-position losses, plus the cheap checks.
+"""Pure-torch backend: stock torch ops for the losses, plus the cheap checks.
 
-The losses come from ``F.cross_entropy(..., reduction="none")``, so values and gradients are
+The losses come from stock ``F.cross_entropy`` (captured at import), so values and gradients are
 exactly stock torch's; what this module adds is the bookkeeping of the checks, arranged so that
-the common case costs one read of the targets and one row of the logits:
+the common case costs no extra pass over the data:
 
-* host-side ("immediate", CPU or strict): min/max of the targets settles range and ignore_index
-  questions at once; the softmax check reads one row and stops unless that row sums to 1.
+* host-side ("immediate", CPU or strict): stock torch reduces (``Rows.reduced``) and checks the
+  label range itself (its IndexError is turned into safeloss's message); one scalar read of the
+  result settles non-finite values and, via the softmax band, whether 64 sampled rows need a look.
+  On a GPU (strict mode) min/max of the targets is read first, since a bad label there would
+  trigger a device-side assert.
 * device-side ("deferred", CUDA default mode): no value ever reaches the host; invalid targets
   are masked so torch's kernels never see them (no device-side assert) and their loss is NaN.
 """
