@@ -3,9 +3,12 @@
 #
 #   OUT=/some/empty/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Worst case 8 minutes, typically about 5: every stage runs under `timeout`, so a hang costs its own stage only, and
+# Worst case about 7 minutes: every stage runs under `timeout`, so a hang costs its own stage only, and
 # the benchmark stops starting new workloads when its budget is spent (results so far are kept).
+# Order: the benchmark first (the numbers are the point), then the tile sweep, then the GPU tests.
+# STAGES picks stages (default "bench tune tests grid"); BENCH_ARGS adds `safeloss bench` arguments.
 # The machine may be offline: nothing here needs the network unless triton is missing.
+# At the end the logs are packed into $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -13,8 +16,11 @@ mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install fails
 export PYTHONUNBUFFERED=1
-T_INSTALL=${T_INSTALL:-60} T_TESTS=${T_TESTS:-100} T_GRID=${T_GRID:-120} T_BENCH=${T_BENCH:-200}
-export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-140}  # < T_BENCH: leaves time for plots
+T_INSTALL=${T_INSTALL:-30} T_TESTS=${T_TESTS:-60} T_GRID=${T_GRID:-80} T_BENCH=${T_BENCH:-190} T_TUNE=${T_TUNE:-60}
+export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-150}  # < T_BENCH: leaves time for plots
+STAGES=${STAGES:-bench tune tests grid}
+BENCH_ARGS=${BENCH_ARGS:-}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 rcs=()
@@ -57,24 +63,37 @@ for d in ("triton", "safeloss", "liger-kernel", "quack-kernels", "pytest", "hypo
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
+if want bench; then
+stage "benchmark: safeloss bench --quick --device cuda $BENCH_ARGS (timeout ${T_BENCH}s, budget ${SAFELOSS_BENCH_BUDGET_S}s)"
+# shellcheck disable=SC2086
+timeout "$T_BENCH" "$PY" -m safeloss bench --quick --device cuda --out "$OUT/bench" $BENCH_ARGS >"$OUT/bench.log" 2>&1
+rc=$?; rcs+=("bench=$rc"); echo "bench rc=$rc (124 = timed out)"
+grep -vE '^\s*[0-9]+%\|' "$OUT/bench.log" | tail -n 5
+fi
+
+if want tune; then
+stage "tile sweep: benchmarks/gpu_tune.py (timeout ${T_TUNE}s)"
+timeout "$T_TUNE" "$PY" benchmarks/gpu_tune.py --budget-s $((T_TUNE - 15)) >"$OUT/tune.txt" 2>&1
+rc=$?; rcs+=("tune=$rc"); cat "$OUT/tune.txt" | head -n 60; echo "tune rc=$rc (124 = timed out)"
+fi
+
+if want tests; then
 stage "GPU tests: pytest -m gpu -x -q (timeout ${T_TESTS}s)"
 # --continue-on-collection-errors: a test module needing a package this box lacks must not hide
 # the GPU tests of the other modules.
 timeout "$T_TESTS" "$PY" -m pytest -m gpu -x -q -rs --continue-on-collection-errors \
   --junitxml="$OUT/pytest-gpu.xml" -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
-rc=$?; rcs+=("pytest=$rc"); tail -n 40 "$OUT/pytest-gpu.log"; echo "pytest rc=$rc (124 = timed out)"
+rc=$?; rcs+=("pytest=$rc"); tail -n 30 "$OUT/pytest-gpu.log"; echo "pytest rc=$rc (124 = timed out)"
+fi
 
+if want grid; then
 stage "Triton backend on the GPU: differential grid and catalogue (timeout ${T_GRID}s)"
-# The same grid CI runs through the interpreter, now compiled for the real device (full product).
+# The same grid CI runs through the interpreter, now compiled for the real device.
 timeout "$T_GRID" "$PY" -m pytest -q -x -k triton -p no:cacheprovider \
   tests/test_differential.py tests/test_catalogue.py tests/test_compile_fullgraph.py \
   --junitxml="$OUT/pytest-grid.xml" >"$OUT/pytest-grid.log" 2>&1
 rc=$?; rcs+=("grid=$rc"); tail -n 25 "$OUT/pytest-grid.log"; echo "grid rc=$rc (124 = timed out)"
-
-stage "benchmark: safeloss bench --quick --device cuda (timeout ${T_BENCH}s, budget ${SAFELOSS_BENCH_BUDGET_S}s)"
-timeout "$T_BENCH" "$PY" -m safeloss bench --quick --device cuda --out "$OUT/bench" >"$OUT/bench.log" 2>&1
-rc=$?; rcs+=("bench=$rc"); echo "bench rc=$rc (124 = timed out)"
-grep -vE '^\s*[0-9]+%\|' "$OUT/bench.log" | tail -n 5
+fi
 
 stage "summary"
 {
@@ -87,4 +106,6 @@ stage "summary"
     echo "no benchmark results"
   fi
 } 2>&1 | tee "$OUT/summary.txt"
+# At most 8 files come back from the device machine: keep the results, pack the logs.
+(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.xml env.txt tune.txt 2>/dev/null)
 ls -la "$OUT" "$OUT/bench" 2>/dev/null | tail -n 20

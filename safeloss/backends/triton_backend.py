@@ -30,6 +30,9 @@ _OptTensor = Optional[Tensor]  # noqa: UP045
 # Test hooks: force the tile shape (e.g. a tiny BLOCK_C so C=300 spans several column blocks).
 FORCE_BLOCK_C: int | None = None
 FORCE_BLOCK_P: int | None = None
+# Tuning hooks (benchmarks/gpu_tune.py): override the warps / software-pipelining stages.
+FORCE_NUM_WARPS: int | None = None
+FORCE_NUM_STAGES: int | None = None
 
 _TILE = 4096  # widest column block when streaming a long row
 _MAX_POS_BLOCK = 128  # positions per program for NCHW-style inputs (coalesced along the pixels)
@@ -191,7 +194,16 @@ def _tiles(
         bp = FORCE_BLOCK_P
     tile = bp * bc
     num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 16384 else 32
+    if FORCE_NUM_WARPS is not None:
+        num_warps = FORCE_NUM_WARPS
     return bp, bc, num_warps
+
+
+def _launch_opts(num_warps: int) -> dict[str, int]:
+    opts = {"num_warps": num_warps}
+    if FORCE_NUM_STAGES is not None:
+        opts["num_stages"] = FORCE_NUM_STAGES
+    return opts
 
 
 def _grid(sizes: Sequence[int], bp: int) -> tuple[int, int]:
@@ -247,7 +259,7 @@ def _launch_fwd(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
-        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, num_warps=num_warps,
+        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, **_launch_opts(num_warps),
     )  # fmt: skip
 
 
@@ -288,7 +300,7 @@ def _launch_bwd(
         ignore_index, eps,
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
-        BLOCK_P=bp, BLOCK_C=bc, num_warps=num_warps,
+        BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps),
     )  # fmt: skip
 
 
@@ -307,7 +319,7 @@ def _launch_scale(dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob
     n_pblocks, grid = _grid(sizes, bp)
     k.ce_scale_kernel[(grid,)](
         dx, target, g, sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index,
-        PROB=prob, BLOCK_P=bp, BLOCK_C=bc, num_warps=num_warps,
+        PROB=prob, BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps),
     )  # fmt: skip
 
 
