@@ -38,9 +38,9 @@ __version__ = "0.1.0"
 def check_pending() -> None:
     """Raise or warn now for anything earlier calls found but have not reported yet.
 
-    On CUDA in default mode, checks are read back without blocking and reported at the start of the
-    next call of the same loss; call this at the end of an epoch, or before saving a checkpoint,
-    to flush them. A no-op on CPU, where every call reports at once.
+    On CUDA in default mode, checks are read back without blocking and reported at the start of a
+    later call of the same loss (the first that finds the GPU done with them); this waits for the
+    GPU and reports everything. Call it at the end of an epoch, or before saving a checkpoint. A no-op on CPU, where every call reports at once.
     """
     _flush(None, None)
 

@@ -2,7 +2,7 @@
 
 The backends count problems while they compute the loss (in the same pass over the logits for
 the Triton kernel) and write the counts here. ``safeloss.checks`` turns the counts into
-warnings/errors, either right away (CPU, strict mode) or at the next call (CUDA default mode),
+warnings/errors, either right away (CPU, strict mode) or at a later call (CUDA default mode),
 so that the default path never forces a host sync.
 """
 

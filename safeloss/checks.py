@@ -6,8 +6,9 @@ values and positions), never on the happy path.
 
 When the counts live on a GPU, reading them would block the host until the GPU catches up. So in
 default mode they are *deferred*: copied to pinned host memory without blocking and examined at
-the start of the next call of the same loss, or by :func:`check_pending`. Strict mode and CPU
-tensors read them at once.
+the start of a later call of the same loss, the first one that finds the GPU done with them (an
+event query, never a wait), or by :func:`check_pending` (which waits). Strict mode and CPU tensors
+read them at once.
 """
 
 from __future__ import annotations
@@ -337,7 +338,7 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
 
 DEFERRED_NOTE = (
     "[found by an earlier call of this loss; GPU checks are read back without blocking and "
-    "reported at the next call, or by safeloss.check_pending()]\n"
+    "reported at a later call, or by safeloss.check_pending()]\n"
 )
 
 
@@ -468,14 +469,40 @@ def defer(
         _pending.setdefault(key, []).append(rec)
 
 
-def flush(key: int | None, owner: object | None) -> None:
-    """Report what earlier calls of this loss (``key``), or of every loss (None), found."""
+# Records a loss may have in flight before a call waits for the oldest one. A host that runs
+# this far ahead of the GPU is rare (training loops sync on logging, the optimizer, the data
+# loader); the cap bounds the O(N) target copies kept per record.
+MAX_IN_FLIGHT = 64
+
+
+def _ready(rec: _Pending) -> bool:
+    return rec.event is None or bool(rec.event.query())  # type: ignore[attr-defined]
+
+
+def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
+    """Report what earlier calls of this loss (``key``), or of every loss (None), found.
+
+    ``wait=False`` (the calls themselves): report only the records whose GPU work has finished,
+    oldest first, and never block, except on records beyond ``MAX_IN_FLIGHT``. Waiting on the
+    previous call's event here would serialize host and GPU: every call would start only when
+    the previous loss kernel had finished, and the host work of the call would no longer overlap
+    with the GPU's.
+    """
     with _pending_lock:
         if key is None:
             recs = [r for lst in _pending.values() for r in lst]
             _pending.clear()
-        else:
+        elif wait:
             recs = _pending.pop(key, [])
+        else:
+            queue = _pending.get(key, [])
+            n = 0
+            while n < len(queue) and (n < len(queue) - MAX_IN_FLIGHT or _ready(queue[n])):
+                n += 1
+            recs = queue[:n]
+            del queue[:n]
+            if not queue:
+                _pending.pop(key, None)
     for rec in recs:
         for f in rec.findings:
             _report(replace(f, message=rec.note + f.message), rec.strict, owner)

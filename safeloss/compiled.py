@@ -30,7 +30,7 @@ _FIELD, _RECORD = "\x1f", "\x1e"
 
 COMPILED_NOTE = (
     "[found by a torch.compile'd call of this loss; value checks in compiled code run after the "
-    "graph and are reported at its next call, or by safeloss.check_pending()]\n"
+    "graph and are reported at a later call, or by safeloss.check_pending()]\n"
 )
 
 
@@ -86,7 +86,7 @@ def note_findings(
         checks.resolve(scan, p, rows_losses, out, None, strict_, owner, have_logits=False,
                        device_type=device_type)
         return
-    checks.flush(key, owner)  # the previous call's findings, as an eager call would
+    checks.flush(key, owner, wait=False)  # earlier calls' findings, as an eager call would
     checks.defer(scan, p, rows_losses, out.detach().clone(), strict_, key, note=COMPILED_NOTE,
                  findings=found, device_type=device_type)
 

@@ -44,7 +44,7 @@ def run(
     compiling = tracing or transform or _capturing(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     if checks._pending and not compiling:
-        checks.flush(key, owner)  # what the previous call of this loss found (CUDA default mode)
+        checks.flush(key, owner, wait=False)  # what earlier calls found (CUDA default mode)
 
     p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
                   read_values=not compiling)

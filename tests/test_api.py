@@ -221,6 +221,55 @@ def test_deferred_warnings(deferred):
         safeloss.check_pending()
 
 
+class _FakeEvent:
+    """Stands in for a CUDA event whose work has (not yet) finished."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.waited or not self.done  # waiting on finished work costs nothing
+        self.done = True
+
+
+def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
+    """A call reports only what finished on the GPU; unfinished records stay queued, in order,
+    and no call waits on an event (that would serialize host and GPU), up to MAX_IN_FLIGHT."""
+    events: list[_FakeEvent] = []
+
+    def fake_defer(*args, **kwargs):
+        real_defer(*args, **kwargs)
+        rec = safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][-1]
+        rec.event = _FakeEvent(done=False)
+        events.append(rec.event)
+
+    real_defer = safeloss.checks.defer
+    monkeypatch.setattr(safeloss.checks, "defer", fake_defer)
+    monkeypatch.setattr(safeloss.checks, "MAX_IN_FLIGHT", 3)
+    x, t = data()
+    bad = t.clone()
+    bad[2] = 11
+    safeloss.cross_entropy(x, bad)  # call 0 finds a bad label; its GPU work is "still running"
+    for _ in range(3):
+        safeloss.cross_entropy(x, t)  # calls 1-3: call 0 not finished, so nothing is reported
+    assert not any(e.waited for e in events)
+    assert len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) == 4
+    events[0].done = True  # the GPU finishes call 0: the next call reports it, without waiting
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)found by an earlier call.*11 at \[2\]"):
+        safeloss.cross_entropy(x, t)
+    assert not any(e.waited for e in events)
+    # Beyond MAX_IN_FLIGHT records, a call waits for the oldest ones (bounded memory).
+    for _ in range(3):
+        safeloss.cross_entropy(x, t)
+    assert events[1].waited and not events[-1].waited
+    assert len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) <= 4
+    safeloss.check_pending()  # waits for everything
+    assert all(e.done for e in events) and not safeloss.checks._pending
+
+
 def test_deferred_strict_raises_in_the_same_call(deferred):
     x, t = data()
     t[0] = 7

@@ -107,6 +107,8 @@ def _cuda_rows() -> list[dict]:
             grad = 0 if p.inplace else r["grad_bytes"]
             r["peak_mem_bytes"], r["saved_mem_bytes"] = grad + 16 * w.positions, 12 * w.positions
             r["loss_rel_err"], r["copy_gbps"] = 1e-6, 3000.0
+            if w.logits_bytes() <= bench.GRAPH_MAX_LOGITS:
+                r["graph_fwdbwd_ms"] = ms[p.name] / 2
             raw[p.name] = r
         rows += [bench._finish(r, raw[bench.BASELINE]) for r in raw.values()]
     return rows
@@ -125,6 +127,8 @@ def test_gpu_report_path(tmp_path: Path) -> None:
     assert "| llm-N8192-V128256-bf16: safeloss-triton vs torch-eager (>= 2.5x) | 5.00x | PASS |" in md
     assert "| llm-N8192-V128256-bf16: safeloss-triton vs liger (>= 1.0x) | 1.25x | PASS |" in md
     assert "checks on / softmax check compiled out (<= 1.03x) | 1.01x | PASS |" in md
+    assert "GPU time (CUDA graph replay) | 5.00x | PASS |" in md
+    assert "| fwd+bwd ms, CUDA graph | speedup, CUDA graph |" in md
     assert "n/a" not in md.split("## llm-")[0]  # every target has its rows here
     written = bench.plots(tmp_path, meta, rows)
     assert set(written) == {"time_vs_classes.png", "bandwidth_vs_classes.png", "memory_vs_classes.png"}

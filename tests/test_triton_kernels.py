@@ -223,7 +223,8 @@ def test_default_blocks_nchw_and_channels_last() -> None:
 
 
 def test_tile_choice() -> None:
-    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 8)  # LM head rows
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 4)  # LM head rows, forward
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1], kind="bwd") == (1, 8192, 16)
     assert tb._tiles([1, 1, 8], 32000, [0, 0, 32000, 1], 32768) == (1, 32768, 32)  # fused: row in registers
     assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1]) == (64, 16, 4)  # short rows packed
     assert tb._tiles([1, 4, 4096], 21, [0, 21 * 4096, 1, 4096]) == (128, 16, 4)  # NCHW
@@ -422,6 +423,26 @@ def test_softmax_like_flags(small_blocks: None) -> None:
     assert flags[_flags.SOFTMAX_LIKE] == 12 and flags[_flags.SOFTMAX_CHECKED] == 12
 
 
+def test_softmax_check_early_out_is_exact(small_blocks: None) -> None:
+    """The kernel stops the softmax check of a row once a value outside [0, 1] was seen: rows that
+    look like probabilities in the first column blocks and fail later must still be rejected, in
+    LM layout (one row per program) and NCHW layout (tiles mixing live and rejected rows)."""
+    p = torch.softmax(torch.randn(6, 300, device=DEV), 1)
+    p[1, 250] -= 0.01  # a negative entry in the last block (sum still ~1 after the next line)
+    p[1, 10] += 0.01
+    p[2, 280] = 1.5  # an entry above 1 in the last block
+    p[3] *= 0.5  # in [0, 1] throughout, but sums to 0.5
+    p[4] = torch.randn(300, device=DEV)  # logits
+    t = torch.zeros(6, dtype=torch.long, device=DEV)
+    _, flags = tb.row_losses(p, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False)
+    assert flags[_flags.SOFTMAX_LIKE] == 2 and flags[_flags.SOFTMAX_CHECKED] == 6  # rows 0 and 5
+    nchw = p.t().reshape(1, 300, 6)  # class stride 1 -> 6; six pixels, one tile
+    _, flags = tb.row_losses(
+        nchw.contiguous(), t[None], weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False
+    )
+    assert flags[_flags.SOFTMAX_LIKE] == 2 and flags[_flags.SOFTMAX_CHECKED] == 6
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter, on the NaN rows
 def test_nonfinite_flags(small_blocks: None) -> None:
     x = torch.randn(6, 300, device=DEV)
@@ -534,6 +555,31 @@ def test_inplace_backward_is_caught_by_version_counter() -> None:
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (losses.sum() + other.sum()).backward()
+
+
+@pytest.mark.parametrize("mode", ["plain", "inplace", "fused"])
+def test_custom_op_path_equals_eager_path(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager calls on plain tensors bypass the custom ops (an autograd.Function over the same
+    implementations); compile / subclasses use the ops. Both must give identical results."""
+    x0 = torch.randn(6, 300, device=DEV)
+    t = torch.randint(0, 300, (6,), device=DEV)
+    t[1] = -100
+    w, g = torch.rand(300, device=DEV), torch.randn(6, device=DEV)
+    kw = {"inplace_backward": mode == "inplace", "fused_grad": mode == "fused"}
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(tb, "_eager", lambda x, e=eager: e)
+        x = x0.clone().requires_grad_()
+        h = x * 1.0  # a non-leaf, so the in-place gradient may overwrite it
+        losses, flags = tb.row_losses(h, t, weight=w, ignore_index=-100, label_smoothing=0.1,
+                                      prob_target=False, **kw)  # fmt: skip
+        version = h._version
+        (dh,) = torch.autograd.grad(losses, (h,), g)
+        if mode == "inplace":
+            assert dh.data_ptr() == h.data_ptr() and h._version > version  # stale users fail loudly
+        results.append((losses, flags, dh))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("blocks", ["single", "streamed"])
@@ -671,7 +717,7 @@ def test_gpu_vocab_262144() -> None:
         w = torch.rand(V, device="cuda")
         _check(x, t, weight=w, eps=0.1)
         _check(x, t, g=torch.tensor(1 / 15, device="cuda").expand(16), fused_grad=True)
-        _check(x, _probs((4, V)).to(dtype), weight=w, eps=0.1, prob=True, target_grad=True)
+        _check(x[:4], _probs((4, V)).to(dtype), weight=w, eps=0.1, prob=True, target_grad=True)
 
 
 @gpu

@@ -7,7 +7,8 @@ user mistakes, and nothing here syncs with the host (no ``.item()``, no branchin
 Triton is imported lazily (see :func:`_kernels`): importing this module costs only torch.
 The forward, backward and the fused-mode rescale are ``torch.library.custom_op`` s (namespace
 ``safeloss``) with fake implementations and ``register_autograd``, so ``torch.compile(fullgraph=True)``
-traces them as opaque nodes without graph breaks.
+traces them as opaque nodes without graph breaks. Eager calls on plain tensors skip the op
+dispatch (an autograd.Function calling the same implementations: see "Eager fast path").
 """
 
 import functools
@@ -161,9 +162,9 @@ def _next_pow2(n: int) -> int:
 
 
 def _tiles(
-    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0
+    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd"
 ) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile.
+    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd".
 
     Sizes were chosen from ptxas register/spill reports for sm_90 (bf16, all constexpr variants):
       * class-contiguous rows (LM heads, channels-last): [1, 4096] at 8 warps streams a row with
@@ -174,6 +175,10 @@ def _tiles(
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
         the row stays in registers between the loss and the gradient (read once). 32768 columns
         need 32 warps (64 registers, a few bytes of spill).
+    Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-quick-run1/tune.txt,
+    N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
+    [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%); the backward (read + write, no
+    reduction) at [1, 8192] with 16 warps (94%; [1, 4096] at 8 warps: 92%).
     """
     S2 = sizes[2]
     xs2, xsc = x_strides[2], x_strides[3]
@@ -186,7 +191,7 @@ def _tiles(
             bc = c2
             bp = min(bp, max(16, 2048 // c2))
     else:
-        bc = c2 if single else min(c2, _TILE)
+        bc = c2 if single else min(c2, _TILE if kind == "fwd" else 2 * _TILE)
         bp = 1 if bc >= 1024 else min(_next_pow2(S2), 1024 // bc)
     if FORCE_BLOCK_C is not None:
         bc = FORCE_BLOCK_C
@@ -194,6 +199,8 @@ def _tiles(
         bp = FORCE_BLOCK_P
     tile = bp * bc
     num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 16384 else 32
+    if not single and bp == 1 and bc >= 4096:
+        num_warps = 4 if kind == "fwd" else 16
     if FORCE_NUM_WARPS is not None:
         num_warps = FORCE_NUM_WARPS
     return bp, bc, num_warps
@@ -286,7 +293,7 @@ def _launch_bwd(
     sizes, (xs, ts, gs, *rest) = geo
     ds = rest.pop(0) if dx is not None else [0, 0, 0, 0]
     es = rest.pop(0) if dy is not None else [0, 0, 0, 0]
-    bp, bc, num_warps = _tiles(sizes, C, xs)
+    bp, bc, num_warps = _tiles(sizes, C, xs, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     has_weight = weight is not None
     smooth = (not prob) and eps > 0.0
@@ -315,7 +322,7 @@ def _launch_scale(dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob
         dx.copy_(dx * f.unsqueeze(_class_dim(dx)))
         return
     sizes, (ds, ts, gs) = geo
-    bp, bc, num_warps = _tiles(sizes, C, ds)
+    bp, bc, num_warps = _tiles(sizes, C, ds, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     k.ce_scale_kernel[(grid,)](
         dx, target, g, sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index,
@@ -337,8 +344,7 @@ def _fwd_outputs(x: Tensor, prob: bool, fused: bool) -> tuple[Tensor, Tensor, Te
     return losses, flags, lse, wy, dx
 
 
-@torch.library.custom_op("safeloss::triton_ce_fwd", mutates_args=())
-def _ce_fwd(
+def _fwd_impl(
     x: Tensor, target: Tensor, weight: _OptTensor, ignore_index: int, label_smoothing: float,
     prob_target: bool, check_softmax: bool, fused: bool, inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -350,13 +356,15 @@ def _ce_fwd(
     return losses, flags, lse, wy, dx
 
 
+_ce_fwd = torch.library.custom_op("safeloss::triton_ce_fwd", _fwd_impl, mutates_args=())
+
+
 @_ce_fwd.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, prob_target, check_softmax, fused, inplace_backward):  # type: ignore[no-untyped-def]
     return _fwd_outputs(x, prob_target, fused)
 
 
-@torch.library.custom_op("safeloss::triton_ce_bwd", mutates_args=())
-def _ce_bwd(
+def _bwd_impl(
     x: Tensor, target: Tensor, weight: _OptTensor, lse: Tensor, wy: Tensor, grad: Tensor,
     ignore_index: int, label_smoothing: float, prob_target: bool, compute_dx: bool, compute_dy: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -369,6 +377,9 @@ def _ce_bwd(
     return dx, dy
 
 
+_ce_bwd = torch.library.custom_op("safeloss::triton_ce_bwd", _bwd_impl, mutates_args=())
+
+
 @_ce_bwd.register_fake
 def _(x, target, weight, lse, wy, grad, ignore_index, label_smoothing, prob_target, compute_dx, compute_dy):  # type: ignore[no-untyped-def]
     dx = torch.empty_like(x) if compute_dx else x.new_empty((0,))
@@ -376,8 +387,7 @@ def _(x, target, weight, lse, wy, grad, ignore_index, label_smoothing, prob_targ
     return dx, dy
 
 
-@torch.library.custom_op("safeloss::triton_ce_bwd_inplace", mutates_args=("x",))
-def _ce_bwd_inplace(
+def _bwd_inplace_impl(
     x: Tensor, target: Tensor, weight: _OptTensor, lse: Tensor, wy: Tensor, grad: Tensor,
     ignore_index: int, label_smoothing: float, prob_target: bool, compute_dy: bool,
 ) -> Tensor:  # fmt: skip
@@ -389,16 +399,23 @@ def _ce_bwd_inplace(
     return dy
 
 
+_ce_bwd_inplace = torch.library.custom_op(
+    "safeloss::triton_ce_bwd_inplace", _bwd_inplace_impl, mutates_args=("x",)
+)
+
+
 @_ce_bwd_inplace.register_fake
 def _(x, target, weight, lse, wy, grad, ignore_index, label_smoothing, prob_target, compute_dy):  # type: ignore[no-untyped-def]
     return torch.empty_like(target) if compute_dy else x.new_empty((0,))
 
 
-@torch.library.custom_op("safeloss::triton_ce_scale_", mutates_args=("dx",))
-def _ce_scale_(dx: Tensor, target: Tensor, grad: Tensor, ignore_index: int, prob_target: bool) -> None:
+def _scale_impl(dx: Tensor, target: Tensor, grad: Tensor, ignore_index: int, prob_target: bool) -> None:
     """Fused mode: dx *= upstream gradient per position, in place; rows with factor 1 are skipped."""
     if dx.numel() > 0:
         _launch_scale(dx, target, grad, ignore_index, prob_target)
+
+
+_ce_scale_ = torch.library.custom_op("safeloss::triton_ce_scale_", _scale_impl, mutates_args=("dx",))
 
 
 @_ce_scale_.register_fake
@@ -422,12 +439,20 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
     need_dx = ctx.needs_input_grad[0]
     need_dy = prob and ctx.needs_input_grad[1]
     gx = gy = None
-    ops = torch.ops.safeloss
+    ops = _EagerOps if getattr(ctx, "eager", False) else torch.ops.safeloss
     if torch.is_grad_enabled() and (need_dx or need_dy):
         # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
         # kernels' outputs carry no graph, so differentiate torch's formula instead.
-        return (*_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
-                None, None, None, None, None, None, None)
+        return (
+            *_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
     if fused:
         if need_dx:
             # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
@@ -448,8 +473,15 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
 
 
 def _differentiable_grads(
-    x: Tensor | None, target: Tensor, weight: Tensor | None, g: Tensor, ignore_index: int,
-    eps: float, prob: bool, need_dx: bool, need_dy: bool,
+    x: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    ignore_index: int,
+    eps: float,
+    prob: bool,
+    need_dx: bool,
+    need_dy: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """First derivatives as differentiable torch ops (the same values as the kernels)."""
     from safeloss.checks import bad_target_mask
@@ -469,8 +501,14 @@ def _differentiable_grads(
         t = target.long()
         C = x.shape[0 if x.dim() == 1 else 1]
         bad = bad_target_mask(t, C, ignore_index)  # zero gradient, as in the kernel
-        loss = _stock_cross_entropy(xf, t.masked_fill(bad, ignore_index), weight,
-                                    ignore_index=ignore_index, label_smoothing=eps, reduction="none")
+        loss = _stock_cross_entropy(
+            xf,
+            t.masked_fill(bad, ignore_index),
+            weight,
+            ignore_index=ignore_index,
+            label_smoothing=eps,
+            reduction="none",
+        )
     wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
     grads = list(torch.autograd.grad(loss, wrt, g.to(loss.dtype), create_graph=True))
     gx = grads.pop(0).to(x.dtype) if need_dx else None
@@ -479,6 +517,48 @@ def _differentiable_grads(
 
 
 _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager fast path
+# --------------------------------------------------------------------------------------------
+# A custom op call goes through the dispatcher, schema checks and a Python autograd wrapper: tens
+# of microseconds per call, which is most of the cost of a small loss. In eager mode on plain
+# tensors the same implementations run behind a plain autograd.Function (same context, same
+# backward). The custom ops remain what torch.compile, export and tensor subclasses see.
+class _EagerOps:
+    """The custom ops' names, calling the implementations directly (eager backward)."""
+
+    triton_ce_bwd = staticmethod(_bwd_impl)
+
+    @staticmethod
+    def triton_ce_bwd_inplace(x: Tensor, *args: Any) -> Tensor:
+        dy = _bwd_inplace_impl(x, *args)
+        torch.autograd.graph.increment_version(x)  # as the mutating op would: stale users fail loudly
+        return dy
+
+    @staticmethod
+    def triton_ce_scale_(dx: Tensor, *args: Any) -> None:
+        _scale_impl(dx, *args)
+        torch.autograd.graph.increment_version(dx)
+
+
+class _EagerCE(torch.autograd.Function):
+    @staticmethod
+    def forward(*args: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return _fwd_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+    backward = staticmethod(_backward)  # type: ignore[assignment]
+
+
+def _eager(x: Tensor) -> bool:
+    # Plain tensors outside tracing only: fake / functional / subclass tensors need the ops.
+    return type(x) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +588,8 @@ def row_losses(
     to backward; ``inplace_backward`` is ignored in this mode.
     """
     fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
-    losses, flags, _lse, _wy, _dx = torch.ops.safeloss.triton_ce_fwd(
+    fwd = _EagerCE.apply if _eager(input) else torch.ops.safeloss.triton_ce_fwd
+    losses, flags, _lse, _wy, _dx = fwd(
         input, target, weight, int(ignore_index), float(label_smoothing), bool(prob_target),
         bool(check_softmax), fused, bool(inplace_backward),
     )  # fmt: skip
