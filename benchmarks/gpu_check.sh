@@ -20,6 +20,7 @@ T_INSTALL=${T_INSTALL:-30} T_TESTS=${T_TESTS:-60} T_GRID=${T_GRID:-120} T_BENCH=
 export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-180}  # < T_BENCH: leaves time for plots
 STAGES=${STAGES:-bench tune tests grid}
 BENCH_ARGS=${BENCH_ARGS:-}
+GRID_TESTS=${GRID_TESTS:-tests/test_differential.py tests/test_catalogue.py tests/test_compile_fullgraph.py}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
@@ -89,8 +90,8 @@ fi
 if want grid; then
 stage "Triton backend on the GPU: differential grid and catalogue (timeout ${T_GRID}s)"
 # The same grid CI runs through the interpreter, now compiled for the real device.
-timeout "$T_GRID" "$PY" -m pytest -q -x -k triton -p no:cacheprovider \
-  tests/test_differential.py tests/test_catalogue.py tests/test_compile_fullgraph.py \
+# shellcheck disable=SC2086
+timeout "$T_GRID" "$PY" -m pytest -q -x -k triton -p no:cacheprovider $GRID_TESTS \
   --junitxml="$OUT/pytest-grid.xml" >"$OUT/pytest-grid.log" 2>&1
 rc=$?; rcs+=("grid=$rc"); tail -n 25 "$OUT/pytest-grid.log"; echo "grid rc=$rc (124 = timed out)"
 fi

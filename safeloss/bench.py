@@ -448,6 +448,11 @@ def _rotating(step: Callable[[LossFn, Tensor, Tensor], None], fn: LossFn,
 
 def cuda_memory(fn: LossFn, x: Tensor, t: Tensor) -> tuple[int, int]:
     """(peak above what was allocated before the call, held from forward to backward), bytes."""
+    import safeloss
+
+    # Earlier calls' deferred check records (O(N) copies each) are released by a later call once
+    # the GPU is done with them: flush them first, or they would be freed inside the measurement.
+    safeloss.check_pending()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
