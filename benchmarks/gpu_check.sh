@@ -20,7 +20,9 @@ T_INSTALL=${T_INSTALL:-30} T_TESTS=${T_TESTS:-60} T_GRID=${T_GRID:-120} T_BENCH=
 export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-180}  # < T_BENCH: leaves time for plots
 STAGES=${STAGES:-bench tune tests grid}
 BENCH_ARGS=${BENCH_ARGS:-}
-GRID_TESTS=${GRID_TESTS:-tests/test_differential.py tests/test_catalogue.py tests/test_compile_fullgraph.py}
+# The catalogue passes CPU tensors (its value checks raise in the call only on CPU): CI runs it
+# through the interpreter, so on the device only the tests with device tensors run.
+GRID_TESTS=${GRID_TESTS:-tests/test_differential.py tests/test_compile_fullgraph.py}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 import safeloss
 from safeloss import SafeLossError, SafeLossWarning
-from tests.test_differential import BACKENDS
+from tests.test_differential import CPU_BACKENDS
 from tests.tolerances import assert_matches
 
 ce = safeloss.cross_entropy
 
 
-@pytest.fixture(params=BACKENDS, autouse=True)
+@pytest.fixture(params=CPU_BACKENDS, autouse=True)
 def backend(request, monkeypatch):
     """Run the whole catalogue once per backend: the Triton kernel counts problems in-kernel,
     and must raise and warn exactly like the torch path."""

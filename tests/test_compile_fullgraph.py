@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from tests.test_differential import BACKENDS
+from tests.test_differential import BACKENDS, CPU_BACKENDS, DEVICE
 from tests.tolerances import assert_matches
 
 
@@ -27,6 +27,11 @@ def test_fullgraph(backend, case):
     else:
         x, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g).softmax(1)
         kw = {"reduction": "none"}
+
+    # On a GPU machine the kernel runs compiled for the device (CPU tensors there would need the
+    # interpreter); values only, so the deferred reporting of CUDA changes nothing here.
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    w = None if w is None else w.to(DEVICE)
 
     def step(x, t):
         return safeloss.cross_entropy(x, t, w, backend=backend, **kw)
@@ -57,7 +62,7 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, backend="aot_eager")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_label_is_reported_by_the_compiled_call_itself(backend):
     loss_fn = safeloss.SafeCrossEntropyLoss(backend=backend)
     step = _compiled(lambda x, t: loss_fn(x, t))
