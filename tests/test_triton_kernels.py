@@ -164,10 +164,10 @@ fwd_ptrs = dict(x_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", ls
 base = dict(HAS_WEIGHT=True, CHECK_SOFTMAX=True, Y_ACC=tl.float32)
 # LM rows, index targets, smoothing + weight, fused single block (row kept in registers)
 build(k.ce_fwd_kernel, fwd_ptrs, dict(base, xsc=1, PROB=False, SMOOTH=True, NEED_W=True, FUSED=True,
-      BLOCK_P=1, BLOCK_C=16384, SINGLE=True), 16)
+      BLOCK_P=1, BLOCK_C=16384, SINGLE=True, EARLY_OUT=True), 16)
 # NCHW pixels, probability targets, streamed fused gradient
 build(k.ce_fwd_kernel, dict(fwd_ptrs, t_ptr="*bf16"), dict(base, xs2=1, PROB=True, SMOOTH=False,
-      NEED_W=True, FUSED=True, BLOCK_P=128, BLOCK_C=16, SINGLE=False), 4)
+      NEED_W=True, FUSED=True, BLOCK_P=128, BLOCK_C=16, SINGLE=False, EARLY_OUT=False), 4)
 bwd_ptrs = dict(x_ptr="*fp16", t_ptr="*fp16", w_ptr="*fp32", wsum_ptr="*fp32", lse_ptr="*fp32",
                 wy_ptr="*fp32", g_ptr="*fp32", dx_ptr="*fp16", dy_ptr="*fp16")
 build(k.ce_bwd_kernel, bwd_ptrs, dict(xsc=1, PROB=True, HAS_WEIGHT=True, SMOOTH=False, NEED_W=True,

@@ -266,7 +266,8 @@ def _launch_fwd(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
-        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, **_launch_opts(num_warps),
+        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C,
+        **_launch_opts(num_warps),
     )  # fmt: skip
 
 
