@@ -175,10 +175,11 @@ def _tiles(
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
         the row stays in registers between the loss and the gradient (read once). 32768 columns
         need 32 warps (64 registers, a few bytes of spill).
-    Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-quick-run1/tune.txt,
+    Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-1-before-fixes/tune.txt,
     N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
-    [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%); the backward (read + write, no
-    reduction) at [1, 8192] with 16 warps (94%; [1, 4096] at 8 warps: 92%).
+    [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%; 99% once the softmax check stopped
+    early, nvidia-h200-2-quick/tune.txt); the backward (read + write, no reduction) at [1, 8192]
+    with 16 warps (94%; [1, 4096] at 8 warps: 92%).
     """
     S2 = sizes[2]
     xs2, xsc = x_strides[2], x_strides[3]
