@@ -3,10 +3,10 @@
 #
 #   OUT=/some/empty/dir bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Worst case 8 minutes (typically 6): every stage runs under `timeout`, so a hang costs its own stage only, and
+# Worst case 9 minutes (typically 6): every stage runs under `timeout`, so a hang costs its own stage only, and
 # the benchmark stops starting new workloads when its budget is spent (results so far are kept).
 # Order: the benchmark first (the numbers are the point), then the tile sweep, then the GPU tests.
-# STAGES picks stages (default "bench tune tests grid"); BENCH_ARGS adds `safeloss bench` arguments.
+# STAGES picks stages (default "bench tune host tests grid"); BENCH_ARGS adds `safeloss bench` arguments.
 # The machine may be offline: nothing here needs the network unless triton is missing.
 # At the end the logs are packed into $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -u
@@ -16,9 +16,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install fails
 export PYTHONUNBUFFERED=1
-T_INSTALL=${T_INSTALL:-30} T_TESTS=${T_TESTS:-60} T_GRID=${T_GRID:-120} T_BENCH=${T_BENCH:-220} T_TUNE=${T_TUNE:-50}
+T_INSTALL=${T_INSTALL:-30} T_TESTS=${T_TESTS:-60} T_GRID=${T_GRID:-120} T_BENCH=${T_BENCH:-220} T_TUNE=${T_TUNE:-50} T_HOST=${T_HOST:-40}
 export SAFELOSS_BENCH_BUDGET_S=${SAFELOSS_BENCH_BUDGET_S:-180}  # < T_BENCH: leaves time for plots
-STAGES=${STAGES:-bench tune tests grid}
+STAGES=${STAGES:-bench tune host tests grid}
 BENCH_ARGS=${BENCH_ARGS:-}
 # The catalogue passes CPU tensors (its value checks raise in the call only on CPU): CI runs it
 # through the interpreter, so on the device only the tests with device tensors run.
@@ -80,6 +80,12 @@ timeout "$T_TUNE" "$PY" benchmarks/gpu_tune.py --budget-s $((T_TUNE - 15)) >"$OU
 rc=$?; rcs+=("tune=$rc"); cat "$OUT/tune.txt" | head -n 60; echo "tune rc=$rc (124 = timed out)"
 fi
 
+if want host; then
+stage "host time per call: benchmarks/gpu_host_profile.py (timeout ${T_HOST}s)"
+timeout "$T_HOST" "$PY" benchmarks/gpu_host_profile.py >"$OUT/host_profile.txt" 2>&1
+rc=$?; rcs+=("host=$rc"); head -n 8 "$OUT/host_profile.txt"; echo "host rc=$rc (124 = timed out)"
+fi
+
 if want tests; then
 stage "GPU tests: pytest -m gpu -x -q (timeout ${T_TESTS}s)"
 # --continue-on-collection-errors: a test module needing a package this box lacks must not hide
@@ -110,5 +116,5 @@ stage "summary"
   fi
 } 2>&1 | tee "$OUT/summary.txt"
 # At most 8 files come back from the device machine: keep the results, pack the logs.
-(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.xml env.txt tune.txt 2>/dev/null)
+(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.xml env.txt tune.txt host_profile.txt 2>/dev/null)
 ls -la "$OUT" "$OUT/bench" 2>/dev/null | tail -n 20
