@@ -39,6 +39,8 @@ def _seed_and_reset() -> None:
     yield
     tb.FORCE_BLOCK_C = None
     tb.FORCE_BLOCK_P = None
+    tb.FORCE_NUM_WARPS = None
+    tb.FORCE_NUM_STAGES = None
 
 
 @pytest.fixture
@@ -228,6 +230,40 @@ def test_tile_choice() -> None:
     assert tb._tiles([1, 1, 8], 32000, [0, 0, 32000, 1], 32768) == (1, 32768, 32)  # fused: row in registers
     assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1]) == (64, 16, 4)  # short rows packed
     assert tb._tiles([1, 4, 4096], 21, [0, 21 * 4096, 1, 4096]) == (128, 16, 4)  # NCHW
+
+
+def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/gpu_tune.py overrides warps and pipelining stages through these hooks."""
+    assert tb._launch_opts(8) == {"num_warps": 8}
+    monkeypatch.setattr(tb, "FORCE_NUM_WARPS", 2)
+    monkeypatch.setattr(tb, "FORCE_NUM_STAGES", 1)
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 2)
+    assert tb._launch_opts(2) == {"num_warps": 2, "num_stages": 1}
+    _check(torch.randn(5, 300, device=DEV), torch.randint(0, 300, (5,), device=DEV))
+
+
+def test_gpu_tune_sweep_runs() -> None:
+    """The tile-sweep tool itself (run on the device by gpu_check.sh) on a tiny shape."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_tune.py"
+    spec = importlib.util.spec_from_file_location("gpu_tune", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    tune.DEV = DEV
+    if DEV.type == "cpu":
+        tune.do_bench = lambda fn, **kw: (fn(), 1.0)[1]
+    import contextlib
+    import io
+    import time
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        tune.sweep(4, 300, torch.float32, [(None, None, None), (128, 4, 1)], 100.0, time.time() + 60)
+    text = out.getvalue()
+    assert "softmax check compiled out" in text and "\n128 4 1 | " in text and "failed" not in text
+    assert tb.FORCE_BLOCK_C is None and tb.FORCE_NUM_WARPS is None and tb.FORCE_NUM_STAGES is None
 
 
 def test_many_short_rows_per_program() -> None:
