@@ -22,22 +22,30 @@ import torch.nn.functional as F
 import safeloss
 
 N, C = 4096, 10
+DEV = "cuda"  # the smoke test in tests/test_bench.py runs it on CPU
+CALLS = 300
 
 
-def per_call_us(fn, n: int = 300) -> float:
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_call_us(fn, n: int = 0) -> float:
+    n = n or CALLS
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / n * 1e6
 
 
 def main() -> None:
-    x = torch.randn(N, C, device="cuda", requires_grad=True)
-    t = torch.randint(0, C, (N,), device="cuda")
+    x = torch.randn(N, C, device=DEV, requires_grad=True)
+    t = torch.randint(0, C, (N,), device=DEV)
 
     def stock() -> None:
         torch.autograd.grad(F.cross_entropy(x, t), (x,))
@@ -54,7 +62,7 @@ def main() -> None:
     def strict() -> None:
         torch.autograd.grad(safeloss.cross_entropy(x, t, strict=True), (x,))
 
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch", torch.__version__)
     for name, fn in [("stock fwd+bwd", stock), ("safeloss fwd only (no grad)", fwd_only),
                      ("safeloss fwd+bwd (triton)", default), ("safeloss fwd+bwd (torch backend)", torch_backend),
                      ("safeloss fwd+bwd strict (syncs)", strict)]:  # fmt: skip
@@ -62,21 +70,21 @@ def main() -> None:
 
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(200):
+    for _ in range(CALLS):
         default()
-    torch.cuda.synchronize()
+    _sync()
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-    print("\n## cProfile, 200 default calls, by own time\n" + buf.getvalue())
+    print("\n## cProfile, default calls, by own time\n" + buf.getvalue())
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as p:
-        for _ in range(100):
+        for _ in range(CALLS):
             default()
-        torch.cuda.synchronize()
-    print("## torch.profiler, 100 default calls, by self CPU time")
+        _sync()
+    print("## torch.profiler, default calls, by self CPU time")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 

@@ -132,3 +132,18 @@ def test_gpu_report_path(tmp_path: Path) -> None:
     assert "n/a" not in md.split("## llm-")[0]  # every target has its rows here
     written = bench.plots(tmp_path, meta, rows)
     assert set(written) == {"time_vs_classes.png", "bandwidth_vs_classes.png", "memory_vs_classes.png"}
+
+
+def test_gpu_host_profile_tool_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/gpu_host_profile.py (a gpu_check.sh stage) on CPU tensors, a few calls."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_host_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_host_profile", path)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.DEV, tool.CALLS, tool.N = "cpu", 3, 64
+    tool.main()
+    out = capsys.readouterr().out
+    assert "us per call" in out and "## cProfile" in out and "## torch.profiler" in out
