@@ -350,31 +350,40 @@ def _summary(ms: list[float]) -> Timing:
     return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
 
 
-def cuda_time(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Timing:
-    """CUDA-event time of ``fn``: triton's do_bench (L2 flushed before each call) when available."""
+def cuda_time(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
+              setup: Callable[[], object] | None = None) -> Timing:
+    """CUDA-event time of ``fn``: triton's do_bench (L2 flushed before each call) when available.
+
+    ``setup`` runs before each call outside the timed interval (before the L2 flush and the start
+    event): in-place providers get their overwritten logits restored there."""
     try:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
-    if do_bench is not None:
+    if do_bench is not None and setup is None:
         med, q20, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return Timing(med, q20, q80, -1)  # do_bench does not report its rep count
     # Same method without triton: flush L2 with a 256 MB write, time each call with events.
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    setup = setup or (lambda: None)
+    setup()
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
+        setup()
         fn()
     end.record()
     torch.cuda.synchronize()
     est = max(start.elapsed_time(end) / 5, 1e-3)
     for _ in range(max(1, int(warmup_ms / est))):
+        setup()
         fn()
     n = max(5, int(rep_ms / est))
     evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
     for a, b in evs:
+        setup()
         flush.zero_()
         a.record()
         fn()
@@ -434,9 +443,23 @@ def _fwdbwd(fn: LossFn, x: Tensor, t: Tensor) -> None:
     torch.autograd.grad(fn(x, t), (x,))
 
 
+def _restorer(pool: list[tuple[Tensor, Tensor]], clean: list[Tensor] | None,
+              at: list[int]) -> Callable[[], None] | None:
+    """For in-place providers: put clean logits back into the pool entry used next."""
+    if clean is None:
+        return None
+
+    def setup() -> None:
+        j = at[0] % len(pool)
+        with torch.no_grad():
+            pool[j][0].copy_(clean[j])
+
+    return setup
+
+
 def _rotating(step: Callable[[LossFn, Tensor, Tensor], None], fn: LossFn,
-              pool: list[tuple[Tensor, Tensor]]) -> Callable[[], None]:
-    i = [0]
+              pool: list[tuple[Tensor, Tensor]], at: list[int] | None = None) -> Callable[[], None]:
+    i = at if at is not None else [0]  # shared with _restorer: which entry the next call uses
 
     def call() -> None:
         x, t = pool[i[0] % len(pool)]
@@ -470,12 +493,13 @@ def cuda_memory(fn: LossFn, x: Tensor, t: Tensor) -> tuple[int, int]:
 GRAPH_MAX_LOGITS = 256 << 20
 
 
-def cuda_graph_time(fn: LossFn, x: Tensor, t: Tensor, s: Settings) -> Timing:
+def cuda_graph_time(fn: LossFn, x: Tensor, t: Tensor, s: Settings, inplace: bool = False) -> Timing:
     """GPU time of one fwd+bwd with the host out of the picture: captured once, replayed.
 
     For launch-bound shapes a Python loop measures the host (argument checks, dispatch, kernel
     launches), not the GPU; in a training step that host work overlaps the GPU work of the model,
     so both numbers matter. A provider that syncs with the host cannot be captured."""
+    clean = x.detach().clone() if inplace else None  # before any call overwrites x
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotuning, JIT)
@@ -485,7 +509,8 @@ def cuda_graph_time(fn: LossFn, x: Tensor, t: Tensor, s: Settings) -> Timing:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _fwdbwd(fn, x, t)
-    return cuda_time(graph.replay, s.cuda_warmup_ms, s.cuda_rep_ms)
+    return cuda_time(graph.replay, s.cuda_warmup_ms, s.cuda_rep_ms,
+                     _restorer([(x, t)], [clean], [0]) if clean is not None else None)
 
 
 @dataclasses.dataclass
@@ -526,8 +551,14 @@ def _measure(p: Provider, w: Workload, dev: torch.device, s: Settings, k: int, r
         _fwdbwd(fn, *pool[-1])
         if dev.type != "cuda":
             return fn, pool
-        row["fwd"] = cuda_time(_rotating(_fwd, fn, pool), s.cuda_warmup_ms, s.cuda_rep_ms)
-        row["fwdbwd"] = cuda_time(_rotating(_fwdbwd, fn, pool), s.cuda_warmup_ms, s.cuda_rep_ms)
+        # In-place providers overwrite their logits with the gradient: restore them before every
+        # timed call (outside the timed interval), or later calls would time a different input.
+        clean = [x.detach().clone() for x, _ in pool] if p.inplace else None
+        for key, step in (("fwd", _fwd), ("fwdbwd", _fwdbwd)):
+            at = [0]
+            row[key] = cuda_time(_rotating(step, fn, pool, at), s.cuda_warmup_ms, s.cuda_rep_ms,
+                                 _restorer(pool, clean, at))
+        del clean
         del pool
         x, t = make_inputs(w, dev, 1)[0]
         row["peak_mem_bytes"], row["saved_mem_bytes"] = cuda_memory(fn, x, t)
@@ -535,7 +566,7 @@ def _measure(p: Provider, w: Workload, dev: torch.device, s: Settings, k: int, r
             row["note"] = f"no CUDA graph time: {p.not_capturable}"
         elif w.logits_bytes() <= GRAPH_MAX_LOGITS:
             try:
-                row["graph_fwdbwd_ms"] = cuda_graph_time(fn, x, t, s).median_ms
+                row["graph_fwdbwd_ms"] = cuda_graph_time(fn, x, t, s, p.inplace).median_ms
             except Exception as e:  # e.g. a host sync inside the provider: not capturable
                 row["note"] = f"not capturable in a CUDA graph ({_error_note(e)})"[:300]
     return None
@@ -701,6 +732,11 @@ def _fmt_mib(v: Any) -> str:
     return f"{v / (1 << 20):.1f}" if isinstance(v, int) else "-"
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a '|' (in an exception message, say) would split it."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -> str:
     cuda = meta["device_type"] == "cuda"
     lines = [
@@ -737,7 +773,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
         for r in rs:
             if r["status"] != "ok":
                 lines.append(f"| {r['provider']} | - | - | - | - | - | - | - | - | - | - | "
-                             + ("- | - | " if graph else "") + f"{r['status']}: {r['note']} |")
+                             + ("- | - | " if graph else "") + f"{r['status']}: {_cell(r['note'])} |")
                 continue
             g = r.get("gbps_fwdbwd")
             gs = r.get("gbps_fwdbwd_streamed")
@@ -750,7 +786,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
                 f"{_fmt_mib(r.get('saved_mem_bytes'))} | {f'{err:.1e}' if err is not None else '-'} | "
                 + (f"{_fmt_ms(r.get('graph_fwdbwd_ms'))} | {_fmt_x(r.get('speedup_graph_fwdbwd'))} | "
                    if graph else "")
-                + "; ".join(filter(None, ["in-place gradient" if r["inplace"] else "", r.get("note", "")]))
+                + _cell("; ".join(filter(None, ["in-place gradient" if r["inplace"] else "", r.get("note", "")])))
                 + " |")
         lines.append("")
     if notes:

@@ -426,6 +426,8 @@ class _Pending:
     device_type: str
     note: str
     findings: Sequence[Finding]  # shape/dtype findings of that call, not reported yet
+    key: int = FUNCTIONAL_KEY  # which loss it belongs to (requeued there if a report raises)
+    nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -464,29 +466,53 @@ def defer(
     )
     rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
                    None if losses is None else losses.detach(), out_host, counts_host, event, strict,
-                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings)
+                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key,
+                   _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)))
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
 
 
-# Records a loss may have in flight before a call waits for the oldest one. A host that runs
-# this far ahead of the GPU is rare (training loops sync on logging, the optimizer, the data
-# loader); the cap bounds the O(N) target copies kept per record.
+# Records a loss may have in flight before a call waits for the oldest one, by count and by the
+# device memory they keep alive (each holds O(N) copies: a label copy and per-position losses).
+# A host that runs this far ahead of the GPU is rare (training loops sync on logging, the
+# optimizer, the data loader).
 MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_BYTES = 256 << 20
+
+
+def _nbytes(t: Tensor) -> int:
+    return 0 if t.device.type == "meta" else t.numel() * t.element_size()
 
 
 def _ready(rec: _Pending) -> bool:
     return rec.event is None or bool(rec.event.query())  # type: ignore[attr-defined]
 
 
+def _take(queue: list[_Pending]) -> int:
+    """How many records at the front of ``queue`` to report now without blocking: the finished
+    ones, oldest first, plus the oldest ones beyond the caps (those are waited for)."""
+    n, total = 0, sum(r.nbytes for r in queue)
+    while n < len(queue):
+        over = len(queue) - n > MAX_IN_FLIGHT or total > MAX_IN_FLIGHT_BYTES
+        if not (over or _ready(queue[n])):
+            break
+        total -= queue[n].nbytes
+        n += 1
+    return n
+
+
 def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
     """Report what earlier calls of this loss (``key``), or of every loss (None), found.
 
-    ``wait=False`` (the calls themselves): report only the records whose GPU work has finished,
-    oldest first, and never block, except on records beyond ``MAX_IN_FLIGHT``. Waiting on the
+    ``wait=False`` (default-mode calls): report only the records whose GPU work has finished,
+    oldest first, and never block, except on records beyond the caps above. Waiting on the
     previous call's event here would serialize host and GPU: every call would start only when
     the previous loss kernel had finished, and the host work of the call would no longer overlap
-    with the GPU's.
+    with the GPU's. Strict calls pass ``wait=True``: they sync anyway, and an earlier call's
+    finding must be raised before their own.
+
+    If a report raises (an error, or a warning turned into one), the records not reported yet go
+    back to the front of their queues: the next call or ``check_pending()`` reports them.
     """
     with _pending_lock:
         if key is None:
@@ -496,22 +522,34 @@ def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
             recs = _pending.pop(key, [])
         else:
             queue = _pending.get(key, [])
-            n = 0
-            while n < len(queue) and (n < len(queue) - MAX_IN_FLIGHT or _ready(queue[n])):
-                n += 1
+            n = _take(queue)
             recs = queue[:n]
             del queue[:n]
             if not queue:
                 _pending.pop(key, None)
-    for rec in recs:
-        for f in rec.findings:
-            _report(replace(f, message=rec.note + f.message), rec.strict, owner)
-        if rec.event is not None:
-            rec.event.synchronize()  # waits for that call's kernels only, normally long finished
-        out_finite = None
-        if rec.out_host is not None:
-            out_finite = bool(torch.isfinite(rec.out_host))
-        elif rec.losses is not None:
-            out_finite = bool(torch.isfinite(rec.losses).all())
-        resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
-                have_logits=False, device_type=rec.device_type, note=rec.note)
+    for i, rec in enumerate(recs):
+        try:
+            _report_record(rec, owner)
+        except BaseException:
+            _requeue(recs[i + 1 :])
+            raise
+
+
+def _requeue(recs: Sequence[_Pending]) -> None:
+    with _pending_lock:
+        for rec in reversed(recs):
+            _pending.setdefault(rec.key, []).insert(0, rec)
+
+
+def _report_record(rec: _Pending, owner: object | None) -> None:
+    for f in rec.findings:
+        _report(replace(f, message=rec.note + f.message), rec.strict, owner)
+    if rec.event is not None:
+        rec.event.synchronize()  # waits for that call's kernels only, normally long finished
+    out_finite = None
+    if rec.out_host is not None:
+        out_finite = bool(torch.isfinite(rec.out_host))
+    elif rec.losses is not None:
+        out_finite = bool(torch.isfinite(rec.losses).all())
+    resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
+            have_logits=False, device_type=rec.device_type, note=rec.note)

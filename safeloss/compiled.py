@@ -6,7 +6,7 @@ raising on a value) cannot be traced. So the pipeline adds one *effectful* custo
 eliminated) and, at run time, it runs in Python with the real tensors. There it does what the
 eager pipeline does after the loss: on CPU, or in strict mode, it reports at once (so errors are
 raised by the same call, even compiled); on CUDA in default mode it defers, and reports the
-previous call's findings first (one record per loss at most: nothing accumulates).
+findings of earlier calls whose GPU work has finished first (without waiting, as eager calls do).
 
 Strictness is resolved at run time too (a ``strict_mode()`` context is a ContextVar, which Dynamo
 cannot trace), and the shape/dtype findings of the trace ride along as one encoded string
@@ -81,6 +81,7 @@ def note_findings(
     scan = checks.Scan(counts.clone())
     owner = None if key == checks.FUNCTIONAL_KEY else key  # warn once per loss instance, as eager
     if checks.reads_at_once(device_type) or strict_:
+        checks.flush(key, owner)  # earlier calls' findings first (this call syncs anyway)
         for f in found:
             report(f, strict_, owner)
         checks.resolve(scan, p, rows_losses, out, None, strict_, owner, have_logits=False,

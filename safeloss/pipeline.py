@@ -43,8 +43,11 @@ def run(
     transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
     compiling = tracing or transform or _capturing(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    strict_ = LazyStrict(strict)
     if checks._pending and not compiling:
-        checks.flush(key, owner, wait=False)  # what earlier calls found (CUDA default mode)
+        # What earlier calls found (CUDA default mode): without waiting for the GPU, except in
+        # strict mode, which syncs anyway and must raise an earlier call's error before its own.
+        checks.flush(key, owner, wait=bool(strict_))
 
     p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
                   read_values=not compiling)
@@ -52,7 +55,6 @@ def run(
     static = p.findings
     if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
         static = [*static, checks.empty_mean_finding(p)]
-    strict_ = LazyStrict(strict)
     if static and not compiling:
         for finding in static:
             report(finding, strict_, owner)

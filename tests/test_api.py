@@ -270,6 +270,62 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
     assert all(e.done for e in events) and not safeloss.checks._pending
 
 
+def _fake_events(monkeypatch) -> list[_FakeEvent]:
+    """Every deferred record gets an event the test finishes by hand (the GPU "still running")."""
+    events: list[_FakeEvent] = []
+    real_defer = safeloss.checks.defer
+
+    def fake_defer(*args, **kwargs):
+        real_defer(*args, **kwargs)
+        rec = safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][-1]
+        rec.event = _FakeEvent(done=False)
+        events.append(rec.event)
+
+    monkeypatch.setattr(safeloss.checks, "defer", fake_defer)
+    return events
+
+
+def test_deferred_records_survive_a_raising_report(deferred, monkeypatch):
+    """Two finished records are reported by one call; the first raises: the second must not be
+    lost (it is reported by the next call or check_pending)."""
+    events = _fake_events(monkeypatch)
+    x, t = data()
+    bad = t.clone()
+    bad[2] = 11
+    xn = x.clone()
+    xn[3, 1] = float("nan")
+    safeloss.cross_entropy(x, bad)  # call 0: bad label
+    safeloss.cross_entropy(xn, t)  # call 1: NaN logits
+    for e in events:
+        e.done = True
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"11 at \[2\]"):
+        safeloss.cross_entropy(x, t)
+    with pytest.warns(SafeLossWarning, match=r"(?s)found by an earlier call.*(NaN|non-finite)"):
+        safeloss.check_pending()
+
+
+def test_strict_call_reports_earlier_findings_first(deferred, monkeypatch):
+    """A strict call syncs anyway: it must raise the earlier default-mode call's error (the first
+    bad batch), not only its own."""
+    _fake_events(monkeypatch)
+    x, t = data()
+    b0, b1 = t.clone(), t.clone()
+    b0[2], b1[5] = 11, 12
+    safeloss.cross_entropy(x, b0)  # default mode, GPU "busy": not reported yet
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)found by an earlier call.*11 at \[2\]"):
+        safeloss.cross_entropy(x, b1, strict=True)
+
+
+def test_deferred_backlog_is_bounded_in_bytes(deferred, monkeypatch):
+    events = _fake_events(monkeypatch)
+    monkeypatch.setattr(safeloss.checks, "MAX_IN_FLIGHT_BYTES", 1)  # every record is "too big"
+    x, t = data()
+    safeloss.cross_entropy(x, t)
+    safeloss.cross_entropy(x, t)  # waits for the first record instead of keeping both
+    assert events[0].waited and len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) == 1
+    assert safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][0].nbytes > 0
+
+
 def test_deferred_strict_raises_in_the_same_call(deferred):
     x, t = data()
     t[0] = 7

@@ -147,3 +147,29 @@ def test_gpu_host_profile_tool_runs(capsys: pytest.CaptureFixture[str]) -> None:
     tool.main()
     out = capsys.readouterr().out
     assert "us per call" in out and "## cProfile" in out and "## torch.profiler" in out
+
+
+def test_inplace_providers_get_clean_logits_each_call() -> None:
+    """In-place providers overwrite their logits; the timing loop restores them before each call
+    (outside the timed interval), so every call sees the real input."""
+    import torch
+
+    pool = [(torch.randn(3, 5), torch.zeros(3, dtype=torch.long)) for _ in range(2)]
+    clean = [x.clone() for x, _ in pool]
+    seen = []
+
+    def step(fn, x, t):
+        seen.append(x.clone())
+        x.fill_(7.0)  # what an in-place backward does to the logits
+
+    at = [0]
+    call, setup = bench._rotating(step, None, pool, at), bench._restorer(pool, clean, at)
+    for _ in range(5):
+        setup()
+        call()
+    assert all(torch.equal(v, clean[i % 2]) for i, v in enumerate(seen))
+    assert bench._restorer(pool, None, at) is None
+
+
+def test_markdown_cells_escape_pipes() -> None:
+    assert bench._cell("a | b\nc") == "a \\| b c"

@@ -618,6 +618,26 @@ def test_custom_op_path_equals_eager_path(mode: str, monkeypatch: pytest.MonkeyP
         assert torch.equal(a, b)
 
 
+def test_tracers_see_the_custom_op() -> None:
+    """torch.jit.trace and dispatch-mode tracers (make_fx) record the custom op, not the eager
+    fast path's insides (a Triton launch is invisible to them)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t = torch.randn(4, 40, device=DEV), torch.randint(0, 40, (4,), device=DEV)
+    x2 = torch.randn(4, 40, device=DEV)
+
+    def f(x, t):
+        return tb.row_losses(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False)[0]
+
+    gm = make_fx(f, tracing_mode="real")(x, t)
+    assert "triton_ce_fwd" in gm.code
+    torch.testing.assert_close(gm(x2, t), f(x2, t))
+    traced = torch.jit.trace(f, (x, t), check_trace=False)
+    assert "triton_ce_fwd" in str(traced.graph)
+    torch.testing.assert_close(traced(x2, t), f(x2, t))
+    assert tb._eager(x)
+
+
 @pytest.mark.parametrize("blocks", ["single", "streamed"])
 def test_fused_grad(blocks: str) -> None:
     if blocks == "streamed":

@@ -150,7 +150,7 @@ def _deferred(p: Problem) -> Rows:
         bad = bad_target_mask(t, C, p.ignore_index)
         bad_count = bad.sum()
         # Masked as ignored for torch's kernel (never an out-of-bounds read), then NaN'd so that
-        # nothing trains silently on a bad label before the error is raised at the next call.
+        # nothing trains silently on a bad label before the error is raised at a later call.
         losses = _stock_cross_entropy(x, t.masked_fill(bad, p.ignore_index), weight=p.weight,
                                   ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
                                   reduction="none").masked_fill(bad, math.nan)

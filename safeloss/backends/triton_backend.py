@@ -559,8 +559,17 @@ class _EagerCE(torch.autograd.Function):
 
 
 def _eager(x: Tensor) -> bool:
-    # Plain tensors outside tracing only: fake / functional / subclass tensors need the ops.
-    return type(x) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    # Plain tensors outside any tracing only. torch.compile, torch.jit.trace and dispatch modes
+    # (make_fx, FakeTensorMode, FlopCounterMode, ...) must see the custom op, not its insides
+    # (a Triton launch is invisible to them); fake / functional / subclass tensors need it too.
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        type(x) in (Tensor, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+    )
 
 
 # --------------------------------------------------------------------------------------------
