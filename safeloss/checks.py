@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -428,6 +429,7 @@ class _Pending:
     findings: Sequence[Finding]  # shape/dtype findings of that call, not reported yet
     key: int = FUNCTIONAL_KEY  # which loss it belongs to (requeued there if a report raises)
     nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
+    owner_ref: Callable[[], object] | None = None  # weak reference to the loss module, if any
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -437,6 +439,7 @@ _pending_lock = threading.Lock()
 def defer(
     scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int,
     note: str = "", findings: Sequence[Finding] = (), device_type: str | None = None,
+    owner: object | None = None,
 ) -> None:
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
@@ -467,7 +470,8 @@ def defer(
     rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
                    None if losses is None else losses.detach(), out_host, counts_host, event, strict,
                    device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key,
-                   _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)))
+                   _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)),
+                   _weak(owner))
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
 
@@ -478,6 +482,19 @@ def defer(
 # optimizer, the data loader).
 MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_BYTES = 256 << 20
+
+
+def _weak(owner: object | None) -> Callable[[], object] | None:
+    try:
+        return None if owner is None else weakref.ref(owner)
+    except TypeError:  # not weak-referenceable: never treated as gone
+        return None
+
+
+def _orphaned(rec: _Pending) -> bool:
+    """Its loss module was garbage-collected (a loss created inline every step), so no call of
+    that loss will ever report it."""
+    return rec.owner_ref is not None and rec.owner_ref() is None
 
 
 def _nbytes(t: Tensor) -> int:
@@ -521,15 +538,18 @@ def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
         elif wait:
             recs = _pending.pop(key, [])
         else:
-            queue = _pending.get(key, [])
-            n = _take(queue)
-            recs = queue[:n]
-            del queue[:n]
-            if not queue:
-                _pending.pop(key, None)
+            recs = []
+            # This loss's own finished records, and those of loss modules that no longer exist.
+            for k in [key, *(k for k, q in _pending.items() if k != key and q and _orphaned(q[0]))]:
+                queue = _pending.get(k, [])
+                n = _take(queue)
+                recs += queue[:n]
+                del queue[:n]
+                if not queue:
+                    _pending.pop(k, None)
     for i, rec in enumerate(recs):
         try:
-            _report_record(rec, owner)
+            _report_record(rec, owner if key is None or rec.key == key else None)
         except BaseException:
             _requeue(recs[i + 1 :])
             raise

@@ -76,5 +76,5 @@ def run(
     if immediate:
         checks.resolve(rows.scan, p, rows.losses_or_recompute(), out, None, strict_, owner)
     else:
-        checks.defer(rows.scan, p, rows.losses, out, bool(strict_), key)
+        checks.defer(rows.scan, p, rows.losses, out, bool(strict_), key, owner=owner)
     return out

@@ -326,6 +326,23 @@ def test_deferred_backlog_is_bounded_in_bytes(deferred, monkeypatch):
     assert safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][0].nbytes > 0
 
 
+def test_deferred_records_of_a_discarded_loss_are_reported(deferred):
+    """A loss module created inline each step (`nn.CrossEntropyLoss()(x, t)` style) never gets a
+    second call: its records are reported by the next call of any loss, not kept forever."""
+    import gc
+
+    x, t = data()
+    bad = t.clone()
+    bad[1] = 9
+    keep = SafeCrossEntropyLoss()  # alive throughout, so it cannot reuse the other's id (key)
+    SafeCrossEntropyLoss()(x, bad)  # the module is garbage right after the call
+    gc.collect()
+    assert len(safeloss.checks._pending) == 1 and id(keep) not in safeloss.checks._pending
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"9 at \[1\]"):
+        keep(x, t)
+    assert not safeloss.checks._pending  # reported, not kept (the raising call deferred nothing)
+
+
 def test_deferred_strict_raises_in_the_same_call(deferred):
     x, t = data()
     t[0] = 7
