@@ -68,17 +68,19 @@ def note_findings(
     """Run time, real tensors: report or defer what the compiled loss counted."""
     strict_ = is_strict(None if strict < 0 else bool(strict))
     meta = torch.empty(input_shape, dtype=input_dtype, device="meta")
-    # Compilers may reuse these buffers after this op: keep copies (index targets and
-    # per-position losses are O(N); the logits are never kept).
+    # Compilers may reuse these buffers after this op. Reported now, they are read now; deferred,
+    # checks.defer copies the counts and the result to the host in stream order and keeps its own
+    # copy of the labels, so only the per-position losses, which it keeps as they are, are copied
+    # here (O(N); the logits are never kept).
     p = Problem(
-        input=meta, target=meta if prob else target.clone(), prob=prob,
+        input=meta, target=meta if prob else target, prob=prob,
         weight=torch.empty(num_classes, device="meta") if has_weight else None,
         ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
         num_classes=num_classes, out_dtype=out.dtype,
     )
     found = _decode(static_findings)
     rows_losses = losses.clone() if losses.numel() or reduction == "none" else None
-    scan = checks.Scan(counts.clone())
+    scan = checks.Scan(counts)
     owner = None if key == checks.FUNCTIONAL_KEY else key  # warn once per loss instance, as eager
     if checks.reads_at_once(device_type) or strict_:
         checks.flush(key, owner)  # earlier calls' findings first (this call syncs anyway)
@@ -88,7 +90,7 @@ def note_findings(
                        device_type=device_type)
         return
     checks.flush(key, owner, wait=False)  # earlier calls' findings, as an eager call would
-    checks.defer(scan, p, rows_losses, out.detach().clone(), strict_, key, note=COMPILED_NOTE,
+    checks.defer(scan, p, rows_losses, out.detach(), strict_, key, note=COMPILED_NOTE,
                  findings=found, device_type=device_type)
 
 
