@@ -19,6 +19,7 @@ import time
 import torch
 from triton.testing import do_bench
 
+from safeloss import bench
 from safeloss.backends import triton_backend as tb
 
 # (BLOCK_C, num_warps, num_stages or None for Triton's default), long rows.
@@ -31,13 +32,6 @@ LONG = [
 ]  # fmt: skip
 DEV = "cuda"  # the smoke test in tests/test_bench.py runs it on CPU under the interpreter
 SHORT = [(None, None, None), (None, 4, None), (None, 2, None), (None, 8, None), (None, 1, None)]
-
-
-def copy_gbps() -> float:
-    src = torch.empty(1 << 28, dtype=torch.float32, device=DEV)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 def compiled_stats(fn: object) -> list[str]:
@@ -105,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    copy = copy_gbps()
+    copy = bench.copy_bandwidth(torch.device(DEV), quick=True)  # the harness's own measurement
     sweep(8192, 128256, torch.bfloat16, LONG, copy, deadline)
     sweep(4096, 100, torch.float32, SHORT, copy, deadline)
     sweep(8192, 32000, torch.bfloat16, LONG[:9], copy, deadline)

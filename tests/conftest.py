@@ -49,3 +49,20 @@ def clean_patch():
     unpatch()
     assert F.cross_entropy is stock_f
     assert torch.nn.CrossEntropyLoss.__dict__["forward"] is stock_forward
+
+
+@pytest.fixture
+def benchmark_script():
+    """Load a script of benchmarks/ (not a package) as a module: ``benchmark_script("gpu_tune")``."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

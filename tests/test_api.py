@@ -235,10 +235,10 @@ class _FakeEvent:
         self.done = True
 
 
-def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
-    """A call reports only what finished on the GPU; unfinished records stay queued, in order,
-    and no call waits on an event (that would serialize host and GPU), up to MAX_IN_FLIGHT."""
+def _fake_events(monkeypatch) -> list[_FakeEvent]:
+    """Every deferred record gets an event the test finishes by hand (the GPU "still running")."""
     events: list[_FakeEvent] = []
+    real_defer = safeloss.checks.defer
 
     def fake_defer(*args, **kwargs):
         real_defer(*args, **kwargs)
@@ -246,8 +246,14 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
         rec.event = _FakeEvent(done=False)
         events.append(rec.event)
 
-    real_defer = safeloss.checks.defer
     monkeypatch.setattr(safeloss.checks, "defer", fake_defer)
+    return events
+
+
+def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
+    """A call reports only what finished on the GPU; unfinished records stay queued, in order,
+    and no call waits on an event (that would serialize host and GPU), up to MAX_IN_FLIGHT."""
+    events = _fake_events(monkeypatch)
     monkeypatch.setattr(safeloss.checks, "MAX_IN_FLIGHT", 3)
     x, t = data()
     bad = t.clone()
@@ -268,21 +274,6 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
     assert len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) <= 4
     safeloss.check_pending()  # waits for everything
     assert all(e.done for e in events) and not safeloss.checks._pending
-
-
-def _fake_events(monkeypatch) -> list[_FakeEvent]:
-    """Every deferred record gets an event the test finishes by hand (the GPU "still running")."""
-    events: list[_FakeEvent] = []
-    real_defer = safeloss.checks.defer
-
-    def fake_defer(*args, **kwargs):
-        real_defer(*args, **kwargs)
-        rec = safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][-1]
-        rec.event = _FakeEvent(done=False)
-        events.append(rec.event)
-
-    monkeypatch.setattr(safeloss.checks, "defer", fake_defer)
-    return events
 
 
 def test_deferred_records_survive_a_raising_report(deferred, monkeypatch):

@@ -134,15 +134,9 @@ def test_gpu_report_path(tmp_path: Path) -> None:
     assert set(written) == {"time_vs_classes.png", "bandwidth_vs_classes.png", "memory_vs_classes.png"}
 
 
-def test_gpu_host_profile_tool_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_host_profile_tool_runs(capsys: pytest.CaptureFixture[str], benchmark_script) -> None:
     """benchmarks/gpu_host_profile.py (a gpu_check.sh stage) on CPU tensors, a few calls."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_host_profile.py"
-    spec = importlib.util.spec_from_file_location("gpu_host_profile", path)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = benchmark_script("gpu_host_profile")
     tool.DEV, tool.CALLS, tool.N = "cpu", 3, 64
     tool.main()
     out = capsys.readouterr().out

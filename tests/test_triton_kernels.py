@@ -242,15 +242,9 @@ def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     _check(torch.randn(5, 300, device=DEV), torch.randint(0, 300, (5,), device=DEV))
 
 
-def test_gpu_tune_sweep_runs() -> None:
+def test_gpu_tune_sweep_runs(benchmark_script) -> None:
     """The tile-sweep tool itself (run on the device by gpu_check.sh) on a tiny shape."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_tune.py"
-    spec = importlib.util.spec_from_file_location("gpu_tune", path)
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = benchmark_script("gpu_tune")
     tune.DEV = DEV
     if DEV.type == "cpu":
         tune.do_bench = lambda fn, **kw: (fn(), 1.0)[1]

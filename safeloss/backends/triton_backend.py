@@ -445,16 +445,8 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
     if torch.is_grad_enabled() and (need_dx or need_dy):
         # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
         # kernels' outputs carry no graph, so differentiate torch's formula instead.
-        return (
-            *_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
+                None, None, None, None, None, None, None)
     if fused:
         if need_dx:
             # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
@@ -475,15 +467,8 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
 
 
 def _differentiable_grads(
-    x: Tensor | None,
-    target: Tensor,
-    weight: Tensor | None,
-    g: Tensor,
-    ignore_index: int,
-    eps: float,
-    prob: bool,
-    need_dx: bool,
-    need_dy: bool,
+    x: Tensor | None, target: Tensor, weight: Tensor | None, g: Tensor, ignore_index: int,
+    eps: float, prob: bool, need_dx: bool, need_dy: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """First derivatives as differentiable torch ops (the same values as the kernels)."""
     from safeloss.checks import bad_target_mask
@@ -503,14 +488,8 @@ def _differentiable_grads(
         t = target.long()
         C = x.shape[0 if x.dim() == 1 else 1]
         bad = bad_target_mask(t, C, ignore_index)  # zero gradient, as in the kernel
-        loss = _stock_cross_entropy(
-            xf,
-            t.masked_fill(bad, ignore_index),
-            weight,
-            ignore_index=ignore_index,
-            label_smoothing=eps,
-            reduction="none",
-        )
+        loss = _stock_cross_entropy(xf, t.masked_fill(bad, ignore_index), weight,
+                                    ignore_index=ignore_index, label_smoothing=eps, reduction="none")
     wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
     grads = list(torch.autograd.grad(loss, wrt, g.to(loss.dtype), create_graph=True))
     gx = grads.pop(0).to(x.dtype) if need_dx else None
