@@ -18,6 +18,7 @@ from .errors import (
     InputError,
     LabelSmoothingError,
     NonFiniteError,
+    ParallelMismatchError,
     ProbabilityTargetError,
     ReductionError,
     SafeLossError,
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .functional import cross_entropy
 from .module import SafeCrossEntropyLoss
+from .parallel import vocab_parallel_cross_entropy
 from .patch import is_patched, patch, unpatch
 from .report import reset_warnings
 
@@ -56,6 +58,7 @@ __all__ = [
     "InputError",
     "LabelSmoothingError",
     "NonFiniteError",
+    "ParallelMismatchError",
     "ProbabilityTargetError",
     "ReductionError",
     "SafeCrossEntropyLoss",
@@ -74,4 +77,5 @@ __all__ = [
     "set_strict",
     "strict_mode",
     "unpatch",
+    "vocab_parallel_cross_entropy",
 ]

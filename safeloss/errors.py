@@ -78,6 +78,10 @@ class BackendError(SafeLossError, RuntimeError):
     """The requested backend cannot run here."""
 
 
+class ParallelMismatchError(SafeLossError, RuntimeError):
+    """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
+
+
 class SafeLossWarning(UserWarning):
     """A likely mistake that safeloss handled; becomes an error in strict mode."""
 

@@ -1,0 +1,11 @@
+"""Cross-entropy for logits sharded over the classes (tensor parallelism).
+
+* :func:`vocab_parallel_cross_entropy` (``vocab.py``): plain local shards, Megatron style.
+* ``dtensor.py``: DTensor logits sharded on the class dim under
+  ``torch.distributed.tensor.parallel.loss_parallel()``, reached through ``safeloss.cross_entropy``,
+  ``SafeCrossEntropyLoss`` and the patched stock loss.
+"""
+
+from .vocab import vocab_parallel_cross_entropy
+
+__all__ = ["vocab_parallel_cross_entropy"]
