@@ -15,8 +15,9 @@ What is reached while patched:
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
 ``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses from other libraries,
-TorchScript (scripted code compiles stock torch), and tensor subclasses (DTensor, FakeTensor, ...),
-which keep stock torch's own dispatch. ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
+TorchScript (scripted code compiles stock torch), and tensor subclasses (FakeTensor, ...),
+which keep stock torch's own dispatch; DTensor logits keep it too, except under
+``loss_parallel()``, where they take safeloss's vocab-parallel path (``safeloss.parallel``). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
 unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
@@ -38,6 +39,7 @@ from torch import Tensor
 from . import pipeline
 from .errors import ArgumentTypeError
 from .functional import cross_entropy as _safe_cross_entropy
+from .parallel import dtensor as _parallel_dtensor
 from .validation import check_label_smoothing, check_reduction
 
 _CLS = torch.nn.CrossEntropyLoss
@@ -61,6 +63,11 @@ def _plain(*tensors: object) -> bool:
     return all(
         t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors
     )
+
+
+def _routed(input: object, target: object, weight: object) -> bool:
+    """Whether safeloss takes this call: plain tensors, or DTensor logits under loss_parallel()."""
+    return _plain(input, target, weight) or _parallel_dtensor.applies(input, target, weight)
 
 
 _depth = 0  # patched calls in progress; only read while torch.compile traces (see _reentrant)
@@ -123,7 +130,7 @@ def _functional(
 ) -> Tensor:
     global _depth
     current = _current
-    if current is None or not _plain(input, target, weight) or _reentrant():
+    if current is None or not _routed(input, target, weight) or _reentrant():
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
@@ -151,7 +158,7 @@ def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> 
 def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     global _depth
     current = _current
-    if current is None or not _plain(input, target, self.weight):
+    if current is None or not _routed(input, target, self.weight):
         return _saved_forward(self, input, target)
     _depth += 1
     try:

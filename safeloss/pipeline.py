@@ -12,6 +12,7 @@ from torch import Tensor
 from . import checks, compiled, dispatch, reduction
 from .backends import torch_backend
 from .config import LazyStrict
+from .parallel import dtensor as parallel_dtensor
 from .report import report
 from .validation import normalize
 
@@ -39,6 +40,13 @@ def run(
     # safeloss.compiled). While a CUDA graph is captured, or inside torch.func transforms, nothing
     # may touch the host: bad labels are still masked (NaN loss, no out-of-bounds read) but
     # findings are not reported.
+    if type(input) is not Tensor and parallel_dtensor.is_dtensor(input):
+        # DTensor logits: vocab-parallel checks under loss_parallel(), stock torch otherwise.
+        if parallel_dtensor.applies(input, target, weight):
+            return parallel_dtensor.run(input, target, weight, ignore_index, reduction_, label_smoothing,
+                                        strict=strict, backend=backend, owner=owner)
+        return torch_backend._stock_cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                                  reduction=reduction_, label_smoothing=label_smoothing)
     tracing = torch.compiler.is_compiling()
     transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
     compiling = tracing or transform or _capturing(input)
