@@ -121,12 +121,13 @@ class _Plan:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """(R, C_local): positions as rows, classes last (a view for the usual (N, C) layout)."""
+    """(R, C_local): positions as rows, classes last (a view for the usual (N, C) layout).
+    Sizes are explicit: -1 cannot be inferred for an empty slice (C_local == 0)."""
     if x.dim() == 1:
-        return x.reshape(1, -1)
+        return x.reshape(1, x.shape[0])
     if x.dim() == 2:
         return x
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.movedim(1, -1).reshape(math.prod(_positions_shape(x)), x.shape[1])
 
 
 def _unrows(d: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,369 @@
+"""Vocab-parallel cross-entropy (safeloss.parallel) on 2 and 3 CPU ranks over gloo.
+
+One process group per world size runs every case (process start-up is paid once); each rank
+writes what it got, and the tests here judge it against single-process stock cross-entropy on the
+gathered logits. Cases that raise must raise the same error class and text on every rank, and the
+group must stay usable after them (the next case's all-reduces would hang or fail otherwise).
+
+No ports (a FileStore in tmp_path), a gloo timeout so that a hang becomes an error, a hard
+deadline on the join, and destroy_process_group after a final barrier on every rank (a rank that
+exits while another is still inside a collective aborts gloo's threads).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import safeloss
+from tests.tolerances import assert_matches
+
+C = 7  # classes: uneven over 2 and 3 ranks
+SLICES = {2: [3, 4], 3: [2, 0, 5]}  # plain path; 3 ranks include an empty slice
+DEADLINE_S = 120
+
+
+# =============================================================================== cases
+
+
+def _grid() -> list[dict[str, Any]]:
+    out = []
+    i = 0
+    for red in ("mean", "sum", "none"):
+        for eps in (0.0, 0.1):
+            for weight in (False, True):
+                for shape in ((6,), (3, 2)):  # (N, C) and (N, C, d)
+                    out.append(dict(name=f"plain-{red}-eps{eps}-w{int(weight)}-{len(shape)}d", kind="plain",
+                                    seed=i, shape=shape, red=red, eps=eps, weight=weight, ignore=True))
+                    i += 1
+    out.append(dict(name="plain-float32", kind="plain", seed=90, shape=(5,), red="mean", eps=0.05,
+                    weight=True, ignore=False, dtype=torch.float32))
+    out.append(dict(name="plain-ignore255", kind="plain", seed=91, shape=(6,), red="mean", eps=0.0,
+                    weight=False, ignore=True, ignore_index=255))
+    out.append(dict(name="plain-1d-input", kind="plain", seed=92, shape=(), red="sum", eps=0.1,
+                    weight=True, ignore=False))
+    return out
+
+
+ERRORS = [
+    # name, what the worker does, the error class every rank must raise
+    ("bad-label-one-rank", "TargetOutOfRangeError"),
+    ("bad-label-every-rank", "TargetOutOfRangeError"),
+    ("targets-differ", "ParallelMismatchError"),
+    ("local-error-one-rank", "BatchSizeMismatchError"),
+    ("softmax-strict-one-rank", "InputError"),
+    ("nan-strict", "NonFiniteError"),
+    ("weight-wrong-length", "WeightError"),
+    ("positions-differ", "ParallelMismatchError"),
+    ("dt-bad-label", "TargetOutOfRangeError"),
+]
+WARNS = ["softmax-warns", "nan-warns", "empty-mean"]
+DTENSOR = [
+    *(dict(name=f"dt-{red}-{api}", red=red, eps=0.0, weight=w, shape=(6,), api=api)
+      for red in ("mean", "sum", "none") for w, api in ((False, "safeloss"), (True, "patch-functional"))),
+    dict(name="dt-kdim", red="mean", eps=0.0, weight=False, shape=(3, 2), api="safeloss"),
+    dict(name="dt-smoothing-sharded-weight", red="mean", eps=0.1, weight="shard", shape=(6,), api="patch-functional"),
+    dict(name="dt-smoothing-module", red="sum", eps=0.2, weight=True, shape=(6,), api="patch-module"),
+    dict(name="dt-safe-module", red="mean", eps=0.1, weight=True, shape=(6,), api="safe-module"),
+]
+
+
+def _inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Full logits, labels, weight and upstream gradient of a case (the same in every process)."""
+    gen = torch.Generator().manual_seed(int(case.get("seed", 0)))
+    dtype = case.get("dtype", torch.float64)
+    shape = case["shape"]
+    if shape == ():
+        x = torch.randn(C, generator=gen, dtype=dtype) * 2
+        t = torch.randint(0, C, (), generator=gen)
+    else:
+        n, *rest = shape
+        x = torch.randn(n, C, *rest, generator=gen, dtype=dtype) * 2
+        t = torch.randint(0, C, (n, *rest), generator=gen)
+        if case.get("ignore"):
+            t.view(-1)[::3] = case.get("ignore_index", -100)
+    w = torch.rand(C, generator=gen, dtype=dtype) + 0.2 if case.get("weight") else None
+    g = torch.randn(t.shape, generator=gen, dtype=dtype) if case["red"] == "none" else torch.tensor(1.7, dtype=dtype)
+    return x, t, w, g
+
+
+def _slice(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    off = sum(sizes[:rank])
+    return x.narrow(0 if x.dim() == 1 else 1, off, sizes[rank])
+
+
+# =============================================================================== the ranks
+
+
+def _call(fn: Any) -> dict[str, Any]:
+    """Run fn, recording its result or error and the SafeLossWarnings it emitted."""
+    safeloss.reset_warnings()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            res: dict[str, Any] = {"ok": fn()}
+        except Exception as e:
+            res = {"error": type(e).__name__, "message": str(e),
+                   "safeloss": isinstance(e, safeloss.SafeLossError)}
+    res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
+    return res
+
+
+def _plain_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    x, t, w, g = _inputs(case)
+    xl = _slice(x, SLICES[world], rank).clone().requires_grad_()
+    out = safeloss.vocab_parallel_cross_entropy(
+        xl, t, w, ignore_index=case.get("ignore_index", -100), reduction=case["red"],
+        label_smoothing=case["eps"])
+    (out * g).sum().backward()
+    return {"out": out.detach(), "grad": xl.grad}
+
+
+def _error_case(name: str, rank: int, world: int) -> Any:
+    case = dict(seed=7, shape=(6,), red="mean", eps=0.0, weight=False)
+    x, t, w, _ = _inputs(case)
+    xl = _slice(x, SLICES[world], rank)
+    kw: dict[str, Any] = {}
+    last = rank == world - 1
+    if name == "bad-label-one-rank":
+        t = t.clone()
+        if last:
+            t[4] = C + 2
+    elif name == "bad-label-every-rank":
+        t = t.clone()
+        t[1] = C
+        t[3] = C
+    elif name == "targets-differ":
+        t = t.clone()
+        if last:
+            t[0] = (t[0] + 1) % C
+    elif name == "local-error-one-rank":
+        if last:
+            t = torch.cat([t, t[:2]])
+    elif name in ("softmax-strict-one-rank", "softmax-warns"):
+        xl = _slice(x.softmax(1), SLICES[world], rank)
+        if name == "softmax-strict-one-rank":
+            kw["strict"] = True if rank == 0 else None
+    elif name in ("nan-strict", "nan-warns"):
+        x = x.clone()
+        x[2, C - 1] = math.nan  # on the last rank's slice only
+        xl = _slice(x, SLICES[world], rank)
+        kw["strict"] = name == "nan-strict"
+    elif name == "weight-wrong-length":
+        kw["weight"] = torch.ones(C + 1, dtype=x.dtype)
+    elif name == "positions-differ":
+        if last:
+            xl, t = xl[:5], t[:5]
+    elif name == "empty-mean":
+        xl, t = xl[:0], t[:0]
+    out = safeloss.vocab_parallel_cross_entropy(xl, t, **kw)
+    return {"out": out.detach()}
+
+
+def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    x, t, w, g = _inputs(case)
+    dx = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+    dg = distribute_tensor(g, mesh, [Replicate()])
+    kw = dict(reduction=case["red"], label_smoothing=case["eps"])
+    weight: Any = w
+    if case["weight"] == "shard":
+        weight = distribute_tensor(w, mesh, [Shard(0)])
+    res: dict[str, Any] = {}
+    with loss_parallel():
+        if case["api"] == "safeloss":
+            out = safeloss.cross_entropy(dx, t, weight, **kw)
+        elif case["api"] == "patch-functional":
+            with safeloss.patch():
+                out = F.cross_entropy(dx, t, weight, **kw)
+        elif case["api"] == "patch-module":
+            with safeloss.patch():
+                out = torch.nn.CrossEntropyLoss(weight, **kw)(dx, t)
+        else:
+            out = safeloss.SafeCrossEntropyLoss(weight, **kw)(dx, t)
+        (out * dg).sum().backward()
+        res["type"] = type(out).__name__
+        res["out"] = out.to_local().detach()
+        res["grad"] = dx.grad.full_tensor()
+        res["grad_placements"] = str(dx.grad.placements)
+        # Stock loss_parallel on the same call, where it works.
+        dx2 = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+        try:
+            ref = F.cross_entropy(dx2, t, weight, **kw)
+            (ref * dg).sum().backward()
+            res["stock"] = (ref.to_local().detach(), dx2.grad.full_tensor())
+        except Exception as e:
+            res["stock"] = type(e).__name__
+    return res
+
+
+def _dt_bad_label(mesh: Any) -> Any:
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    x, t, _, _ = _inputs(dict(seed=3, shape=(6,), red="mean"))
+    t = t.clone()
+    t[2] = C + 5
+    dx = distribute_tensor(x, mesh, [Shard(1)])
+    with loss_parallel(), safeloss.patch():
+        return F.cross_entropy(dx, t).to_local()
+
+
+def _stock_bad_label(mesh: Any) -> Any:
+    """What stock loss_parallel does with a label >= C (documented: it returns a number)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    x, t, _, _ = _inputs(dict(seed=3, shape=(6,), red="mean"))
+    t = t.clone()
+    t[2] = C + 5
+    with loss_parallel():
+        return F.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), t).to_local()
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    results: dict[str, Any] = {}
+    try:
+        for case in _grid():
+            results[case["name"]] = _call(lambda case=case: _plain_case(case, rank, world))
+        for name, _ in ERRORS[:-1]:
+            results[name] = _call(lambda name=name: _error_case(name, rank, world))
+        for name in WARNS:
+            results[name] = _call(lambda name=name: _error_case(name, rank, world))
+        mesh = init_device_mesh("cpu", (world,))
+        for case in DTENSOR:
+            results[case["name"]] = _call(lambda case=case: _dtensor_case(case, mesh, world))
+        results["dt-bad-label"] = _call(lambda: _dt_bad_label(mesh))
+        results["stock-bad-label"] = _call(lambda: _stock_bad_label(mesh))
+        dist.barrier()  # nobody tears gloo down while another rank is still in a collective
+    finally:
+        torch.save(results, f"{out}.{rank}")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
+    import torch.multiprocessing as mp
+
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"tp{world}")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the workers
+    ctx = mp.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp / "out")),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"vocab-parallel workers ({world} ranks) did not finish in {DEADLINE_S} s")
+    return world, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world)]
+
+
+# =============================================================================== judged here
+
+
+def _reference(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, t, w, g = _inputs(case)
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, t, w, ignore_index=case.get("ignore_index", -100), reduction=case["red"],
+                          label_smoothing=case["eps"])
+    (ref * g).sum().backward()
+    return ref.detach(), x.grad
+
+
+def test_plain_shards_match_stock_on_gathered_logits(ranks: tuple[int, list[dict]]) -> None:
+    world, res = ranks
+    for case in _grid():
+        ref, grad = _reference(case)
+        for rank in range(world):
+            got = res[rank][case["name"]]
+            assert "ok" in got, f"{case['name']} rank {rank}: {got}"
+            assert not got["warnings"], got["warnings"]
+            assert_matches(got["ok"]["out"], ref, what=f"{case['name']} loss, rank {rank}")
+            assert_matches(got["ok"]["grad"], _slice(grad, SLICES[world], rank),
+                           what=f"{case['name']} grad, rank {rank}")
+
+
+@pytest.mark.parametrize("name,cls", ERRORS)
+def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls: str) -> None:
+    world, res = ranks
+    got = [r[name] for r in res]
+    for g in got:
+        assert g.get("error") == cls and g["safeloss"], g
+    assert len({g["message"] for g in got}) == 1, "ranks raised different messages"
+    msg = got[0]["message"]
+    if name == "bad-label-one-rank":
+        assert f"{C + 2} at [4]" in msg and "outside the class range 0..6" in msg
+        assert f"found in the labels of rank {world - 1} of {world}" in msg
+    elif name == "bad-label-every-rank":
+        assert "7 at [1] and [3]" in msg and "differ" not in msg
+    elif name == "local-error-one-rank":
+        assert f"raised on rank {world - 1} of the {world} ranks" in msg
+    elif name == "dt-bad-label":
+        assert f"{C + 5} at [2]" in msg
+
+
+def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:
+    """The motivation, kept honest: stock returns a number where safeloss raises."""
+    _, res = ranks
+    assert "ok" in res[0]["stock-bad-label"] and math.isfinite(float(res[0]["stock-bad-label"]["ok"]))
+
+
+def test_warnings_agree_across_ranks(ranks: tuple[int, list[dict]]) -> None:
+    world, res = ranks
+    for name, needle in [("softmax-warns", "looks already softmaxed"), ("nan-warns", "NaN or infinite"),
+                         ("empty-mean", "empty batch")]:
+        got = [r[name] for r in res]
+        for g in got:
+            assert "ok" in g, g
+            assert any(needle in w for w in g["warnings"]), (name, g["warnings"])
+        assert len({tuple(g["warnings"]) for g in got}) == 1
+    assert math.isnan(float(res[0]["nan-warns"]["ok"]["out"]))
+    assert math.isnan(float(res[0]["empty-mean"]["ok"]["out"]))
+    # softmaxed input: the value is still stock's
+    x, t, _, _ = _inputs(dict(seed=7, shape=(6,), red="mean"))
+    torch.testing.assert_close(res[world - 1]["softmax-warns"]["ok"]["out"], F.cross_entropy(x.softmax(1), t))
+
+
+def test_dtensor_matches_stock_and_gathered(ranks: tuple[int, list[dict]]) -> None:
+    world, res = ranks
+    for case in DTENSOR:
+        ref, grad = _reference(case)
+        for rank in range(world):
+            got = res[rank][case["name"]]
+            assert "ok" in got, f"{case['name']} rank {rank}: {got}"
+            r = got["ok"]
+            assert r["type"] == "DTensor" and r["grad_placements"] == "(Shard(dim=1),)"
+            assert_matches(r["out"], ref, what=f"{case['name']} loss")
+            assert_matches(r["grad"], grad, what=f"{case['name']} grad")
+            if case["eps"] or case["weight"] == "shard":
+                assert isinstance(r["stock"], str), "stock loss_parallel was expected to fail here"
+            else:  # equal to stock loss_parallel itself where it works
+                torch.testing.assert_close(r["out"], r["stock"][0], rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(r["grad"], r["stock"][1], rtol=1e-12, atol=1e-12)
+
+
+def test_needs_a_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    with pytest.raises(safeloss.BackendError, match="initialized torch.distributed process group"):
+        safeloss.vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
