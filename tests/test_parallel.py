@@ -48,6 +48,9 @@ def _grid() -> list[dict[str, Any]]:
                     weight=True, ignore=False, dtype=torch.float32))
     out.append(dict(name="plain-ignore255", kind="plain", seed=91, shape=(6,), red="mean", eps=0.0,
                     weight=False, ignore=True, ignore_index=255))
+    # The Triton statistics kernel (interpreter here), an empty slice on 3 ranks included.
+    out.append(dict(name="plain-triton", kind="plain", seed=93, shape=(4,), red="mean", eps=0.1,
+                    weight=True, ignore=True, dtype=torch.float32, backend="triton"))
     out.append(dict(name="plain-1d-input", kind="plain", seed=92, shape=(), red="sum", eps=0.1,
                     weight=True, ignore=False))
     return out
@@ -122,7 +125,7 @@ def _plain_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     xl = _slice(x, SLICES[world], rank).clone().requires_grad_()
     out = safeloss.vocab_parallel_cross_entropy(
         xl, t, w, ignore_index=case.get("ignore_index", -100), reduction=case["red"],
-        label_smoothing=case["eps"])
+        label_smoothing=case["eps"], backend=case.get("backend", "auto"))
     (out * g).sum().backward()
     return {"out": out.detach(), "grad": xl.grad}
 
@@ -357,6 +360,24 @@ def test_dtensor_matches_stock_and_gathered(ranks: tuple[int, list[dict]]) -> No
             else:  # equal to stock loss_parallel itself where it works
                 torch.testing.assert_close(r["out"], r["stock"][0], rtol=1e-12, atol=1e-12)
                 torch.testing.assert_close(r["grad"], r["stock"][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 3), (3, 40), (2, 300)])
+def test_triton_shard_stats_match_torch(rows: int, cols: int) -> None:
+    """The kernel's per-slice log-sum-exp and smoothing sum, -inf rows and strided input included."""
+    from safeloss.parallel import triton_stats
+
+    gen = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(cols, rows, generator=gen).t() * 3  # column-major: strides (1, rows)
+    x[0, 1] = -math.inf
+    w = torch.rand(cols, generator=gen)
+    lse, q = triton_stats.shard_stats(x, w, True)
+    want = torch.logsumexp(x, 1)
+    torch.testing.assert_close(lse, want)
+    torch.testing.assert_close(q, (w * (want[:, None] - x)).sum(1))
+    lse2, q2 = triton_stats.shard_stats(x, None, False)
+    assert q2 is None
+    torch.testing.assert_close(lse2, want)
 
 
 def test_needs_a_process_group() -> None:

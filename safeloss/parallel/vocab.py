@@ -339,17 +339,17 @@ def run(
             _check_weight(weight, p.input, 0, False)  # raises its ArgumentTypeError
         _check_devices(p.input, p.target, weight)
         findings = [f for f in p.findings if f.kind != "single-class"]  # a 1-class slice is fine
-        if p.input.device.type == "cuda" and backend_ != "torch":
+        # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
+        # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
+        if backend_ == "triton" or (backend_ == "auto" and p.input.device.type == "cuda"):
             reason = triton_unavailable_reason(p.input.device)
-            if reason is None:
+            if reason is None and p.input.dtype != torch.float64:
                 name = "triton"
             elif backend_ == "triton":
-                raise BackendError(f'backend="triton" cannot run here: {reason}.\nFix: backend="auto"')
-        elif backend_ == "triton":
-            raise BackendError(
-                f'backend="triton" runs the vocab-parallel statistics on CUDA tensors only, got '
-                f'{p.input.device.type} tensors.\nFix: backend="auto"'
-            )
+                raise BackendError(
+                    f'backend="triton" cannot run the vocab-parallel statistics here: '
+                    f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
+                )
     except Exception as e:  # every local failure must reach the other ranks
         local_error = e
         p = None

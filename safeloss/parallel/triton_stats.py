@@ -1,0 +1,81 @@
+"""Triton kernel for the per-shard statistics of vocab-parallel cross-entropy (CUDA; the
+interpreter on CPU for tests). Imported lazily, only when the Triton backend runs.
+
+One program per row of the local slice streams the classes in column blocks with the online
+softmax of ``safeloss.backends.triton_kernels`` (running max, rescaled sum of exponentials, exp2)
+and writes, in fp32:
+
+* ``L`` = log-sum-exp of the slice (-inf for an all -inf row);
+* with label smoothing, ``Q`` = sum_c w_c (L - x_c), accumulated relative to the running max
+  (``acc = sum_c w_c (x_c - m)``, shifted when the max grows) and finished as ``W log(s) - acc``,
+  so nothing of size |L| * W cancels.
+
+The logits are read once, in their own dtype and strides (no copy, no upcast copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def shard_stats_kernel(
+    x_ptr, w_ptr, lse_ptr, q_ptr, R, C, xs_r, xs_c,
+    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Tiles of [BLOCK_P rows, BLOCK_C classes], the layout of the main kernel's LM rows (rows
+    # narrower than a block are packed several per program).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = rows < R
+    xrow = rows * xs_r
+    m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_P,), tl.float32)
+    acc = tl.zeros((BLOCK_P,), tl.float32)
+    ksum = tl.zeros((BLOCK_P,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = pmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + (xrow[:, None] + cols.to(tl.int64)[None, :] * xs_c), mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # never (-inf) - (-inf)
+        xd = x - m_ref[:, None]
+        s = s * tl.exp2((m - m_ref) * LOG2E) + tl.sum(tl.exp2(xd * LOG2E), axis=1)
+        if SMOOTH:
+            if HAS_W:
+                k = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                k = cmask.to(tl.float32)[None, :]
+            k = tl.where(mask, k, 0.0)
+            shift = tl.where(m == float("-inf"), 0.0, m_ref - m)
+            acc = acc - shift * ksum + tl.sum(k * tl.where(mask, xd, 0.0), axis=1)
+            ksum += tl.sum(k, axis=1)
+        m = m_new
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    logs = tl.log(tl.where(pmask, s, 1.0))
+    tl.store(lse_ptr + rows, m_ref + logs, mask=pmask)
+    if SMOOTH:
+        tl.store(q_ptr + rows, ksum * logs - acc, mask=pmask)
+
+
+def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tensor, Tensor | None]:
+    """(L, Q or None) per row of ``xr`` (R, C_local), C_local > 0; fp32."""
+    R, C = xr.shape
+    lse = torch.empty(R, dtype=torch.float32, device=xr.device)
+    q = torch.empty(R, dtype=torch.float32, device=xr.device) if smooth else None
+    if R:
+        w = None if w_local is None else w_local.to(torch.float32).contiguous()
+        block_c = max(16, min(4096, triton.next_power_of_2(C)))
+        block_p = max(1, min(16, 1024 // block_c))  # pack narrow rows: ~1024 elements a tile
+        shard_stats_kernel[(triton.cdiv(R, block_p),)](
+            xr, xr if w is None else w, lse, lse if q is None else q, R, C, xr.stride(0),
+            xr.stride(1), HAS_W=w is not None, SMOOTH=smooth, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=4 if block_c <= 1024 else 8,
+        )
+    return lse, q
