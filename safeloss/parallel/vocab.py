@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _flags as F
 from .. import checks, errors
@@ -225,6 +226,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return loss.reshape(_positions_shape(x))
 
     @staticmethod
+    @once_differentiable  # double backward would differentiate through a detached lse: refuse it
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
