@@ -46,6 +46,8 @@ def _grid() -> list[dict[str, Any]]:
                     i += 1
     out.append(dict(name="plain-float32", kind="plain", seed=90, shape=(5,), red="mean", eps=0.05,
                     weight=True, ignore=False, dtype=torch.float32))
+    out.append(dict(name="plain-int32-labels", kind="plain", seed=94, shape=(6,), red="sum", eps=0.0,
+                    weight=True, ignore=True, target_dtype=torch.int32))
     out.append(dict(name="plain-ignore255", kind="plain", seed=91, shape=(6,), red="mean", eps=0.0,
                     weight=False, ignore=True, ignore_index=255))
     # The Triton statistics kernel (interpreter here), an empty slice on 3 ranks included.
@@ -66,6 +68,8 @@ ERRORS = [
     ("nan-strict", "NonFiniteError"),
     ("weight-wrong-length", "WeightError"),
     ("positions-differ", "ParallelMismatchError"),
+    ("probability-targets", "TargetShapeError"),
+    ("weight-requires-grad", "WeightError"),
     ("dt-bad-label", "TargetOutOfRangeError"),
 ]
 WARNS = ["softmax-warns", "nan-warns", "empty-mean"]
@@ -76,6 +80,11 @@ DTENSOR = [
     dict(name="dt-smoothing-sharded-weight", red="mean", eps=0.1, weight="shard", shape=(6,), api="patch-functional"),
     dict(name="dt-smoothing-module", red="sum", eps=0.2, weight=True, shape=(6,), api="patch-module"),
     dict(name="dt-safe-module", red="mean", eps=0.1, weight=True, shape=(6,), api="safe-module"),
+    # Stock loss_parallel fails in backward here (it gathers the weight at ignore_index = -100).
+    dict(name="dt-target-dtensor-weight-ignore", red="none", eps=0.0, weight=True, shape=(6,),
+         api="patch-module", target="dtensor", ignore=True, stock_fails=True),
+    dict(name="dt-target-dtensor", red="mean", eps=0.0, weight=False, shape=(6,), api="patch-module",
+         target="dtensor", ignore=True),
 ]
 
 
@@ -93,6 +102,7 @@ def _inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         t = torch.randint(0, C, (n, *rest), generator=gen)
         if case.get("ignore"):
             t.view(-1)[::3] = case.get("ignore_index", -100)
+    t = t.to(case.get("target_dtype", torch.int64))
     w = torch.rand(C, generator=gen, dtype=dtype) + 0.2 if case.get("weight") else None
     g = torch.randn(t.shape, generator=gen, dtype=dtype) if case["red"] == "none" else torch.tensor(1.7, dtype=dtype)
     return x, t, w, g
@@ -167,6 +177,10 @@ def _error_case(name: str, rank: int, world: int) -> Any:
             xl, t = xl[:5], t[:5]
     elif name == "empty-mean":
         xl, t = xl[:0], t[:0]
+    elif name == "weight-requires-grad":
+        kw["weight"] = torch.ones(C, dtype=x.dtype, requires_grad=True)
+    elif name == "probability-targets":
+        t = xl.detach().softmax(1)
     out = safeloss.vocab_parallel_cross_entropy(xl, t, **kw)
     return {"out": out.detach()}
 
@@ -182,6 +196,8 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
     weight: Any = w
     if case["weight"] == "shard":
         weight = distribute_tensor(w, mesh, [Shard(0)])
+    if case.get("target") == "dtensor":
+        t = distribute_tensor(t, mesh, [Replicate()])
     res: dict[str, Any] = {}
     with loss_parallel():
         if case["api"] == "safeloss":
@@ -206,7 +222,7 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
             (ref * dg).sum().backward()
             res["stock"] = (ref.to_local().detach(), dx2.grad.full_tensor())
         except Exception as e:
-            res["stock"] = type(e).__name__
+            res["stock"] = f"{type(e).__name__}: {e}"
     return res
 
 
@@ -220,6 +236,15 @@ def _dt_bad_label(mesh: Any) -> Any:
     dx = distribute_tensor(x, mesh, [Shard(1)])
     with loss_parallel(), safeloss.patch():
         return F.cross_entropy(dx, t).to_local()
+
+
+def _dt_outside(mesh: Any) -> Any:
+    """Outside loss_parallel() a DTensor keeps stock behaviour (DTensor's own sharding rules)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, t, _, _ = _inputs(dict(seed=4, shape=(6,), red="mean"))
+    dx = distribute_tensor(x, mesh, [Shard(1)])
+    return safeloss.cross_entropy(dx, t).full_tensor(), F.cross_entropy(dx, t).full_tensor()
 
 
 def _stock_bad_label(mesh: Any) -> Any:
@@ -253,6 +278,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for case in DTENSOR:
             results[case["name"]] = _call(lambda case=case: _dtensor_case(case, mesh, world))
         results["dt-bad-label"] = _call(lambda: _dt_bad_label(mesh))
+        results["dt-outside-loss-parallel"] = _call(lambda: _dt_outside(mesh))
         results["stock-bad-label"] = _call(lambda: _stock_bad_label(mesh))
         dist.barrier()  # nobody tears gloo down while another rank is still in a collective
     finally:
@@ -284,7 +310,7 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def _reference(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     x, t, w, g = _inputs(case)
     x = x.clone().requires_grad_()
-    ref = F.cross_entropy(x, t, w, ignore_index=case.get("ignore_index", -100), reduction=case["red"],
+    ref = F.cross_entropy(x, t.long(), w, ignore_index=case.get("ignore_index", -100), reduction=case["red"],
                           label_smoothing=case["eps"])
     (ref * g).sum().backward()
     return ref.detach(), x.grad
@@ -328,6 +354,14 @@ def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) 
     assert "ok" in res[0]["stock-bad-label"] and math.isfinite(float(res[0]["stock-bad-label"]["ok"]))
 
 
+def test_dtensor_outside_loss_parallel_is_stock(ranks: tuple[int, list[dict]]) -> None:
+    _, res = ranks
+    ours, stock = res[0]["dt-outside-loss-parallel"]["ok"]
+    x, t, _, _ = _inputs(dict(seed=4, shape=(6,), red="mean"))
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+    torch.testing.assert_close(ours, F.cross_entropy(x, t))
+
+
 def test_warnings_agree_across_ranks(ranks: tuple[int, list[dict]]) -> None:
     world, res = ranks
     for name, needle in [("softmax-warns", "looks already softmaxed"), ("nan-warns", "NaN or infinite"),
@@ -355,7 +389,7 @@ def test_dtensor_matches_stock_and_gathered(ranks: tuple[int, list[dict]]) -> No
             assert r["type"] == "DTensor" and r["grad_placements"] == "(Shard(dim=1),)"
             assert_matches(r["out"], ref, what=f"{case['name']} loss")
             assert_matches(r["grad"], grad, what=f"{case['name']} grad")
-            if case["eps"] or case["weight"] == "shard":
+            if case["eps"] or case["weight"] == "shard" or case.get("stock_fails"):
                 assert isinstance(r["stock"], str), "stock loss_parallel was expected to fail here"
             else:  # equal to stock loss_parallel itself where it works
                 torch.testing.assert_close(r["out"], r["stock"][0], rtol=1e-12, atol=1e-12)
@@ -378,6 +412,14 @@ def test_triton_shard_stats_match_torch(rows: int, cols: int) -> None:
     lse2, q2 = triton_stats.shard_stats(x, None, False)
     assert q2 is None
     torch.testing.assert_close(lse2, want)
+
+
+def test_benchmark_report_counts_bytes_per_row(benchmark_script: Any) -> None:
+    bench = benchmark_script("vocab_parallel")
+    rows = [dict(shape=[100, 8], provider="stock", median_ms=2.0, bytes=1200, all_reduces=3),
+            dict(shape=[100, 8], provider="safeloss-shards", median_ms=1.0, bytes=2112, all_reduces=3)]
+    text = bench.report(rows, 2)
+    assert "| (100, 8) | safeloss-shards | 1.00 ms | 0.50x | 3 | 2,112 | 21.1 |" in text
 
 
 def test_needs_a_process_group() -> None:

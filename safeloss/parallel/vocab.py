@@ -49,6 +49,7 @@ from ..errors import (
     SafeLossError,
     TargetOutOfRangeError,
     TargetShapeError,
+    WeightError,
     fmt_shape,
 )
 from ..report import Finding, report
@@ -340,6 +341,12 @@ def run(
         if weight is not None and not isinstance(weight, Tensor):
             _check_weight(weight, p.input, 0, False)  # raises its ArgumentTypeError
         _check_devices(p.input, p.target, weight)
+        if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
+            raise WeightError(
+                "weight requires grad, but cross_entropy with class-index targets is not "
+                "differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
+                "is not differentiable wrt weight\").\nFix: pass weight.detach()"
+            )
         findings = [f for f in p.findings if f.kind != "single-class"]  # a 1-class slice is fine
         # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
         # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
@@ -360,7 +367,7 @@ def run(
     head = torch.zeros(world + _HEAD, dtype=torch.int64, device=device)
     agree: dict[str, int] = dict.fromkeys(_AGREE, 0)
     if p is not None:
-        x, t = p.input, p.target
+        x, t = p.input, p.target.long()  # int32 / uint8 labels: the sentinels need int64
         width = x.shape[0 if x.dim() == 1 else 1]
         head[rank] = width
         keep = t != p.ignore_index
