@@ -48,6 +48,9 @@ def _grid() -> list[dict[str, Any]]:
                     weight=True, ignore=False, dtype=torch.float32))
     out.append(dict(name="plain-int32-labels", kind="plain", seed=94, shape=(6,), red="sum", eps=0.0,
                     weight=True, ignore=True, target_dtype=torch.int32))
+    # Masked vocabulary: a -inf class, and a row whose first slice is all -inf.
+    out.append(dict(name="plain-neginf", kind="plain", seed=95, shape=(6,), red="mean", eps=0.0,
+                    weight=True, ignore=True, neginf=True))
     out.append(dict(name="plain-ignore255", kind="plain", seed=91, shape=(6,), red="mean", eps=0.0,
                     weight=False, ignore=True, ignore_index=255))
     # The Triton statistics kernel (interpreter here), an empty slice on 3 ranks included.
@@ -83,6 +86,10 @@ DTENSOR = [
     # Stock loss_parallel fails in backward here (it gathers the weight at ignore_index = -100).
     dict(name="dt-target-dtensor-weight-ignore", red="none", eps=0.0, weight=True, shape=(6,),
          api="patch-module", target="dtensor", ignore=True, stock_fails=True),
+    # TP x replicas (a (1, p) mesh): stock supports "sum" there, not "mean".
+    dict(name="dt-2d-mesh-sum", red="sum", eps=0.0, weight=False, shape=(6,), api="safeloss", mesh="2d"),
+    dict(name="dt-2d-mesh-mean", red="mean", eps=0.0, weight=False, shape=(6,), api="safeloss", mesh="2d",
+         stock_fails=True),
     dict(name="dt-target-dtensor", red="mean", eps=0.0, weight=False, shape=(6,), api="patch-module",
          target="dtensor", ignore=True),
 ]
@@ -103,6 +110,10 @@ def _inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         if case.get("ignore"):
             t.view(-1)[::3] = case.get("ignore_index", -100)
     t = t.to(case.get("target_dtype", torch.int64))
+    if case.get("neginf"):
+        x[:, C - 2] = -math.inf
+        x[1, :2] = -math.inf
+        t[t == C - 2] = 0
     w = torch.rand(C, generator=gen, dtype=dtype) + 0.2 if case.get("weight") else None
     g = torch.randn(t.shape, generator=gen, dtype=dtype) if case["red"] == "none" else torch.tensor(1.7, dtype=dtype)
     return x, t, w, g
@@ -190,8 +201,14 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
     from torch.distributed.tensor.parallel import loss_parallel
 
     x, t, w, g = _inputs(case)
-    dx = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
-    dg = distribute_tensor(g, mesh, [Replicate()])
+    placements: list[Any] = [Shard(1)]
+    if case.get("mesh") == "2d":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+        placements = [Replicate(), Shard(1)]
+    dx = distribute_tensor(x, mesh, placements).requires_grad_()
+    dg = distribute_tensor(g, mesh, [Replicate()] * mesh.ndim)
     kw = dict(reduction=case["red"], label_smoothing=case["eps"])
     weight: Any = w
     if case["weight"] == "shard":
@@ -214,9 +231,9 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
         res["type"] = type(out).__name__
         res["out"] = out.to_local().detach()
         res["grad"] = dx.grad.full_tensor()
-        res["grad_placements"] = str(dx.grad.placements)
+        res["grad_placements"] = str(dx.grad.placements[-1])
         # Stock loss_parallel on the same call, where it works.
-        dx2 = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+        dx2 = distribute_tensor(x, mesh, placements).requires_grad_()
         try:
             ref = F.cross_entropy(dx2, t, weight, **kw)
             (ref * dg).sum().backward()
@@ -386,7 +403,7 @@ def test_dtensor_matches_stock_and_gathered(ranks: tuple[int, list[dict]]) -> No
             got = res[rank][case["name"]]
             assert "ok" in got, f"{case['name']} rank {rank}: {got}"
             r = got["ok"]
-            assert r["type"] == "DTensor" and r["grad_placements"] == "(Shard(dim=1),)"
+            assert r["type"] == "DTensor" and r["grad_placements"] == "S(1)"
             assert_matches(r["out"], ref, what=f"{case['name']} loss")
             assert_matches(r["grad"], grad, what=f"{case['name']} grad")
             if case["eps"] or case["weight"] == "shard" or case.get("stock_fails"):
