@@ -8,8 +8,9 @@ Two CPU ranks over gloo (loopback) by default. Per shape, forward+backward of
 * ``safeloss-shards``: ``safeloss.vocab_parallel_cross_entropy`` on the plain local slice;
 
 interleaved call by call, every call started after a barrier, medians of rank 0's wall time.
-Bytes are the payloads of the all-reduces each rank enters per call, counted by wrapping
-``torch.distributed.all_reduce`` and the functional all-reduce DTensor uses (a ring all-reduce
+Bytes are the payloads of the all-reduces each rank enters per call, counted by wrapping the
+functional all-reduce that both stock and safeloss use (and ``torch.distributed.all_reduce``, in
+case either ever calls it; a ring all-reduce
 moves about 2 (p-1)/p times its payload over each rank's link). safeloss also reads 8 + p int64
 values on the host per call (its first all-reduce), which is where its errors agree across ranks.
 

@@ -218,7 +218,12 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
     res: dict[str, Any] = {}
     with loss_parallel():
         if case["api"] == "safeloss":
-            out = safeloss.cross_entropy(dx, t, weight, **kw)
+            from torch.distributed.tensor.debug import CommDebugMode
+
+            with CommDebugMode() as comm:  # as torch's own loss_parallel test counts them
+                out = safeloss.cross_entropy(dx, t, weight, **kw)
+            res["all_reduces"] = comm.get_comm_counts().get(funcol_ops().all_reduce, -1)
+            res["comms"] = comm.get_total_counts()
         elif case["api"] == "patch-functional":
             with safeloss.patch():
                 out = F.cross_entropy(dx, t, weight, **kw)
@@ -227,7 +232,11 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
                 out = torch.nn.CrossEntropyLoss(weight, **kw)(dx, t)
         else:
             out = safeloss.SafeCrossEntropyLoss(weight, **kw)(dx, t)
-        (out * dg).sum().backward()
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        with CommDebugMode() as comm:
+            (out * dg).sum().backward()
+        res["backward_comms"] = comm.get_total_counts()
         res["type"] = type(out).__name__
         res["out"] = out.to_local().detach()
         res["grad"] = dx.grad.full_tensor()
@@ -241,6 +250,10 @@ def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]
         except Exception as e:
             res["stock"] = f"{type(e).__name__}: {e}"
     return res
+
+
+def funcol_ops() -> Any:
+    return torch.ops.c10d_functional  # the key CommDebugMode counts under (torch's test uses it)
 
 
 def _dt_bad_label(mesh: Any) -> Any:
@@ -404,6 +417,10 @@ def test_dtensor_matches_stock_and_gathered(ranks: tuple[int, list[dict]]) -> No
             assert "ok" in got, f"{case['name']} rank {rank}: {got}"
             r = got["ok"]
             assert r["type"] == "DTensor" and r["grad_placements"] == "S(1)"
+            # Like stock: three all-reduces forward (the logits never move), nothing in backward.
+            assert r["backward_comms"] == 0
+            if "comms" in r:
+                assert r["comms"] == r["all_reduces"] == 3, (r["comms"], r["all_reduces"])
             assert_matches(r["out"], ref, what=f"{case['name']} loss")
             assert_matches(r["grad"], grad, what=f"{case['name']} grad")
             if case["eps"] or case["weight"] == "shard" or case.get("stock_fails"):

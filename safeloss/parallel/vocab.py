@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -84,6 +85,13 @@ def _target_fingerprint(t: Tensor) -> Tensor:
         return torch.zeros((), dtype=torch.int64, device=t.device)
     pos = torch.arange(flat.numel(), device=t.device, dtype=torch.int64)
     return ((flat + 7) * (pos * 1000003 + 1)).sum()  # wraps around on overflow: still a checksum
+
+
+def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
+    """The functional all-reduce stock loss_parallel uses too (so CommDebugMode and tracing tools
+    count the same ops for both); the input is left unmodified."""
+    g = dist.group.WORLD if group is None else group
+    return funcol.wait_tensor(funcol.all_reduce(t, op, g))  # type: ignore[arg-type]
 
 
 def _backend_of(group: object | None) -> str:
@@ -176,8 +184,7 @@ class _VocabParallelCE(torch.autograd.Function):
                 lo = torch.full((k,), math.inf, dtype=acc, device=x.device)
                 hi, ssum = -lo, torch.zeros(k, dtype=acc, device=x.device)
             parts += [-lo, hi]
-        red = torch.cat(parts)
-        dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
+        red = _all_reduce(torch.cat(parts), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
         M = red[:R]
         M_ref = torch.where(torch.isfinite(M), M, 0.0)
@@ -199,8 +206,7 @@ class _VocabParallelCE(torch.autograd.Function):
             parts.append(z)
         if plan.sample is not None:
             parts.append(ssum)
-        red2 = torch.cat(parts)
-        dist.all_reduce(red2, op=dist.ReduceOp.SUM, group=group)
+        red2 = _all_reduce(torch.cat(parts), "sum", group)
         plan.bytes_sent += red2.numel() * red2.element_size()
 
         log_s = torch.log(red2[:R])
@@ -390,7 +396,7 @@ def run(
     if p is not None:
         fp = _target_fingerprint(p.target)
         head[base + 2 * _AGREE.index("targets")], head[base + 2 * _AGREE.index("targets") + 1] = fp, -fp
-    dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
+    head = _all_reduce(head, "max", group)
     h = head.tolist()
     head_bytes = head.numel() * head.element_size()
 
