@@ -196,6 +196,21 @@ def _error_case(name: str, rank: int, world: int) -> Any:
     return {"out": out.detach()}
 
 
+def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
+    """What one call sends, for the formula the docs state."""
+    from safeloss.parallel import vocab
+
+    out = {}
+    for eps in (0.0, 0.1):
+        stats: dict[str, int] = {}
+        x = torch.randn(100, SLICES[world][rank])
+        t = torch.randint(0, C, (100,), generator=torch.Generator().manual_seed(0))  # same everywhere
+        vocab.run(x, t, None, -100, "mean", eps, group=None, strict=None,
+                  backend="auto", owner=None, stats=stats)
+        out[str(eps)] = stats["bytes"]
+    return out
+
+
 def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
@@ -304,6 +319,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
         for name in WARNS:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
+        results["bytes"] = _call(lambda: _bytes_per_call(rank, world))
         mesh = init_device_mesh("cpu", (world,))
         for case in DTENSOR:
             results[case["name"]] = _call(lambda case=case: _dtensor_case(case, mesh, world))
@@ -376,6 +392,16 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert f"raised on rank {world - 1} of the {world} ranks" in msg
     elif name == "dt-bad-label":
         assert f"{C + 5} at [2]" in msg
+
+
+def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:
+    """docs/migration.md: (14 + p) int64, N + 128 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
+    world, res = ranks
+    n = 100
+    for r in res:
+        got = r["bytes"]["ok"]
+        assert got["0.0"] == 8 * (14 + world) + 4 * (n + 128) + 4 * (2 * n + 64)
+        assert got["0.1"] == 8 * (14 + world) + 4 * (n + 128) + 4 * (3 * n + 64)
 
 
 def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:

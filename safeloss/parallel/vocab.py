@@ -4,7 +4,7 @@ Each rank of ``group`` holds a contiguous slice of the classes, ordered by rank 
 empty slices allowed); rows (positions) are not sharded, so targets and positions are the same on
 every rank. Per call the ranks exchange, with all-reduces only (never the logits):
 
-1. ``head`` (int64, MAX, ``world + 20`` values): every rank's slice width, whether validation
+1. ``head`` (int64, MAX, ``world + 14`` values): every rank's slice width, whether validation
    failed locally, strict mode, the range of the labels, and fingerprints of everything that must
    agree across ranks (positions shape, dtype, arguments, the targets themselves). Read on the host:
    from here on every decision is taken on the same numbers on every rank, so all ranks raise the
@@ -69,7 +69,7 @@ _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on th
 # head layout after the ``world`` slice widths: single flags, then (name, +v, -v) pairs whose MAX
 # gives max and -min; a pair whose max and min differ names what the ranks disagree on.
 _ERROR, _STRICT, _TMAX, _TMIN = range(4)
-_AGREE = ("positions", "config", "weight", "targets", "findings", "width")
+_AGREE = ("positions", "config", "weight", "targets", "findings")
 _HEAD = 4 + 2 * len(_AGREE)
 
 
@@ -387,7 +387,6 @@ def run(
                                 str(p.out_dtype), None if weight is None else str(weight.dtype))
         agree["weight"] = -1 if weight is None else int(weight.numel())
         agree["findings"] = _hash(sorted(f.kind for f in findings))
-        agree["width"] = width
     head[world + _ERROR] = int(local_error is not None)
     head[world + _STRICT] = int(strict_local)
     base = world + _HEAD - 2 * len(_AGREE)
