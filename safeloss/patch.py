@@ -67,7 +67,9 @@ def _plain(*tensors: object) -> bool:
 
 def _routed(input: object, target: object, weight: object) -> bool:
     """Whether safeloss takes this call: plain tensors, or DTensor logits under loss_parallel()."""
-    return _plain(input, target, weight) or _parallel_dtensor.applies(input, target, weight)
+    if _plain(input, target, weight):
+        return True
+    return not torch.compiler.is_compiling() and _parallel_dtensor.applies(input, target, weight)
 
 
 _depth = 0  # patched calls in progress; only read while torch.compile traces (see _reentrant)

@@ -40,14 +40,12 @@ def run(
     # safeloss.compiled). While a CUDA graph is captured, or inside torch.func transforms, nothing
     # may touch the host: bad labels are still masked (NaN loss, no out-of-bounds read) but
     # findings are not reported.
-    if type(input) is not Tensor and parallel_dtensor.is_dtensor(input):
-        # DTensor logits: vocab-parallel checks under loss_parallel(), stock torch otherwise.
-        if parallel_dtensor.applies(input, target, weight):
-            return parallel_dtensor.run(input, target, weight, ignore_index, reduction_, label_smoothing,
-                                        strict=strict, backend=backend, owner=owner)
-        return torch_backend._stock_cross_entropy(input, target, weight, ignore_index=ignore_index,
-                                                  reduction=reduction_, label_smoothing=label_smoothing)
     tracing = torch.compiler.is_compiling()
+    if type(input) is not Tensor and not tracing and parallel_dtensor.applies(input, target, weight):
+        # DTensor logits sharded on the classes under loss_parallel(): the vocab-parallel path.
+        # Other DTensors run the steps below through DTensor's own ops, as they always did.
+        return parallel_dtensor.run(input, target, weight, ignore_index, reduction_, label_smoothing,
+                                    strict=strict, backend=backend, owner=owner)
     transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
     compiling = tracing or transform or _capturing(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)

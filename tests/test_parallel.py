@@ -75,7 +75,7 @@ ERRORS = [
     ("weight-requires-grad", "WeightError"),
     ("dt-bad-label", "TargetOutOfRangeError"),
 ]
-WARNS = ["softmax-warns", "nan-warns", "empty-mean"]
+WARNS = ["softmax-warns", "nan-warns", "empty-mean", "neginf-smoothing"]
 DTENSOR = [
     *(dict(name=f"dt-{red}-{api}", red=red, eps=0.0, weight=w, shape=(6,), api=api)
       for red in ("mean", "sum", "none") for w, api in ((False, "safeloss"), (True, "patch-functional"))),
@@ -110,10 +110,11 @@ def _inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         if case.get("ignore"):
             t.view(-1)[::3] = case.get("ignore_index", -100)
     t = t.to(case.get("target_dtype", torch.int64))
-    if case.get("neginf"):
+    if case.get("neginf"):  # a -inf class in every row; row 1's first slice all -inf (3 ranks)
         x[:, C - 2] = -math.inf
-        x[1, :2] = -math.inf
-        t[t == C - 2] = 0
+        x[1, :3] = -math.inf
+        t[t == C - 2] = C - 1
+        t[1] = C - 1
     w = torch.rand(C, generator=gen, dtype=dtype) + 0.2 if case.get("weight") else None
     g = torch.randn(t.shape, generator=gen, dtype=dtype) if case["red"] == "none" else torch.tensor(1.7, dtype=dtype)
     return x, t, w, g
@@ -188,6 +189,10 @@ def _error_case(name: str, rank: int, world: int) -> Any:
             xl, t = xl[:5], t[:5]
     elif name == "empty-mean":
         xl, t = xl[:0], t[:0]
+    elif name == "neginf-smoothing":  # every class enters the loss: +inf, as stock
+        x, t, _, _ = _inputs(dict(seed=95, shape=(6,), red="mean", neginf=True))
+        xl = _slice(x, SLICES[world], rank)
+        kw["label_smoothing"] = 0.1
     elif name == "weight-requires-grad":
         kw["weight"] = torch.ones(C, dtype=x.dtype, requires_grad=True)
     elif name == "probability-targets":
@@ -284,12 +289,22 @@ def _dt_bad_label(mesh: Any) -> Any:
 
 
 def _dt_outside(mesh: Any) -> Any:
-    """Outside loss_parallel() a DTensor keeps stock behaviour (DTensor's own sharding rules)."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    """Outside loss_parallel() a DTensor runs the single-device pipeline through DTensor's ops
+    (as before the vocab-parallel path existed): a bad label still raises."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     x, t, _, _ = _inputs(dict(seed=4, shape=(6,), red="mean"))
     dx = distribute_tensor(x, mesh, [Shard(1)])
-    return safeloss.cross_entropy(dx, t).full_tensor(), F.cross_entropy(dx, t).full_tensor()
+    dt = distribute_tensor(t, mesh, [Replicate()])
+    value = safeloss.cross_entropy(dx, dt).full_tensor()
+    bad = t.clone()
+    bad[3] = C
+    try:
+        safeloss.cross_entropy(dx, distribute_tensor(bad, mesh, [Replicate()]))
+        raised = None
+    except Exception as e:
+        raised = type(e).__name__
+    return value, raised
 
 
 def _stock_bad_label(mesh: Any) -> Any:
@@ -410,18 +425,19 @@ def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) 
     assert "ok" in res[0]["stock-bad-label"] and math.isfinite(float(res[0]["stock-bad-label"]["ok"]))
 
 
-def test_dtensor_outside_loss_parallel_is_stock(ranks: tuple[int, list[dict]]) -> None:
+def test_dtensor_outside_loss_parallel_keeps_the_single_device_path(ranks: tuple[int, list[dict]]) -> None:
     _, res = ranks
-    ours, stock = res[0]["dt-outside-loss-parallel"]["ok"]
-    x, t, _, _ = _inputs(dict(seed=4, shape=(6,), red="mean"))
-    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
-    torch.testing.assert_close(ours, F.cross_entropy(x, t))
+    for r in res:
+        value, raised = r["dt-outside-loss-parallel"]["ok"]
+        x, t, _, _ = _inputs(dict(seed=4, shape=(6,), red="mean"))
+        torch.testing.assert_close(value, F.cross_entropy(x, t))
+        assert raised == "TargetOutOfRangeError"
 
 
 def test_warnings_agree_across_ranks(ranks: tuple[int, list[dict]]) -> None:
     world, res = ranks
     for name, needle in [("softmax-warns", "looks already softmaxed"), ("nan-warns", "NaN or infinite"),
-                         ("empty-mean", "empty batch")]:
+                         ("empty-mean", "empty batch"), ("neginf-smoothing", "NaN or infinite")]:
         got = [r[name] for r in res]
         for g in got:
             assert "ok" in g, g
@@ -429,6 +445,9 @@ def test_warnings_agree_across_ranks(ranks: tuple[int, list[dict]]) -> None:
         assert len({tuple(g["warnings"]) for g in got}) == 1
     assert math.isnan(float(res[0]["nan-warns"]["ok"]["out"]))
     assert math.isnan(float(res[0]["empty-mean"]["ok"]["out"]))
+    x, t, _, _ = _inputs(dict(seed=95, shape=(6,), red="mean", neginf=True))
+    assert F.cross_entropy(x, t, label_smoothing=0.1).item() == math.inf
+    assert float(res[0]["neginf-smoothing"]["ok"]["out"]) == math.inf
     # softmaxed input: the value is still stock's
     x, t, _, _ = _inputs(dict(seed=7, shape=(6,), red="mean"))
     torch.testing.assert_close(res[world - 1]["softmax-warns"]["ok"]["out"], F.cross_entropy(x.softmax(1), t))

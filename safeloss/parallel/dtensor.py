@@ -8,8 +8,9 @@ and gradients as stock, and label smoothing and a sharded weight, which stock re
 
 Handled layout: the logits are sharded on the class dim on exactly one mesh dim and replicated on
 the others (a 1-D tensor-parallel mesh, or TP x replicas); targets replicated (plain tensor or
-DTensor), weight replicated or sharded. Any other DTensor call keeps stock torch's behaviour.
-Outside ``loss_parallel()`` DTensors keep stock behaviour too, as they do without safeloss.
+DTensor), weight replicated or sharded. Other DTensor calls (other layouts, or outside
+``loss_parallel()``) are left as they were: ``safeloss.cross_entropy`` runs its single-device
+steps through DTensor's own ops, and the patched stock loss leaves them to stock torch.
 """
 
 from __future__ import annotations
