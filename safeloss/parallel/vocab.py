@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -90,6 +89,8 @@ def _target_fingerprint(t: Tensor) -> Tensor:
 def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
     """The functional all-reduce stock loss_parallel uses too (so CommDebugMode and tracing tools
     count the same ops for both); the input is left unmodified."""
+    import torch.distributed._functional_collectives as funcol  # lazily: builds without distributed
+
     g = dist.group.WORLD if group is None else group
     return funcol.wait_tensor(funcol.all_reduce(t, op, g))  # type: ignore[arg-type]
 
