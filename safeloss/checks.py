@@ -167,14 +167,14 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "Fix: check the final layer's output size (e.g. nn.Linear(d, num_classes) with "
             "num_classes > 0) and that the class dimension is dim 1"
         )
-    elif C == 1:
+    elif C == 1 and hi >= 1:
         lines.append(
-            "The model has a single output, but the labels use more than one class (binary "
-            "labels 0/1 need two outputs for cross-entropy)."
+            f"The model has a single output (class 0 only), but the labels go up to {hi}; binary "
+            "labels 0/1 need two outputs for cross-entropy."
         )
         lines.append(
             "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the "
-            "model 2 outputs"
+            "model 2 outputs and keep CrossEntropyLoss"
         )
     elif len(bad_vals) == 1 and (bad_vals[0] < 0 or bad_vals[0] in (255, 250, 254, 65535)):
         v = bad_vals[0]
@@ -189,9 +189,9 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
         lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
     elif hi >= C:
         lines.append(
-            f"The labels go up to {hi}, so the data has at least {hi + 1} classes but the model "
-            f"outputs {C} scores: the final layer is too small, or the labels were not remapped "
-            "to 0..C-1."
+            f"The labels go up to {hi} but the model outputs {C} scores (classes 0..{C - 1}): "
+            f"either the final layer is too small (the data has at least {hi + 1} classes), or "
+            "the labels are not numbered 0..C-1 (raw class ids that need remapping)."
         )
         lines.append(
             f"Fix: build the final layer with {hi + 1} outputs (e.g. nn.Linear(d, {hi + 1})), or "

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="safeloss",
         description="A drop-in, safe and fast replacement for torch.nn.CrossEntropyLoss.",
     )
+    parser.add_argument("--version", action="version", version=f"safeloss {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show each classic cross-entropy mistake: stock torch vs safeloss")
-    demo.add_argument("--only", metavar="NAME", help="run only the cases whose name contains NAME")
+    demo.add_argument("--only", metavar="NAME",
+                      help="run only the cases whose name contains NAME (searched among all of --all's cases)")
     demo.add_argument("--no-color", action="store_true", help="plain text output")
     demo.add_argument("--all", action="store_true", help="also every other message (the full error catalogue)")
     bench = sub.add_parser("bench", help="benchmark safeloss against stock torch (and others)")

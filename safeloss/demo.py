@@ -181,6 +181,12 @@ def _minus_inf_target():
     return (x, torch.tensor([0, 1, 2])), {}
 
 
+# The same output on every machine (docs/errors.md is generated from these cases), so no real GPU.
+_META_NOTE = (
+    "The demo runs on CPU only, so a 'meta' tensor (shape and dtype, no data) stands in for a "
+    "tensor on the GPU; there the message names cuda:0."
+)
+
 # Every other message safeloss can print: in docs/errors.md and `safeloss demo --all`.
 MORE_CASES = [
     Case("target-batch-larger", "More labels than predictions", _call((2, 5), _labels(5, 6))),
@@ -218,9 +224,9 @@ MORE_CASES = [
     Case("integer-logits", "Integer logits (labels passed first)", lambda: ((_labels(5, 3, 5)(), _labels(5, 3)()), {})),
     Case("scalar-logits", "A 0-d input", _call((), lambda: torch.tensor(0))),
     Case("target-device", "Labels on another device than the logits",
-         _call((3, 5), lambda: torch.zeros(3, dtype=torch.long, device="meta"))),
+         _call((3, 5), lambda: torch.zeros(3, dtype=torch.long, device="meta")), _META_NOTE),
     Case("weight-device", "A class weight on another device than the logits",
-         _call((3, 5), _labels(5, 3), weight=torch.ones(5, device="meta"))),
+         _call((3, 5), _labels(5, 3), weight=torch.ones(5, device="meta")), _META_NOTE),
     Case("nonfinite-half", "float16 logits that overflowed to inf", _half_inf),
 ]
 
@@ -285,7 +291,8 @@ def main(only: str | None = None, color: bool = False, all_cases: bool = False) 
     bold = (lambda s: f"\033[1m{s}\033[0m") if color else (lambda s: s)
     print(bold(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs"))
     print("Each case runs both calls for real. Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy.\n")
-    pool = CASES + MORE_CASES if all_cases else CASES
+    # --only searches every case: a name from docs/errors.md or --all must be found without --all.
+    pool = CASES + MORE_CASES if all_cases or only is not None else CASES
     cases = [c for c in pool if only is None or only in c.name]
     if not cases:
         print(f"no demo case matches {only!r}; cases: {', '.join(c.name for c in pool)}")

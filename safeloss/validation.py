@@ -168,12 +168,24 @@ def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None
     if bad:
         names = " and ".join(f"{name} is on {d}" for name, d in bad)
         fixes = "; ".join(f"{name} = {name}.to(input.device)" for name, _ in bad)
+        # Name the cause that fits the tensor that is off: labels and weights go astray differently.
+        causes = []
+        if target.device != dev:
+            causes.append(
+                "the labels are still on the CPU, where a DataLoader delivers them, and need "
+                ".to(device) like the inputs" if target.device.type == "cpu" else
+                f"the labels were made on {target.device} and not moved"
+            )
+        if weight is not None and weight.device != dev:
+            causes.append(
+                "a class weight stays where it was built: a loss module's weight moves only with "
+                "loss_fn.to(device), and a weight passed per call is not moved at all"
+            )
         raise DeviceMismatchError(
             f"cross_entropy got tensors on different devices: input is on {dev}, {names}.\n"
-            "Everything must live on one device; usually the labels from the DataLoader were "
-            "not moved, or the loss module was created before model.to(device).\n"
+            f"Everything must live on one device; {'; '.join(causes)}.\n"
             f"Fix: {fixes}"
-            + ("  (or loss_fn.to(device) for a module's weight)" if weight is not None else "")
+            + ("  (or loss_fn.to(device) for a module's weight)" if weight is not None and weight.device != dev else "")
         )
 
 
@@ -271,22 +283,26 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
             ]
             if n_in > n_t and n_in % n_t == 0:
                 k = n_in // n_t
+                # Only the ratio is known: which dimension was folded, the shapes do not say.
                 lines.append(
-                    f"The input batch is {k}x the target batch: a view/reshape inside the model most "
-                    f"likely folded another dimension into the batch (for example x.view(-1, {C}) "
-                    f"on features of shape ({n_t}, {k}, {C}), or a sequence of {k} steps per sample)."
+                    f"The input batch is exactly {k}x the target batch ({n_in} = {k} x {n_t}). "
+                    f"A guess from that ratio: a view/reshape inside the model folded {k} positions "
+                    "of each sample (time steps, pixels, channel groups) into the batch dimension, "
+                    "as x.view(-1, F) does when F is smaller than the per-sample size."
                 )
                 lines.append(
                     "Fix: flatten per sample with x.flatten(1) or x.view(x.size(0), -1) before the "
-                    f"final layer; for per-step labels use target of shape ({n_t}, {k})."
+                    f"final layer; if the model really predicts {k} positions per sample, pass "
+                    f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)."
                 )
             elif n_t > n_in and n_t % n_in == 0:
                 k = n_t // n_in
                 lines.append(
-                    f"The target batch is {k}x the input batch: either the labels were flattened "
-                    f"from shape ({n_in}, {k}) (per-step or per-pixel labels), or the model reduced "
-                    "a dimension it should have kept, or a hard-coded batch size in the model "
-                    "(e.g. x.view(64, -1)) cut the batch."
+                    f"The target batch is exactly {k}x the input batch ({n_t} = {k} x {n_in}). "
+                    f"Possible causes (the shapes do not tell which): labels flattened from shape "
+                    f"({n_in}, {k}) (per-step or per-pixel labels), a model that reduced a "
+                    f"dimension it should have kept, or a hard-coded batch size in the model "
+                    f"(x.view({n_in}, -1)) that cut the batch."
                 )
                 lines.append(
                     "Fix: keep one prediction per label: x.view(x.size(0), ...) instead of a fixed "
@@ -294,9 +310,10 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 )
             else:
                 hint = (
-                    "The model's batch is larger: a hard-coded batch size inside the model "
-                    f"(e.g. x.view({n_in}, -1)) breaks on the last, smaller batch of an epoch — the "
-                    "partial last batch itself is normal and not an error."
+                    "The model's batch is larger, and not a multiple of the target batch. A likely "
+                    f"cause (a guess): a hard-coded batch size inside the model (x.view({n_in}, -1)), "
+                    "which breaks on the last, smaller batch of an epoch — the partial last batch "
+                    "itself is normal and not an error."
                     if n_in > n_t else
                     "The target batch is larger: the labels may come from a different batch than "
                     "the inputs, or the model drops samples."
@@ -575,14 +592,19 @@ def normalize(
         )
     findings += more
 
-    if C == 1:
+    # Labels other than 0 with one output: the out-of-range error that follows says it all (one
+    # message, one fix). Known without a host sync on CPU only; elsewhere both come, same fix.
+    if C == 1 and not (
+        read_values and not prob and target.device.type == "cpu"
+        and bool(((target != 0) & (target != ignore_index)).any())
+    ):
         findings.append(Finding(
             "single-class", InputError,
             f"cross_entropy got logits with a single class (input shape {fmt_shape(x.shape)}): "
             "softmax over one class is always 1, so the loss is always 0 and nothing is learned.\n"
             "This is usually a binary problem set up with one output.\n"
-            "Fix: torch.nn.BCEWithLogitsLoss with target.float(), or give the model 2 outputs "
-            "and keep CrossEntropyLoss",
+            "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the "
+            "model 2 outputs and keep CrossEntropyLoss",
         ))
     return Problem(
         input=x, target=target, prob=prob, weight=w, ignore_index=ignore_index,

@@ -53,7 +53,9 @@ def test_batch_mismatch_folded_view():
     assert isinstance(e.value, ValueError) and isinstance(e.value, SafeLossError)
     msg = str(e.value)
     assert "input  (logits) shape (8, 5)" in msg and "target (labels) shape (2,)" in msg
-    assert "4x the target batch" in msg and "x.flatten(1)" in msg
+    assert "4x the target batch (8 = 4 x 2)" in msg and "x.flatten(1)" in msg
+    # Only the ratio is known: a guess is marked as one, and no feature shape is invented.
+    assert "A guess from that ratio" in msg and "features of shape" not in msg
 
 
 def test_batch_mismatch_target_multiple():
@@ -341,16 +343,27 @@ def test_out_of_range_padding_minus_one():
 
 
 def test_out_of_range_single_output():
-    with (
-        pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)class range 0..0 \(1 class\).*single output.*BCEWithLogitsLoss"),
-        pytest.warns(SafeLossWarning, match="single class"),
-    ):
-        ce(logits(4, 1), torch.tensor([0, 1, 1, 0]))
+    """One output with 0/1 labels: one message (the error), one fix, no second warning."""
+    fix = "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the model 2 outputs and keep CrossEntropyLoss"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)class range 0..0 \(1 class\).*single output \(class 0 only\), but the labels go up to 1") as e:
+            ce(logits(4, 1), torch.tensor([0, 1, 1, 0]))
+    assert str(e.value).endswith(fix)
+    assert [str(w.message) for w in caught] == []
+    # Strict mode: the same single error.
+    with pytest.raises(safeloss.TargetOutOfRangeError, match="single output") as e:
+        ce(logits(4, 1), torch.tensor([0, 1, 1, 0]), strict=True)
+    assert str(e.value).endswith(fix)
+    # Labels all 0 (or ignored): nothing is out of range, the single-output warning carries the same fix.
+    with pytest.warns(SafeLossWarning, match="single class") as w:
+        ce(logits(4, 1), torch.tensor([0, 0, -100, 0]))
+    assert str(w[0].message).endswith(fix)
 
 
 def test_out_of_range_too_few_outputs():
     t = torch.tensor([0, 3, 7, 9, 9])
-    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)4 of 5 targets.*9 at \[3\] and \[4\]; 3 at \[1\]; 7 at \[2\].*at least 10 classes but the model outputs 3.*nn.Linear\(d, 10\)"):
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)4 of 5 targets.*9 at \[3\] and \[4\]; 3 at \[1\]; 7 at \[2\].*go up to 9 but the model outputs 3 scores \(classes 0..2\).*at least 10 classes.*not numbered 0..C-1.*nn.Linear\(d, 10\)"):
         ce(logits(5, 3), t)
 
 
@@ -462,6 +475,10 @@ def test_weight_not_a_tensor_or_not_float():
 def test_weight_wrong_device():
     with pytest.raises(safeloss.DeviceMismatchError, match=r"(?s)input is on cpu, weight is on meta.*weight = weight.to\(input.device\)"):
         ce(logits(3, 5), labels(5, 3), torch.ones(5, device="meta"))
+    with pytest.raises(safeloss.DeviceMismatchError) as e:
+        ce(logits(3, 5), labels(5, 3), torch.ones(5, device="meta"))
+    # The cause named is the weight's, not the labels'.
+    assert "class weight stays where it was built" in str(e.value) and "DataLoader" not in str(e.value)
 
 
 @pytest.mark.parametrize("wdtype", [torch.float64, torch.float16])
@@ -520,6 +537,12 @@ def test_input_not_a_tensor_or_0d():
 def test_target_on_other_device():
     with pytest.raises(safeloss.DeviceMismatchError, match=r"(?s)input is on cpu, target is on meta.*target = target.to\(input.device\)"):
         ce(logits(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(safeloss.DeviceMismatchError) as e:
+        ce(logits(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
+    assert "labels were made on meta and not moved" in str(e.value) and "weight" not in str(e.value)
+    # Logits on an accelerator (meta stands in), labels left on the CPU: the DataLoader case.
+    with pytest.raises(safeloss.DeviceMismatchError, match=r"(?s)input is on meta, target is on cpu.*still on the CPU, where a DataLoader"):
+        ce(torch.empty(3, 5, device="meta"), labels(5, 3))
 
 
 @pytest.mark.parametrize("strict", [False, True])
