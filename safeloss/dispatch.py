@@ -10,6 +10,7 @@ inside torch.func transforms (the kernel has no batching rule).
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -42,12 +43,40 @@ def _triton_installed() -> bool:
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     if not _triton_installed():
-        return "the triton package is not installed (pip install triton; Linux with a CUDA GPU)"
+        return (
+            'the triton package is not installed (pip install "safeloss[gpu]", or pip install '
+            "triton; Linux with a CUDA GPU)"
+        )
     try:
         from .backends import triton_backend
     except ImportError as e:  # a broken triton install must not break the torch path
         return f"the Triton backend failed to import ({e})"
     return triton_backend.unavailable_reason(device)
+
+
+_NOTICED: list[bool] = []  # the fallback notice is shown once per process
+
+
+def _notice_fallback(reason: str) -> None:
+    """``backend="auto"`` on CUDA without a working Triton: say so once, then run torch.
+
+    A CPU-only install has no triton (it is the ``gpu`` extra); on a GPU machine the user should
+    learn that the fused kernel is not running, but a correct, slower loss is not an error. Not
+    while torch.compile traces (Dynamo cannot trace ``warnings.warn``): an eager call says it.
+    """
+    if _NOTICED or torch.compiler.is_compiling():
+        return
+    _NOTICED.append(True)
+    from .report import _user_frame
+
+    warnings.warn(
+        f'safeloss: backend="auto" runs CUDA tensors on the pure-torch backend because {reason}. '
+        "Results are the same, without the fused kernel. For the kernel: "
+        'pip install "safeloss[gpu]" (or pip install triton). backend="torch" picks the torch '
+        "backend without this notice, which is shown once per process.",
+        UserWarning,
+        stacklevel=_user_frame()[2],
+    )
 
 
 def in_functorch_transform(x: torch.Tensor) -> bool:
@@ -71,8 +100,11 @@ def select(backend: str, p: Problem) -> str:
             )
         return "torch"
     if backend == "auto":
-        if p.input.device.type == "cuda" and triton_unavailable_reason(p.input.device) is None:
-            return "triton"
+        if p.input.device.type == "cuda":
+            reason = triton_unavailable_reason(p.input.device)
+            if reason is None:
+                return "triton"
+            _notice_fallback(reason)
         return "torch"
     reason = triton_unavailable_reason(p.input.device)
     if reason is not None:

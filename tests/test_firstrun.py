@@ -1,0 +1,126 @@
+"""What a new user meets first: the install, the command line, the demo, the GPU fallback notice."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import safeloss
+from safeloss import cli, demo, dispatch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_triton_is_not_a_core_dependency_but_the_gpu_and_test_extras_bring_it():
+    project = _pyproject()["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("triton")]
+    extras = project["optional-dependencies"]
+    for extra in ("gpu", "test"):  # test: the interpreter tests need it (.ci/run installs .[test])
+        assert [d for d in extras[extra] if d.startswith("triton")], extra
+    assert '".[test,' in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_install_lines_are_the_cpu_wheel_and_the_default_wheel():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    cpu, tests, gpu = blocks[:3]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in cpu
+    assert "pip install -e . && safeloss demo" in cpu  # no extra: no triton for CPU users
+    assert tests.strip().endswith("python -m pytest -q") and ".[test," in tests
+    assert "pip install torch && " in gpu and ".[gpu]" in gpu
+
+
+def test_version_agrees_with_the_package_metadata():
+    assert safeloss.__version__ == _pyproject()["project"]["version"]
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"safeloss {safeloss.__version__}"
+
+
+def test_python_m_safeloss_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "safeloss", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"safeloss {safeloss.__version__}"
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def test_demo_only_finds_every_case_without_all(capsys):
+    for case in demo.MORE_CASES + demo.CASES:
+        assert cli.main(["demo", "--only", case.name, "--no-color"]) == 0, case.name
+        assert f"({case.name})" in capsys.readouterr().out
+
+
+def test_demo_unknown_case_lists_every_case(capsys):
+    assert cli.main(["demo", "--only", "no-such-case"]) == 2
+    out = capsys.readouterr().out
+    assert all(c.name in out for c in demo.CASES + demo.MORE_CASES)
+
+
+def test_readme_counts_the_demo_cases():
+    readme = (ROOT / "README.md").read_text()
+    assert f"shows {len(demo.CASES)} cases" in readme
+    assert f"runs all {len(demo.CASES) + len(demo.MORE_CASES)} cases" in readme
+
+
+def test_demo_explains_its_meta_stand_in():
+    for name in ("target-device", "weight-device"):
+        case = next(c for c in demo.MORE_CASES if c.name == name)
+        assert "'meta' tensor" in case.note and "stands in" in case.note
+
+
+# ---------------------------------------------------------------- CUDA without triton
+
+
+def _fake_cuda_problem() -> types.SimpleNamespace:
+    """What dispatch.select reads of a Problem, for float32 logits on a CUDA device."""
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    return types.SimpleNamespace(input=x, weight=None)
+
+
+def test_auto_on_cuda_without_triton_says_so_once_and_runs_torch(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", [False])
+    monkeypatch.setattr(dispatch, "_NOTICED", [])
+    monkeypatch.setattr(dispatch, "in_functorch_transform", lambda x: False)
+    with pytest.warns(UserWarning, match=r'(?s)pure-torch backend because the triton package is not installed.*pip install "safeloss\[gpu\]"') as w:
+        assert dispatch.select("auto", _fake_cuda_problem()) == "torch"
+    assert len(w) == 1 and w[0].filename == __file__  # the user's line, not safeloss's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select("auto", _fake_cuda_problem()) == "torch"  # once per process
+    with pytest.raises(safeloss.BackendError, match=r'(?s)backend="triton" cannot run on cuda.*pip install "safeloss\[gpu\]"'):
+        dispatch.select("triton", _fake_cuda_problem())
+
+
+def test_no_notice_on_cpu_or_with_an_explicit_torch_backend(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TRITON_INSTALLED", [False])
+    monkeypatch.setattr(dispatch, "_NOTICED", [])
+    monkeypatch.setattr(dispatch, "in_functorch_transform", lambda x: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select("torch", _fake_cuda_problem()) == "torch"
+        x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+        safeloss.cross_entropy(x, t)  # CPU: torch is the backend, not a fallback
+    assert dispatch._NOTICED == []
