@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ._traceback import trim as _trim
 from .checks import flush as _flush
 from .config import set_strict, strict_mode
 from .errors import (
@@ -44,7 +45,11 @@ def check_pending() -> None:
     later call of the same loss (the first that finds the GPU done with them); this waits for the
     GPU and reports everything. Call it at the end of an epoch, or before saving a checkpoint. A no-op on CPU, where every call reports at once.
     """
-    _flush(None, None)
+    try:
+        _flush(None, None)
+    except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
+        _trim(e)
+        raise
 
 
 __all__ = [

@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import pipeline
+from ._traceback import trim
 from .dispatch import check_backend
+from .errors import SafeLossError
 from .validation import check_label_smoothing, resolve_reduction
 
 
@@ -43,10 +45,14 @@ def cross_entropy(
             host sync. Pays off for ``reduction="sum"`` and rows up to 32K classes; it holds a
             logits-sized gradient buffer from forward to backward.
     """
-    return pipeline.run(
-        input, target, weight, ignore_index,
-        resolve_reduction(size_average, reduce, reduction),
-        check_label_smoothing(label_smoothing),
-        strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
-        fused_grad=fused_grad, owner=None,
-    )
+    try:
+        return pipeline.run(
+            input, target, weight, ignore_index,
+            resolve_reduction(size_average, reduce, reduction),
+            check_label_smoothing(label_smoothing),
+            strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
+            fused_grad=fused_grad, owner=None,
+        )
+    except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
+        trim(e)
+        raise

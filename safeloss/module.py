@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from . import pipeline
+from ._traceback import trim
 from .dispatch import check_backend
+from .errors import SafeLossError
 from .validation import check_label_smoothing, check_reduction
 
 
@@ -36,23 +38,32 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         inplace_backward: bool = False,
         fused_grad: bool = False,
     ) -> None:
-        check_label_smoothing(label_smoothing)
-        if size_average is None and reduce is None:
-            check_reduction(reduction)
+        try:
+            check_label_smoothing(label_smoothing)
+            if size_average is None and reduce is None:
+                check_reduction(reduction)
+            backend = check_backend(backend)
+        except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
+            trim(e)
+            raise
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.strict = strict
-        self.backend = check_backend(backend)
+        self.backend = backend
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return pipeline.run(
-            input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
-            check_label_smoothing(self.label_smoothing), strict=self.strict,
-            backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
-            fused_grad=self.fused_grad,
-            owner=self,
-        )
+        try:
+            return pipeline.run(
+                input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+                check_label_smoothing(self.label_smoothing), strict=self.strict,
+                backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
+                fused_grad=self.fused_grad,
+                owner=self,
+            )
+        except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
+            trim(e)
+            raise
 
     def extra_repr(self) -> str:
         parts = []

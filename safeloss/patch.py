@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import pipeline
+from ._traceback import boundary
 from .errors import ArgumentTypeError
 from .functional import cross_entropy as _safe_cross_entropy
 from .parallel import dtensor as _parallel_dtensor
@@ -109,9 +110,14 @@ def cross_entropy(
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
-    return _functional(
-        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
-    )
+    if torch.compiler.is_dynamo_compiling():  # Dynamo: no context manager of ours to trace
+        return _functional(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    with boundary:  # a SafeLossError's traceback ends at the caller's line (no try: TorchScript)
+        return _functional(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
 
 
 cross_entropy.__doc__ = (
@@ -154,7 +160,10 @@ def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> 
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
         )
-    return _module_forward(self, input, target)
+    if torch.compiler.is_dynamo_compiling():
+        return _module_forward(self, input, target)
+    with boundary:  # as in cross_entropy
+        return _module_forward(self, input, target)
 
 
 def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,72 @@
+"""Tracebacks that end at the user's call, not four frames deep inside safeloss.
+
+Users read a traceback's last frame first, and a ``SafeLossError`` is about the caller's
+arguments. So the public entry points (``safeloss.cross_entropy``, ``SafeCrossEntropyLoss``, the
+functions ``safeloss.patch()`` installs, ``safeloss.check_pending``) drop safeloss's own frames,
+and torch's frames below them, from the traceback of a ``SafeLossError`` before it leaves them, as
+JAX does with its internal frames. The last frame is then the user's line (for a module, torch's
+``nn.Module.__call__`` frames stay under it). ``SAFELOSS_FULL_TRACEBACK=1`` keeps every frame, for
+debugging safeloss itself.
+
+How: the entry point catches the error, replaces its ``__traceback__`` by the kept frames and
+re-raises it with a bare ``raise``, which (Python 3.11+) adds no frame of its own; the frames above
+the entry point are added back as the exception unwinds through them. The happy path pays
+nothing: a ``try`` is free in 3.11. Bodies that TorchScript parses cannot hold a ``try`` (the
+patched functions): they use ``with boundary:``, whose exit does the same. While torch.compile
+traces, tracebacks are left alone (``is_dynamo_compiling``: an eager rerun inside a compile
+session, where ``is_compiling()`` is also true, is trimmed).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+from .errors import SafeLossError
+
+ENV = "SAFELOSS_FULL_TRACEBACK"
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _internal(code: types.CodeType) -> bool:
+    name = code.co_filename
+    return name.startswith(_PKG_DIR) or name.startswith(_TORCH_DIR)
+
+
+def trim(e: BaseException) -> None:
+    """Drop safeloss's and torch's frames from ``e.__traceback__``, in place (only the frames from
+    the entry point down are in it yet; a user callback called from there would be kept)."""
+    if torch.compiler.is_dynamo_compiling() or os.environ.get(ENV, "") not in ("", "0"):
+        return
+    kept = []
+    tb = e.__traceback__
+    while tb is not None:
+        if not _internal(tb.tb_frame.f_code):
+            kept.append(tb)
+        tb = tb.tb_next
+    new = None
+    for t in reversed(kept):
+        new = types.TracebackType(new, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    e.__traceback__ = new
+
+
+class _Boundary:
+    """``with boundary:`` trims a ``SafeLossError`` leaving the block (for TorchScript-parsed bodies)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> bool:
+        if isinstance(exc, SafeLossError):
+            trim(exc)
+        return False  # re-raised by the interpreter, without a frame of ours
+
+
+boundary = _Boundary()
