@@ -124,11 +124,11 @@ def quick_workloads(device: str) -> list[Workload]:
             _llm(8192, 151936, "bf16"), _llm(16384, 128256, "bf16"), _llm(8192, 128256, "fp32"),
             _seg(8, 150, 512, 512, "bf16"), _cls(65536, 1000, "bf16"),
         ]
-    # Pairs along C / V at a fixed N give the plots a curve; (256, 10) is all per-call overhead.
+    # Three points along C / V at a fixed N give the plots a trend; (256, 10) is all per-call overhead.
     return [
-        _cls(256, 10, "fp32"), _cls(4096, 10, "fp32"), _cls(4096, 1000, "fp32"),
-        _llm(256, 32000, "fp32"), _llm(256, 128256, "fp32"), _llm(256, 32000, "bf16"),
-        _llm(256, 32000, "fp32", prob=True), _llm(256, 32000, "fp32", eps=0.1),
+        _cls(256, 10, "fp32"), _cls(4096, 10, "fp32"), _cls(4096, 100, "fp32"), _cls(4096, 1000, "fp32"),
+        _llm(256, 32000, "fp32"), _llm(256, 50257, "fp32"), _llm(256, 128256, "fp32"),
+        _llm(256, 32000, "bf16"), _llm(256, 32000, "fp32", prob=True), _llm(256, 32000, "fp32", eps=0.1),
         _seg(2, 21, 128, 128, "fp32"),
     ]
 
@@ -339,6 +339,23 @@ class Timing:
     q20_ms: float
     q80_ms: float
     reps: int
+
+
+# A row whose q20..q80 interval is wider than this share of its median is flagged as too noisy to
+# trust (on a shared CPU, other processes' load; its speedup may be off by as much).
+SPREAD_MAX = 0.2
+
+
+def spread(row: dict[str, Any], key: str = "fwdbwd") -> float | None:
+    """(q80 - q20) / median of a finished row's ``key`` timing, or None when not timed."""
+    tm = row.get(key)
+    if isinstance(tm, Timing):  # not finished yet
+        med, lo, hi = tm.median_ms, tm.q20_ms, tm.q80_ms
+    else:
+        med, lo, hi = row.get(f"{key}_ms"), row.get(f"{key}_q20_ms"), row.get(f"{key}_q80_ms")
+    if not all(isinstance(v, float) for v in (med, lo, hi)) or not med:
+        return None
+    return (hi - lo) / med
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -662,6 +679,22 @@ def _finish(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
                 b = base[key].median_ms
             if b and f"{key}_ms" in row:
                 row[f"speedup_{key}"] = b / row[f"{key}_ms"]
+    # A speedup is as noisy as the noisier of its two timings.
+    wide = []
+    for key in ("fwd", "fwdbwd"):
+        own = spread(row, key)
+        if own is not None:
+            row[f"{key}_spread"] = own
+        both = [v for v in (own, spread(base, key) if base is not None else None) if v is not None]
+        if both and max(both) > SPREAD_MAX:
+            wide.append(f"{'fwd+bwd' if key == 'fwdbwd' else key} {max(both):.0%}")
+    if wide:
+        row["noisy"] = True
+        row["note"] = "; ".join(filter(None, [
+            row.get("note", ""),
+            f"too noisy to trust: q20-q80 spread {', '.join(wide)} of the median "
+            f"(this row's or torch-eager's; limit {SPREAD_MAX:.0%})",
+        ]))
     return row
 
 
@@ -718,6 +751,14 @@ def _fmt_ms(v: Any) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
+def _fmt_spread(r: dict[str, Any]) -> str:
+    """The fwd+bwd q20..q80 interval in ms and its width as a share of the median."""
+    lo, hi, sp = r.get("fwdbwd_q20_ms"), r.get("fwdbwd_q80_ms"), r.get("fwdbwd_spread")
+    if not isinstance(sp, float):
+        return "-"
+    return f"{_fmt_ms(lo)}-{_fmt_ms(hi)} ({sp:.0%})"
+
+
 def _fmt_x(v: Any) -> str:
     return f"{v:.2f}x" if isinstance(v, float) else "-"
 
@@ -747,7 +788,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
         f"liger-kernel {meta['liger_kernel']}, quack {meta['quack']}, python {meta['python']}",
         f"- git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, {meta['timestamp']}",
         "- times: median ms " + ("(CUDA events, do_bench)" if cuda else
-                                 f"(wall clock, providers interleaved, {meta['cpu_threads']} threads)")
+                                 f"(wall clock, providers interleaved, {meta['cpu_threads']} "
+                                 f"thread{'s' if meta['cpu_threads'] != 1 else ''})")
+        + "; q20-q80: the middle 60% of the calls, and its width over the median; a row whose "
+        f"spread (or torch-eager's) exceeds {SPREAD_MAX:.0%} is marked (noisy): its speedup is not "
+        "to be trusted"
         + "; speedup = torch-eager time / provider time, same run; GB/s counts the bytes every "
         "implementation must move (logits + targets; fwd+bwd adds the gradient write); "
         "%copy = that GB/s over the copy bandwidth; peak = memory above the inputs during fwd+bwd "
@@ -764,23 +809,25 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
         lines += [f"## {wl}", "",
                   f"logits {tuple(r0['shape'])} {r0['dtype']}, {r0['target']} targets"
                   + (f", label_smoothing={r0['label_smoothing']:g}" if r0["label_smoothing"] else ""), "",
-                  "| provider | fwd ms | fwd+bwd ms | speedup fwd | speedup fwd+bwd | GB/s fwd+bwd "
+                  "| provider | fwd ms | fwd+bwd ms | fwd+bwd q20-q80 | speedup fwd | speedup fwd+bwd | GB/s fwd+bwd "
                   "| %copy | %copy (3-pass) | peak MiB | held MiB | loss rel err |"
                   + (" fwd+bwd ms, CUDA graph | speedup, CUDA graph |" if graph else "") + " note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if graph else "")
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if graph else "")
                   + "---|"]
         copy = meta.get("copy_gbps") or float("nan")
         for r in rs:
             if r["status"] != "ok":
-                lines.append(f"| {r['provider']} | - | - | - | - | - | - | - | - | - | - | "
+                lines.append(f"| {r['provider']} | - | - | - | - | - | - | - | - | - | - | - | "
                              + ("- | - | " if graph else "") + f"{r['status']}: {_cell(r['note'])} |")
                 continue
             g = r.get("gbps_fwdbwd")
             gs = r.get("gbps_fwdbwd_streamed")
             err = r.get("loss_rel_err")
+            flag = " (noisy)" if r.get("noisy") else ""
             lines.append(
                 f"| {r['provider']} | {_fmt_ms(r.get('fwd_ms'))} | {_fmt_ms(r.get('fwdbwd_ms'))} | "
-                f"{_fmt_x(r.get('speedup_fwd'))} | {_fmt_x(r.get('speedup_fwdbwd'))} | "
+                f"{_fmt_spread(r)} | "
+                f"{_fmt_x(r.get('speedup_fwd'))}{flag} | {_fmt_x(r.get('speedup_fwdbwd'))}{flag} | "
                 f"{_fmt_gbps(g)} | {f'{100 * g / copy:.0f}%' if g else '-'} | "
                 f"{f'{100 * gs / copy:.0f}%' if gs else '-'} | {_fmt_mib(r.get('peak_mem_bytes'))} | "
                 f"{_fmt_mib(r.get('saved_mem_bytes'))} | {f'{err:.1e}' if err is not None else '-'} | "
@@ -853,27 +900,40 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _fmt_count(c: int) -> str:
+    if c >= 1000 and c % 1000 == 0:
+        return f"{c // 1000}k"
+    return f"{c / 1000:.1f}k" if c >= 10000 else str(c)
+
+
 def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """time / GB/s / memory against the number of classes, one panel per (family, variant,
     positions, dtype) with at least two class counts; returns the files written."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullLocator
     except ImportError:
         return []
+    plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
+    # Minor ticks of a log axis: label 2x and 5x only, or the labels overlap.
+    sparse = FuncFormatter(lambda v, _pos: f"{v:.3g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else "")
     groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == "ok":
             variant = r["target"] if r["target"] == "prob" else f"smooth{r['label_smoothing']:g}" if r["label_smoothing"] else "index"
             groups.setdefault((r["family"], variant, r["positions"], r["dtype"]), []).append(r)
-    # Curves need two points; if no group has them (a filtered run), plot every group as points.
-    curves = {k: v for k, v in groups.items() if len({r["classes"] for r in v}) >= 2} or groups
+    # A trend needs three points; fewer where no group has them (a filtered run: every group).
+    curves = ({k: v for k, v in groups.items() if len({r["classes"] for r in v}) >= 3}
+              or {k: v for k, v in groups.items() if len({r["classes"] for r in v}) >= 2} or groups)
     written = []
     specs = [
-        ("time_vs_classes.png", "fwdbwd_ms", "fwd+bwd median time (ms)", 1.0, True),
+        ("time_vs_classes.png", "fwdbwd_ms", "fwd+bwd median time (ms; band: q20-q80)", 1.0, True),
         ("bandwidth_vs_classes.png", "gbps_fwdbwd", "fwd+bwd GB/s (must-move bytes)", 1.0, False),
         ("memory_vs_classes.png", "peak_mem_bytes", "peak memory above inputs (MiB)", 1 / (1 << 20), True),
     ]
     for fname, key, ylabel, scale, logy in specs:
+        if not any(isinstance(r.get(key), (int, float)) for v in curves.values() for r in v):
+            continue  # e.g. memory on CPU, which is not measured: no empty plot
         keys = sorted(curves)
         ncol = min(3, max(1, len(keys)))
         nrow = max(1, math.ceil(len(keys) / ncol))
@@ -888,14 +948,27 @@ def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
                     provs.setdefault(r["provider"], []).append((r["classes"], r[key] * scale))
             for prov, pts in sorted(provs.items()):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                # The q20..q80 band around the median: a trend narrower than it is not one.
+                band = [r for r in sorted(curves[gk], key=lambda r: r["classes"]) if r["provider"] == prov
+                        and isinstance(r.get(key), (int, float))]
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)[0]
+                if key == "fwdbwd_ms" and all(isinstance(r.get("fwdbwd_q20_ms"), float) for r in band):
+                    ax.fill_between([r["classes"] for r in band], [r["fwdbwd_q20_ms"] for r in band],
+                                    [r["fwdbwd_q80_ms"] for r in band], color=line.get_color(), alpha=0.12,
+                                    lw=0)
                 any_data = True
             if key == "gbps_fwdbwd" and meta.get("copy_gbps"):
                 ax.axhline(meta["copy_gbps"], color="k", ls="--", lw=1, label="copy bandwidth")
             ax.set_title(f"{fam} {variant}, N={n}, {dt}", fontsize=9)
             ax.set_xscale("log")
+            # Ticks at the measured class counts, in plain numbers (10, 1k, 128k), not 10^x.
+            cs = sorted({r["classes"] for r in curves[gk]})
+            ax.set_xticks(cs, [_fmt_count(c) for c in cs])
+            ax.xaxis.set_minor_locator(NullLocator())
             if logy and provs:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(sparse)
             ax.set_xlabel("classes C (vocabulary V)")
             ax.set_ylabel(ylabel)
             if provs:
@@ -953,8 +1026,13 @@ def _write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], notes: l
 
 
 def main(quick: bool = False, device: str | None = None, out: str = "bench-out",
-         workloads: list[str] | None = None) -> int:
-    """Run the benchmark; write results.json, results.md and PNG plots into ``out``."""
+         workloads: list[str] | None = None, threads: int | None = None) -> int:
+    """Run the benchmark; write results.json, results.md and PNG plots into ``out``.
+
+    ``threads``: torch's intra-op threads for the run; on CPU one by default. With more, an op
+    large enough to go parallel stalls for a scheduler slice whenever another process holds a
+    core, and on a shared machine the ratios become noise (1.6x "speedups" of identical code).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -972,11 +1050,20 @@ def main(quick: bool = False, device: str | None = None, out: str = "bench-out",
     settings = Settings()
     if quick:
         settings = Settings(cuda_warmup_ms=25, cuda_rep_ms=150, cpu_seconds=0.5, cpu_min_rounds=5)
+    if threads is not None and threads < 1:
+        print(f"safeloss bench: --threads must be at least 1, got {threads}", file=sys.stderr)
+        return 2
     budget = float(os.environ.get(BUDGET_ENV, "inf"))
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    with _quiet_compile_workers(dev):
-        return _run(wls, dev, preset, quick, settings, budget, outdir)
+    old_threads = torch.get_num_threads()
+    if threads is not None or dev.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    try:
+        with _quiet_compile_workers(dev):
+            return _run(wls, dev, preset, quick, settings, budget, outdir)
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-out", help="folder for JSON, markdown and PNGs")
     bench.add_argument("--workload", action="append", default=None,
                        help="run only workloads whose name contains this (repeatable)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default on CPU: 1; more makes shared-machine timings noise)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(only=args.only, color=not args.no_color and sys.stdout.isatty(), all_cases=args.all)
     from .bench import main as bench_main
 
-    return bench_main(quick=args.quick, device=args.device, out=args.out, workloads=args.workload)
+    return bench_main(quick=args.quick, device=args.device, out=args.out, workloads=args.workload,
+                      threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ ALWAYS = {"torch-eager", "safeloss-torch"}  # must have measured on any CPU
 CUDA_ONLY = {"safeloss-triton", "safeloss-triton-inplace", "safeloss-triton-nocheck", "liger", "quack"}
 
 
+_THREADS_BEFORE = __import__("torch").get_num_threads()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
@@ -25,12 +28,57 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_writes_json_markdown_and_plots(run: Path) -> None:
-    for name in ("results.json", "results.md", "time_vs_classes.png", "bandwidth_vs_classes.png",
-                 "memory_vs_classes.png"):
+    for name in ("results.json", "results.md", "time_vs_classes.png", "bandwidth_vs_classes.png"):
         f = run / name
         assert f.is_file() and f.stat().st_size > 0, name
     for png in run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "memory_vs_classes.png").exists()  # CPU runs measure no memory: no empty plot
+
+
+def test_cpu_runs_one_thread_by_default_and_restore_the_setting(run: Path) -> None:
+    import torch
+
+    data = json.loads((run / "results.json").read_text())
+    assert data["meta"]["cpu_threads"] == 1
+    assert "(wall clock, providers interleaved, 1 thread)" in (run / "results.md").read_text()
+    assert torch.get_num_threads() == _THREADS_BEFORE
+
+
+def test_threads_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    seen = []
+    monkeypatch.setattr(bench, "_run", lambda *a, **k: seen.append(torch.get_num_threads()) or 0)
+    from safeloss import cli
+
+    assert cli.main(["bench", "--device", "cpu", "--threads", "2", "--out", str(tmp_path), "--quick"]) == 0
+    assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path), "--quick"]) == 0
+    assert seen == [2, 1]
+    assert bench.main(device="cpu", out=str(tmp_path), threads=0) == 2
+
+
+def test_spread_is_shown_and_wide_rows_are_flagged() -> None:
+    w = bench._cls(4096, 1000, "fp32")
+    raw = {}
+    for name, (med, lo, hi) in {"torch-eager": (1.0, 0.97, 1.04), "safeloss-torch": (0.6, 0.3, 1.2),
+                                "torch-compile": (0.5, 0.49, 0.52)}.items():
+        p = next(p for p in bench.PROVIDERS if p.name == name)
+        r = bench._base_row(w, p)
+        r["fwd"] = r["fwdbwd"] = bench.Timing(med, lo, hi, 50)
+        raw[name] = r
+    rows = [bench._finish(r, raw[bench.BASELINE]) for r in raw.values()]
+    by = {r["provider"]: r for r in rows}
+    assert by["safeloss-torch"]["fwdbwd_spread"] == pytest.approx(1.5)
+    assert by["safeloss-torch"]["noisy"] and "too noisy to trust" in by["safeloss-torch"]["note"]
+    assert not by["torch-compile"].get("noisy") and not by["torch-eager"].get("noisy")
+    meta = {"device": "cpu", "device_type": "cpu", "preset": "quick", "copy_gbps": 30.0, "torch": "x",
+            "triton": None, "safeloss": "x", "liger_kernel": None, "quack": None, "python": "x",
+            "git_commit": None, "git_dirty": None, "timestamp": "t", "cpu_threads": 1}
+    md = bench.markdown(meta, rows, [])
+    assert "| fwd+bwd q20-q80 |" in md
+    assert "| safeloss-torch | 0.600 | 0.600 | 0.300-1.200 (150%) | 1.67x (noisy) | 1.67x (noisy) |" in md
+    assert "| torch-compile | 0.500 | 0.500 | 0.490-0.520 (6%) | 2.00x | 2.00x |" in md
 
 
 def test_json_rows(run: Path) -> None:
