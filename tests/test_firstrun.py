@@ -124,3 +124,12 @@ def test_no_notice_on_cpu_or_with_an_explicit_torch_backend(monkeypatch):
         x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
         safeloss.cross_entropy(x, t)  # CPU: torch is the backend, not a fallback
     assert dispatch._NOTICED == []
+
+
+def test_pytest_ignores_only_named_warnings():
+    """An ignore filter names a message or a module, so a new warning of the same class shows."""
+    filters = _pyproject()["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    for f in filters:
+        action, message, category, module = (f.split(":") + ["", "", ""])[:4]
+        if action == "ignore":
+            assert message or module, f
