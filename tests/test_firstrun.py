@@ -130,6 +130,6 @@ def test_pytest_ignores_only_named_warnings():
     """An ignore filter names a message or a module, so a new warning of the same class shows."""
     filters = _pyproject()["tool"]["pytest"]["ini_options"]["filterwarnings"]
     for f in filters:
-        action, message, category, module = (f.split(":") + ["", "", ""])[:4]
+        action, message, _category, module = (f.split(":") + ["", "", ""])[:4]
         if action == "ignore":
             assert message or module, f
