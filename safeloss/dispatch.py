@@ -64,7 +64,7 @@ def _notice_fallback(reason: str) -> None:
     learn that the fused kernel is not running, but a correct, slower loss is not an error. Not
     while torch.compile traces (Dynamo cannot trace ``warnings.warn``): an eager call says it.
     """
-    if _NOTICED or torch.compiler.is_compiling():
+    if _NOTICED or torch.compiler.is_dynamo_compiling():
         return
     _NOTICED.append(True)
     from .report import _user_frame

@@ -133,3 +133,21 @@ def test_pytest_ignores_only_named_warnings():
         action, message, _category, module = (f.split(":") + ["", "", ""])[:4]
         if action == "ignore":
             assert message or module, f
+
+
+def test_the_notice_does_not_break_fullgraph_tracing(monkeypatch):
+    """Dynamo cannot trace warnings.warn: while it traces, the notice waits for an eager call."""
+    monkeypatch.setattr(dispatch, "_NOTICED", [])
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        dispatch._notice_fallback("the triton package is not installed")
+        return x * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert dispatch._NOTICED == []
+    with pytest.warns(UserWarning, match="pure-torch backend"):
+        dispatch._notice_fallback("the triton package is not installed")
