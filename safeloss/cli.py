@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -29,14 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=None,
                        help="torch threads (default on CPU: 1; more makes shared-machine timings noise)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
+    try:
+        if args.command == "demo":
+            from .demo import main as demo_main
 
-        return demo_main(only=args.only, color=not args.no_color and sys.stdout.isatty(), all_cases=args.all)
-    from .bench import main as bench_main
+            return demo_main(only=args.only, color=not args.no_color and sys.stdout.isatty(),
+                             all_cases=args.all)
+        from .bench import main as bench_main
 
-    return bench_main(quick=args.quick, device=args.device, out=args.out, workloads=args.workload,
-                      threads=args.threads)
+        return bench_main(quick=args.quick, device=args.device, out=args.out, workloads=args.workload,
+                          threads=args.threads)
+    except BrokenPipeError:
+        # `safeloss demo | head`: the reader left, which is not an error worth a traceback. The
+        # interpreter flushes stdout again at exit, so point it at devnull (Python's docs recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ def test_readme_install_lines_are_the_cpu_wheel_and_the_default_wheel():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     cpu, tests, gpu = blocks[:3]
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in cpu
+    assert "pip install torch numpy --index-url https://download.pytorch.org/whl/cpu" in cpu
     assert "pip install -e . && safeloss demo" in cpu  # no extra: no triton for CPU users
     assert tests.strip().endswith("python -m pytest -q") and ".[test," in tests
-    assert "pip install torch && " in gpu and ".[gpu]" in gpu
+    assert "pip install torch numpy && " in gpu and ".[gpu]" in gpu
 
 
 def test_version_agrees_with_the_package_metadata():
@@ -62,6 +62,18 @@ def test_python_m_safeloss_version():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"safeloss {safeloss.__version__}"
+
+
+def test_demo_piped_into_head_ends_quietly():
+    """`safeloss demo | head`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "safeloss", "demo", "--no-color"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 # ---------------------------------------------------------------- the demo
