@@ -328,9 +328,14 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
         f"probability distributions: {' and '.join(bits)} of {n}.\n"
         "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
         "distributions: its minimum is no longer at the target distribution, and negative "
-        "entries can drive it below zero. Targets like these are usually logits, counts or "
-        "log-probabilities passed where probabilities were expected.\n"
-        f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
+        "entries can drive it below zero. "
+        # Name the kind of tensor the values point to, and say that it is a guess.
+        + ("Negative entries suggest logits or log-probabilities passed where probabilities were "
+           "expected (a guess from the values).\n"
+           if negative else
+           "Every entry is at least 0, so these look like counts or unnormalized scores (a guess "
+           "from the values).\n")
+        + f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
         "for counts, or class indices of shape " + fmt_shape(p.positions_shape),
     )
 
