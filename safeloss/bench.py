@@ -908,7 +908,8 @@ def _fmt_count(c: int) -> str:
 
 def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """time / GB/s / memory against the number of classes, one panel per (family, variant,
-    positions, dtype) with at least two class counts; returns the files written."""
+    positions, dtype) with at least three class counts (two, or one, when no panel has three);
+    a plot with nothing measured (memory on CPU) is not written. Returns the files written."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter, NullLocator
