@@ -12,7 +12,8 @@ How: the entry point catches the error, replaces its ``__traceback__`` by the ke
 re-raises it with a bare ``raise``, which (Python 3.11+) adds no frame of its own; the frames above
 the entry point are added back as the exception unwinds through them. The happy path pays
 nothing: a ``try`` is free in 3.11. Bodies that TorchScript parses cannot hold a ``try`` (the
-patched functions): they use ``with boundary:``, whose exit does the same. While torch.compile
+module's forward, the patched functions): they use ``with boundary:``, whose exit does the same
+(about 0.1 us a call). While torch.compile
 traces, tracebacks are left alone (``is_dynamo_compiling``: an eager rerun inside a compile
 session, where ``is_compiling()`` is also true, is trimmed).
 """

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import pipeline
-from ._traceback import trim
+from ._traceback import boundary, trim
 from .dispatch import check_backend
 from .errors import SafeLossError
 from .validation import check_label_smoothing, check_reduction
@@ -53,17 +53,13 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.fused_grad = fused_grad
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        try:
-            return pipeline.run(
-                input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
-                check_label_smoothing(self.label_smoothing), strict=self.strict,
-                backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
-                fused_grad=self.fused_grad,
-                owner=self,
-            )
-        except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
-            trim(e)
-            raise
+        # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
+        # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
+        # traces, which cannot trace the context manager.
+        if torch.compiler.is_dynamo_compiling():
+            return _forward(self, input, target)
+        with boundary:
+            return _forward(self, input, target)
 
     def extra_repr(self) -> str:
         parts = []
@@ -82,3 +78,13 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         if self.fused_grad:
             parts.append("fused_grad=True")
         return ", ".join(parts)
+
+
+def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+    return pipeline.run(
+        input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+        check_label_smoothing(self.label_smoothing), strict=self.strict,
+        backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
+        fused_grad=self.fused_grad,
+        owner=self,
+    )

@@ -135,3 +135,18 @@ def test_the_switch_is_documented():
     for page in ("README.md", os.path.join("docs", "migration.md")):
         with open(os.path.join(root, page)) as f:
             assert f"{_traceback.ENV}=1" in f.read(), page
+
+
+def test_bodies_torchscript_parses_hold_no_try():
+    """TorchScript parses the whole body of a forward and of the patched functions, and rejects a
+    try even in a branch it does not compile: those trim with ``with boundary:`` instead."""
+    import ast
+    import inspect
+    import textwrap
+
+    from safeloss import patch
+
+    for fn in (safeloss.SafeCrossEntropyLoss.forward, patch.cross_entropy, patch._forward):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        assert not any(isinstance(n, ast.Try) for n in ast.walk(tree)), fn.__qualname__
+        assert any(isinstance(n, ast.With) for n in ast.walk(tree)), fn.__qualname__
