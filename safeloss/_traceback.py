@@ -10,8 +10,8 @@ debugging safeloss itself.
 
 How: the entry point catches the error, replaces its ``__traceback__`` by the kept frames and
 re-raises it with a bare ``raise``, which (Python 3.11+) adds no frame of its own; the frames above
-the entry point are added back as the exception unwinds through them. The happy path pays
-nothing: a ``try`` is free in 3.11. Bodies that TorchScript parses cannot hold a ``try`` (the
+the entry point are added back as the exception unwinds through them. On the happy path a
+``try`` costs nothing in 3.11. Bodies that TorchScript parses cannot hold a ``try`` (the
 module's forward, the patched functions): they use ``with boundary:``, whose exit does the same
 (about 0.2 us a call: two method calls and a Dynamo probe). While torch.compile
 traces, tracebacks are left alone (``is_dynamo_compiling``: an eager rerun inside a compile
