@@ -1,13 +1,21 @@
 """Errors and warnings raised by safeloss.
 
 Every error subclasses :class:`SafeLossError` *and* the builtin exception stock torch raises for
-the same mistake, so ``except ValueError`` / ``except IndexError`` / ``except RuntimeError`` blocks
+the same input, so ``except ValueError`` / ``except IndexError`` / ``except RuntimeError`` blocks
 written for ``torch.nn.CrossEntropyLoss`` keep working after the swap.
+
+Which builtin stock raises depends on the input, not only on the kind of mistake: stock checks the
+batch size first (``ValueError``), so a target of the wrong shape *and* batch size is a
+``ValueError`` there, one of the right batch size a ``RuntimeError``. A raise site therefore
+raises ``stock_class(TargetShapeError, builtin)``: the public class itself when it already derives
+from that builtin, else a subclass of it that also derives from the builtin (same name, so
+tracebacks read ``safeloss.TargetShapeError``; ``except TargetShapeError`` still catches it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 
 class SafeLossError(Exception):
@@ -82,6 +90,37 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
     """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
 
 
+E = TypeVar("E", bound=SafeLossError)
+
+# (public class, builtin) -> the subclass deriving from both. Built once, at import, for the pairs
+# the raise sites need: a lookup under torch.compile must not create classes while tracing.
+_VARIANTS: dict[tuple[type[SafeLossError], type[Exception]], type[SafeLossError]] = {}
+
+
+def _rebuild(cls: type[SafeLossError], builtin: type[Exception], args: tuple) -> SafeLossError:
+    return stock_class(cls, builtin)(*args)
+
+
+def _variant(cls: type[SafeLossError], builtin: type[Exception]) -> type[SafeLossError]:
+    def __reduce__(self: SafeLossError) -> tuple:
+        # A variant is not a module attribute: pickle (DataLoader workers, multiprocessing) rebuilds
+        # it from the public class and the builtin, both importable.
+        return _rebuild, (cls, builtin, self.args), self.__dict__ or None
+
+    return type(cls.__name__, (cls, builtin), {
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+        "__reduce__": __reduce__, "stock_builtin": builtin,
+    })
+
+
+def stock_class(cls: type[E], builtin: type[Exception]) -> type[E]:
+    """``cls`` if it already derives from ``builtin`` (what stock torch raises for this input),
+    else the subclass of ``cls`` that also derives from ``builtin``."""
+    if issubclass(cls, builtin):
+        return cls
+    return _VARIANTS.get((cls, builtin), cls)  # type: ignore[return-value]
+
+
 class SafeLossWarning(UserWarning):
     """A likely mistake that safeloss handled; becomes an error in strict mode."""
 
@@ -119,3 +158,14 @@ for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, (SafeLossError, SafeLossWarning)):
         _cls.__module__ = "safeloss"
 del _cls
+
+# Where stock raises another builtin than the public class's for some inputs (tests/test_error_classes.py
+# sweeps them): a target of the wrong shape or dtype whose batch size differs too (stock checks
+# that first: ValueError), or that stock indexes out of range (0-d targets, 0-d logits: IndexError).
+for _cls, _builtin in [
+    (TargetShapeError, ValueError), (TargetShapeError, IndexError),
+    (TargetDtypeError, ValueError), (TargetDtypeError, IndexError),
+    (InputError, IndexError), (InputDtypeError, IndexError),
+]:
+    _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
+del _cls, _builtin

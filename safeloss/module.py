@@ -8,7 +8,7 @@ from torch import Tensor
 from . import pipeline
 from ._traceback import boundary, trim
 from .dispatch import check_backend
-from .errors import SafeLossError
+from .errors import ArgumentTypeError, SafeLossError
 from .validation import check_label_smoothing, check_reduction
 
 
@@ -40,6 +40,12 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ) -> None:
         try:
             check_label_smoothing(label_smoothing)
+            if weight is not None and not isinstance(weight, Tensor):
+                # Stock fails here too (a TypeError from register_buffer); say what to pass instead.
+                raise ArgumentTypeError(
+                    f"weight must be a 1-D float tensor with one entry per class, got "
+                    f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
+                )
             if size_average is None and reduce is None:
                 check_reduction(reduction)
             backend = check_backend(backend)

@@ -31,6 +31,7 @@ from .errors import (
     fmt_list,
     fmt_shape,
     plural,
+    stock_class,
 )
 from .report import Finding
 
@@ -130,7 +131,25 @@ def check_label_smoothing(label_smoothing: object) -> float:
 # --------------------------------------------------------------------------------- the logits
 
 
-def _check_input(input: object) -> Tensor:
+def _stock_builtin(input: Tensor, target: object) -> type[Exception]:
+    """The builtin stock torch raises for a target (or 0-d input) it rejects: which of its checks
+    fails first, from shapes and dtypes alone. A batch-size mismatch is checked before anything
+    else about the target (``ValueError``), except for 1-D logits, which check the dtype first."""
+    if not isinstance(target, Tensor):
+        return TypeError
+    if input.dim() == 0:  # log_softmax over dim 1, unless the 0-d target is a probability
+        return RuntimeError if target.dim() == 0 and not target.is_floating_point() else IndexError
+    if target.shape == input.shape:  # probability targets
+        return RuntimeError
+    if input.dim() == 1:
+        size_checked = target.dim() == 1 and target.dtype in (torch.int64, torch.uint8)
+        return ValueError if size_checked and target.numel() != 1 else RuntimeError
+    if target.dim() == 0:  # stock reads a 0-d target's batch size as 0, then indexes dim 0
+        return ValueError if input.shape[0] != 0 else IndexError if input.dim() == 2 else RuntimeError
+    return ValueError if target.shape[0] != input.shape[0] else RuntimeError
+
+
+def _check_input(input: object, target: object = None) -> Tensor:
     if not isinstance(input, Tensor):
         raise ArgumentTypeError(
             f"cross_entropy expects the input (logits) to be a torch.Tensor, got "
@@ -138,7 +157,8 @@ def _check_input(input: object) -> Tensor:
             "loss_fn(model(x), y)"
         )
     if input.dtype not in _INPUT_DTYPES:
-        raise InputDtypeError(
+        builtin = _stock_builtin(input, target) if input.dim() == 0 else NotImplementedError
+        raise stock_class(InputDtypeError, builtin)(
             f"cross_entropy got integer or non-real logits: input dtype {input.dtype}, shape "
             f"{fmt_shape(input.shape)}.\nThe input must hold raw float scores (logits), one per "
             "class; integer values usually mean the labels were passed as the first argument.\n"
@@ -146,7 +166,7 @@ def _check_input(input: object) -> Tensor:
             "logits.float()"
         )
     if input.dim() == 0:
-        raise InputError(
+        raise stock_class(InputError, _stock_builtin(input, target))(
             "cross_entropy got a 0-d input (a single number); it needs one score per class.\n"
             "  input shape (): no class dimension\n"
             "Fix: the model should output C scores per sample, shape (N, C); for a single "
@@ -199,12 +219,12 @@ _weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
 
 def _negative_classes(weight: Tensor) -> list[int]:
     if weight.is_inference():  # no version counter to key a cache on: read it every time
-        return (weight < 0).nonzero().flatten().tolist()
+        return (weight.reshape(-1) < 0).nonzero().flatten().tolist()
     key = id(weight)
     hit = _weight_negatives.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    neg = (weight < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
+    neg = (weight.reshape(-1) < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
     ref = weakref.ref(weight, lambda _, key=key: _weight_negatives.pop(key, None))
     _weight_negatives[key] = (ref, weight._version, neg)
     return neg
@@ -221,7 +241,14 @@ def _check_weight(
             f"weight must be a 1-D float tensor with one entry per class, got "
             f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
         )
-    if weight.dim() != 1 or weight.numel() != num_classes:
+    if weight.dim() != 1 and weight.numel() == num_classes and max(weight.shape, default=1) == num_classes:
+        # (1, C) or (C, 1): stock accepts these for K-d logits (it checks only the element count),
+        # and they mean the same everywhere. Negative entries are looked up on the caller's tensor,
+        # whose version the cache below tracks (the view is new every call).
+        flat = weight.reshape(num_classes)
+    else:
+        flat = weight
+    if flat.dim() != 1 or flat.numel() != num_classes:
         raise WeightError(
             f"weight has shape {fmt_shape(weight.shape)} but the input has {num_classes} classes "
             f"(input shape {fmt_shape(input.shape)}, classes along dim "
@@ -249,6 +276,7 @@ def _check_weight(
                 "Fix: use non-negative weights, e.g. inverse class frequencies: "
                 "weight = counts.sum() / (C * counts)",
             ))
+    weight = flat
     dtype = compute_dtype or input.dtype
     if weight.dtype != dtype:
         # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.
@@ -267,6 +295,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
     """Raise the most helpful error for an index target whose shape is not ``expected``."""
     ishape, tshape = tuple(input.shape), tuple(target.shape)
     C = ishape[_class_dim(input)]
+    shape_error = stock_class(TargetShapeError, _stock_builtin(input, target))
     head = (
         f"  input  (logits) shape {fmt_shape(ishape)}\n"
         f"  target (labels) shape {fmt_shape(tshape)}\n"
@@ -281,7 +310,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 f"  input  (logits) shape {fmt_shape(ishape)}: batch {n_in}, {C} classes",
                 f"  target (labels) shape {fmt_shape(tshape)}: batch {n_t}",
             ]
-            if n_in > n_t and n_in % n_t == 0:
+            if n_t and n_in > n_t and n_in % n_t == 0:
                 k = n_in // n_t
                 # Only the ratio is known: which dimension was folded, the shapes do not say.
                 lines.append(
@@ -295,7 +324,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                     f"final layer; if the model really predicts {k} positions per sample, pass "
                     f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)."
                 )
-            elif n_t > n_in and n_t % n_in == 0:
+            elif n_in and n_t > n_in and n_t % n_in == 0:
                 k = n_t // n_in
                 lines.append(
                     f"The target batch is exactly {k}x the input batch ({n_t} = {k} x {n_in}). "
@@ -341,7 +370,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 f"Fix: loss_fn(logits.permute{perm}, target)   # classes to dim 1, no copy\n"
                 f"  or: loss_fn(logits.reshape(-1, {Cl}), target.reshape(-1))"
             )
-        raise TargetShapeError(
+        raise shape_error(
             f"cross_entropy expects classes in dim 1, but this looks like {what}.\n" + head
             + f"cross_entropy reads dim 1 as the classes, so it would see {ishape[1]} classes and "
             f"expect a target of shape {fmt_shape(expected)}. The logits need their class "
@@ -351,7 +380,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
     # (N, C) one-hot / multi-hot integer target with a different class count.
     if input.dim() >= 2 and target.dim() == input.dim() and tshape[0] == ishape[0]:
         if target.dim() == 2:
-            raise TargetShapeError(
+            raise shape_error(
                 f"cross_entropy got a 2-D target for 2-D logits, but with {tshape[1]} columns where "
                 f"the model has {C} classes.\n" + head
                 + "A 2-D target is read as one-hot/probabilities and must match the input's shape; "
@@ -362,7 +391,7 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
 
     # (N*T,) targets for (N, T, C) logits, or (N, T) targets for (N*T, C) logits.
     if input.dim() == 2 and target.dim() >= 2 and target.numel() == ishape[0]:
-        raise TargetShapeError(
+        raise shape_error(
             f"cross_entropy got {target.dim()}-D targets for 2-D logits.\n" + head
             + f"The target has one label per input row ({target.numel()}) but is not flat; the "
             "logits were probably flattened (reshape(-1, C)) and the labels were not.\n"
@@ -377,20 +406,20 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 if target.numel() == flat_last else
                 f"Fix: loss_fn(logits, target.reshape{fmt_shape(expected)})"
             )
-            raise TargetShapeError(
+            raise shape_error(
                 f"cross_entropy got flat targets for {input.dim()}-D logits.\n" + head
                 + f"For {input.dim()}-D logits the target must be {fmt_shape(expected)}; the labels "
                 "were flattened but the logits were not.\n" + fix
             )
 
     if input.dim() == 1:
-        raise TargetShapeError(
+        raise shape_error(
             f"cross_entropy got 1-D logits (one sample, {C} classes) and a target of shape "
             f"{fmt_shape(tshape)}.\n" + head
             + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n"
             "Fix: add the batch dimension to the logits: loss_fn(logits.unsqueeze(0), target)"
         )
-    raise TargetShapeError(
+    raise shape_error(
         "cross_entropy cannot pair this target with these logits.\n" + head
         + f"For logits {fmt_shape(ishape)} (classes in dim 1, {C} classes) the target must hold "
         f"class indices of shape {fmt_shape(expected)}, or probabilities of the input's own shape.\n"
@@ -469,7 +498,7 @@ def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Ten
     expected = ishape[:cdim] + ishape[cdim + 1:]
 
     if target.dtype == torch.bool:
-        raise TargetDtypeError(
+        raise stock_class(TargetDtypeError, _stock_builtin(input, target))(
             f"cross_entropy got boolean targets (shape {fmt_shape(target.shape)}).\n"
             f"  input shape {fmt_shape(ishape)}: {ishape[cdim]} classes\n"
             "Class-index targets must be integers; True/False labels belong to a binary problem.\n"
@@ -477,7 +506,7 @@ def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Ten
             "output and target.float()"
         )
     if target.is_complex():
-        raise TargetDtypeError(
+        raise stock_class(TargetDtypeError, _stock_builtin(input, target))(
             f"cross_entropy got complex targets (dtype {target.dtype}); targets must be integer "
             "class indices or real probabilities.\nFix: pass target.real.long() or probabilities"
         )
@@ -529,12 +558,12 @@ def normalize(
     ``read_values=False`` skips the one check that reads data on the happy path (negative
     ``weight`` entries), for tracing under torch.compile.
     """
-    x = _check_input(input)
-    if not isinstance(target, Tensor):
+    if not isinstance(target, Tensor):  # stock's argument parser checks types first
         raise ArgumentTypeError(
             f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
             "Fix: torch.as_tensor(labels, device=logits.device)"
         )
+    x = _check_input(input, target)
     if type(ignore_index) is not int:
         try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
             if isinstance(ignore_index, bool):
