@@ -219,12 +219,12 @@ _weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
 
 def _negative_classes(weight: Tensor) -> list[int]:
     if weight.is_inference():  # no version counter to key a cache on: read it every time
-        return (weight.reshape(-1) < 0).nonzero().flatten().tolist()
+        return (weight < 0).nonzero().flatten().tolist()
     key = id(weight)
     hit = _weight_negatives.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    neg = (weight.reshape(-1) < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
+    neg = (weight < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
     ref = weakref.ref(weight, lambda _, key=key: _weight_negatives.pop(key, None))
     _weight_negatives[key] = (ref, weight._version, neg)
     return neg
@@ -241,14 +241,7 @@ def _check_weight(
             f"weight must be a 1-D float tensor with one entry per class, got "
             f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
         )
-    if weight.dim() != 1 and weight.numel() == num_classes and max(weight.shape, default=1) == num_classes:
-        # (1, C) or (C, 1): stock accepts these for K-d logits (it checks only the element count),
-        # and they mean the same everywhere. Negative entries are looked up on the caller's tensor,
-        # whose version the cache below tracks (the view is new every call).
-        flat = weight.reshape(num_classes)
-    else:
-        flat = weight
-    if flat.dim() != 1 or flat.numel() != num_classes:
+    if weight.dim() != 1 or weight.numel() != num_classes:
         raise WeightError(
             f"weight has shape {fmt_shape(weight.shape)} but the input has {num_classes} classes "
             f"(input shape {fmt_shape(input.shape)}, classes along dim "
@@ -276,7 +269,6 @@ def _check_weight(
                 "Fix: use non-negative weights, e.g. inverse class frequencies: "
                 "weight = counts.sum() / (C * counts)",
             ))
-    weight = flat
     dtype = compute_dtype or input.dtype
     if weight.dtype != dtype:
         # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.
@@ -609,6 +601,11 @@ def normalize(
     # weight are upcast and the loss comes out in float32. Match its dtype rules.
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.promote_types(torch.float32, out_dtype)
+    if isinstance(weight, Tensor) and weight.dim() != 1 and weight.numel() == C and max(weight.shape) == C:
+        # (1, C) or (C, 1): stock accepts these for K-d logits (it checks only the element count)
+        # and they mean the same for every input. (A new view per call: off the CPU, its negative
+        # entries are read every call; 1-D weights are read once per version.)
+        weight = weight.reshape(C)
     w, more = _check_weight(weight, x, C, read_values, out_dtype)
     if w is not None and w.requires_grad and not prob and torch.is_grad_enabled():
         raise WeightError(
