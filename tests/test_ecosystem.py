@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -306,19 +305,22 @@ def test_plain_bf16_logits_without_autocast_follow_stock() -> None:
 # =============================================================================== DDP
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ddp_worker(rank: int, world: int, init_method: str, out: str) -> None:
+    """One rank: the same 2-layer model trained with stock and with safeloss, DDP over gloo.
 
+    Teardown is explicit and ordered, because gloo aborts a process ("terminate called without an
+    active exception") when its threads or a DDP reducer outlive the process group, or when the
+    interpreter's exit destroys them in arbitrary order: every rank finishes its collectives
+    (barrier), the DDP models die, the group is destroyed, and the process leaves with
+    ``os._exit(0)`` once its results are on disk, skipping the C++ static destructors."""
+    import gc
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: the same 2-layer model trained with stock and with safeloss, DDP over gloo."""
     import torch.distributed as dist
 
+    # A file store, not a TCP port: no free-port race with other processes on the machine.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=30),
+        "gloo", init_method=init_method, rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         g = torch.Generator().manual_seed(0)
@@ -340,9 +342,16 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                 opt.zero_grad()
                 losses.append(loss.detach())
             results[name] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()])
-        torch.save(results, f"{out}.{rank}")
+            del model, opt, loss  # the reducer holds the process group: gone before teardown
+        gc.collect()
+        dist.barrier()  # no rank tears down while another still talks to it
+        torch.save(results, f"{out}.{rank}.tmp")
+        os.replace(f"{out}.{rank}.tmp", f"{out}.{rank}")  # complete or absent, never partial
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_processes_gloo_matches_stock(tmp_path: Path) -> None:
@@ -350,14 +359,19 @@ def test_ddp_two_processes_gloo_matches_stock(tmp_path: Path) -> None:
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the workers
     world, out = 2, str(tmp_path / "ddp")
-    ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), out), nprocs=world,
+    init_method = (tmp_path / "store").as_uri()
+    ctx = mp.start_processes(_ddp_worker, args=(world, init_method, out), nprocs=world,
                              join=False, start_method="spawn")
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
+    deadline = time.monotonic() + 180  # a loaded 2-core CI machine: spawn + import take a while
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("DDP workers did not finish in 180 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
                 p.kill()
-            pytest.fail("DDP workers did not finish in 90 s")
+                p.join(5)
     ranks = [torch.load(f"{out}.{r}") for r in range(world)]
     for res in ranks:
         torch.testing.assert_close(res["safe"][0], res["stock"][0], rtol=1e-6, atol=0)

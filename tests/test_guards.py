@@ -405,3 +405,41 @@ def test_softmax_detector_tolerance_per_dtype(backend, dtype, off, flagged):
         safeloss.cross_entropy(x, t, backend=backend)
     hit = any("looks already softmaxed" in str(w.message) for w in seen)
     assert hit is flagged, (dtype, off, float(x.double().sum(1).max() - 1))
+
+
+@pytest.mark.parametrize("eps, hint", [(50, "label_smoothing=0.5"), (100, "label_smoothing=1"), (2, "label_smoothing=0.02")])
+def test_label_smoothing_percentage_hint_up_to_100(eps, hint):
+    with pytest.raises(safeloss.LabelSmoothingError, match=rf"If you meant a percentage, {hint}\."):
+        safeloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=eps)
+
+
+def test_no_percentage_hint_above_100():
+    with pytest.raises(safeloss.LabelSmoothingError) as e:
+        safeloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=101)
+    assert "percentage" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("off, flagged", [(5e-2, True), (-5e-2, True), (5e-3, False)])
+def test_probability_target_sum_tolerance(backend, off, flagged):
+    """Targets made in half precision are off by ~1e-3 (fine); counts or logits by far more."""
+    y = torch.rand(6, 5, generator=_g(), dtype=torch.float64).softmax(1)
+    y = (y * (1 + off)).float()
+    x = torch.randn(6, 5, generator=_g(1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = safeloss.cross_entropy(x, y, backend=backend)
+    hit = any("not probability distributions" in str(w.message) for w in seen)
+    assert hit is flagged
+    torch.testing.assert_close(got, F.cross_entropy(x, y))
+
+
+def test_target_on_another_device_is_named():
+    with pytest.raises(safeloss.DeviceMismatchError, match=r"(?s)input is on cpu, target is on meta.*target = target.to\(input.device\)"):
+        safeloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1], device="meta"))
+
+
+def test_weight_with_C_entries_in_a_non_vector_shape_is_rejected():
+    """(1, C) and (C, 1) are class weights; (2, 2) for C = 4 is not obviously one."""
+    with pytest.raises(safeloss.WeightError, match=r"weight has shape \(2, 2\) but the input has 4 classes"):
+        safeloss.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), weight=torch.ones(2, 2))
