@@ -383,6 +383,12 @@ def check(case: Case, stock_fn: Callable, safe_fn: Callable, strict: bool) -> No
         raise AssertionError(f"{case.id}: stock accepts, safeloss raises {type(ours).__name__}: {ours}")
     builtin = _stock_builtin(want)
     if not ours_ok and isinstance(ours, builtin):
+        # ... and no builtin stock did not raise, beyond the public class's own (a TargetShapeError
+        # is always a RuntimeError): `except ValueError` must not catch what stock lets through.
+        public = type(ours).__mro__[1] if "stock_builtin" in type(ours).__dict__ else type(ours)
+        extra = {c for c in type(ours).__mro__ if c.__module__ == "builtins"} - set(builtin.__mro__) \
+            - set(public.__mro__)
+        assert not extra, f"{case.id}: stock raises {builtin.__name__}, safeloss's error is also {extra}"
         return
     # safeloss accepted, or raised another class: only through a documented conversion, after
     # which safeloss must behave exactly as stock on the converted input.

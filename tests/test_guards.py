@@ -443,3 +443,47 @@ def test_weight_with_C_entries_in_a_non_vector_shape_is_rejected():
     """(1, C) and (C, 1) are class weights; (2, 2) for C = 4 is not obviously one."""
     with pytest.raises(safeloss.WeightError, match=r"weight has shape \(2, 2\) but the input has 4 classes"):
         safeloss.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), weight=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("xdtype, ydtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                            (torch.bfloat16, torch.float32)])
+def test_probability_targets_promote_the_result_dtype(backend, xdtype, ydtype):
+    """Stock computes with probability targets in the promoted dtype (float32 logits with float64
+    targets give a float64 loss); per-row losses cast back to the logits' dtype would lose it."""
+    x = torch.randn(4, 5, generator=_g(), dtype=torch.float64).to(xdtype)
+    y = torch.rand(4, 5, generator=_g(1), dtype=torch.float64).softmax(1).to(ydtype)
+    for reduction in ("mean", "none"):
+        want = F.cross_entropy(x, y, reduction=reduction)
+        got = safeloss.cross_entropy(x, y, reduction=reduction, backend=backend)
+        assert got.dtype == want.dtype == torch.promote_types(xdtype, ydtype)
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_weight_that_requires_grad_works_with_probability_targets():
+    x = torch.randn(4, 5, generator=_g())
+    y = torch.rand(4, 5, generator=_g(1)).softmax(1)
+    w1, w2 = (torch.rand(5, generator=_g(2)) + 0.5).requires_grad_(), None
+    w2 = w1.detach().clone().requires_grad_()
+    F.cross_entropy(x, y, weight=w1).backward()
+    safeloss.cross_entropy(x, y, weight=w2).backward()
+    torch.testing.assert_close(w2.grad, w1.grad)
+    with pytest.raises(safeloss.WeightError, match="not differentiable with respect to the class weights"):
+        safeloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=w2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softmax_warning_needs_every_sampled_row_to_look_softmaxed(backend):
+    """Row 0 exactly softmaxed (passes the cheap first-row test), the others in [0, 1] but off by
+    1e-3 in their sum: beyond the fp32 tolerance, so the input is not reported as softmaxed."""
+    p = torch.rand(16, 8, generator=_g(), dtype=torch.float64).softmax(1) * 0.5
+    p[1:, 0] += 1 - p[1:].sum(1) + 1e-3
+    p[0, 0] += 1 - p[0].sum()
+    x, t = p.float(), torch.randint(0, 8, (16,), generator=_g(1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        safeloss.cross_entropy(x, t, backend=backend)
+    assert not any("looks already softmaxed" in str(w.message) for w in seen)
+    p[1:, 0] -= 1e-3  # now every row sums to 1: reported
+    with pytest.warns(SafeLossWarning, match="looks already softmaxed"):
+        safeloss.cross_entropy(p.float(), t, backend=backend)
