@@ -28,6 +28,7 @@ so nothing of the size of |lse| * W cancels.
 
 from __future__ import annotations
 
+import builtins
 import math
 import zlib
 from dataclasses import dataclass
@@ -260,13 +261,17 @@ def _positions_shape(x: Tensor) -> tuple[int, ...]:
 def _raise_agreed(local: BaseException | None, group: object | None, world: int) -> None:
     """Every rank raises the error of the lowest failing rank, with the same class and text."""
     msgs: list[object] = [None] * world
-    mine = None if local is None else (type(local).__name__, str(local))
+    # The builtin too: a TargetShapeError that is also a ValueError (errors.stock_class) stays one.
+    builtin = None if local is None else getattr(type(local).__dict__.get("stock_builtin"), "__name__", None)
+    mine = None if local is None else (type(local).__name__, str(local), builtin)
     dist.all_gather_object(msgs, mine, group=group)
-    rank, (name, text) = next((r, m) for r, m in enumerate(msgs) if m is not None)
+    rank, (name, text, builtin) = next((r, m) for r, m in enumerate(msgs) if m is not None)
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SafeLossError)):
         cls = ParallelMismatchError
         text = f"{name}: {text}"
+    elif builtin is not None:
+        cls = errors.stock_class(cls, getattr(builtins, builtin))
     if world > 1:
         text += f"\n(raised on rank {rank} of the {world} ranks of the vocab-parallel group; every rank raises it)"
     raise cls(text) from (local if local is not None else None)
