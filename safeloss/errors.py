@@ -90,6 +90,10 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
     """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
 
 
+class LayoutError(SafeLossError, NotImplementedError):
+    """Sparse logits, class-index targets or weight (stock: ``NotImplementedError``, a ``RuntimeError``)."""
+
+
 E = TypeVar("E", bound=SafeLossError)
 
 # (public class, builtin) -> the subclass deriving from both. Built once, at import, for the pairs

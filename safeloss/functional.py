@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import pipeline
+from . import pipeline, tracing
 from ._traceback import trim
 from .dispatch import check_backend
 from .errors import SafeLossError
@@ -45,6 +45,17 @@ def cross_entropy(
             host sync. Pays off for ``reduction="sum"`` and rows up to 32K classes; it holds a
             logits-sized gradient buffer from forward to backward.
     """
+    if (proxy := tracing.fx_proxy(input, target, weight)) is not None:  # torch.fx.symbolic_trace
+        kwargs: dict[str, object] = dict(
+            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing,
+        )
+        for name, value, default in (("strict", strict, None), ("backend", backend, "auto"),
+                                     ("inplace_backward", inplace_backward, False),
+                                     ("fused_grad", fused_grad, False)):
+            if value != default:
+                kwargs[name] = value
+        return tracing.fx_call(proxy, cross_entropy, input, target, kwargs)
     try:
         return pipeline.run(
             input, target, weight, ignore_index,
@@ -56,3 +67,7 @@ def cross_entropy(
     except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
         trim(e)
         raise
+
+
+# Scripted code that calls safeloss.cross_entropy compiles stock torch (see safeloss.tracing).
+tracing.register_for_torchscript(cross_entropy)

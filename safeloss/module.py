@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import pipeline
+from . import pipeline, tracing
 from ._traceback import boundary, trim
 from .dispatch import check_backend
 from .errors import ArgumentTypeError, SafeLossError
@@ -59,6 +59,16 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.fused_grad = fused_grad
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        # TorchScript compiles only this branch (scripted code cannot call back into Python): stock
+        # torch's forward, with the same settings. See docs/compatibility.md.
+        if torch.jit.is_scripting():
+            return torch.nn.functional.cross_entropy(
+                input, target, weight=self.weight, ignore_index=self.ignore_index,
+                reduction=self.reduction, label_smoothing=self.label_smoothing,
+            )
+        proxy = tracing.fx_proxy(input, target)  # (no walrus: TorchScript parses this body)
+        if proxy is not None:  # torch.fx.symbolic_trace
+            return tracing.fx_module_call(self, proxy, input, target)
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
         # traces, which cannot trace the context manager.

@@ -14,6 +14,8 @@ from .backends import torch_backend
 from .config import LazyStrict
 from .parallel import dtensor as parallel_dtensor
 from .report import report
+from .tracing import kind as tool_kind
+from .tracing import run as run_in_tool
 from .validation import normalize
 
 
@@ -46,6 +48,11 @@ def run(
         # Other DTensors run the steps below through DTensor's own ops, as they always did.
         return parallel_dtensor.run(input, target, weight, ignore_index, reduction_, label_smoothing,
                                     strict=strict, backend=backend, owner=owner)
+    # torch.jit.trace, make_fx, fake / meta tensors, sparse layouts: see safeloss.tracing.
+    if not tracing and (tool := tool_kind(input, target, weight)) is not None:
+        return run_in_tool(tool, input, target, weight, ignore_index, reduction_, label_smoothing,
+                           strict=strict, backend=backend, inplace_backward=inplace_backward,
+                           fused_grad=fused_grad, owner=owner)
     transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
     compiling = tracing or transform or _capturing(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)

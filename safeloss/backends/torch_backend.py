@@ -160,7 +160,9 @@ def _deferred(p: Problem) -> Rows:
         nonfinite &= valid
     like = checked = zero
     if C >= 2 and x.numel():
-        rows = sample_rows(x.detach(), fixed=torch.compiler.is_compiling())
+        # fixed: no branch on the batch size where it is symbolic (Dynamo, make_fx "symbolic")
+        fixed = torch.compiler.is_compiling() or not isinstance(x.shape[0], int)
+        rows = sample_rows(x.detach(), fixed=fixed)
         like = softmax_like(rows).sum()
         checked = torch.full((), rows.shape[0], dtype=torch.int64, device=x.device)
     counts = torch.stack([bad_count, nonfinite.sum(), like, checked, neg, badsum, zero, zero])

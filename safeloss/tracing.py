@@ -1,0 +1,282 @@
+"""Calls that do not run eagerly on plain dense tensors: tracers, fake and meta tensors, sparse layouts.
+
+torch.compile (Dynamo), torch.func transforms and CUDA-graph capture are handled in the pipeline
+itself. This module covers every other tool stock ``cross_entropy`` works in, so that swapping the
+import changes nothing but the checks (docs/compatibility.md lists what runs where):
+
+* ``torch.jit.trace`` (:data:`JIT`): the checks run at trace time on the example inputs, exactly as
+  in eager mode, with the tracer paused; then stock torch's op is recorded on the validated inputs.
+  Nothing may be read on the host while recording: it would be frozen into the trace.
+* dispatch-mode tracers (:data:`GRAPH`): ``make_fx`` in every tracing mode, non-strict
+  ``torch.export``. As under torch.compile: shape checks at trace time, value checks in the graph,
+  reported by the effectful ``safeloss::note_findings`` op when the graph runs.
+* fake and meta tensors without a tracer (:data:`ABSTRACT`): ``FakeTensorMode``, meta-device model
+  initialisation. Shapes and dtypes are checked, nothing is read, and the result has stock's shape
+  and dtype (meta tensors always take the torch backend: no kernel runs on them).
+* sparse layouts (:data:`SPARSE`): probability targets are densified (stock accepts them); sparse
+  logits, class-index targets and weights are a :class:`~safeloss.errors.LayoutError`, as stock
+  raises ``NotImplementedError`` for them.
+* ``torch.fx.symbolic_trace`` passes ``Proxy`` objects: :func:`fx_call` and :func:`fx_module_call`
+  record one node, so the traced graph calls safeloss (with every check) when it runs.
+* TorchScript compiles :func:`scripted_cross_entropy` in place of ``safeloss.cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.fx import Proxy
+
+from .errors import LayoutError, fmt_shape
+
+JIT, GRAPH, ABSTRACT, SPARSE = "jit", "graph", "abstract", "sparse"
+
+_KEYS = torch._C._TorchDispatchModeKey
+_PLAIN = (Tensor, torch.nn.Parameter)
+_stock_cross_entropy = torch.nn.functional.cross_entropy  # captured before any safeloss.patch()
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def kind(input: object, target: object, weight: object) -> str | None:
+    """Which of this module's cases a call is; None for eager plain dense tensors (a few C reads).
+
+    Never called while Dynamo traces (the pipeline checks that first)."""
+    if torch._C._is_tracing():
+        return JIT
+    if torch._C._len_torch_dispatch_stack():
+        if torch._C._get_dispatch_mode(_KEYS.PROXY) is not None:
+            return GRAPH
+        if (torch._C._get_dispatch_mode(_KEYS.FAKE) is not None
+                or torch._C._get_dispatch_mode(_KEYS.FUNCTIONAL) is not None):
+            return ABSTRACT
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        return None  # validation names the argument
+    if input.is_meta or target.is_meta:
+        return ABSTRACT
+    if (type(input) not in _PLAIN and _is_fake(input)) or (type(target) not in _PLAIN and _is_fake(target)):
+        return ABSTRACT
+    strided = torch.strided
+    if input.layout is not strided or target.layout is not strided or (
+        isinstance(weight, Tensor) and weight.layout is not strided
+    ):
+        return SPARSE
+    return None
+
+
+class paused_tracer:
+    """``torch.jit.trace`` paused: code run here is neither recorded nor warned about."""
+
+    def __enter__(self) -> None:
+        self.state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+
+    def __exit__(self, *exc: object) -> None:
+        torch._C._set_tracing_state(self.state)
+
+
+# ------------------------------------------------------------------------------- sparse
+
+
+def _layout_error(what: str, t: Tensor, stock: str, fix: str) -> LayoutError:
+    return LayoutError(
+        f"cross_entropy got {what} with layout {t.layout} (shape {fmt_shape(t.shape)}); it needs a "
+        f"dense (strided) tensor. Stock torch raises NotImplementedError here ({stock}).\n"
+        f"Fix: {fix}"
+    )
+
+
+def check_layouts(input: Tensor, target: Tensor, weight: object) -> bool:
+    """Raise for what cannot be sparse; True when the target is sparse probabilities to densify."""
+    strided = torch.strided
+    if input.layout is not strided:
+        raise _layout_error(
+            "sparse logits", input, "log_softmax has no sparse kernel",
+            "logits.to_dense(); every class score enters the softmax, so the logits are dense anyway",
+        )
+    if isinstance(weight, Tensor) and weight.layout is not strided:
+        raise _layout_error("a sparse class weight", weight, "nll_loss has no sparse kernel",
+                            "weight.to_dense()")
+    if target.layout is strided:
+        return False
+    if tuple(target.shape) != tuple(input.shape):
+        raise _layout_error(
+            "sparse class-index targets", target, "nll_loss has no sparse kernel",
+            "target.to_dense(); sparse storage only pays off for probability targets of the "
+            "input's shape, which safeloss accepts",
+        )
+    return True
+
+
+def densify_result(out: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """Stock torch returns a sparse COO loss for ``reduction="none"`` with sparse COO probabilities."""
+    if reduction == "none" and target.layout is torch.sparse_coo:
+        return out.to_sparse()
+    return out
+
+
+# ------------------------------------------------------------------------------- torch.fx
+
+
+def fx_proxy(*args: object) -> Proxy | None:
+    """The first ``torch.fx.Proxy`` among the arguments (symbolic_trace is running), else None."""
+    for a in args:
+        if isinstance(a, Proxy):
+            return a
+    return None
+
+
+def fx_call(proxy: Proxy, fn: Any, input: object, target: object, kwargs: dict[str, object]) -> Proxy:
+    """Record ``fn(input, target, **kwargs)`` as one call_function node, as stock's
+    ``__torch_function__`` does for ``F.cross_entropy``: the graph calls ``fn`` when it runs."""
+    return proxy.tracer.create_proxy("call_function", fn, (input, target), kwargs)
+
+
+def fx_module_call(module: torch.nn.Module, proxy: Proxy, input: object, target: object) -> Proxy:
+    """Record the loss module as a leaf (one call_module node), as torch.fx does for stock
+    ``nn.CrossEntropyLoss``: the graph module calls the instance, with all its checks and settings.
+    The root of the trace (or a module not registered in it) becomes a call of the functional form
+    with the module's settings."""
+    from .functional import cross_entropy
+
+    tracer = proxy.tracer
+    if getattr(tracer, "root", None) is not module:
+        try:
+            path = tracer.path_of_module(module)
+        except NameError:
+            path = ""
+        if path:
+            return tracer.create_proxy("call_module", path, (input, target), {})
+    return fx_call(proxy, cross_entropy, input, target, module_kwargs(module))
+
+
+def module_kwargs(module: Any) -> dict[str, object]:
+    kwargs: dict[str, object] = {
+        "weight": module.weight, "ignore_index": module.ignore_index,
+        "reduction": module.reduction, "label_smoothing": module.label_smoothing,
+    }
+    for name, default in (("strict", None), ("backend", "auto"), ("inplace_backward", False),
+                          ("fused_grad", False)):
+        value = getattr(module, name, default)
+        if value != default:
+            kwargs[name] = value
+    return kwargs
+
+
+# ------------------------------------------------------------------------------- TorchScript
+
+
+def scripted_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,  # noqa: UP045 (TorchScript parses these annotations)
+    size_average: Optional[bool] = None,  # noqa: UP045
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,  # noqa: UP045
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    strict: Optional[bool] = None,  # noqa: UP045
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    fused_grad: bool = False,
+) -> Tensor:
+    """What TorchScript compiles for a call of ``safeloss.cross_entropy``: stock torch (scripted
+    code cannot call back into Python). The safeloss-only arguments are accepted and unused."""
+    return _stock_cross_entropy(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    )
+
+
+def register_for_torchscript(fn: Any) -> None:
+    """Make TorchScript compile ``scripted_cross_entropy`` wherever scripted code calls ``fn``.
+
+    TorchScript cannot compile ``fn`` itself: its safeloss-only arguments are keyword-only with
+    defaults, which TorchScript rejects. Its table of boolean-dispatched functions (how
+    ``F.max_pool2d`` picks a variant) is consulted before it tries: both branches are the scripted
+    stand-in, selected by an argument no caller passes. A private table; without it, scripting
+    code that calls ``safeloss.cross_entropy`` fails as before, and nothing else changes.
+    """
+    try:
+        from torch._jit_internal import boolean_dispatched
+    except ImportError:  # pragma: no cover - a torch without TorchScript internals
+        return
+    boolean_dispatched[fn] = {
+        "if_true": scripted_cross_entropy, "if_false": scripted_cross_entropy,
+        "index": 1 << 20, "default": False, "arg_name": "_safeloss_never_passed",
+    }
+
+
+# ------------------------------------------------------------------------------- the calls
+
+
+def run(
+    kind_: str,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction_: str,
+    label_smoothing: float,
+    *,
+    strict: bool | None,
+    backend: str,
+    inplace_backward: bool,
+    fused_grad: bool,
+    owner: object | None,
+) -> Tensor:
+    """One call in a case :func:`kind` found (arguments as ``pipeline.run`` takes them)."""
+    from . import checks, compiled, dispatch, pipeline, reduction
+    from .backends import torch_backend
+    from .config import LazyStrict
+    from .report import report
+    from .validation import normalize
+
+    kw: dict[str, Any] = dict(strict=strict, backend=backend, inplace_backward=inplace_backward,
+                              fused_grad=fused_grad, owner=owner)
+    if kind_ == SPARSE:
+        if check_layouts(input, target, weight):
+            out = pipeline.run(input, target.to_dense(), weight, ignore_index, reduction_,
+                               label_smoothing, **kw)
+            return densify_result(out, target, reduction_)
+        raise AssertionError("unreachable: kind() found a non-strided tensor")  # pragma: no cover
+
+    if kind_ == JIT:
+        # Every check, on the example inputs, as eager code; nothing of it enters the trace.
+        with paused_tracer(), torch.no_grad():
+            pipeline.run(input, target, weight, ignore_index, reduction_, label_smoothing, **kw)
+        # While recording, validation's shape comparisons raise TracerWarnings ("might not
+        # generalize"): the decisions they make (squeeze, cast, which form of target) are what the
+        # trace should freeze, as stock's own Python-level decisions are.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
+                          read_values=False)
+            return torch_backend.per_position(p, p.reduction)  # stock's op, recorded
+
+    p = normalize(input, target, weight, ignore_index, reduction_, label_smoothing,
+                  read_values=False)
+    static = p.findings
+    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
+        static = [*static, checks.empty_mean_finding(p)]
+    name = "torch" if p.input.is_meta else dispatch.select(backend, p)
+    if kind_ == ABSTRACT:
+        strict_ = LazyStrict(strict)
+        for finding in static:
+            report(finding, strict_, owner)
+        if name == "torch":
+            return torch_backend.per_position(p, p.reduction)  # exactly stock's shape and dtype
+        return reduction.reduce(dispatch.row_losses(name, p, False, inplace_backward, fused_grad), p)
+    # GRAPH: value checks in the graph, reported when it runs (see safeloss.compiled).
+    rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
+    out = reduction.reduce(rows, p)
+    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    compiled.note(p, rows, out, key, strict, static)
+    return out
