@@ -15,9 +15,10 @@ What is reached while patched:
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
 ``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses from other libraries,
-TorchScript (scripted code compiles stock torch), and tensor subclasses (FakeTensor, ...),
-which keep stock torch's own dispatch; DTensor logits keep it too, except under
-``loss_parallel()``, where they take safeloss's vocab-parallel path (``safeloss.parallel``). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
+TorchScript (scripted code compiles stock torch), and tensor subclasses other than fake tensors
+(NestedTensor, ...), which keep stock torch's own dispatch; DTensor logits keep it too, except under
+``loss_parallel()``, where they take safeloss's vocab-parallel path (``safeloss.parallel``).
+``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
 unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
@@ -35,8 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
-from . import pipeline
+from . import pipeline, tracing
 from ._traceback import boundary
 from .errors import ArgumentTypeError
 from .functional import cross_entropy as _safe_cross_entropy
@@ -56,13 +58,15 @@ _rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entr
 
 
 def _plain(*tensors: object) -> bool:
-    """True when every tensor argument is a plain tensor or parameter.
+    """True when every tensor argument is a plain tensor, parameter or fake tensor.
 
-    Subclasses (DTensor, FakeTensor, NestedTensor, user wrappers) carry their own dispatch that
-    the checks were not written for; they keep stock behaviour, so patching never breaks them.
+    Other subclasses (DTensor, NestedTensor, user wrappers) carry their own dispatch that the
+    checks were not written for; they keep stock behaviour, so patching never breaks them. Fake
+    tensors (make_fx, non-strict torch.export, FakeTensorMode) are what safeloss.tracing handles.
     """
     return all(
-        t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors
+        t is None or type(t) is Tensor or type(t) is torch.nn.Parameter or type(t) is FakeTensor
+        for t in tensors
     )
 
 
@@ -138,6 +142,12 @@ def _functional(
 ) -> Tensor:
     global _depth
     current = _current
+    if current is not None and (proxy := tracing.fx_proxy(input, target, weight)) is not None:
+        # torch.fx.symbolic_trace: one node calling this function, as stock records one calling
+        # its own; the graph reaches safeloss while patched, and stock torch once unpatched.
+        return tracing.fx_call(proxy, cross_entropy, input, target, dict(
+            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing))
     if current is None or not _routed(input, target, weight) or _reentrant():
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
