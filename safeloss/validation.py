@@ -599,7 +599,8 @@ def normalize(
 
     # Under torch.autocast, stock cross_entropy is an fp32 op: half-precision logits and the
     # weight are upcast and the loss comes out in float32. Match its dtype rules.
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+    if (x.dtype in (torch.float16, torch.bfloat16) and not x.is_meta  # (no autocast for meta)
+            and torch.is_autocast_enabled(x.device.type)):
         out_dtype = torch.promote_types(torch.float32, out_dtype)
     if isinstance(weight, Tensor) and weight.dim() != 1 and weight.numel() == C and max(weight.shape) == C:
         # (1, C) or (C, 1): stock accepts these for K-d logits (it checks only the element count)
