@@ -86,10 +86,11 @@ class paused_tracer:
 # ------------------------------------------------------------------------------- sparse
 
 
-def _layout_error(what: str, t: Tensor, stock: str, fix: str) -> LayoutError:
+def _layout_error(what: str, t: Tensor, fix: str) -> LayoutError:
     return LayoutError(
         f"cross_entropy got {what} with layout {t.layout} (shape {fmt_shape(t.shape)}); it needs a "
-        f"dense (strided) tensor. Stock torch raises NotImplementedError here ({stock}).\n"
+        "dense (strided) tensor here. Stock torch has no kernel for this either (it raises "
+        "NotImplementedError or an internal error).\n"
         f"Fix: {fix}"
     )
 
@@ -99,19 +100,17 @@ def check_layouts(input: Tensor, target: Tensor, weight: object) -> bool:
     strided = torch.strided
     if input.layout is not strided:
         raise _layout_error(
-            "sparse logits", input, "log_softmax has no sparse kernel",
+            "logits", input,
             "logits.to_dense(); every class score enters the softmax, so the logits are dense anyway",
         )
     if isinstance(weight, Tensor) and weight.layout is not strided:
-        raise _layout_error("a sparse class weight", weight, "nll_loss has no sparse kernel",
-                            "weight.to_dense()")
+        raise _layout_error("a class weight", weight, "weight.to_dense()")
     if target.layout is strided:
         return False
     if tuple(target.shape) != tuple(input.shape):
         raise _layout_error(
-            "sparse class-index targets", target, "nll_loss has no sparse kernel",
-            "target.to_dense(); sparse storage only pays off for probability targets of the "
-            "input's shape, which safeloss accepts",
+            "class-index targets", target,
+            "target.to_dense(); only probability targets (the input's shape) may be sparse",
         )
     return True
 

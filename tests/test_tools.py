@@ -430,9 +430,9 @@ def test_sparse_logits_labels_weight_are_a_clear_error(what, clean_patch):
             "weight": (x, y, w.to_sparse())}[what]
     with pytest.raises(NotImplementedError):
         F.cross_entropy(*args)  # stock
-    match = {"logits": r"sparse logits .*Fix: logits.to_dense\(\)",
-             "index-target": r"sparse class-index targets .*Fix: target.to_dense\(\)",
-             "weight": r"sparse class weight .*Fix: weight.to_dense\(\)"}[what]
+    match = {"logits": r"got logits with layout torch.sparse_coo \(shape \(6, 4\)\).*Fix: logits.to_dense\(\)",
+             "index-target": r"class-index targets with layout torch.sparse_coo .*Fix: target.to_dense\(\)",
+             "weight": r"class weight with layout torch.sparse_coo \(shape \(4,\)\).*Fix: weight.to_dense\(\)"}[what]
     with pytest.raises(safeloss.LayoutError, match=f"(?s){match}") as info:
         safeloss.cross_entropy(*args)
     assert isinstance(info.value, NotImplementedError)
@@ -458,3 +458,11 @@ def test_compatibility_page_is_current():
     assert "DIFFERENT" not in fresh and "fails:" not in fresh  # every tool gives stock's results
     committed = (root / "docs" / "compatibility.md").read_text()
     assert committed == fresh, "docs/compatibility.md is stale: run `python docs/gen_compatibility.py`"
+
+
+def test_mkldnn_logits_are_a_clear_error():
+    x, y = data()
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x.to_mkldnn(), y)  # stock
+    with pytest.raises(safeloss.LayoutError, match=r"(?s)logits with layout torch._mkldnn .*Fix: logits.to_dense"):
+        safeloss.cross_entropy(x.to_mkldnn(), y)
