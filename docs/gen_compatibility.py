@@ -14,7 +14,7 @@ import pathlib
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = """# Compatibility with PyTorch's tools
 
@@ -56,8 +56,13 @@ FOOTER = """
   data-dependent guard; symbolic sizes stay symbolic) and reported by the effectful
   `safeloss::note_findings` op when the graph runs, as under `torch.compile`. In real mode that op
   also runs while tracing, on the example inputs.
-* **`torch.compile`** and strict **`torch.export`**: see the README; shape checks while tracing,
-  value checks reported by the graph.
+* **`torch.compile`** and strict **`torch.export`** (both Dynamo; strict export is left out of the
+  table to keep its generation fast, and tested in tests/test_compile_fullgraph.py): see the README;
+  shape checks while tracing, value checks reported by the graph. **`aot_function`** (AOTAutograd without Dynamo) traces the
+  function like `make_fx`, and gets the same graph with the same reporting op.
+* **`torch.func`** transforms (`functionalize`, `vmap`, `grad`, `jvp`, ...): the loss runs on the
+  torch backend without host reads; on CPU a bad label still raises (stock torch's own bounds
+  check runs), other value findings are not reported inside transforms (see the README).
 * **`FakeTensorMode`** and **meta tensors** (e.g. meta-device model initialisation, also in code
   you do not own under `patch()`): shapes, dtypes and arguments are checked and findings known from
   shapes alone (e.g. a squeezed `(N, 1)` target) are reported; no value is read and no value check
@@ -80,8 +85,7 @@ naming the tensor and the fix for sparse logits, class-index targets and weights
 """
 
 
-@dataclass
-class Observation:
+class Observation(NamedTuple):
     clean: str
     shape: str
     label: str
@@ -144,6 +148,7 @@ def _apis() -> dict[str, Callable[[], object]]:
 def _graph_tools() -> dict[str, Callable]:
     """name -> build(model, example_x, example_y) -> callable(x, y)."""
     import torch
+    from functorch.compile import aot_function, nop
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def compile_(m, x, y):
@@ -164,9 +169,10 @@ def _graph_tools() -> dict[str, Callable]:
         "`make_fx` (real)": lambda m, x, y: make_fx(m, tracing_mode="real")(x, y),
         "`make_fx` (fake)": lambda m, x, y: make_fx(m, tracing_mode="fake")(x, y),
         "`make_fx` (symbolic)": lambda m, x, y: make_fx(m, tracing_mode="symbolic")(x, y),
-        "`torch.export` (non-strict)": export(False),
-        "`torch.export` (strict)": export(True),
+        "`torch.export` (non-strict)": export(False),  # strict export: Dynamo, as torch.compile
         "`torch.compile`": compile_,
+        "`aot_function` (`functorch.compile`)": lambda m, x, y: aot_function(m, fw_compiler=nop, bw_compiler=nop),
+        "`torch.func.functionalize`": lambda m, x, y: torch.func.functionalize(m),
     }
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import pipeline, tracing
 from ._traceback import boundary
@@ -58,16 +59,17 @@ _rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entr
 
 
 def _plain(*tensors: object) -> bool:
-    """True when every tensor argument is a plain tensor, parameter or fake tensor.
+    """True when every tensor argument is a plain tensor, a parameter, or a tracer's tensor.
 
     Other subclasses (DTensor, NestedTensor, user wrappers) carry their own dispatch that the
-    checks were not written for; they keep stock behaviour, so patching never breaks them. Fake
-    tensors (make_fx, non-strict torch.export, FakeTensorMode) are what safeloss.tracing handles.
+    checks were not written for; they keep stock behaviour, so patching never breaks them. Fake and
+    functional tensors (make_fx, AOTAutograd, non-strict torch.export, FakeTensorMode) are what
+    safeloss.tracing handles.
     """
-    return all(
-        t is None or type(t) is Tensor or type(t) is torch.nn.Parameter or type(t) is FakeTensor
-        for t in tensors
-    )
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 
 
 def _routed(input: object, target: object, weight: object) -> bool:

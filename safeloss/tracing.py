@@ -265,15 +265,17 @@ def run(
     static = p.findings
     if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
         static = [*static, checks.empty_mean_finding(p)]
-    name = "torch" if p.input.is_meta else dispatch.select(backend, p)
+    meta = p.input.is_meta
+    name = "torch" if meta else dispatch.select(backend, p)
     if kind_ == ABSTRACT:
         strict_ = LazyStrict(strict)
         for finding in static:
             report(finding, strict_, owner)
-        if name == "torch":
+        if meta:
             return torch_backend.per_position(p, p.reduction)  # exactly stock's shape and dtype
-        return reduction.reduce(dispatch.row_losses(name, p, False, inplace_backward, fused_grad), p)
-    # GRAPH: value checks in the graph, reported when it runs (see safeloss.compiled).
+    # Value checks in the graph, reported when it runs (see safeloss.compiled). Fake tensors take
+    # this path too: AOTAutograd first runs the function on fake tensors to collect metadata (the
+    # effect tokens among it), then traces it, and both runs must call the same ops.
     rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
     out = reduction.reduce(rows, p)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)

@@ -274,6 +274,23 @@ def test_make_fx_triton_backend_records_the_kernel_op(mode):
         gm(x2, bad_labels(4))
 
 
+@pytest.mark.parametrize("api_ctx", API, indirect=True)
+def test_aot_autograd_and_functionalize(api_ctx):
+    """AOTAutograd without Dynamo (aot_module / aot_function): a metadata pass on fake tensors, then the traced joint graph;
+    both must see the same (effectful) ops. functionalize: no in-place op it cannot replay."""
+    from functorch.compile import aot_function, aot_module, nop
+
+    model = build(api_ctx)
+    x, y = data()
+    same_values_and_grads(aot_module(model, fw_compiler=nop, bw_compiler=nop), model, x, y)
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"7 at \[2\]"):
+        aot_module(build(api_ctx), fw_compiler=nop)(x, bad_labels())
+    loss = safeloss.SafeCrossEntropyLoss(**SETTINGS)
+    assert_matches(aot_module(loss, fw_compiler=nop)(x, y), STOCK(x, y, **SETTINGS))
+    assert_matches(aot_function(safeloss.cross_entropy, fw_compiler=nop)(x, y), STOCK(x, y))
+    same_values_and_grads(torch.func.functionalize(model), model, x, y)
+
+
 def test_non_strict_export(clean_patch):
     model = build("module")
     x, y = data()

@@ -157,7 +157,7 @@ def _deferred(p: Problem) -> Rows:
         valid = (t != p.ignore_index) & ~bad
     nonfinite = ~torch.isfinite(losses.detach())
     if valid is not None:
-        nonfinite &= valid
+        nonfinite = nonfinite & valid  # not in place: torch.func.functionalize rejects __iand__
     like = checked = zero
     if C >= 2 and x.numel():
         # fixed: no branch on the batch size where it is symbolic (Dynamo, make_fx "symbolic")
