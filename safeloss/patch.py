@@ -10,7 +10,8 @@ What is reached while patched:
 * the global ``cross_entropy`` bound by ``from torch.nn.functional import cross_entropy`` in
   modules already imported when ``patch()`` runs (modules imported later pick up the patched
   attribute);
-* all of the above inside ``torch.compile``d code (traced like user code; fullgraph works).
+* all of the above inside ``torch.compile``d code (traced like user code; fullgraph works), and
+  under ``torch.jit.trace``, ``torch.fx``, ``make_fx``, fake and meta tensors (safeloss.tracing).
 
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
