@@ -483,3 +483,15 @@ def test_mkldnn_logits_are_a_clear_error():
         F.cross_entropy(x.to_mkldnn(), y)  # stock
     with pytest.raises(safeloss.LayoutError, match=r"(?s)logits with layout torch._mkldnn .*Fix: logits.to_dense"):
         safeloss.cross_entropy(x.to_mkldnn(), y)
+
+
+def test_user_dispatch_modes_keep_the_eager_checks():
+    """A non-tracing dispatch mode (FlopCounterMode, logging modes) sees real tensors: every
+    check still runs in the call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = data()
+    with FlopCounterMode(display=False):
+        assert_matches(safeloss.cross_entropy(x, y), STOCK(x, y))
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"7 at \[2\]"):
+            safeloss.cross_entropy(x, bad_labels())
