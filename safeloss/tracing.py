@@ -10,9 +10,11 @@ import changes nothing but the checks (docs/compatibility.md lists what runs whe
 * dispatch-mode tracers (:data:`GRAPH`): ``make_fx`` in every tracing mode, non-strict
   ``torch.export``. As under torch.compile: shape checks at trace time, value checks in the graph,
   reported by the effectful ``safeloss::note_findings`` op when the graph runs.
-* fake and meta tensors without a tracer (:data:`ABSTRACT`): ``FakeTensorMode``, meta-device model
-  initialisation. Shapes and dtypes are checked, nothing is read, and the result has stock's shape
-  and dtype (meta tensors always take the torch backend: no kernel runs on them).
+* fake and meta tensors without a tracer (:data:`ABSTRACT`): ``FakeTensorMode``, AOTAutograd's
+  metadata pass, meta-device model initialisation. Shapes and dtypes are checked and findings known
+  from shapes are reported; nothing is read. Fake tensors compute as in a graph (AOTAutograd must
+  see the same ops in both its passes); meta tensors get stock torch's op, on the torch backend
+  (no kernel runs on them). Either way the result has stock's shape and dtype.
 * sparse layouts (:data:`SPARSE`): probability targets are densified (stock accepts them); sparse
   logits, class-index targets and weights are a :class:`~safeloss.errors.LayoutError`, as stock
   raises ``NotImplementedError`` for them.
@@ -95,8 +97,8 @@ def _layout_error(what: str, t: Tensor, fix: str) -> LayoutError:
     )
 
 
-def check_layouts(input: Tensor, target: Tensor, weight: object) -> bool:
-    """Raise for what cannot be sparse; True when the target is sparse probabilities to densify."""
+def check_layouts(input: Tensor, target: Tensor, weight: object) -> None:
+    """Raise for what cannot be sparse: all but probability targets (which stock accepts)."""
     strided = torch.strided
     if input.layout is not strided:
         raise _layout_error(
@@ -105,14 +107,11 @@ def check_layouts(input: Tensor, target: Tensor, weight: object) -> bool:
         )
     if isinstance(weight, Tensor) and weight.layout is not strided:
         raise _layout_error("a class weight", weight, "weight.to_dense()")
-    if target.layout is strided:
-        return False
-    if tuple(target.shape) != tuple(input.shape):
+    if target.layout is not strided and tuple(target.shape) != tuple(input.shape):
         raise _layout_error(
             "class-index targets", target,
             "target.to_dense(); only probability targets (the input's shape) may be sparse",
         )
-    return True
 
 
 def densify_result(out: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -241,11 +240,10 @@ def run(
     kw: dict[str, Any] = dict(strict=strict, backend=backend, inplace_backward=inplace_backward,
                               fused_grad=fused_grad, owner=owner)
     if kind_ == SPARSE:
-        if check_layouts(input, target, weight):
-            out = pipeline.run(input, target.to_dense(), weight, ignore_index, reduction_,
-                               label_smoothing, **kw)
-            return densify_result(out, target, reduction_)
-        raise AssertionError("unreachable: kind() found a non-strided tensor")  # pragma: no cover
+        check_layouts(input, target, weight)  # what is left: sparse probability targets
+        out = pipeline.run(input, target.to_dense(), weight, ignore_index, reduction_,
+                           label_smoothing, **kw)
+        return densify_result(out, target, reduction_)
 
     if kind_ == JIT:
         # Every check, on the example inputs, as eager code; nothing of it enters the trace.
