@@ -291,6 +291,34 @@ def test_aot_autograd_and_functionalize(api_ctx):
     same_values_and_grads(torch.func.functionalize(model), model, x, y)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_trace_and_fx_with_each_backend(backend):
+    """jit.trace checks at trace time on the chosen backend, then records stock's op; an fx graph
+    calls the module, so it runs the chosen backend with every check."""
+    loss = safeloss.SafeCrossEntropyLoss(label_smoothing=0.1, backend=backend)
+    x, y = data(4)
+    x2, y2 = data(4, seed=9)
+    traced = torch.jit.trace(loss, (x, y))
+    assert_matches(traced(x2, y2), STOCK(x2, y2, label_smoothing=0.1))
+    with pytest.raises(safeloss.TargetOutOfRangeError):
+        torch.jit.trace(loss, (x, bad_labels(4)))
+    model = WithModule(loss)
+    gm = torch.fx.symbolic_trace(model)
+    same_values_and_grads(gm, model, x2, y2)
+    with pytest.raises(safeloss.TargetOutOfRangeError):
+        gm(x2, bad_labels(4))
+
+
+def test_non_strict_export_with_a_dynamic_batch():
+    batch = torch.export.Dim("batch")
+    x, y = data(8)
+    model = WithSafeFunction()
+    ep = torch.export.export(model, (x, y), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+    for n in (3, 50):
+        x2, y2 = data(n, seed=n)
+        assert_matches(ep.module()(x2, y2), reference(model, x2, y2))
+
+
 def test_non_strict_export(clean_patch):
     model = build("module")
     x, y = data()
