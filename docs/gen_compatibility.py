@@ -40,8 +40,8 @@ FOOTER = """
   `SafeCrossEntropyLoss` runs stock torch's forward with the module's settings, and a scripted call
   of `safeloss.cross_entropy` compiles stock `F.cross_entropy` (the safeloss-only arguments are
   accepted and unused). Stock torch's own checks run; safeloss's do not. Scripting
-  `safeloss.cross_entropy` by itself (`torch.jit.script(safeloss.cross_entropy)`) is not supported:
-  script the code that calls it. Under `patch()` scripted code compiles stock torch too.
+  `safeloss.cross_entropy` by itself (`torch.jit.script(safeloss.cross_entropy)`) is not supported
+  (a `RuntimeError` says so): script the code that calls it. Under `patch()` scripted code compiles stock torch too.
 * **`torch.jit.trace`**: every safeloss check runs while tracing, on the example inputs, exactly as
   in eager mode (the tracer is paused meanwhile); the trace records stock torch's op on the
   validated inputs, so the traced program runs stock torch (stock's errors when run). It records

@@ -206,6 +206,13 @@ def register_for_torchscript(fn: Any) -> None:
         from torch._jit_internal import boolean_dispatched
     except ImportError:  # pragma: no cover - a torch without TorchScript internals
         return
+    # Scripting the function by itself (not code that calls it) cannot work: say so clearly.
+    setattr(fn, "__script_unsupported", (
+        "safeloss.cross_entropy cannot be scripted by itself: scripted code cannot call back into "
+        "Python, where safeloss's checks run. Script the model or function that calls it (the "
+        "call compiles stock torch.nn.functional.cross_entropy there), or script "
+        "torch.nn.functional.cross_entropy directly."
+    ))
     boolean_dispatched[fn] = {
         "if_true": scripted_cross_entropy, "if_false": scripted_cross_entropy,
         "index": 1 << 20, "default": False, "arg_name": "_safeloss_never_passed",

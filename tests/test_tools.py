@@ -145,6 +145,8 @@ def test_torchscript_scripts_the_module_itself_and_safeloss_arguments():
             return safeloss.cross_entropy(x, y, ignore_index=2, strict=True, backend="torch")
 
     assert_matches(torch.jit.script(Extra())(x, y), F.cross_entropy(x, y, ignore_index=2))
+    with pytest.raises(RuntimeError, match=r"cannot be scripted by itself.*Script the model"):
+        torch.jit.script(safeloss.cross_entropy)
     # Eager calls are untouched by the TorchScript registration.
     with pytest.raises(safeloss.TargetOutOfRangeError):
         Extra()(x, bad_labels())
