@@ -73,14 +73,16 @@ FOOTER = """
 """
 
 SPARSE_HEADER = """
-## Sparse tensors
+## Sparse, nested and other layouts
 
-Stock torch accepts sparse probability targets and nothing else sparse. safeloss densifies sparse
-probability targets (same values; `reduction="none"` returns a sparse COO tensor for COO targets,
-as stock does) and raises `safeloss.LayoutError` (a `NotImplementedError`, as stock raises)
-naming the tensor and the fix for sparse logits, class-index targets and weights.
+Stock torch accepts sparse probability targets (COO, and CSR for `mean`/`sum`) and nothing else
+that is not a dense strided tensor. safeloss densifies sparse probability targets (same values;
+`reduction="none"` returns a sparse COO tensor for COO targets, as stock does; the gradient also
+works where stock's backward has no sparse kernel) and raises `safeloss.LayoutError` (a
+`NotImplementedError`, hence a `RuntimeError`, as stock raises) naming the tensor and the fix for
+sparse logits, class-index targets and weights, nested tensors and mkldnn logits.
 
-| sparse (COO) argument | stock torch | safeloss |
+| argument | stock torch | safeloss |
 |---|---|---|
 """
 
@@ -284,10 +286,13 @@ def sparse_rows() -> list[str]:
     p = torch.softmax(x.flip(0), 1)
     w = torch.tensor([1.0, 2.0, 0.5])
     cases = {
-        "logits": lambda ce: ce(x.to_sparse(), y),
-        "probability targets": lambda ce: ce(x, p.to_sparse()),
-        "class-index targets": lambda ce: ce(x, y.to_sparse()),
-        "weight": lambda ce: ce(x, y, weight=w.to_sparse()),
+        "sparse logits": lambda ce: ce(x.to_sparse(), y),
+        "sparse probability targets": lambda ce: ce(x, p.to_sparse()),
+        "sparse class-index targets": lambda ce: ce(x, y.to_sparse()),
+        "sparse weight": lambda ce: ce(x, y, weight=w.to_sparse()),
+        "nested (jagged) logits and targets": lambda ce: ce(
+            torch.nested.nested_tensor([x[:1], x[1:]], layout=torch.jagged),
+            torch.nested.nested_tensor([y[:1], y[1:]], layout=torch.jagged)),
     }
     out = []
     for name, case in cases.items():

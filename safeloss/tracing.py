@@ -64,13 +64,13 @@ def kind(input: object, target: object, weight: object) -> str | None:
         return None  # validation names the argument
     if input.is_meta or target.is_meta:
         return ABSTRACT
-    if (type(input) not in _PLAIN and _is_fake(input)) or (type(target) not in _PLAIN and _is_fake(target)):
-        return ABSTRACT
     strided = torch.strided
     if input.layout is not strided or target.layout is not strided or (
         isinstance(weight, Tensor) and weight.layout is not strided
-    ):
+    ) or input.is_nested or target.is_nested:
         return SPARSE
+    if (type(input) not in _PLAIN and _is_fake(input)) or (type(target) not in _PLAIN and _is_fake(target)):
+        return ABSTRACT
     return None
 
 
@@ -99,6 +99,16 @@ def _layout_error(what: str, t: Tensor, fix: str) -> LayoutError:
 
 def check_layouts(input: Tensor, target: Tensor, weight: object) -> None:
     """Raise for what cannot be sparse: all but probability targets (which stock accepts)."""
+    if input.is_nested or target.is_nested:
+        t = input if input.is_nested else target
+        raise LayoutError(
+            f"cross_entropy got a nested tensor as the {'logits' if t is input else 'target'} "
+            f"(layout {t.layout}, {t.size(0)} sequences). Stock torch cannot take the class "
+            "softmax of a nested tensor either; the loss needs one row of class scores per "
+            "position.\nFix: cross_entropy(logits.values(), target.values()) for jagged tensors "
+            "(every position, packed), or pad them with torch.nested.to_padded_tensor and mask the "
+            "padding with ignore_index"
+        )
     strided = torch.strided
     if input.layout is not strided:
         raise _layout_error(

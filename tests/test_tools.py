@@ -525,3 +525,16 @@ def test_user_dispatch_modes_keep_the_eager_checks():
         assert_matches(safeloss.cross_entropy(x, y), STOCK(x, y))
         with pytest.raises(safeloss.TargetOutOfRangeError, match=r"7 at \[2\]"):
             safeloss.cross_entropy(x, bad_labels())
+
+
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
+def test_nested_tensors_are_a_clear_error(layout):
+    logits = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], layout=layout)
+    target = torch.nested.nested_tensor([torch.tensor([0, 1]), torch.tensor([2, 1, 0, 0])], layout=layout)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(logits, target)  # stock
+    with pytest.raises(safeloss.LayoutError, match=r"(?s)nested tensor as the logits .*2 sequences.*values\(\)"):
+        safeloss.cross_entropy(logits, target)
+    if layout == torch.jagged:
+        assert_matches(safeloss.cross_entropy(logits.values(), target.values()),
+                       STOCK(logits.values(), target.values()))
