@@ -16,11 +16,10 @@ What is reached while patched:
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
 ``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses from other libraries,
-TorchScript (scripted code compiles stock torch), and tensor subclasses other than fake tensors
-(NestedTensor, ...), which keep stock torch's own dispatch; DTensor logits keep it too, except under
-``loss_parallel()``, where they take safeloss's vocab-parallel path (``safeloss.parallel``).
-``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are
-unaffected.
+TorchScript (scripted code compiles stock torch), and tensor subclasses other than tracers' fake
+and functional tensors (NestedTensor, ...), which keep stock torch's own dispatch; DTensor logits
+keep it too, except under ``loss_parallel()``, where they take safeloss's vocab-parallel path
+(``safeloss.parallel``). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
 (kept in a closure while patched) behaves as stock torch once unpatched, so nothing leaks.
