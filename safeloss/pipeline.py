@@ -49,7 +49,7 @@ def run(
         return parallel_dtensor.run(input, target, weight, ignore_index, reduction_, label_smoothing,
                                     strict=strict, backend=backend, owner=owner)
     # torch.jit.trace, make_fx, fake / meta tensors, sparse layouts: see safeloss.tracing.
-    if not tracing and (tool := tool_kind(input, target, weight)) is not None:
+    if (tool := tool_kind(input, target, weight, tracing)) is not None:
         return run_in_tool(tool, input, target, weight, ignore_index, reduction_, label_smoothing,
                            strict=strict, backend=backend, inplace_backward=inplace_backward,
                            fused_grad=fused_grad, owner=owner)

@@ -18,6 +18,9 @@ import changes nothing but the checks (docs/compatibility.md lists what runs whe
 * sparse layouts (:data:`SPARSE`): probability targets are densified (stock accepts them); sparse
   logits, class-index targets and weights are a :class:`~safeloss.errors.LayoutError`, as stock
   raises ``NotImplementedError`` for them.
+* ``torch.onnx.export(dynamo=True)`` (:data:`ONNX`): shape checks at export time; the graph gets
+  stock torch's op (ONNX has no translation for safeloss's). The TorchScript-based exporter traces
+  with ``torch.jit.trace`` (:data:`JIT`).
 * ``torch.fx.symbolic_trace`` passes ``Proxy`` objects: :func:`fx_call` and :func:`fx_module_call`
   record one node, so the traced graph calls safeloss (with every check) when it runs.
 * TorchScript compiles :func:`scripted_cross_entropy` in place of ``safeloss.cross_entropy``.
@@ -26,6 +29,7 @@ import changes nothing but the checks (docs/compatibility.md lists what runs whe
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -35,7 +39,7 @@ from torch.fx import Proxy
 
 from .errors import LayoutError, fmt_shape
 
-JIT, GRAPH, ABSTRACT, SPARSE = "jit", "graph", "abstract", "sparse"
+JIT, GRAPH, ABSTRACT, SPARSE, ONNX = "jit", "graph", "abstract", "sparse", "onnx"
 
 _KEYS = torch._C._TorchDispatchModeKey
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -48,15 +52,23 @@ def _is_fake(t: Tensor) -> bool:
     return is_fake(t)
 
 
-def kind(input: object, target: object, weight: object) -> str | None:
+def onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export(..., dynamo=True)`` (without importing the exporter)."""
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return flags is not None and bool(getattr(flags, "_is_onnx_exporting", False))
+
+
+def kind(input: object, target: object, weight: object, compiling: bool = False) -> str | None:
     """Which of this module's cases a call is; None for eager plain dense tensors (a few C reads).
 
-    Never called while Dynamo traces (the pipeline checks that first)."""
+    ``compiling``: Dynamo is tracing; the pipeline handles that itself, except for ONNX export."""
+    if compiling:
+        return ONNX if torch.compiler.is_exporting() and onnx_exporting() else None
     if torch._C._is_tracing():
         return JIT
     if torch._C._len_torch_dispatch_stack():
         if torch._C._get_dispatch_mode(_KEYS.PROXY) is not None:
-            return GRAPH
+            return ONNX if onnx_exporting() else GRAPH
         if (torch._C._get_dispatch_mode(_KEYS.FAKE) is not None
                 or torch._C._get_dispatch_mode(_KEYS.FUNCTIONAL) is not None):
             return ABSTRACT
@@ -282,6 +294,13 @@ def run(
         static = [*static, checks.empty_mean_finding(p)]
     meta = p.input.is_meta
     name = "torch" if meta else dispatch.select(backend, p)
+    if kind_ == ONNX:
+        # ONNX has no translation for safeloss's ops: record stock torch's, as for stock (ONNX's
+        # SoftmaxCrossEntropyLoss). Checks: shapes, at export time.
+        strict_ = LazyStrict(strict)
+        for finding in static:
+            report(finding, strict_, owner)
+        return torch_backend.per_position(p, p.reduction)
     if kind_ == ABSTRACT:
         strict_ = LazyStrict(strict)
         for finding in static:

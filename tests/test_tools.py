@@ -538,3 +538,47 @@ def test_nested_tensors_are_a_clear_error(layout):
     if layout == torch.jagged:
         assert_matches(safeloss.cross_entropy(logits.values(), target.values()),
                        STOCK(logits.values(), target.values()))
+
+
+def test_onnx_export_records_stocks_op():
+    """ONNX has no translation for safeloss's ops: the dynamo exporter gets stock torch's (ONNX's
+    SoftmaxCrossEntropyLoss), the TorchScript-based one traces (stock's op too)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    x, y = data()
+
+    def ops(loss: torch.nn.Module, dynamo: bool) -> set[str]:
+        if dynamo:
+            model = torch.onnx.export(WithModule(loss), (x, y), dynamo=True).model_proto
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(WithModule(loss), (x, y), buf, dynamo=False)
+            model = onnx.load_from_string(buf.getvalue())
+        return {n.op_type for n in model.graph.node}
+
+    for dynamo in (True, False):
+        assert ops(safeloss.SafeCrossEntropyLoss(), dynamo) == ops(torch.nn.CrossEntropyLoss(), dynamo)
+    with pytest.raises(Exception) as info:
+        torch.onnx.export(WithModule(safeloss.SafeCrossEntropyLoss()), (x, y[:5]), dynamo=True)
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, safeloss.BatchSizeMismatchError)
+
+
+def test_onnx_exporting_graphs_get_stocks_op(monkeypatch):
+    """The same without the onnx packages: while the exporter's flag is set, a traced graph holds
+    stock torch's ops and no safeloss op."""
+    import sys
+    import types
+
+    flags = types.ModuleType("torch.onnx._internal.exporter._flags")
+    flags._is_onnx_exporting = True
+    monkeypatch.setitem(sys.modules, flags.__name__, flags)
+    x, y = data()
+    gm = make_fx(safeloss.SafeCrossEntropyLoss(), tracing_mode="symbolic")(x, y)
+    assert "safeloss" not in gm.code and "nll_loss" in gm.code
+    x2, y2 = data(9, seed=2)
+    assert_matches(gm(x2, y2), STOCK(x2, y2))
+    with pytest.raises(safeloss.BatchSizeMismatchError):
+        make_fx(safeloss.SafeCrossEntropyLoss(), tracing_mode="symbolic")(x, y[:5])
