@@ -63,6 +63,11 @@ FOOTER = """
 * **`torch.func`** transforms (`functionalize`, `vmap`, `grad`, `jvp`, ...): the loss runs on the
   torch backend without host reads; on CPU a bad label still raises (stock torch's own bounds
   check runs), other value findings are not reported inside transforms (see the README).
+* **`torch.onnx.export`** (not in the table: it needs the `onnx` and `onnxscript` packages; tested
+  in tests/test_tools.py where they are installed): ONNX has no translation for safeloss's ops, so
+  the exported graph holds stock torch's op (ONNX `SoftmaxCrossEntropyLoss`, the same graph as
+  stock's) with both exporters; shapes and dtypes are checked at export time (with `dynamo=True`
+  the `BatchSizeMismatchError` is the cause of the exporter's `TorchExportError`).
 * **`FakeTensorMode`** and **meta tensors** (e.g. meta-device model initialisation, also in code
   you do not own under `patch()`): shapes, dtypes and arguments are checked and findings known from
   shapes alone (e.g. a squeezed `(N, 1)` target) are reported; no value is read and no value check
