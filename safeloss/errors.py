@@ -91,7 +91,7 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
 
 
 class LayoutError(SafeLossError, NotImplementedError):
-    """Sparse logits, class-index targets or weight (stock: ``NotImplementedError``, a ``RuntimeError``)."""
+    """A layout the loss cannot use: sparse logits, labels or weight; nested tensors (stock: ``NotImplementedError``, a ``RuntimeError``)."""
 
 
 E = TypeVar("E", bound=SafeLossError)
