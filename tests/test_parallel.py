@@ -58,6 +58,13 @@ def _grid() -> list[dict[str, Any]]:
                     weight=True, ignore=True, dtype=torch.float32, backend="triton"))
     out.append(dict(name="plain-1d-input", kind="plain", seed=92, shape=(), red="sum", eps=0.1,
                     weight=True, ignore=False))
+    # Non-finite rows as stock (they warn): a +inf logit makes its whole row NaN, loss and gradient
+    # (not +inf with finite gradients on the other ranks); a masked (-inf) slice with zero class
+    # weights under smoothing is 0 * inf = NaN (not finite).
+    out.append(dict(name="plain-posinf", kind="plain", seed=96, shape=(6,), red="none", eps=0.1,
+                    weight=True, ignore=True, posinf=True, warns=True))
+    out.append(dict(name="plain-masked-zero-weight-smoothing", kind="plain", seed=97, shape=(6,), red="none",
+                    eps=0.1, weight=True, ignore=False, masked_zero_weight=True, warns=True))
     return out
 
 
@@ -73,6 +80,8 @@ ERRORS = [
     ("positions-differ", "ParallelMismatchError"),
     ("probability-targets", "TargetShapeError"),
     ("weight-requires-grad", "WeightError"),
+    ("int64-min-label", "TargetOutOfRangeError"),  # -(-2**63) wraps: was silently a valid row
+    ("double-backward", "BackendError"),  # was a silently non-differentiable gradient
     ("dt-bad-label", "TargetOutOfRangeError"),
 ]
 WARNS = ["softmax-warns", "nan-warns", "empty-mean", "neginf-smoothing"]
@@ -116,6 +125,13 @@ def _inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         t[t == C - 2] = C - 1
         t[1] = C - 1
     w = torch.rand(C, generator=gen, dtype=dtype) + 0.2 if case.get("weight") else None
+    if case.get("posinf"):
+        x[2, C - 1] = math.inf  # on the last rank's slice
+    if case.get("masked_zero_weight"):  # classes 0, 1: all of rank 0's slice on 3 ranks
+        x[:, :2] = -math.inf
+        t = t.clamp(min=2)
+        assert w is not None
+        w[:2] = 0
     g = torch.randn(t.shape, generator=gen, dtype=dtype) if case["red"] == "none" else torch.tensor(1.7, dtype=dtype)
     return x, t, w, g
 
@@ -197,6 +213,13 @@ def _error_case(name: str, rank: int, world: int) -> Any:
         kw["weight"] = torch.ones(C, dtype=x.dtype, requires_grad=True)
     elif name == "probability-targets":
         t = xl.detach().softmax(1)
+    elif name == "int64-min-label":
+        t = t.clone()
+        t[3] = -(2**63)
+    elif name == "double-backward":
+        xl = xl.clone().requires_grad_()
+        (g,) = torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(xl, t), xl, create_graph=True)
+        return {"out": g.detach()}
     out = safeloss.vocab_parallel_cross_entropy(xl, t, **kw)
     return {"out": out.detach()}
 
@@ -214,6 +237,23 @@ def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
                   backend="auto", owner=None, stats=stats)
         out[str(eps)] = stats["bytes"]
     return out
+
+
+def _compiled(rank: int, world: int) -> dict[str, Any]:
+    """Under torch.compile the function runs eagerly: inductor's graph of it gave wrong losses."""
+    x, t, _, g = _inputs(dict(seed=8, shape=(6,), red="none"))
+    xl = _slice(x, SLICES[world], rank).clone().requires_grad_()
+    traced: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, _: Any) -> Any:
+        traced.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    fn = torch.compile(lambda a, b: safeloss.vocab_parallel_cross_entropy(a, b, reduction="none") * 2,
+                       backend=backend)
+    out = fn(xl, t)
+    (out * g).sum().backward()
+    return {"out": out.detach(), "grad": xl.grad, "collectives_traced": [n for n in traced if "c10d" in n]}
 
 
 def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
@@ -335,6 +375,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for name in WARNS:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
         results["bytes"] = _call(lambda: _bytes_per_call(rank, world))
+        results["compiled"] = _call(lambda: _compiled(rank, world))
         mesh = init_device_mesh("cpu", (world,))
         for case in DTENSOR:
             results[case["name"]] = _call(lambda case=case: _dtensor_case(case, mesh, world))
@@ -384,7 +425,7 @@ def test_plain_shards_match_stock_on_gathered_logits(ranks: tuple[int, list[dict
         for rank in range(world):
             got = res[rank][case["name"]]
             assert "ok" in got, f"{case['name']} rank {rank}: {got}"
-            assert not got["warnings"], got["warnings"]
+            assert bool(got["warnings"]) == bool(case.get("warns")), got["warnings"]
             assert_matches(got["ok"]["out"], ref, what=f"{case['name']} loss, rank {rank}")
             assert_matches(got["ok"]["grad"], _slice(grad, SLICES[world], rank),
                            what=f"{case['name']} grad, rank {rank}")
@@ -407,6 +448,23 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert f"raised on rank {world - 1} of the {world} ranks" in msg
     elif name == "dt-bad-label":
         assert f"{C + 5} at [2]" in msg
+    elif name == "int64-min-label":
+        assert f"{-(2**63)} at [3]" in msg
+    elif name == "double-backward":
+        assert "no double backward" in msg and "create_graph=True" in msg
+
+
+def test_compiled_call_runs_eagerly(ranks: tuple[int, list[dict]]) -> None:
+    world, res = ranks
+    x, t, _, g = _inputs(dict(seed=8, shape=(6,), red="none"))
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, t, reduction="none") * 2
+    (ref * g).sum().backward()
+    for rank, r in enumerate(res):
+        got = r["compiled"]["ok"]
+        assert got["collectives_traced"] == [], got["collectives_traced"]
+        assert_matches(got["out"], ref.detach(), what=f"compiled loss, rank {rank}")
+        assert_matches(got["grad"], _slice(x.grad, SLICES[world], rank), what=f"compiled grad, rank {rank}")
 
 
 def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:

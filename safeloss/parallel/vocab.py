@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _flags as F
 from .. import checks, errors
@@ -189,7 +188,7 @@ class _VocabParallelCE(torch.autograd.Function):
         red = _all_reduce(torch.cat(parts), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
         M = red[:R]
-        M_ref = torch.where(torch.isfinite(M), M, 0.0)
+        M_ref = torch.where(torch.isneginf(M), 0.0, M)  # +inf or NaN: NaN everywhere in the row, as stock
 
         # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums.
         sumexp = torch.exp(L - M_ref)
@@ -202,9 +201,10 @@ class _VocabParallelCE(torch.autograd.Function):
         if plan.eps > 0:
             assert Q is not None  # internal invariant: computed whenever eps > 0
             z = plan.w_local_sum * (L - M_ref) - Q.to(acc)
-            # An all -inf slice: its classes add +inf to the smoothing sum (0 for an empty slice).
-            inf_slice = torch.where(torch.as_tensor(plan.w_local_sum, device=x.device) > 0, -math.inf, 0.0)
-            z = torch.where(torch.isneginf(L), inf_slice.to(acc), z)
+            # An all -inf slice: each class adds w_c * inf to the smoothing sum, as stock: +inf, NaN
+            # for a zero weight (0 * inf), nothing for an empty slice.
+            q_inf = (plan.w_local * math.inf).sum() if plan.w_local is not None else (math.inf if C_local else 0.0)
+            z = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=x.device), z)
             parts.append(z)
         if plan.sample is not None:
             parts.append(ssum)
@@ -235,8 +235,18 @@ class _VocabParallelCE(torch.autograd.Function):
         return loss.reshape(_positions_shape(x))
 
     @staticmethod
-    @once_differentiable  # double backward would differentiate through a detached lse: refuse it
     def backward(ctx, g: Tensor):  # type: ignore[override]
+        # Grad mode is on in backward only for create_graph=True: a second derivative through the
+        # detached global lse would be silently missing (once_differentiable only refuses it when
+        # the upstream gradient itself requires grad), so refuse it outright.
+        if torch.is_grad_enabled():
+            raise BackendError(
+                "vocab_parallel_cross_entropy has no double backward: its gradient was asked for "
+                "with create_graph=True (torch.autograd.grad(..., create_graph=True) or "
+                "backward(create_graph=True), e.g. for a gradient penalty).\n"
+                "Fix: gather the logits and call safeloss.cross_entropy for the second-order term, "
+                "or drop create_graph=True"
+            )
         x, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         xr = _rows(x)
@@ -310,8 +320,20 @@ def vocab_parallel_cross_entropy(
     the same :class:`safeloss.SafeLossError` on every rank. Communication: three all-reduces of
     O(N) values (the logits never move); one small read of the first result on the host.
     """
-    return run(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
-               strict=strict, backend=backend, owner=None)
+    fn = run
+    if torch.compiler.is_compiling():
+        # Eager only: the host reads and collectives break the graph anyway, and inductor's graph
+        # of this function returned wrong losses (torch 2.13). Dynamo is loaded when tracing, so
+        # importing it here costs nothing (a decorator would import it with safeloss).
+        from torch._dynamo import disable
+
+        fn = disable(run, reason=_EAGER_ONLY)
+    return fn(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
+              strict=strict, backend=backend, owner=None)
+
+
+_EAGER_ONLY = ("safeloss.vocab_parallel_cross_entropy runs eagerly (collectives, host-read agreement "
+               "of the ranks); call it outside the fullgraph=True region")
 
 
 def run(
@@ -385,7 +407,7 @@ def run(
         keep = t != p.ignore_index
         if t.numel():
             head[world + _TMAX] = torch.where(keep, t, _NONE).max()
-            head[world + _TMIN] = torch.where(keep, -t, _NONE).max()
+            head[world + _TMIN] = torch.where(keep, -t.clamp(min=-(2**63 - 1)), _NONE).max()  # -(-2**63) wraps
         else:
             head[world + _TMAX] = head[world + _TMIN] = _NONE
         agree["positions"] = _hash(_positions_shape(x))
