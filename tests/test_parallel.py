@@ -239,6 +239,32 @@ def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
     return out
 
 
+def _host_reads(rank: int, world: int) -> dict[str, list[str]]:
+    """The tensor reads on the host of one clean call (on CUDA each is a sync): the documented
+    head, and one read of the counts (was three more: two counts and the mean's value)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = getattr(func, "__name__", "")
+            if name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    x, t, w, _ = _inputs(dict(seed=9, shape=(6,), red="mean", weight=True, ignore=True))
+    out = {}
+    for red, eps in (("mean", 0.0), ("none", 0.1)):
+        xl = _slice(x, SLICES[world], rank).clone().requires_grad_()
+        with Reads() as reads:
+            safeloss.vocab_parallel_cross_entropy(xl, t, w, reduction=red, label_smoothing=eps)
+        out[red] = reads.seen
+    return out
+
+
 def _compiled(rank: int, world: int) -> dict[str, Any]:
     """Under torch.compile the function runs eagerly: inductor's graph of it gave wrong losses."""
     x, t, _, g = _inputs(dict(seed=8, shape=(6,), red="none"))
@@ -376,6 +402,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
         results["bytes"] = _call(lambda: _bytes_per_call(rank, world))
         results["compiled"] = _call(lambda: _compiled(rank, world))
+        results["host-reads"] = _call(lambda: _host_reads(rank, world))
         mesh = init_device_mesh("cpu", (world,))
         for case in DTENSOR:
             results[case["name"]] = _call(lambda case=case: _dtensor_case(case, mesh, world))
@@ -452,6 +479,12 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert f"{-(2**63)} at [3]" in msg
     elif name == "double-backward":
         assert "no double backward" in msg and "create_graph=True" in msg
+
+
+def test_two_host_reads_per_call(ranks: tuple[int, list[dict]]) -> None:
+    _, res = ranks
+    for r in res:
+        assert r["host-reads"]["ok"] == {"mean": ["tolist", "tolist"], "none": ["tolist", "tolist"]}
 
 
 def test_compiled_call_runs_eagerly(ranks: tuple[int, list[dict]]) -> None:

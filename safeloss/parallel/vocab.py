@@ -127,7 +127,7 @@ class _Plan:
     acc: torch.dtype
     sample: Tensor | None  # (k,) flat positions sampled for the softmax check, or None
     backend: str  # "torch" or "triton"
-    softmax_like: int = 0  # filled by forward
+    softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
 
 
@@ -228,7 +228,7 @@ class _VocabParallelCE(torch.autograd.Function):
             gsum = red2[-k:]
             tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
             like = (glo >= 0) & (ghi <= 1) & ((gsum - 1).abs() <= tol)
-            plan.softmax_like = int(like.sum())
+            plan.softmax_like = like.sum()  # read on the host with the other counts
 
         ctx.plan = plan
         ctx.save_for_backward(x, lse)
@@ -318,7 +318,8 @@ def vocab_parallel_cross_entropy(
     ``torch.nn.functional.cross_entropy`` on them); the gradient is this rank's slice of the full
     gradient. A bad label on any rank, or ranks that disagree on shapes, arguments or labels, raise
     the same :class:`safeloss.SafeLossError` on every rank. Communication: three all-reduces of
-    O(N) values (the logits never move); one small read of the first result on the host.
+    O(N) values (the logits never move); two small reads on the host (the first result, and the
+    check counts after the loss).
     """
     fn = run
     if torch.compiler.is_compiling():
@@ -490,14 +491,17 @@ def run(
     if stats is not None:
         stats["bytes"] = head_bytes + plan.bytes_sent
 
-    counts = [0] * F.SIZE
+    # Phase D: findings of the values, the same on every rank. The counts and whether the output
+    # is finite are read on the host in one go (with the head: two reads per call).
+    out = _reduction.reduce(Rows(losses, checks.Scan([0] * F.SIZE)), gp)  # reduce reads no counts
+    counts = torch.zeros(F.SIZE + 1, dtype=torch.int64, device=x.device)
     if sample is not None:
         counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = plan.softmax_like, sample.numel()
-    counts[F.NONFINITE_ROW] = int((~torch.isfinite(losses.detach()).reshape(-1) & valid).sum())
-    out = _reduction.reduce(Rows(losses, checks.Scan(counts)), gp)
-    # Phase D: findings of the values; the counts are the same on every rank.
-    checks.resolve(checks.Scan(counts), gp, losses, out, None, strict_, owner, have_logits=False,
-                   device_type=x.device.type)
+    counts[F.NONFINITE_ROW] = (~torch.isfinite(losses.detach()).reshape(-1) & valid).sum()
+    counts[F.SIZE] = torch.isfinite(out.detach()).all()
+    host = counts.tolist()
+    checks.resolve(checks.Scan(host[:F.SIZE], out_finite=bool(host[F.SIZE])), gp, losses, out, None,
+                   strict_, owner, have_logits=False, device_type=x.device.type)
     return out
 
 
