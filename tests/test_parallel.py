@@ -80,7 +80,8 @@ ERRORS = [
     ("positions-differ", "ParallelMismatchError"),
     ("probability-targets", "TargetShapeError"),
     ("weight-requires-grad", "WeightError"),
-    ("int64-min-label", "TargetOutOfRangeError"),  # -(-2**63) wraps: was silently a valid row
+    ("int64-min-label", "TargetOutOfRangeError"),
+    ("weights-differ", "ParallelMismatchError"),  # was: each rank's loss from its own weight  # -(-2**63) wraps: was silently a valid row
     ("double-backward", "BackendError"),  # was a silently non-differentiable gradient
     ("dt-bad-label", "TargetOutOfRangeError"),
 ]
@@ -213,6 +214,10 @@ def _error_case(name: str, rank: int, world: int) -> Any:
         kw["weight"] = torch.ones(C, dtype=x.dtype, requires_grad=True)
     elif name == "probability-targets":
         t = xl.detach().softmax(1)
+    elif name == "weights-differ":
+        kw["weight"] = torch.ones(C, dtype=x.dtype)
+        if last:
+            kw["weight"][0] = 2.0
     elif name == "int64-min-label":
         t = t.clone()
         t[3] = -(2**63)
@@ -477,6 +482,8 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert f"{C + 5} at [2]" in msg
     elif name == "int64-min-label":
         assert f"{-(2**63)} at [3]" in msg
+    elif name == "weights-differ":
+        assert "different class weights" in msg
     elif name == "double-backward":
         assert "no double backward" in msg and "create_graph=True" in msg
 

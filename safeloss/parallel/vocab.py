@@ -424,6 +424,11 @@ def run(
     if p is not None:
         fp = _target_fingerprint(p.target)
         head[base + 2 * _AGREE.index("targets")], head[base + 2 * _AGREE.index("targets") + 1] = fp, -fp
+        if isinstance(weight, Tensor) and weight.numel():
+            # The values too (their bits), else ranks with different weights return different losses.
+            bits = weight.detach().reshape(-1).to(torch.float64).view(torch.int64)
+            fw = _target_fingerprint(bits) + agree["weight"]
+            head[base + 2 * _AGREE.index("weight")], head[base + 2 * _AGREE.index("weight") + 1] = fw, -fw
     head = _all_reduce(head, "max", group)
     h = head.tolist()
     head_bytes = head.numel() * head.element_size()
@@ -531,7 +536,8 @@ def _mismatch_message(what: str, world: int) -> str:
                      "between ranks",
         "config": "the ranks disagree on the logits' dtype, reduction, ignore_index, "
                   "label_smoothing or whether a weight is given",
-        "weight": "the ranks pass class weights of different lengths",
+        "weight": "the ranks pass different class weights (lengths or values; the weight is the full "
+                  "(C,) tensor, the same on every rank)",
         "findings": "the ranks' targets differ in shape or dtype",
         "targets": "the labels differ between ranks (each rank must pass the same class indices; "
                    "they index the global classes)",
