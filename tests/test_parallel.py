@@ -599,6 +599,16 @@ def test_benchmark_report_counts_bytes_per_row(benchmark_script: Any) -> None:
     assert "| (100, 8) | safeloss-shards | 1.00 ms | 0.50x | 3 | 2,112 | 21.1 |" in text
 
 
+@pytest.mark.parametrize("rows", [65, 1000, 2**24 + 4, 2**40 + 3])
+def test_sampled_rows_stay_in_range(rows: int) -> None:
+    """The softmax check's sample (no process group needed): a float32 linspace indexed row R."""
+    from safeloss.parallel.vocab import K_SAMPLE, _sample_positions
+
+    pos = _sample_positions(torch.empty(0), rows)
+    assert pos.numel() == K_SAMPLE and int(pos[0]) == 0 and int(pos[-1]) == rows - 1
+    assert bool((pos[1:] > pos[:-1]).all())
+
+
 def test_needs_a_process_group() -> None:
     import torch.distributed as dist
 

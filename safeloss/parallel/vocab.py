@@ -511,11 +511,11 @@ def run(
 
 
 def _sample_positions(x: Tensor, R: int) -> Tensor:
-    """The flat row ids checks.sample_rows would look at (the same on every rank)."""
-    k = min(K_SAMPLE, R)
+    """Evenly spaced flat row ids, first and last included (the same on every rank). Integer
+    arithmetic: a float32 linspace rounds R - 1 up past the last row from R = 2**24 + 4 on."""
     if R <= K_SAMPLE:
         return torch.arange(R, device=x.device)
-    return torch.linspace(0, R - 1, k, device=x.device).long()
+    return torch.arange(K_SAMPLE, device=x.device, dtype=torch.int64) * (R - 1) // (K_SAMPLE - 1)
 
 
 def checks_single_class(meta: Tensor) -> Finding:
