@@ -34,7 +34,7 @@ from .errors import (
     fmt_shape,
     plural,
 )
-from .report import Finding
+from .report import Finding, shown
 from .report import report as _report
 from .validation import Problem
 
@@ -136,12 +136,13 @@ def scan_prob_target(target: Tensor, cdim: int) -> tuple[int, int]:
     minimum is NaN are counted the exact way. Small targets keep the direct form, which is
     fewer ops.
     """
-    if target.numel() == 0:
+    n = target.numel()
+    if n == 0:
         return 0, 0
-    y = target.detach()
-    if y.numel() <= PROB_SCAN_AMIN_NUMEL:
-        neg, badsum = prob_target_counts(y, cdim)
+    if n <= PROB_SCAN_AMIN_NUMEL:
+        neg, badsum = prob_target_counts(target, cdim)
         return int(neg), int(badsum)
+    y = target.detach()
     mins = y.amin(cdim)
     negative = mins < 0
     nan_rows = mins.isnan()
@@ -382,6 +383,11 @@ class Scan:
     out_finite: bool | None = None  # the backend already read the (scalar) output
 
 
+# What the host path returns for a call in which nothing was counted and the (scalar) result
+# is finite: shared, so such a call builds no Scan, and the pipeline skips resolve() for it.
+CLEAN = Scan((0,) * F.SIZE, nonfinite_from_output=True, out_finite=True)
+
+
 def resolve(
     scan: Scan,
     p: Problem,
@@ -411,10 +417,12 @@ def resolve(
                                    device_type or p.input.device.type)
         ) from None
     if counts[F.SOFTMAX_CHECKED] and counts[F.SOFTMAX_LIKE] == counts[F.SOFTMAX_CHECKED]:
-        report(softmax_finding(counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED], p.num_classes,
-                               math.prod(p.positions_shape)), strict, owner)
+        if _wanted("softmaxed-input", strict, owner):
+            report(softmax_finding(counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED], p.num_classes,
+                                   math.prod(p.positions_shape)), strict, owner)
     if counts[F.PROB_NEGATIVE] or counts[F.PROB_BAD_SUM]:
-        report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
+        if _wanted("bad-probabilities", strict, owner):
+            report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
     nonfinite = counts[F.NONFINITE_ROW]
     if out_finite is None:
         out_finite = scan.out_finite
@@ -429,9 +437,19 @@ def resolve(
                 finite |= p.target == p.ignore_index
             nonfinite = int((~finite).sum())
     if nonfinite:
-        report(nonfinite_finding(p, losses, nonfinite, have_logits), strict, owner)
+        if _wanted("nonfinite", strict, owner):
+            report(nonfinite_finding(p, losses, nonfinite, have_logits), strict, owner)
     elif p.reduction == "mean" and out_finite is False and math.prod(p.positions_shape) > 0:
-        report(empty_mean_finding(p), strict, owner)
+        if _wanted("empty-mean", strict, owner):
+            report(empty_mean_finding(p), strict, owner)
+
+
+def _wanted(kind: str, strict: bool | LazyStrict, owner: object | None) -> bool:
+    """Whether a finding of this kind would reach the user (an error, or a warning not shown yet
+    here): repeated warnings skip building their message, whose host reads of the targets or
+    logits cost more than the whole loss at small shapes (gradcheck calls the loss hundreds of
+    times with the same finding)."""
+    return bool(strict) or not shown(kind, owner)
 
 
 # ------------------------------------------------------------------------ deferral

@@ -66,3 +66,67 @@ def test_softmax_band_cache_matches_the_formula(C: int) -> None:
             assert torch_backend._could_be_softmaxed(v, p)
         for v in (math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf), 0.0, math.inf):
             assert not torch_backend._could_be_softmaxed(v, p)
+
+
+def test_repeated_warnings_are_not_rebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning already shown is dropped by report(); resolve() no longer builds its message
+    (host reads of the targets) first. Strict mode raises, and so builds, every time."""
+    import safeloss
+    from safeloss.errors import ProbabilityTargetError
+
+    built = []
+    real = checks.prob_target_finding
+    monkeypatch.setattr(checks, "prob_target_finding", lambda *a: built.append(1) or real(*a))
+    x, y = torch.randn(4, 3), torch.rand(4, 3)  # rows do not sum to 1
+    loss = safeloss.SafeCrossEntropyLoss()
+    with pytest.warns(safeloss.SafeLossWarning, match="not probability distributions"):
+        loss(x, y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss(x, y)
+    assert len(built) == 1
+    with pytest.warns(safeloss.SafeLossWarning, match="not probability distributions"):
+        safeloss.SafeCrossEntropyLoss()(x, y)  # a new instance: shown (and built) again
+    assert len(built) == 2
+    strict = safeloss.SafeCrossEntropyLoss(strict=True)
+    for _ in range(2):
+        with pytest.raises(ProbabilityTargetError, match="not probability distributions"):
+            strict(x, y)
+    assert len(built) == 4
+
+
+def test_functional_warnings_are_rebuilt_per_call_site() -> None:
+    import warnings
+
+    import safeloss
+
+    safeloss.reset_warnings()
+    x, y = torch.randn(4, 3), torch.rand(4, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            safeloss.cross_entropy(x, y)  # one call site: one warning
+        safeloss.cross_entropy(x, y)  # another line: another warning
+    assert [str(m.message).count("not probability distributions") for m in w] == [1, 1]
+
+
+def test_resolve_guards_name_the_kinds_of_the_findings() -> None:
+    """resolve() asks report.shown() by kind before building: the kinds it asks for are the
+    kinds the finding constructors give."""
+    import inspect
+
+    from safeloss.validation import normalize
+
+    src = inspect.getsource(checks.resolve)
+    p = normalize(torch.randn(2, 3), torch.rand(2, 3), None, -100, "mean", 0.0)
+    kinds = {
+        checks.softmax_finding(1, 1, 3, 2).kind,
+        checks.prob_target_finding(p, 1, 1).kind,
+        checks.nonfinite_finding(p, None, 1, True).kind,
+        checks.empty_mean_finding(p).kind,
+    }
+    for kind in kinds:
+        assert f'_wanted("{kind}"' in src, kind
+    assert src.count("_wanted(") == len(kinds)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _flags as F
 from ..checks import (
+    CLEAN,
     Scan,
     bad_target_mask,
     count_bad_targets,
@@ -105,7 +106,8 @@ def _immediate(p: Problem) -> Rows:
         value = result.item()
         out_finite = math.isfinite(value)
         if out_finite and not _could_be_softmaxed(value, p):
-            return _rows(p, result, Scan(counts, True, True))  # nonfinite_from_output, out_finite
+            # CLEAN, the common call: nothing counted, so nothing to build or resolve.
+            return _rows(p, result, Scan(counts, True, True) if any(counts) else CLEAN)
     counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = scan_softmax(x, cdim, C)
     return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=out_finite))
 
@@ -119,14 +121,8 @@ def _could_be_softmaxed(mean_loss: float, p: Problem) -> bool:
     """
     if p.reduction != "mean" or p.prob or p.weight is not None or p.label_smoothing:
         return True  # the band is not worth deriving for these; scan the sample
-    band = _BANDS.get(p.num_classes)
-    if band is None:
-        C = p.num_classes
-        band = _BANDS[C] = (math.log1p((C - 1) / math.e) - 1e-3, math.log(C - 1 + math.e) + 1e-3)
-    return band[0] <= mean_loss <= band[1]
-
-
-_BANDS: dict[int, tuple[float, float]] = {}  # per class count: the two logs cost 0.2 us a call
+    C = p.num_classes
+    return math.log1p((C - 1) / math.e) - 1e-3 <= mean_loss <= math.log(C - 1 + math.e) + 1e-3
 
 
 def _rows(p: Problem, result: Tensor, scan: Scan) -> Rows:
