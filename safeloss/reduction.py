@@ -41,8 +41,8 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     if rows.reduced is not None:
         return rows.reduced  # stock torch's own reduction, see Rows.reduced
     losses = rows.losses  # never None here: the pipeline raises on early exits first
-    if p.reduction == "none":
-        return losses.to(p.out_dtype)
+    if p.reduction == "none":  # .to() of the same dtype returns the tensor itself: skip the op
+        return losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)
     acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
     total = losses.sum(dtype=acc)
     if p.reduction == "sum":

@@ -85,6 +85,19 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
     warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
 
 
+def shown(kind: str, owner: object | None) -> bool:
+    """Whether ``report()`` would now drop a warning of this ``kind`` as already shown: for
+    ``owner`` (a loss instance, or its id) or, with ``owner=None``, for this call site (found as
+    ``report()`` finds it). Lets a caller skip building a message, and the reads of tensor data
+    behind it, that nobody would see; strict mode raises every time, so check that first."""
+    if owner is not None:
+        key: tuple[object, ...] = (kind, "loss", owner if isinstance(owner, int) else id(owner))
+    else:
+        fname, lineno, _ = _user_frame()
+        key = (kind, fname, lineno)
+    return key in _seen
+
+
 def reset_warnings() -> None:
     """Forget which warnings were shown (for tests and notebooks)."""
     with _lock:

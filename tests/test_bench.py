@@ -215,3 +215,25 @@ def test_inplace_providers_get_clean_logits_each_call() -> None:
 
 def test_markdown_cells_escape_pipes() -> None:
     assert bench._cell("a | b\nc") == "a \\| b c"
+
+
+def test_cpu_overhead_script_runs(capsys: pytest.CaptureFixture[str], benchmark_script) -> None:
+    """benchmarks/cpu_overhead.py end to end on tiny cases, a few rounds: every section prints."""
+    tool = benchmark_script("cpu_overhead")
+    assert (8, 10, False, 1.25) in tool.CASES and (4096, 1000, True, 1.10) in tool.CASES
+    import torch
+
+    tool.CASES = [(8, 10, False, 99.0), (16, 8, True, 99.0)]
+    threads = torch.get_num_threads()
+    try:  # one thread, as the README numbers are measured (and tiny ops are slow with more here)
+        assert tool.main(["--seconds", "0", "--min-rounds", "3", "--gradcheck-rounds", "1",
+                          "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert " cpu " in out  # the thread-CPU-clock rows, measured single-threaded
+    assert "(8, 10)" in out and "(16, 8) prob" in out and "MISSED" not in out
+    for what in ("gradcheck F.cross_entropy, class indices", "gradgradcheck F.cross_entropy, probabilities",
+                 "gradgradcheck F.linear_cross_entropy", "double backward (8, 10) fp32"):
+        assert what in out, what
+    assert not __import__("safeloss").is_patched()

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _flags as F
 from ..checks import (
+    CLEAN,
     Scan,
     bad_target_mask,
     count_bad_targets,
@@ -74,9 +75,9 @@ def per_position(p: Problem, reduction: str = "none") -> Tensor:
         return _stock_cross_entropy(p.input, p.target, weight=p.weight,
                                 label_smoothing=p.label_smoothing, reduction=reduction)
     t = p.target
-    return _stock_cross_entropy(p.input, t if t.dtype == torch.int64 else t.long(), weight=p.weight,
-                            ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
-                            reduction=reduction)
+    # Positional (size_average and reduce None): keywords cost 0.3 us per call.
+    return _stock_cross_entropy(p.input, t if t.dtype == torch.int64 else t.long(), p.weight, None,
+                                p.ignore_index, None, reduction, p.label_smoothing)
 
 
 def _immediate(p: Problem) -> Rows:
@@ -85,7 +86,7 @@ def _immediate(p: Problem) -> Rows:
     counts = [0] * F.SIZE
     if p.prob:
         counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, cdim)
-    elif x.device.type != "cpu":
+    elif not x.is_cpu:
         # Strict mode on a GPU: stock torch would hit a device-side assert, so check first.
         lo, hi = target_bounds(p.target)
         if (lo < 0 or hi >= C) and (nbad := count_bad_targets(p.target, C, p.ignore_index)):
@@ -105,7 +106,8 @@ def _immediate(p: Problem) -> Rows:
         value = result.item()
         out_finite = math.isfinite(value)
         if out_finite and not _could_be_softmaxed(value, p):
-            return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=True))
+            # CLEAN, the common call: nothing counted, so nothing to build or resolve.
+            return _rows(p, result, Scan(counts, True, True) if any(counts) else CLEAN)
     counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = scan_softmax(x, cdim, C)
     return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=out_finite))
 
@@ -126,7 +128,7 @@ def _could_be_softmaxed(mean_loss: float, p: Problem) -> bool:
 def _rows(p: Problem, result: Tensor, scan: Scan) -> Rows:
     if p.reduction == "none":
         return Rows(result, scan)
-    return Rows(None, scan, reduced=result, recompute=lambda: _no_grad_rows(p))
+    return Rows(None, scan, result, lambda: _no_grad_rows(p))  # reduced, recompute
 
 
 def _no_grad_rows(p: Problem) -> Tensor:

@@ -1,0 +1,132 @@
+"""The hot-path shortcuts (safeloss/pipeline.py, validation.py, checks.py, the torch backend)
+return exactly what the general code they skip returns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from safeloss import checks
+from safeloss.backends import torch_backend
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _targets(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Probability-like targets with every kind of row the counts must tell apart."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(shape, generator=g).softmax(1 if len(shape) > 1 else 0).to(dtype)
+    if len(shape) == 1:
+        return y
+    special = [
+        (0, 0, -0.5),  # negative, row no longer sums to 1
+        (1, 0, -0.0),  # negative zero: not negative
+        (2, 0, math.nan),  # NaN only
+        (3, 0, math.nan), (3, 1, -1.0),  # NaN and a negative entry: amin is NaN here
+        (4, 0, -math.inf),
+        (5, 0, math.inf),
+        (6, 0, -1e-30),  # tiny negative, sum unchanged
+        (7, 0, 2.0),  # bad sum only
+    ]
+    for r, c, v in special:
+        if r < shape[0]:
+            y[(r, c) + (0,) * (len(shape) - 2)] = v
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 5), (2000, 7), (600, 5, 3), (7,), (5000,)])
+def test_host_prob_scan_counts_as_the_device_counts(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    y = _targets(dtype, shape)
+    cdim = 0 if y.dim() == 1 else 1
+    neg, badsum = checks.prob_target_counts(y, cdim)
+    assert checks.scan_prob_target(y, cdim) == (int(neg), int(badsum))
+    if y.dim() > 1:  # rows 0, 3 (with a NaN), 4, 6 are negative; -1e-30 is -0.0 in float16
+        assert int(neg) == (3 if dtype == torch.float16 else 4)
+
+
+def test_host_prob_scan_takes_the_amin_path_above_the_threshold() -> None:
+    y = _targets(torch.float32, (2000, 7))
+    assert y.numel() > checks.PROB_SCAN_AMIN_NUMEL
+    # negative: rows 0, 3, 4, 6; bad sums: 0, 1, 4, 5, 6, 7 (a NaN sum is not "bad")
+    assert checks.scan_prob_target(y, 1) == (4, 6)
+
+
+@pytest.mark.parametrize("C", [2, 3, 10, 1000, 128256])
+def test_softmax_band_cache_matches_the_formula(C: int) -> None:
+    from safeloss.validation import normalize
+
+    x = torch.zeros(2, C)
+    p = normalize(x, torch.zeros(2, dtype=torch.long), None, -100, "mean", 0.0)
+    lo, hi = math.log1p((C - 1) / math.e) - 1e-3, math.log(C - 1 + math.e) + 1e-3
+    for _ in range(2):  # computed, then cached
+        for v in (lo, hi, (lo + hi) / 2):
+            assert torch_backend._could_be_softmaxed(v, p)
+        for v in (math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf), 0.0, math.inf):
+            assert not torch_backend._could_be_softmaxed(v, p)
+
+
+def test_repeated_warnings_are_not_rebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning already shown is dropped by report(); resolve() no longer builds its message
+    (host reads of the targets) first. Strict mode raises, and so builds, every time."""
+    import safeloss
+    from safeloss.errors import ProbabilityTargetError
+
+    built = []
+    real = checks.prob_target_finding
+    monkeypatch.setattr(checks, "prob_target_finding", lambda *a: built.append(1) or real(*a))
+    x, y = torch.randn(4, 3), torch.rand(4, 3)  # rows do not sum to 1
+    loss = safeloss.SafeCrossEntropyLoss()
+    with pytest.warns(safeloss.SafeLossWarning, match="not probability distributions"):
+        loss(x, y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            loss(x, y)
+    assert len(built) == 1
+    with pytest.warns(safeloss.SafeLossWarning, match="not probability distributions"):
+        safeloss.SafeCrossEntropyLoss()(x, y)  # a new instance: shown (and built) again
+    assert len(built) == 2
+    strict = safeloss.SafeCrossEntropyLoss(strict=True)
+    for _ in range(2):
+        with pytest.raises(ProbabilityTargetError, match="not probability distributions"):
+            strict(x, y)
+    assert len(built) == 4
+
+
+def test_functional_warnings_are_rebuilt_per_call_site() -> None:
+    import warnings
+
+    import safeloss
+
+    safeloss.reset_warnings()
+    x, y = torch.randn(4, 3), torch.rand(4, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            safeloss.cross_entropy(x, y)  # one call site: one warning
+        safeloss.cross_entropy(x, y)  # another line: another warning
+    assert [str(m.message).count("not probability distributions") for m in w] == [1, 1]
+
+
+def test_resolve_guards_name_the_kinds_of_the_findings() -> None:
+    """resolve() asks report.shown() by kind before building: the kinds it asks for are the
+    kinds the finding constructors give."""
+    import inspect
+
+    from safeloss.validation import normalize
+
+    src = inspect.getsource(checks.resolve)
+    p = normalize(torch.randn(2, 3), torch.rand(2, 3), None, -100, "mean", 0.0)
+    kinds = {
+        checks.softmax_finding(1, 1, 3, 2).kind,
+        checks.prob_target_finding(p, 1, 1).kind,
+        checks.nonfinite_finding(p, None, 1, True).kind,
+        checks.empty_mean_finding(p).kind,
+    }
+    for kind in kinds:
+        assert f'_wanted("{kind}"' in src, kind
+    assert src.count("_wanted(") == len(kinds)
