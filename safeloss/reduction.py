@@ -23,7 +23,8 @@ from .validation import Problem
 
 def denominator(p: Problem) -> int | Tensor:
     if p.prob:
-        return math.prod(p.positions_shape)
+        # Stock torch divides by input.numel() / C: 0/0 = NaN without classes.
+        return math.prod(p.positions_shape) if p.num_classes else 0
     t = p.target
     # Out-of-range targets need no masking here: their loss is NaN, so the mean is NaN whatever
     # the denominator, and every op saved is a launch saved at small shapes on the GPU.
