@@ -358,7 +358,7 @@ def nonfinite_finding(
 def _value(out: Tensor | None) -> float | None:
     if out is None or out.dim() != 0 or not _known(out):
         return None
-    return float(out)
+    return float(out.detach())
 
 
 def overflow_finding(
@@ -403,23 +403,36 @@ def overflow_finding(
     )
 
 
-def reduction_overflow_finding(p: Problem) -> Finding:
-    """Every position's loss is finite, but their sum (or weighted mean) is beyond the dtype."""
+def reduction_overflow_finding(p: Problem, losses: Tensor | None) -> Finding:
+    """Every position's loss is finite, but the reduced result is beyond the dtype's range."""
     dt = str(p.out_dtype).removeprefix("torch.")
     big = f"{torch.finfo(p.out_dtype).max:.6g}"
     n = math.prod(p.positions_shape)
-    what = "sum" if p.reduction == "sum" else "weighted mean"
+    red = p.reduction
+    why = f"their {'sum' if red == 'sum' else 'sum or weighted mean'} is above {big}, the largest {dt} value"
+    if isinstance(losses, Tensor) and losses.dim() > 0:
+        total = float(losses.detach().double().sum())
+        if abs(total) >= F.overflow_bound(p.out_dtype):
+            why = f"their sum, {total:.6g}, is above {big}, the largest {dt} value"
+            if red == "mean":
+                why += f" (stock torch holds the sum in {dt} before dividing, and so does safeloss)"
+        elif red == "mean":
+            why = (
+                f"their weighted mean (their sum, {total:.6g}, divided by the sum of the targets' "
+                f"class weights) is above {big}, the largest {dt} value"
+            )
     return Finding(
         "overflow", NonFiniteError,
-        f'cross_entropy with reduction="{p.reduction}" overflowed {dt}: each of the '
-        f"{plural(n, 'per-position loss', 'per-position losses')} is finite, but their {what} is "
-        f"above {big}, the largest {dt} value, so the result is inf (stock torch returns inf too).\n"
+        f'cross_entropy with reduction="{red}" overflowed {dt}: each of the '
+        f"{plural(n, 'per-position loss', 'per-position losses')} is finite, but {why}, so the "
+        "result is inf (stock torch returns inf too).\n"
         + (
-            'Fix: reduction="mean" (or the sum in float32: loss_fn(logits.float(), target).sum() '
-            "after reduction=\"none\")"
-            if p.reduction == "sum" else
+            'Fix: reduction="mean", or sum in float32: loss_fn(logits.float(), target) (or under '
+            "torch.autocast)"
+            if red == "sum" else
             "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
-            "torch.autocast; tiny class weights (the mean divides by their sum) inflate it"
+            "torch.autocast"
+            + ("; tiny class weights (the mean divides by their sum) inflate it" if p.weight is not None else "")
         ),
     )
 
@@ -636,7 +649,7 @@ def resolve(
         if p.reduction == "mean" and not p.prob and (v is None or math.isnan(v)):
             report(empty_mean_finding(p), strict, owner)
         else:
-            report(reduction_overflow_finding(p), strict, owner)
+            report(reduction_overflow_finding(p, losses() if callable(losses) else losses), strict, owner)
 
 
 # ------------------------------------------------------------------------ deferral

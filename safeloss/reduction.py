@@ -49,6 +49,10 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     if p.reduction == "sum":
         return total.to(p.out_dtype)
     denom = denominator(p)
+    if p.out_dtype == torch.float16:
+        # Stock torch's float16 mean holds the sum in float16 before dividing: a sum beyond 65504
+        # is inf even where the mean would fit. The same result, and the same report.
+        total = total.to(torch.float16).to(acc)
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import safeloss
-from safeloss import SafeLossWarning
+from safeloss import SafeLossWarning, dispatch
 from safeloss import _flags as F
-from safeloss import dispatch
 
 _triton_reason = dispatch.triton_unavailable_reason(torch.device("cpu"))
 BACKENDS = [
