@@ -184,6 +184,14 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the "
             "model 2 outputs and keep CrossEntropyLoss"
         )
+    elif any(v in (-(2**63), -(2**63) + 1) for v in bad_vals):
+        # validation's stand-in, in traced code, for uint64 labels it could not read (>= 2**63)
+        lines.append(
+            f"{min(bad_vals)} stands for uint64 labels of 2**63 or more (a negative label stored "
+            "as unsigned, e.g. -1 as 2**64 - 1) where compiled code cannot read them, or is itself "
+            "a corrupt label."
+        )
+        lines.append("Fix: store the labels as int64: target.to(torch.int64)")
     elif len(bad_vals) == 1 and (bad_vals[0] < 0 or bad_vals[0] in (255, 250, 254, 65535)):
         v = bad_vals[0]
         what = "padding/unknown labels" if v < 0 else "a mask code for 'void' / unlabeled pixels"

@@ -267,3 +267,15 @@ def test_ignore_index_beyond_the_label_dtype_never_wraps(dtype, backend):
     for red in ("mean", "sum", "none"):
         out = safeloss.cross_entropy(x, t.to(dtype), ignore_index=2**40, reduction=red, backend=backend)
         assert_matches(out, F.cross_entropy(x, t, ignore_index=2**40, reduction=red))
+
+
+def test_uint64_label_never_wraps_in_compiled_code():
+    """Traced code cannot read the labels: a huge uint64 label is still bad, never ignore_index."""
+    f = torch.compile(lambda x, t: safeloss.cross_entropy(x, t, ignore_index=-1), fullgraph=True, backend="eager")
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 1, 2, 3], dtype=torch.uint64)
+    assert_matches(f(x, t), F.cross_entropy(x, t.long(), ignore_index=-1))
+    t = torch.tensor([0, 1, 2**64 - 1, 3], dtype=torch.uint64)
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)1 of 4 targets is outside.*stands for uint64 labels of 2\*\*63 or more.*target.to\(torch.int64\)") as e:
+        f(x, t)
+    assert "ignore_index=-9223372036854775808" not in str(e.value)
