@@ -226,8 +226,9 @@ def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None
 # --------------------------------------------------------------------------------- weight
 
 # The negative entries of each weight tensor off the CPU, per version: a training loop passes the
-# same buffer every step, and reading its data (a host sync on CUDA) once per version is enough. The finding
-# itself is re-reported every call (report() shows a warning once; strict mode raises each time).
+# same buffer every step, and reading its data (a host sync on CUDA) once per version is enough.
+# The finding itself is re-reported every call (report() shows a warning once; strict mode raises
+# each time).
 _weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
 
 
