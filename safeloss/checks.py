@@ -372,42 +372,50 @@ def _value(out: Tensor | None) -> float | None:
 def overflow_finding(
     p: Problem, count: int, where: str, out: Tensor | None, stock_values: bool
 ) -> Finding:
-    """Finite inputs, but some positions' loss is beyond float16's range (65504).
+    """Finite inputs, but some positions' loss is beyond the half-precision dtype's range (65504
+    for float16).
 
-    ``stock_values``: the backend returned stock torch's float16 values (inf there); otherwise
-    it computed in fp32 and only the float16 result can be inf.
+    ``stock_values``: the backend returned stock torch's values, computed in that dtype (inf
+    there); otherwise it computed in fp32 and only the half-precision result can be inf.
     """
+    dtype = p.out_dtype if p.out_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    dt = str(dtype).removeprefix("torch.")
+    big = f"{torch.finfo(dtype).max:.6g}"
     n_pos = max(1, math.prod(p.positions_shape))
     red = p.reduction
     if stock_values:
         returned = (
-            "Stock torch computes the loss in float16 and returns inf there; safeloss returns stock "
+            f"Stock torch computes the loss in {dt} and returns inf there; safeloss returns stock "
             "torch's values" + ("" if red == "none" else f", so the {red} is inf too") + "."
         )
     elif red == "none":
         returned = (
-            "safeloss computes in float32, but the result is float16 (as stock torch's), so these "
+            f"safeloss computes in float32, but the result is {dt} (as stock torch's), so these "
             "positions are inf, as with stock torch."
         )
     else:
         v = _value(out)
         if v is not None and math.isfinite(v):
             returned = (
-                f"Stock torch computes each position in float16 and returns inf for the {red}; "
+                f"Stock torch computes each position in {dt} and returns inf for the {red}; "
                 f"safeloss computes in float32 and returns the finite {red} {v:.6g}."
             )
         else:
             returned = f"The {red} is inf, as with stock torch."
+    half = dtype == torch.float16
     return Finding(
         "overflow", NonFiniteError,
-        f"the float16 loss overflowed at {count} of {plural(n_pos, 'position')}{where}: the inputs "
-        "are finite, but a loss above 65504, the largest float16 value, does not fit float16.\n"
+        f"the {dt} loss overflowed at {count} of {plural(n_pos, 'position')}{where}: the inputs "
+        f"are finite, but a loss above {big}, the largest {dt} value, does not fit {dt}.\n"
         + returned + "\n"
-        "A loss this large means logits tens of thousands apart within a row: usually weights "
-        "that blew up (a learning rate that is too high) or a missing normalization.\n"
-        "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
+        + (
+            "A loss this large means logits tens of thousands apart within a row: usually weights "
+            "that blew up (a learning rate that is too high) or a missing normalization.\n"
+            if half else ""
+        )
+        + "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
         "torch.autocast (cross_entropy then computes in float32); lower the learning rate or clip "
-        "gradients; prefer bfloat16 or torch.amp.GradScaler for float16 training",
+        "gradients" + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
     )
 
 
