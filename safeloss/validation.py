@@ -330,9 +330,16 @@ def _check_weight(
 def _autocast_dtype(dtype: torch.dtype, input: Tensor) -> torch.dtype:
     """The dtype stock torch computes a float tensor in: cross_entropy is one of autocast's
     float32 ops, which casts every floating tensor but float64 to float32."""
-    if dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
+    if dtype != torch.float64 and _autocast_on(input.device.type):
         return torch.float32
     return dtype
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never autocast
+        return False
 
 
 # --------------------------------------------------------------------------------- targets
