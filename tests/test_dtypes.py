@@ -279,3 +279,14 @@ def test_uint64_label_never_wraps_in_compiled_code():
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)1 of 4 targets is outside.*stands for uint64 labels of 2\*\*63 or more.*target.to\(torch.int64\)") as e:
         f(x, t)
     assert "ignore_index=-9223372036854775808" not in str(e.value)
+
+
+def test_weight_dtype_rule_on_meta_logits():
+    """The vocab-parallel path checks the weight against meta logits of the gathered shape:
+    autocast has no state for the meta device, which must read as "off", not fail."""
+    from safeloss import validation
+
+    meta = torch.empty(4, 5, device="meta")
+    w, findings = validation._check_weight(torch.ones(5, dtype=torch.float64), meta, 5, True, torch.float32)
+    assert w.dtype == torch.float32 and [f.kind for f in findings] == ["weight-dtype"]
+    assert findings[0].message.startswith("weight is torch.float64 but the logits are torch.float32;")
