@@ -14,6 +14,7 @@ record: `safeloss bench` is that.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -62,9 +63,9 @@ def sweep(n: int, c: int, dtype: torch.dtype, configs: list, copy: float, deadli
             break
         tb.FORCE_BLOCK_C, tb.FORCE_NUM_WARPS, tb.FORCE_NUM_STAGES = bc, warps, stages
         try:
-            _l, _f, lse, wy, _d = ops.triton_ce_fwd(x, t, None, -100, 0.0, False, True, False, False)
+            _l, _f, lse, wy, _d = ops.triton_ce_fwd(x, t, None, -100, 0.0, False, True, False, False, math.inf)
             fwd = do_bench(
-                lambda: ops.triton_ce_fwd(x, t, None, -100, 0.0, False, True, False, False), warmup=10, rep=40
+                lambda: ops.triton_ce_fwd(x, t, None, -100, 0.0, False, True, False, False, math.inf), warmup=10, rep=40
             )
             bwd = do_bench(
                 lambda lse=lse, wy=wy: ops.triton_ce_bwd(
@@ -78,7 +79,7 @@ def sweep(n: int, c: int, dtype: torch.dtype, configs: list, copy: float, deadli
             continue
         if bc is None and warps is None and stages is None:
             off = do_bench(
-                lambda: ops.triton_ce_fwd(x, t, None, -100, 0.0, False, False, False, False),
+                lambda: ops.triton_ce_fwd(x, t, None, -100, 0.0, False, False, False, False, math.inf),
                 warmup=10,
                 rep=40,
             )

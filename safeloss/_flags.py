@@ -11,10 +11,31 @@ NONFINITE_ROW = 1  # positions (not ignored, target valid) whose loss is NaN or 
 SOFTMAX_LIKE = 2  # positions whose logits all lie in [0, 1] and sum to 1 (within tolerance)
 SOFTMAX_CHECKED = 3  # positions examined for SOFTMAX_LIKE
 PROB_NEGATIVE = 4  # probability-target positions with a negative entry
-PROB_BAD_SUM = 5  # probability-target positions whose entries do not sum to 1 (within tolerance)
-SIZE = 8  # spare slots keep the layout stable
+PROB_BAD_SUM = 5  # probability-target positions whose entries do not sum to 1 (within tolerance, NaN included)
+WEIGHT_NEGATIVE = 6  # negative entries of the class weight (read every call, on the device)
+OVERFLOW = 7  # positions whose loss is finite in fp32 but beyond the output dtype's range
+SIZE = 8
 
-# Tolerances shared by every backend, so all of them flag the same rows.
+# The softmax check looks at this many positions, the same ones on every backend: position
+# i * T // SOFTMAX_SAMPLE for i < SOFTMAX_SAMPLE, of T positions in row-major order (all of
+# them when T <= SOFTMAX_SAMPLE). A softmax before the loss affects every row, so a sample finds
+# it as surely as a full scan, and each backend reaching the same verdict needs the same rows.
+SOFTMAX_SAMPLE = 64
+
+
+def overflow_bound(dtype: object) -> float:
+    """The smallest magnitude that rounds to inf in ``dtype`` (65520 for float16); inf for the
+    dtypes an fp32 value always fits. (A string match: this module imports nothing.)"""
+    name = str(dtype).removeprefix("torch.")
+    if name == "float16":
+        return (2 - 2**-11) * 2.0**15
+    if name == "bfloat16":
+        return (2 - 2**-8) * 2.0**127
+    return float("inf")
+
+# Tolerances shared by every backend, so all of them flag the same rows. Every backend sums a row
+# in fp32 (fp64 for fp64), whatever the dtype it is stored in: a half-precision sum of 300
+# values is off by more than these tolerances.
 SOFTMAX_SUM_TOL = {"float64": 1e-6, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 # Probability targets are often made in half precision and upcast (a bf16 teacher's softmax):
 # their row sums are off by ~1e-3 whatever the dtype they arrive in. Real mistakes (counts,

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .report import Finding, shown
 from .report import report as _report
-from .validation import Problem
+from .validation import Problem, _read_negatives, negative_weight_finding
 
 # ------------------------------------------------------------------------ cheap checks (CPU)
 
@@ -59,11 +59,12 @@ def count_bad_targets(target: Tensor, num_classes: int, ignore_index: int) -> in
     return int(bad_target_mask(target, num_classes, ignore_index).sum())
 
 
-def sample_rows(x: Tensor, k: int = 64, fixed: bool = False) -> Tensor:
+def sample_rows(x: Tensor, k: int = F.SOFTMAX_SAMPLE, fixed: bool = False) -> Tensor:
     """Up to ``k`` evenly spaced positions of the logits as a (k, C) tensor, without a full copy.
 
     A softmax applied before the loss affects every row, so a sample detects it as surely as a
-    full scan, at a cost independent of N (the checks must stay cheap at LLM sizes).
+    full scan, at a cost independent of N (the checks must stay cheap at LLM sizes). The
+    positions are i * T // k (T positions), the ones the Triton kernel checks (see _flags).
     ``fixed``: always exactly ``k`` rows (repeats when there are fewer positions), with no branch
     on the shape: what torch.compile with dynamic shapes and torch.export need (no guards).
     """
@@ -79,19 +80,26 @@ def sample_rows(x: Tensor, k: int = 64, fixed: bool = False) -> Tensor:
     if x.dim() == 2:
         if n <= k:
             return x
-        return x[torch.linspace(0, n - 1, k, device=x.device).long()]
+        return x[torch.arange(k, device=x.device) * n // k]
     flat = x.flatten(2)  # (N, C, S): a view for the usual contiguous NCHW layout
     s = flat.shape[2]
     total = n * s
-    pos = torch.linspace(0, total - 1, min(k, total), device=x.device).long()
+    m = min(k, total)
+    pos = torch.arange(m, device=x.device) * total // m
     return flat[pos // s, :, pos % s]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of a row run in fp32 (fp64 for fp64) on every backend: a half-precision sum of a few
+    hundred entries is rounded far beyond the tolerances."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def softmax_like(rows: Tensor) -> Tensor:
     """Bool per row: every entry in [0, 1] and the row sums to 1 within the dtype's tolerance."""
     tol = F.SOFTMAX_SUM_TOL[str(rows.dtype).removeprefix("torch.")]
     lo, hi = torch.aminmax(rows, dim=-1)
-    s = rows.sum(-1, dtype=torch.float32 if rows.dtype != torch.float64 else torch.float64)
+    s = rows.sum(-1, dtype=_acc_dtype(rows.dtype))
     return (lo >= 0) & (hi <= 1) & ((s - 1).abs() <= tol)
 
 
@@ -103,7 +111,7 @@ def scan_softmax(x: Tensor, cdim: int, num_classes: int) -> tuple[int, int]:
     first = x if x.dim() == 1 else (x[0] if x.dim() == 2 else x.flatten(2)[0, :, 0])
     # Raw logits almost never sum to 1, so one row's sum settles the common case.
     tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
-    if not abs(float(first.sum()) - 1.0) <= tol:
+    if not abs(float(first.sum(dtype=_acc_dtype(x.dtype))) - 1.0) <= tol:
         return 0, 1
     rows = sample_rows(x)
     return int(softmax_like(rows).sum()), rows.shape[0]
@@ -113,11 +121,13 @@ def _bad_sums(y: Tensor, cdim: int) -> Tensor:
     """Device count of the positions whose probabilities do not sum to 1 (within tolerance)."""
     tol = F.PROB_SUM_TOL.get(str(y.dtype).removeprefix("torch."), 1e-4)
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    return ((y.sum(cdim, dtype=acc) - 1).abs() > tol).sum()
+    # Not "> tol": a NaN sum fails this comparison too (the kernel's rule).
+    return (~((y.sum(cdim, dtype=acc) - 1).abs() <= tol)).sum()
 
 
 def prob_target_counts(target: Tensor, cdim: int) -> tuple[Tensor, Tensor]:
-    """Device counts: (positions with a negative entry, positions not summing to 1)."""
+    """Device counts: (positions with a negative entry, positions not summing to 1, NaN or inf
+    entries included: the kernel's comparison, which a NaN sum fails too)."""
     y = target.detach()
     return (y < 0).any(cdim).sum(), _bad_sums(y, cdim)
 
@@ -202,6 +212,14 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "Fix: torch.nn.BCEWithLogitsLoss with one output and target.float(), or give the "
             "model 2 outputs and keep CrossEntropyLoss"
         )
+    elif any(v in (-(2**63), -(2**63) + 1) for v in bad_vals):
+        # validation's stand-in, in traced code, for uint64 labels it could not read (>= 2**63)
+        lines.append(
+            f"{min(bad_vals)} stands for uint64 labels of 2**63 or more (a negative label stored "
+            "as unsigned, e.g. -1 as 2**64 - 1) where compiled code cannot read them, or is itself "
+            "a corrupt label."
+        )
+        lines.append("Fix: store the labels as int64: target.to(torch.int64)")
     elif len(bad_vals) == 1 and (bad_vals[0] < 0 or bad_vals[0] in (255, 250, 254, 65535)):
         v = bad_vals[0]
         what = "padding/unknown labels" if v < 0 else "a mask code for 'void' / unlabeled pixels"
@@ -213,6 +231,13 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     elif hi == C and lo >= 1:
         lines.append(f"The labels look 1-based: they run from {lo} to {hi} and 0 never occurs.")
         lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
+    elif hi >= C and (hi >= 2**31 or hi >= 1000 * C) and len(bad_vals) <= 4:
+        lines.append(
+            f"The bad labels are far beyond the model's {C} outputs (up to {hi}): corrupt or "
+            "uninitialized label data (e.g. torch.empty), or the wrong column of the dataset, "
+            "rather than a missing class."
+        )
+        lines.append("Fix: check how the labels are loaded; valid labels are 0..C-1")
     elif hi >= C:
         lines.append(
             f"The labels go up to {hi} but the model outputs {C} scores (classes 0..{C - 1}): "
@@ -233,7 +258,8 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     if device_type == "cuda":
         lines.append(
             "(Stock torch would have stopped with 'CUDA error: device-side assert triggered' and "
-            "left the CUDA context unusable; safeloss masked the bad positions instead.)"
+            "left the CUDA context unusable; safeloss never reads the logits at a bad label, so "
+            "the CUDA context stays usable.)"
         )
     return "\n".join(lines)
 
@@ -253,7 +279,26 @@ def softmax_finding(like: int, checked: int, num_classes: int, n_positions: int)
     )
 
 
-def nonfinite_finding(p: Problem, losses: Tensor | None, count: int, have_logits: bool) -> Finding:
+def _known(t: Tensor | None) -> bool:
+    """Whether a tensor's values can be read for a message (deferred and compiled checks keep
+    meta stand-ins for the logits and probability targets)."""
+    return t is not None and t.device.type != "meta"
+
+
+def _join_or(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _half_loss_dtype(p: Problem) -> torch.dtype | None:
+    """float16 where stock torch computes (part of) the loss in it; its range is 65504."""
+    if p.out_dtype == torch.float16 or (p.prob and p.input.dtype == torch.float16):
+        return torch.float16
+    return None
+
+
+def nonfinite_finding(
+    p: Problem, losses: Tensor | None, count: int, have_logits: bool, out: Tensor | None = None
+) -> Finding:
     n_pos = max(1, math.prod(p.positions_shape))
     where = ""
     detail = ""
@@ -263,75 +308,240 @@ def nonfinite_finding(p: Problem, losses: Tensor | None, count: int, have_logits
             mask &= p.target != p.ignore_index
         count, pos = _positions(mask.cpu())
         where = f" (first at {fmt_list(pos, total=count)})"
-    cause = "the logits, or the class weights, there hold NaN or infinite values"
-    if have_logits and p.input.numel():
-        x = p.input.detach()
-        cdim = 0 if x.dim() == 1 else 1
-        nan_rows = int(torch.isnan(x).any(cdim).sum())
-        inf_rows = int(torch.isposinf(x).any(cdim).sum())
-        ninf_rows = int(torch.isneginf(x).any(cdim).sum())
-        bits = []
-        if nan_rows:
-            bits.append(f"{plural(nan_rows, 'row')} with NaN")
-        if inf_rows:
-            bits.append(f"{plural(inf_rows, 'row')} with +inf")
-        if ninf_rows:
-            bits.append(f"{plural(ninf_rows, 'row')} with -inf")
-        if bits:
-            detail = f"\n  logits shape {fmt_shape(x.shape)}, dtype {x.dtype}: " + ", ".join(bits)
-            cause = "the logits there hold NaN or infinite values"
+    x = p.input
+    cdim = 0 if x.dim() == 1 else 1
+    found: list[str] = []  # non-finite inputs seen in the data
+    unseen: list[str] = []  # inputs whose values this report cannot read
+    if have_logits and _known(x):
+        if x.numel():
+            xd = x.detach()
+            bits = []
+            for what, rows in (("NaN", torch.isnan(xd)), ("+inf", torch.isposinf(xd)), ("-inf", torch.isneginf(xd))):
+                k = int(rows.any(cdim).sum())
+                if k:
+                    bits.append(f"{plural(k, 'row')} with {what}")
+            if bits:
+                detail = f"\n  logits shape {fmt_shape(x.shape)}, dtype {x.dtype}: " + ", ".join(bits)
+                found.append("the logits hold NaN or infinite values")
+    else:
+        unseen.append("the logits")
+    if p.weight is not None:
+        if _known(p.weight):
+            badw = (~torch.isfinite(p.weight.detach())).nonzero().flatten().tolist()
+            if badw:
+                found.append(f"the class weight is not finite (classes {fmt_list([str(i) for i in badw])})")
         else:
-            cause = (
-                f"the loss overflowed {p.out_dtype} or a class weight is not finite (the logits "
-                "themselves are finite)"
-            )
-    half = p.input.dtype in (torch.float16,)
+            unseen.append("the class weights")
+    target_rows = 0
+    if p.prob:
+        if _known(p.target):
+            if p.target.numel():
+                target_rows = int((~torch.isfinite(p.target.detach())).any(cdim).sum())
+                if target_rows:
+                    found.append(
+                        f"the probability targets hold NaN or infinite values ({plural(target_rows, 'row')})"
+                    )
+        else:
+            unseen.append("the probability targets")
+    half = _half_loss_dtype(p)
+    if not found and not unseen:
+        # Every input is finite: the loss left the range of the dtype it was computed in.
+        computed = losses.dtype if losses is not None else (half or p.out_dtype)
+        if computed == torch.float16:
+            return overflow_finding(p, count, where, out, stock_values=True)
+        cause = (
+            f"the {str(computed).removeprefix('torch.')} loss overflowed: the logits, targets and "
+            "class weights are all finite, but the logits spread beyond its range"
+        )
+    elif found:
+        cause = " and ".join(found)
+    else:
+        cause = f"{_join_or(unseen)} hold NaN or infinite values" + (
+            ", or the float16 loss overflowed (a loss above 65504)" if half else ""
+        )
     spread = p.prob or p.label_smoothing > 0
+    if found and target_rows and len(found) == 1:
+        tail = (
+            "\nNaN or inf in probability targets usually comes from the data pipeline (a division "
+            "by a zero count, the log of 0) or from a teacher model's overflowed output.\n"
+            "Fix: check the targets where they are made, torch.isfinite(target).all(), and "
+            "renormalize rows after replacing bad entries"
+        )
+    else:
+        tail = (
+            "\nCommon causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
+            "division by zero inside the model, NaN in the input data"
+            + (", or float16 overflow (values above 65504)" if half else "")
+            + ". A -inf logit is fine on a masked-out class with plain class-index targets, but never "
+            "on the target class"
+            + (
+                "; with label smoothing or probability targets every class enters the loss, so any "
+                "-inf makes it infinite (mask with a large finite value, e.g. torch.finfo(dtype).min / 2)"
+                if spread else ""
+            )
+            + ".\nFix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
+            "gradients (torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() "
+            "to find the first op that produces NaN"
+            + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else "")
+        )
     return Finding(
         "nonfinite", NonFiniteError,
         f"the loss is NaN or infinite at {count} of {plural(n_pos, 'position')}{where}, because "
-        f"{cause}.{detail}\n"
-        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
-        "division by zero inside the model, NaN in the input data"
-        + (", or float16 overflow (values above 65504)" if half else "")
-        + ". A -inf logit is fine on a masked-out class with plain class-index targets, but never "
-        "on the target class"
-        + (
-            "; with label smoothing or probability targets every class enters the loss, so any "
-            "-inf makes it infinite (mask with a large finite value, e.g. torch.finfo(dtype).min / 2)"
-            if spread else ""
+        f"{cause}.{detail}" + tail,
+    )
+
+
+def _value(out: Tensor | None) -> float | None:
+    if out is None or out.dim() != 0 or not _known(out):
+        return None
+    return float(out.detach())
+
+
+def overflow_finding(
+    p: Problem, count: int, where: str, out: Tensor | None, stock_values: bool
+) -> Finding:
+    """Finite inputs, but some positions' loss is beyond the half-precision dtype's range (65504
+    for float16).
+
+    ``stock_values``: the backend returned stock torch's values, computed in that dtype (inf
+    there); otherwise it computed in fp32 and only the half-precision result can be inf.
+    """
+    dtype = p.out_dtype if p.out_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    dt = str(dtype).removeprefix("torch.")
+    big = f"{torch.finfo(dtype).max:.6g}"
+    n_pos = max(1, math.prod(p.positions_shape))
+    red = p.reduction
+    if stock_values:
+        returned = (
+            f"Stock torch computes the loss in {dt} and returns inf there; safeloss returns stock "
+            "torch's values" + ("" if red == "none" else f", so the {red} is inf too") + "."
         )
-        + ".\nFix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
-        "gradients (torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() "
-        "to find the first op that produces NaN"
-        + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
+    elif red == "none":
+        returned = (
+            f"safeloss computes in float32, but the result is {dt} (as stock torch's), so these "
+            "positions are inf, as with stock torch."
+        )
+    else:
+        v = _value(out)
+        if v is not None and math.isfinite(v):
+            returned = (
+                f"Stock torch computes each position in {dt} and returns inf for the {red}; "
+                f"safeloss computes in float32 and returns the finite {red} {v:.6g}."
+            )
+        else:
+            returned = f"The {red} is inf, as with stock torch."
+    half = dtype == torch.float16
+    return Finding(
+        "overflow", NonFiniteError,
+        f"the {dt} loss overflowed at {count} of {plural(n_pos, 'position')}{where}: the inputs "
+        f"are finite, but a loss above {big}, the largest {dt} value, does not fit {dt}.\n"
+        + returned + "\n"
+        + (
+            "A loss this large means logits tens of thousands apart within a row: usually weights "
+            "that blew up (a learning rate that is too high) or a missing normalization.\n"
+            if half else ""
+        )
+        + "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
+        "torch.autocast (cross_entropy then computes in float32); lower the learning rate or clip "
+        "gradients" + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
+    )
+
+
+def reduction_overflow_finding(p: Problem, losses: Tensor | None) -> Finding:
+    """Every position's loss is finite, but the reduced result is beyond the dtype's range."""
+    dt = str(p.out_dtype).removeprefix("torch.")
+    big = f"{torch.finfo(p.out_dtype).max:.6g}"
+    n = math.prod(p.positions_shape)
+    red = p.reduction
+    why = f"their {'sum' if red == 'sum' else 'sum or weighted mean'} is above {big}, the largest {dt} value"
+    if isinstance(losses, Tensor) and losses.dim() > 0:
+        total = float(losses.detach().double().sum())
+        if abs(total) >= F.overflow_bound(p.out_dtype):
+            why = f"their sum, {total:.6g}, is above {big}, the largest {dt} value"
+            if red == "mean":
+                why += f" (stock torch holds the sum in {dt} before dividing, and so does safeloss)"
+        elif red == "mean":
+            why = (
+                f"their weighted mean (their sum, {total:.6g}, divided by the sum of the targets' "
+                f"class weights) is above {big}, the largest {dt} value"
+            )
+    return Finding(
+        "overflow", NonFiniteError,
+        f'cross_entropy with reduction="{red}" overflowed {dt}: each of the '
+        f"{plural(n, 'per-position loss', 'per-position losses')} is finite, but {why}, so the "
+        "result is inf (stock torch returns inf too).\n"
+        + (
+            'Fix: reduction="mean", or sum in float32: loss_fn(logits.float(), target) (or under '
+            "torch.autocast)"
+            if red == "sum" else
+            "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
+            "torch.autocast"
+            + ("; tiny class weights (the mean divides by their sum) inflate it" if p.weight is not None else "")
+        ),
     )
 
 
 def empty_mean_finding(p: Problem) -> Finding:
     n = math.prod(p.positions_shape)
+    zero_grads = (
+        "\nGradients are zero, but the NaN loss poisons logging, loss scaling and any sum of "
+        "losses; it is common with padding-only micro-batches in language models.\n"
+    )
     if n == 0:
         what = (
             f"cross_entropy got an empty batch (input shape {fmt_shape(p.input.shape)}) with "
             'reduction="mean": the mean of no values is NaN (stock torch returns NaN too).'
         )
-    elif p.weight is not None:
-        what = (
-            f'cross_entropy with reduction="mean" has nothing to average: every one of the {n} '
-            f"targets is ignore_index={p.ignore_index} or has class weight 0, so the loss is "
-            "0/0 = NaN (stock torch returns NaN too)."
-        )
+        why = zero_grads
     else:
-        what = (
-            f'cross_entropy with reduction="mean" has nothing to average: all {n} targets equal '
-            f"ignore_index={p.ignore_index}, so the loss is 0/0 = NaN (stock torch returns NaN too)."
-        )
+        t = p.target
+        n_valid = int((t != p.ignore_index).sum()) if not p.prob and _known(t) else None
+        why = zero_grads
+        if p.weight is not None and n_valid != 0:
+            if n_valid is not None and _known(p.weight):
+                classes = sorted(set(t[t != p.ignore_index].tolist()))
+                what = (
+                    f'cross_entropy with reduction="mean" has nothing to average: '
+                    f"{'the one target' if n_valid == 1 else f'all {n_valid} targets'} that "
+                    f"{'is' if n_valid == 1 else 'are'} not ignore_index={p.ignore_index} "
+                    f"{'has' if n_valid == 1 else 'have'} class weight 0 (class"
+                    f"{'' if len(classes) == 1 else 'es'} {fmt_list([str(c) for c in classes])}), "
+                    "so the weighted mean is 0/0 = NaN (stock torch returns NaN too)."
+                )
+            else:
+                what = (
+                    f'cross_entropy with reduction="mean" has nothing to average: every one of the '
+                    f"{n} targets is ignore_index={p.ignore_index} or has class weight 0, so the "
+                    "loss is 0/0 = NaN (stock torch returns NaN too)."
+                )
+            why = (
+                "\nThe gradients are NaN too (as with stock torch), so one such batch ruins the "
+                "model's weights at the next optimizer step.\n"
+            )
+        else:
+            what = (
+                f'cross_entropy with reduction="mean" has nothing to average: all {n} targets equal '
+                f"ignore_index={p.ignore_index}, so the loss is 0/0 = NaN (stock torch returns NaN too)."
+            )
     return Finding(
         "empty-mean", EmptyBatchError,
-        what + "\nGradients are zero, but the NaN loss poisons logging, loss scaling and any sum "
-        "of losses; it is common with padding-only micro-batches in language models.\n"
-        'Fix: skip such batches, or use reduction="sum" and divide by max(number of valid '
+        what + why
+        + 'Fix: skip such batches, or use reduction="sum" and divide by max(number of valid '
         "targets, 1) yourself",
+    )
+
+
+def no_classes_finding(p: Problem) -> Finding:
+    cdim = 0 if p.input.dim() == 1 else 1
+    return Finding(
+        "no-classes", InputError,
+        f"cross_entropy got logits with no classes (input shape {fmt_shape(p.input.shape)}: the "
+        f"class dimension, dim {cdim}, has size 0), so there is no loss to compute; stock torch "
+        'returns NaN for reduction="mean" and zeros otherwise, and so does safeloss.\n'
+        "The final layer most likely has 0 outputs, or the logits were sliced or reshaped along "
+        "the wrong dimension.\n"
+        "Fix: check the final layer's output size (e.g. nn.Linear(d, num_classes) with "
+        f"num_classes > 0) and that the classes are in dim {cdim}",
     )
 
 
@@ -339,30 +549,57 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
     y = p.target.detach()
     cdim = 0 if y.dim() == 1 else 1
     n = max(1, math.prod(p.positions_shape))
-    known = y.device.type != "meta" and y.numel() > 0  # meta: a deferred check kept no data
-    sums = y.sum(cdim, dtype=torch.float64) if known else None
+    known = _known(y) and y.numel() > 0
     bits = []
+    nonfinite = 0
+    if known:
+        bad_rows = (~torch.isfinite(y)).any(cdim)
+        nonfinite = int(bad_rows.sum())
+        finite = y[torch.isfinite(y)]
     if negative:
-        low = f" (min {float(y.min()):.4g})" if known else ""
+        low = f" (min {float(finite.min()):.4g})" if known and finite.numel() else ""
         bits.append(f"{plural(negative, 'row')} with negative entries{low}")
-    if badsum:
-        span = f" (row sums from {float(sums.min()):.4g} to {float(sums.max()):.4g})" if known else ""
-        bits.append(f"{plural(badsum, 'row')} not summing to 1{span}")
+    if nonfinite:
+        bits.append(f"{plural(nonfinite, 'row')} with NaN or infinite entries")
+    if known:
+        badsum = max(0, badsum - nonfinite)  # a non-finite row never sums to 1: counted above
+        if badsum:
+            sums = y.sum(cdim, dtype=torch.float64)[~bad_rows] if y.dim() > 1 else y.sum(dtype=torch.float64)
+            bits.append(
+                f"{plural(badsum, 'row')} not summing to 1 (row sums from {float(sums.min()):.4g} "
+                f"to {float(sums.max()):.4g})"
+            )
+    elif badsum:
+        bits.append(f"{plural(badsum, 'row')} not summing to 1 (or holding NaN or inf)")
+    nan_text = (
+        "NaN or inf entries make the loss of their rows NaN; they usually come from the data "
+        "pipeline (a division by a zero count, the log of 0) or from a teacher model's overflowed "
+        "output.\n"
+    )
+    if nonfinite and not negative and not badsum:
+        body = nan_text + (
+            "Fix: check the targets where they are made, torch.isfinite(target).all(), and "
+            "renormalize the rows after replacing the bad entries"
+        )
+    else:
+        body = (
+            (nan_text if nonfinite else "")
+            + "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
+            "distributions: its minimum is no longer at the target distribution, and negative "
+            "entries can drive it below zero. "
+            # Name the kind of tensor the values point to, and say that it is a guess.
+            + ("Negative entries suggest logits or log-probabilities passed where probabilities were "
+               "expected (a guess from the values).\n"
+               if negative else
+               f"Every {'finite ' if nonfinite else ''}entry is at least 0, so these look like "
+               "counts or unnormalized scores (a guess from the values).\n")
+            + f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
+            "for counts, or class indices of shape " + fmt_shape(p.positions_shape)
+        )
     return Finding(
         "bad-probabilities", ProbabilityTargetError,
         f"the probability targets (shape {fmt_shape(y.shape)}, same as the input) are not "
-        f"probability distributions: {' and '.join(bits)} of {n}.\n"
-        "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
-        "distributions: its minimum is no longer at the target distribution, and negative "
-        "entries can drive it below zero. "
-        # Name the kind of tensor the values point to, and say that it is a guess.
-        + ("Negative entries suggest logits or log-probabilities passed where probabilities were "
-           "expected (a guess from the values).\n"
-           if negative else
-           "Every entry is at least 0, so these look like counts or unnormalized scores (a guess "
-           "from the values).\n")
-        + f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
-        "for counts, or class indices of shape " + fmt_shape(p.positions_shape),
+        f"probability distributions: {' and '.join(bits)} of {n}.\n" + body,
     )
 
 
@@ -416,6 +653,10 @@ def resolve(
             + out_of_range_message(p.target, p.num_classes, p.ignore_index,
                                    device_type or p.input.device.type)
         ) from None
+    if p.num_classes == 0:
+        # Nothing was computed over: every other check would only describe the empty rows.
+        report(no_classes_finding(p), strict, owner)
+        return
     if counts[F.SOFTMAX_CHECKED] and counts[F.SOFTMAX_LIKE] == counts[F.SOFTMAX_CHECKED]:
         if _wanted("softmaxed-input", strict, owner):
             report(softmax_finding(counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED], p.num_classes,
@@ -423,10 +664,16 @@ def resolve(
     if counts[F.PROB_NEGATIVE] or counts[F.PROB_BAD_SUM]:
         if _wanted("bad-probabilities", strict, owner):
             report(prob_target_finding(p, counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM]), strict, owner)
+    if counts[F.WEIGHT_NEGATIVE] and not any(f.kind == "negative-weight" for f in p.findings):
+        # Counted by the backend this call: found even when the weight changed without a version
+        # bump (a write through .data), and in compiled code, where validation reads nothing.
+        if _wanted("negative-weight", strict, owner):
+            classes = _read_negatives(p.weight) if _known(p.weight) else None
+            report(negative_weight_finding(classes or None, counts[F.WEIGHT_NEGATIVE]), strict, owner)
     nonfinite = counts[F.NONFINITE_ROW]
     if out_finite is None:
         out_finite = scan.out_finite
-    if out_finite is None and out is not None and (scan.nonfinite_from_output or p.reduction == "mean"):
+    if out_finite is None and out is not None and (scan.nonfinite_from_output or p.reduction != "none"):
         out_finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
     if scan.nonfinite_from_output:
         if out_finite is False and callable(losses):
@@ -436,12 +683,30 @@ def resolve(
             if not p.prob:
                 finite |= p.target == p.ignore_index
             nonfinite = int((~finite).sum())
+    if callable(losses) and (nonfinite or counts[F.OVERFLOW]):
+        losses = losses()
     if nonfinite:
         if _wanted("nonfinite", strict, owner):
-            report(nonfinite_finding(p, losses, nonfinite, have_logits), strict, owner)
-    elif p.reduction == "mean" and out_finite is False and math.prod(p.positions_shape) > 0:
-        if _wanted("empty-mean", strict, owner):
-            report(empty_mean_finding(p), strict, owner)
+            report(nonfinite_finding(p, losses, nonfinite, have_logits, out), strict, owner)
+    elif counts[F.OVERFLOW]:
+        if _wanted("overflow", strict, owner):
+            count, where = counts[F.OVERFLOW], ""
+            if isinstance(losses, Tensor) and losses.dim() > 0:
+                big = losses.detach().abs() >= F.overflow_bound(p.out_dtype)
+                if not p.prob:
+                    big &= p.target != p.ignore_index
+                count, pos = _positions(big.cpu())
+                where = f" (first at {fmt_list(pos, total=count)})"
+            report(overflow_finding(p, count, where, out, stock_values=False), strict, owner)
+    elif out_finite is False and p.reduction != "none" and math.prod(p.positions_shape) > 0:
+        # No position's loss is non-finite, yet the result is: 0/0 (a NaN mean with nothing to
+        # average), or a sum / weighted mean beyond the dtype's range (inf).
+        v = _value(out)
+        if p.reduction == "mean" and not p.prob and (v is None or math.isnan(v)):
+            if _wanted("empty-mean", strict, owner):
+                report(empty_mean_finding(p), strict, owner)
+        elif _wanted("overflow", strict, owner):
+            report(reduction_overflow_finding(p, losses() if callable(losses) else losses), strict, owner)
 
 
 def _wanted(kind: str, strict: bool | LazyStrict, owner: object | None) -> bool:
@@ -516,6 +781,8 @@ def defer(
         prob=p.prob, weight=p.weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=p.num_classes,
         out_dtype=p.out_dtype,
+        # Reported by this call already: the backend's count of the same thing is not news.
+        findings=[f for f in p.findings if f.kind == "negative-weight"],
     )
     rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
                    None if losses is None else losses.detach(), out_host, counts_host, event, strict,
@@ -621,5 +888,5 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
         out_finite = bool(torch.isfinite(rec.out_host))
     elif rec.losses is not None:
         out_finite = bool(torch.isfinite(rec.losses).all())
-    resolve(rec.scan, rec.problem, rec.losses, None, out_finite, rec.strict, owner,
+    resolve(rec.scan, rec.problem, rec.losses, rec.out_host, out_finite, rec.strict, owner,
             have_logits=False, device_type=rec.device_type, note=rec.note)

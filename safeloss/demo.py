@@ -175,6 +175,17 @@ def _half_inf():
     return (x, torch.tensor([0, 1, 2])), {}
 
 
+def _half_overflow():
+    x = torch.zeros(2, 3).half()
+    x[0, 0], x[0, 1] = 60000.0, -60000.0  # finite logits; row 0's loss is 120000
+    return (x, torch.tensor([1, 0])), {}
+
+
+def _nan_soft_labels():
+    y = torch.tensor([[0.5, 0.5, 0.0], [math.nan, 0.5, 0.5]])
+    return (torch.randn(2, 3, generator=_g()), y), {}
+
+
 def _minus_inf_target():
     x = torch.randn(3, 5, generator=_g())
     x[1, 1] = -math.inf
@@ -228,6 +239,15 @@ MORE_CASES = [
     Case("weight-device", "A class weight on another device than the logits",
          _call((3, 5), _labels(5, 3), weight=torch.ones(5, device="meta")), _META_NOTE),
     Case("nonfinite-half", "float16 logits that overflowed to inf", _half_inf),
+    Case("float16-loss-overflow", "float16 logits whose loss does not fit float16", _half_overflow),
+    Case("nan-soft-labels", "NaN inside probability targets", _nan_soft_labels),
+    Case("zero-classes", "Logits with no classes (a zero-sized class dimension)",
+         _call((4, 0), lambda: torch.full((4,), -100))),
+    Case("uint64-minus-one", "A -1 label stored as uint64 (2**64 - 1) with ignore_index=-1",
+         _call((4, 5), lambda: torch.tensor([0, 1, 2**64 - 1, 2], dtype=torch.uint64), ignore_index=-1)),
+    Case("weight-dtype-half", "A float32 class weight with float16 logits (a model converted with .half())",
+         lambda: ((torch.randn(4, 5, generator=_g()).half(), torch.randint(0, 5, (4,), generator=_g(1))),
+                  {"weight": torch.ones(5)})),
 ]
 
 

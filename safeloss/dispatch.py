@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from . import _flags as F
 from .backends import Rows, torch_backend
 from .checks import Scan
 from .errors import BackendError
@@ -89,8 +90,8 @@ def select(backend: str, p: Problem) -> str:
     """Name of the backend that will run this call."""
     if backend == "auto" and not p.input.is_cuda:
         return "torch"  # what the checks below conclude for these too; the common CPU case first
-    if backend == "torch" or p.input.dtype == torch.float64:
-        return "torch"
+    if backend == "torch" or p.input.dtype == torch.float64 or p.num_classes == 0:
+        return "torch"  # no classes: nothing for the kernel to do; stock torch's values
     if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
         return "torch"  # d loss / d weight (probability targets): stock torch's formula
     if in_functorch_transform(p.input):
@@ -130,5 +131,6 @@ def row_losses(
         p.input, p.target, weight=weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, prob_target=p.prob,
         inplace_backward=inplace_backward, fused_grad=fused_grad,
+        out_max=F.overflow_bound(p.out_dtype),
     )
     return Rows(losses, Scan(flags))

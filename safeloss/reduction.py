@@ -23,7 +23,8 @@ from .validation import Problem
 
 def denominator(p: Problem) -> int | Tensor:
     if p.prob:
-        return math.prod(p.positions_shape)
+        # Stock torch divides by input.numel() / C: 0/0 = NaN without classes.
+        return math.prod(p.positions_shape) if p.num_classes else 0
     t = p.target
     # Out-of-range targets need no masking here: their loss is NaN, so the mean is NaN whatever
     # the denominator, and every op saved is a launch saved at small shapes on the GPU.
@@ -48,6 +49,10 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     if p.reduction == "sum":
         return total.to(p.out_dtype)
     denom = denominator(p)
+    if p.out_dtype == torch.float16:
+        # Stock torch's float16 mean holds the sum in float16 before dividing: a sum beyond 65504
+        # is inf even where the mean would fit. The same result, and the same report.
+        total = total.to(torch.float16).to(acc)
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.

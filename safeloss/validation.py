@@ -26,6 +26,7 @@ from .errors import (
     LabelSmoothingError,
     ReductionError,
     TargetDtypeError,
+    TargetOutOfRangeError,
     TargetShapeError,
     WeightError,
     fmt_list,
@@ -37,12 +38,23 @@ from .report import Finding
 
 REDUCTIONS = ("mean", "sum", "none")
 _INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32, torch.int16, torch.int8)
-_NARROW = (torch.uint8, torch.int8, torch.int16)
+
+
+# Unsigned label dtypes wider than uint8: torch has few kernels for them (no comparisons on CPU),
+# and stock cross_entropy rejects them. uint16/uint32 widen losslessly; uint64 is reinterpreted
+# as int64, with values >= 2**63 (negative labels stored as unsigned) caught, never wrapped.
+_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)
+_INT64_MIN = -(2**63)
 
 
 def _fits(value: int, dtype: torch.dtype) -> bool:
     info = torch.iinfo(dtype)
     return info.min <= value <= info.max
+
+
+# torch's ScalarType names, as its dtype-mismatch errors print them.
+_SCALAR_NAME = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                torch.bfloat16: "BFloat16"}
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -53,7 +65,9 @@ class Problem:
     input: Tensor  # logits (C,), (N, C) or (N, C, d1..dK); the caller's tensor, never copied
     target: Tensor  # class indices (positions shape) or probabilities (input's shape)
     prob: bool  # True: probability targets
-    weight: Tensor | None  # (C,), on the input's device, in the input's dtype
+    # (C,), on the input's device: in the input's dtype for class indices (cast, with a finding,
+    # where stock torch would reject it), in its own dtype for probabilities (stock promotes).
+    weight: Tensor | None
     ignore_index: int
     label_smoothing: float
     reduction: str
@@ -215,28 +229,54 @@ def _check_devices(input: Tensor, target: Tensor, weight: Tensor | None) -> None
 
 # --------------------------------------------------------------------------------- weight
 
-# The negative entries of each weight tensor, per version: a training loop passes the same buffer
-# every step, and reading its data (a host sync on CUDA) once per version is enough. The finding
-# itself is re-reported every call (report() shows a warning once; strict mode raises each time).
+# The negative entries of each weight tensor off the CPU, per version: a training loop passes the
+# same buffer every step, and reading its data (a host sync on CUDA) once per version is enough.
+# The finding itself is re-reported every call (report() shows a warning once; strict mode raises
+# each time).
 _weight_negatives: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
 
 
 def _negative_classes(weight: Tensor) -> list[int]:
-    if weight.is_inference():  # no version counter to key a cache on: read it every time
-        return (weight < 0).nonzero().flatten().tolist()
+    if weight.device.type == "cpu" or weight.is_inference():
+        # A read of C entries on the CPU is free: look every call, however the weight was changed
+        # (a write through .data, or under no_grad into a view, may bump no version counter).
+        # Inference tensors have no version counter to key a cache on at all.
+        return _read_negatives(weight)
+    # Elsewhere the read is a host sync: once per version here (so the first step reports at once),
+    # and every kernel also counts negative entries on the device (_flags.WEIGHT_NEGATIVE), which
+    # catches changes that bump no version.
     key = id(weight)
     hit = _weight_negatives.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
-    neg = (weight < 0).nonzero().flatten().tolist() if bool((weight < 0).any()) else []
+    found = _read_negatives(weight)
     ref = weakref.ref(weight, lambda _, key=key: _weight_negatives.pop(key, None))
-    _weight_negatives[key] = (ref, weight._version, neg)
-    return neg
+    _weight_negatives[key] = (ref, weight._version, found)
+    return found
+
+
+def _read_negatives(weight: Tensor) -> list[int]:
+    neg = weight < 0
+    return neg.nonzero().flatten().tolist() if bool(neg.any()) else []
+
+
+def negative_weight_finding(classes: list[int] | None, count: int) -> Finding:
+    """``classes``: the negative entries' indices, or None where they cannot be read (compiled
+    code reports a count only)."""
+    where = f" (classes {fmt_list([str(i) for i in classes])})" if classes else ""
+    return Finding(
+        "negative-weight", WeightError,
+        f"weight has {plural(count, 'negative entry', 'negative entries')}{where}.\n"
+        "A negative class weight rewards the model for being wrong on that class, so the "
+        "loss can fall forever; it is almost always a bug in how the weights were computed.\n"
+        "Fix: use non-negative weights, e.g. inverse class frequencies: "
+        "weight = counts.sum() / (C * counts)",
+    )
 
 
 def _check_weight(
     weight: object, input: Tensor, num_classes: int, read_values: bool = True,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None, prob: bool = False,
 ) -> tuple[Tensor | None, list[Finding]]:
     if weight is None:
         return None, []
@@ -264,20 +304,46 @@ def _check_weight(
     if read_values and weight.device == input.device:
         neg = _negative_classes(weight)
         if neg:
-            findings.append(Finding(
-                "negative-weight", WeightError,
-                f"weight has {plural(len(neg), 'negative entry', 'negative entries')} "
-                f"(classes {fmt_list([str(i) for i in neg])}).\n"
-                "A negative class weight rewards the model for being wrong on that class, so the "
-                "loss can fall forever; it is almost always a bug in how the weights were computed.\n"
-                "Fix: use non-negative weights, e.g. inverse class frequencies: "
-                "weight = counts.sum() / (C * counts)",
-            ))
+            findings.append(negative_weight_finding(neg, len(neg)))
+    if prob:
+        # Probability targets: stock torch accepts any float weight and promotes (a float64 weight
+        # with float32 logits gives a float64 loss); its own formula needs it as it is.
+        return weight, findings
     dtype = compute_dtype or input.dtype
     if weight.dtype != dtype:
-        # Stock torch raises "expected scalar type Float but found Double"; a cast is what was meant.
+        stock_dtype = _autocast_dtype(weight.dtype, input)
+        if stock_dtype != dtype:
+            # Stock torch raises "expected scalar type Float but found Double": a conversion of
+            # what stock rejects, so a finding (warning; strict mode stops), like float labels.
+            ac = " (float32 under torch.autocast)" if dtype != input.dtype else ""
+            findings.append(Finding(
+                "weight-dtype", WeightError,
+                f"weight is {weight.dtype} but the logits are {input.dtype}{ac}; with class-index "
+                f"targets stock torch rejects this (\"expected scalar type {_SCALAR_NAME[dtype]} "
+                f"but found {_SCALAR_NAME[stock_dtype]}\"). Default mode casts the weight to "
+                f"{dtype} (strict mode stops here).\n"
+                "The usual causes: a weight built from NumPy (float64) for a float32 model, or a "
+                "model converted with .half() / .to(torch.bfloat16) while the weight stayed float32.\n"
+                f"Fix: create the weight in the logits' dtype, weight.to({dtype}) (for a loss "
+                f"module: loss_fn.to({dtype}))",
+            ))
         weight = weight.to(dtype)
     return weight, findings
+
+
+def _autocast_dtype(dtype: torch.dtype, input: Tensor) -> torch.dtype:
+    """The dtype stock torch computes a float tensor in: cross_entropy is one of autocast's
+    float32 ops, which casts every floating tensor but float64 to float32."""
+    if dtype != torch.float64 and _autocast_on(input.device.type):
+        return torch.float32
+    return dtype
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): never autocast
+        return False
 
 
 # --------------------------------------------------------------------------------- targets
@@ -454,7 +520,12 @@ def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]
 
 def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
-    t = target.to(torch.int64) if target.dtype == torch.bool else target
+    if target.dtype == torch.uint64:
+        t = target.view(torch.int64)  # values >= 2**63 turn negative: not one-hot, never wrapped to 0/1
+    elif target.dtype in (torch.bool, torch.uint16, torch.uint32):
+        t = target.to(torch.int64)  # comparisons and sums on these have no CPU kernels
+    else:
+        t = target
     ok_vals = (t == 0) | (t == 1)
     rows_ok = t.sum(cdim) == 1
     if not (bool(ok_vals.all()) and bool(rows_ok.all())):
@@ -487,7 +558,9 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Fi
     )
 
 
-def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Tensor, list[Finding]]:
+def _index_target(
+    target: Tensor, input: Tensor, ignore_index: int, read_values: bool = True
+) -> tuple[Tensor, list[Finding]]:
     # The common case first: int64 labels (N,) for logits (N, C), where nothing below applies;
     # checked in 1/3 of the time the general path takes to get there (~1 us).
     if target.dtype == torch.int64 and input.dim() == 2 and target.shape == (input.shape[0],):
@@ -536,11 +609,52 @@ def _index_target(target: Tensor, input: Tensor, ignore_index: int) -> tuple[Ten
     if target.is_floating_point():
         target, finding = _float_index_target(target, input)
         findings.append(finding)
-    elif target.dtype in _NARROW and not _fits(ignore_index, target.dtype):
-        # A comparison with ignore_index would wrap it into the narrow dtype (-100 as uint8 is
-        # 156, a real class); widen once so every check compares true values.
-        target = target.to(torch.int32)
+    elif target.dtype in _UNSIGNED_WIDE:
+        target = _unsigned_index_target(target, input, ignore_index, read_values)
+    if not target.is_floating_point() and not _fits(ignore_index, target.dtype):
+        # A comparison with ignore_index would wrap it into the target's dtype (-100 as uint8 is
+        # 156, a real class; 2**40 as int32 is 0); widen once so every check compares true values.
+        target = target.to(torch.int32 if _fits(ignore_index, torch.int32) else torch.int64)
     return target, findings
+
+
+def _unsigned_index_target(target: Tensor, input: Tensor, ignore_index: int, read_values: bool) -> Tensor:
+    """uint16/32/64 labels as a signed dtype torch has kernels for, never wrapping a value."""
+    if target.dtype == torch.uint16:
+        return target.to(torch.int32)
+    if target.dtype == torch.uint32:
+        return target.to(torch.int64)
+    t = target.view(torch.int64)  # free; values >= 2**63 turn negative here
+    if not read_values:
+        # Traced code cannot read the labels: map those values to one that is never ignore_index
+        # and always out of range, so they are reported as bad labels, never skipped.
+        sentinel = _INT64_MIN if ignore_index != _INT64_MIN else _INT64_MIN + 1
+        return torch.where(t < 0, sentinel, t)
+    huge = t < 0
+    if bool(huge.any()):  # a read only for uint64 labels, which stock torch rejects anyway
+        C = input.shape[_class_dim(input)]
+        idx = huge.nonzero()
+        k = idx.shape[0]
+        vals = target[huge][:5].tolist()
+        where = [str(list(p)) if target.dim() else "the single target" for p in idx[:5].tolist()]
+        shown = [f"{v} at {w}" for v, w in zip(vals, where)]
+        v0 = vals[0]
+        raise TargetOutOfRangeError(
+            f"{k} of {plural(target.numel(), 'target')} {'is' if k == 1 else 'are'} outside the "
+            f"class range 0..{C - 1} ({plural(C, 'class', 'classes')}): uint64 labels of 2**63 "
+            "or more.\n"
+            f"  bad values: {fmt_list(shown, total=k)}\n"
+            f"  target shape {fmt_shape(target.shape)}, dtype torch.uint64, ignore_index={ignore_index}\n"
+            f"{v0} is 2**64 - {2**64 - v0}: what the label {v0 - 2**64} becomes when it is stored "
+            "as uint64. Unsigned labels are never negative, so it is not compared with "
+            "ignore_index as a negative number.\n"
+            "Fix: store the labels as int64; target.to(torch.int64) turns these values back into "
+            f"{v0 - 2**64}" + (
+                f", which ignore_index={ignore_index} then skips" if ignore_index == v0 - 2**64
+                else f" (pass ignore_index={v0 - 2**64} if it marks unlabeled positions)"
+            )
+        )
+    return t
 
 
 def normalize(
@@ -600,24 +714,24 @@ def normalize(
                 "and keep ignore_index"
             )
         prob = True
-        out_dtype = torch.promote_types(x.dtype, target.dtype)
+        out_dtype = torch.promote_types(_autocast_dtype(x.dtype, x), _autocast_dtype(target.dtype, x))
     else:
-        target, more = _index_target(target, x, ignore_index)
+        target, more = _index_target(target, x, ignore_index, read_values)
         findings += more
         prob = False
-        out_dtype = x.dtype
+        out_dtype = _autocast_dtype(x.dtype, x)
 
-    # Under torch.autocast, stock cross_entropy is an fp32 op: half-precision logits and the
-    # weight are upcast and the loss comes out in float32. Match its dtype rules.
-    if (x.dtype in (torch.float16, torch.bfloat16) and not x.is_meta  # (no autocast for meta)
-            and torch.is_autocast_enabled(x.device.type)):
-        out_dtype = torch.promote_types(torch.float32, out_dtype)
     if isinstance(weight, Tensor) and weight.dim() != 1 and weight.numel() == C and max(weight.shape) == C:
         # (1, C) or (C, 1): stock accepts these for K-d logits (it checks only the element count)
         # and they mean the same for every input. (A new view per call: off the CPU, its negative
         # entries are read every call; 1-D weights are read once per version.)
         weight = weight.reshape(C)
-    w, more = _check_weight(weight, x, C, read_values, out_dtype)
+    # Stock torch's dtype rules (under torch.autocast in the float32 it casts to): class indices
+    # need the weight in the logits' dtype (cast here, with a finding); probability targets
+    # promote logits, target and weight together.
+    w, more = _check_weight(weight, x, C, read_values, out_dtype, prob)
+    if prob and w is not None:
+        out_dtype = torch.promote_types(out_dtype, _autocast_dtype(w.dtype, x))
     if w is not None and w.requires_grad and not prob and torch.is_grad_enabled():
         raise WeightError(
             f"weight requires grad, but cross_entropy with class-index targets is not "

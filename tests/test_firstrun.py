@@ -109,7 +109,7 @@ def test_demo_explains_its_meta_stand_in():
 def _fake_cuda_problem() -> types.SimpleNamespace:
     """What dispatch.select reads of a Problem, for float32 logits on a CUDA device."""
     x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, is_cuda=True)
-    return types.SimpleNamespace(input=x, weight=None)
+    return types.SimpleNamespace(input=x, weight=None, num_classes=5)
 
 
 def test_auto_on_cuda_without_triton_says_so_once_and_runs_torch(monkeypatch):

@@ -125,6 +125,8 @@ def test_flag_slots_match_kernels() -> None:
         "SOFTMAX_CHECKED",
         "PROB_NEGATIVE",
         "PROB_BAD_SUM",
+        "WEIGHT_NEGATIVE",
+        "OVERFLOW",
     ):
         assert getattr(k, name).value == getattr(_flags, name)
 
@@ -153,7 +155,7 @@ from triton.compiler import ASTSource
 from safeloss.backends import triton_kernels as k
 
 def build(fn, ptrs, consts, num_warps):
-    floats = ("eps", "softmax_tol", "prob_tol")
+    floats = ("eps", "softmax_tol", "prob_tol", "out_max")
     sig = {n: "constexpr" if n in consts else ptrs.get(n) or ("fp32" if n in floats else "i64") for n in fn.arg_names}
     try:
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})

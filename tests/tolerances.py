@@ -20,15 +20,29 @@ HALF = {
 }
 
 
-def assert_matches(ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor | None = None, what: str = "") -> None:
+# least precise first: the tolerance of a result is that of its least precise input
+PRECISION_ORDER = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def least_precise(*dtypes: torch.dtype | None) -> torch.dtype:
+    return min((d for d in dtypes if d is not None), key=PRECISION_ORDER.index)
+
+
+def assert_matches(
+    ours: torch.Tensor, stock: torch.Tensor, truth: torch.Tensor | None = None, what: str = "",
+    precision: torch.dtype | None = None,
+) -> None:
+    """``precision``: the least precise dtype the result was computed from, when it is below the
+    result's own (a float64 loss from float32 logits and a float64 weight is float32-accurate)."""
     assert ours.dtype == stock.dtype, f"{what}: dtype {ours.dtype} != stock {stock.dtype}"
     assert ours.shape == stock.shape, f"{what}: shape {tuple(ours.shape)} != stock {tuple(stock.shape)}"
-    if stock.dtype in TIGHT:
-        rtol, atol = TIGHT[stock.dtype]
+    precision = stock.dtype if precision is None else least_precise(precision, stock.dtype)
+    if precision in TIGHT:
+        rtol, atol = TIGHT[precision]
         torch.testing.assert_close(ours, stock, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
         return
     assert truth is not None, "half-precision comparisons need an fp64 truth"
-    rtol, atol = HALF[stock.dtype]
+    rtol, atol = HALF[precision]
     o, s, t = ours.double(), stock.double(), truth.double()
     nan = torch.isnan(t)
     assert torch.equal(torch.isnan(o), nan), f"{what}: NaN pattern differs from the truth"

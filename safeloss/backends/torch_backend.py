@@ -92,6 +92,10 @@ def _immediate(p: Problem) -> Rows:
         if (lo < 0 or hi >= C) and (nbad := count_bad_targets(p.target, C, p.ignore_index)):
             counts[F.BAD_TARGET] = nbad
             return Rows(None, Scan(counts))
+    if p.weight is not None and x.device.type != "cpu":
+        # Off the CPU validation reads the weight once per version; this call syncs anyway, so
+        # count its negative entries too (a write through .data bumps no version).
+        counts[F.WEIGHT_NEGATIVE] = int((p.weight < 0).sum())
     try:
         result = per_position(p, p.reduction)
     except (IndexError, RuntimeError):
@@ -118,11 +122,19 @@ def _could_be_softmaxed(mean_loss: float, p: Problem) -> bool:
     With probabilities q in [0, 1] summing to 1 as "logits", each position's loss
     logsumexp(q) - q_y lies in [log(1 + (C-1)/e), log(C - 1 + e)], and so does any plain mean of
     them. A mean outside that band rules the mistake out without reading the logits again.
+    Only when the softmax check's sample is every position: otherwise the sampled rows can look
+    softmaxed while the mean is not. The margin covers the row-sum tolerance (a row summing to
+    1 + d moves the loss by at most |d|) and a half-precision loss's rounding.
     """
     if p.reduction != "mean" or p.prob or p.weight is not None or p.label_smoothing:
         return True  # the band is not worth deriving for these; scan the sample
+    if math.prod(p.positions_shape) > F.SOFTMAX_SAMPLE:
+        return True
     C = p.num_classes
-    return math.log1p((C - 1) / math.e) - 1e-3 <= mean_loss <= math.log(C - 1 + math.e) + 1e-3
+    lo, hi = math.log1p((C - 1) / math.e), math.log(C - 1 + math.e)
+    dtype = p.input.dtype
+    margin = F.SOFTMAX_SUM_TOL[str(dtype).removeprefix("torch.")] + 8 * torch.finfo(dtype).eps * hi + 1e-3
+    return lo - margin <= mean_loss <= hi + margin
 
 
 def _rows(p: Problem, result: Tensor, scan: Scan) -> Rows:
@@ -167,5 +179,9 @@ def _deferred(p: Problem) -> Rows:
         rows = sample_rows(x.detach(), fixed=fixed)
         like = softmax_like(rows).sum()
         checked = torch.full((), rows.shape[0], dtype=torch.int64, device=x.device)
-    counts = torch.stack([bad_count, nonfinite.sum(), like, checked, neg, badsum, zero, zero])
+    # Every call, on the device (no sync): negative weights however the weight was changed.
+    wneg = zero if p.weight is None else (p.weight.detach() < 0).sum()
+    # OVERFLOW stays 0: stock torch computes in the output dtype, so an overflow is an inf loss,
+    # counted as non-finite (and explained by checks.nonfinite_finding).
+    counts = torch.stack([bad_count, nonfinite.sum(), like, checked, neg, badsum, wneg, zero])
     return Rows(losses, Scan(counts.to(torch.int32)))

@@ -232,7 +232,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 def _launch_fwd(
     x: Tensor, target: Tensor, weight: Tensor | None, losses: Tensor, lse: Tensor, wy: Tensor, dx: Tensor | None,
-    flags: Tensor, ignore_index: int, eps: float, prob: bool, check_softmax: bool,
+    flags: Tensor, ignore_index: int, eps: float, prob: bool, check_softmax: bool, out_max: float,
 ) -> None:  # fmt: skip
     k = _kernels()
     import triton.language as tl
@@ -243,7 +243,7 @@ def _launch_fwd(
     if geo is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         _launch_fwd(x.contiguous(), target.contiguous(), weight, losses, lse, wy, dxc, flags,
-                    ignore_index, eps, prob, check_softmax)  # fmt: skip
+                    ignore_index, eps, prob, check_softmax, out_max)  # fmt: skip
         if dx is not None:
             dx.copy_(dxc)
         return
@@ -259,11 +259,12 @@ def _launch_fwd(
     k.ce_fwd_kernel[(grid,)](
         x, target, weight if has_weight else lse, losses, lse, wy if prob else lse,
         dx if dx is not None else lse, flags,
-        sizes[1], sizes[2], C, n_pblocks, min(losses.numel(), 2**31 - 1),
+        sizes[1], sizes[2], C, n_pblocks, losses.numel(), _flags.SOFTMAX_SAMPLE,
+        min(losses.numel(), _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,
         ignore_index, eps,
         _flags.SOFTMAX_SUM_TOL[_dtype_name(x.dtype)],
-        _flags.PROB_SUM_TOL.get(_dtype_name(target.dtype), 1e-4),
+        _flags.PROB_SUM_TOL.get(_dtype_name(target.dtype), 1e-4), out_max,
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
@@ -348,13 +349,14 @@ def _fwd_outputs(x: Tensor, prob: bool, fused: bool) -> tuple[Tensor, Tensor, Te
 
 def _fwd_impl(
     x: Tensor, target: Tensor, weight: _OptTensor, ignore_index: int, label_smoothing: float,
-    prob_target: bool, check_softmax: bool, fused: bool, inplace_backward: bool,
+    prob_target: bool, check_softmax: bool, fused: bool, inplace_backward: bool, out_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(losses, flags, lse, sum_c w_c y'_c [prob targets], unscaled gradient [fused])."""
+    """(losses, flags, lse, sum_c w_c y'_c [prob targets], unscaled gradient [fused]).
+    ``out_max``: losses of this magnitude or more are counted as overflowing the output dtype."""
     losses, flags, lse, wy, dx = _fwd_outputs(x, prob_target, fused)
     if losses.numel() > 0:
         _launch_fwd(x, target, weight, losses, lse, wy, dx if fused else None, flags,
-                    ignore_index, label_smoothing, prob_target, check_softmax)  # fmt: skip
+                    ignore_index, label_smoothing, prob_target, check_softmax, out_max)  # fmt: skip
     return losses, flags, lse, wy, dx
 
 
@@ -362,7 +364,7 @@ _ce_fwd = torch.library.custom_op("safeloss::triton_ce_fwd", _fwd_impl, mutates_
 
 
 @_ce_fwd.register_fake
-def _(x, target, weight, ignore_index, label_smoothing, prob_target, check_softmax, fused, inplace_backward):  # type: ignore[no-untyped-def]
+def _(x, target, weight, ignore_index, label_smoothing, prob_target, check_softmax, fused, inplace_backward, out_max):  # type: ignore[no-untyped-def]
     return _fwd_outputs(x, prob_target, fused)
 
 
@@ -426,7 +428,7 @@ def _(dx, target, grad, ignore_index, prob_target):  # type: ignore[no-untyped-d
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, target, weight, ignore_index, eps, prob, _check, fused, inplace = inputs
+    x, target, weight, ignore_index, eps, prob, _check, fused, inplace, _out_max = inputs
     _losses, flags, lse, wy, dx = output
     ctx.mark_non_differentiable(flags, lse, wy, dx)
     # Fused mode already holds the gradient: keep the logits alive only if d/dtarget needs them.
@@ -446,7 +448,7 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
         # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
         # kernels' outputs carry no graph, so differentiate torch's formula instead.
         return (*_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
     if fused:
         if need_dx:
             # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
@@ -463,7 +465,7 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
         gx, gy = ops.triton_ce_bwd(x, target, weight, lse, wy, g, ignore_index, eps, prob, need_dx, need_dy)
         gx = gx if need_dx else None
         gy = gy if need_dy else None
-    return gx, gy, None, None, None, None, None, None, None
+    return gx, gy, None, None, None, None, None, None, None, None
 
 
 def _differentiable_grads(
@@ -565,6 +567,7 @@ def row_losses(
     inplace_backward: bool = False,
     check_softmax: bool = True,
     fused_grad: bool = False,
+    out_max: float = math.inf,
 ) -> tuple[Tensor, Tensor]:
     """Per-position cross-entropy (float32, positions shape) and the int32 findings vector.
 
@@ -576,11 +579,13 @@ def row_losses(
     ``reduction="sum"``-style upstream gradients of 1; with a mean (upstream 1/n) the rescale
     costs a read and a write, more than the plain path. The gradient buffer is held from forward
     to backward; ``inplace_backward`` is ignored in this mode.
+    ``out_max``: per-position losses of this magnitude or more are counted in
+    ``_flags.OVERFLOW`` (they become inf in a half-precision output).
     """
     fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
     fwd = _EagerCE.apply if _eager(input) else torch.ops.safeloss.triton_ce_fwd
     losses, flags, _lse, _wy, _dx = fwd(
         input, target, weight, int(ignore_index), float(label_smoothing), bool(prob_target),
-        bool(check_softmax), fused, bool(inplace_backward),
+        bool(check_softmax), fused, bool(inplace_backward), float(out_max),
     )  # fmt: skip
     return losses, flags

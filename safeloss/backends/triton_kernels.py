@@ -56,6 +56,8 @@ SOFTMAX_LIKE = tl.constexpr(2)
 SOFTMAX_CHECKED = tl.constexpr(3)
 PROB_NEGATIVE = tl.constexpr(4)
 PROB_BAD_SUM = tl.constexpr(5)
+WEIGHT_NEGATIVE = tl.constexpr(6)
+OVERFLOW = tl.constexpr(7)
 
 
 @triton.jit
@@ -121,11 +123,11 @@ def _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB: tl.constexpr,
 @triton.jit
 def ce_fwd_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, wy_ptr, dx_ptr, flags_ptr,
-    S1, S2, C, n_pblocks, n_checked,
+    S1, S2, C, n_pblocks, n_total, n_sample, n_checked,
     xs0, xs1, xs2, xsc,
     ts0, ts1, ts2, tsc,
     ds0, ds1, ds2, dsc,
-    ignore_index, eps, softmax_tol, prob_tol,
+    ignore_index, eps, softmax_tol, prob_tol, out_max,
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, NEED_W: tl.constexpr,
     CHECK_SOFTMAX: tl.constexpr, FUSED: tl.constexpr, Y_ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, EARLY_OUT: tl.constexpr,
@@ -147,6 +149,10 @@ def ce_fwd_kernel(
     ymin = tl.full((BLOCK_P,), float("inf"), Y_ACC)  # prob check: min target entry
     ysum = tl.zeros((BLOCK_P,), Y_ACC)  # prob check: sum of raw target entries
     x_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # the row, when it fits one block
+    # The softmax check's sample, the same positions as every backend's (safeloss._flags):
+    # position p is sampled iff i * n_total // n_sample == p for i = ceil(p * n_sample / n_total).
+    i_s = (pflat * n_sample + n_total - 1) // n_total
+    sampled = pmask & (i_s < n_sample) & ((i_s * n_total) // n_sample == pflat)
     wys_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -184,7 +190,7 @@ def ce_fwd_kernel(
                 # two extra reductions per element are skipped for the rest of the row. Measured on
                 # an H200 (benchmarks/results/): check on / off 1.00x for LM rows; segmentation
                 # (C=21, two blocks) 0.61 ms fwd+bwd against 0.75 ms when always reducing.
-                live = pmask & (mn >= 0.0) & (m_new <= 1.0)
+                live = sampled & (mn >= 0.0) & (m_new <= 1.0)
                 if tl.max(live.to(tl.int32), axis=0) > 0:
                     mn = tl.minimum(mn, tl.min(tl.where(mask, x, float("inf")), axis=1))
                     xsum += tl.sum(tl.where(mask, x, 0.0), axis=1)
@@ -226,10 +232,21 @@ def ce_fwd_kernel(
     tl.store(loss_ptr + pflat, loss, mask=pmask)
     tl.store(lse_ptr + pflat, lse, mask=pmask)
 
-    _count(flags_ptr, NONFINITE_ROW, active & ((tl.abs(loss) < float("inf")) == 0))
+    finite = tl.abs(loss) < float("inf")
+    _count(flags_ptr, NONFINITE_ROW, active & (finite == 0))
+    # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
+    # that does; inf when the output is fp32 or wider).
+    _count(flags_ptr, OVERFLOW, active & finite & (tl.abs(loss) >= out_max))
+    if HAS_WEIGHT:
+        if pid == 0:
+            # Negative class weights, read every call (C values): found however the weight changed.
+            for c0 in range(0, C, BLOCK_C):
+                wcols = c0 + tl.arange(0, BLOCK_C)
+                wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
+                _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
     if CHECK_SOFTMAX:
         _count(
-            flags_ptr, SOFTMAX_LIKE, pmask & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
+            flags_ptr, SOFTMAX_LIKE, sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
         )
         if pid == 0:
             tl.store(flags_ptr + SOFTMAX_CHECKED, n_checked)  # a plain store: the count is static
