@@ -640,7 +640,7 @@ def resolve(
     """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``".
     ``losses`` may be a callable that computes them, called only when a message needs them."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
-    if (scan.out_finite if out_finite is None else out_finite) and not any(counts):
+    if (scan.out_finite if out_finite is None else out_finite) and not any(counts) and p.num_classes:
         return  # the clean call: nothing counted and a finite result (what follows would agree)
     if note:
         def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
