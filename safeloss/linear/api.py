@@ -1,0 +1,283 @@
+"""``safeloss.linear_cross_entropy`` and ``safeloss.SafeLinearCrossEntropyLoss``.
+
+One call, layer by layer, as for cross-entropy: validate (the layer here, the target and weight
+through the shared ``normalize``) -> choose the tile backend -> the chunk loop's per-position
+losses -> the shared ``safeloss.reduction`` -> the shared checks and reporting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import checks, dispatch, reduction
+from ..backends import Rows
+from ..checks import Scan, bad_target_mask, prob_target_counts, target_bounds
+from ..config import LazyStrict
+from ..errors import NonFiniteError, TargetOutOfRangeError, WeightError, fmt_list, fmt_shape, plural
+from ..report import Finding, report
+from ..validation import check_label_smoothing, check_reduction
+from . import chunked
+from .validation import LinearProblem, check_options, reword, reworded, validate
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: torch.nn.LinearCrossEntropyOptions | None = None,
+    strict: bool | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.linear_cross_entropy`, checked, never holding the logits.
+
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` with stock torch's
+    values and gradients (its reference path, ``options=None``), computed in chunks of rows so
+    that the ``(N, C)`` logits never exist, whatever ``options`` says (it is accepted for
+    compatibility and otherwise ignored). The gradients are computed in the forward's chunk loop;
+    backward only scales them.
+
+    Args:
+        strict: turn every warning into an error; ``None`` follows ``safeloss.strict_mode()``.
+        backend: ``"auto"`` (the Triton kernel for each chunk's tile on CUDA), ``"torch"`` or
+            ``"triton"``. The matmuls are torch's (cuBLAS on CUDA) on every backend.
+    """
+    check_options(options)
+    return run(
+        input, linear_weight, target, linear_bias, weight, check_reduction(reduction), ignore_index,
+        check_label_smoothing(label_smoothing), strict=strict,
+        backend=dispatch.check_backend(backend), owner=None,
+    )
+
+
+class SafeLinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: the same constructor, parameters and
+    ``state_dict`` (interchangeable with the stock module's), plus ``strict`` and ``backend``
+    as in :func:`safeloss.linear_cross_entropy`. An invalid ``reduction``, ``label_smoothing`` or
+    ``options`` fails at construction."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options: torch.nn.LinearCrossEntropyOptions | None = None,
+        strict: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        check_label_smoothing(label_smoothing)
+        check_reduction(reduction)
+        check_options(options)
+        super().__init__(
+            in_features, num_classes, out_features=out_features, bias=bias, device=device,
+            dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, options=options,
+        )
+        self.strict = strict
+        self.backend = dispatch.check_backend(backend)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return module_forward(self, input, target, self.strict, dispatch.check_backend(self.backend))
+
+    def extra_repr(self) -> str:
+        extra = [f"strict={self.strict}"] if self.strict is not None else []
+        if self.backend != "auto":
+            extra.append(f"backend={self.backend!r}")
+        return ", ".join([super().extra_repr(), *extra])
+
+
+def module_forward(m: torch.nn.LinearCrossEntropyLoss, input: Tensor, target: Tensor,
+                   strict: bool | None, backend: str) -> Tensor:
+    """The stock module's forward (its flat Linear reshaped to (C, *out_features, H)), through safeloss."""
+    lin = m.linear
+    w = lin.weight.reshape((m.num_classes, *m.out_features, lin.in_features))
+    b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
+    return run(
+        input, w, target, b, m.weight, check_reduction(m.reduction), m.ignore_index,
+        check_label_smoothing(m.label_smoothing), strict=strict, backend=backend, owner=m,
+    )
+
+
+# ------------------------------------------------------------------------------ the pipeline
+
+
+def _capturing(x: object) -> bool:
+    return isinstance(x, Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _select(backend: str, lp: LinearProblem) -> str:
+    """The tile's backend. The Triton share is the class-index tile of a plain head (the LLM
+    case); probability targets and K-dimensional heads use torch ops for the tile everywhere."""
+    x = lp.x
+    if backend == "torch" or x.dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        if x.device.type != "cuda" or dispatch.triton_unavailable_reason(x.device) is not None:
+            return "torch"
+    else:
+        reason = dispatch.triton_unavailable_reason(x.device)
+        if reason is not None:
+            from ..errors import BackendError
+
+            raise BackendError(
+                f'backend="triton" cannot run on {x.device.type} tensors here: {reason}.\n'
+                'Fix: backend="auto" picks Triton where it can run and torch elsewhere'
+            )
+    return "triton" if (not lp.p.prob and not lp.out_features) else "torch"
+
+
+def run(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+    weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
+    *, strict: bool | None, backend: str, owner: object | None,
+) -> Tensor:
+    tracing = torch.compiler.is_compiling()
+    transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
+    compiling = tracing or transform or _capturing(input)
+    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    strict_ = LazyStrict(strict)
+    if checks._pending and not compiling:
+        checks.flush(key, owner, wait=bool(strict_))
+
+    lp = validate(input, linear_weight, target, linear_bias, weight, reduction_, ignore_index,
+                  label_smoothing, read_values=not compiling)
+    p = lp.p
+    static = list(p.findings)
+    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
+        static.append(reworded(checks.empty_mean_finding(p)))
+    if static and not compiling:
+        for finding in static:
+            report(finding, strict_, owner)
+    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
+        raise WeightError(
+            f"weight requires grad: linear_cross_entropy does not differentiate the class "
+            f"weights (weight shape {fmt_shape(p.weight.shape)}).\n"
+            "Fix: pass weight.detach() (class weights are usually constants)"
+        )
+    name = _select(backend, lp)
+    dev = lp.x.device
+    immediate = (checks.reads_at_once(dev.type) or bool(strict_)) and not compiling
+    C, ii = lp.num_classes, p.ignore_index
+    bad = None
+    neg = badsum = None
+    if p.prob:
+        t = lp.target
+        valid = torch.ones(t.shape[:1], dtype=torch.bool, device=dev)
+        if t.numel():
+            neg, badsum = prob_target_counts(t, 1)
+    else:
+        t = lp.target if lp.target.dtype == torch.int64 else lp.target.long()
+        if immediate:
+            lo, hi = target_bounds(t)
+            if lo < 0 or hi >= C:
+                nbad = checks.count_bad_targets(t, C, ii)
+                if nbad:
+                    raise TargetOutOfRangeError(reword(checks.out_of_range_message(p.target, C, ii, dev.type))) from None
+        else:
+            bad = bad_target_mask(t, C, ii)
+            t = t.masked_fill(bad, ii)  # never a gather out of range; the loss there is NaN
+        valid = t != ii
+
+    work = torch.float64 if lp.x.dtype == torch.float64 else torch.float32
+    sp = chunked.Spec(
+        num_classes=C, positions=lp.positions, ignore_index=ii, eps=p.label_smoothing, prob=p.prob,
+        weight=None if p.weight is None else p.weight.detach().to(work), backend=name, work=work,
+    )
+    x, w, b = lp.x, lp.w, lp.b
+    if lp.compute_dtype != x.dtype:  # under autocast: stock's linear runs in the autocast dtype
+        x, w = x.to(lp.compute_dtype), w.to(lp.compute_dtype)
+        b = None if b is None else b.to(lp.compute_dtype)
+    grads = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, w, b, t if p.prob else None))
+    with torch.autocast(dev.type, enabled=False):
+        losses = chunked.LinearCE.apply(x, w, b, t, valid, bad, sp, grads and p.reduction != "none")
+    losses = losses.reshape(p.positions_shape)
+    out = reduction.reduce(Rows(losses, Scan([0] * 8)), p)
+    if compiling:
+        return out
+    if immediate:
+        _resolve(lp, losses, valid, out, neg, badsum, strict_, owner)
+    else:
+        vv = valid.reshape(p.positions_shape)
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        nonfinite = (~torch.isfinite(losses.detach()) & vv).sum()
+        nb = zero if bad is None else bad.sum()
+        cv = torch.stack([nb, nonfinite, zero, zero, zero if neg is None else neg,
+                          zero if badsum is None else badsum, zero, zero]).to(torch.int32)
+        checks.defer(Scan(cv), p, losses, out, bool(strict_), key, owner=owner)
+    return out
+
+
+def _resolve(lp: LinearProblem, losses: Tensor, valid: Tensor, out: Tensor, neg: Tensor | None,
+             badsum: Tensor | None, strict: LazyStrict, owner: object | None) -> None:
+    """The immediate path's findings (CPU, strict mode), in this API's terms."""
+    p = lp.p
+    if neg is not None and badsum is not None:
+        n_neg, n_bad = int(neg), int(badsum)
+        if n_neg or n_bad:
+            report(reworded(checks.prob_target_finding(p, n_neg, n_bad)), strict, owner)
+    finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
+    if finite:
+        return
+    mask = ~torch.isfinite(losses.detach()) & valid.reshape(losses.shape)
+    if bool(mask.any()):
+        report(nonfinite_finding(lp, mask), strict, owner)
+    elif p.reduction == "mean" and math.prod(p.positions_shape) > 0:
+        report(reworded(checks.empty_mean_finding(p)), strict, owner)
+
+
+def _rows_with(t: Tensor | None, what: str, per: str) -> str | None:
+    if t is None:
+        return None
+    bad = ~torch.isfinite(t.detach())
+    if t.dim() > 1:
+        bad = bad.flatten(1).any(1)
+    idx = bad.nonzero().flatten()
+    if not idx.numel():
+        return None
+    shown = [str(i) for i in idx[:5].tolist()]
+    return f"{what} ({plural(idx.numel(), per)}: {fmt_list(shown, total=idx.numel())})"
+
+
+def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
+    """Non-finite losses, traced back to the operand that holds NaN/inf (read on this path only)."""
+    n = max(1, mask.numel())
+    count = int(mask.sum())
+    idx = mask.nonzero()
+    first = [str(list(r)) if mask.dim() > 1 else f"[{r[0]}]" for r in idx[:5].tolist()] if mask.dim() else []
+    where = f" (first at {fmt_list(first, total=count)})" if first else ""
+    sources = [s for s in (
+        _rows_with(lp.x, "the input holds NaN/inf", "row"),
+        _rows_with(lp.w, "linear_weight holds NaN/inf", "class row"),
+        _rows_with(lp.b, "linear_bias holds NaN/inf", "entry"),
+        _rows_with(lp.p.weight, "the class weight holds NaN/inf", "class"),
+    ) if s]
+    cause = "; ".join(sources) if sources else (
+        "every operand is finite, so the logits overflowed (huge input or weights: a diverged run)")
+    return Finding(
+        "nonfinite", NonFiniteError,
+        f"linear_cross_entropy: the loss is NaN or infinite at {count} of "
+        f"{plural(n, 'position')}{where}: {cause}.\n"
+        f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
+        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
+        "division by zero earlier in the model, NaN in the input data.\n"
+        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
+        "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
+        "first op that produces NaN",
+    )
