@@ -8,6 +8,7 @@ losses -> the shared ``safeloss.reduction`` -> the shared checks and reporting.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    options: torch.nn.LinearCrossEntropyOptions | None = None,
+    options: Any = None,
     strict: bool | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -58,7 +59,21 @@ def linear_cross_entropy(
     )
 
 
-class SafeLinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+class _NoStockModule(torch.nn.Module):
+    """Stand-in base on a torch without ``nn.LinearCrossEntropyLoss`` (before 2.13)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"SafeLinearCrossEntropyLoss needs torch >= 2.13 (torch.nn.LinearCrossEntropyLoss); "
+            f"this is torch {torch.__version__}.\nFix: pip install 'torch>=2.13', or "
+            "safeloss.linear_cross_entropy, which runs on any supported torch"
+        )
+
+
+_Base: Any = getattr(torch.nn, "LinearCrossEntropyLoss", _NoStockModule)
+
+
+class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
     """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: the same constructor, parameters and
     ``state_dict`` (interchangeable with the stock module's), plus ``strict`` and ``backend``
     as in :func:`safeloss.linear_cross_entropy`. An invalid ``reduction``, ``label_smoothing`` or
@@ -77,7 +92,7 @@ class SafeLinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
         weight: Tensor | None = None,
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
-        options: torch.nn.LinearCrossEntropyOptions | None = None,
+        options: Any = None,
         strict: bool | None = None,
         backend: str = "auto",
     ) -> None:
@@ -102,7 +117,7 @@ class SafeLinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
         return ", ".join([super().extra_repr(), *extra])
 
 
-def module_forward(m: torch.nn.LinearCrossEntropyLoss, input: Tensor, target: Tensor,
+def module_forward(m: Any, input: Tensor, target: Tensor,
                    strict: bool | None, backend: str) -> Tensor:
     """The stock module's forward (its flat Linear reshaped to (C, *out_features, H)), through safeloss."""
     lin = m.linear

@@ -73,7 +73,8 @@ def _layer(w: Tensor) -> str:
 
 
 def check_options(options: object) -> None:
-    if options is not None and not isinstance(options, torch.nn.LinearCrossEntropyOptions):
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch >= 2.13
+    if options is not None and (cls is None or not isinstance(options, cls)):
         raise ArgumentTypeError(
             f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
             f"{type(options).__name__}.\nsafeloss never materializes the logits, whatever "
@@ -160,9 +161,10 @@ def _feature_error(x: Tensor, w: Tensor) -> None:
                 f"The input has {h} features, exactly the layer's number of classes C={C}: it "
                 "looks like the logits, i.e. the hidden states already went through this head "
                 "(lm_head(hidden) passed where hidden was expected), so the head would be applied "
-                "twice.\nFix: pass the hidden states that feed the head, e.g. outputs.hidden_states"
-                "[-1] or the input of lm_head, not its output; for logits you already have, use "
-                "cross_entropy(logits, target)"
+                "twice. (Or linear_weight is transposed, (H, C) instead of (C, H).)\n"
+                "Fix: pass the hidden states that feed the head, e.g. outputs.hidden_states[-1] "
+                "or the input of lm_head, not its output (for logits you already have, use "
+                "cross_entropy(logits, target)); or linear_weight.T if it is transposed"
             )
     else:
         cause = (
