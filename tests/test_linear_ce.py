@@ -492,3 +492,49 @@ class TestPatch:
             assert mod.linear_cross_entropy is STOCK
         finally:
             del sys.modules[mod.__name__]
+
+
+# ------------------------------------------------------------------------ transforms and tracing
+
+
+def _xwt():
+    x, W, b, t, _ = make("int64", "2d", -100, torch.float64, True, False)
+    return x, W, b, t
+
+
+def test_torch_func_grad_and_vmap_match_stock():
+    from torch.func import grad, vmap
+
+    x, W, b, t = _xwt()
+    ours = safeloss.linear_cross_entropy
+    g_ours = grad(lambda w: ours(x, w, t, linear_bias=b))(W)
+    g_stock = grad(lambda w: STOCK(x, w, t, linear_bias=b))(W)
+    torch.testing.assert_close(g_ours, g_stock)
+    xs, ts = x.detach().view(2, 5, H), t.view(2, 5)
+    v_ours = vmap(lambda a, c: ours(a, W, c, linear_bias=b))(xs, ts)
+    v_stock = vmap(lambda a, c: STOCK(a, W, c, linear_bias=b))(xs, ts)
+    torch.testing.assert_close(v_ours, v_stock)
+
+
+def test_torch_compile_matches_stock():
+    x, W, b, t = _xwt()
+    f = torch.compile(lambda a, w, c: safeloss.linear_cross_entropy(a, w, c, linear_bias=b),
+                      backend="aot_eager")
+    ours, stock = f(x, W, t), STOCK(x, W, t, linear_bias=b)
+    torch.testing.assert_close(ours, stock)
+    for a, c in zip(torch.autograd.grad(ours, [x, W]), torch.autograd.grad(stock, [x, W])):
+        torch.testing.assert_close(a, c)
+
+
+def test_meta_fake_and_make_fx_trace_without_reading_values():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, W, _, t = _xwt()
+    out = safeloss.linear_cross_entropy(x.to("meta"), W.to("meta"), t.to("meta"), reduction="none")
+    assert out.device.type == "meta" and out.shape == (N,)
+    with FakeTensorMode():
+        fake = safeloss.linear_cross_entropy(torch.randn(N, H), torch.randn(C, H), torch.randint(0, C, (N,)))
+    assert fake.shape == ()
+    gm = make_fx(lambda a, w, c: safeloss.linear_cross_entropy(a, w, c))(x.detach(), W.detach(), t)
+    torch.testing.assert_close(gm(x.detach(), W.detach(), t), STOCK(x.detach(), W.detach(), t))

@@ -7,6 +7,7 @@ losses -> the shared ``safeloss.reduction`` -> the shared checks and reporting.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..errors import NonFiniteError, TargetOutOfRangeError, WeightError, fmt_lis
 from ..report import Finding, report
 from ..validation import check_label_smoothing, check_reduction
 from . import chunked
-from .validation import LinearProblem, check_options, reword, reworded, validate
+from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
 
 
 def linear_cross_entropy(
@@ -136,6 +137,25 @@ def _capturing(x: object) -> bool:
     return isinstance(x, Tensor) and x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _no_host_reads(x: object) -> bool:
+    """Meta, fake and subclass tensors, dispatch modes (make_fx, FakeTensorMode): values cannot be
+    read, so the call computes (bad labels masked to NaN) and reports nothing."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return isinstance(x, Tensor) and (
+        x.device.type == "meta" or type(x) not in (Tensor, torch.nn.Parameter)
+        or _get_current_dispatch_mode() is not None
+    )
+
+
+def _autocast_off(dev: torch.device) -> contextlib.AbstractContextManager[object]:
+    # The chunk loop picks its own matmul dtypes; autocast would recast them (and torch.autocast
+    # does not accept every device type, e.g. meta).
+    if autocast_enabled(dev):
+        return torch.autocast(dev.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _select(backend: str, lp: LinearProblem) -> str:
     """The tile's backend. The Triton share is the class-index tile of a plain head (the LLM
     case); probability targets and K-dimensional heads use torch ops for the tile everywhere."""
@@ -163,8 +183,9 @@ def run(
     *, strict: bool | None, backend: str, owner: object | None,
 ) -> Tensor:
     tracing = torch.compiler.is_compiling()
-    transform = isinstance(input, Tensor) and dispatch.in_functorch_transform(input)
-    compiling = tracing or transform or _capturing(input)
+    transform = any(isinstance(v, Tensor) and dispatch.in_functorch_transform(v)
+                    for v in (input, linear_weight, linear_bias, target))
+    compiling = tracing or transform or _capturing(input) or _no_host_reads(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     strict_ = LazyStrict(strict)
     if checks._pending and not compiling:
@@ -220,8 +241,11 @@ def run(
         b = None if b is None else b.to(lp.compute_dtype)
     grads = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, w, b, t if p.prob else None))
-    with torch.autocast(dev.type, enabled=False):
-        losses = chunked.LinearCE.apply(x, w, b, t, valid, bad, sp, grads and p.reduction != "none")
+    with _autocast_off(dev):
+        if transform:
+            losses = chunked.differentiable_losses(x, w, b, t, bad, sp)
+        else:
+            losses = chunked.LinearCE.apply(x, w, b, t, valid, bad, sp, grads and p.reduction != "none")
     losses = losses.reshape(p.positions_shape)
     out = reduction.reduce(Rows(losses, Scan([0] * 8)), p)
     if compiling:

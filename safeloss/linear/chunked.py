@@ -296,6 +296,32 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     return losses, g
 
 
+def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, bad: Tensor | None,
+                          sp: Spec) -> Tensor:
+    """The same chunks in plain differentiable torch ops, for torch.func transforms (vmap, grad,
+    jacrev), which cannot run a classic autograd.Function. Autograd keeps each chunk's tile for
+    backward there, so memory is that of the reference path; values and gradients are the same."""
+    ops = _Operands(x, w, b, sp.work)
+    N = ops.x.shape[0]
+    tgt = target
+    if sp.positions > 1:
+        tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, -1)
+    parts = []
+    rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        z = ops.logits(s, e, None)
+        z = z.view(e - s, sp.num_classes, sp.positions) if sp.positions > 1 else z
+        if sp.prob:
+            parts.append(_stock_cross_entropy(z, tgt[s:e].to(z.dtype), weight=sp.weight,
+                                              label_smoothing=sp.eps, reduction="none"))
+        else:
+            parts.append(_stock_cross_entropy(z, tgt[s:e], weight=sp.weight, ignore_index=sp.ignore_index,
+                                              label_smoothing=sp.eps, reduction="none"))
+    losses = torch.cat(parts) if parts else ops.x.new_zeros((0, sp.positions) if sp.positions > 1 else (0,))
+    return losses if bad is None else losses.masked_fill(bad.reshape(losses.shape), math.nan)
+
+
 # ------------------------------------------------------------------------------ autograd
 
 

@@ -68,6 +68,13 @@ class LinearProblem:
         return math.prod(self.out_features) if self.out_features else 1
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def _layer(w: Tensor) -> str:
     return f"linear_weight {fmt_shape(w.shape)}"
 
@@ -320,7 +327,7 @@ def validate(
         _check_bias(b, w, x)
     _check_devices(x, [("linear_weight", w), ("linear_bias", b), ("target", t),
                        ("weight", weight if isinstance(weight, Tensor) else None)])
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_enabled(x.device)
     _check_dtypes(x, w, b, autocast)
     C, out = w.shape[0], tuple(int(d) for d in w.shape[1:-1])
     batched = x.dim() == 2
