@@ -538,3 +538,30 @@ def test_meta_fake_and_make_fx_trace_without_reading_values():
     assert fake.shape == ()
     gm = make_fx(lambda a, w, c: safeloss.linear_cross_entropy(a, w, c))(x.detach(), W.detach(), t)
     torch.testing.assert_close(gm(x.detach(), W.detach(), t), STOCK(x.detach(), W.detach(), t))
+
+
+# ------------------------------------------------------------------------ benchmark section
+
+
+def test_bench_linear_section_runs_and_reports(tmp_path, monkeypatch):
+    """The linear section of ``safeloss bench`` end to end on a tiny head: rows, ratios, memory
+    (the subprocess probe replaced by the in-process one, which is what it runs), markdown."""
+    from safeloss import bench_linear
+
+    monkeypatch.setattr(chunked, "FORCE_ROWS", None)
+    hd = bench_linear.Head(64, 8, 500, "fp32")
+    monkeypatch.setattr(bench_linear, "_cpu_peak",
+                        lambda name, h: (bench_linear.cpu_peak_probe(name, h, torch.get_num_threads()), ""))
+    assert bench_linear.run([hd], torch.device("cpu"), True, tmp_path) == 0
+    rows = {r["provider"]: r for r in __import__("json").loads((tmp_path / "linear_results.json").read_text())["rows"]}
+    assert set(rows) == set(bench_linear.PROVIDERS)
+    for name in ("stock-reference", "stock-chunked", "safeloss-torch"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["fwdbwd_ms"] > 0 and r["peak_mem_bytes"] >= 0, r
+    assert rows["stock-reference"]["time_vs_reference"] == pytest.approx(1.0)
+    for name in ("safeloss-triton", "liger", "cce"):
+        assert rows[name]["status"] == "skipped" and rows[name]["note"]
+    md = (tmp_path / "linear_results.md").read_text()
+    assert "lce-N64-H8-V500-fp32" in md and "safeloss-torch" in md
+    assert [h.name for h in bench_linear.select("cpu", True, ["lce"])] == ["lce-N4096-H64-V50000-fp32"]
+    assert bench_linear.select("cpu", True, ["cls-"]) == []

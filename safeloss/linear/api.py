@@ -233,7 +233,8 @@ def run(
     work = torch.float64 if lp.x.dtype == torch.float64 else torch.float32
     sp = chunked.Spec(
         num_classes=C, positions=lp.positions, ignore_index=ii, eps=p.label_smoothing, prob=p.prob,
-        weight=None if p.weight is None else p.weight.detach().to(work), backend=name, work=work,
+        weight=None if p.weight is None else p.weight.detach().to(work).contiguous(), backend=name,
+        work=work,
     )
     x, w, b = lp.x, lp.w, lp.b
     if lp.compute_dtype != x.dtype:  # under autocast: stock's linear runs in the autocast dtype
