@@ -565,3 +565,54 @@ def test_bench_linear_section_runs_and_reports(tmp_path, monkeypatch):
     assert "lce-N64-H8-V500-fp32" in md and "safeloss-torch" in md
     assert [h.name for h in bench_linear.select("cpu", True, ["lce"])] == ["lce-N4096-H64-V50000-fp32"]
     assert bench_linear.select("cpu", True, ["cls-"]) == []
+
+
+def test_forward_mode_ad_matches_stock():
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    x, W, _, t = _xwt()
+    x, W = x.detach(), W.detach()
+    tx = torch.randn(x.shape, generator=_gen(7), dtype=x.dtype)
+    tangents = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(fn(fwAD.make_dual(x, tx), W, t)).tangent)
+    tangents.append(jvp(lambda a: safeloss.linear_cross_entropy(a, W, t), (x,), (tx,))[1])
+    torch.testing.assert_close(tangents[1], tangents[0])
+    torch.testing.assert_close(tangents[2], tangents[0])
+
+
+def test_stock_options_ignored_warning_is_kept():
+    x, W, _, t = _xwt()
+    opts = torch.nn.LinearCrossEntropyOptions()
+    with pytest.warns(UserWarning, match=r"``options`` ignored; chunked path needs") as rec:
+        safeloss.linear_cross_entropy(x, W, t, label_smoothing=0.1, options=opts)
+    assert rec[0].filename == __file__  # names the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        safeloss.linear_cross_entropy(x, W, t, options=opts)  # a config stock chunks: no warning
+
+
+def _f(*shape):
+    return torch.randn(*shape)
+
+
+@pytest.mark.parametrize("args,kwargs,stock_regex", [
+    # PyTorch's own error_inputs for F.linear_cross_entropy: under patch() its OpInfo tests run
+    # safeloss, so every message also carries stock's text.
+    ((_f(2, 3, 3), _f(2, 3), _f(3, 2)), {}, "expected input with dimensionality 1 or 2, got 3"),
+    ((_f(2, 3), _f(2), _f(2, 2)), {}, "expected linear_weight with dimensionality at least 2, got 1"),
+    ((_f(2, 3), _f(2, 4), _f(2, 2)), {},
+     "expected equal input and linear_weight last dimensions [(]in_features[)], got 3 and 4, respectively"),
+    ((_f(2, 3), _f(2, 3), _f(2, 2)), {"ignore_index": 0},
+     "ignore_index cannot be specified when target contains probabilities"),
+    ((_f(3), _f(2, 4, 3), _f(2, 4)), {},
+     "K-dimensional loss defined by linear_weight shape [(]2, 4, 3[)] requires batched input, [(]N, 3[)], "
+     "got unbatched input with shape [(]3,[)]"),
+    ((_f(2, 3), _f(2, 3), _f(2)), {"linear_bias": _f(3)}, r"expected linear_bias shape \(2,\), got \(3,\)"),
+])
+def test_messages_carry_stock_text(args, kwargs, stock_regex):
+    for fn in (STOCK, lce):
+        with pytest.raises(RuntimeError, match=stock_regex):
+            fn(*args, **kwargs)

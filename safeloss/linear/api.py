@@ -19,7 +19,7 @@ from ..backends import Rows
 from ..checks import Scan, bad_target_mask, prob_target_counts, target_bounds
 from ..config import LazyStrict
 from ..errors import NonFiniteError, TargetOutOfRangeError, WeightError, fmt_list, fmt_shape, plural
-from ..report import Finding, report
+from ..report import Finding, _user_frame, report
 from ..validation import check_label_smoothing, check_reduction
 from . import chunked
 from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
@@ -56,7 +56,7 @@ def linear_cross_entropy(
     return run(
         input, linear_weight, target, linear_bias, weight, check_reduction(reduction), ignore_index,
         check_label_smoothing(label_smoothing), strict=strict,
-        backend=dispatch.check_backend(backend), owner=None,
+        backend=dispatch.check_backend(backend), owner=None, options=options,
     )
 
 
@@ -127,6 +127,7 @@ def module_forward(m: Any, input: Tensor, target: Tensor,
     return run(
         input, w, target, b, m.weight, check_reduction(m.reduction), m.ignore_index,
         check_label_smoothing(m.label_smoothing), strict=strict, backend=backend, owner=m,
+        options=m.options,
     )
 
 
@@ -146,6 +147,39 @@ def _no_host_reads(x: object) -> bool:
         x.device.type == "meta" or type(x) not in (Tensor, torch.nn.Parameter)
         or _get_current_dispatch_mode() is not None
     )
+
+
+def _forward_ad(*vs: object) -> bool:
+    """Dual tensors of torch.autograd.forward_ad (jvp): the chunk loop's autograd.Function has
+    no forward-mode rule, the plain chunked ops have."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(isinstance(v, Tensor) and forward_ad.unpack_dual(v).tangent is not None for v in vs)
+
+
+def _stock_options_warning(options: object, lp: LinearProblem, target: Tensor) -> None:
+    """Stock's own warning when ``options`` cannot take its chunked path, same text and
+    condition: code (and tests) that watch for it keep seeing it."""
+    if options is None:
+        return
+    eps = lp.p.label_smoothing
+    if lp.out_features or eps != 0.0 or target.dtype != torch.int64 or torch.jit.is_tracing():
+        import warnings
+
+        b = lp.b
+        bias_shape = None if b is None else (lp.num_classes, *lp.out_features)
+        warnings.warn(
+            "linear_cross_entropy: ``options`` ignored; chunked path needs "
+            "reduction in {'mean','sum','none'}, label_smoothing == 0, target.dtype"
+            " == int64, out_features == (). Got "
+            f"reduction={lp.p.reduction!r}, label_smoothing={eps}, "
+            f"target.dtype={target.dtype}, out_features={tuple(lp.out_features)}"
+            f", tracing={torch.jit.is_tracing()}"
+            f", linear_bias.shape={bias_shape}.",
+            stacklevel=_user_frame()[2],
+        )
 
 
 def _autocast_off(dev: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -180,11 +214,12 @@ def _select(backend: str, lp: LinearProblem) -> str:
 def run(
     input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
     weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
-    *, strict: bool | None, backend: str, owner: object | None,
+    *, strict: bool | None, backend: str, owner: object | None, options: object = None,
 ) -> Tensor:
     tracing = torch.compiler.is_compiling()
     transform = any(isinstance(v, Tensor) and dispatch.in_functorch_transform(v)
-                    for v in (input, linear_weight, linear_bias, target))
+                    for v in (input, linear_weight, linear_bias, target)) \
+        or _forward_ad(input, linear_weight, linear_bias, target)
     compiling = tracing or transform or _capturing(input) or _no_host_reads(input)
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     strict_ = LazyStrict(strict)
@@ -194,6 +229,7 @@ def run(
     lp = validate(input, linear_weight, target, linear_bias, weight, reduction_, ignore_index,
                   label_smoothing, read_values=not compiling)
     p = lp.p
+    _stock_options_warning(options, lp, target)
     static = list(p.findings)
     if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
         static.append(reworded(checks.empty_mean_finding(p)))

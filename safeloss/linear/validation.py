@@ -111,22 +111,14 @@ def _check_input(x: Tensor, w: Tensor) -> None:
             f"linear_cross_entropy got a linear_weight of dtype {w.dtype}; it must be the float "
             "weight of the output layer.\nFix: pass lm_head.weight (or head.weight)"
         )
-    if w.dim() < 2:
-        raise InputError(
-            f"linear_cross_entropy got a {w.dim()}-D linear_weight of shape {fmt_shape(w.shape)}; "
-            "it must be the layer's weight matrix, shape (C, H): one row of H features per class "
-            "(as nn.Linear(H, C).weight stores it).\n"
-            + ("A 1-D tensor is usually the layer's bias, or a single row of the weight.\n"
-               if w.dim() == 1 else "")
-            + "Fix: pass head.weight, and the bias as linear_bias=head.bias"
-        )
-    H, C = w.shape[-1], w.shape[0]
+    H, C = (w.shape[-1], w.shape[0]) if w.dim() else (0, 0)
     if x.dim() == 0 or x.dim() > 2:
         if x.dim() == 0:
             raise InputError(
                 "linear_cross_entropy got a 0-d input; it needs H features per sample, shape "
                 f"(N, H) or (H,).\n  {_layer(w)}: C={C} classes, H={H} features\n"
-                "Fix: pass the hidden states that feed the output layer"
+                "Fix: pass the hidden states that feed the output layer\n"
+                "(stock torch: expected input with dimensionality 1 or 2, got 0)"
             )
         h = x.shape[-1]
         lead = fmt_shape(x.shape[:-1])
@@ -142,6 +134,17 @@ def _check_input(x: Tensor, w: Tensor) -> None:
             f"Hidden states of shape (batch, seq, H) must be flattened to one row per token "
             f"(here {lead} -> {math.prod(x.shape[:-1])} rows), and the labels with them; unlike "
             "nn.Linear, the loss does not broadcast over leading dimensions.\n" + fix
+            + f"\n(stock torch: expected input with dimensionality 1 or 2, got {x.dim()})"
+        )
+    if w.dim() < 2:
+        raise InputError(
+            f"linear_cross_entropy got a {w.dim()}-D linear_weight of shape {fmt_shape(w.shape)}; "
+            "it must be the layer's weight matrix, shape (C, H): one row of H features per class "
+            "(as nn.Linear(H, C).weight stores it).\n"
+            + ("A 1-D tensor is usually the layer's bias, or a single row of the weight.\n"
+               if w.dim() == 1 else "")
+            + "Fix: pass head.weight, and the bias as linear_bias=head.bias\n"
+            f"(stock torch: expected linear_weight with dimensionality at least 2, got {w.dim()})"
         )
 
 
@@ -182,7 +185,8 @@ def _feature_error(x: Tensor, w: Tensor) -> None:
         )
     raise InputError(
         f"linear_cross_entropy: the input's feature size {h} does not match linear_weight's "
-        f"{H}.\n" + head + cause
+        f"{H}.\n" + head + cause + "\n(stock torch: expected equal input and linear_weight last "
+        f"dimensions (in_features), got {h} and {H}, respectively)"
     )
 
 
@@ -204,7 +208,8 @@ def _check_bias(b: Tensor, w: Tensor, x: Tensor) -> None:
             f"linear_cross_entropy got linear_bias of shape {fmt_shape(b.shape)}, but "
             f"{_layer(w)} needs one bias per output, shape {fmt_shape(want)}.\n"
             f"  input shape {fmt_shape(x.shape)}\n" + hint
-            + "Fix: pass the bias of the same layer as linear_weight (head.bias), or no bias"
+            + "Fix: pass the bias of the same layer as linear_weight (head.bias), or no bias\n"
+            f"(stock torch: expected linear_bias shape {want}, got {tuple(b.shape)})"
         )
 
 
@@ -336,7 +341,9 @@ def validate(
             f"linear_cross_entropy: a K-dimensional loss ({_layer(w)}, out_features {out}) needs "
             f"batched input (N, {w.shape[-1]}), got the unbatched input of shape "
             f"{fmt_shape(x.shape)}.\nFix: input.unsqueeze(0), with the target's batch dimension "
-            "added too"
+            f"added too\n(stock torch: K-dimensional loss defined by linear_weight shape "
+            f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
+            f"with shape {tuple(x.shape)})"
         )
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
         raise WeightError(
