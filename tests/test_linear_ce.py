@@ -616,3 +616,34 @@ def test_messages_carry_stock_text(args, kwargs, stock_regex):
     for fn in (STOCK, lce):
         with pytest.raises(RuntimeError, match=stock_regex):
             fn(*args, **kwargs)
+
+
+@pytest.mark.usefixtures("clean_patch")
+def test_pytorch_own_error_inputs_pass_under_patch():
+    """PyTorch's OpInfo / ModuleInfo error inputs for linear_cross_entropy, run with patch() on:
+    same exception type and stock's message text (the peer suite's check)."""
+    import re
+
+    from torch.testing._internal.common_methods_invocations import op_db
+    from torch.testing._internal.common_modules import module_db
+
+    checked = 0
+    for op in (o for o in op_db if o.name == "nn.functional.linear_cross_entropy"):
+        for e in op.error_inputs("cpu"):
+            s = e.sample_input
+            with safeloss.patch(), pytest.raises(e.error_type, match=e.error_regex) as info:
+                F.linear_cross_entropy(s.input, *s.args, **s.kwargs)
+            assert isinstance(info.value, safeloss.SafeLossError)
+            checked += 1
+    mi = next(m for m in module_db if m.module_cls is torch.nn.LinearCrossEntropyLoss)
+    for e in mi.module_error_inputs_func(mi, device="cpu", dtype=torch.float32, requires_grad=False,
+                                         training=True):
+        ci, fi = e.module_error_input.constructor_input, e.module_error_input.forward_input
+        for cls in (torch.nn.LinearCrossEntropyLoss, safeloss.SafeLinearCrossEntropyLoss):
+            with pytest.raises(e.error_type) as info:
+                m = cls(*ci.args, **ci.kwargs)
+                with safeloss.patch():
+                    m(*fi.args, **fi.kwargs)
+            assert re.search(e.error_regex, str(info.value)), (cls, e.error_regex, str(info.value))
+            checked += 1
+    assert checked >= 6 * 3 + 5 * 2

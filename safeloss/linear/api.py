@@ -18,7 +18,15 @@ from .. import checks, dispatch, reduction
 from ..backends import Rows
 from ..checks import Scan, bad_target_mask, prob_target_counts, target_bounds
 from ..config import LazyStrict
-from ..errors import NonFiniteError, TargetOutOfRangeError, WeightError, fmt_list, fmt_shape, plural
+from ..errors import (
+    LabelSmoothingError,
+    NonFiniteError,
+    TargetOutOfRangeError,
+    WeightError,
+    fmt_list,
+    fmt_shape,
+    plural,
+)
 from ..report import Finding, _user_frame, report
 from ..validation import check_label_smoothing, check_reduction
 from . import chunked
@@ -97,7 +105,12 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
         strict: bool | None = None,
         backend: str = "auto",
     ) -> None:
-        check_label_smoothing(label_smoothing)
+        try:
+            check_label_smoothing(label_smoothing)
+        except LabelSmoothingError as e:  # stock's text too: code that matches on it keeps working
+            raise LabelSmoothingError(
+                f"{e}\n(stock torch: expected label_smoothing to be in range [0, 1], got "
+                f"{label_smoothing})") from None
         check_reduction(reduction)
         check_options(options)
         super().__init__(

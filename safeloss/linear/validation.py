@@ -252,10 +252,13 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
     )
     want = (f"class indices of shape {fmt_shape(expected)} or probabilities of shape "
             f"{fmt_shape(logits_shape)}")
-    if batched and target.dim() == len(expected) and target.dim() >= 1 and tshape[0] != N \
-            and tshape[1:] == expected[1:]:
+    same_rest = (target.dim() == len(expected) and tshape[1:] == expected[1:]) or (
+        target.dim() == len(logits_shape) and tshape[1:] == logits_shape[1:])
+    if batched and target.dim() >= 1 and tshape[0] != N and same_rest:
         n_t = tshape[0]
-        lines = [f"linear_cross_entropy got {N} input rows but {n_t} targets.\n" + head.rstrip()]
+        lines = [f"linear_cross_entropy got {N} input rows but {n_t} targets (stock torch: "
+                 f"Expected input batch_size ({N}) to match target batch_size ({n_t})).\n"
+                 + head.rstrip()]
         if n_t < N and N % n_t == 0:
             k = N // n_t
             lines.append(
@@ -378,7 +381,11 @@ def validate(
         p = normalize(standin, t, weight, -100 if ii is None else ii, reduction, label_smoothing,
                       read_values=read_values)
     except SafeLossError as e:
-        raise type(e)(reword(str(e))) from None
+        msg = reword(str(e))
+        if prob_shaped and not t.is_floating_point():  # an integer target that is not one-hot
+            msg += ("\n(stock torch: Expected floating point type for target with class "
+                    f"probabilities, got {str(t.dtype).removeprefix('torch.').capitalize()})")
+        raise type(e)(msg) from None
     p.findings = [reworded(f) for f in p.findings]
     target_b = p.target if batched else p.target.unsqueeze(0)
     return LinearProblem(
