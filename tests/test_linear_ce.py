@@ -131,6 +131,16 @@ def test_grid_dtypes(dtype, kind, shape, red):
         _compare(kind, shape, -100 if kind == "int64" else None, dtype, True, weight, red, eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_operand_path_of_cuda_on_cpu(monkeypatch, dtype):
+    """The CUDA half-precision path (half matmuls accumulating in fp32, a half d/dlinear_weight
+    accumulator), exercised on CPU tensors."""
+    monkeypatch.setattr(chunked, "HALF_OPERANDS_ON_CPU", True)
+    for red in ("mean", "none"):
+        _compare("int64", "2d", -100, dtype, True, True, red, 0.1)
+        _compare("prob-grad", "2d", None, dtype, True, False, red, 0.0)
+
+
 @pytest.mark.parametrize("backend", [_triton_param()])
 @pytest.mark.parametrize("red", ["mean", "sum", "none"])
 def test_grid_triton_tile(backend, red):

@@ -41,8 +41,10 @@ TILE_BYTES_CPU = 32 << 20
 TILE_BYTES_CUDA = 256 << 20
 MIN_ROWS_CUDA = 1024
 
-# Test hook: force the rows per chunk (a tiny number exercises the loop on tiny shapes).
+# Test hooks: force the rows per chunk (a tiny number exercises the loop on tiny shapes); run the
+# CUDA half-precision operand path (half matmuls, half d/dlinear_weight) on CPU tensors.
 FORCE_ROWS: int | None = None
+HALF_OPERANDS_ON_CPU = False
 
 
 def chunk_rows(n: int, width: int, device: torch.device) -> int:
@@ -85,8 +87,8 @@ class _Operands:
     operands are upcast to fp32 once (as stock's chunked path does on CPU)."""
 
     def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, work: torch.dtype) -> None:
-        self.half = x.dtype != work and x.is_cuda
-        if x.dtype != work and not x.is_cuda:
+        self.half = x.dtype != work and (x.is_cuda or HALF_OPERANDS_ON_CPU)
+        if x.dtype != work and not self.half:
             x, w, b = x.to(work), w.to(work), None if b is None else b.to(work)
         self.x, self.w, self.b = x, w, b
         self.work = work
@@ -262,6 +264,11 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
         elif create_graph:
             loss_parts.append(lc)
         if gt is not None:
+            if need_db:
+                contrib = gt.sum(0) if f is None else torch.mv(gt.t(), f.to(gt.dtype))
+                g.db = g.db + contrib if create_graph else g.db.add_(contrib)
+            if ops.half:
+                gt = gt.to(w.dtype)  # once, for both matmuls (tensor cores, fp32 accumulation)
             xc = x[s:e] if f is None else x[s:e] * f.unsqueeze(1).to(x.dtype)
             if need_dx:
                 dxc = ops.dx(gt)
@@ -276,9 +283,6 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
                     g.dw = g.dw + gt.t().to(xc.dtype) @ xc
                 else:
                     ops.add_dw(g.dw, gt, xc)
-            if need_db:
-                contrib = gt.sum(0) if f is None else torch.mv(gt.t(), f.to(gt.dtype))
-                g.db = g.db + contrib if create_graph else g.db.add_(contrib)
         if dqc is not None:
             if create_graph:
                 dq_parts.append(dqc)
@@ -344,7 +348,7 @@ class LinearCE(torch.autograd.Function):
         assert losses is not None
         if bad is not None:
             losses = losses.masked_fill(bad, math.nan)  # bad labels: NaN, zero gradient
-        ctx.sp, ctx.pre, ctx.need, ctx.shapes = sp, pre, need, (x.dtype, w.dtype)
+        ctx.sp, ctx.need, ctx.shapes = sp, need, (x.dtype, w.dtype)
         ctx.grads = g if pre else None
         ctx.save_for_backward(x, w, b, target, valid)
         return losses
@@ -355,19 +359,22 @@ class LinearCE(torch.autograd.Function):
         sp, need = ctx.sp, ctx.need
         xdt, wdt = ctx.shapes
         rowvalid = valid if valid.dim() == 1 else valid.flatten(1).any(1)
-        if ctx.pre and _uniform(grad) and not torch.is_grad_enabled():
+        if ctx.grads is not None and _uniform(grad) and not torch.is_grad_enabled():
+            # Scaled in place and handed over (no second gradient-sized buffer); a second
+            # backward (retain_graph=True) finds them gone and takes the exact path below.
             g: Grads = ctx.grads
+            ctx.grads = None
             u = grad.reshape(-1)[0].to(sp.work) if grad.numel() else grad.new_zeros((), dtype=sp.work)
             # Ignored rows: exactly zero (stock's gradient there), even where u is inf (a mean
             # with nothing to average); a total weight of 0 with rows left gives NaN, as stock.
             urow = torch.where(rowvalid, u, 0.0)
             uall = torch.where(rowvalid.any(), u, 0.0)
-            dx = None if g.dx is None else (g.dx * urow.unsqueeze(1)).to(xdt)
-            dw = None if g.dw is None else (g.dw * uall.to(g.dw.dtype)).to(wdt)
-            db = None if g.db is None else (g.db * uall).to(b.dtype)
+            dx = None if g.dx is None else g.dx.mul_(urow.unsqueeze(1)).to(xdt)
+            dw = None if g.dw is None else g.dw.mul_(uall.to(g.dw.dtype)).to(wdt)
+            db = None if g.db is None else g.db.mul_(uall).to(b.dtype)
             dq = None
             if g.dq is not None:
-                dq = (g.dq * urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(target.dtype)
+                dq = g.dq.mul_(urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(target.dtype)
             return dx, dw, db, dq, None, None, None, None
         create = torch.is_grad_enabled()
         ops = _Operands(x, w, b, sp.work)
