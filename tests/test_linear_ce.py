@@ -368,6 +368,9 @@ def lce(*a, **k):
     ((_x(), W8, torch.tensor([0.5, 1, 2, 3, 4, 0])), {}, safeloss.TargetDtypeError, "not whole"),
     (("x", W8, T6), {}, safeloss.ArgumentTypeError, "the input to be a torch.Tensor"),
     ((_x(), W8, [0, 1]), {}, safeloss.ArgumentTypeError, "the target to be a torch.Tensor"),
+    ((_x(), "W", T6), {}, safeloss.ArgumentTypeError, "linear_weight to be a torch.Tensor"),
+    ((_x(), W8, T6), {"linear_bias": [0.0] * 5}, safeloss.ArgumentTypeError, "linear_bias to be a torch.Tensor"),
+    ((_x(), W8, T6), {"weight": [1.0] * 5}, safeloss.ArgumentTypeError, "weight to be a torch.Tensor"),
     ((_x(), W8, T6), {"reduction": "avg"}, safeloss.ReductionError, "not a valid reduction"),
     ((_x(), W8, T6), {"backend": "gpu"}, safeloss.BackendError, "not a safeloss backend"),
     ((_x(), W8, torch.rand(6, 5).softmax(1)), {"weight": torch.ones(5, requires_grad=True)},
@@ -376,6 +379,26 @@ def lce(*a, **k):
 def test_catalogue_errors(args, kwargs, err, match):
     with pytest.raises(err, match="(?s)" + match):
         lce(*args, **kwargs)
+
+
+def test_forced_triton_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device: "no GPU here")
+    with pytest.raises(safeloss.BackendError, match=r'backend="triton" cannot run on cpu tensors here: no GPU'):
+        lce(_x(), W8, T6, backend="triton")
+    assert torch.isfinite(lce(_x(), W8, T6))  # auto: the torch tile
+
+
+def test_module_on_a_torch_without_the_stock_module():
+    from safeloss.linear import api
+
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.13"):
+        api._NoStockModule(8, 5)
+
+
+def test_module_label_smoothing_error_carries_stock_text():
+    with pytest.raises(safeloss.LabelSmoothingError,
+                       match=r"(?s)between 0\.0 and 1\.0.*expected label_smoothing to be in range \[0, 1\], got 2\.0"):
+        safeloss.SafeLinearCrossEntropyLoss(H, C, label_smoothing=2.0)
 
 
 def test_errors_are_the_builtins_stock_raises():
