@@ -164,6 +164,7 @@ def _tile_triton(z: Tensor, t: Tensor, sp: Spec, want_grad: bool) -> tuple[Tenso
 
     losses, _flags, _lse, _wy, g = triton_backend._fwd_impl(
         z.contiguous(), t, sp.weight, sp.ignore_index, sp.eps, False, False, want_grad, False,
+        math.inf,  # out_max: non-finite losses are counted by the caller, from the losses
     )
     return losses, (g if want_grad else None), None
 
