@@ -370,12 +370,15 @@ class LinearCE(torch.autograd.Function):
             # with nothing to average); a total weight of 0 with rows left gives NaN, as stock.
             urow = torch.where(rowvalid, u, 0.0)
             uall = torch.where(rowvalid.any(), u, 0.0)
-            dx = None if g.dx is None else g.dx.mul_(urow.unsqueeze(1)).to(xdt)
-            dw = None if g.dw is None else g.dw.mul_(uall.to(g.dw.dtype)).to(wdt)
-            db = None if g.db is None else g.db.mul_(uall).to(b.dtype)
+            # A batched upstream gradient (vmap over backward: gradcheck's batched-grad check)
+            # cannot be multiplied into an unbatched buffer in place.
+            mul = torch.mul if torch._C._functorch.is_functorch_wrapped_tensor(grad) else torch.Tensor.mul_
+            dx = None if g.dx is None else mul(g.dx, urow.unsqueeze(1)).to(xdt)
+            dw = None if g.dw is None else mul(g.dw, uall.to(g.dw.dtype)).to(wdt)
+            db = None if g.db is None else mul(g.db, uall).to(b.dtype)
             dq = None
             if g.dq is not None:
-                dq = g.dq.mul_(urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(target.dtype)
+                dq = mul(g.dq, urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(target.dtype)
             return dx, dw, db, dq, None, None, None, None
         create = torch.is_grad_enabled()
         ops = _Operands(x, w, b, sp.work)
