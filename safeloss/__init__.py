@@ -31,6 +31,7 @@ from .errors import (
     WeightError,
 )
 from .functional import cross_entropy
+from .linear import SafeLinearCrossEntropyLoss, linear_cross_entropy
 from .module import SafeCrossEntropyLoss
 from .parallel import vocab_parallel_cross_entropy
 from .patch import is_patched, patch, unpatch
@@ -69,6 +70,7 @@ __all__ = [
     "ProbabilityTargetError",
     "ReductionError",
     "SafeCrossEntropyLoss",
+    "SafeLinearCrossEntropyLoss",
     "SafeLossError",
     "SafeLossWarning",
     "TargetDtypeError",
@@ -79,6 +81,7 @@ __all__ = [
     "check_pending",
     "cross_entropy",
     "is_patched",
+    "linear_cross_entropy",
     "patch",
     "reset_warnings",
     "set_strict",

@@ -1042,9 +1042,12 @@ def main(quick: bool = False, device: str | None = None, out: str = "bench-out",
     dev = torch.device(device)
     preset = "quick" if quick else "full"
     wls = quick_workloads(dev.type) if quick else full_workloads()
+    from . import bench_linear  # the linear + cross-entropy heads: their own section
+
+    heads = bench_linear.select(dev.type, quick, workloads)
     if workloads:
         wls = [w for w in wls if any(pat in w.name for pat in workloads)]
-        if not wls:
+        if not wls and not heads:
             names = ", ".join(w.name for w in (quick_workloads(dev.type) if quick else full_workloads()))
             print(f"safeloss bench: no {preset} workload matches {workloads}; available: {names}", file=sys.stderr)
             return 2
@@ -1062,7 +1065,8 @@ def main(quick: bool = False, device: str | None = None, out: str = "bench-out",
         torch.set_num_threads(threads or 1)
     try:
         with _quiet_compile_workers(dev):
-            return _run(wls, dev, preset, quick, settings, budget, outdir)
+            rc = _run(wls, dev, preset, quick, settings, budget, outdir) if wls else 0
+        return rc or (bench_linear.run(heads, dev, quick, outdir) if heads else 0)
     finally:
         torch.set_num_threads(old_threads)
 

@@ -11,7 +11,9 @@ What is reached while patched:
   modules already imported when ``patch()`` runs (modules imported later pick up the patched
   attribute);
 * all of the above inside ``torch.compile``d code (traced like user code; fullgraph works), and
-  under ``torch.jit.trace``, ``torch.fx``, ``make_fx``, fake and meta tensors (safeloss.tracing).
+  under ``torch.jit.trace``, ``torch.fx``, ``make_fx``, fake and meta tensors (safeloss.tracing);
+* ``torch.nn.functional.linear_cross_entropy`` and ``torch.nn.LinearCrossEntropyLoss`` in the same
+  ways, on both of stock's paths (see ``safeloss.linear.patch``).
 
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
@@ -43,6 +45,7 @@ from . import pipeline, tracing
 from ._traceback import boundary
 from .errors import ArgumentTypeError
 from .functional import cross_entropy as _safe_cross_entropy
+from .linear import patch as _linear_patch
 from .parallel import dtensor as _parallel_dtensor
 from .validation import check_label_smoothing, check_reduction
 
@@ -293,6 +296,7 @@ def _install() -> None:
         if d is not _FUNCTIONAL.__dict__ and d.get(_NAME) is _saved_function:
             d[_NAME] = cross_entropy
             _rebound.append(d)
+    _linear_patch.install(_module_globals())
 
 
 def _prime_dynamo() -> None:
@@ -320,3 +324,4 @@ def _uninstall() -> None:
         if d.get(_NAME) is cross_entropy:
             d[_NAME] = _saved_function
     _rebound.clear()
+    _linear_patch.uninstall(_module_globals())

@@ -1,0 +1,397 @@
+"""Validation of a linear + cross-entropy call: pure functions, no kernels.
+
+The layer's own arguments (input, linear_weight, linear_bias, options) are checked here, with
+messages in terms of this API (the input's feature size, the layer's (C, H), the target). The
+target, the class weight and every finding about them go through the shared
+:func:`safeloss.validation.normalize`, run against a zero-stride stand-in for the logits: a real
+tensor of the would-be ``(N, C, *out_features)`` shape on the input's device that owns one
+element, so nothing logits-sized is ever allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..errors import (
+    ArgumentTypeError,
+    BatchSizeMismatchError,
+    DeviceMismatchError,
+    IgnoreIndexError,
+    InputDtypeError,
+    InputError,
+    SafeLossError,
+    TargetShapeError,
+    WeightError,
+    fmt_shape,
+)
+from ..report import Finding
+from ..validation import Problem, normalize
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_WORD = re.compile(r"(?<![\w.])cross_entropy\b")
+_CLASS = re.compile(r"(?<!\w)CrossEntropyLoss\b")
+
+
+def reword(message: str) -> str:
+    """A shared cross-entropy message in terms of this API (the names users call)."""
+    message = _WORD.sub("linear_cross_entropy", message)
+    message = _CLASS.sub("LinearCrossEntropyLoss", message)
+    return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
+
+
+def reworded(finding: Finding) -> Finding:
+    return replace(finding, message=reword(finding.message))
+
+
+@dataclass
+class LinearProblem:
+    """A validated call: 2-D operands for the chunk loop plus the shared :class:`Problem`."""
+
+    x: Tensor  # (N, H): the input, batched
+    w: Tensor  # (C * D, H): linear_weight with out_features folded into the rows
+    b: Tensor | None  # (C * D,)
+    target: Tensor  # normalized target, batched: (N, *out) indices or (N, C, *out) probabilities
+    p: Problem  # the shared problem; p.input is the zero-stride stand-in for the logits
+    num_classes: int
+    out_features: tuple[int, ...]
+    batched: bool
+    compute_dtype: torch.dtype  # dtype of the logits stock torch would compute (autocast applied)
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.out_features) if self.out_features else 1
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+def _layer(w: Tensor) -> str:
+    return f"linear_weight {fmt_shape(w.shape)}"
+
+
+def check_options(options: object) -> None:
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch >= 2.13
+    if options is not None and (cls is None or not isinstance(options, cls)):
+        raise ArgumentTypeError(
+            f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+            f"{type(options).__name__}.\nsafeloss never materializes the logits, whatever "
+            "options says; it is accepted for compatibility with stock torch.\nFix: options=None"
+        )
+
+
+def _tensor(name: str, value: object, what: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ArgumentTypeError(
+            f"linear_cross_entropy expects {name} to be a torch.Tensor, got "
+            f"{type(value).__name__}.\nFix: pass {what}"
+        )
+    return value
+
+
+def _check_input(x: Tensor, w: Tensor) -> None:
+    if x.dtype not in _FLOATS:
+        raise InputDtypeError(
+            f"linear_cross_entropy got an input of dtype {x.dtype} (shape {fmt_shape(x.shape)}); "
+            "it must hold float hidden states, one row of H features per sample. Integer values "
+            "usually mean the token ids or labels were passed as the first argument.\n"
+            "Fix: linear_cross_entropy(hidden_states, lm_head.weight, labels)"
+        )
+    if w.dtype not in _FLOATS:
+        raise InputDtypeError(
+            f"linear_cross_entropy got a linear_weight of dtype {w.dtype}; it must be the float "
+            "weight of the output layer.\nFix: pass lm_head.weight (or head.weight)"
+        )
+    H, C = (w.shape[-1], w.shape[0]) if w.dim() else (0, 0)
+    if x.dim() == 0 or x.dim() > 2:
+        if x.dim() == 0:
+            raise InputError(
+                "linear_cross_entropy got a 0-d input; it needs H features per sample, shape "
+                f"(N, H) or (H,).\n  {_layer(w)}: C={C} classes, H={H} features\n"
+                "Fix: pass the hidden states that feed the output layer\n"
+                "(stock torch: expected input with dimensionality 1 or 2, got 0)"
+            )
+        h = x.shape[-1]
+        lead = fmt_shape(x.shape[:-1])
+        fix = (
+            f"Fix: linear_cross_entropy(x.reshape(-1, {h}), linear_weight, target.reshape(-1))"
+            if h == H else
+            "Fix: flatten the leading dimensions (x.reshape(-1, H), target.reshape(-1)), and pass "
+            "the hidden states of the layer that feeds this head"
+        )
+        raise InputError(
+            f"linear_cross_entropy expects the input as (N, H) or (H,), got a {x.dim()}-D input of "
+            f"shape {fmt_shape(x.shape)}.\n  {_layer(w)}: C={C} classes, H={H} features\n"
+            f"Hidden states of shape (batch, seq, H) must be flattened to one row per token "
+            f"(here {lead} -> {math.prod(x.shape[:-1])} rows), and the labels with them; unlike "
+            "nn.Linear, the loss does not broadcast over leading dimensions.\n" + fix
+            + f"\n(stock torch: expected input with dimensionality 1 or 2, got {x.dim()})"
+        )
+    if w.dim() < 2:
+        raise InputError(
+            f"linear_cross_entropy got a {w.dim()}-D linear_weight of shape {fmt_shape(w.shape)}; "
+            "it must be the layer's weight matrix, shape (C, H): one row of H features per class "
+            "(as nn.Linear(H, C).weight stores it).\n"
+            + ("A 1-D tensor is usually the layer's bias, or a single row of the weight.\n"
+               if w.dim() == 1 else "")
+            + "Fix: pass head.weight, and the bias as linear_bias=head.bias\n"
+            f"(stock torch: expected linear_weight with dimensionality at least 2, got {w.dim()})"
+        )
+
+
+def _feature_error(x: Tensor, w: Tensor) -> None:
+    h, H, C = x.shape[-1], w.shape[-1], w.shape[0]
+    if h == H:
+        return
+    head = (
+        f"  input shape {fmt_shape(x.shape)}: {h} features\n"
+        f"  {_layer(w)}: C={C} classes, H={H} features\n"
+    )
+    if h == C and w.dim() == 2:
+        if H > C:
+            cause = (
+                f"linear_weight looks transposed: it has H={H} columns where the input has {h} "
+                f"features, and {C} rows, which equals the input's feature size. Weights are "
+                "stored (C, H) = (out_features, in_features), as nn.Linear(H, C).weight is; a "
+                "(H, C) matrix (a transposed weight, or one built for x @ W) gives this error.\n"
+                "Fix: pass linear_weight.T (or the nn.Linear's own .weight); if the input already "
+                "holds logits, pass the hidden states that feed the head instead"
+            )
+        else:
+            cause = (
+                f"The input has {h} features, exactly the layer's number of classes C={C}: it "
+                "looks like the logits, i.e. the hidden states already went through this head "
+                "(lm_head(hidden) passed where hidden was expected), so the head would be applied "
+                "twice. (Or linear_weight is transposed, (H, C) instead of (C, H).)\n"
+                "Fix: pass the hidden states that feed the head, e.g. outputs.hidden_states[-1] "
+                "or the input of lm_head, not its output (for logits you already have, use "
+                "cross_entropy(logits, target)); or linear_weight.T if it is transposed"
+            )
+    else:
+        cause = (
+            f"The layer expects {H} input features but the input has {h}: the head was built "
+            "for a different hidden size, or the input comes from another layer.\n"
+            f"Fix: build the head as nn.Linear({h}, {C}) to match the input, or pass the hidden "
+            f"states of size {H} that feed it"
+        )
+    raise InputError(
+        f"linear_cross_entropy: the input's feature size {h} does not match linear_weight's "
+        f"{H}.\n" + head + cause + "\n(stock torch: expected equal input and linear_weight last "
+        f"dimensions (in_features), got {h} and {H}, respectively)"
+    )
+
+
+def _check_bias(b: Tensor, w: Tensor, x: Tensor) -> None:
+    C, out = w.shape[0], tuple(w.shape[1:-1])
+    want = (C, *out)
+    if b.dtype not in _FLOATS:
+        raise InputDtypeError(
+            f"linear_cross_entropy got a linear_bias of dtype {b.dtype}.\nFix: linear_bias=head.bias"
+        )
+    if tuple(b.shape) != want:
+        hint = ""
+        if b.numel() == math.prod(want) and b.dim() != len(want):
+            hint = f"It has the right number of entries: linear_bias.reshape{fmt_shape(want)}.\n"
+        elif b.dim() == 1 and b.shape[0] == w.shape[-1]:
+            hint = (f"Its length {b.shape[0]} is the hidden size H, not the number of classes: it "
+                    "is the bias of another layer.\n")
+        raise InputError(
+            f"linear_cross_entropy got linear_bias of shape {fmt_shape(b.shape)}, but "
+            f"{_layer(w)} needs one bias per output, shape {fmt_shape(want)}.\n"
+            f"  input shape {fmt_shape(x.shape)}\n" + hint
+            + "Fix: pass the bias of the same layer as linear_weight (head.bias), or no bias\n"
+            f"(stock torch: expected linear_bias shape {want}, got {tuple(b.shape)})"
+        )
+
+
+def _check_devices(x: Tensor, others: list[tuple[str, Tensor | None]]) -> None:
+    bad = [(name, t.device) for name, t in others if t is not None and t.device != x.device]
+    if bad:
+        names = " and ".join(f"{name} is on {d}" for name, d in bad)
+        fixes = "; ".join(f"{name} = {name}.to(input.device)" for name, _ in bad)
+        raise DeviceMismatchError(
+            f"linear_cross_entropy got tensors on different devices: input is on {x.device}, "
+            f"{names}.\nEverything must live on one device; usually the labels were not moved, or "
+            f"the loss module was created before model.to(device).\nFix: {fixes}"
+        )
+
+
+def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> None:
+    if autocast:
+        return  # stock's linear casts both to the autocast dtype
+    for name, t in (("linear_weight", w), ("linear_bias", b)):
+        if t is not None and t.dtype != x.dtype:
+            raise InputDtypeError(
+                f"linear_cross_entropy got an input of dtype {x.dtype} but a {name} of dtype "
+                f"{t.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
+                "to have the same dtype\").\nUsually the model was cast (model.half(), "
+                "model.to(torch.bfloat16)) but the head, or the hidden states, were not.\n"
+                f"Fix: input.to({name}.dtype), or run the step under torch.autocast"
+            )
+
+
+def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ...],
+                  logits_shape: tuple[int, ...], batched: bool) -> None:
+    """The most helpful error for a target that fits neither class indices nor probabilities."""
+    N, h, C = x2.shape[0], x2.shape[-1], w.shape[0]
+    tshape = tuple(target.shape)
+    head = (
+        f"  input  shape {fmt_shape(x2.shape if batched else x2.shape[1:])}: "
+        + (f"{N} rows of {h} features\n" if batched else f"one sample of {h} features\n")
+        + f"  {_layer(w)}: C={C} classes, H={w.shape[-1]} features\n"
+        f"  target shape {fmt_shape(tshape)}\n"
+    )
+    want = (f"class indices of shape {fmt_shape(expected)} or probabilities of shape "
+            f"{fmt_shape(logits_shape)}")
+    same_rest = (target.dim() == len(expected) and tshape[1:] == expected[1:]) or (
+        target.dim() == len(logits_shape) and tshape[1:] == logits_shape[1:])
+    if batched and target.dim() >= 1 and tshape[0] != N and same_rest:
+        n_t = tshape[0]
+        lines = [f"linear_cross_entropy got {N} input rows but {n_t} targets (stock torch: "
+                 f"Expected input batch_size ({N}) to match target batch_size ({n_t})).\n"
+                 + head.rstrip()]
+        if n_t < N and N % n_t == 0:
+            k = N // n_t
+            lines.append(
+                f"The input has {k}x as many rows as there are targets: hidden states of shape "
+                f"({n_t}, {k}, {h}) were flattened to one row per token, but the labels are one "
+                "per sequence (or were cut from a different batch).\n"
+                f"Fix: per-token labels of shape ({n_t}, {k}) flattened with labels.reshape(-1), "
+                "or pool the hidden states to one row per sequence before the head"
+            )
+        elif abs(N - n_t) < max(N, n_t) // 2:
+            lines.append(
+                "The counts differ by a little: for next-token prediction the labels are shifted "
+                "(labels[:, 1:]) and the hidden states must be cut to match (hidden[:, :-1]) "
+                "before flattening; or a hard-coded batch size broke on the last, smaller batch.\n"
+                "Fix: hidden[:, :-1].reshape(-1, H) with labels[:, 1:].reshape(-1)"
+            )
+        else:
+            lines.append("The target comes from a different batch than the input, or the model "
+                         "drops or repeats rows.\nFix: one target per input row, " + want)
+        raise BatchSizeMismatchError("\n".join(lines))
+    if batched and target.dim() >= 2 and target.numel() == N * math.prod(expected[1:]) \
+            and not target.is_floating_point():
+        raise TargetShapeError(
+            f"linear_cross_entropy got {target.dim()}-D targets for {N} input rows.\n" + head
+            + "The target holds one label per input row but is not flat: the hidden states were "
+            "flattened (reshape(-1, H)) and the labels were not.\n"
+            f"Fix: linear_cross_entropy(x, linear_weight, target.reshape{fmt_shape(expected)})"
+        )
+    if batched and target.dim() == 2 and tshape[0] == N and len(expected) == 1:
+        raise TargetShapeError(
+            f"linear_cross_entropy got a 2-D target with {tshape[1]} columns, but the layer has "
+            f"C={C} classes.\n" + head
+            + "A 2-D target is read as probabilities (one-hot or soft labels), one column per "
+            f"class; {tshape[1]} columns disagree with the layer's {C} outputs.\n"
+            "Fix: class indices of shape (N,), e.g. target.argmax(dim=1), and check that the "
+            "head's number of classes matches the labels"
+        )
+    raise TargetShapeError(
+        "linear_cross_entropy cannot pair this target with this input and layer.\n" + head
+        + f"The would-be logits have shape {fmt_shape(logits_shape)}; the target must be {want}.\n"
+        f"Fix: reshape the target to {fmt_shape(expected)}"
+    )
+
+
+def _ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is None or type(ignore_index) is int:
+        return ignore_index  # type: ignore[return-value]
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentTypeError(
+            f"ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
+            "(the default: -100 for class indices) or the label value to skip, e.g. -100"
+        ) from None
+
+
+def validate(
+    input: object, linear_weight: object, target: object, linear_bias: object, weight: object,
+    reduction: str, ignore_index: object, label_smoothing: float, read_values: bool = True,
+) -> LinearProblem:
+    """Check the layer, then the target and class weight through the shared ``normalize``."""
+    x = _tensor("the input", input, "the hidden states, shape (N, H)")
+    w = _tensor("linear_weight", linear_weight, "the output layer's weight, e.g. lm_head.weight")
+    t = _tensor("the target", target, "torch.as_tensor(labels, device=input.device)")
+    b = None if linear_bias is None else _tensor("linear_bias", linear_bias, "head.bias or None")
+    if weight is not None and not isinstance(weight, Tensor):
+        _tensor("weight", weight, "a 1-D float tensor with one entry per class")
+    ii = _ignore_index(ignore_index)
+    _check_input(x, w)
+    _feature_error(x, w)
+    if b is not None:
+        _check_bias(b, w, x)
+    _check_devices(x, [("linear_weight", w), ("linear_bias", b), ("target", t),
+                       ("weight", weight if isinstance(weight, Tensor) else None)])
+    autocast = autocast_enabled(x.device)
+    _check_dtypes(x, w, b, autocast)
+    C, out = w.shape[0], tuple(int(d) for d in w.shape[1:-1])
+    batched = x.dim() == 2
+    if out and not batched:
+        raise InputError(
+            f"linear_cross_entropy: a K-dimensional loss ({_layer(w)}, out_features {out}) needs "
+            f"batched input (N, {w.shape[-1]}), got the unbatched input of shape "
+            f"{fmt_shape(x.shape)}.\nFix: input.unsqueeze(0), with the target's batch dimension "
+            f"added too\n(stock torch: K-dimensional loss defined by linear_weight shape "
+            f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
+            f"with shape {tuple(x.shape)})"
+        )
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
+        raise WeightError(
+            f"weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
+            f"({_layer(w)}).\nweight needs exactly one entry per class, in class order; a length "
+            "mismatch usually means the weights were computed on a different label set.\n"
+            f"Fix: a 1-D weight of length {C}"
+        )
+    N = x.shape[0] if batched else None
+    logits_shape = ((N,) if batched else ()) + (C, *out)
+    expected = ((N,) if batched else ()) + out
+    tshape = tuple(t.shape)
+    prob_shaped = tshape == logits_shape
+    squeezable = (batched and t.dim() == len(expected) + 1 and tshape[1] == 1
+                  and tshape[:1] + tshape[2:] == expected)
+    if not (prob_shaped or tshape == expected or squeezable or (not batched and tshape == (1,))):
+        x2 = x if batched else x.unsqueeze(0)
+        _target_error(x2, w, t, expected, logits_shape, batched)
+    if prob_shaped and ii is not None:
+        raise IgnoreIndexError(
+            f"ignore_index={ii} cannot be used with probability targets (the target has the "
+            f"logits' shape {fmt_shape(logits_shape)}, so each entry is a class probability, not "
+            "a label that could be skipped); stock torch raises \"ignore_index cannot be "
+            "specified when target contains probabilities\".\n"
+            "Fix: ignore_index=None; to skip rows, leave them out (input[keep], target[keep])"
+        )
+    compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if compute_dtype not in _FLOATS or x.dtype == torch.float64:
+        compute_dtype = x.dtype
+    standin = torch.empty((), dtype=compute_dtype, device=x.device).expand(logits_shape)
+    try:
+        p = normalize(standin, t, weight, -100 if ii is None else ii, reduction, label_smoothing,
+                      read_values=read_values)
+    except SafeLossError as e:
+        msg = reword(str(e))
+        if prob_shaped and not t.is_floating_point():  # an integer target that is not one-hot
+            msg += ("\n(stock torch: Expected floating point type for target with class "
+                    f"probabilities, got {str(t.dtype).removeprefix('torch.').capitalize()})")
+        raise type(e)(msg) from None
+    p.findings = [reworded(f) for f in p.findings]
+    target_b = p.target if batched else p.target.unsqueeze(0)
+    return LinearProblem(
+        x=x if batched else x.unsqueeze(0),
+        w=w.reshape(math.prod(w.shape[:-1]), w.shape[-1]) if out else w,
+        b=None if b is None else b.reshape(-1),
+        target=target_b, p=p, num_classes=C, out_features=out, batched=batched,
+        compute_dtype=compute_dtype,
+    )
