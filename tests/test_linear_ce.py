@@ -374,7 +374,8 @@ def lce(*a, **k):
     ((_x(), W8, T6), {"weight": [1.0] * 5}, safeloss.ArgumentTypeError, "weight to be a torch.Tensor"),
     ((_x(), W8, T6), {"reduction": "avg"}, safeloss.ReductionError, "not a valid reduction"),
     ((_x(), W8, T6), {"backend": "gpu"}, safeloss.BackendError, "not a safeloss backend"),
-    ((_x(), W8, torch.rand(6, 5).softmax(1)), {"weight": torch.ones(5, requires_grad=True)},
+    # index targets only: stock differentiates the weight of probability targets
+    ((_x(), W8, T6), {"weight": torch.ones(5, requires_grad=True)},
      safeloss.WeightError, r"weight\.detach\(\)"),
 ])
 def test_catalogue_errors(args, kwargs, err, match):
@@ -684,3 +685,17 @@ def test_pytorch_own_error_inputs_pass_under_patch():
             assert found, (cls, e.error_regex, str(info.value))
             checked += 1
     assert checked >= 6 * 3 + 5 * 2
+
+
+@pytest.mark.parametrize("shape", ["2d", "kdim"])
+def test_probability_target_differentiates_a_class_weight_that_requires_grad(shape):
+    """Stock differentiates the class weight of probability targets (index targets: it refuses,
+    and so do we); safeloss.cross_entropy does too, so linear_cross_entropy must not refuse."""
+    x, W, b, t, w = make("prob", shape, None, torch.float64, True, True)
+    res = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        cw = w.detach().clone().requires_grad_(True)
+        loss = fn(x, W, t, linear_bias=b, weight=cw, label_smoothing=0.1)
+        res.append([loss, *torch.autograd.grad(loss * 2.5, [x, W, b, cw])])
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c)

@@ -22,7 +22,6 @@ from ..errors import (
     LabelSmoothingError,
     NonFiniteError,
     TargetOutOfRangeError,
-    WeightError,
     fmt_list,
     fmt_shape,
     plural,
@@ -249,12 +248,10 @@ def run(
     if static and not compiling:
         for finding in static:
             report(finding, strict_, owner)
-    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
-        raise WeightError(
-            f"weight requires grad: linear_cross_entropy does not differentiate the class "
-            f"weights (weight shape {fmt_shape(p.weight.shape)}).\n"
-            "Fix: pass weight.detach() (class weights are usually constants)"
-        )
+    # Index targets with such a weight were refused by validate (as stock does); probability
+    # targets: stock differentiates the class weight, which the chunk loop does not, so those
+    # calls take the plain chunked ops (reference-path memory, exact gradients).
+    weight_grad = p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled()
     name = _select(backend, lp)
     dev = lp.x.device
     immediate = (checks.reads_at_once(dev.type) or bool(strict_)) and not compiling
@@ -282,7 +279,8 @@ def run(
     work = torch.float64 if lp.x.dtype == torch.float64 else torch.float32
     sp = chunked.Spec(
         num_classes=C, positions=lp.positions, ignore_index=ii, eps=p.label_smoothing, prob=p.prob,
-        weight=None if p.weight is None else p.weight.detach().to(work).contiguous(), backend=name,
+        weight=None if p.weight is None else
+        (p.weight if weight_grad else p.weight.detach()).to(work).contiguous(), backend=name,
         work=work,
     )
     x, w, b = lp.x, lp.w, lp.b
@@ -292,7 +290,7 @@ def run(
     grads = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, w, b, t if p.prob else None))
     with _autocast_off(dev):
-        if transform:
+        if transform or weight_grad:
             losses = chunked.differentiable_losses(x, w, b, t, bad, sp)
         else:
             losses = chunked.LinearCE.apply(x, w, b, t, valid, bad, sp, grads and p.reduction != "none")
