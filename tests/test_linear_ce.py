@@ -699,3 +699,20 @@ def test_probability_target_differentiates_a_class_weight_that_requires_grad(sha
         res.append([loss, *torch.autograd.grad(loss * 2.5, [x, W, b, cw])])
     for a, c in zip(*res):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("kind,shape,kw", [
+    ("int64", "2d", dict(label_smoothing=0.2)), ("prob", "2d", {}), ("int64", "kdim", {})])
+def test_backward_is_reentrant_for_gradcheck(kind, shape, kw):
+    """A second backward over the same graph (retain_graph, gradcheck's reentrancy check with
+    nondet_tol=0) gives bit-identical gradients, as stock's does."""
+    x, W, b, t, w = make(kind, shape, None, torch.float64, True, True)
+    loss = safeloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, **kw)
+    up = torch.tensor(0.3, dtype=torch.float64)
+    first = torch.autograd.grad(loss, [x, W, b], up, retain_graph=True)
+    second = torch.autograd.grad(loss, [x, W, b], up)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+    assert torch.autograd.gradcheck(
+        lambda *v: safeloss.linear_cross_entropy(*v[:2], t, linear_bias=v[2], weight=w, **kw),
+        [x, W, b])
