@@ -716,3 +716,17 @@ def test_backward_is_reentrant_for_gradcheck(kind, shape, kw):
     assert torch.autograd.gradcheck(
         lambda *v: safeloss.linear_cross_entropy(*v[:2], t, linear_bias=v[2], weight=w, **kw),
         [x, W, b])
+
+
+@pytest.mark.parametrize("target,match", [
+    (torch.zeros(0, dtype=torch.long), "6 input rows but 0 targets"),  # was a ZeroDivisionError
+    (torch.tensor(2), "cannot pair this target"),
+    (torch.randint(0, 5, (4, 3)), "cannot pair this target"),
+])
+def test_target_of_another_batch_size_is_stocks_value_error(target, match):
+    """Stock checks the batch size first: a target whose batch differs is a ValueError there."""
+    with pytest.raises(ValueError, match="Expected input batch_size"):
+        STOCK(_x(), W8, target)
+    with pytest.raises(safeloss.SafeLossError, match=match) as e:
+        lce(_x(), W8, target)
+    assert isinstance(e.value, ValueError)

@@ -29,6 +29,7 @@ from ..errors import (
     TargetShapeError,
     WeightError,
     fmt_shape,
+    stock_class,
 )
 from ..report import Finding
 from ..validation import Problem, normalize
@@ -252,6 +253,9 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
     )
     want = (f"class indices of shape {fmt_shape(expected)} or probabilities of shape "
             f"{fmt_shape(logits_shape)}")
+    # stock checks the batch size first: a target of another batch (0-d: batch 0) is a ValueError
+    other_batch = batched and (target.dim() == 0 or tshape[0] != N)
+    shape_error = stock_class(TargetShapeError, ValueError) if other_batch else TargetShapeError
     same_rest = (target.dim() == len(expected) and tshape[1:] == expected[1:]) or (
         target.dim() == len(logits_shape) and tshape[1:] == logits_shape[1:])
     if batched and target.dim() >= 1 and tshape[0] != N and same_rest:
@@ -259,7 +263,7 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
         lines = [f"linear_cross_entropy got {N} input rows but {n_t} targets (stock torch: "
                  f"Expected input batch_size ({N}) to match target batch_size ({n_t})).\n"
                  + head.rstrip()]
-        if n_t < N and N % n_t == 0:
+        if 0 < n_t < N and N % n_t == 0:
             k = N // n_t
             lines.append(
                 f"The input has {k}x as many rows as there are targets: hidden states of shape "
@@ -281,14 +285,14 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
         raise BatchSizeMismatchError("\n".join(lines))
     if batched and target.dim() >= 2 and target.numel() == N * math.prod(expected[1:]) \
             and not target.is_floating_point():
-        raise TargetShapeError(
+        raise shape_error(
             f"linear_cross_entropy got {target.dim()}-D targets for {N} input rows.\n" + head
             + "The target holds one label per input row but is not flat: the hidden states were "
             "flattened (reshape(-1, H)) and the labels were not.\n"
             f"Fix: linear_cross_entropy(x, linear_weight, target.reshape{fmt_shape(expected)})"
         )
     if batched and target.dim() == 2 and tshape[0] == N and len(expected) == 1:
-        raise TargetShapeError(
+        raise shape_error(
             f"linear_cross_entropy got a 2-D target with {tshape[1]} columns, but the layer has "
             f"C={C} classes.\n" + head
             + "A 2-D target is read as probabilities (one-hot or soft labels), one column per "
@@ -296,7 +300,7 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
             "Fix: class indices of shape (N,), e.g. target.argmax(dim=1), and check that the "
             "head's number of classes matches the labels"
         )
-    raise TargetShapeError(
+    raise shape_error(
         "linear_cross_entropy cannot pair this target with this input and layer.\n" + head
         + f"The would-be logits have shape {fmt_shape(logits_shape)}; the target must be {want}.\n"
         f"Fix: reshape the target to {fmt_shape(expected)}"
