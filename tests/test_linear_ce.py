@@ -730,3 +730,14 @@ def test_target_of_another_batch_size_is_stocks_value_error(target, match):
     with pytest.raises(safeloss.SafeLossError, match=match) as e:
         lce(_x(), W8, target)
     assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("xd,wd", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_autocast_does_not_hide_a_float64_dtype_mismatch(xd, wd):
+    """autocast leaves float64 alone, so stock's matmul fails; ours names the mismatch."""
+    x, W = torch.randn(6, 8, dtype=xd), torch.randn(5, 8, dtype=wd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            STOCK(x, W, T6)
+        with pytest.raises(safeloss.InputDtypeError, match="linear_weight of dtype"):
+            lce(x, W, T6)

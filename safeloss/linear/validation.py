@@ -227,8 +227,8 @@ def _check_devices(x: Tensor, others: list[tuple[str, Tensor | None]]) -> None:
 
 
 def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> None:
-    if autocast:
-        return  # stock's linear casts both to the autocast dtype
+    if autocast and torch.float64 not in (x.dtype, w.dtype, None if b is None else b.dtype):
+        return  # stock's linear casts both to the autocast dtype (never float64 ones)
     for name, t in (("linear_weight", w), ("linear_bias", b)):
         if t is not None and t.dtype != x.dtype:
             raise InputDtypeError(
