@@ -741,3 +741,21 @@ def test_autocast_does_not_hide_a_float64_dtype_mismatch(xd, wd):
             STOCK(x, W, T6)
         with pytest.raises(safeloss.InputDtypeError, match="linear_weight of dtype"):
             lce(x, W, T6)
+
+
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_empty_batch_of_a_kdim_head_matches_stock(red, prob):
+    """N = 0 with out_features: the (N, D) view of the target cannot infer D from zero elements."""
+    res = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        x = torch.zeros(0, H, dtype=torch.float64, requires_grad=True)
+        W = torch.randn((C, *KDIM, H), generator=_gen(1), dtype=torch.float64, requires_grad=True)
+        b = torch.randn((C, *KDIM), generator=_gen(2), dtype=torch.float64, requires_grad=True)
+        t = torch.zeros((0, C, *KDIM), dtype=torch.float64) if prob else torch.zeros((0, *KDIM), dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", safeloss.SafeLossWarning)
+            loss = fn(x, W, t, linear_bias=b, reduction=red)
+        res.append([loss, *torch.autograd.grad(loss.sum(), [x, W, b])])
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c, equal_nan=True)

@@ -214,8 +214,8 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     N, CD = x.shape[0], w.shape[0]
     tshape = target.shape
     if sp.positions > 1:  # K-dim: one flat positions dim, as the (r, C, D) view of a tile has
-        target = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, -1)
-        scale = None if scale is None else scale.reshape(N, -1)
+        target = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
+        scale = None if scale is None else scale.reshape(N, sp.positions)
     dev = x.device
     need_dx, need_dw, need_db, need_dq = need
     want_grad = need_dx or need_dw or need_db
@@ -310,7 +310,7 @@ def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor
     N = ops.x.shape[0]
     tgt = target
     if sp.positions > 1:
-        tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, -1)
+        tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
     parts = []
     rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
     for s in range(0, N, rows):
