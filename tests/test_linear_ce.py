@@ -759,3 +759,19 @@ def test_empty_batch_of_a_kdim_head_matches_stock(red, prob):
         res.append([loss, *torch.autograd.grad(loss.sum(), [x, W, b])])
     for a, c in zip(*res):
         torch.testing.assert_close(a, c, equal_nan=True)
+
+
+def test_head_changed_in_place_after_the_forward_of_a_frozen_input():
+    """Stock's d/dlinear_weight saves only the input, so an in-place update of the weight between
+    forward and backward (input without grad) is accepted there; it must be here too."""
+    x, W, _, t, _ = make("int64", "2d", None, torch.float64, False, False)
+    x = x.detach()
+    res = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        Wc = W.detach().clone().requires_grad_(True)
+        Wv = Wc * 1.0  # a non-leaf that can be changed in place
+        loss = fn(x, Wv, t)
+        with torch.no_grad():
+            Wv.add_(1.0)
+        res.append(torch.autograd.grad(loss, [Wc])[0])
+    torch.testing.assert_close(res[0], res[1])

@@ -350,6 +350,9 @@ class LinearCE(torch.autograd.Function):
         if bad is not None:
             losses = losses.masked_fill(bad, math.nan)  # bad labels: NaN, zero gradient
         ctx.sp, ctx.need, ctx.shapes = sp, need, (x.dtype, w.dtype)
+        # The shortcut reads no saved tensor, so (as stock, whose gradient for W saves only x)
+        # an operand changed in place after the forward fails only where it is needed.
+        ctx.valid, ctx.dtypes = valid, (None if b is None else b.dtype, target.dtype)
         ctx.grads = g if pre else None
         ctx.pre = pre
         ctx.save_for_backward(x, w, b, target, valid)
@@ -379,9 +382,9 @@ class LinearCE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, b, target, valid = ctx.saved_tensors
-        sp, need = ctx.sp, ctx.need
+        sp, need, valid = ctx.sp, ctx.need, ctx.valid
         xdt, wdt = ctx.shapes
+        bdt, tdt = ctx.dtypes
         rowvalid = valid if valid.dim() == 1 else valid.flatten(1).any(1)
         if ctx.pre and _uniform(grad) and not torch.is_grad_enabled():
             # Scaled in place and handed over (no second gradient-sized buffer). A second
@@ -390,6 +393,7 @@ class LinearCE(torch.autograd.Function):
             g: Grads = ctx.grads
             ctx.grads = None
             if g is None:
+                x, w, b, target, _ = ctx.saved_tensors
                 g = run_loop(_Operands(x, w, b, sp.work), target, valid, sp, need, None, False)[1]
             u = grad.reshape(-1)[0].to(sp.work) if grad.numel() else grad.new_zeros((), dtype=sp.work)
             # Ignored rows: exactly zero (stock's gradient there), even where u is inf (a mean
@@ -401,11 +405,12 @@ class LinearCE(torch.autograd.Function):
             mul = torch.mul if torch._C._functorch.is_functorch_wrapped_tensor(grad) else torch.Tensor.mul_
             dx = None if g.dx is None else mul(g.dx, urow.unsqueeze(1)).to(xdt)
             dw = None if g.dw is None else mul(g.dw, uall.to(g.dw.dtype)).to(wdt)
-            db = None if g.db is None else mul(g.db, uall).to(b.dtype)
+            db = None if g.db is None else mul(g.db, uall).to(bdt)
             dq = None
             if g.dq is not None:
-                dq = mul(g.dq, urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(target.dtype)
+                dq = mul(g.dq, urow.view(-1, *([1] * (g.dq.dim() - 1)))).to(tdt)
             return dx, dw, db, dq, None, None, None, None
+        x, w, b, target, _ = ctx.saved_tensors
         create = torch.is_grad_enabled()
         ops = _Operands(x, w, b, sp.work)
         scale = grad.to(sp.work)
