@@ -322,13 +322,27 @@ def _check_weight(
                 f"targets stock torch rejects this (\"expected scalar type {_SCALAR_NAME[dtype]} "
                 f"but found {_SCALAR_NAME[stock_dtype]}\"). Default mode casts the weight to "
                 f"{dtype} (strict mode stops here).\n"
-                "The usual causes: a weight built from NumPy (float64) for a float32 model, or a "
-                "model converted with .half() / .to(torch.bfloat16) while the weight stayed float32.\n"
+                f"{_weight_dtype_cause(weight.dtype, dtype)}"
                 f"Fix: create the weight in the logits' dtype, weight.to({dtype}) (for a loss "
                 f"module: loss_fn.to({dtype}))",
             ))
         weight = weight.to(dtype)
     return weight, findings
+
+
+def _weight_dtype_cause(weight_dtype: torch.dtype, dtype: torch.dtype) -> str:
+    """The likely cause of a weight/logits dtype mismatch, only as far as the two dtypes show it:
+    a float64 weight points at NumPy, half-precision logits with a wider weight at a converted
+    model; other pairs get no guess."""
+    causes = []
+    if weight_dtype == torch.float64:
+        causes.append("a weight built from NumPy, whose arrays are float64")
+    if dtype in (torch.float16, torch.bfloat16) and weight_dtype.itemsize > dtype.itemsize:
+        causes.append(f"a model converted with .half() / .to(torch.bfloat16) while the weight stayed "
+                      f"{weight_dtype}")
+    if not causes:
+        return ""
+    return f"The likely cause{'s' if len(causes) > 1 else ''}: {', or '.join(causes)}.\n"
 
 
 def _autocast_dtype(dtype: torch.dtype, input: Tensor) -> torch.dtype:

@@ -1,0 +1,40 @@
+"""Hints name only causes the call's own dtypes, shapes and values support."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import safeloss
+
+
+def _weight_dtype_message(weight_dtype: torch.dtype, logits_dtype: torch.dtype) -> str:
+    logits = torch.randn(4, 3).to(logits_dtype)
+    target = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(safeloss.WeightError, match=r"weight is torch\.\w+ but the logits") as exc:
+        safeloss.cross_entropy(logits, target, weight=torch.ones(3, dtype=weight_dtype), strict=True)
+    return str(exc.value)
+
+
+def test_float64_weight_with_float32_logits_blames_numpy_not_half():
+    msg = _weight_dtype_message(torch.float64, torch.float32)
+    assert "NumPy" in msg
+    assert ".half()" not in msg
+
+
+def test_float32_weight_with_half_logits_blames_the_conversion_not_numpy():
+    msg = _weight_dtype_message(torch.float32, torch.float16)
+    assert "weight stayed torch.float32" in msg
+    assert "NumPy" not in msg
+
+
+def test_narrower_weight_gets_no_invented_cause():
+    msg = _weight_dtype_message(torch.float16, torch.float32)
+    assert "NumPy" not in msg and ".half()" not in msg and "cause" not in msg
+
+
+def test_float64_weight_warns_in_default_mode():
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with pytest.warns(safeloss.SafeLossWarning, match=r"weight is torch\.float64 .*casts the weight"):
+        loss = safeloss.cross_entropy(logits, target, weight=torch.ones(3, dtype=torch.float64))
+    assert loss.dtype == torch.float32
