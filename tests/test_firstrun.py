@@ -122,6 +122,7 @@ def test_auto_on_cuda_without_triton_says_so_once_and_runs_torch(monkeypatch):
     with pytest.warns(UserWarning, match=r'(?s)pure-torch backend because the triton package is not installed.*pip install "safeloss\[gpu\]"') as w:
         assert dispatch.select("auto", _fake_cuda_problem()) == "torch"
     assert len(w) == 1 and w[0].filename == __file__  # the user's line, not safeloss's
+    assert str(w[0].message).count("pip install") == 2  # one command and its alternative, once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.select("auto", _fake_cuda_problem()) == "torch"  # once per process
