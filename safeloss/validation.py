@@ -532,7 +532,7 @@ def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]
     )
 
 
-def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Finding]:
+def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
     if target.dtype == torch.uint64:
         t = target.view(torch.int64)  # values >= 2**63 turn negative: not one-hot, never wrapped to 0/1
@@ -565,8 +565,10 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Fi
         f"cross_entropy got one-hot targets as {target.dtype} (shape {fmt_shape(target.shape)}); "
         "stock torch rejects them (\"Expected floating point type for target with class "
         "probabilities\"). Default mode uses them as probabilities (strict mode stops here), which "
-        "gives the same loss as class indices except that the mean ignores class weights in its "
-        "denominator.\n"
+        "gives the same loss as class indices"
+        # The one difference, named only when this call has class weights.
+        + (" except that the mean ignores class weights in its denominator" if weighted else "")
+        + ".\n"
         "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
         "or target.float() to keep torch's probability semantics",
     )
@@ -716,7 +718,7 @@ def normalize(
                     f"cross_entropy got complex targets (dtype {target.dtype}); probabilities "
                     "must be real.\nFix: pass target.real"
                 )
-            target, finding = _onehot_target(target, x, cdim)
+            target, finding = _onehot_target(target, x, cdim, weighted=weight is not None)
             findings.append(finding)
         if ignore_index >= 0:
             raise IgnoreIndexError(

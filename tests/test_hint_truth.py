@@ -38,3 +38,15 @@ def test_float64_weight_warns_in_default_mode():
     with pytest.warns(safeloss.SafeLossWarning, match=r"weight is torch\.float64 .*casts the weight"):
         loss = safeloss.cross_entropy(logits, target, weight=torch.ones(3, dtype=torch.float64))
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_integer_onehot_names_the_weight_caveat_only_with_a_weight(weighted):
+    logits = torch.randn(4, 3)
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3)
+    weight = torch.tensor([1.0, 2.0, 3.0]) if weighted else None
+    with pytest.warns(safeloss.SafeLossWarning, match="one-hot targets as torch.int64") as w:
+        safeloss.cross_entropy(logits, onehot, weight=weight)
+    msg = str(w[0].message)
+    assert ("ignores class weights" in msg) == weighted
+    assert "same loss as class indices" in msg
