@@ -50,3 +50,14 @@ def test_integer_onehot_names_the_weight_caveat_only_with_a_weight(weighted):
     msg = str(w[0].message)
     assert ("ignores class weights" in msg) == weighted
     assert "same loss as class indices" in msg
+
+
+@pytest.mark.parametrize("bad, advised", [(float("nan"), False), (float("inf"), False), (float("-inf"), True)])
+def test_the_minus_inf_advice_comes_only_with_minus_inf_logits(bad, advised):
+    logits = torch.randn(3, 5)
+    logits[1, 1] = bad  # row 1's target class
+    with pytest.warns(safeloss.SafeLossWarning, match="the loss is NaN or infinite") as w:
+        safeloss.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    msg = str(w[0].message)
+    assert ("A -inf logit is fine" in msg) == advised
+    assert "Common causes" in msg and "detect_anomaly" in msg
