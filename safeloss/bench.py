@@ -685,6 +685,8 @@ def _finish(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
         own = spread(row, key)
         if own is not None:
             row[f"{key}_spread"] = own
+        if own is None:
+            continue  # a skipped row has no timing to distrust
         both = [v for v in (own, spread(base, key) if base is not None else None) if v is not None]
         if both and max(both) > SPREAD_MAX:
             wide.append(f"{'fwd+bwd' if key == 'fwdbwd' else key} {max(both):.0%}")

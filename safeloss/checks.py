@@ -312,7 +312,9 @@ def nonfinite_finding(
     cdim = 0 if x.dim() == 1 else 1
     found: list[str] = []  # non-finite inputs seen in the data
     unseen: list[str] = []  # inputs whose values this report cannot read
+    neg_inf = True  # whether -inf logits may be involved (the -inf advice is shown only then)
     if have_logits and _known(x):
+        neg_inf = False
         if x.numel():
             xd = x.detach()
             bits = []
@@ -320,6 +322,7 @@ def nonfinite_finding(
                 k = int(rows.any(cdim).sum())
                 if k:
                     bits.append(f"{plural(k, 'row')} with {what}")
+                    neg_inf |= what == "-inf"
             if bits:
                 detail = f"\n  logits shape {fmt_shape(x.shape)}, dtype {x.dtype}: " + ", ".join(bits)
                 found.append("the logits hold NaN or infinite values")
@@ -372,12 +375,16 @@ def nonfinite_finding(
             "\nCommon causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
             "division by zero inside the model, NaN in the input data"
             + (", or float16 overflow (values above 65504)" if half else "")
-            + ". A -inf logit is fine on a masked-out class with plain class-index targets, but never "
-            "on the target class"
             + (
-                "; with label smoothing or probability targets every class enters the loss, so any "
-                "-inf makes it infinite (mask with a large finite value, e.g. torch.finfo(dtype).min / 2)"
-                if spread else ""
+                ". A -inf logit is fine on a masked-out class with plain class-index targets, but "
+                "never on the target class"
+                + (
+                    "; with label smoothing or probability targets every class enters the loss, so "
+                    "any -inf makes it infinite (mask with a large finite value, e.g. "
+                    "torch.finfo(dtype).min / 2)"
+                    if spread else ""
+                )
+                if neg_inf else ""
             )
             + ".\nFix: check the inputs with torch.isfinite(x).all(), lower the learning rate or clip "
             "gradients (torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() "

@@ -70,10 +70,12 @@ def _notice_fallback(reason: str) -> None:
     _NOTICED.append(True)
     from .report import _user_frame
 
+    # A missing triton's reason already names the install command: say it once.
+    get = "" if "pip install" in reason else (
+        'For the kernel: pip install "safeloss[gpu]" (or pip install triton). ')
     warnings.warn(
         f'safeloss: backend="auto" runs CUDA tensors on the pure-torch backend because {reason}. '
-        "Results are the same, without the fused kernel. For the kernel: "
-        'pip install "safeloss[gpu]" (or pip install triton). backend="torch" picks the torch '
+        f"Results are the same, without the fused kernel. {get}backend=\"torch\" picks the torch "
         "backend without this notice, which is shown once per process.",
         UserWarning,
         stacklevel=_user_frame()[2],

@@ -322,13 +322,27 @@ def _check_weight(
                 f"targets stock torch rejects this (\"expected scalar type {_SCALAR_NAME[dtype]} "
                 f"but found {_SCALAR_NAME[stock_dtype]}\"). Default mode casts the weight to "
                 f"{dtype} (strict mode stops here).\n"
-                "The usual causes: a weight built from NumPy (float64) for a float32 model, or a "
-                "model converted with .half() / .to(torch.bfloat16) while the weight stayed float32.\n"
+                f"{_weight_dtype_cause(weight.dtype, dtype)}"
                 f"Fix: create the weight in the logits' dtype, weight.to({dtype}) (for a loss "
                 f"module: loss_fn.to({dtype}))",
             ))
         weight = weight.to(dtype)
     return weight, findings
+
+
+def _weight_dtype_cause(weight_dtype: torch.dtype, dtype: torch.dtype) -> str:
+    """The likely cause of a weight/logits dtype mismatch, only as far as the two dtypes show it:
+    a float64 weight points at NumPy, half-precision logits with a wider weight at a converted
+    model; other pairs get no guess."""
+    causes = []
+    if weight_dtype == torch.float64:
+        causes.append("a weight built from NumPy, whose arrays are float64")
+    if dtype in (torch.float16, torch.bfloat16) and weight_dtype.itemsize > dtype.itemsize:
+        causes.append(f"a model converted with .half() / .to(torch.bfloat16) while the weight stayed "
+                      f"{weight_dtype}")
+    if not causes:
+        return ""
+    return f"The likely cause{'s' if len(causes) > 1 else ''}: {', or '.join(causes)}.\n"
 
 
 def _autocast_dtype(dtype: torch.dtype, input: Tensor) -> torch.dtype:
@@ -518,7 +532,7 @@ def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]
     )
 
 
-def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Finding]:
+def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
     if target.dtype == torch.uint64:
         t = target.view(torch.int64)  # values >= 2**63 turn negative: not one-hot, never wrapped to 0/1
@@ -551,8 +565,10 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int) -> tuple[Tensor, Fi
         f"cross_entropy got one-hot targets as {target.dtype} (shape {fmt_shape(target.shape)}); "
         "stock torch rejects them (\"Expected floating point type for target with class "
         "probabilities\"). Default mode uses them as probabilities (strict mode stops here), which "
-        "gives the same loss as class indices except that the mean ignores class weights in its "
-        "denominator.\n"
+        "gives the same loss as class indices"
+        # The one difference, named only when this call has class weights.
+        + (" except that the mean ignores class weights in its denominator" if weighted else "")
+        + ".\n"
         "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
         "or target.float() to keep torch's probability semantics",
     )
@@ -702,7 +718,7 @@ def normalize(
                     f"cross_entropy got complex targets (dtype {target.dtype}); probabilities "
                     "must be real.\nFix: pass target.real"
                 )
-            target, finding = _onehot_target(target, x, cdim)
+            target, finding = _onehot_target(target, x, cdim, weighted=weight is not None)
             findings.append(finding)
         if ignore_index >= 0:
             raise IgnoreIndexError(

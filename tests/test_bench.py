@@ -239,3 +239,15 @@ def test_cpu_overhead_script_runs(capsys: pytest.CaptureFixture[str], benchmark_
                  "gradgradcheck F.linear_cross_entropy", "double backward (8, 10) fp32"):
         assert what in out, what
     assert not __import__("safeloss").is_patched()
+
+
+def test_a_skipped_row_is_not_flagged_for_the_baselines_noise() -> None:
+    w = bench._cls(4096, 1000, "fp32")
+    base = bench._base_row(w, next(p for p in bench.PROVIDERS if p.name == bench.BASELINE))
+    base["fwd"] = base["fwdbwd"] = bench.Timing(1.0, 0.5, 1.5, 50)  # 100% spread
+    base = bench._finish(base, base)
+    skipped = {**bench._base_row(w, next(p for p in bench.PROVIDERS if p.name == "liger")),
+               "status": "skipped", "note": "skipped: Liger-Kernel runs on CUDA only"}
+    row = bench._finish(skipped, base)
+    assert base["noisy"]
+    assert not row.get("noisy") and row["note"] == "skipped: Liger-Kernel runs on CUDA only"

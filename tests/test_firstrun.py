@@ -94,7 +94,10 @@ def test_demo_unknown_case_lists_every_case(capsys):
 def test_readme_counts_the_demo_cases():
     readme = (ROOT / "README.md").read_text()
     assert f"shows {len(demo.CASES)} cases" in readme
-    assert f"runs all {len(demo.CASES) + len(demo.MORE_CASES)} cases" in readme
+    total = len(demo.CASES) + len(demo.MORE_CASES)
+    assert f"runs all {total} cases" in readme
+    # Every other count of the demo's cases in the README (the --only sentence) agrees too.
+    assert re.findall(r"from all (\d+)\b", readme) == [str(total)]
 
 
 def test_demo_explains_its_meta_stand_in():
@@ -119,6 +122,7 @@ def test_auto_on_cuda_without_triton_says_so_once_and_runs_torch(monkeypatch):
     with pytest.warns(UserWarning, match=r'(?s)pure-torch backend because the triton package is not installed.*pip install "safeloss\[gpu\]"') as w:
         assert dispatch.select("auto", _fake_cuda_problem()) == "torch"
     assert len(w) == 1 and w[0].filename == __file__  # the user's line, not safeloss's
+    assert str(w[0].message).count("pip install") == 2  # one command and its alternative, once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.select("auto", _fake_cuda_problem()) == "torch"  # once per process
