@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -100,6 +101,9 @@ def check_reduction(reduction: object) -> str:
     if reduction in REDUCTIONS:
         return reduction  # type: ignore[return-value]
     if reduction == "elementwise_mean":
+        # Stock accepts the old name with this exact warning (torch.nn._reduction.get_enum).
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                      stacklevel=2)
         return "mean"
     raise ReductionError(
         f"reduction={reduction!r} is not a valid reduction for cross_entropy.\n"

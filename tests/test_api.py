@@ -459,3 +459,13 @@ def test_deferred_message_survives_a_refilled_label_buffer(deferred):
     buf.copy_(t)  # a static label buffer, refilled for the next step
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"11 at \[2\]"):
         loss_fn(x, buf)
+
+
+def test_elementwise_mean_warns_like_stock():
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated") as rec:
+        ours = safeloss.cross_entropy(x, t, reduction="elementwise_mean")
+    assert not any(issubclass(w.category, safeloss.SafeLossWarning) for w in rec)
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        stock = torch.nn.functional.cross_entropy(x, t, reduction="elementwise_mean")
+    torch.testing.assert_close(ours, stock)

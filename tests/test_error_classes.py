@@ -36,6 +36,9 @@ from tests.tolerances import TIGHT
 
 Args = tuple[Any, Any, dict[str, Any]]  # (input, target, keyword arguments)
 
+# The sweep calls stock torch with reduction="elementwise_mean", which stock itself warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:reduction='elementwise_mean' is deprecated:UserWarning")
+
 
 @dataclass(frozen=True)
 class Case:

@@ -446,6 +446,8 @@ def test_fake_tensors_under_patch_reach_safeloss(clean_patch):
 # ------------------------------------------------------------------------------- sparse
 
 
+# torch's own notice on building a CSR tensor, not something safeloss says.
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
 @pytest.mark.parametrize("layout", ["coo", "csr"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_sparse_probability_targets_match_stock(layout, reduction, clean_patch):
@@ -527,6 +529,8 @@ def test_user_dispatch_modes_keep_the_eager_checks():
             safeloss.cross_entropy(x, bad_labels())
 
 
+# torch's own notice on building a strided nested tensor, not something safeloss says.
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 @pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
 def test_nested_tensors_are_a_clear_error(layout):
     logits = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], layout=layout)
