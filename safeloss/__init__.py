@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
-from ._traceback import trim as _trim
-from .checks import flush as _flush
-from .config import set_strict, strict_mode
-from .errors import (
+from .ce.functional import cross_entropy
+from .ce.module import SafeCrossEntropyLoss
+from .core._traceback import trim as _trim
+from .core.checks import flush as _flush
+from .core.config import set_strict, strict_mode
+from .core.errors import (
     ArgumentTypeError,
     BackendError,
     BatchSizeMismatchError,
@@ -30,12 +32,10 @@ from .errors import (
     TargetShapeError,
     WeightError,
 )
-from .functional import cross_entropy
+from .core.report import reset_warnings
 from .linear import SafeLinearCrossEntropyLoss, linear_cross_entropy
-from .module import SafeCrossEntropyLoss
 from .parallel import vocab_parallel_cross_entropy
 from .patch import is_patched, patch, unpatch
-from .report import reset_warnings
 
 __version__ = "0.1.0"
 

@@ -41,13 +41,15 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import pipeline, tracing
-from ._traceback import boundary
-from .errors import ArgumentTypeError
-from .functional import cross_entropy as _safe_cross_entropy
+from .ce import pipeline
+from .ce.functional import cross_entropy as _safe_cross_entropy
+from .core import tools as tracing
+from .core._traceback import boundary
+from .core.errors import ArgumentTypeError
+from .core.mode import decide
+from .core.validation import check_label_smoothing, check_reduction
 from .linear import patch as _linear_patch
 from .parallel import dtensor as _parallel_dtensor
-from .validation import check_label_smoothing, check_reduction
 
 _CLS = torch.nn.CrossEntropyLoss
 _FUNCTIONAL = torch.nn.functional
@@ -189,7 +191,7 @@ def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tens
     _depth += 1
     try:
         return pipeline.run(
-            input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+            decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
             backend="auto", inplace_backward=False, owner=self,
         )

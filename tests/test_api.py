@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import SafeCrossEntropyLoss, SafeLossWarning, dispatch
+from safeloss import SafeCrossEntropyLoss, SafeLossWarning
+from safeloss.backends import dispatch
 from tests.tolerances import assert_matches
 
 
@@ -168,7 +169,7 @@ def test_triton_missing_is_an_error_and_auto_falls_back(monkeypatch):
 
 def test_auto_uses_torch_on_cpu():
     x, t = data()
-    assert dispatch.select("auto", safeloss.validation.normalize(x, t, None, -100, "mean", 0.0)) == "torch"
+    assert dispatch.select("auto", safeloss.core.validation.normalize(x, t, None, -100, "mean", 0.0)) == "torch"
 
 
 def test_no_import_time_side_effects():
@@ -183,9 +184,9 @@ def test_no_import_time_side_effects():
 
 @pytest.fixture
 def deferred(monkeypatch):
-    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)
+    monkeypatch.setattr(safeloss.core.checks, "DEFER_ON_CPU", True)
     yield
-    safeloss.checks._pending.clear()
+    safeloss.core.checks._pending.clear()
 
 
 def test_deferred_bad_target_is_nan_now_and_raises_next_call(deferred):
@@ -238,15 +239,15 @@ class _FakeEvent:
 def _fake_events(monkeypatch) -> list[_FakeEvent]:
     """Every deferred record gets an event the test finishes by hand (the GPU "still running")."""
     events: list[_FakeEvent] = []
-    real_defer = safeloss.checks.defer
+    real_defer = safeloss.core.checks.defer
 
     def fake_defer(*args, **kwargs):
         real_defer(*args, **kwargs)
-        rec = safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][-1]
+        rec = safeloss.core.checks._pending[safeloss.core.checks.FUNCTIONAL_KEY][-1]
         rec.event = _FakeEvent(done=False)
         events.append(rec.event)
 
-    monkeypatch.setattr(safeloss.checks, "defer", fake_defer)
+    monkeypatch.setattr(safeloss.core.checks, "defer", fake_defer)
     return events
 
 
@@ -254,7 +255,7 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
     """A call reports only what finished on the GPU; unfinished records stay queued, in order,
     and no call waits on an event (that would serialize host and GPU), up to MAX_IN_FLIGHT."""
     events = _fake_events(monkeypatch)
-    monkeypatch.setattr(safeloss.checks, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(safeloss.core.checks, "MAX_IN_FLIGHT", 3)
     x, t = data()
     bad = t.clone()
     bad[2] = 11
@@ -262,7 +263,7 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
     for _ in range(3):
         safeloss.cross_entropy(x, t)  # calls 1-3: call 0 not finished, so nothing is reported
     assert not any(e.waited for e in events)
-    assert len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) == 4
+    assert len(safeloss.core.checks._pending[safeloss.core.checks.FUNCTIONAL_KEY]) == 4
     events[0].done = True  # the GPU finishes call 0: the next call reports it, without waiting
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)found by an earlier call.*11 at \[2\]"):
         safeloss.cross_entropy(x, t)
@@ -271,9 +272,9 @@ def test_deferred_calls_never_wait_for_the_gpu(deferred, monkeypatch):
     for _ in range(3):
         safeloss.cross_entropy(x, t)
     assert events[1].waited and not events[-1].waited
-    assert len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) <= 4
+    assert len(safeloss.core.checks._pending[safeloss.core.checks.FUNCTIONAL_KEY]) <= 4
     safeloss.check_pending()  # waits for everything
-    assert all(e.done for e in events) and not safeloss.checks._pending
+    assert all(e.done for e in events) and not safeloss.core.checks._pending
 
 
 def test_deferred_records_survive_a_raising_report(deferred, monkeypatch):
@@ -309,12 +310,12 @@ def test_strict_call_reports_earlier_findings_first(deferred, monkeypatch):
 
 def test_deferred_backlog_is_bounded_in_bytes(deferred, monkeypatch):
     events = _fake_events(monkeypatch)
-    monkeypatch.setattr(safeloss.checks, "MAX_IN_FLIGHT_BYTES", 1)  # every record is "too big"
+    monkeypatch.setattr(safeloss.core.checks, "MAX_IN_FLIGHT_BYTES", 1)  # every record is "too big"
     x, t = data()
     safeloss.cross_entropy(x, t)
     safeloss.cross_entropy(x, t)  # waits for the first record instead of keeping both
-    assert events[0].waited and len(safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY]) == 1
-    assert safeloss.checks._pending[safeloss.checks.FUNCTIONAL_KEY][0].nbytes > 0
+    assert events[0].waited and len(safeloss.core.checks._pending[safeloss.core.checks.FUNCTIONAL_KEY]) == 1
+    assert safeloss.core.checks._pending[safeloss.core.checks.FUNCTIONAL_KEY][0].nbytes > 0
 
 
 def test_deferred_records_of_a_discarded_loss_are_reported(deferred):
@@ -328,10 +329,10 @@ def test_deferred_records_of_a_discarded_loss_are_reported(deferred):
     keep = SafeCrossEntropyLoss()  # alive throughout, so it cannot reuse the other's id (key)
     SafeCrossEntropyLoss()(x, bad)  # the module is garbage right after the call
     gc.collect()
-    assert len(safeloss.checks._pending) == 1 and id(keep) not in safeloss.checks._pending
+    assert len(safeloss.core.checks._pending) == 1 and id(keep) not in safeloss.core.checks._pending
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"9 at \[1\]"):
         keep(x, t)
-    assert not safeloss.checks._pending  # reported, not kept (the raising call deferred nothing)
+    assert not safeloss.core.checks._pending  # reported, not kept (the raising call deferred nothing)
 
 
 def test_deferred_strict_raises_in_the_same_call(deferred):

@@ -50,7 +50,8 @@ def test_threads_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
 
     seen = []
     monkeypatch.setattr(bench, "_run", lambda *a, **k: seen.append(torch.get_num_threads()) or 0)
-    from safeloss import bench_linear, cli
+    from safeloss import cli
+    from safeloss.bench import linear as bench_linear
 
     monkeypatch.setattr(bench_linear, "run", lambda *a, **k: 0)  # its heads take minutes on CPU
 

@@ -90,7 +90,7 @@ def test_shape_findings_are_reported_from_compiled_code():
 
 def test_compiled_deferred_model(monkeypatch):
     """The CUDA model, on CPU: findings of call k are reported at call k+1 (one record at most)."""
-    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)
+    monkeypatch.setattr(safeloss.core.checks, "DEFER_ON_CPU", True)
     try:
         loss_fn = safeloss.SafeCrossEntropyLoss(reduction="none")
         step = _compiled(lambda x, t: loss_fn(x, t))
@@ -100,10 +100,10 @@ def test_compiled_deferred_model(monkeypatch):
         with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)torch.compile'd call.*5 at \[1\]"):
             step(x, torch.tensor([0, 1, 1, 2]))
         step(x, torch.tensor([0, 1, 1, 2]))
-        assert sum(len(v) for v in safeloss.checks._pending.values()) == 1  # nothing accumulates
+        assert sum(len(v) for v in safeloss.core.checks._pending.values()) == 1  # nothing accumulates
         safeloss.check_pending()
     finally:
-        safeloss.checks._pending.clear()
+        safeloss.core.checks._pending.clear()
 
 
 def test_inductor_keeps_the_checks():

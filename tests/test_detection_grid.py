@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import safeloss
-from safeloss import SafeLossWarning, dispatch
-from safeloss import _flags as F
+from safeloss import SafeLossWarning
+from safeloss.backends import dispatch
+from safeloss.core import _flags as F
 
 _triton_reason = dispatch.triton_unavailable_reason(torch.device("cpu"))
 BACKENDS = [

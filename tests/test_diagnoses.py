@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import SafeLossWarning, validation
+from safeloss import SafeLossWarning
+from safeloss.core import validation
 from tests.test_differential import CPU_BACKENDS
 from tests.tolerances import assert_matches
 
@@ -28,9 +29,9 @@ def backend(request):
 
 @pytest.fixture
 def deferred(monkeypatch):
-    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)
+    monkeypatch.setattr(safeloss.core.checks, "DEFER_ON_CPU", True)
     yield
-    safeloss.checks._pending.clear()
+    safeloss.core.checks._pending.clear()
 
 
 def warned(fn, *args, **kw):
@@ -198,7 +199,7 @@ def stale_weight_cache(monkeypatch):
 
 def test_negative_weight_counted_by_the_kernel(stale_weight_cache):
     if dict((p.values[0], p.marks) for p in CPU_BACKENDS)["triton"]:
-        from safeloss import dispatch
+        from safeloss.backends import dispatch
 
         if dispatch.triton_unavailable_reason(torch.device("cpu")) is not None:
             pytest.skip("the Triton backend cannot run on CPU tensors here")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import dispatch
+from safeloss.backends import dispatch
 from tests.tolerances import assert_matches
 
 SHAPES = {

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import SafeLossError, SafeLossWarning, dispatch
+from safeloss import SafeLossError, SafeLossWarning
+from safeloss.backends import dispatch
 from tests.test_differential import CPU_BACKENDS
 from tests.tolerances import assert_matches, least_precise
 
@@ -284,7 +285,7 @@ def test_uint64_label_never_wraps_in_compiled_code():
 def test_weight_dtype_rule_on_meta_logits():
     """The vocab-parallel path checks the weight against meta logits of the gathered shape:
     autocast has no state for the meta device, which must read as "off", not fail."""
-    from safeloss import validation
+    from safeloss.core import validation
 
     meta = torch.empty(4, 5, device="meta")
     w, findings = validation._check_weight(torch.ones(5, dtype=torch.float64), meta, 5, True, torch.float32)

@@ -558,7 +558,7 @@ def test_variants_pickle_and_keep_their_classes() -> None:
 
 
 def test_stock_class_returns_the_public_class_when_it_already_fits() -> None:
-    from safeloss.errors import stock_class
+    from safeloss.core.errors import stock_class
 
     assert stock_class(safeloss.TargetShapeError, RuntimeError) is safeloss.TargetShapeError
     assert stock_class(safeloss.BatchSizeMismatchError, ValueError) is safeloss.BatchSizeMismatchError

@@ -125,7 +125,7 @@ def test_causal_lm_strict_mode(causal_lm: ModuleType, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "safeloss, strict mode: EmptyBatchError: cross_entropy with reduction=\"mean\"" in out
     assert "SafeLossWarning" not in out
-    assert not safeloss.config.is_strict()  # the example does not leak strict mode
+    assert not safeloss.core.config.is_strict()  # the example does not leak strict mode
 
 
 def test_causal_lm_runs_as_a_script() -> None:

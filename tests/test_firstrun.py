@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import safeloss
-from safeloss import cli, demo, dispatch
+from safeloss import cli, demo
+from safeloss.backends import dispatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeloss
-from safeloss import SafeLossError, SafeLossWarning, dispatch
+from safeloss import SafeLossError, SafeLossWarning
+from safeloss.backends import dispatch
 from tests.tolerances import assert_matches
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import safeloss
-from safeloss import dispatch
+from safeloss.backends import dispatch
 from safeloss.linear import chunked
 from tests.tolerances import assert_matches
 
@@ -452,7 +452,7 @@ def test_single_class_head_warns():
 def test_deferred_model_masks_bad_labels_and_reports_later(monkeypatch):
     """The CUDA default-mode path, on CPU: a bad label's loss is NaN (its gradient zero, no
     out-of-range read) and the error comes at the next call of the same loss."""
-    from safeloss import checks
+    from safeloss.core import checks
 
     monkeypatch.setattr(checks, "DEFER_ON_CPU", True)
     x = _x().requires_grad_()
@@ -581,7 +581,7 @@ def test_meta_fake_and_make_fx_trace_without_reading_values():
 def test_bench_linear_section_runs_and_reports(tmp_path, monkeypatch):
     """The linear section of ``safeloss bench`` end to end on a tiny head: rows, ratios, memory
     (the subprocess probe replaced by the in-process one, which is what it runs), markdown."""
-    from safeloss import bench_linear
+    from safeloss.bench import linear as bench_linear
 
     monkeypatch.setattr(chunked, "FORCE_ROWS", None)
     hd = bench_linear.Head(64, 8, 500, "fp32")

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from safeloss import checks
 from safeloss.backends import torch_backend
+from safeloss.core import checks
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -57,7 +57,7 @@ def test_host_prob_scan_takes_the_amin_path_above_the_threshold() -> None:
 
 @pytest.mark.parametrize("C", [2, 3, 10, 1000, 128256])
 def test_softmax_band_matches_the_formula(C: int) -> None:
-    from safeloss.validation import normalize
+    from safeloss.core.validation import normalize
 
     x = torch.zeros(2, C)
     p = normalize(x, torch.zeros(2, dtype=torch.long), None, -100, "mean", 0.0)
@@ -75,7 +75,7 @@ def test_repeated_warnings_are_not_rebuilt(monkeypatch: pytest.MonkeyPatch) -> N
     """A warning already shown is dropped by report(); resolve() no longer builds its message
     (host reads of the targets) first. Strict mode raises, and so builds, every time."""
     import safeloss
-    from safeloss.errors import ProbabilityTargetError
+    from safeloss.core.errors import ProbabilityTargetError
 
     built = []
     real = checks.prob_target_finding
@@ -120,11 +120,11 @@ def test_resolve_guards_name_the_kinds_of_the_findings() -> None:
     kinds the finding constructors give."""
     import inspect
 
-    from safeloss.validation import normalize
+    from safeloss.core.validation import normalize
 
     src = inspect.getsource(checks.resolve)
     p = normalize(torch.randn(2, 3), torch.rand(2, 3), None, -100, "mean", 0.0)
-    from safeloss.validation import negative_weight_finding
+    from safeloss.core.validation import negative_weight_finding
 
     # One guard per finding built in resolve(): the overflow kind twice (per position, and
     # of the reduced value).

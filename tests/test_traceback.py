@@ -1,4 +1,4 @@
-"""A SafeLossError's traceback ends at the user's call, not inside safeloss (safeloss._traceback)."""
+"""A SafeLossError's traceback ends at the user's call, not inside safeloss (safeloss.core._traceback)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
-from safeloss import _traceback
+from safeloss.core import _traceback
 
 # A bare re-raise keeps a replaced __traceback__ from Python 3.11 on; 3.10 shows the full one.
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="traceback trimming needs Python 3.11+")
@@ -71,14 +71,14 @@ def test_patched_stock_calls(clean_patch):
 
 
 def test_check_pending(monkeypatch):
-    monkeypatch.setattr(safeloss.checks, "DEFER_ON_CPU", True)  # CPU calls defer, as CUDA ones do
+    monkeypatch.setattr(safeloss.core.checks, "DEFER_ON_CPU", True)  # CPU calls defer, as CUDA ones do
     try:
         safeloss.cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1]))
         with pytest.raises(safeloss.TargetOutOfRangeError) as e:
             safeloss.check_pending()
         assert_ends_here(e.value, "safeloss.check_pending()")
     finally:
-        safeloss.checks._pending.clear()
+        safeloss.core.checks._pending.clear()
 
 
 def test_strict_mode_and_value_errors():
@@ -108,11 +108,11 @@ def test_other_exceptions_keep_their_traceback(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in safeloss")
 
-    monkeypatch.setattr(safeloss.pipeline, "normalize", broken)
+    monkeypatch.setattr(safeloss.ce.pipeline, "normalize", broken)
     with pytest.raises(RuntimeError, match="a bug in safeloss") as e:
         safeloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
     names = [os.path.basename(f.filename) for f in frames(e.value) if f.filename.startswith(PKG)]
-    assert names == ["functional.py", "pipeline.py"]
+    assert names == ["functional.py", "pipeline.py", "pipeline.py"]  # entry, run, _dense
     assert frames(e.value)[-1].filename == __file__  # broken() itself
 
 

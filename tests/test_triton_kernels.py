@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safeloss import _flags
 from safeloss.backends import triton_backend as tb
+from safeloss.core import _flags
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = pytest.mark.gpu

@@ -1,33 +1,7 @@
-"""Backends compute per-position losses; ``safeloss.reduction`` turns them into the result.
+"""Backends compute per-position losses (:class:`safeloss.core.rows.Rows`); the shared
+``safeloss.core.reduction`` turns them into the result.
 
-Each backend returns :class:`Rows`: the per-position losses (ignored positions 0, positions
-with an invalid target NaN) and a :class:`~safeloss.checks.Scan` of what it counted on the way.
+* ``dispatch``: which backend runs a call (Triton for CUDA tensors when it can run, else torch).
+* ``torch_backend``: pure torch, every device.
+* ``triton_backend`` / ``triton_kernels``: the fused kernels, imported lazily (triton is optional).
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from torch import Tensor
-
-from ..checks import Scan
-
-
-@dataclass
-class Rows:
-    losses: Tensor | None  # per-position losses; None with ``reduced`` None: stopped early
-    scan: Scan
-    # The torch backend on the host path asks stock torch for the reduced value directly: stock
-    # torch's reduction *is* the semantics ``safeloss.reduction`` reproduces, and its fused
-    # mean/sum backward saves two autograd nodes per call (which dominate at small shapes).
-    reduced: Tensor | None = None
-    # With ``reduced``: recomputes the per-position losses, only on the error path (to name rows).
-    recompute: Callable[[], Tensor] | None = None
-
-    def losses_or_recompute(self) -> Tensor | Callable[[], Tensor] | None:
-        return self.losses if self.losses is not None else self.recompute
-
-    @property
-    def stopped(self) -> bool:
-        return self.losses is None and self.reduced is None

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as tf
 from torch import Tensor
 
-from .. import _flags as F
-from ..checks import (
+from ..core import _flags as F
+from ..core.checks import (
     CLEAN,
     Scan,
     bad_target_mask,
@@ -34,9 +34,9 @@ from ..checks import (
     softmax_like,
     target_bounds,
 )
-from ..errors import TargetOutOfRangeError
-from ..validation import Problem
-from . import Rows
+from ..core.errors import TargetOutOfRangeError
+from ..core.rows import Rows
+from ..core.validation import Problem
 
 
 def row_losses(p: Problem, immediate: bool) -> Rows:

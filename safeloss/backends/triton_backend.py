@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from safeloss import _flags
+from ..core import _flags
 
 __all__ = ["row_losses", "unavailable_reason"]
 
@@ -60,7 +60,7 @@ def _triton_import_error() -> str | None:
 def _kernels() -> Any:
     """Import the jit kernels on first use (``triton.jit`` picks GPU compilation or the
     interpreter when that module is decorated, from TRITON_INTERPRET at that moment)."""
-    from safeloss.backends import triton_kernels
+    from . import triton_kernels
 
     return triton_kernels
 
@@ -473,9 +473,8 @@ def _differentiable_grads(
     eps: float, prob: bool, need_dx: bool, need_dy: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """First derivatives as differentiable torch ops (the same values as the kernels)."""
-    from safeloss.checks import bad_target_mask
-    from safeloss.errors import BackendError
-
+    from ..core.checks import bad_target_mask
+    from ..core.errors import BackendError
     from .torch_backend import _stock_cross_entropy
 
     if x is None:

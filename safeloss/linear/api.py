@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch, reduction
-from ..backends import Rows
-from ..checks import Scan, bad_target_mask, prob_target_counts, target_bounds
-from ..config import LazyStrict
-from ..errors import (
+from ..backends import dispatch
+from ..core import checks, reduction
+from ..core.checks import Scan, bad_target_mask, prob_target_counts, target_bounds
+from ..core.config import LazyStrict
+from ..core.errors import (
     LabelSmoothingError,
     NonFiniteError,
     TargetOutOfRangeError,
@@ -26,8 +26,9 @@ from ..errors import (
     fmt_shape,
     plural,
 )
-from ..report import Finding, _user_frame, report
-from ..validation import check_label_smoothing, check_reduction
+from ..core.report import Finding, _user_frame, report
+from ..core.rows import Rows
+from ..core.validation import check_label_smoothing, check_reduction
 from . import chunked
 from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
 
@@ -214,7 +215,7 @@ def _select(backend: str, lp: LinearProblem) -> str:
     else:
         reason = dispatch.triton_unavailable_reason(x.device)
         if reason is not None:
-            from ..errors import BackendError
+            from ..core.errors import BackendError
 
             raise BackendError(
                 f'backend="triton" cannot run on {x.device.type} tensors here: {reason}.\n'

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..errors import (
+from ..core.errors import (
     ArgumentTypeError,
     BatchSizeMismatchError,
     DeviceMismatchError,
@@ -31,8 +31,8 @@ from ..errors import (
     fmt_shape,
     stock_class,
 )
-from ..report import Finding
-from ..validation import Problem, normalize
+from ..core.report import Finding
+from ..core.validation import Problem, normalize
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WORD = re.compile(r"(?<![\w.])cross_entropy\b")

@@ -37,13 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _flags as F
-from .. import checks, errors
-from .. import reduction as _reduction
-from ..backends import Rows
-from ..config import LazyStrict
-from ..dispatch import check_backend, triton_unavailable_reason
-from ..errors import (
+from ..backends.dispatch import check_backend, triton_unavailable_reason
+from ..core import _flags as F
+from ..core import checks, errors
+from ..core import reduction as _reduction
+from ..core.config import LazyStrict
+from ..core.errors import (
     BackendError,
     ParallelMismatchError,
     SafeLossError,
@@ -52,8 +51,9 @@ from ..errors import (
     WeightError,
     fmt_shape,
 )
-from ..report import Finding, report
-from ..validation import (
+from ..core.report import Finding, report
+from ..core.rows import Rows
+from ..core.validation import (
     Problem,
     _check_devices,
     _check_weight,
@@ -519,7 +519,7 @@ def _sample_positions(x: Tensor, R: int) -> Tensor:
 
 
 def checks_single_class(meta: Tensor) -> Finding:
-    from ..errors import InputError
+    from ..core.errors import InputError
 
     return Finding(
         "single-class", InputError,

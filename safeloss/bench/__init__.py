@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .measure import _DTYPES, Skip, Timing, cpu_time_interleaved, cuda_time
+
 # Stop starting new workloads after this many seconds (partial results are still written).
 BUDGET_ENV = "SAFELOSS_BENCH_BUDGET_S"
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _GiB = 1 << 30
 
 
@@ -136,10 +137,6 @@ def quick_workloads(device: str) -> list[Workload]:
 # =============================================================================== providers
 
 
-class Skip(Exception):
-    """A provider cannot run this workload here; the message says why (shown as a note)."""
-
-
 # A provider's loss function: (logits, target) -> scalar mean loss, differentiable w.r.t. logits.
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -156,7 +153,8 @@ class Provider:
 def _safeloss(backend: str, inplace: bool = False) -> Callable[[Workload, torch.device], LossFn]:
     def make(w: Workload, dev: torch.device) -> LossFn:
         import safeloss
-        from safeloss.dispatch import triton_unavailable_reason
+
+        from ..backends.dispatch import triton_unavailable_reason
 
         if backend == "triton":
             if dev.type != "cuda":
@@ -180,7 +178,7 @@ def _softmax_check_off() -> Iterator[None]:
     the flag off measures exactly the same pipeline minus the check. The other findings (bad
     targets, non-finite rows) are counted by the kernel unconditionally and cannot be turned off.
     """
-    from safeloss.backends import triton_backend as tb
+    from ..backends import triton_backend as tb
 
     orig = tb.row_losses
     if "check_softmax" not in inspect.signature(orig).parameters:
@@ -333,14 +331,6 @@ def streamed_bytes(w: Workload) -> int:
 # =============================================================================== timing
 
 
-@dataclasses.dataclass
-class Timing:
-    median_ms: float
-    q20_ms: float
-    q80_ms: float
-    reps: int
-
-
 # A row whose q20..q80 interval is wider than this share of its median is flagged as too noisy to
 # trust (on a shared CPU, other processes' load; its speedup may be off by as much).
 SPREAD_MAX = 0.2
@@ -356,75 +346,6 @@ def spread(row: dict[str, Any], key: str = "fwdbwd") -> float | None:
     if not all(isinstance(v, float) for v in (med, lo, hi)) or not med:
         return None
     return (hi - lo) / med
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def _summary(ms: list[float]) -> Timing:
-    return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
-
-
-def cuda_time(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
-              setup: Callable[[], object] | None = None) -> Timing:
-    """CUDA-event time of ``fn``: triton's do_bench (L2 flushed before each call) when available.
-
-    ``setup`` runs before each call outside the timed interval (before the L2 flush and the start
-    event): in-place providers get their overwritten logits restored there."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None and setup is None:
-        med, q20, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(med, q20, q80, -1)  # do_bench does not report its rep count
-    # Same method without triton: flush L2 with a 256 MB write, time each call with events.
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    setup = setup or (lambda: None)
-    setup()
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        setup()
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        setup()
-        fn()
-    n = max(5, int(rep_ms / est))
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in evs:
-        setup()
-        flush.zero_()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return _summary([a.elapsed_time(b) for a, b in evs])
-
-
-def cpu_time_interleaved(fns: dict[str, Callable[[], object]], seconds: float, min_rounds: int) -> dict[str, Timing]:
-    """Wall time per call, providers interleaved call by call in a rotating order, until both
-    ``min_rounds`` rounds and ``seconds`` have passed. One warm-up round is not counted."""
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    ms: dict[str, list[float]] = {name: [] for name in names}
-    deadline = time.perf_counter() + seconds
-    r = 0
-    while r < min_rounds or time.perf_counter() < deadline:
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter_ns()
-            fns[name]()
-            ms[name].append((time.perf_counter_ns() - t0) / 1e6)
-        r += 1
-    return {name: _summary(v) for name, v in ms.items()}
 
 
 def copy_bandwidth(dev: torch.device, quick: bool) -> float:
@@ -1044,7 +965,7 @@ def main(quick: bool = False, device: str | None = None, out: str = "bench-out",
     dev = torch.device(device)
     preset = "quick" if quick else "full"
     wls = quick_workloads(dev.type) if quick else full_workloads()
-    from . import bench_linear  # the linear + cross-entropy heads: their own section
+    from . import linear as bench_linear  # the linear + cross-entropy heads: their own section
 
     heads = bench_linear.select(dev.type, quick, workloads)
     if workloads:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import bench
+from . import measure as bench
 
 _MiB = 1 << 20
 _STOCK: Callable[..., Tensor] | None = getattr(torch.nn.functional, "linear_cross_entropy", None)
@@ -89,7 +89,8 @@ def _stock_chunked(dev: torch.device) -> LossFn:
 def _safeloss(backend: str) -> Callable[[torch.device], LossFn]:
     def make(dev: torch.device) -> LossFn:
         import safeloss
-        from safeloss.dispatch import triton_unavailable_reason
+
+        from ..backends.dispatch import triton_unavailable_reason
 
         if backend == "triton":
             if dev.type != "cuda":
@@ -176,7 +177,7 @@ def cpu_peak_probe(provider: str, hd: Head, threads: int) -> int:
 
 def _cpu_peak(provider: str, hd: Head) -> tuple[int | None, str]:
     code = (
-        "import sys, json; from safeloss import bench_linear as b; "
+        "import sys, json; from safeloss.bench import linear as b; "
         f"hd = b.Head({hd.n}, {hd.h}, {hd.c}, {hd.dtype!r}); "
         f"print(json.dumps(b.cpu_peak_probe({provider!r}, hd, {torch.get_num_threads()})))"
     )

@@ -28,7 +28,7 @@ class Finding:
     message: str
 
 
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # safeloss/
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 # (kind, file, line) for the functional API, (kind, "loss", id) per loss instance: kept outside
 # the instance, so a deepcopy or pickled copy of a loss starts fresh and nothing is added to a

@@ -14,11 +14,12 @@ import warnings
 
 import torch
 
-from . import _flags as F
-from .backends import Rows, torch_backend
-from .checks import Scan
-from .errors import BackendError
-from .validation import Problem
+from ..core import _flags as F
+from ..core.checks import Scan
+from ..core.errors import BackendError
+from ..core.rows import Rows
+from ..core.validation import Problem
+from . import torch_backend
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -49,7 +50,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
             "triton; Linux with a CUDA GPU)"
         )
     try:
-        from .backends import triton_backend
+        from . import triton_backend
     except ImportError as e:  # a broken triton install must not break the torch path
         return f"the Triton backend failed to import ({e})"
     return triton_backend.unavailable_reason(device)
@@ -68,7 +69,7 @@ def _notice_fallback(reason: str) -> None:
     if _NOTICED or torch.compiler.is_dynamo_compiling():
         return
     _NOTICED.append(True)
-    from .report import _user_frame
+    from ..core.report import _user_frame
 
     # A missing triton's reason already names the install command: say it once.
     get = "" if "pip install" in reason else (
@@ -126,7 +127,7 @@ def row_losses(
 ) -> Rows:
     if name == "torch":
         return torch_backend.row_losses(p, immediate)
-    from .backends import triton_backend
+    from . import triton_backend
 
     weight = None if p.weight is None else p.weight.float().contiguous()
     losses, flags = triton_backend.row_losses(

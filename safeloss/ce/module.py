@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import pipeline, tracing
-from ._traceback import boundary, trim
-from .dispatch import check_backend
-from .errors import ArgumentTypeError, SafeLossError
-from .validation import check_label_smoothing, check_reduction
+from ..backends.dispatch import check_backend
+from ..core import tools as tracing
+from ..core._traceback import boundary, trim
+from ..core.errors import ArgumentTypeError, SafeLossError
+from ..core.mode import decide
+from ..core.validation import check_label_smoothing, check_reduction
+from . import pipeline
+from .functional import cross_entropy
 
 
 class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -68,7 +71,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             )
         proxy = tracing.fx_proxy(input, target)  # (no walrus: TorchScript parses this body)
         if proxy is not None:  # torch.fx.symbolic_trace
-            return tracing.fx_module_call(self, proxy, input, target)
+            return tracing.fx_module_call(self, cross_entropy, proxy, input, target)
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
         # traces, which cannot trace the context manager.
@@ -98,7 +101,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     return pipeline.run(
-        input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+        decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
         fused_grad=self.fused_grad,

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backends import Rows
+from .rows import Rows
 from .validation import Problem
 
 

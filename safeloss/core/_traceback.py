@@ -28,7 +28,7 @@ import torch
 from .errors import SafeLossError
 
 ENV = "SAFELOSS_FULL_TRACEBACK"
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # safeloss/
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 

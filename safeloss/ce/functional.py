@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import pipeline, tracing
-from ._traceback import trim
-from .dispatch import check_backend
-from .errors import SafeLossError
-from .validation import check_label_smoothing, resolve_reduction
+from ..backends.dispatch import check_backend
+from ..core import tools as tracing
+from ..core._traceback import trim
+from ..core.errors import SafeLossError
+from ..core.mode import Mode, decide
+from ..core.validation import check_label_smoothing, resolve_reduction
+from . import pipeline
 
 
 def cross_entropy(
@@ -45,7 +47,8 @@ def cross_entropy(
             host sync. Pays off for ``reduction="sum"`` and rows up to 32K classes; it holds a
             logits-sized gradient buffer from forward to backward.
     """
-    if (proxy := tracing.fx_proxy(input, target, weight)) is not None:  # torch.fx.symbolic_trace
+    mode = decide(input, target, weight)
+    if mode is Mode.FX:  # torch.fx.symbolic_trace: one node that calls this function when it runs
         kwargs: dict[str, object] = dict(
             weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
             reduction=reduction, label_smoothing=label_smoothing,
@@ -55,10 +58,11 @@ def cross_entropy(
                                      ("fused_grad", fused_grad, False)):
             if value != default:
                 kwargs[name] = value
-        return tracing.fx_call(proxy, cross_entropy, input, target, kwargs)
+        return tracing.fx_call(tracing.fx_proxy(input, target, weight), cross_entropy, input, target,
+                              kwargs)
     try:
         return pipeline.run(
-            input, target, weight, ignore_index,
+            mode, input, target, weight, ignore_index,
             resolve_reduction(size_average, reduce, reduction),
             check_label_smoothing(label_smoothing),
             strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,

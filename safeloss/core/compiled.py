@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from . import checks, errors
-from .backends import Rows
 from .config import is_strict
 from .report import Finding, report
+from .rows import Rows
 from .validation import Problem
 
 _FIELD, _RECORD = "\x1f", "\x1e"
