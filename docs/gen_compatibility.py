@@ -314,6 +314,74 @@ def sparse_rows() -> list[str]:
     return out
 
 
+MODE_HEADER = """
+## One decision per call: the setting, and what runs there
+
+Every op (`cross_entropy`, `SafeCrossEntropyLoss`, `linear_cross_entropy`,
+`SafeLinearCrossEntropyLoss`, vocab-parallel cross-entropy) asks `safeloss.core.mode.decide` once, at
+its entry, which setting the call runs in, and branches on the answer; nothing below the entry
+tests for a tool again. The *setting* column is the probe run for this page, *decided* is what
+`decide` returned inside it; the other columns are `safeloss.core.mode.TABLE`.
+
+| setting | decided | checks that run | findings reported | backend |
+|---|---|---|---|---|"""
+
+
+def mode_rows() -> list[str]:
+    """Run each setting with a probe that records what ``mode.decide`` returns inside it."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from safeloss.core.mode import TABLE, decide
+
+    x, y = _inputs()
+    seen: list = []
+
+    def probe(a, b):
+        seen.append(decide(a, b))
+        return a.sum()
+
+    class Probe(torch.nn.Module):
+        def forward(self, a, b):
+            return probe(a, b)
+
+    def fake():
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as m:
+            probe(m.from_tensor(x), m.from_tensor(y))
+
+    settings = {
+        "eager, plain tensors": lambda: probe(x, y),
+        "`torch.compile`": lambda: (torch._dynamo.reset(),
+                                    torch.compile(probe, backend="eager", fullgraph=True)(x, y)),
+        "`torch.jit.trace`": lambda: torch.jit.trace(probe, (x, y), check_trace=False),
+        "`torch.fx.symbolic_trace`": lambda: torch.fx.symbolic_trace(Probe()),
+        "`make_fx` (real, fake, symbolic), non-strict `torch.export`": lambda: make_fx(probe)(x, y),
+        "`torch.func` (`vmap`, `grad`, `jvp`)": lambda: torch.func.vmap(probe)(x[None], y[None]),
+        "`FakeTensorMode`": fake,
+        "meta tensors": lambda: probe(x.to("meta"), y.to("meta")),
+        "sparse probability targets": lambda: probe(x, torch.softmax(x, 1).to_sparse()),
+        "nested (jagged) tensors": lambda: probe(
+            torch.nested.nested_tensor([x[:1], x[1:]], layout=torch.jagged), y),
+    }
+    out = []
+    for name, run in settings.items():
+        seen.clear()
+        run()
+        mode = seen[0]
+        row = TABLE[mode]
+        out.append(f"| {name} | `{mode.name}` | {row.checks} | {row.reported} | {row.backend} |")
+    for mode, label in (("CAPTURE", "CUDA-graph capture (CUDA only: not probed here)"),
+                        ("ONNX", "`torch.onnx.export(dynamo=True)` (needs onnx: not probed here)"),
+                        ("DTENSOR", "DTensor arguments (needs a process group: tests/test_parallel.py)")):
+        from safeloss.core.mode import Mode
+
+        row = TABLE[Mode[mode]]
+        out.append(f"| {label} | `{mode}` | {row.checks} | {row.reported} | {row.backend} |")
+    return out
+
+
 def generate() -> str:
     import torch
 
@@ -322,6 +390,7 @@ def generate() -> str:
         warnings.simplefilter("ignore")  # deprecation notices of torch.jit, TracerWarnings
         table = rows()
         sparse = sparse_rows()
+        modes = mode_rows()
     safe, patched = ["SafeCrossEntropyLoss", "safeloss.cross_entropy"], [
         "patch(): nn.CrossEntropyLoss", "patch(): F.cross_entropy"]
     lines = [HEADER.format(torch=torch.__version__.split("+")[0])]
@@ -334,6 +403,8 @@ def generate() -> str:
         under_patch = "the same" if same else " / ".join(
             _cell(obs, f, patched) for f in ("clean", "shape", "label"))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {under_patch} |")
+    lines.append(MODE_HEADER)
+    lines += modes
     lines.append(FOOTER)
     lines.append(SPARSE_HEADER.rstrip("\n"))
     lines += sparse

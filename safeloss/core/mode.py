@@ -76,13 +76,16 @@ TABLE: dict[Mode, Row] = {
                     "when the graph runs, by an effectful op", "as eager"),
     Mode.ABSTRACT: Row("arguments, shapes, dtypes (no values exist)", "in the call",
                        "fake: as eager; meta: stock torch's op"),
-    Mode.SPARSE: Row("all, on the densified probability targets", "as eager",
-                     "as eager; sparse logits, weights or index targets: LayoutError"),
+    Mode.SPARSE: Row("sparse probability targets: all, on the densified targets; sparse logits, "
+                     "weights or index targets and nested tensors: a LayoutError (stock has no kernel)",
+                     "as eager", "as eager"),
     Mode.FX: Row("all, when the traced graph runs", "when the graph runs",
                  "as eager, when the graph runs"),
     Mode.DTENSOR: Row(
         "all, on every rank alike (decided from placements; collectives only where every rank "
-        "makes them)", "in the call, the same on every rank", "per op: see docs/compatibility.md",
+        "makes them)", "in the call, the same on every rank",
+        "logits sharded on the classes under loss_parallel(): the vocab-parallel op; other layouts: "
+        "DTensor's own ops",
     ),
 }
 
