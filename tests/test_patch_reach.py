@@ -423,3 +423,22 @@ def test_a_removed_anchor_module_falls_back_to_one_whole_walk():
         assert index.full_walks == walks + 1
     finally:
         sys.modules[name] = saved
+
+
+def test_patch_before_the_library_is_imported_reaches_it():
+    """The usual script: ``safeloss.patch()`` at the top, Transformers imported after it."""
+    import subprocess
+
+    code = (
+        "import safeloss, torch\n"
+        "safeloss.patch()\n"
+        "from transformers.trainer_pt_utils import LabelSmoother\n"
+        "try:\n"
+        "    LabelSmoother()({'logits': torch.randn(2, 3, 5)}, torch.tensor([[0, 1, 5], [1, 2, 3]]))\n"
+        "except safeloss.TargetOutOfRangeError as e:\n"
+        "    print('reached', type(e).__name__)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.stdout.strip() == "reached TargetOutOfRangeError", out.stderr[-2000:]

@@ -37,10 +37,31 @@ def _internal(code: types.CodeType) -> bool:
     return name.startswith(_PKG_DIR) or name.startswith(_TORCH_DIR)
 
 
-def trim(e: BaseException) -> None:
+# Messages write a fix as ``loss_fn(...)``, the module's call; each entry point names the call
+# its user wrote instead (``safeloss.cross_entropy(...)``, ``F.cross_entropy(...)``).
+# An entry point that calls another (the patched F.cross_entropy calls safeloss.cross_entropy)
+# renames the inner one's name too.
+_CALLS = ("loss_fn(", "safeloss.cross_entropy(")
+
+
+def name_call(e: BaseException, call: str | None) -> None:
+    """Write ``call`` for the generic ``loss_fn`` in the message of ``e``, in place."""
+    if call is None or not e.args or not isinstance(e.args[0], str):
+        return
+    text = e.args[0]
+    for generic in _CALLS:
+        text = text.replace(generic, call + "(")
+    e.args = (text, *e.args[1:])
+
+
+def trim(e: BaseException, call: str | None = None) -> None:
     """Drop safeloss's and torch's frames from ``e.__traceback__``, in place (only the frames from
-    the entry point down are in it yet; a user callback called from there would be kept)."""
-    if torch.compiler.is_dynamo_compiling() or os.environ.get(ENV, "") not in ("", "0"):
+    the entry point down are in it yet; a user callback called from there would be kept); with
+    ``call``, also name the caller's function in the message's fixes (see ``name_call``)."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    name_call(e, call)
+    if os.environ.get(ENV, "") not in ("", "0"):
         return
     kept = []
     tb = e.__traceback__
@@ -57,7 +78,10 @@ def trim(e: BaseException) -> None:
 class _Boundary:
     """``with boundary:`` trims a ``SafeLossError`` leaving the block (for TorchScript-parsed bodies)."""
 
-    __slots__ = ()
+    __slots__ = ("call",)
+
+    def __init__(self, call: str | None = None) -> None:
+        self.call = call
 
     def __enter__(self) -> None:
         return None
@@ -66,8 +90,9 @@ class _Boundary:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
     ) -> bool:
         if isinstance(exc, SafeLossError):
-            trim(exc)
+            trim(exc, self.call)
         return False  # re-raised by the interpreter, without a frame of ours
 
 
-boundary = _Boundary()
+boundary = _Boundary()  # module calls: the messages' own ``loss_fn(...)``
+functional_boundary = _Boundary("F.cross_entropy")  # stock's function, patched

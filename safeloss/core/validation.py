@@ -615,10 +615,11 @@ def _index_target(
                 "squeezed-target", TargetShapeError,
                 f"cross_entropy got targets of shape {fmt_shape(tshape)} for logits "
                 f"{fmt_shape(ishape)}; default mode squeezes the singleton dimension to "
-                f"{fmt_shape(expected)} (strict mode stops here). Stock torch raises \"0D or 1D target tensor expected, "
-                "multi-target not supported\".\n"
-                "Fix: target.squeeze(1) (or target.view(-1)), usually in the dataset's "
-                "__getitem__ or the collate function",
+                f"{fmt_shape(expected)} (strict mode stops here). Stock torch raises "
+                f"\"{_stock_squeeze_error(ishape, tshape)}\".\n"
+                # squeeze(1), never view(-1): that would flatten a (N, 1, H, W) mask to N*H*W.
+                "Fix: target.squeeze(1), usually in the dataset's __getitem__ or the collate "
+                "function",
             ))
             target = target.squeeze(1)
         elif input.dim() == 1 and tshape == (1,):
@@ -636,6 +637,18 @@ def _index_target(
         # 156, a real class; 2**40 as int32 is 0); widen once so every check compares true values.
         target = target.to(torch.int32 if _fits(ignore_index, torch.int32) else torch.int64)
     return target, findings
+
+
+def _stock_squeeze_error(ishape: tuple[int, ...], tshape: tuple[int, ...]) -> str:
+    """Stock torch's error text for a target with an extra singleton dim 1: it depends on which
+    of its kernels the shape reaches (nll_loss, nll_loss2d for 4-D logits, or the K-d reshape)."""
+    if len(ishape) == 2:
+        return "0D or 1D target tensor expected, multi-target not supported"
+    if len(ishape) == 4:
+        return ("only batches of spatial targets supported (3D tensors) but got targets of "
+                f"dimension: {len(tshape)}")
+    expected = [ishape[0], *ishape[2:]]
+    return f"Expected target size {list(expected)}, got {list(tshape)}"
 
 
 def _unsigned_index_target(target: Tensor, input: Tensor, ignore_index: int, read_values: bool) -> Tensor:

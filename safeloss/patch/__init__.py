@@ -52,7 +52,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from ..ce import pipeline
 from ..ce.functional import cross_entropy as _safe_cross_entropy
 from ..core import tools as tracing
-from ..core._traceback import boundary
+from ..core._traceback import boundary, functional_boundary
 from ..core.errors import ArgumentTypeError
 from ..core.mode import decide
 from ..core.validation import check_label_smoothing, check_reduction
@@ -137,7 +137,7 @@ def cross_entropy(
         return _functional(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
-    with boundary:  # a SafeLossError's traceback ends at the caller's line (no try: TorchScript)
+    with functional_boundary:  # a SafeLossError's traceback ends at the caller's line (no try: TorchScript)
         return _functional(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
