@@ -209,26 +209,26 @@ def _library_caller() -> str | None:
 
 def _padding_runs(rows: Tensor, v: int, ignore_index: int) -> tuple[int, int, str] | None:
     """Evidence that ``v`` is a padding value: every occurrence of it lies in a run that fills the
-    end of its row (or every one the start), ignored positions aside, in at least 2 positions, one
-    run at least 2 long. Returns (rows padded, longest run, "end" or "start"), or None.
+    end of its row (or every one the start), ignored positions aside; at least 3 positions, and
+    runs in 2 rows or one run of 3. Returns (rows padded, longest run, "end" or "start"), or None.
 
     A label that is a real class (1-based labels, a class the model lacks) also occurs mid-row,
     so it never passes; a padding value leaves exactly this pattern."""
     is_v = rows == v
     count = int(is_v.sum())
-    if count < 2 or rows.shape[-1] < 2:
-        return None
+    if count < 3 or rows.shape[-1] < 2:
+        return None  # two positions are too few to call a pattern
     neutral = is_v | (rows == ignore_index)
-    for side, r in (("end", rows), ("start", rows.flip(-1))):
+    for side in ("end", "start"):
         iv, nt = (is_v, neutral) if side == "end" else (is_v.flip(-1), neutral.flip(-1))
         # From the first v of a row on, only v or ignore_index: v sits in the row's tail.
         seen = iv.cumsum(-1) > 0
         if bool((seen & ~nt).any()):
             continue
         run = iv.sum(-1)
-        longest = int(run.max())
-        if longest >= 2:
-            return int((run > 0).sum()), longest, side
+        longest, padded = int(run.max()), int((run > 0).sum())
+        if longest >= 2 and (padded >= 2 or longest >= 3):
+            return padded, longest, side
     return None
 
 
@@ -272,19 +272,36 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     bad_vals = vals.tolist()
     lo = int(valid.min()) if valid.numel() else 0
     hi = int(valid.max()) if valid.numel() else 0
-    # Rows to look for padding in: the target's own last dim, or the rows it was flattened from.
+    # Sequences to look for padding in (a negative value is never a class: it needs no evidence):
+    # (B, T) labels, the (B, T) labels a 1-D target was flattened from, or a 1-D target as one
+    # row. Not image masks (N, H, W), whose rows are no sequences.
     rows = None
-    if t.dim() >= 2:
-        rows = t.reshape(-1, t.shape[-1])
-    elif flat_from is not None:
-        rows = t.reshape(-1, flat_from[-1])
-    elif t.dim() == 1:
-        rows = t.unsqueeze(0)  # one row: only a run at the very end (or start) counts
-    padding = _padding_runs(rows, bad_vals[0], ignore_index) if rows is not None and len(bad_vals) == 1 else None
+    if t.dim() == 2:
+        rows = t
+    elif flat_from is not None and len(flat_from) == 2:
+        rows = t.reshape(flat_from)
+    elif t.dim() == 1 and flat_from is None:
+        rows = t.unsqueeze(0)  # one row: only a run at its very end (or start) counts
+    padding = None
+    if rows is not None and len(bad_vals) == 1 and bad_vals[0] >= 0:
+        padding = _padding_runs(rows, bad_vals[0], ignore_index)
     # 1-based labels: the largest is exactly C and 0 never occurs, which means something only when
     # the labels cover most of 1..C (an LM batch covers a sliver of its vocabulary).
-    covered = int(valid.unique().numel()) if bad_vals == [C] and lo >= 1 else 0
-    one_based = covered * 2 >= C > 0
+    covered, one_based, not_one_based = 0, False, ""
+    if bad_vals == [C] and lo >= 1:
+        values, freq = valid.unique(return_counts=True)
+        covered = int(values.numel())
+        n_c = int(freq[-1])  # values are sorted: C, the only bad value, is the largest
+        most_other = int(freq[:-1].max()) if freq.numel() > 1 else 0
+        if covered * 2 < C:
+            not_one_based = (f", but these {plural(int(valid.numel()), 'label')} cover too few of "
+                             f"the {C} classes to tell")
+        elif n_c > 2 * most_other + 1:
+            # A 1-based class C is as common as the others; one value far more common is filler.
+            not_one_based = (f", but {C} occurs {n_c} times and no other label more than "
+                             f"{most_other}: more like a filler value than a class")
+        else:
+            one_based = True
     if one_based and rows is not None and rows.shape[0] == 1:
         padding = None  # one row: a run at its end is weaker evidence than labels covering 1..C
     if C == 0:
@@ -318,8 +335,9 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
                  else f"the {side} of the target")
         lines.append(
             f"Every bad value is {v}, and it fills {where} (runs of up to {longest}): the pattern a "
-            f"padding value leaves (e.g. a pad token id equal to the vocabulary size), not a class. "
-            f"ignore_index is {ignore_index}, so these positions are not skipped."
+            "padding value leaves"
+            + (" (e.g. a pad token id equal to the vocabulary size)" if v == C else " (a pad id)")
+            + f", not a class. ignore_index is {ignore_index}, so these positions are not skipped."
         )
         lines.append(
             f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v}); "
@@ -359,16 +377,15 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
         )
         lines.append("Fix: check how the labels are loaded; valid labels are 0..C-1")
     elif hi >= C:
-        one_based = (
-            f" (0 never occurs and the largest label is exactly {C}, as with 1-based labels, but "
-            f"these {plural(int(valid.numel()), 'label')} cover too few of the {C} classes to tell)"
-            if bad_vals == [C] and lo >= 1 else ""
+        one_based_note = (
+            f" (0 never occurs and the largest label is exactly {C}, as with 1-based labels"
+            f"{not_one_based})" if not_one_based else ""
         )
         negatives = [v for v in bad_vals if v < 0]
         lines.append(
             f"The labels go up to {hi} but the model outputs {C} scores (classes 0..{C - 1}): "
             f"either the final layer is too small (the data has at least {hi + 1} classes), or "
-            f"the labels are not numbered 0..C-1 (raw class ids that need remapping){one_based}."
+            f"the labels are not numbered 0..C-1 (raw class ids that need remapping){one_based_note}."
             + (f" The negative labels ({fmt_list([str(v) for v in negatives])}) are never classes: "
                "set ignore_index to the one used for 'no label'." if negatives else "")
         )

@@ -79,9 +79,7 @@ class DeviceMismatchError(SafeLossError, RuntimeError):
 
 
 class ArgumentTypeError(SafeLossError, TypeError):
-    """An argument of the wrong type: a non-tensor input, target or weight (a list, a NumPy array),
-    a non-integer ``ignore_index``, a string or bool ``label_smoothing``, or a safeloss-only
-    argument (``strict``, ``backend``) (stock: ``TypeError``)."""
+    """An argument of the wrong type, ordinary or safeloss-only: a list as input, target or weight, a non-integer ``ignore_index``, a string ``label_smoothing``, ``strict``, ``backend`` (stock: ``TypeError``)."""
 
 
 class BackendError(SafeLossError, RuntimeError):
