@@ -4,9 +4,10 @@ Users read a traceback's last frame first, and a ``SafeLossError`` is about the 
 arguments. So the public entry points (``safeloss.cross_entropy``, ``SafeCrossEntropyLoss``, the
 functions ``safeloss.patch()`` installs, ``safeloss.check_pending``) drop safeloss's own frames,
 and torch's frames below them, from the traceback of a ``SafeLossError`` before it leaves them, as
-JAX does with its internal frames. The last frame is then the user's line (for a module, torch's
-``nn.Module.__call__`` frames stay under it). ``SAFELOSS_FULL_TRACEBACK=1`` keeps every frame, for
-debugging safeloss itself.
+JAX does with its internal frames. The last frame is then the user's line, for a module too: its
+``__call__`` (``module_call``) trims around torch's ``nn.Module.__call__``, whose frames would
+otherwise end the traceback. ``SAFELOSS_FULL_TRACEBACK=1`` keeps every frame, for debugging
+safeloss itself.
 
 How: the entry point catches the error, replaces its ``__traceback__`` by the kept frames and
 re-raises it with a bare ``raise``, which (Python 3.11+) adds no frame of its own; the frames above
@@ -92,6 +93,25 @@ class _Boundary:
         if isinstance(exc, SafeLossError):
             trim(exc, self.call)
         return False  # re-raised by the interpreter, without a frame of ours
+
+
+def module_call(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+    """``__call__`` of safeloss's loss modules (and of ``nn.CrossEntropyLoss`` while patched).
+
+    ``forward`` can only trim the frames below itself; torch's ``nn.Module.__call__`` frames
+    (``_wrapped_call_impl``, ``_call_impl``) are added above it as the error unwinds. Trimming one
+    level up, around ``nn.Module.__call__`` itself, makes a module's error end at the user's line
+    too. Hooks, ``module.compile()``, torch.compile (which traces this like user code; nothing is
+    trimmed while it traces), torch.fx (whose patched ``nn.Module.__call__`` is looked up here at
+    call time) and TorchScript (which compiles ``forward`` only) see the module as before. About
+    0.3 us a call (one more Python frame)."""
+    if torch.compiler.is_dynamo_compiling():
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+    try:
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+    except SafeLossError as e:
+        trim(e)
+        raise
 
 
 boundary = _Boundary()  # module calls: the messages' own ``loss_fn(...)``

@@ -52,7 +52,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from ..ce import pipeline
 from ..ce.functional import cross_entropy as _safe_cross_entropy
 from ..core import tools as tracing
-from ..core._traceback import boundary, functional_boundary
+from ..core._traceback import boundary, functional_boundary, module_call
 from ..core.errors import ArgumentTypeError
 from ..core.mode import decide
 from ..core.validation import check_label_smoothing, check_reduction
@@ -69,6 +69,7 @@ _stack: list[_Patch] = []  # active patch() calls, innermost last
 _current: _Patch | None = None  # _stack[-1] or None: read once per call, so unpatch() cannot race it
 _saved_function: Callable[..., Tensor] = _FUNCTIONAL.cross_entropy  # what patch() replaced
 _saved_forward: Callable[..., Tensor] = _CLS.forward
+_saved_call: Callable[..., Any] | None = None  # the class's own __call__ before patch(), if any
 _NAME = "cross_entropy"
 _rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entropy`` patch() rebound
 # The modules whose globals hold a name patch() rebinds, each module looked at once (see _index).
@@ -285,12 +286,15 @@ def is_patched() -> bool:
 
 
 def _install() -> None:
-    global _saved_function, _saved_forward
+    global _saved_function, _saved_forward, _saved_call
     _prime_dynamo()
     _saved_function = _FUNCTIONAL.cross_entropy
     _saved_forward = _CLS.__dict__["forward"]
     _FUNCTIONAL.cross_entropy = cross_entropy
     _CLS.forward = _forward
+    # An error ends at the user's line, above nn.Module.__call__'s frames (as SafeCrossEntropyLoss).
+    _saved_call = _CLS.__dict__.get("__call__")  # None: inherited from nn.Module
+    _CLS.__call__ = module_call
     # Only the name that ``from torch.nn.functional import cross_entropy`` binds: other names
     # holding stock torch's function (``_orig = F.cross_entropy``) are usually kept on purpose,
     # to call stock torch, and must keep doing so.
@@ -323,6 +327,11 @@ def _uninstall() -> None:
         _FUNCTIONAL.cross_entropy = _saved_function
     if _CLS.__dict__.get("forward") is _forward:
         _CLS.forward = _saved_forward
+    if _CLS.__dict__.get("__call__") is module_call:
+        if _saved_call is None:
+            del _CLS.__call__  # inherited from nn.Module again, as before
+        else:
+            _CLS.__call__ = _saved_call
     # Rebound modules, and modules imported while patched (they bound the patched function).
     holders = _modules.update()
     for d in [*_rebound, *holders]:
