@@ -278,19 +278,29 @@ def _fmt_value(v: torch.Tensor) -> str:
     return f"a tensor of shape {tuple(v.shape)}"
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` columns (long words broken too: shapes, paths)."""
+    out: list[str] = []
+    for line in text.splitlines() or [""]:
+        out += textwrap.wrap(line, width, subsequent_indent="  ") or [""]
+    return out
+
+
 def _columns(left: str, right: str, width: int) -> str:
     col = (width - 3) // 2
-
-    def wrap(text: str) -> list[str]:
-        out: list[str] = []
-        for line in text.splitlines() or [""]:
-            out += textwrap.wrap(line, col, subsequent_indent="  ") or [""]
-        return out
-
-    a, b = wrap(left), wrap(right)
+    a, b = _wrap(left, col), _wrap(right, col)
     a += [""] * (len(b) - len(a))
     b += [""] * (len(a) - len(b))
-    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
+    return "\n".join(f"{x:<{col}} | {y}".rstrip() for x, y in zip(a, b))
+
+
+def _stacked(left: str, right: str, width: int) -> str:
+    """Narrow terminals: stock torch's outcome above safeloss's, each wrapped to the width."""
+    return "\n".join(_wrap(left, width) + [""] + _wrap(right, width))
+
+
+# Side by side from this many columns on; below it, one above the other.
+SIDE_BY_SIDE = 100
 
 
 def run_case(case: Case, strict: bool = False) -> tuple[str, str]:
@@ -307,10 +317,20 @@ def run_case(case: Case, strict: bool = False) -> tuple[str, str]:
 def main(only: str | None = None, color: bool = False, all_cases: bool = False) -> int:
     import safeloss
 
-    width = max(100, min(shutil.get_terminal_size((140, 40)).columns, 180))
+    # The terminal's width (COLUMNS first), within reason: every line fits it.
+    width = max(40, min(shutil.get_terminal_size((140, 40)).columns, 180))
+    side = width >= SIDE_BY_SIDE
     bold = (lambda s: f"\033[1m{s}\033[0m") if color else (lambda s: s)
-    print(bold(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs"))
-    print("Each case runs both calls for real. Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy.\n")
+
+    def say(text: str, strong: bool = False) -> None:
+        for line in _wrap(text, width):
+            print(bold(line) if strong else line)
+
+    say(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs", True)
+    say("Each case runs both calls for real. "
+        + ("Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy." if side else
+           "First torch.nn.functional.cross_entropy, then safeloss.cross_entropy."))
+    print()
     # --only searches every case: a name from docs/errors.md or --all must be found without --all.
     pool = CASES + MORE_CASES if all_cases or only is not None else CASES
     cases = [c for c in pool if only is None or only in c.name]
@@ -319,10 +339,11 @@ def main(only: str | None = None, color: bool = False, all_cases: bool = False) 
         return 2
     for i, case in enumerate(cases, 1):
         stock, ours = run_case(case)
-        print(bold(f"[{i}/{len(cases)}] {case.title}") + f"  ({case.name})")
+        say(f"[{i}/{len(cases)}] {case.title}  ({case.name})", True)
         if case.note:
-            print(f"    {case.note}")
-        print(_columns("STOCK TORCH\n" + stock, "SAFELOSS\n" + ours, width))
+            say(f"    {case.note}")
+        layout = _columns if side else _stacked
+        print(layout("STOCK TORCH\n" + stock, "SAFELOSS\n" + ours, width))
         print("-" * width)
-    print("Strict mode (safeloss.strict_mode(), strict=True or SAFELOSS_STRICT=1) turns every warning above into an error.")
+    say("Strict mode (safeloss.strict_mode(), strict=True or SAFELOSS_STRICT=1) turns every warning above into an error.")
     return 0

@@ -44,6 +44,7 @@ def clean_patch():
     from safeloss.patch import unpatch
 
     stock_f, stock_forward = F.cross_entropy, torch.nn.CrossEntropyLoss.__dict__["forward"]
+    stock_call = torch.nn.CrossEntropyLoss.__dict__.get("__call__")
     stock_lf = getattr(F, "linear_cross_entropy", None)  # torch >= 2.13
     stock_lcls = getattr(torch.nn, "LinearCrossEntropyLoss", None)
     stock_lforward = stock_lcls and stock_lcls.__dict__["forward"]
@@ -52,6 +53,7 @@ def clean_patch():
     unpatch()
     assert F.cross_entropy is stock_f
     assert torch.nn.CrossEntropyLoss.__dict__["forward"] is stock_forward
+    assert torch.nn.CrossEntropyLoss.__dict__.get("__call__") is stock_call
     assert getattr(F, "linear_cross_entropy", None) is stock_lf
     assert stock_lcls is None or stock_lcls.__dict__["forward"] is stock_lforward
 

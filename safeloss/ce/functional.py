@@ -69,7 +69,7 @@ def cross_entropy(
             fused_grad=fused_grad, owner=None,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
-        trim(e)
+        trim(e, "safeloss.cross_entropy")
         raise
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..backends.dispatch import check_backend
 from ..core import tools as tracing
-from ..core._traceback import boundary, trim
+from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
 from ..core.mode import decide
 from ..core.validation import check_label_smoothing, check_reduction
@@ -60,6 +60,9 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
+
+    # A SafeLossError ends at the caller's line, above torch's nn.Module.__call__ frames too.
+    __call__ = module_call
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         # TorchScript compiles only this branch (scripted code cannot call back into Python): stock

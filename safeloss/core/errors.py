@@ -79,7 +79,7 @@ class DeviceMismatchError(SafeLossError, RuntimeError):
 
 
 class ArgumentTypeError(SafeLossError, TypeError):
-    """A safeloss-only argument (``strict`` of ``patch()``, ...) has the wrong type."""
+    """An argument of the wrong type, ordinary or safeloss-only: a list as input, target or weight, a non-integer ``ignore_index``, a string ``label_smoothing``, ``strict``, ``backend`` (stock: ``TypeError``)."""
 
 
 class BackendError(SafeLossError, RuntimeError):
@@ -170,6 +170,9 @@ for _cls, _builtin in [
     (TargetShapeError, ValueError), (TargetShapeError, IndexError),
     (TargetDtypeError, ValueError), (TargetDtypeError, IndexError),
     (InputError, IndexError), (InputDtypeError, IndexError),
+    # Third-party losses that gather by hand (routed by safeloss.patch()) fail on a bad label
+    # with torch.gather's RuntimeError, not cross_entropy's IndexError.
+    (TargetOutOfRangeError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
 del _cls, _builtin

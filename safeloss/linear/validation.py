@@ -29,6 +29,7 @@ from ..core.errors import (
     TargetShapeError,
     WeightError,
     fmt_shape,
+    plural,
     stock_class,
 )
 from ..core.report import Finding
@@ -103,8 +104,8 @@ def _check_input(x: Tensor, w: Tensor) -> None:
     if x.dtype not in _FLOATS:
         raise InputDtypeError(
             f"linear_cross_entropy got an input of dtype {x.dtype} (shape {fmt_shape(x.shape)}); "
-            "it must hold float hidden states, one row of H features per sample. Integer values "
-            "usually mean the token ids or labels were passed as the first argument.\n"
+            "it must hold float hidden states, one row of H features per sample. If this tensor "
+            "holds token ids or labels, it was passed where the hidden states go.\n"
             "Fix: linear_cross_entropy(hidden_states, lm_head.weight, labels)"
         )
     if w.dtype not in _FLOATS:
@@ -219,10 +220,20 @@ def _check_devices(x: Tensor, others: list[tuple[str, Tensor | None]]) -> None:
     if bad:
         names = " and ".join(f"{name} is on {d}" for name, d in bad)
         fixes = "; ".join(f"{name} = {name}.to(input.device)" for name, _ in bad)
+        off = {name for name, _ in bad}
+        causes = []  # the cause that fits each tensor that is off
+        if "target" in off:
+            causes.append("the labels were not moved with the inputs (a DataLoader delivers them "
+                          "on the CPU)" if dict(bad)["target"].type == "cpu" else
+                          "the labels were made on another device")
+        if off & {"linear_weight", "linear_bias"}:
+            causes.append("the head's parameters were not moved with the hidden states (a loss "
+                          "module's own linear layer moves only with loss_fn.to(device))")
+        if "weight" in off:
+            causes.append("a class weight stays where it was built")
         raise DeviceMismatchError(
             f"linear_cross_entropy got tensors on different devices: input is on {x.device}, "
-            f"{names}.\nEverything must live on one device; usually the labels were not moved, or "
-            f"the loss module was created before model.to(device).\nFix: {fixes}"
+            f"{names}.\nEverything must live on one device; {'; '.join(causes)}.\nFix: {fixes}"
         )
 
 
@@ -234,8 +245,13 @@ def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> Non
             raise InputDtypeError(
                 f"linear_cross_entropy got an input of dtype {x.dtype} but a {name} of dtype "
                 f"{t.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
-                "to have the same dtype\").\nUsually the model was cast (model.half(), "
-                "model.to(torch.bfloat16)) but the head, or the hidden states, were not.\n"
+                "to have the same dtype\").\n"
+                + ("The hidden states are in the narrower dtype: the model body was cast "
+                   "(model.half(), model.to(torch.bfloat16)) and the head was not.\n"
+                   if x.dtype.itemsize < t.dtype.itemsize else
+                   f"The {name} is in the narrower dtype: the head was cast and the hidden states "
+                   "were not.\n" if x.dtype.itemsize > t.dtype.itemsize else "")
+                +
                 f"Fix: input.to({name}.dtype), or run the step under torch.autocast"
             )
 
@@ -272,12 +288,21 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
                 f"Fix: per-token labels of shape ({n_t}, {k}) flattened with labels.reshape(-1), "
                 "or pool the hidden states to one row per sequence before the head"
             )
+        elif N - n_t > 0 and N % (N - n_t) == 0 and N // (N - n_t) >= 2:
+            B, T = N - n_t, N // (N - n_t)
+            lines.append(
+                f"The input has {plural(B, 'row')} more than there are targets, and {N} = {B} x {T}: "
+                f"what {plural(B, 'sequence')} of {T} tokens give when the labels are shifted for next-token "
+                f"prediction (labels[:, 1:], {T - 1} per sequence) but the hidden states are not "
+                "cut to match (hidden[:, :-1]).\n"
+                "Fix: hidden[:, :-1].reshape(-1, H) with labels[:, 1:].reshape(-1)"
+            )
         elif abs(N - n_t) < max(N, n_t) // 2:
             lines.append(
-                "The counts differ by a little: for next-token prediction the labels are shifted "
-                "(labels[:, 1:]) and the hidden states must be cut to match (hidden[:, :-1]) "
-                "before flattening; or a hard-coded batch size broke on the last, smaller batch.\n"
-                "Fix: hidden[:, :-1].reshape(-1, H) with labels[:, 1:].reshape(-1)"
+                "The counts differ by a little. Possible causes (the shapes do not tell which): "
+                "labels and hidden states cut differently for next-token prediction (labels[:, 1:] "
+                "needs hidden[:, :-1]), or a hard-coded batch size that broke on the last, smaller "
+                "batch.\nFix: one target per input row, " + want
             )
         else:
             lines.append("The target comes from a different batch than the input, or the model "
