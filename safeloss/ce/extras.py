@@ -64,7 +64,8 @@ def cross_entropy(
 
 def module_forward(m: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Result:
     """``SafeCrossEntropyLoss.forward`` with an extra set (read from the module at every call)."""
-    ex = X.check(m.softcap, m.temperature, m.z_loss, m.return_stats)  # type: ignore[attr-defined]
+    ex = X.check(m.softcap, m.temperature, m.z_loss, m.return_stats,  # type: ignore[attr-defined]
+                 op="SafeCrossEntropyLoss")
     mode = decide(input, target, m.weight)
     red, eps = check_reduction(m.reduction), check_label_smoothing(m.label_smoothing)
     if not ex.active:
@@ -188,16 +189,16 @@ def _findings(
     counts = torch.cat([device_counts(p, x, rows, valid, bad, ex, fixed=mode is not Mode.EAGER),
                         torch.isfinite(out.detach()).all().to(torch.int64).reshape(1)])
     if compiled_graph:
-        if mode is Mode.COMPILE and not torch.compiler.is_compiling():
-            return
         compiled.note(p, Rows(rows, checks.Scan(counts[: F.SIZE])), out, key, strict, static)
         return
     immediate = checks.reads_at_once("cpu" if x.is_cpu else x.device.type) or bool(strict_)
     p_rep = replace(p, input=zt.detach())  # the NaN/inf finding names the capped, scaled logits
     if immediate:
         host = counts.tolist()  # one read: the counts and whether the result is finite
+        # A bad label is about the labels alone: its error comes without the extras' note.
+        note = "" if host[F.BAD_TARGET] else ex.note()
         checks.resolve(checks.Scan(host[: F.SIZE]), p_rep, rows.detach(), out, bool(host[F.SIZE]),
-                       strict_, owner, note=ex.note())
+                       strict_, owner, note=note)
     else:
         checks.defer(checks.Scan(counts[: F.SIZE]), p_rep, rows, out, bool(strict_), key,
                      note=checks.DEFERRED_NOTE + ex.note(), owner=owner)

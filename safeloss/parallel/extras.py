@@ -295,7 +295,7 @@ def run(
                    strict_, owner, have_logits=False, device_type=x.device.type, note=ex.note())
     if not ex.return_stats:
         return out
-    return out, X.LossStats(lse.reshape(pos).float(), ent.reshape(pos).float(), zl_red.float(),
+    return out, X.LossStats(lse.reshape(pos).float(), ent.reshape(pos).float(), zl_red.detach().float(),
                             X.accuracy(correct, valid))
 
 
