@@ -137,8 +137,8 @@ def check(softcap: object, temperature: object, z_loss: object, return_stats: ob
                    "sampler's temperature, e.g. temperature=0.7")
     if not (math.isfinite(temp) and temp > 0):
         if temp == 0:
-            why = ("temperature=0 is greedy decoding, whose distribution puts all mass on the "
-                   "argmax: logits / 0 has no log-probabilities to train on")
+            why = ("0 means greedy decoding, whose distribution puts all mass on the argmax: "
+                   "logits / 0 has no log-probabilities to train on")
         elif math.isnan(temp):
             why = "NaN would make every logit NaN"
         elif temp == math.inf:
