@@ -16,6 +16,7 @@ from .core.errors import (
     BatchSizeMismatchError,
     DeviceMismatchError,
     EmptyBatchError,
+    ExtrasError,
     IgnoreIndexError,
     InputDtypeError,
     InputError,
@@ -32,6 +33,7 @@ from .core.errors import (
     TargetShapeError,
     WeightError,
 )
+from .core.extras import LossStats
 from .core.report import reset_warnings
 from .linear import SafeLinearCrossEntropyLoss, linear_cross_entropy
 from .parallel import vocab_parallel_cross_entropy
@@ -60,11 +62,13 @@ __all__ = [
     "BatchSizeMismatchError",
     "DeviceMismatchError",
     "EmptyBatchError",
+    "ExtrasError",
     "IgnoreIndexError",
     "InputDtypeError",
     "InputError",
     "LabelSmoothingError",
     "LayoutError",
+    "LossStats",
     "NonFiniteError",
     "ParallelMismatchError",
     "ProbabilityTargetError",

@@ -6,11 +6,13 @@ import torch
 from torch import Tensor
 
 from ..backends.dispatch import check_backend
+from ..core import extras
 from ..core import tools as tracing
 from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
 from ..core.mode import decide
 from ..core.validation import check_label_smoothing, check_reduction
+from . import extras as ce_extras
 from . import pipeline
 from .functional import cross_entropy
 
@@ -24,8 +26,15 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     construction, not at the first forward. Each distinct warning is shown once per instance.
 
     Extra keyword-only arguments: ``strict``, ``backend``, ``inplace_backward`` and ``fused_grad``, as in
-    :func:`safeloss.cross_entropy`.
+    :func:`safeloss.cross_entropy`, and its LLM and RL extras ``softcap``, ``temperature``,
+    ``z_loss`` and ``return_stats`` (checked here, at construction).
     """
+
+    # Class-level defaults: an instance pickled before these options existed still loads and runs.
+    softcap: float | None = None
+    temperature: float = 1.0
+    z_loss: float = 0.0
+    return_stats: bool = False
 
     def __init__(
         self,
@@ -40,8 +49,13 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         backend: str = "auto",
         inplace_backward: bool = False,
         fused_grad: bool = False,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
     ) -> None:
         try:
+            extras.check(softcap, temperature, z_loss, return_stats, op="SafeCrossEntropyLoss")
             check_label_smoothing(label_smoothing)
             if weight is not None and not isinstance(weight, Tensor):
                 # Stock fails here too (a TypeError from register_buffer); say what to pass instead.
@@ -60,6 +74,8 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
+        self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
+        self.return_stats = return_stats
 
     # A SafeLossError ends at the caller's line, above torch's nn.Module.__call__ frames too.
     __call__ = module_call
@@ -99,10 +115,17 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             parts.append("inplace_backward=True")
         if self.fused_grad:
             parts.append("fused_grad=True")
+        for name, default in (("softcap", None), ("temperature", 1.0), ("z_loss", 0.0),
+                              ("return_stats", False)):
+            value = getattr(self, name)
+            if value != default:
+                parts.append(f"{name}={value!r}")
         return ", ".join(parts)
 
 
 def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+    if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
+        return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
     return pipeline.run(
         decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
         check_label_smoothing(self.label_smoothing), strict=self.strict,

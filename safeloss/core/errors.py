@@ -94,6 +94,10 @@ class LayoutError(SafeLossError, NotImplementedError):
     """A layout the loss cannot use: sparse logits, labels or weight; nested tensors (stock: ``NotImplementedError``, a ``RuntimeError``)."""
 
 
+class ExtrasError(SafeLossError, ValueError):
+    """``softcap``, ``temperature`` or ``z_loss`` has a value with no meaning (<= 0, NaN, inf)."""
+
+
 E = TypeVar("E", bound=SafeLossError)
 
 # (public class, builtin) -> the subclass deriving from both. Built once, at import, for the pairs

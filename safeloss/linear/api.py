@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..backends import dispatch
 from ..core import checks, reduction
+from ..core import extras as X
 from ..core.checks import Scan, bad_target_mask, prob_target_counts, target_bounds
 from ..core.config import LazyStrict
 from ..core.errors import (
@@ -30,6 +31,7 @@ from ..core.report import Finding, _user_frame, report
 from ..core.rows import Rows
 from ..core.validation import check_label_smoothing, check_reduction
 from . import chunked
+from . import extras as linear_extras
 from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
 
 
@@ -46,7 +48,11 @@ def linear_cross_entropy(
     options: Any = None,
     strict: bool | None = None,
     backend: str = "auto",
-) -> Tensor:
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, X.LossStats]:
     """Drop-in for :func:`torch.nn.functional.linear_cross_entropy`, checked, never holding the logits.
 
     ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` with stock torch's
@@ -59,7 +65,16 @@ def linear_cross_entropy(
         strict: turn every warning into an error; ``None`` follows ``safeloss.strict_mode()``.
         backend: ``"auto"`` (the Triton kernel for each chunk's tile on CUDA), ``"torch"`` or
             ``"triton"``. The matmuls are torch's (cuBLAS on CUDA) on every backend.
+        softcap, temperature, z_loss, return_stats: the LLM and RL extras, as in
+            :func:`safeloss.cross_entropy` (the logits still never exist; the tiles run torch
+            ops on every backend, and backward recomputes them).
     """
+    if not X.defaults(softcap, temperature, z_loss, return_stats):
+        return linear_extras.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=options, strict=strict, backend=backend, softcap=softcap,
+            temperature=temperature, z_loss=z_loss, return_stats=return_stats)
     check_options(options)
     return run(
         input, linear_weight, target, linear_bias, weight, check_reduction(reduction), ignore_index,
@@ -84,9 +99,16 @@ _Base: Any = getattr(torch.nn, "LinearCrossEntropyLoss", _NoStockModule)
 
 class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
     """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: the same constructor, parameters and
-    ``state_dict`` (interchangeable with the stock module's), plus ``strict`` and ``backend``
-    as in :func:`safeloss.linear_cross_entropy`. An invalid ``reduction``, ``label_smoothing`` or
-    ``options`` fails at construction."""
+    ``state_dict`` (interchangeable with the stock module's), plus ``strict``, ``backend`` and the
+    extras (``softcap``, ``temperature``, ``z_loss``, ``return_stats``) as in
+    :func:`safeloss.linear_cross_entropy`. An invalid ``reduction``, ``label_smoothing``,
+    ``options`` or extra fails at construction."""
+
+    # Class-level defaults: an instance pickled before these options existed still loads and runs.
+    softcap: float | None = None
+    temperature: float = 1.0
+    z_loss: float = 0.0
+    return_stats: bool = False
 
     def __init__(
         self,
@@ -104,7 +126,12 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
         options: Any = None,
         strict: bool | None = None,
         backend: str = "auto",
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
     ) -> None:
+        X.check(softcap, temperature, z_loss, return_stats, op="SafeLinearCrossEntropyLoss")
         try:
             check_label_smoothing(label_smoothing)
         except LabelSmoothingError as e:  # stock's text too: code that matches on it keeps working
@@ -120,14 +147,22 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
         )
         self.strict = strict
         self.backend = dispatch.check_backend(backend)
+        self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
+        self.return_stats = return_stats
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if not X.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
+            return linear_extras.module_forward(self, input, target)  # type: ignore[return-value]
         return module_forward(self, input, target, self.strict, dispatch.check_backend(self.backend))
 
     def extra_repr(self) -> str:
         extra = [f"strict={self.strict}"] if self.strict is not None else []
         if self.backend != "auto":
             extra.append(f"backend={self.backend!r}")
+        for name, default in (("softcap", None), ("temperature", 1.0), ("z_loss", 0.0),
+                              ("return_stats", False)):
+            if getattr(self, name) != default:
+                extra.append(f"{name}={getattr(self, name)!r}")
         return ", ".join([super().extra_repr(), *extra])
 
 
