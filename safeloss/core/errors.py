@@ -90,6 +90,10 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
     """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
 
 
+class OptionsError(SafeLossError, ValueError):
+    """``LinearCrossEntropyOptions`` that cannot apply to this call (stock: ``ValueError``; ``RuntimeError`` for an ``acc_dtype`` the input dtype cannot take)."""
+
+
 class LayoutError(SafeLossError, NotImplementedError):
     """A layout the loss cannot use: sparse logits, labels or weight; nested tensors (stock: ``NotImplementedError``, a ``RuntimeError``)."""
 
@@ -169,7 +173,7 @@ del _cls
 for _cls, _builtin in [
     (TargetShapeError, ValueError), (TargetShapeError, IndexError),
     (TargetDtypeError, ValueError), (TargetDtypeError, IndexError),
-    (InputError, IndexError), (InputDtypeError, IndexError),
+    (InputError, IndexError), (InputDtypeError, IndexError), (OptionsError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
 del _cls, _builtin

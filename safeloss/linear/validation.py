@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..core import checks
 from ..core.errors import (
     ArgumentTypeError,
     BatchSizeMismatchError,
@@ -25,6 +26,8 @@ from ..core.errors import (
     IgnoreIndexError,
     InputDtypeError,
     InputError,
+    LayoutError,
+    OptionsError,
     SafeLossError,
     TargetShapeError,
     WeightError,
@@ -39,11 +42,31 @@ _WORD = re.compile(r"(?<![\w.])cross_entropy\b")
 _CLASS = re.compile(r"(?<!\w)CrossEntropyLoss\b")
 
 
+_OP = "linear_cross_entropy"
+# The shared non-finite report, where it cannot read the logits (this op never makes them).
+_UNSEEN = re.compile(r"because the logits( or the class weights| or the probability targets)*( hold)")
+
+
 def reword(message: str) -> str:
     """A shared cross-entropy message in terms of this API (the names users call)."""
-    message = _WORD.sub("linear_cross_entropy", message)
+    message = _WORD.sub(_OP, message)
     message = _CLASS.sub("LinearCrossEntropyLoss", message)
+    message = _UNSEEN.sub(lambda m: "because the input, linear_weight or linear_bias"
+                          + (m.group(1) or "") + m.group(2), message)
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
+
+
+def reword_late(message: str) -> str:
+    """A finding reported after the call (deferred CUDA checks, a compiled graph's report op):
+    reworded, and named as this op's where the shared text does not say whose it is."""
+    message = reword(message)
+    note, sep, body = message.partition("]\n") if message.startswith("[") else ("", "", message)
+    if _OP not in body.split("\n", 1)[0]:
+        body = f"{_OP}: {body}"
+    return note + sep + body
+
+
+checks.WORDING[_OP] = reword_late
 
 
 def reworded(finding: Finding) -> Finding:
@@ -87,6 +110,91 @@ def check_options(options: object) -> None:
             f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
             f"{type(options).__name__}.\nsafeloss never materializes the logits, whatever "
             "options says; it is accepted for compatibility with stock torch.\nFix: options=None"
+        )
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def stock_chunks(options: object, out_features: tuple[int, ...], eps: float, target: Tensor) -> bool:
+    """Whether stock torch would take its chunked path for this call (else its reference path,
+    with the "options ignored" warning): the same condition, read from the same arguments."""
+    return (options is not None and not out_features and eps == 0.0 and target.dtype == torch.int64
+            and not torch.jit.is_tracing())
+
+
+def tile_plan(options: object, lp: LinearProblem, target: Tensor) -> tuple[torch.dtype | None, int | None]:
+    """(the dtype each logits tile is rounded to, a cap on rows per chunk), as stock defines them.
+
+    ``options=None`` (or a call stock's chunked path does not take): stock's reference path,
+    whose half-precision ``linear`` rounds the logits to the compute dtype (the input's, or
+    autocast's) before the softmax. ``LinearCrossEntropyOptions``: stock's chunked path keeps the
+    logits in ``acc_dtype`` where it is wider than the input (float32 for "accurate", and for
+    "balanced" / "compact" with bfloat16 input; float16 input under those two keeps float16
+    logits), and in the input dtype where ``acc_dtype`` is the input's. Everything after the tile
+    accumulates in float32 in every case. ``batch_chunk_size``, when given, caps the rows of a
+    chunk; the ``chunking_method`` heuristics are checked as stock checks them, but the tile is
+    planned by safeloss (from a memory budget), never larger than ``batch_chunk_size``.
+    """
+    dtype = lp.compute_dtype
+    half = dtype if dtype in _HALF else None
+    if not stock_chunks(options, lp.out_features, lp.p.label_smoothing, target):
+        return half, None
+    try:
+        resolved = options._adjust(  # type: ignore[attr-defined]
+            num_batches=lp.x.shape[0], in_features=lp.x.shape[-1], num_classes=lp.num_classes,
+            dtype=dtype, device=lp.x.device)
+    except ValueError as e:
+        raise OptionsError(
+            f"linear_cross_entropy: options={options!r} cannot apply to this call: {e}\n"
+            "Fix: give either batch_chunk_size or chunking_method, not both (chunking_method=None "
+            "with batch_chunk_size)"
+        ) from None
+    acc = resolved.acc_dtype
+    if acc != dtype and not (dtype in _HALF and acc == torch.float32):
+        raise stock_class(OptionsError, RuntimeError)(
+            f"linear_cross_entropy: acc_dtype={acc} cannot accumulate {dtype} input: the chunked "
+            "path accumulates either in the input dtype or in float32 for float16/bfloat16 input "
+            f"(stock torch: linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 "
+            f"inputs, but got {acc} acc_dtype and {dtype} inputs.)\n"
+            "Fix: LinearCrossEntropyOptions(acc_dtype=None), which picks for the input"
+        )
+    cap = getattr(options, "batch_chunk_size", None)
+    if half is None:
+        return None, cap
+    if acc == dtype:
+        return dtype, cap
+    if resolved.acc_policy in ("balanced", "compact") and dtype == torch.float16:
+        return dtype, cap
+    return None, cap
+
+
+def check_layouts(x: Tensor, w: Tensor, t: Tensor, b: object, weight: object) -> None:
+    """What cannot be sparse or nested (stock raises too); what it accepts sparse (the input, the
+    weight, probability targets) is made dense by the caller."""
+    for name, v, why in (
+        ("linear_bias", b, "stock torch cannot broadcast a sparse bias either (\"expand is "
+                           "unsupported for Sparse tensors\")"),
+        ("weight", weight, "stock torch has no sparse kernel for the class weight either"),
+    ):
+        if isinstance(v, Tensor) and v.layout is not torch.strided:
+            raise LayoutError(
+                f"linear_cross_entropy got a {v.layout} {name} of shape {fmt_shape(v.shape)}; "
+                f"{why}.\nFix: {name}={name}.to_dense()"
+            )
+    for name, v in (("input", x), ("linear_weight", w), ("target", t)):
+        if v.is_nested:
+            raise LayoutError(
+                f"linear_cross_entropy got a nested tensor as the {name} ({v.size(0)} "
+                "sequences); the loss needs one row of H features per position.\n"
+                "Fix: pass the packed rows, x.values() with target.values() for jagged tensors, "
+                "or pad them (torch.nested.to_padded_tensor) and mark the padding with ignore_index"
+            )
+    if t.layout is not torch.strided and t.is_floating_point() is False:
+        raise LayoutError(
+            f"linear_cross_entropy got {t.layout} class-index targets of shape "
+            f"{fmt_shape(t.shape)}; stock torch has no sparse kernel for them either.\n"
+            "Fix: target.to_dense(); only probability targets may be sparse"
         )
 
 
