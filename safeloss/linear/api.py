@@ -56,7 +56,7 @@ from .validation import (
     autocast_enabled,
     check_layouts,
     check_options,
-    reword,
+    named,
     reworded,
     tile_plan,
     validate,
@@ -349,6 +349,19 @@ def _operands(lp: LinearProblem) -> tuple[Tensor, Tensor, Tensor | None]:
     return x, w, b
 
 
+class _Densify(torch.autograd.Function):
+    """``to_dense()`` whose gradient stays dense, as stock's gradient for a sparse input or
+    linear_weight is (its addmm returns a strided one)."""
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor) -> Tensor:  # type: ignore[override]
+        return v.to_dense()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
 class _SavedLikeStock(torch.autograd.Function):
     """Identity on the losses that saves what stock's reference path saves for backward: the
     input when linear_weight needs a gradient, linear_weight when the input does (addmm), the
@@ -466,7 +479,7 @@ def _dense(
         lo, hi = target_bounds(t)
         if (lo < 0 or hi >= C) and checks.count_bad_targets(t, C, p.ignore_index):
             raise TargetOutOfRangeError(
-                reword(checks.out_of_range_message(p.target, C, p.ignore_index, dev.type))) from None
+                named(checks.out_of_range_message(p.target, C, p.ignore_index, dev.type))) from None
     else:
         if transform and checks.reads_at_once(dev.type):
             _transform_guard(lp.target, C, p.ignore_index)
@@ -605,7 +618,7 @@ def _in_tool(
         # Stock accepts a sparse input or linear_weight (its linear does) and sparse probability
         # targets; the rest is a LayoutError, as stock has no kernel for it.
         check_layouts(input, linear_weight, target, linear_bias, weight)
-        x, w, t = (v.to_dense() if v.layout is not torch.strided else v
+        x, w, t = (_Densify.apply(v) if v.layout is not torch.strided else v
                    for v in (input, linear_weight, target))
         out = run(decide(x, w, t, linear_bias, weight), x, w, t, linear_bias, weight, reduction_,
                   ignore_index, label_smoothing, **kw)

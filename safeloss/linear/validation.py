@@ -56,9 +56,10 @@ def reword(message: str) -> str:
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
 
 
-def reword_late(message: str) -> str:
-    """A finding reported after the call (deferred CUDA checks, a compiled graph's report op):
-    reworded, and named as this op's where the shared text does not say whose it is."""
+def named(message: str) -> str:
+    """A shared message reworded, and named as this op's where its first line does not say
+    whose it is: what a report after the call (deferred CUDA checks, a compiled graph's report
+    op) needs most, since the op's own code is no longer on the stack."""
     message = reword(message)
     note, sep, body = message.partition("]\n") if message.startswith("[") else ("", "", message)
     if _OP not in body.split("\n", 1)[0]:
@@ -66,7 +67,7 @@ def reword_late(message: str) -> str:
     return note + sep + body
 
 
-checks.WORDING[_OP] = reword_late
+checks.WORDING[_OP] = named
 
 
 def reworded(finding: Finding) -> Finding:
