@@ -485,6 +485,11 @@ def _dense(
             _transform_guard(lp.target, C, p.ignore_index)
         t, bad, valid = _index_target(lp, True)
 
+    if not C:  # no classes: nothing for the loop to do; stock's values (NaN mean, zeros) and report
+        out = _reference(lp, t, bad)
+        if not no_host:
+            report(reworded(checks.no_classes_finding(p)), strict_, owner)
+        return out
     if weight_dual:
         out = _reference(lp, t, bad)
         if immediate and not bool(torch.isfinite(out).all()):

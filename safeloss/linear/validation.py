@@ -107,10 +107,13 @@ def _layer(w: Tensor) -> str:
 def check_options(options: object) -> None:
     cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch >= 2.13
     if options is not None and (cls is None or not isinstance(options, cls)):
-        raise ArgumentTypeError(
+        # Stock fails on it with an AttributeError (options._adjust), where it reads it at all.
+        raise stock_class(ArgumentTypeError, AttributeError)(
             f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
-            f"{type(options).__name__}.\nsafeloss never materializes the logits, whatever "
-            "options says; it is accepted for compatibility with stock torch.\nFix: options=None"
+            f"{type(options).__name__}.\nsafeloss never materializes the logits; options picks "
+            "the precision of the chunked path as stock's does (acc_policy, acc_dtype) and caps "
+            "the rows of a chunk (batch_chunk_size).\nFix: options=None (stock's reference "
+            "numbers), or torch.nn.LinearCrossEntropyOptions(...)"
         )
 
 
@@ -199,9 +202,11 @@ def check_layouts(x: Tensor, w: Tensor, t: Tensor, b: object, weight: object) ->
         )
 
 
-def _tensor(name: str, value: object, what: str) -> Tensor:
+def _tensor(name: str, value: object, what: str, attribute: bool = True) -> Tensor:
     if not isinstance(value, Tensor):
-        raise ArgumentTypeError(
+        # stock reads an attribute of it first (input.dim(), target.shape): an AttributeError
+        # there; the class weight goes to its argument parser (a TypeError)
+        raise stock_class(ArgumentTypeError, AttributeError if attribute else TypeError)(
             f"linear_cross_entropy expects {name} to be a torch.Tensor, got "
             f"{type(value).__name__}.\nFix: pass {what}"
         )
@@ -362,9 +367,13 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
     )
     want = (f"class indices of shape {fmt_shape(expected)} or probabilities of shape "
             f"{fmt_shape(logits_shape)}")
-    # stock checks the batch size first: a target of another batch (0-d: batch 0) is a ValueError
-    other_batch = batched and (target.dim() == 0 or tshape[0] != N)
+    # stock checks the batch size first: a target of another batch (0-d: batch 0) is a ValueError;
+    # so is a batch of integer labels for one unbatched sample ("1D target must have size 1")
+    other_batch = (batched and (target.dim() == 0 or tshape[0] != N)) or (
+        not batched and target.dim() == 1 and tshape[0] != 1 and target.dtype in (torch.int64, torch.uint8))
     shape_error = stock_class(TargetShapeError, ValueError) if other_batch else TargetShapeError
+    if batched and target.dim() == 0 and N == 0:  # the batch sizes agree (0): stock indexes it
+        shape_error = stock_class(TargetShapeError, IndexError)
     same_rest = (target.dim() == len(expected) and tshape[1:] == expected[1:]) or (
         target.dim() == len(logits_shape) and tshape[1:] == logits_shape[1:])
     if batched and target.dim() >= 1 and tshape[0] != N and same_rest:
@@ -440,7 +449,7 @@ def validate(
     t = _tensor("the target", target, "torch.as_tensor(labels, device=input.device)")
     b = None if linear_bias is None else _tensor("linear_bias", linear_bias, "head.bias or None")
     if weight is not None and not isinstance(weight, Tensor):
-        _tensor("weight", weight, "a 1-D float tensor with one entry per class")
+        _tensor("weight", weight, "a 1-D float tensor with one entry per class", attribute=False)
     ii = _ignore_index(ignore_index)
     _check_input(x, w)
     _feature_error(x, w)
@@ -461,7 +470,9 @@ def validate(
             f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
             f"with shape {tuple(x.shape)})"
         )
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
+    # (1, C) and (C, 1) pass on to the shared checks, which take them as cross_entropy does
+    flat_ok = weight is not None and weight.numel() == C and max(weight.shape, default=0) == C
+    if weight is not None and not flat_ok and (weight.dim() != 1 or weight.shape[0] != C):
         raise WeightError(
             f"weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
             f"({_layer(w)}).\nweight needs exactly one entry per class, in class order; a length "
