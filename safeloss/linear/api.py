@@ -42,6 +42,7 @@ from ..core.errors import (
     SafeLossError,
     TargetOutOfRangeError,
     fmt_list,
+    stock_class,
     fmt_shape,
     plural,
 )
@@ -409,7 +410,8 @@ def _transform_guard(t: Tensor, num_classes: int, ignore_index: int) -> None:
     except (IndexError, RuntimeError) as e:
         if "out of range" not in str(e) and "out of bounds" not in str(e):
             raise
-        raise TargetOutOfRangeError(
+        # The class stock's own check raises here: IndexError, RuntimeError from vmap's batched gather
+        raise stock_class(TargetOutOfRangeError, IndexError if isinstance(e, IndexError) else RuntimeError)(
             f"linear_cross_entropy: a class-index target is outside the class range "
             f"0..{num_classes - 1} ({num_classes} classes) inside a torch.func transform (vmap, "
             f"grad, ...), where safeloss cannot read the labels to name them. Stock torch raises "
@@ -525,6 +527,14 @@ def _dense(
     return out
 
 
+def _valid_like(valid: Tensor, losses: Tensor) -> Tensor:
+    """The valid mask in the losses' shape: per position for class indices, per row (every one
+    valid) for probability targets, whose K-dimensional losses have more positions than rows."""
+    if valid.numel() == losses.numel():
+        return valid.reshape(losses.shape)
+    return valid.reshape(-1, *([1] * (losses.dim() - 1))).expand(losses.shape)
+
+
 def _device_counts(lp: LinearProblem, losses: Tensor, valid: Tensor, bad: Tensor | None,
                    neg: Tensor | None, badsum: Tensor | None) -> Tensor:
     """The findings vector (``core._flags``) of a call that may not read the host: bad labels,
@@ -534,7 +544,7 @@ def _device_counts(lp: LinearProblem, losses: Tensor, valid: Tensor, bad: Tensor
     dev = losses.device
     zero = torch.zeros((), dtype=torch.int64, device=dev)
     ll = losses.detach()
-    vv = valid.reshape(ll.shape)
+    vv = _valid_like(valid, ll)
     finite = torch.isfinite(ll)
     nonfinite = (~finite & vv).sum()
     bound = F.overflow_bound(p.out_dtype)
@@ -669,8 +679,8 @@ def _resolve(lp: LinearProblem, losses: Tensor, valid: Tensor, out: Tensor, neg:
             return
     elif bool(torch.isfinite(out).all()):
         return
-    vv = valid.reshape(losses.shape)
     ll = losses.detach()
+    vv = _valid_like(valid, ll)
     mask = ~torch.isfinite(ll) & vv
     if bool(mask.any()):
         report(nonfinite_finding(lp, mask), strict, owner)

@@ -67,7 +67,11 @@ def linear_ce_backward(
     sp = _spec(num_classes, positions, ignore_index, eps, prob, weight, backend, tile_dtype,
                max_rows, x)
     need = (need_dx, need_dw, need_db and b is not None, need_dq and prob)
-    _, g = run_loop(_Operands(x, w, b, sp.work), target, valid, sp, need, grad.to(sp.work), False)
+    # Probability targets and K-dimensional heads differentiate stock's cross-entropy on each tile
+    # with autograd, which a custom op's kernel runs without: inference_mode(False) restores it
+    # (and turns grad mode on, which only those tiles want: they enable it themselves).
+    with torch.inference_mode(False), torch.no_grad():
+        _, g = run_loop(_Operands(x, w, b, sp.work), target, valid, sp, need, grad.to(sp.work), False)
     empty = x.new_empty(0)
     return (
         empty if g.dx is None else g.dx.to(x.dtype),
