@@ -93,7 +93,8 @@ def _grid() -> list[Case]:
 
     for lname, (batched, kdim) in LAYOUTS.items():
         exp, logits = _shapes(batched, kdim)
-        mk = (lambda b=batched, k=kdim: (_x(b), _w(k)))
+        def mk(b: bool = batched, k: bool = kdim) -> tuple[torch.Tensor, torch.Tensor]:
+            return _x(b), _w(k)
         for tname, tsh in _target_shapes(exp).items():
             for dt in (torch.int64, torch.int32, torch.uint8, torch.float32, torch.bool):
                 add(f"{lname}-index-{tname}-{dt}".replace("torch.", ""),

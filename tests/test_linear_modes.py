@@ -164,7 +164,7 @@ def test_make_fx_forward_backward_graph_is_functional_and_replays() -> None:
     x, W, b, t = _data(6)
     gm = make_fx(step)(x, W, b, t)
     bad = [n for n in gm.graph.nodes if n.op == "call_function"
-           and (str(n.target).endswith(".out") or str(n.target).rstrip("_").endswith("_") and "aten" in str(n.target))]
+           and (str(n.target).endswith(".out") or (str(n.target).rstrip("_").endswith("_") and "aten" in str(n.target)))]
     assert not bad, [str(n.target) for n in bad]
     x2, W2, b2, _ = _data(6, seed=3)
     for a, c in zip(gm(x2, W2, b2, t), step(x2, W2, b2, t)):
@@ -354,7 +354,7 @@ def test_sparse_layouts_give_stocks_values_or_a_layout_error(kind: str, red: str
     except (RuntimeError, NotImplementedError) as e:
         with pytest.raises(safeloss.LayoutError, match=r"linear_cross_entropy got .*(sparse|nested)") as info:
             safeloss.linear_cross_entropy(sx, sW, st, reduction=red, **kw)
-        assert isinstance(info.value, type(e)) or isinstance(info.value, RuntimeError)
+        assert isinstance(info.value, (type(e), RuntimeError))
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", safeloss.SafeLossWarning)  # the sparsified targets' sums

@@ -42,9 +42,9 @@ from ..core.errors import (
     SafeLossError,
     TargetOutOfRangeError,
     fmt_list,
-    stock_class,
     fmt_shape,
     plural,
+    stock_class,
 )
 from ..core.mode import Mode, decide
 from ..core.report import Finding, _user_frame, report

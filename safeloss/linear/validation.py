@@ -53,6 +53,8 @@ def reword(message: str) -> str:
     message = _CLASS.sub("LinearCrossEntropyLoss", message)
     message = _UNSEEN.sub(lambda m: "because the input, linear_weight or linear_bias"
                           + (m.group(1) or "") + m.group(2), message)
+    message = message.replace("loss_fn(logits.float(), target)",
+                              "linear_cross_entropy(input.float(), linear_weight.float(), target)")
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
 
 
@@ -71,7 +73,7 @@ checks.WORDING[_OP] = named
 
 
 def reworded(finding: Finding) -> Finding:
-    return replace(finding, message=reword(finding.message))
+    return replace(finding, message=named(finding.message))
 
 
 @dataclass
@@ -417,6 +419,16 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
             f"class; {tshape[1]} columns disagree with the layer's {C} outputs.\n"
             "Fix: class indices of shape (N,), e.g. target.argmax(dim=1), and check that the "
             "head's number of classes matches the labels"
+        )
+    if not batched and target.dim() == 1 and tshape[0] > 1 and not target.is_floating_point():
+        n = tshape[0]
+        raise shape_error(
+            f"linear_cross_entropy got one sample's hidden state but {n} labels.\n" + head
+            + f"An input of shape ({h},) is a single sample, whose label is one class index (shape () "
+            f"or (1,)); {n} labels mean {n} samples, whose hidden states were not passed (or were "
+            "reduced to one).\n"
+            f"Fix: pass the hidden states of all {n} samples, shape ({n}, {h}) (torch.stack(rows)), "
+            "or one label per sample"
         )
     raise shape_error(
         "linear_cross_entropy cannot pair this target with this input and layer.\n" + head
