@@ -291,7 +291,7 @@ def _feature_error(x: Tensor, w: Tensor) -> None:
                 "twice. (Or linear_weight is transposed, (H, C) instead of (C, H).)\n"
                 "Fix: pass the hidden states that feed the head, e.g. outputs.hidden_states[-1] "
                 "or the input of lm_head, not its output (for logits you already have, use "
-                "cross_entropy(logits, target)); or linear_weight.T if it is transposed"
+                "safeloss.cross_entropy(logits, target)); or linear_weight.T if it is transposed"
             )
     else:
         cause = (
