@@ -111,7 +111,7 @@ def check_options(options: object) -> None:
     if options is not None and (cls is None or not isinstance(options, cls)):
         # Stock fails on it with an AttributeError (options._adjust), where it reads it at all.
         raise stock_class(ArgumentTypeError, AttributeError)(
-            f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+            f"linear_cross_entropy: options must be None or a torch.nn.LinearCrossEntropyOptions, got "
             f"{type(options).__name__}.\nsafeloss never materializes the logits; options picks "
             "the precision of the chunked path as stock's does (acc_policy, acc_dtype) and caps "
             "the rows of a chunk (batch_chunk_size).\nFix: options=None (stock's reference "
@@ -446,7 +446,7 @@ def _ignore_index(ignore_index: object) -> int | None:
         return operator.index(ignore_index)  # type: ignore[arg-type]
     except TypeError:
         raise ArgumentTypeError(
-            f"ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
+            f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
             "(the default: -100 for class indices) or the label value to skip, e.g. -100"
         ) from None
 
@@ -486,7 +486,7 @@ def validate(
     flat_ok = weight is not None and weight.numel() == C and max(weight.shape, default=0) == C
     if weight is not None and not flat_ok and (weight.dim() != 1 or weight.shape[0] != C):
         raise WeightError(
-            f"weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
+            f"linear_cross_entropy: weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
             f"({_layer(w)}).\nweight needs exactly one entry per class, in class order; a length "
             "mismatch usually means the weights were computed on a different label set.\n"
             f"Fix: a 1-D weight of length {C}"
@@ -503,7 +503,7 @@ def validate(
         _target_error(x2, w, t, expected, logits_shape, batched)
     if prob_shaped and ii is not None:
         raise IgnoreIndexError(
-            f"ignore_index={ii} cannot be used with probability targets (the target has the "
+            f"linear_cross_entropy: ignore_index={ii} cannot be used with probability targets (the target has the "
             f"logits' shape {fmt_shape(logits_shape)}, so each entry is a class probability, not "
             "a label that could be skipped); stock torch raises \"ignore_index cannot be "
             "specified when target contains probabilities\".\n"
@@ -517,7 +517,7 @@ def validate(
         p = normalize(standin, t, weight, -100 if ii is None else ii, reduction, label_smoothing,
                       read_values=read_values)
     except SafeLossError as e:
-        msg = reword(str(e))
+        msg = named(str(e))
         if prob_shaped and not t.is_floating_point():  # an integer target that is not one-hot
             msg += ("\n(stock torch: Expected floating point type for target with class "
                     f"probabilities, got {str(t.dtype).removeprefix('torch.').capitalize()})")
