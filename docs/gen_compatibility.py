@@ -382,6 +382,112 @@ def mode_rows() -> list[str]:
     return out
 
 
+LINEAR_HEADER = """
+## `linear_cross_entropy` in every setting
+
+`safeloss.linear_cross_entropy` asks `safeloss.core.mode.decide` once per call which setting it
+runs in (the same decision as `cross_entropy`'s). Each row below is observed: the call built at
+batch size 4 (hidden size 3, 5 classes), run at batch size 6 where the tool allows another
+(*clean*: compared with stock `F.linear_cross_entropy` at that size), then a label of 7 (5
+classes). "Batch size" says whether one build served both sizes.
+"""
+
+
+def _linear_settings() -> dict[str, Callable]:
+    """name -> build(fn) -> call(x, w, t): the op built into each setting."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    class M(torch.nn.Module):
+        def __init__(self, fn: Callable) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x, w, t):  # type: ignore[no-untyped-def]
+            return self.fn(x, w, t, reduction="sum")
+
+    def ex(n: int = 4):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(n)
+        return torch.randn(n, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+    def compiled(fn):  # type: ignore[no-untyped-def]
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        c = torch.compile(M(fn), backend=counter, dynamic=True)
+
+        def run(x, w, t):  # type: ignore[no-untyped-def]
+            return c(x, w, t)
+        run.frames = lambda: counter.frame_count  # type: ignore[attr-defined]
+        return run
+
+    def export(fn):  # type: ignore[no-untyped-def]
+        n = torch.export.Dim("n", min=2)
+        return torch.export.export(M(fn), ex(), dynamic_shapes=({0: n}, None, {0: n})).module()
+
+    def vmapped(fn):  # type: ignore[no-untyped-def]
+        return lambda x, w, t: torch.func.vmap(lambda a, c: fn(a, w, c, reduction="sum"))(
+            x.view(2, -1, 3), t.view(2, -1)).sum()
+
+    def jvp(fn):  # type: ignore[no-untyped-def]
+        return lambda x, w, t: torch.func.jvp(lambda a: fn(a, w, t, reduction="sum"), (x,), (torch.ones_like(x),))[0]
+
+    return {
+        "eager": lambda fn: M(fn),
+        "`torch.compile(dynamic=True)`": compiled,
+        "`torch.export` (dynamic batch dim)": export,
+        "`make_fx` (symbolic)": lambda fn: make_fx(M(fn), tracing_mode="symbolic")(*ex()),
+        "`torch.fx.symbolic_trace`": lambda fn: torch.fx.symbolic_trace(M(fn)),
+        "`torch.jit.trace`": lambda fn: torch.jit.trace(M(fn), ex()),
+        "`torch.func.vmap`": vmapped,
+        "`torch.func.jvp`": jvp,
+        "sparse input (COO)": lambda fn: (lambda x, w, t: M(fn)(x.to_sparse(), w, t)),
+    }
+
+
+def linear_rows() -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    import safeloss
+
+    def ex(n: int):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(n)
+        return torch.randn(n, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+    out = []
+    for name, build in _linear_settings().items():
+        try:
+            run = build(safeloss.linear_cross_entropy)
+        except Exception as e:
+            out.append(f"| {name} | fails: {_error(e)} at build | | |")
+            continue
+        n = 4 if "jit.trace" in name else 6  # a trace is built for its example's size
+        x, w, t = ex(n)
+        frames = getattr(run, "frames", None)
+        try:
+            run(*ex(4))
+            built = frames() if frames else 0
+            got = run(x, w, t)
+            rebuilt = bool(frames and frames() != built)
+            want = F.linear_cross_entropy(x, w, t, reduction="sum")
+            clean = "stock's values" if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "DIFFERENT VALUES"
+        except Exception as e:
+            clean, rebuilt = "fails: " + _error(e), True
+        size = "—" if n == 4 or name in ("eager", "`torch.func.vmap`", "`torch.func.jvp`", "sparse input (COO)") \
+            else ("one build, both sizes" if clean == "stock's values" and not rebuilt else "rebuilt or fails")
+        bad = t.clone()
+        bad[1] = 7
+        try:
+            run(x, w, bad)
+            label = "no error"
+        except Exception as e:
+            label = _error(e)
+        out.append(f"| {name} | {clean} | {size} | {label} |")
+    return out
+
+
 def generate() -> str:
     import torch
 
@@ -391,6 +497,7 @@ def generate() -> str:
         table = rows()
         sparse = sparse_rows()
         modes = mode_rows()
+        linear = linear_rows()
     safe, patched = ["SafeCrossEntropyLoss", "safeloss.cross_entropy"], [
         "patch(): nn.CrossEntropyLoss", "patch(): F.cross_entropy"]
     lines = [HEADER.format(torch=torch.__version__.split("+")[0])]
@@ -408,6 +515,10 @@ def generate() -> str:
     lines.append(FOOTER)
     lines.append(SPARSE_HEADER.rstrip("\n"))
     lines += sparse
+    lines.append(LINEAR_HEADER)
+    lines.append("| setting | clean inputs | batch size | bad label |")
+    lines.append("|---|---|---|---|")
+    lines += linear
     return "\n".join(lines) + "\n"
 
 

@@ -46,9 +46,15 @@ def generate() -> str:
             rows.append(f"| `{name}` | `{builtins[0]}` | {doc.splitlines()[0].replace('``', '`')} |")
     out = [HEADER.format(torch=torch.__version__.split("+")[0], classes="\n".join(rows))]
     out.append("## The catalogue\n")
-    for i, case in enumerate(demo.CASES + demo.MORE_CASES):
+    for i, case in enumerate(demo.CASES + demo.MORE_CASES + demo.LINEAR_CASES):
         if i == len(demo.CASES):
             out.append("## Every other message\n")
+        if i == len(demo.CASES) + len(demo.MORE_CASES):
+            out.append(
+                "## linear_cross_entropy\n\nThe head's matmul and the loss in one call: "
+                "`safeloss.linear_cross_entropy` next to stock `torch.nn.functional.linear_cross_entropy` "
+                "with the same input. Its cross-entropy findings (labels, targets, NaN, overflow) are "
+                "the ones above, named as this op's; these are the mistakes of a head.\n")
         stock, ours = demo.run_case(case)
         _, strict = demo.run_case(case, strict=True)
         out.append(f"### {case.title}\n")

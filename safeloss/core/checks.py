@@ -759,6 +759,11 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
 
 # ------------------------------------------------------------------------ resolution
 
+# op name -> how that op rewords the shared (cross-entropy) messages; filled by the ops that reuse
+# these checks (linear_cross_entropy registers its own), read wherever a finding is reported late
+# (deferred CUDA findings, the report op of compiled graphs), where the op's own code is not on the stack.
+WORDING: dict[str, Callable[[str], str]] = {}
+
 DEFERRED_NOTE = (
     "[found by an earlier call of this loss; GPU checks are read back without blocking and "
     "reported at a later call, or by safeloss.check_pending()]\n"
@@ -790,23 +795,25 @@ def resolve(
     have_logits: bool = True,
     device_type: str | None = None,
     note: str = "",
+    op: str = "",
 ) -> None:
     """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``".
-    ``losses`` may be a callable that computes them, called only when a message needs them."""
+    ``losses`` may be a callable that computes them, called only when a message needs them.
+    ``op``: the op whose call this is, when its messages are worded differently (``WORDING``)."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
     if (scan.out_finite if out_finite is None else out_finite) and not any(counts) and p.num_classes:
         return  # the clean call: nothing counted and a finite result (what follows would agree)
-    if note:
+    wording = WORDING.get(op) if op else None
+    if note or wording:
         def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
-            _report(replace(f, message=note + f.message), strict, owner)
+            text = note + f.message
+            _report(replace(f, message=wording(text) if wording else text), strict, owner)
     else:
         report = _report
     if counts[F.BAD_TARGET]:
-        raise TargetOutOfRangeError(
-            note
-            + out_of_range_message(p.target, p.num_classes, p.ignore_index,
-                                   device_type or p.input.device.type)
-        ) from None
+        text = note + out_of_range_message(p.target, p.num_classes, p.ignore_index,
+                                           device_type or p.input.device.type)
+        raise TargetOutOfRangeError(wording(text) if wording else text) from None
     if p.num_classes == 0:
         # Nothing was computed over: every other check would only describe the empty rows.
         report(no_classes_finding(p), strict, owner)
@@ -899,6 +906,7 @@ class _Pending:
     key: int = FUNCTIONAL_KEY  # which loss it belongs to (requeued there if a report raises)
     nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
     owner_ref: Callable[[], object] | None = None  # weak reference to the loss module, if any
+    op: str = ""  # the op whose wording the report uses (see WORDING)
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -908,7 +916,7 @@ _pending_lock = threading.Lock()
 def defer(
     scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int,
     note: str = "", findings: Sequence[Finding] = (), device_type: str | None = None,
-    owner: object | None = None,
+    owner: object | None = None, op: str = "",
 ) -> None:
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
@@ -942,7 +950,7 @@ def defer(
                    None if losses is None else losses.detach(), out_host, counts_host, event, strict,
                    device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key,
                    _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)),
-                   _weak(owner))
+                   _weak(owner), op)
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
 
@@ -1043,4 +1051,4 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
     elif rec.losses is not None:
         out_finite = bool(torch.isfinite(rec.losses).all())
     resolve(rec.scan, rec.problem, rec.losses, rec.out_host, out_finite, rec.strict, owner,
-            have_logits=False, device_type=rec.device_type, note=rec.note)
+            have_logits=False, device_type=rec.device_type, note=rec.note, op=rec.op)

@@ -90,6 +90,10 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
     """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
 
 
+class OptionsError(SafeLossError, ValueError):
+    """``LinearCrossEntropyOptions`` that cannot apply to this call (stock: ``ValueError``; ``RuntimeError`` for an ``acc_dtype`` the input dtype cannot take)."""
+
+
 class LayoutError(SafeLossError, NotImplementedError):
     """A layout the loss cannot use: sparse logits, labels or weight; nested tensors (stock: ``NotImplementedError``, a ``RuntimeError``)."""
 
@@ -173,9 +177,12 @@ del _cls
 for _cls, _builtin in [
     (TargetShapeError, ValueError), (TargetShapeError, IndexError),
     (TargetDtypeError, ValueError), (TargetDtypeError, IndexError),
-    (InputError, IndexError), (InputDtypeError, IndexError),
+    (InputError, IndexError), (InputDtypeError, IndexError), (OptionsError, RuntimeError),
+    # linear_cross_entropy: stock reads an attribute of a non-tensor argument first
+    (ArgumentTypeError, AttributeError),
     # Third-party losses that gather by hand (routed by safeloss.patch()) fail on a bad label
-    # with torch.gather's RuntimeError, not cross_entropy's IndexError.
+    # with torch.gather's RuntimeError, not cross_entropy's IndexError; linear_cross_entropy inside
+    # torch.func.vmap: stock's batched gather raises a RuntimeError too.
     (TargetOutOfRangeError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
