@@ -197,6 +197,7 @@ def test_backends_and_module_agree(backend: str, module: bool) -> None:
     else:
         out, st = safeloss.cross_entropy(x, t, backend=backend, **kw, **ex)
     close(out, ref, torch.float32, "loss")
+    assert st.lse.shape == (7,) and st.accuracy.shape == ()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -360,6 +361,7 @@ def test_linear_never_materializes_the_logits(monkeypatch: pytest.MonkeyPatch, k
             x, W, t if q is None else q, reduction=red, softcap=30.0, temperature=0.7, z_loss=1e-4,
             return_stats=True)
         (loss.sum() if red == "none" else loss).backward()
+    assert stats.lse.shape == stats.entropy.shape == tuple(t.shape)
     logits = n * c * (2 if kind == "kdim" else 1)
     # a tile (a few rows of C * D), dW (C * D x H), or the probability target itself (an input)
     limit = max(W.numel(), 4 * 8 * 1000, q.numel() if q is not None else 0)
@@ -943,3 +945,21 @@ def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:
         close(g["grad"], x6.grad, torch.float64, "DTensor grad")
         close(g["lse"], rs["lse"], torch.float32, "DTensor lse")
         close(g["accuracy"], rs["accuracy"], torch.float32, "DTensor accuracy")
+
+
+# ============================================================================ docs
+
+
+def test_readme_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every python block of the README's "LLM and RL extras" section runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## LLM and RL extras", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "z-loss" in out and "mean entropy" in out
