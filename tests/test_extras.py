@@ -761,6 +761,17 @@ def test_module_pickles_and_old_instances_run() -> None:
     assert pickle.loads(pickle.dumps(st)).lse.shape == (7,) and repr(st).startswith("LossStats(")
 
 
+def test_torchscript_refuses_extras_instead_of_dropping_them() -> None:
+    """Scripted code compiles stock torch's loss: a module with extras raises there (and one
+    without them still scripts)."""
+    x, t, _ = make("index-ignore", torch.float32)
+    plain = torch.jit.script(safeloss.SafeCrossEntropyLoss())
+    torch.testing.assert_close(plain(x, t), F.cross_entropy(x, t))
+    scripted = torch.jit.script(safeloss.SafeCrossEntropyLoss(z_loss=1e-4))
+    with pytest.raises(torch.jit.Error, match="cannot run in TorchScript"):
+        scripted(x, t)
+
+
 def test_meta_and_fake_tensors() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
