@@ -736,6 +736,19 @@ def test_torch_func_and_fx() -> None:
     per = vmap(lambda v, y: safeloss.cross_entropy(v, y, **ex))(x.unsqueeze(1), t.clamp(min=0).unsqueeze(1))
     close(per, reference(x, t.clamp(min=0), reduction="none", **ex)[0], torch.float64, "vmap")
 
+    # forward-mode AD (jvp) and double backward (a gradient penalty), against the reference
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda u: safeloss.cross_entropy(u, t, **ex), (x,), (v,))
+    close(tangent, (gr * v).sum(), torch.float64, "jvp")
+    for prob in (False, True):
+        tt = x.softmax(1).detach() if prob else t
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(safeloss.cross_entropy(xa, tt, label_smoothing=0.1, **ex), xa,
+                                    create_graph=True)
+        (gb,) = torch.autograd.grad(reference(xb, tt, eps=0.1, **ex)[0], xb, create_graph=True)
+        close(torch.autograd.grad(ga.square().sum(), xa)[0], torch.autograd.grad(gb.square().sum(), xb)[0],
+              torch.float64, "double backward")
+
     class M(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
