@@ -197,6 +197,7 @@ def test_backends_and_module_agree(backend: str, module: bool) -> None:
     else:
         out, st = safeloss.cross_entropy(x, t, backend=backend, **kw, **ex)
     close(out, ref, torch.float32, "loss")
+    assert st.lse.shape == (7,) and st.accuracy.shape == ()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -342,12 +343,12 @@ class _Largest(TorchDispatchMode):
                                       ("kdim", "none")])
 def test_linear_never_materializes_the_logits(monkeypatch: pytest.MonkeyPatch, kind: str, red: str) -> None:
     monkeypatch.setattr(chunked, "FORCE_ROWS", None)
-    n, h, c, rows = 32, 8, 1000, 8
+    n, h, c, rows = 48, 8, 600, 8
     monkeypatch.setattr(chunked, "TILE_BYTES_CPU", 4 * c * rows)  # 8 rows per chunk
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=g, requires_grad=True)
     if kind == "kdim":
-        c, rows = 500, 4  # C * D = 1000: the same tile width, 2 positions per row
+        c = 300  # C * D = 600: the same tile width, 2 positions per row
         W = torch.randn(c, 2, h, generator=g, requires_grad=True)
         t = torch.randint(0, c, (n, 2), generator=g)
     else:
@@ -360,9 +361,10 @@ def test_linear_never_materializes_the_logits(monkeypatch: pytest.MonkeyPatch, k
             x, W, t if q is None else q, reduction=red, softcap=30.0, temperature=0.7, z_loss=1e-4,
             return_stats=True)
         (loss.sum() if red == "none" else loss).backward()
+    assert stats.lse.shape == stats.entropy.shape == tuple(t.shape)
     logits = n * c * (2 if kind == "kdim" else 1)
     # a tile (a few rows of C * D), dW (C * D x H), or the probability target itself (an input)
-    limit = max(W.numel(), 4 * 8 * 1000, q.numel() if q is not None else 0)
+    limit = max(W.numel(), rows * 600, q.numel() if q is not None else 0)
     assert mode.largest <= limit, (mode.largest, limit)
     if q is None:
         assert mode.largest < logits
@@ -674,7 +676,7 @@ def test_deferred_findings_carry_the_note(monkeypatch: pytest.MonkeyPatch) -> No
 # ============================================================================ settings
 
 
-@pytest.mark.parametrize("case", ["index-stats", "prob-stats"])
+@pytest.mark.parametrize("case", ["index-stats"])
 def test_compile_fullgraph(case: str) -> None:
     torch._dynamo.reset()
     kind = {"index-stats": "index-weight-smooth", "prob-stats": "prob-smooth"}[case]
@@ -734,6 +736,19 @@ def test_torch_func_and_fx() -> None:
     per = vmap(lambda v, y: safeloss.cross_entropy(v, y, **ex))(x.unsqueeze(1), t.clamp(min=0).unsqueeze(1))
     close(per, reference(x, t.clamp(min=0), reduction="none", **ex)[0], torch.float64, "vmap")
 
+    # forward-mode AD (jvp) and double backward (a gradient penalty), against the reference
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda u: safeloss.cross_entropy(u, t, **ex), (x,), (v,))
+    close(tangent, (gr * v).sum(), torch.float64, "jvp")
+    for prob in (False, True):
+        tt = x.softmax(1).detach() if prob else t
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(safeloss.cross_entropy(xa, tt, label_smoothing=0.1, **ex), xa,
+                                    create_graph=True)
+        (gb,) = torch.autograd.grad(reference(xb, tt, eps=0.1, **ex)[0], xb, create_graph=True)
+        close(torch.autograd.grad(ga.square().sum(), xa)[0], torch.autograd.grad(gb.square().sum(), xb)[0],
+              torch.float64, "double backward")
+
     class M(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -757,6 +772,17 @@ def test_module_pickles_and_old_instances_run() -> None:
     assert torch.equal(old(x, t), F.cross_entropy(x, t))
     st = safeloss.cross_entropy(x, t, return_stats=True)[1]
     assert pickle.loads(pickle.dumps(st)).lse.shape == (7,) and repr(st).startswith("LossStats(")
+
+
+def test_torchscript_refuses_extras_instead_of_dropping_them() -> None:
+    """Scripted code compiles stock torch's loss: a module with extras raises there (and one
+    without them still scripts)."""
+    x, t, _ = make("index-ignore", torch.float32)
+    plain = torch.jit.script(safeloss.SafeCrossEntropyLoss())
+    torch.testing.assert_close(plain(x, t), F.cross_entropy(x, t))
+    scripted = torch.jit.script(safeloss.SafeCrossEntropyLoss(z_loss=1e-4))
+    with pytest.raises(torch.jit.Error, match="cannot run in TorchScript"):
+        scripted(x, t)
 
 
 def test_meta_and_fake_tensors() -> None:
@@ -943,3 +969,21 @@ def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:
         close(g["grad"], x6.grad, torch.float64, "DTensor grad")
         close(g["lse"], rs["lse"], torch.float32, "DTensor lse")
         close(g["accuracy"], rs["accuracy"], torch.float32, "DTensor accuracy")
+
+
+# ============================================================================ docs
+
+
+def test_readme_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every python block of the README's "LLM and RL extras" section runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## LLM and RL extras", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "z-loss" in out and "mean entropy" in out

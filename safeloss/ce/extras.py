@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -145,36 +145,131 @@ def _call(
         valid = (t != p.ignore_index) & ~bad
 
     z = x if x.dtype == acc else x.to(acc)
-    zt = X.transform(z, ex)
-    logp = torch.log_softmax(zt, cdim)
     w = None if p.weight is None else p.weight.to(acc)
-    ce = X.ce_rows(logp, t, valid, w, p.label_smoothing, p.prob, cdim) if C else logp.sum(cdim)
-    lse = zl = None
-    if ex.z_loss:
-        lse = torch.logsumexp(zt, cdim)
-        zl = X.z_loss_rows(lse, valid, ex.z_loss)
+    sp = _Spec(ex, p.label_smoothing, p.prob, C)
+    one = x.dim() == 1  # (C,): one position, computed as (1, C)
+    z2, t2 = (z.unsqueeze(0), t.unsqueeze(0)) if one else (z, t)
+    v2 = None if valid is None else (valid.unsqueeze(0) if one else valid)
+    plain = (mode is Mode.TRANSFORM or _forward_ad(z, t) or (w is not None and w.requires_grad)
+             or not C)
+    if plain:  # torch.func, forward-mode AD, a class weight to differentiate: plain torch ops
+        ce, zl, lse, ent, zt = _differentiable(z2, t2, v2, w, sp)
+    else:
+        ce, zl, lse, ent, zt = _RowsCE.apply(z2, t2, v2, w, sp)
+    pos = p.positions_shape
+    ce, zl, lse, ent = ce.reshape(pos), zl.reshape(pos), lse.reshape(pos), ent.reshape(
+        pos if ex.return_stats else (0,))
+    zt = zt.reshape(x.shape)
+    zl_rows = zl if ex.z_loss else None
     if bad is not None:
         ce = ce.masked_fill(bad, math.nan)  # nothing trains on a bad label before it is reported
-    total_rows = ce if zl is None else ce + zl
+    total_rows = ce if zl_rows is None else ce + zl_rows
 
     ce_red = reduction.reduce(Rows(ce, checks.CLEAN), replace(p, out_dtype=acc))
-    zl_red = X.reduce_z_loss(zl, valid, p.reduction, p.positions_shape, acc, x.device)
-    out = (ce_red if zl is None else ce_red + zl_red).to(p.out_dtype)
+    zl_red = X.reduce_z_loss(zl_rows, valid, p.reduction, pos, acc, x.device)
+    out = (ce_red if zl_rows is None else ce_red + zl_red).to(p.out_dtype)
 
     stats = None
     if ex.return_stats:
-        if lse is None:
-            lse = torch.logsumexp(zt.detach(), cdim)
         acc_ = None
         if not p.prob:
             assert valid is not None
             pred = X.argmax(x.detach(), cdim) if C else torch.zeros_like(t)
             acc_ = X.accuracy(pred == t, valid)
-        stats = X.LossStats(lse.detach().float(), X.entropy(logp.detach(), cdim).float(),
-                            zl_red.detach().float(), acc_)
+        stats = X.LossStats(lse.detach().float(), ent.detach().float(), zl_red.detach().float(), acc_)
 
     _findings(mode, p, x, zt, t, total_rows, valid, bad, out, ex, static, strict, strict_, key, owner)
     return out if stats is None else (out, stats)
+
+
+def _forward_ad(*vs: Tensor) -> bool:
+    """Dual tensors of torch.autograd.forward_ad (jvp): ``_RowsCE`` has no forward-mode rule."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(forward_ad.unpack_dual(v).tangent is not None for v in vs)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    ex: X.Extras
+    eps: float
+    prob: bool
+    num_classes: int
+
+
+def _forward(z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None, sp: _Spec
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(ce, zl, lse, entropy, zt, logp) per position, classes in dim 1 (differentiable ops)."""
+    ex = sp.ex
+    zt = X.transform(z, ex)
+    lse = torch.logsumexp(zt, 1)
+    logp = zt - lse.unsqueeze(1)
+    ce = X.ce_rows(logp, t, valid, w, sp.eps, sp.prob, 1) if sp.num_classes else logp.sum(1)
+    zl = X.z_loss_rows(lse, valid, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
+    ent = X.entropy(logp.detach(), 1) if ex.return_stats else ce.new_empty(0)
+    return ce, zl, lse, ent, zt, logp
+
+
+def _differentiable(z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None, sp: _Spec
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ce, zl, lse, ent, zt, _ = _forward(z, t, valid, w, sp)
+    return ce, zl, lse.detach(), ent, zt.detach()
+
+
+class _RowsCE(torch.autograd.Function):
+    """(logits in the work dtype, target, valid, weight, spec) -> per-position (cross-entropy,
+    z-loss term, lse, entropy, capped scaled logits): the shared formulas, with the hand-written
+    gradient of ``core.extras`` (one saved logits-sized tensor, a few passes in backward)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None,  # type: ignore[override]
+                sp: _Spec) -> tuple[Tensor, ...]:
+        ex = sp.ex
+        zt = X.transform(z, ex, inplace=True)
+        lse = torch.logsumexp(zt, 1)
+        if sp.prob or sp.eps > 0 or ex.return_stats:
+            logp = zt - lse.unsqueeze(1)
+            ce = X.ce_rows(logp, t, valid, w, sp.eps, sp.prob, 1)
+            ent = X.entropy(logp, 1) if ex.return_stats else ce.new_empty(0)
+            del logp
+        else:  # the LLM case: no logits-sized intermediate besides the capped, scaled logits
+            assert valid is not None
+            ce = X.nll_rows(zt, lse, t, valid, w, 1)
+            ent = ce.new_empty(0)
+        zl = X.z_loss_rows(lse, valid, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
+        zt_out = zt if zt is not z else zt.view_as(zt)
+        ctx.sp = sp
+        ctx.save_for_backward(z, t, valid, w, zt_out, lse)
+        ctx.mark_non_differentiable(lse, ent, zt_out)
+        return ce, zl, lse, ent, zt_out
+
+    @staticmethod
+    def backward(ctx, g_ce: Tensor, g_zl: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, t, valid, w, zt, lse = ctx.saved_tensors
+        sp: _Spec = ctx.sp
+        need_z, need_t = ctx.needs_input_grad[0], sp.prob and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # double backward: the same formulas, differentiably
+            wrt = [v for v, n in ((z, need_z), (t, need_t)) if n]
+            ce, zl, *_ = _forward(z, t, valid, w, sp)
+            got = iter(torch.autograd.grad((ce, zl), wrt, (g_ce, g_zl), create_graph=True,
+                                           allow_unused=True))
+            return (next(got) if need_z else None, next(got) if need_t else None, None, None, None)
+        ex = sp.ex
+        p = torch.sub(zt, lse.unsqueeze(1)).exp_()
+        dq = None
+        if sp.prob:
+            logp = zt - lse.unsqueeze(1) if need_t else p
+            dzt, dq = X.prob_grad(p, logp, t, w, sp.eps, g_ce, g_zl, lse, ex.z_loss, need_t)
+        else:
+            y = torch.where(valid, t, 0)
+            w_y = None if w is None else w.gather(0, y.reshape(-1)).reshape(y.shape)
+            w_sum: float | Tensor = float(sp.num_classes) if w is None else w.sum()
+            dzt = X.index_grad(p, y, valid, valid, w_y, w, w_sum, sp.eps, sp.num_classes, g_ce,
+                               g_zl, lse, ex.z_loss)
+        dz = X.chain(dzt, zt, ex) if need_z else None
+        return dz, (None if dq is None else dq.to(t.dtype)), None, None, None
 
 
 def _findings(

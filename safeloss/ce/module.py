@@ -31,10 +31,11 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """
 
     # Class-level defaults: an instance pickled before these options existed still loads and runs.
-    softcap: float | None = None
-    temperature: float = 1.0
-    z_loss: float = 0.0
-    return_stats: bool = False
+    # Unannotated: TorchScript reads class annotations, and cannot parse ``float | None``.
+    softcap = None
+    temperature = 1.0
+    z_loss = 0.0
+    return_stats = False
 
     def __init__(
         self,
@@ -84,6 +85,12 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         # TorchScript compiles only this branch (scripted code cannot call back into Python): stock
         # torch's forward, with the same settings. See docs/compatibility.md.
         if torch.jit.is_scripting():
+            if (self.softcap is not None or self.temperature != 1.0 or self.z_loss != 0.0
+                    or self.return_stats):  # stock has none of them: never drop one silently
+                raise RuntimeError(
+                    "SafeCrossEntropyLoss with softcap, temperature, z_loss or return_stats cannot "
+                    "run in TorchScript, which compiles stock torch's loss.\nFix: call the loss "
+                    "outside the scripted code, or use torch.compile")
             return torch.nn.functional.cross_entropy(
                 input, target, weight=self.weight, ignore_index=self.ignore_index,
                 reduction=self.reduction, label_smoothing=self.label_smoothing,

@@ -181,10 +181,13 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def transform(z: Tensor, ex: Extras) -> Tensor:
+def transform(z: Tensor, ex: Extras, inplace: bool = False) -> Tensor:
     """The capped, scaled logits: ``softcap * tanh(z / softcap) / temperature`` (elementwise,
-    differentiable; z in the work dtype). +-inf becomes +-softcap / temperature."""
+    differentiable; z in the work dtype). +-inf becomes +-softcap / temperature. ``inplace``:
+    one new tensor, transformed in place (no autograd graph: hand-written gradients only)."""
     if ex.softcap is not None:
+        if inplace:
+            return torch.div(z, ex.softcap).tanh_().mul_(ex.softcap / ex.temperature)
         return torch.tanh(z / ex.softcap) * (ex.softcap / ex.temperature)
     if ex.temperature != 1.0:
         return z / ex.temperature
@@ -195,8 +198,11 @@ def chain(dzt: Tensor, zt: Tensor, ex: Extras) -> Tensor:
     """d loss / d z from d loss / d zt (in place on ``dzt``), with zt = transform(z):
     ``(1 - tanh^2) / temperature``, the tanh recovered from zt itself."""
     if ex.softcap is not None:
-        th = zt * (ex.temperature / ex.softcap)
-        return dzt.mul_(th.mul_(th).neg_().add_(1.0)).div_(ex.temperature)
+        # (1 - th^2) / T = 1 / T - (T / s^2) zt^2: one fused pass, then one multiply
+        T, s = ex.temperature, ex.softcap
+        f = torch.addcmul(torch.full((), 1.0 / T, dtype=zt.dtype, device=zt.device), zt, zt,
+                          value=-T / (s * s))
+        return dzt.mul_(f)
     if ex.temperature != 1.0:
         return dzt.div_(ex.temperature)
     return dzt
@@ -233,6 +239,17 @@ def ce_rows(logp: Tensor, target: Tensor, valid: Tensor | None, weight: Tensor |
     return torch.where(valid, loss, 0.0)
 
 
+def nll_rows(zt: Tensor, lse: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None,
+             dim: int = -1) -> Tensor:
+    """``ce_rows`` for class indices without label smoothing, from the log-sum-exp:
+    ``w_y (lse - zt_y)``, 0 where not ``valid``; no logits-sized intermediate."""
+    y = torch.where(valid, target, 0).long()
+    loss = lse - zt.gather(dim, y.unsqueeze(dim)).squeeze(dim)
+    if weight is not None:
+        loss = loss * weight.gather(0, y.reshape(-1)).reshape(y.shape)
+    return torch.where(valid, loss, 0.0)
+
+
 def z_loss_rows(lse: Tensor, valid: Tensor | None, coef: float) -> Tensor:
     """``coef * lse^2`` per position, 0 where not ``valid`` (gradient 0 there too)."""
     if valid is None:
@@ -242,9 +259,9 @@ def z_loss_rows(lse: Tensor, valid: Tensor | None, coef: float) -> Tensor:
 
 
 def entropy(logp: Tensor, dim: int = -1) -> Tensor:
-    """``-sum_c p_c logp_c`` per position; classes of probability 0 add 0 (not 0 * -inf)."""
-    p = logp.exp()
-    return -(p * torch.where(p > 0, logp, 0.0)).sum(dim)
+    """``-sum_c p_c logp_c`` per position; classes of probability 0 add 0 (not 0 * -inf: the
+    clamp turns -inf into the dtype's lowest finite value, and leaves NaN a NaN)."""
+    return logp.exp().mul_(logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim).neg_()
 
 
 def argmax(z: Tensor, dim: int = -1) -> Tensor:
@@ -298,44 +315,48 @@ def loss_bound(ex: Extras, num_classes: int, prob: bool, weighted: bool) -> floa
 def index_grad(p: Tensor, y_local: Tensor, owned: Tensor, valid: Tensor, w_y: Tensor | None,
                w_local: Tensor | None, w_sum: float | Tensor, eps: float, num_classes: int,
                g_ce: Tensor, g_zl: Tensor | None, lse: Tensor, coef: float) -> Tensor:
-    """d loss / d zt over a (rows, C_tile) tile of classes: all of them (chunked op) or one
-    rank's slice (sharded op), for class-index targets. ``p``: softmax over all C classes,
-    restricted to the tile; ``y_local``: the target's column in the tile where ``owned``.
+    """d loss / d zt for class-index targets, classes in dim 1 ((rows, C) or (N, C, d1..dK)),
+    over all C classes (one device, a chunk's tile) or one rank's slice of them. ``p``: softmax
+    over all C classes, restricted to these, *overwritten* with the result; ``y_local``: the
+    target's index among these classes where ``owned``; row vectors have the positions' shape.
 
     cross-entropy: g_ce (A p - (1 - eps) w_y e_y - (eps / C) w), A = (1 - eps) w_y + (eps / C) W;
-    z-loss: g_zl 2 coef lse p. Rows not ``valid``: exactly 0.
+    z-loss: g_zl 2 coef lse p. Positions not ``valid``: exactly 0.
     """
     gv = torch.where(valid, g_ce, 0.0)
     hot = (1 - eps) * (w_y if w_y is not None else 1.0)
     row = gv * (hot + (eps / num_classes) * w_sum)
     if g_zl is not None and coef:
         row = row + torch.where(valid, g_zl * (2 * coef) * lse, 0.0)
-    d = p * row.unsqueeze(1)
+    d = p.mul_(row.unsqueeze(1))
     if eps > 0:
         smooth = (gv * (eps / num_classes)).unsqueeze(1)
-        d = d - (smooth * w_local.unsqueeze(0) if w_local is not None else smooth)
+        d.sub_(smooth * _along(w_local, 1, d.dim()) if w_local is not None else smooth)
     if d.shape[1]:
-        d = d.scatter_add(1, y_local.unsqueeze(1), -(gv * hot * owned).unsqueeze(1))
-    return torch.where(valid.unsqueeze(1), d, 0.0)
+        d.scatter_add_(1, y_local.unsqueeze(1), -(gv * hot * owned).unsqueeze(1))
+    # 0 * NaN is NaN: a NaN or inf row that is not counted still gets exactly 0
+    return d.masked_fill_(~valid.unsqueeze(1), 0.0)
 
 
 def prob_grad(p: Tensor, logp: Tensor, q: Tensor, weight: Tensor | None, eps: float,
               g_ce: Tensor, g_zl: Tensor | None, lse: Tensor, coef: float,
               need_dq: bool) -> tuple[Tensor, Tensor | None]:
-    """(d loss / d zt, d loss / d q) over a (rows, C) tile with probability targets q:
-    cross-entropy g_ce (p sum_c w_c q'_c - w q'), q' = (1 - eps) q + eps / C; z-loss as for
-    class indices; d / dq_c = -g_ce (1 - eps) w_c logp_c."""
+    """(d loss / d zt, d loss / d q) for probability targets q, classes in dim 1 (``p``, the
+    softmax, is overwritten): cross-entropy g_ce (p sum_c w_c q'_c - w q'),
+    q' = (1 - eps) q + eps / C; z-loss as for class indices; d / dq_c = -g_ce (1 - eps) w_c logp_c."""
     C = p.shape[1]
+    wb = None if weight is None else _along(weight, 1, p.dim())
     qq = q.to(p.dtype)
     if eps > 0:
         qq = qq * (1 - eps) + eps / C
-    wq = qq if weight is None else qq * weight.unsqueeze(0)
+    wq = qq if wb is None else qq * wb
     row = g_ce.unsqueeze(1)
-    d = (p * wq.sum(1, keepdim=True) - wq) * row
+    scale = wq.sum(1, keepdim=True) * row
     if g_zl is not None and coef:
-        d = d + p * (g_zl * (2 * coef) * lse).unsqueeze(1)
+        scale = scale + (g_zl * (2 * coef) * lse).unsqueeze(1)
+    d = p.mul_(scale).sub_(wq * row)
     dq = None
     if need_dq:
-        lw = logp if weight is None else logp * weight.unsqueeze(0)
+        lw = logp if wb is None else logp * wb
         dq = lw * (row * -(1 - eps))
     return d, dq

@@ -168,10 +168,11 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
     ``options`` or extra fails at construction."""
 
     # Class-level defaults: an instance pickled before these options existed still loads and runs.
-    softcap: float | None = None
-    temperature: float = 1.0
-    z_loss: float = 0.0
-    return_stats: bool = False
+    # Unannotated, as in SafeCrossEntropyLoss (TorchScript reads class annotations).
+    softcap = None
+    temperature = 1.0
+    z_loss = 0.0
+    return_stats = False
 
     def __init__(
         self,

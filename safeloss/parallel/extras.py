@@ -426,7 +426,7 @@ class _ShardCE(torch.autograd.Function):
         acc, ex = plan.acc, plan.ex
         xr = vocab._rows(x)
         zt = X.transform(xr.to(acc), ex)
-        p = torch.exp(zt - lse.unsqueeze(1))
+        p = torch.sub(zt, lse.unsqueeze(1)).exp_()
         dzt = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local,
                            plan.w_sum, plan.eps, plan.num_classes, g_ce.reshape(-1).to(acc),
                            g_zl.reshape(-1).to(acc), lse, ex.z_loss)
