@@ -88,6 +88,14 @@ def cuda_time(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
     return _summary([a.elapsed_time(b) for a, b in evs])
 
 
+def cpu_clock() -> Callable[[], float]:
+    """The clock of CPU timings: with one torch thread (the CPU default of ``safeloss bench``),
+    the calling thread's CPU time, which counts the work of the calls and not the time other
+    processes hold the cores (on a shared machine, most of the spread of wall time); with more
+    threads, whose work that clock would miss, wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def cpu_time_interleaved(fns: dict[str, Callable[[], object]], seconds: float, min_rounds: int,
                          block_s: float = 0.02) -> dict[str, Timing]:
     """Time per call on the CPU, providers interleaved block by block in a rotating order (so
@@ -112,6 +120,7 @@ def cpu_time_interleaved(fns: dict[str, Callable[[], object]], seconds: float, m
         fns[name]()
         number[name] = max(1, int(block_s / max(time.perf_counter() - t0, 1e-7)))
     threads = torch.get_num_threads()
+    clock = cpu_clock()
     blocks: dict[str, list[Measurement]] = {n: [] for n in names}
     specs = {n: TaskSpec(stmt="fn()", setup="pass", label=n, num_threads=threads) for n in names}
     deadline = time.perf_counter() + seconds
@@ -119,10 +128,10 @@ def cpu_time_interleaved(fns: dict[str, Callable[[], object]], seconds: float, m
     while r < min_rounds or time.perf_counter() < deadline:
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, k = fns[name], number[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(k):
                 fn()
-            blocks[name].append(Measurement(k, [time.perf_counter() - t0], specs[name]))
+            blocks[name].append(Measurement(k, [clock() - t0], specs[name]))
         r += 1
     out = {}
     for name in names:

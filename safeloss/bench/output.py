@@ -135,7 +135,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str])
         f"liger-kernel {meta['liger_kernel']}, quack {meta['quack']}, python {meta['python']}",
         f"- git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}, {meta['timestamp']}",
         "- times: median ms " + ("(CUDA events, do_bench)" if cuda else
-                                 f"(wall clock, providers interleaved, {meta['cpu_threads']} "
+                                 f"({'thread CPU time' if meta['cpu_threads'] == 1 else 'wall clock'}, "
+                                 f"providers interleaved, {meta['cpu_threads']} "
                                  f"thread{'s' if meta['cpu_threads'] != 1 else ''}; each sample the mean "
                                  "of a block of calls, torch.utils.benchmark.Measurement)")
         + "; q20-q80: the middle 60% of the " + ("calls" if cuda else "blocks")
