@@ -262,8 +262,8 @@ def _fmt_count(c: int) -> str:
 
 
 def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """time / GB/s / memory against the number of classes, one panel per (family, variant,
-    positions, dtype) with at least three class counts (two, or one, when no panel has three);
+    """time / GB/s / memory against the number of classes, one panel per (variant, positions,
+    dtype) with at least three class counts (two, or one, when no panel has three);
     a plot with nothing measured (memory on CPU) is not written. Returns the files written."""
     try:
         from matplotlib.figure import Figure
@@ -273,11 +273,12 @@ def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
     plain = FuncFormatter(lambda v, _pos: f"{v:.3g}")
     # Minor ticks of a log axis: label 2x and 5x only, or the labels overlap.
     sparse = FuncFormatter(lambda v, _pos: f"{v:.3g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else "")
-    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    # Along C at one N, whatever the family (classification at C = 1000, an LLM at 32000).
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == "ok":
             variant = r["target"] if r["target"] == "prob" else f"smooth{r['label_smoothing']:g}" if r["label_smoothing"] else "index"
-            groups.setdefault((r["family"], variant, r["positions"], r["dtype"]), []).append(r)
+            groups.setdefault((variant, r["positions"], r["dtype"]), []).append(r)
     # A trend needs three points; fewer where no group has them (a filtered run: every group).
     curves = ({k: v for k, v in groups.items() if len({r["classes"] for r in v}) >= 3}
               or {k: v for k, v in groups.items() if len({r["classes"] for r in v}) >= 2} or groups)
@@ -298,7 +299,8 @@ def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
         any_data = False
         flagged = 0
         for ax, gk in zip(axes, keys):
-            fam, variant, n, dt = gk
+            variant, n, dt = gk
+            fam = "/".join(sorted({r["family"] for r in curves[gk]}))
             provs: dict[str, list[tuple[int, float]]] = {}
             for r in curves[gk]:
                 if isinstance(r.get(key), (int, float)):
@@ -345,9 +347,9 @@ def plots(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
             axes[0].text(0.5, 0.5, "no successful rows", ha="center", va="center")
         fig.suptitle(f"safeloss bench - {meta['device']} ({meta['device_type']}), "
                      f"{meta['timestamp']}" + ("" if any_data else " - no data")
-                     + (f"\nred rings: {flagged} point{'s' if flagged != 1 else ''} too noisy to trust "
-                        f"(q20-q80 spread over {SPREAD_MAX:.0%} of the median, as (noisy) in results.md)"
-                        if flagged else ""), fontsize=10)
+                     + (f"\nred rings: {flagged} point{'s' if flagged != 1 else ''} too noisy to trust"
+                        f"\n(q20-q80 spread over {SPREAD_MAX:.0%} of the median: (noisy) in results.md)"
+                        if flagged else ""), fontsize=9)
         fig.savefig(out / fname, dpi=110)
         written.append(fname)
     return written
