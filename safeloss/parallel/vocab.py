@@ -46,7 +46,7 @@ import math
 import operator
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,6 @@ from ..core import checks, errors
 from ..core import reduction as _reduction
 from ..core.config import LazyStrict
 from ..core.errors import (
-    ArgumentTypeError,
     BackendError,
     ParallelMismatchError,
     SafeLossError,
