@@ -95,6 +95,8 @@ ERRORS = [
     ("fractional-labels-one-rank", "TargetDtypeError"),  # found reading this rank's label values
     ("zero-d-target-one-rank", "TargetShapeError"),  # stock: ValueError; the agreed error is one too
     ("smoothing-differs", "ParallelMismatchError"),  # label_smoothing is one of the agreed arguments
+    ("minus-one-label-one-rank", "TargetOutOfRangeError"),  # the range check, not weakened by one
+    ("two-ranks-fail-differently", "ReductionError"),  # the lowest failing rank's error, everywhere
     # Labels that differ in a structured way: the old int64 checksum passed each of these.
     ("labels-equal-checksum", "ParallelMismatchError"),  # [2, 5, 2] vs [3, 3, 3]
     ("labels-reversed", "ParallelMismatchError"),  # an order-insensitive fingerprint passes it
@@ -256,6 +258,10 @@ def _error_case(name: str, rank: int, world: int) -> Any:
         xl = xl.clone().requires_grad_()
         (g,) = torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(xl, t), xl, create_graph=True)
         return {"out": g.detach()}
+    elif name == "minus-one-label-one-rank":
+        if last:
+            t = t.clone()
+            t[1] = -1
     elif name.endswith("-one-rank") and last:
         bad = {"sparse-weight-one-rank": ("weight", torch.ones(C, dtype=x.dtype).to_sparse()),
                "bad-reduction-one-rank": ("reduction", "avg"),
@@ -275,6 +281,11 @@ def _error_case(name: str, rank: int, world: int) -> Any:
             t = t[0]
     elif name == "fractional-labels-one-rank":
         t = t.double()  # whole numbers on the other ranks: only the last rank's values fail
+    elif name == "two-ranks-fail-differently":
+        if rank == 0:
+            kw["reduction"] = "avg"
+        if last:
+            kw["label_smoothing"] = 2.0
     elif name == "smoothing-differs":
         kw["label_smoothing"] = 0.1 if last else 0.0
     elif name in ("labels-equal-checksum", "labels-reversed", "labels-two-swapped"):
@@ -627,6 +638,10 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert "different class weights" in msg
     elif name == "double-backward":
         assert "no double backward" in msg and "create_graph=True" in msg
+    elif name == "minus-one-label-one-rank":
+        assert "-1 at [1]" in msg and f"found in the labels of rank {world - 1} of {world}" in msg, msg
+    elif name == "two-ranks-fail-differently":
+        assert f"raised on rank 0 of the {world} ranks" in msg, msg
     elif name.endswith("-one-rank") and name != "softmax-strict-one-rank":
         assert f"raised on rank {world - 1} of the {world} ranks" in msg, msg
     elif name.startswith(("labels-", "smoothing-differs", "weights-permuted")):
@@ -803,6 +818,41 @@ def test_benchmark_report_counts_bytes_per_row(benchmark_script: Any) -> None:
             dict(shape=[100, 8], provider="safeloss-shards", median_ms=1.0, bytes=2112, all_reduces=3)]
     text = bench.report(rows, 2)
     assert "| (100, 8) | safeloss-shards | 1.00 ms | 0.50x | 3 | 2,112 | 21.1 |" in text
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_triton_shard_stats_of_an_all_masked_row_are_minus_inf(smooth: bool) -> None:
+    """A row whose whole slice is -inf (a masked vocabulary slice): its log-sum-exp is -inf,
+    never NaN ((-inf) - (-inf)), and the other rows of the same program are unaffected."""
+    from safeloss.parallel import triton_stats
+
+    gen = torch.Generator().manual_seed(1)
+    for cols in (5, 40):  # several rows a program, and one
+        x = torch.randn(4, cols, generator=gen)
+        x[2] = -math.inf
+        w = torch.rand(cols, generator=gen)
+        lse, q = triton_stats.shard_stats(x, w if smooth else None, smooth)
+        assert lse[2].item() == -math.inf
+        keep = [0, 1, 3]
+        torch.testing.assert_close(lse[keep], torch.logsumexp(x[keep], 1))
+        if smooth:
+            assert q is not None
+            torch.testing.assert_close(q[keep], (w * (lse[keep, None] - x[keep])).sum(1))
+
+
+@pytest.mark.parametrize("a,b", [([2, 5, 2], [3, 3, 3]), ([0, 1, 4], [4, 1, 0]), ([1, 6, 3], [6, 1, 3]),
+                                 ([0, 0, 0, 0], [0, 0, 0, 1]), ([6, 6], [-100, 6])])
+def test_salted_label_hash_tells_structured_differences_apart(a: list[int], b: list[int]) -> None:
+    """The label agreement's hash: equal labels agree under a salt; labels that differ in the
+    patterns a checksum or an order-insensitive fingerprint misses differ, for every salt tried."""
+    from safeloss.parallel.vocab import _label_values, _salted_hash
+
+    va, vb = (_label_values(torch.tensor(v), -100, 7) for v in (a, b))
+    for salt in range(200):
+        assert torch.equal(_salted_hash(va, salt, 0), _salted_hash(va.clone(), salt, 0))
+        assert not torch.equal(_salted_hash(va, salt, 0), _salted_hash(vb, salt, 0)), salt
+    vc = _label_values(torch.tensor([1, 2, 3]), -100, 7)
+    assert len({tuple(_salted_hash(vc, salt, 0).tolist()) for salt in range(20)}) == 20  # salted
 
 
 @pytest.mark.parametrize("rows", [65, 1000, 2**24 + 4, 2**40 + 3])

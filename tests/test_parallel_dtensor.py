@@ -46,6 +46,7 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[str, ...], int, bool]] = {
     "2d-partial-classes-lp": ((2, 2), ("P", "S1"), 2, True),
     "2d-replicas-batch": ((2, 2), ("R", "S0"), 2, False),
 }
+PROB_LAYOUTS = ["classes-lp", "batch", "2d-batch-classes-lp"]  # probability targets given as DTensors
 OPTIONS = {  # reduction, weight, label smoothing, ignored positions
     "mean": ("mean", False, 0.0, False),
     "sum-weight-smoothing-ignore": ("sum", True, 0.1, True),
@@ -154,6 +155,25 @@ class _nullcontext:
         return None
 
 
+def _prob_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x, _, _ = _data(2, seed=4)
+    y = torch.rand(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).softmax(1)
+    return x, y
+
+
+def _prob_case(mesh: Any, layout: str) -> dict[str, Any]:
+    """Probability targets as a DTensor of the logits' layout: the classes are gathered (no
+    per-slice loss exists for them), as stock does outside loss_parallel()."""
+    from torch.distributed.tensor import distribute_tensor
+
+    names = LAYOUTS[layout][1]
+    x, y = _prob_inputs()
+    dx = distribute_tensor(x, mesh, _placements(names)).requires_grad_()
+    out = safeloss.cross_entropy(dx, distribute_tensor(y, mesh, _placements(names)), label_smoothing=0.1)
+    out.backward()
+    return {"out": out.full_tensor().detach(), "grad": dx.grad.full_tensor()}
+
+
 def _plain_target_batch_sharded(mesh: Any) -> Any:
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -185,6 +205,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                 results[f"{layout}/{option}"] = _record(lambda m=mesh, ly=layout, o=option: _case(m, ly, o))
             for variant in ("nan", "bad"):
                 results[f"{layout}/{variant}"] = _record(lambda m=mesh, ly=layout, v=variant: _case(m, ly, "mean", v))
+        for layout in PROB_LAYOUTS:
+            mesh = meshes[LAYOUTS[layout][0]]
+            results[f"{layout}/prob"] = _record(lambda m=mesh, ly=layout: _prob_case(m, ly))
         results["plain-target-batch-sharded"] = _record(lambda: _plain_target_batch_sharded(meshes[(4,)]))
         results["straddling"] = _record(lambda: _straddling(meshes[(4,)]))
         dist.barrier()
@@ -280,6 +303,19 @@ def test_bad_label_raises_the_same_error_on_every_rank(ranks: list[dict], layout
         assert g.get("error") == "TargetOutOfRangeError" and "IndexError" in g["builtins"], g
         assert f"bad values: {C} at {where}" in g["message"], g["message"]
     assert len({g["message"] for g in got}) == 1
+
+
+@pytest.mark.parametrize("layout", PROB_LAYOUTS)
+def test_probability_targets_gather_the_classes(ranks: list[dict], layout: str) -> None:
+    x, y = _prob_inputs()
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, y, label_smoothing=0.1)
+    ref.backward()
+    for rank, r in enumerate(ranks):
+        got = r[f"{layout}/prob"]
+        assert "ok" in got and got["warnings"] == [], got
+        assert_matches(got["ok"]["out"], ref.detach(), what=f"{layout} probabilities, rank {rank}")
+        assert_matches(got["ok"]["grad"], x.grad, what=f"{layout} probabilities grad, rank {rank}")
 
 
 def test_plain_target_with_sharded_positions_is_refused_alike(ranks: list[dict]) -> None:

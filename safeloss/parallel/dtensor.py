@@ -114,7 +114,6 @@ def _run(
     inplace_backward: bool, fused_grad: bool,
 ) -> Tensor:
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = input.device_mesh  # type: ignore[attr-defined]
     ndim = input.dim()
@@ -177,10 +176,6 @@ def _run(
     w_local = weight.full_tensor() if isinstance(weight, DTensor) else weight  # C values
 
     split = tp is not None
-    offset = None
-    if split and ndim >= 1 and mesh.get_coordinate() is not None:
-        _, offsets = compute_local_shape_and_global_offset(shape, mesh, new)
-        offset = int(offsets[cdim])
     outer = tuple((mesh.get_group(i), isinstance(new[i], Shard)) for i in range(mesh.ndim)
                   if i != tp and mesh.size(i) > 1)
     gshape = {"positions": positions, "input": shape}
@@ -194,7 +189,7 @@ def _run(
 
     sh = vocab.Sharding(
         group=mesh.get_group(tp) if split else None, split=split, outer=outer,
-        num_classes=shape[cdim] if ndim >= 1 else 0, class_offset=offset, input_shape=shape,
+        num_classes=shape[cdim] if ndim >= 1 else 0, input_shape=shape,
         target_shape=tshape, gather=gather, pre_error=pre_error, where="device mesh",
         mesh_size=mesh.size(),
     )

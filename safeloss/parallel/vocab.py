@@ -103,8 +103,8 @@ _ROW_COUNTS = (F.BAD_TARGET, F.NONFINITE_ROW, F.PROB_NEGATIVE, F.PROB_BAD_SUM, F
 class Sharding:
     """How this rank's tensors sit in the global problem.
 
-    ``group``: the classes are split over it (``split``), in the order of ``class_offset`` if given,
-    else of the ranks in the group. ``outer``: the other groups the call spans, each with whether
+    ``group``: the classes are split over it (``split``), in the order of the ranks in the group
+    (DTensor's collectives scatter and gather a mesh dim in that order too). ``outer``: the other groups the call spans, each with whether
     it shards the positions (else it replicates them). DTensor calls also give the global shapes
     (so every shape is judged globally before any communication) and ``gather``, which assembles a
     positions-shaped (or, for probability targets, logits-shaped) local tensor into the global one
@@ -115,7 +115,6 @@ class Sharding:
     split: bool = True
     outer: tuple[tuple[object, bool], ...] = ()
     num_classes: int | None = None
-    class_offset: int | None = None
     input_shape: tuple[int, ...] | None = None
     target_shape: tuple[int, ...] | None = None
     gather: Callable[[Tensor, str], Tensor] | None = None
@@ -815,7 +814,7 @@ def run(
 
 def _make_plan(p: Problem, sh: Sharding, crank: int, sizes: list[int], C: int, acc: torch.dtype,
                sample: Tensor | None, name: str, agree: Tensor) -> _Plan:
-    offset = sh.class_offset if sh.class_offset is not None else sum(sizes[:crank])
+    offset = sum(sizes[:crank])
     C_local = sizes[crank]
     tf = p.target.long().reshape(-1)
     valid = tf != p.ignore_index
