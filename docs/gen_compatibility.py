@@ -78,6 +78,40 @@ FOOTER = """
   `BackendError` for fake tensors exactly where it would for real ones.
 """
 
+# DTensor cells need several processes (a gloo group), so this script does not run them: each
+# row below is observed by tests/test_parallel_dtensor.py (4 ranks: the layouts, NaN, bad labels)
+# and tests/test_parallel.py (2 and 3 ranks: torch.compile, patch(), one rank's bad arguments).
+DTENSOR_SECTION = """
+## DTensor
+
+`safeloss.cross_entropy`, `SafeCrossEntropyLoss` and, under `patch()`, the stock loss take one
+route for every call with a DTensor argument, in or outside `loss_parallel()`
+(`safeloss.parallel.dtensor`). What a call computes and exchanges is decided from the placements,
+which every rank holds alike, never from values one rank sees: no input makes one rank enter a
+collective that another rank left. Every check runs, on every rank alike: a finding is reported
+(or raised) on every rank with the same text, naming global positions. Observed on 2, 3 and 4
+gloo ranks by tests/test_parallel_dtensor.py and tests/test_parallel.py (this script does not run
+them: they need several processes).
+
+| logits' placements | how it runs | checks | stock torch |
+|---|---|---|---|
+| classes sharded on one mesh dim (`Shard(1)`), in or outside `loss_parallel()` | the vocab-parallel op over that mesh dim: 3 all-reduces, the logits never move | all; the ranks' labels, weights and arguments must agree | under `loss_parallel()`: no check (a label >= C returns a number); outside: gathers the classes; a NaN logit or bad label through safeloss crashed (`aten.nonzero`) |
+| positions sharded (`Shard(0)`, `Shard(2)`), classes whole | each rank its own rows, on the single-device backends; head, counts and the mean's sums reduced over those mesh dims | all, agreed over the mesh; messages name global positions | `mean` is `Partial(avg)` of per-shard means (raises for uneven shards); through safeloss it could hang |
+| replicated (`Replicate()`) | every rank the whole loss, single-device backends | all | as safeloss, unchecked |
+| 2-D and N-D meshes: classes on one dim, positions or replicas on the others (`[Shard(0), Shard(1)]`, `[Replicate(), Shard(1)]`, ...) | both of the above | all, agreed over every mesh dim | under `loss_parallel()`: a label == C scored 0; `mean` raises on an N-D mesh |
+| `Partial`, `_StridedShard`, the classes sharded on two mesh dims | redistributed first (summed / gathered), then as above | all | as its own ops |
+| probability targets as a DTensor of the logits' layout | the classes gathered, as stock outside `loss_parallel()` | all | `loss_parallel()`: not supported |
+
+| setting | what happens |
+|---|---|
+| eager | every check; findings reported in the call (two small host reads per call, the first carries the ranks' agreement) |
+| `torch.compile` (any backend) | the DTensor call runs eagerly between compiled parts (a graph break, every check); `fullgraph=True` therefore raises Dynamo's `Unsupported` where stock compiles |
+| `torch.compile` of stock under `patch()` | the same route (was: stock's, unchecked) |
+| a plain tensor target while the positions are sharded | `TargetShapeError` (a `ValueError`, as stock `loss_parallel()`): a plain tensor could be the whole target or this rank's part |
+| `reduction="none"` | a DTensor sharded like the positions (replicated over the class dim) |
+| `sum`, `mean` | a replicated DTensor holding the global value (stock: `Partial` placements for batch-sharded `sum`, the same value after `full_tensor()`) |
+"""
+
 SPARSE_HEADER = """
 ## Sparse, nested and other layouts
 
@@ -513,6 +547,7 @@ def generate() -> str:
     lines.append(MODE_HEADER)
     lines += modes
     lines.append(FOOTER)
+    lines.append(DTENSOR_SECTION.rstrip("\n"))
     lines.append(SPARSE_HEADER.rstrip("\n"))
     lines += sparse
     lines.append(LINEAR_HEADER)

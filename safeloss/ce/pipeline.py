@@ -46,13 +46,18 @@ def run(
         return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
                       backend, inplace_backward, fused_grad, owner, True, mode is Mode.TRANSFORM)
     if mode is Mode.DTENSOR:
-        if parallel_dtensor.applies(input, target, weight):
-            # Logits sharded on the classes under loss_parallel(): the vocab-parallel op.
+        if parallel_dtensor.is_dtensor(input):
+            # DTensor logits, any layout: the parallel op decides from the placements alone what
+            # every rank computes and exchanges (never DTensor's own ops on the checks: their
+            # collectives would follow values one rank sees).
             return parallel_dtensor.run(input, target, weight, ignore_index, reduction_,
-                                        label_smoothing, strict=strict, backend=backend, owner=owner)
-        # Other DTensors run the steps below through DTensor's own ops.
-        return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
-                      backend, inplace_backward, fused_grad, owner, False, False)
+                                        label_smoothing, strict=strict, backend=backend, owner=owner,
+                                        inplace_backward=inplace_backward, fused_grad=fused_grad)
+        # Plain logits with a DTensor target or weight: this rank's loss on the whole of them.
+        target, weight = parallel_dtensor.full(target), parallel_dtensor.full(weight)  # type: ignore[assignment]
+        return run(decide(input, target, weight), input, target, weight, ignore_index, reduction_,
+                   label_smoothing, strict=strict, backend=backend, inplace_backward=inplace_backward,
+                   fused_grad=fused_grad, owner=owner)
     return _in_tool(mode, input, target, weight, ignore_index, reduction_, label_smoothing,
                     strict=strict, backend=backend, inplace_backward=inplace_backward,
                     fused_grad=fused_grad, owner=owner)

@@ -105,6 +105,8 @@ def decide(*tensors: object) -> Mode:
     """The mode of a call whose tensor arguments are ``tensors`` (``None`` entries allowed; the
     first is the one whose device decides CUDA-graph capture). Never reads tensor data."""
     if torch.compiler.is_compiling():
+        if any(_is_dtensor(t) for t in tensors):
+            return Mode.DTENSOR  # its route runs eagerly (a graph break): collectives, agreement
         return Mode.ONNX if torch.compiler.is_exporting() and onnx_exporting() else Mode.COMPILE
     if not (_C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()):
         for t in tensors:  # the common case: plain dense tensors

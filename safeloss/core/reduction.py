@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,3 +58,29 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
     return (total / denom).to(p.out_dtype)
+
+
+def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """``reduce`` of per-position losses whose positions are split over ranks (a DTensor sharded on
+    the batch): ``across`` sums a local partial over the ranks (differentiably); ``None`` when
+    this rank holds every position. ``p`` is this rank's problem (its targets and the weight)."""
+    if p.reduction == "none":
+        return losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)
+    acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
+    total = losses.sum(dtype=acc)
+    if across is not None:
+        total = across(total)
+    if p.reduction == "sum":
+        return total.to(p.out_dtype)
+    denom = torch.as_tensor(denominator(p), dtype=acc, device=losses.device)
+    if across is not None:
+        denom = across(denom)
+    if p.out_dtype == torch.float16:
+        total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
+    out = total / denom
+    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
+        # Stock torch divides the label term and the smoothing term by the total weight
+        # separately: with a total weight of 0 the label term is 0/0 = NaN, so the mean is NaN
+        # (nothing to average) even though the smoothing term alone would be finite/0 = inf.
+        out = out + torch.zeros((), dtype=acc, device=losses.device) / denom
+    return out.to(p.out_dtype)

@@ -23,9 +23,9 @@ What is not reached: references kept anywhere else (other names such as ``... im
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
 ``F.nll_loss(F.log_softmax(...))`` and other hand-written losses, fused losses from other libraries,
 TorchScript (scripted code compiles stock torch), and tensor subclasses other than tracers' fake
-and functional tensors (NestedTensor, ...), which keep stock torch's own dispatch; DTensor logits
-keep it too, except under ``loss_parallel()``, where they take safeloss's vocab-parallel path
-(``safeloss.parallel``). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
+and functional tensors (NestedTensor, ...), which keep stock torch's own dispatch. DTensor arguments
+take safeloss's DTensor route (``safeloss.parallel.dtensor``: every layout, in or outside
+``loss_parallel()``, eager or under ``torch.compile``, where the call runs eagerly). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
 (kept in a closure while patched) behaves as stock torch once unpatched, so nothing leaks.
@@ -79,7 +79,7 @@ _modules = ModuleIndex((_NAME, _linear_patch._NAME))
 def _plain(*tensors: object) -> bool:
     """True when every tensor argument is a plain tensor, a parameter, or a tracer's tensor.
 
-    Other subclasses (DTensor, NestedTensor, user wrappers) carry their own dispatch that the
+    Other subclasses (NestedTensor, user wrappers) carry their own dispatch that the
     checks were not written for; they keep stock behaviour, so patching never breaks them. Fake and
     functional tensors (make_fx, AOTAutograd, non-strict torch.export, FakeTensorMode) are what
     safeloss.tracing handles.
@@ -91,10 +91,11 @@ _PLAIN = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 
 
 def _routed(input: object, target: object, weight: object) -> bool:
-    """Whether safeloss takes this call: plain tensors, or DTensor logits under loss_parallel()."""
+    """Whether safeloss takes this call: plain tensors, or DTensor arguments (any layout, eager or
+    compiled: a compiled stock call on DTensors would otherwise run unchecked)."""
     if _plain(input, target, weight):
         return True
-    return not torch.compiler.is_compiling() and _parallel_dtensor.applies(input, target, weight)
+    return _parallel_dtensor.applies(input, target, weight)
 
 
 _depth = 0  # patched calls in progress; only read while torch.compile traces (see _reentrant)
