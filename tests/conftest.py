@@ -18,11 +18,14 @@ if os.environ.get("CI"):
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_state():
-    """Warn-once bookkeeping is global: start every test with a clean slate."""
+    """Warn-once bookkeeping and the plans of call signatures are global: start every test with
+    a clean slate (a test that monkeypatches safeloss internals must not meet a plan made before)."""
     import safeloss
+    from safeloss.core import plan
 
     safeloss.reset_warnings()
     safeloss.set_strict(None)
+    plan.clear()
     yield
     safeloss.set_strict(None)
 

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ..backends.dispatch import check_backend
 from ..core import extras
+from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import trim
 from ..core.errors import SafeLossError
@@ -86,12 +87,20 @@ def cross_entropy(
             backend=backend, inplace_backward=inplace_backward, fused_grad=fused_grad,
         )
     try:
+        key = None
+        if mode is Mode.EAGER and size_average is None and reduce is None:
+            # A signature seen before: its plan (core.plan), then only the value checks.
+            key = pipeline.signature(input, target, weight, ignore_index, reduction, label_smoothing,
+                                     backend, inplace_backward, fused_grad)
+            plan = None if key is None else plans.get(key)
+            if plan is not None and (out := pipeline.planned(plan, input, target, weight, strict, None)) is not None:
+                return out
         return pipeline.run(
             mode, input, target, weight, ignore_index,
             resolve_reduction(size_average, reduce, reduction),
             check_label_smoothing(label_smoothing),
             strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
-            fused_grad=fused_grad, owner=None,
+            fused_grad=fused_grad, owner=None, key=key,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
         trim(e, "safeloss.cross_entropy")

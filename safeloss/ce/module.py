@@ -7,14 +7,17 @@ from torch import Tensor
 
 from ..backends.dispatch import check_backend
 from ..core import extras
+from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
-from ..core.mode import decide
+from ..core.mode import Mode, decide
 from ..core.validation import check_label_smoothing, check_reduction
 from . import extras as ce_extras
 from . import pipeline
 from .functional import cross_entropy
+
+_NO_BUFFER = object()  # a module without a "weight" buffer (reassigned as a Parameter, say)
 
 
 class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -95,9 +98,6 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
                 input, target, weight=self.weight, ignore_index=self.ignore_index,
                 reduction=self.reduction, label_smoothing=self.label_smoothing,
             )
-        proxy = tracing.fx_proxy(input, target)  # (no walrus: TorchScript parses this body)
-        if proxy is not None:  # torch.fx.symbolic_trace
-            return tracing.fx_module_call(self, cross_entropy, proxy, input, target)
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
         # traces, which cannot trace the context manager.
@@ -133,10 +133,28 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
 def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
         return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
+    # The weight buffer without nn.Module.__getattr__ (a Python call, about 1 us); ``self.weight``
+    # where it is not a buffer (reassigned as a Parameter, say).
+    buffers = self._buffers
+    weight = buffers.get("weight", _NO_BUFFER)
+    if weight is _NO_BUFFER:
+        weight = self.weight
+    mode = decide(input, target, weight)
+    if mode is Mode.FX:  # torch.fx.symbolic_trace
+        return tracing.fx_module_call(self, cross_entropy, tracing.fx_proxy(input, target, weight),
+                                      input, target)
+    key = None
+    if mode is Mode.EAGER:
+        # A signature seen before: its plan (core.plan), then only the value checks.
+        key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
+                                 self.label_smoothing, self.backend, self.inplace_backward,
+                                 self.fused_grad)
+        plan = None if key is None else plans.get(key)
+        if plan is not None and (out := pipeline.planned(plan, input, target, weight, self.strict, self)) is not None:
+            return out
     return pipeline.run(
-        decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+        mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
-        fused_grad=self.fused_grad,
-        owner=self,
+        fused_grad=self.fused_grad, owner=self, key=key,
     )

@@ -13,6 +13,7 @@ read them at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -907,6 +908,7 @@ class _Pending:
     nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
     owner_ref: Callable[[], object] | None = None  # weak reference to the loss module, if any
     op: str = ""  # the op whose wording the report uses (see WORDING)
+    event_device: torch.device | None = None  # where ``event`` was recorded
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -920,39 +922,86 @@ def defer(
 ) -> None:
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
-    pinned = counts.device.type == "cuda"
-    counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=pinned)
+    pinned = counts.is_cuda
+    counts_host = _host_buffer(counts.shape, counts.dtype, pinned)
     counts_host.copy_(counts, non_blocking=pinned)
     out_host = None
     if p.reduction != "none":
-        out_host = torch.empty((), dtype=out.dtype, pin_memory=pinned)
+        out_host = _host_buffer((), out.dtype, pinned)
         out_host.copy_(out.detach(), non_blocking=pinned)
     event = None
     if pinned:
-        event = torch.cuda.Event()
+        try:  # a CUDA event is bound to the device it was first recorded on
+            event = _free_events[counts.device].pop()
+        except (KeyError, IndexError):
+            event = torch.cuda.Event()
         event.record()
     # Index targets and per-position losses are O(N): kept so the message can name positions.
     # The logits and probability targets are not kept (they can be gigabytes): meta stand-ins
     # carry their shape and dtype.
-    def light(t: Tensor) -> Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
     p_light = Problem(
         # A copy: the caller may refill its label buffer before the report (static CUDA buffers).
-        input=light(p.input), target=light(p.target) if p.prob else p.target.detach().clone(),
-        prob=p.prob, weight=p.weight, ignore_index=p.ignore_index,
-        label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=p.num_classes,
-        out_dtype=p.out_dtype,
+        _meta(p.input), _meta(p.target) if p.prob else p.target.detach().clone(), p.prob, p.weight,
+        p.ignore_index, p.label_smoothing, p.reduction, p.num_classes, p.out_dtype,
         # Reported by this call already: the backend's count of the same thing is not news.
-        findings=[f for f in p.findings if f.kind == "negative-weight"],
+        [f for f in p.findings if f.kind == "negative-weight"] if p.findings else [],
     )
-    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
-                   None if losses is None else losses.detach(), out_host, counts_host, event, strict,
-                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key,
-                   _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)),
-                   _weak(owner), op)
+    kept = None if losses is None else losses.detach()
+    nbytes = (0 if p.prob else _nbytes(p_light.target)) + (0 if kept is None else _nbytes(kept))
+    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light, kept, out_host,
+                   counts_host, event, strict, device_type or p.input.device.type,
+                   note or DEFERRED_NOTE, findings, key, nbytes, _weak(owner), op=op,
+                   event_device=counts.device if pinned else None)
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
+
+
+# Meta stand-ins by (shape, dtype): a deferred record keeps one for the logits (and probability
+# targets) instead of the tensor; they hold no data, so records share them.
+_metas: dict[tuple[object, ...], Tensor] = {}
+
+
+def _meta(t: Tensor) -> Tensor:
+    k = (t.shape, t.dtype)
+    m = _metas.get(k)
+    if m is None:
+        if len(_metas) >= 256:
+            _metas.clear()
+        m = _metas[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return m
+
+
+# Host buffers of reported records, reused by later records: a training loop defers every
+# step, and pinned memory is slow to allocate. A buffer returns here only after its record was
+# read (its copies had finished: the record's event was waited for).
+_free_host: dict[tuple[object, ...], list[Tensor]] = {}
+MAX_FREE_HOST = 64
+
+
+def _host_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, pinned: bool) -> Tensor:
+    free = _free_host.get((shape, dtype, pinned))
+    if free:
+        with contextlib.suppress(IndexError):  # another thread took the last one
+            return free.pop()
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+
+# CUDA events of reported records, per device, recorded again by later records (creating one
+# costs a driver call).
+_free_events: dict[torch.device, list[object]] = {}
+
+
+def _release(rec: _Pending) -> None:
+    pinned = rec.event is not None
+    if pinned:
+        events = _free_events.setdefault(rec.event_device, [])  # type: ignore[arg-type]
+        if len(events) < MAX_FREE_HOST:
+            events.append(rec.event)
+    for buf in (rec.counts_host, rec.out_host):
+        if buf is not None:
+            free = _free_host.setdefault((buf.shape, buf.dtype, pinned), [])
+            if len(free) < MAX_FREE_HOST:
+                free.append(buf)
 
 
 # Records a loss may have in flight before a call waits for the oldest one, by count and by the
@@ -1045,10 +1094,18 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
         _report(replace(f, message=rec.note + f.message), rec.strict, owner)
     if rec.event is not None:
         rec.event.synchronize()  # waits for that call's kernels only, normally long finished
+    counts = rec.counts_host.tolist()
     out_finite = None
     if rec.out_host is not None:
-        out_finite = bool(torch.isfinite(rec.out_host))
+        out_finite = math.isfinite(rec.out_host.item())
+        if out_finite and not any(counts) and rec.problem.num_classes:
+            _release(rec)  # the clean record: what resolve() would conclude
+            return
     elif rec.losses is not None:
         out_finite = bool(torch.isfinite(rec.losses).all())
-    resolve(rec.scan, rec.problem, rec.losses, rec.out_host, out_finite, rec.strict, owner,
-            have_logits=False, device_type=rec.device_type, note=rec.note, op=rec.op)
+    try:
+        resolve(Scan(counts, rec.scan.nonfinite_from_output), rec.problem, rec.losses,
+                rec.out_host, out_finite, rec.strict, owner, have_logits=False,
+                device_type=rec.device_type, note=rec.note, op=rec.op)
+    finally:
+        _release(rec)

@@ -51,10 +51,11 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 
 from ..ce import pipeline
 from ..ce.functional import cross_entropy as _safe_cross_entropy
+from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import boundary, functional_boundary, module_call
 from ..core.errors import ArgumentTypeError
-from ..core.mode import decide
+from ..core.mode import Mode, decide
 from ..core.validation import check_label_smoothing, check_reduction
 from ..linear import patch as _linear_patch
 from ..parallel import dtensor as _parallel_dtensor
@@ -75,6 +76,8 @@ _rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entr
 # The modules whose globals hold a name patch() rebinds, each module looked at once (see _index).
 _modules = ModuleIndex((_NAME, _linear_patch._NAME))
 
+_NO_BUFFER = object()  # a module without a "weight" buffer (reassigned as a Parameter, say)
+
 
 def _plain(*tensors: object) -> bool:
     """True when every tensor argument is a plain tensor, a parameter, or a tracer's tensor.
@@ -84,10 +87,14 @@ def _plain(*tensors: object) -> bool:
     functional tensors (make_fx, AOTAutograd, non-strict torch.export, FakeTensorMode) are what
     safeloss.tracing handles.
     """
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for t in tensors:  # noqa: SIM110 (a loop, not all(): a generator costs a call per item)
+        if t is not None and type(t) not in _ROUTED:
+            return False
+    return True
 
 
-_PLAIN = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
+_PLAIN = (Tensor, torch.nn.Parameter)
+_ROUTED = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 
 
 def _routed(input: object, target: object, weight: object) -> bool:
@@ -163,13 +170,24 @@ def _functional(
 ) -> Tensor:
     global _depth
     current = _current
-    if current is not None and (proxy := tracing.fx_proxy(input, target, weight)) is not None:
-        # torch.fx.symbolic_trace: one node calling this function, as stock records one calling
-        # its own; the graph reaches safeloss while patched, and stock torch once unpatched.
-        return tracing.fx_call(proxy, cross_entropy, input, target, dict(
-            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-            reduction=reduction, label_smoothing=label_smoothing))
-    if current is None or not _routed(input, target, weight) or _reentrant():
+    if current is None:
+        return _saved_function(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    if not (type(input) in _PLAIN and type(target) in _PLAIN and (weight is None or type(weight) in _PLAIN)):
+        # (Plain tensors, the common case, first: no Proxy among them.)
+        if (proxy := tracing.fx_proxy(input, target, weight)) is not None:
+            # torch.fx.symbolic_trace: one node calling this function, as stock records one
+            # calling its own; the graph reaches safeloss while patched, and stock torch once
+            # unpatched.
+            return tracing.fx_call(proxy, cross_entropy, input, target, dict(
+                weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+                reduction=reduction, label_smoothing=label_smoothing))
+        if not _routed(input, target, weight):
+            return _saved_function(
+                input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+            )
+    if _reentrant():
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
@@ -200,14 +218,27 @@ def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> 
 def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     global _depth
     current = _current
-    if current is None or not _routed(input, target, self.weight):
+    buffers = self._buffers  # the weight buffer without nn.Module.__getattr__ (about 1 us)
+    weight = buffers.get("weight", _NO_BUFFER)
+    if weight is _NO_BUFFER:
+        weight = self.weight
+    if current is None or not _routed(input, target, weight):
         return _saved_forward(self, input, target)
     _depth += 1
     try:
+        mode = decide(input, target, weight)
+        key = None
+        if mode is Mode.EAGER:
+            # A signature seen before: its plan (core.plan), then only the value checks.
+            key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
+                                     self.label_smoothing, "auto", False, False)
+            plan = None if key is None else plans.get(key)
+            if plan is not None and (out := pipeline.planned(plan, input, target, weight, current.strict, self)) is not None:
+                return out
         return pipeline.run(
-            decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+            mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
-            backend="auto", inplace_backward=False, owner=self,
+            backend="auto", inplace_backward=False, owner=self, key=key,
         )
     finally:
         _depth -= 1
