@@ -131,8 +131,6 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 
 def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
-    if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
-        return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
     # The weight buffer without nn.Module.__getattr__ (a Python call, about 1 us); ``self.weight``
     # where it is not a buffer (reassigned as a Parameter, say).
     buffers = self._buffers
@@ -143,6 +141,8 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tenso
     if mode is Mode.FX:  # torch.fx.symbolic_trace
         return tracing.fx_module_call(self, cross_entropy, tracing.fx_proxy(input, target, weight),
                                       input, target)
+    if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
+        return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
     key = None
     if mode is Mode.EAGER:
         # A signature seen before: its plan (core.plan), then only the value checks.
