@@ -894,6 +894,35 @@ def _pworker(rank: int, world: int, store: str, out: str) -> None:
                         lse=st.lse.to_local(), accuracy=st.accuracy.to_local())
 
         call("dtensor", dtensor_case)
+
+        def dtensor_rows_case() -> Any:
+            # rows sharded, classes whole on each rank (no loss_parallel): the same engine, no split
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world,))
+            x6 = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            t6 = torch.tensor([0, 5, 2, -100, 4, 1])
+            dx = distribute_tensor(x6, mesh, [Shard(0)]).requires_grad_()
+            dt = distribute_tensor(t6, mesh, [Shard(0)])
+            out, st = safeloss.cross_entropy(dx, dt, softcap=3.0, z_loss=0.1, return_stats=True)
+            out.backward()
+            return dict(out=out.full_tensor().detach(), grad=dx.grad.full_tensor(),
+                        lse=st.lse.full_tensor(), accuracy=st.accuracy.full_tensor())
+
+        call("dtensor-rows", dtensor_rows_case)
+
+        def dtensor_prob_case() -> Any:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world,))
+            x6 = torch.randn(6, 6, generator=torch.Generator().manual_seed(3))
+            q = torch.softmax(torch.randn(6, 6, generator=torch.Generator().manual_seed(4)), 1)
+            return safeloss.cross_entropy(distribute_tensor(x6, mesh, [Shard(0)]),
+                                          distribute_tensor(q, mesh, [Shard(0)]), z_loss=0.1)
+
+        call("dtensor-prob", dtensor_prob_case)
         dist.barrier()
     finally:
         torch.save(res, f"{out}.{rank}")
@@ -969,6 +998,17 @@ def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:
         close(g["grad"], x6.grad, torch.float64, "DTensor grad")
         close(g["lse"], rs["lse"], torch.float32, "DTensor lse")
         close(g["accuracy"], rs["accuracy"], torch.float32, "DTensor accuracy")
+        g = r["dtensor-prob"]
+        assert g.get("error") == "BackendError", g
+        assert "z_loss=0.1 got DTensor logits with probability targets" in g["message"], g
+        assert "raised on rank 0 of the 2 ranks" in g["message"], g
+        g = r["dtensor-rows"]
+        assert "ok" in g, g
+        g = g["ok"]
+        close(g["out"], ref.detach(), torch.float64, "row-sharded DTensor loss")
+        close(g["grad"], x6.grad, torch.float64, "row-sharded DTensor grad")
+        close(g["lse"], rs["lse"], torch.float32, "row-sharded DTensor lse")
+        close(g["accuracy"], rs["accuracy"], torch.float32, "row-sharded DTensor accuracy")
 
 
 # ============================================================================ docs

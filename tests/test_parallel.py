@@ -729,13 +729,13 @@ def test_compiled_dtensor_loss_is_checked(ranks: tuple[int, list[dict]]) -> None
 
 
 def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:
-    """docs/migration.md: (13 + p) int64, N + 146 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
+    """docs/migration.md: (15 + p) int64, N + 146 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
     world, res = ranks
     n = 100
     for r in res:
         got = r["bytes"]["ok"]
-        assert got["0.0"] == 8 * (13 + world) + 4 * (n + 146) + 4 * (2 * n + 64)
-        assert got["0.1"] == 8 * (13 + world) + 4 * (n + 146) + 4 * (3 * n + 64)
+        assert got["0.0"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (2 * n + 64)
+        assert got["0.1"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (3 * n + 64)
 
 
 def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:

@@ -34,7 +34,7 @@ from ..core.report import report
 from ..core.rows import Rows
 from ..core.tools import check_layouts, densify_result, paused_tracer
 from ..core.validation import Problem, check_label_smoothing, check_reduction, normalize, resolve_reduction
-from ..parallel import extras as parallel_extras
+from ..parallel import dtensor as parallel_dtensor
 from . import pipeline
 
 Result = Tensor | tuple[Tensor, X.LossStats]
@@ -84,10 +84,15 @@ def run(
     owner: object | None,
 ) -> Result:
     """One call with extras, in ``mode`` (see ``core.mode.TABLE``: the same checks per mode)."""
-    if mode is Mode.DTENSOR and parallel_extras.dtensor_applies(input, target, weight):
-        # Logits sharded on the classes under loss_parallel(): the vocab-parallel op's extras.
-        return parallel_extras.dtensor_run(input, target, weight, ignore_index, reduction_,
-                                           label_smoothing, ex, strict=strict, owner=owner)
+    if mode is Mode.DTENSOR:
+        if parallel_dtensor.is_dtensor(input):
+            # DTensor logits, any layout: the parallel engine, extras included (as pipeline.run).
+            return parallel_dtensor.run(input, target, weight, ignore_index, reduction_,  # type: ignore[return-value]
+                                        label_smoothing, strict=strict, backend="auto", owner=owner,
+                                        extras=(ex.softcap, ex.temperature, ex.z_loss, ex.return_stats))
+        # Plain logits with a DTensor target or weight: this rank's loss on the whole of them.
+        target, weight = parallel_dtensor.full(target), parallel_dtensor.full(weight)  # type: ignore[assignment]
+        mode = decide(input, target, weight)
     if mode is Mode.SPARSE:
         check_layouts(input, target, weight)  # what is left: sparse probability targets
         dense = target.to_dense()

@@ -12,8 +12,9 @@ What every op's extras path shares, so that the three ops agree to the bit on th
   (:func:`index_grad`, :func:`prob_grad`, :func:`chain`); and :func:`reduce_z_loss`, the one
   place the z-loss term meets the call's reduction.
 
-The ops call these from their own glue (``ce/extras.py``, ``linear/extras.py``,
-``parallel/extras.py``); with every extra at its default, no op reaches this module at all.
+The ops call these from their own glue (``ce/extras.py``, ``linear/extras.py``) and inside the
+vocab-parallel engine (``parallel/vocab.py``); with every extra at its default, only the parallel
+engine's import reaches this module.
 """
 
 from __future__ import annotations

@@ -75,8 +75,10 @@ def run(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
     label_smoothing: float, *, strict: bool | None, backend: str, owner: object | None,
     inplace_backward: bool = False, fused_grad: bool = False,
-) -> Tensor:
-    """One call with DTensor logits (``input`` must be a DTensor)."""
+    extras: tuple[object, object, object, object] | None = None,
+) -> object:
+    """One call with DTensor logits (``input`` must be a DTensor); ``extras`` as ``vocab.run``'s.
+    Returns the loss as a DTensor, or ``(loss, LossStats)`` of DTensors with ``return_stats``."""
     fn = _run
     if torch.compiler.is_compiling():
         # A graph break: the call runs eagerly between the compiled parts (see docs/compatibility.md).
@@ -84,7 +86,8 @@ def run(
 
         fn = disable(_run, reason=_EAGER_ONLY)
     return fn(input, target, weight, ignore_index, reduction, label_smoothing, strict=strict,
-              backend=backend, owner=owner, inplace_backward=inplace_backward, fused_grad=fused_grad)
+              backend=backend, owner=owner, inplace_backward=inplace_backward, fused_grad=fused_grad,
+              extras=extras)
 
 
 def _positions_placements(placements: list, cdim: int, ndim: int) -> list:
@@ -111,8 +114,8 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _run(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
     label_smoothing: float, *, strict: bool | None, backend: str, owner: object | None,
-    inplace_backward: bool, fused_grad: bool,
-) -> Tensor:
+    inplace_backward: bool, fused_grad: bool, extras: tuple[object, object, object, object] | None,
+) -> object:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = input.device_mesh  # type: ignore[attr-defined]
@@ -195,8 +198,18 @@ def _run(
     )
     out = vocab.run(x.to_local(), t_local, w_local, ignore_index, reduction, label_smoothing,  # type: ignore[arg-type]
                     strict=strict, backend=backend, owner=owner, sharding=sh,
-                    inplace_backward=inplace_backward, fused_grad=fused_grad)
-    if reduction == "none":
-        return DTensor.from_local(out, mesh, pos_pl, run_check=False, shape=torch.Size(positions),
+                    inplace_backward=inplace_backward, fused_grad=fused_grad, extras=extras)
+
+    def per_position(v: Tensor) -> Tensor:
+        return DTensor.from_local(v, mesh, pos_pl, run_check=False, shape=torch.Size(positions),
                                   stride=_contiguous_stride(positions))
-    return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+    def replicated(v: Tensor) -> Tensor:
+        return DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+    wrap = per_position if reduction == "none" else replicated
+    if isinstance(out, tuple):
+        loss, st = out
+        return wrap(loss), type(st)(per_position(st.lse), per_position(st.entropy), wrap(st.z_loss),
+                                    None if st.accuracy is None else replicated(st.accuracy))
+    return wrap(out)

@@ -4,7 +4,7 @@ Each rank of ``group`` holds a contiguous slice of the classes, ordered by rank 
 empty slices allowed); rows (positions) are not sharded, so targets and positions are the same on
 every rank. Per call the ranks exchange, with all-reduces only (never the logits):
 
-1. ``head`` (int64, MAX, ``world + 13`` values): every rank's slice width, whether a local check
+1. ``head`` (int64, MAX, ``world + 15`` values): every rank's slice width, whether a local check
    failed, strict mode, the range of the labels, a random salt (the largest of the ranks' draws:
    the same on every rank, and fresh every call), and fingerprints of the metadata that must agree
    (positions shape, the target's shape and dtype, dtype and arguments). Read on the host: every
@@ -46,7 +46,7 @@ import math
 import operator
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ from ..backends import dispatch
 from ..backends.dispatch import check_backend, triton_unavailable_reason
 from ..core import _flags as F
 from ..core import checks, errors
+from ..core import extras as X
 from ..core import reduction as _reduction
 from ..core.config import LazyStrict
 from ..core.errors import (
@@ -85,7 +86,8 @@ _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on th
 # head layout after the ``world`` slice widths: single values, then (name, +v, -v) pairs whose MAX
 # gives max and -min; a pair whose max and min differ names what the ranks disagree on.
 _ERROR, _STRICT, _TMAX, _TMIN, _SALT, _POS_DIFFER, _TGT_DIFFER = range(7)
-_AGREE = ("config", "positions", "target")  # config: every rank of the mesh; others: the class group
+_AGREE = ("config", "positions", "target", "extras")  # config, extras: every rank of the mesh;
+# positions, target: the class group
 _HEAD = 7 + 2 * len(_AGREE)
 
 # The salted hashes (see _salted_hash): two values below _P per hashed tensor, sent in (2) as
@@ -164,11 +166,16 @@ def _chunks(h: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack([h >> 16, h & 0xFFFF], -1).reshape(-1).to(dtype)  # 4 values < 2**16
 
 
+_LOCAL = object()  # "no group": every class on this rank (a DTensor whose classes are not split)
+
+
 def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
     """The functional all-reduce stock loss_parallel uses too (so CommDebugMode and tracing tools
     count the same ops for both); the input is left unmodified."""
     import torch.distributed._functional_collectives as funcol  # lazily: builds without distributed
 
+    if group is _LOCAL:
+        return t
     g = dist.group.WORLD if group is None else group
     return funcol.wait_tensor(funcol.all_reduce(t, op, g))  # type: ignore[arg-type]
 
@@ -229,6 +236,9 @@ class _Plan:
     sample: Tensor | None  # (k,) flat positions sampled for the softmax check, or None
     backend: str  # "torch" or "triton"
     agree: Tensor  # (_AGREE_FLOATS,) hashes and flag, compared in the MAX all-reduce
+    ex: X.Extras | None = None  # the LLM/RL extras (None: all at their defaults)
+    target: Tensor | None = None  # (R,) global labels (int64), for the argmax test of the statistics
+    offset: int = 0  # global index of the slice's first class
     softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
     agreed: Tensor | None = None  # filled by forward: the reduced ``agree``
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
@@ -266,28 +276,53 @@ def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Per-position losses of the gathered logits from this rank's slice (collectives inside)."""
+    """Per-position losses of the gathered logits from this rank's slice (collectives inside).
+
+    Outputs: the cross-entropy per position, the z-loss term per position (empty without
+    z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax test
+    (the last two empty without ``return_stats``). With extras the slice is capped and scaled
+    first (elementwise, local: zt = softcap tanh(z / softcap) / temperature); the statistics ride
+    on the two all-reduces the loss makes anyway: the row's raw maximum (MAX, R values), the
+    entropy's sum and the argmax test (SUM, 2R values). The argmax test needs no index exchange:
+    the labels are the same on every rank, so each rank counts, per row, its classes equal to the
+    global maximum at an index below the label (plus 1 where it owns the label and the label's
+    logit is below the maximum); the prediction is right iff the sum is 0 (ties to the lowest
+    index, as ``torch.argmax``).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: _Plan) -> Tensor:  # type: ignore[override]
-        group, acc = plan.group, plan.acc
+    def forward(ctx, x: Tensor, plan: _Plan) -> tuple[Tensor, ...]:  # type: ignore[override]
+        group, acc, ex = plan.group, plan.acc, plan.ex
+        stats = ex is not None and ex.return_stats
         xr = _rows(x.detach())
         R, C_local = xr.shape
-        L, Q = _local_stats(xr, plan)
+        dev = x.device
+        z = zt = None
+        if ex is not None:
+            z = xr if xr.dtype == acc else xr.to(acc)
+            zt = X.transform(z, ex)
+        src = xr if zt is None else zt  # the logits the loss is of
+        L, Q = _local_stats(src, plan)
         L = L.to(acc)
+        neg_inf = torch.full((R,), -math.inf, dtype=acc, device=dev)
 
-        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max, agreement.
+        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max (raw logits),
+        # the raw row maximum (statistics), agreement.
         parts = [L]
+        k = 0
         if plan.sample is not None:
             rows = xr[plan.sample]
+            k = rows.shape[0]
             if C_local:
                 lo, hi = torch.aminmax(rows.to(acc), dim=1)
                 ssum = rows.sum(1, dtype=acc)
             else:
-                k = plan.sample.numel()
-                lo = torch.full((k,), math.inf, dtype=acc, device=x.device)
-                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=x.device)
+                lo = torch.full((k,), math.inf, dtype=acc, device=dev)
+                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=dev)
             parts += [-lo, hi]
+        if stats:
+            assert z is not None  # internal invariant: stats imply extras
+            parts.append(z.amax(1) if C_local else neg_inf)
         parts.append(plan.agree.to(acc))
         red = _all_reduce(torch.cat(parts), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
@@ -295,52 +330,78 @@ class _VocabParallelCE(torch.autograd.Function):
         M = red[:R]
         M_ref = torch.where(torch.isneginf(M), 0.0, M)  # +inf or NaN: NaN everywhere in the row, as stock
 
-        # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums.
+        # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums,
+        # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = xr.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = src.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
             term = torch.where(plan.owned, xy - M_ref, 0.0)
         else:
-            term = torch.zeros(R, dtype=acc, device=x.device)
+            term = torch.zeros(R, dtype=acc, device=dev)
         parts = [sumexp, term]
         if plan.eps > 0:
             assert Q is not None  # internal invariant: computed whenever eps > 0
-            z = plan.w_local_sum * (L - M_ref) - Q.to(acc)
+            zs = plan.w_local_sum * (L - M_ref) - Q.to(acc)
             # An all -inf slice: each class adds w_c * inf to the smoothing sum, as stock: +inf, NaN
             # for a zero weight (0 * inf), nothing for an empty slice.
             q_inf = (plan.w_local * math.inf).sum() if plan.w_local is not None else (math.inf if C_local else 0.0)
-            z = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=x.device), z)
-            parts.append(z)
+            zs = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=dev), zs)
+            parts.append(zs)
         if plan.sample is not None:
             parts.append(ssum)
+        if stats:
+            assert z is not None and zt is not None and plan.target is not None
+            zc = zt - M_ref[:, None]
+            e = torch.exp(zc)
+            parts.append((e * torch.where(e > 0, zc, 0.0)).sum(1))
+            gmax = red[R + 2 * k : 2 * R + 2 * k]
+            cls = torch.arange(C_local, device=dev) + plan.offset
+            lower = ((z == gmax[:, None]) & (cls[None, :] < plan.target[:, None])).sum(1)
+            if C_local:
+                hit = z.gather(1, plan.local_idx[:, None])[:, 0] == gmax
+                lower = lower + (plan.owned & ~hit)
+            parts.append(lower.to(acc))
         red2 = _all_reduce(torch.cat(parts), "sum", group)
         plan.bytes_sent += red2.numel() * red2.element_size()
 
-        log_s = torch.log(red2[:R])
+        S = red2[:R]
+        log_s = torch.log(S)
         lse = M_ref + log_s
         nll = log_s - red2[R : 2 * R]
         if plan.w_y is not None:
             nll = nll * plan.w_y
         loss = (1 - plan.eps) * nll if plan.eps > 0 else nll
+        i = 2 * R
         if plan.eps > 0:
-            smooth = plan.w_sum * log_s - red2[2 * R : 3 * R]
+            smooth = plan.w_sum * log_s - red2[i : i + R]
             loss = loss + (plan.eps / plan.num_classes) * smooth
-        loss = torch.where(plan.valid, loss, 0.0)
+            i += R
+        pos = _positions_shape(x)
+        loss = torch.where(plan.valid, loss, 0.0).reshape(pos)
 
         if plan.sample is not None:
-            k = plan.sample.numel()
             glo, ghi = -red[R : R + k], red[R + k : R + 2 * k]
-            gsum = red2[-k:]
+            gsum = red2[i : i + k]
+            i += k
             tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
             like = (glo >= 0) & (ghi <= 1) & ((gsum - 1).abs() <= tol)
             plan.softmax_like = like.sum()  # read on the host with the other counts
-
+        empty = loss.new_empty(0)
+        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex is not None and ex.z_loss else empty
+        if stats:
+            ent = (log_s - red2[i : i + R] / S).reshape(pos)
+            correct = (plan.valid & (red2[i + R : i + 2 * R] == 0)).reshape(pos)
+        else:
+            ent, correct = empty, plan.valid.new_empty(0)
         ctx.plan = plan
         ctx.save_for_backward(x, lse)
-        return loss.reshape(_positions_shape(x))
+        ctx.set_materialize_grads(False)
+        lse_out = lse.detach().reshape(pos).clone()
+        ctx.mark_non_differentiable(lse_out, ent, correct)
+        return loss, zl, lse_out, ent, correct
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, g_zl: Tensor | None, *_: object):  # type: ignore[override]
         # Grad mode is on in backward only for create_graph=True: a second derivative through the
         # detached global lse would be silently missing (once_differentiable only refuses it when
         # the upstream gradient itself requires grad), so refuse it outright.
@@ -354,27 +415,31 @@ class _VocabParallelCE(torch.autograd.Function):
             )
         x, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        ex, acc = plan.ex, plan.acc
         xr = _rows(x)
-        gv = torch.where(plan.valid, g.reshape(-1).to(plan.acc), 0.0)
-        hot = (1 - plan.eps) * (plan.w_y if plan.w_y is not None else 1.0)
-        a = hot + (plan.eps / plan.num_classes) * plan.w_sum
-        d = torch.exp(xr.to(plan.acc) - lse[:, None]) * (gv * a)[:, None]
-        if plan.eps > 0:
-            smooth = (gv * (plan.eps / plan.num_classes))[:, None]
-            d -= smooth * plan.w_local[None, :] if plan.w_local is not None else smooth
-        if xr.shape[1]:
-            d.scatter_add_(1, plan.local_idx[:, None], -(gv * hot * plan.owned)[:, None])
-        d = torch.where(plan.valid[:, None], d, 0.0)  # ignored rows: exactly 0, even for NaN g
+        z = xr.to(acc)
+        zt = z if ex is None else X.transform(z, ex)
+        # d loss / d zt = g (A p - (1 - eps) w_y e_y - (eps / C) w) + g_zl 2 coef lse p (see
+        # core.extras.index_grad), then through the transform; ignored rows exactly 0.
+        gce = torch.zeros_like(lse) if g is None else g.reshape(-1).to(acc)
+        gzl = None if g_zl is None or not g_zl.numel() else g_zl.reshape(-1).to(acc)
+        p = torch.sub(zt, lse[:, None]).exp_()
+        d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
+                         plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
+        if ex is not None:
+            d = X.chain(d, zt, ex)
         return _unrows(d.to(x.dtype), x), None
 
 
 def _idle_rounds(R: int, k: int, eps: float, acc: torch.dtype, device: torch.device,
-                 agree: Tensor, group: object | None) -> int:
+                 agree: Tensor, group: object | None, stats: bool) -> int:
     """A rank whose label values failed a check still enters (2) and (3), with contributions that
     change nothing, so that every rank learns it after the loss, in the same call."""
-    red = _all_reduce(torch.cat([torch.full((R + 2 * k,), -math.inf, dtype=acc, device=device),
+    n_max = R + 2 * k + (R if stats else 0)
+    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device),
                                  agree.to(acc)]), "max", group)
-    red2 = _all_reduce(torch.zeros((3 if eps > 0 else 2) * R + k, dtype=acc, device=device), "sum", group)
+    n_sum = (3 if eps > 0 else 2) * R + k + (2 * R if stats else 0)
+    red2 = _all_reduce(torch.zeros(n_sum, dtype=acc, device=device), "sum", group)
     return red.numel() * red.element_size() + red2.numel() * red2.element_size()
 
 
@@ -440,7 +505,11 @@ def vocab_parallel_cross_entropy(
     group: object | None = None,
     strict: bool | None = None,
     backend: str = "auto",
-) -> Tensor:
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, X.LossStats]:
     """Cross-entropy of logits sharded over the classes, from this rank's slice, with every check.
 
     Args:
@@ -450,6 +519,11 @@ def vocab_parallel_cross_entropy(
         target: class indices into the *global* classes, the same on every rank.
         weight: the full ``(C,)`` class weights (not a slice), the same on every rank.
         group: the tensor-parallel process group (``None``: the default group).
+        softcap, temperature, z_loss, return_stats: the LLM and RL extras, as on
+            ``safeloss.cross_entropy`` (logits become ``softcap * tanh(z / softcap) / temperature``;
+            ``z_loss * lse^2`` per non-ignored position with the global lse; ``return_stats``
+            returns ``(loss, safeloss.LossStats)``, the same on every rank). No extra collective:
+            the statistics ride on the loss's all-reduces (3R more values).
 
     Returns, on every rank, the loss of the gathered logits (same value, dtype and shape as
     ``torch.nn.functional.cross_entropy`` on them); the gradient is this rank's slice of the full
@@ -466,8 +540,10 @@ def vocab_parallel_cross_entropy(
         from torch._dynamo import disable
 
         fn = disable(run, reason=_EAGER_ONLY)
+    extras = None if X.defaults(softcap, temperature, z_loss, return_stats) else (
+        softcap, temperature, z_loss, return_stats)
     return fn(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
-              strict=strict, backend=backend, owner=None)
+              strict=strict, backend=backend, owner=None, extras=extras)
 
 
 _EAGER_ONLY = ("safeloss.vocab_parallel_cross_entropy runs eagerly (collectives, host-read agreement "
@@ -573,7 +649,11 @@ def run(
     label_smoothing: float, *, group: object | None = None, strict: bool | None, backend: str,
     owner: object | None, stats: dict | None = None, sharding: Sharding | None = None,
     inplace_backward: bool = False, fused_grad: bool = False,
-) -> Tensor:
+    extras: tuple[object, object, object, object] | None = None,
+) -> Tensor | tuple[Tensor, X.LossStats]:
+    """One call (see the module docstring); ``extras``: the raw (softcap, temperature, z_loss,
+    return_stats), checked here with the rest (None: all at their defaults). Returns the loss, or
+    ``(loss, LossStats)`` with ``return_stats``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise BackendError(
             "vocab_parallel_cross_entropy needs an initialized torch.distributed process group "
@@ -598,8 +678,12 @@ def run(
     tmax = tmin = None
     width = 0
     name = "torch"
+    ex: X.Extras | None = None
     try:
         strict_local = bool(LazyStrict(strict))
+        if extras is not None:
+            ex = X.check(*extras, op="vocab_parallel_cross_entropy")
+            ex = ex if ex.active else None
         reduction_ = check_reduction(reduction)
         eps = check_label_smoothing(label_smoothing)
         backend_ = check_backend(backend)
@@ -634,6 +718,13 @@ def run(
                 )
         elif not sh.split and p is not None:
             name = dispatch.select(backend_, p)
+        if ex is not None and p is not None and p.prob:
+            raise BackendError(
+                f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
+                "probability targets: the extras run on class-index targets for DTensor logits.\n"
+                "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
+                "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
+            )
         if p is None or not p.prob:
             tmax, tmin = _label_range(p.target if p is not None else t, ignore)
         w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
@@ -642,6 +733,7 @@ def run(
                                   if torch.is_autocast_enabled(x.device.type) else None)
         fp["positions"] = _meta_hash(_positions_shape(x))
         fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
+        fp["extras"] = _meta_hash(ex)
     except Exception as e:  # every local failure must reach the other ranks
         local_error = e
         p = None
@@ -690,6 +782,15 @@ def run(
 
     pos_differ = h[cworld + _POS_DIFFER] if sh.outer else differ("positions")
     tgt_differ = h[cworld + _TGT_DIFFER] if sh.outer else differ("target")
+    if differ("extras"):
+        raise ParallelMismatchError(
+            "vocab_parallel_cross_entropy: the ranks pass different extras (softcap, temperature, "
+            "z_loss or return_stats).\n"
+            f"Every rank of the {sh.where} ({_world(sh)} ranks) must transform its slice of the "
+            "logits the same way, or the shards would belong to different losses.\n"
+            "Fix: pass the same softcap, temperature, z_loss and return_stats on every rank (from "
+            "the model config, not a per-rank value)"
+        )
     if differ("config") or pos_differ or tgt_differ:
         # A rank whose own shapes fail validation says why (e.g. its target has the wrong batch size).
         err = None
@@ -729,7 +830,8 @@ def run(
 
     # Phase C: the loss.
     counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
-    if not sh.split:
+    zl_rows = lse = ent = correct = None
+    if not sh.split and ex is None:
         assert p is not None  # validated in phase A (DTensor calls)
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         losses = rows.losses
@@ -753,12 +855,14 @@ def run(
         else:
             agree[_AGREE_FLOATS // 2 - 1] = 1  # this rank's label values failed a check
         if p is None:
-            nbytes += _idle_rounds(R, 0 if sample is None else sample.numel(), eps, acc, x.device, agree, sh.group)
+            nbytes += _idle_rounds(R, 0 if sample is None else sample.numel(), eps, acc, x.device, agree,
+                                   sh.group if sh.split else _LOCAL, ex is not None and ex.return_stats)
             losses = torch.zeros(positions, dtype=acc, device=x.device)
             counts[_X_BERROR] = 1
         else:
-            plan = _make_plan(p, sh, crank, sizes, C, acc, sample, name, agree)
-            losses = _VocabParallelCE.apply(x, plan)
+            plan = _make_plan(p, sh.group if sh.split else _LOCAL, crank, sizes, C, acc, sample, name,
+                              agree, ex)
+            losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
             nbytes += plan.bytes_sent
             assert plan.agreed is not None  # filled by forward
             half = _AGREE_FLOATS // 2
@@ -768,13 +872,37 @@ def run(
             counts[_X_BERROR] = hi[half - 1] > 0
             if sample is not None:
                 counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = plan.softmax_like, sample.numel()
-            counts[F.NONFINITE_ROW] = (~torch.isfinite(losses.detach()).reshape(-1) & plan.valid).sum()
+            if ex is not None and ex.z_loss:
+                losses_all = losses + zl_rows
+            else:
+                losses_all, zl_rows = losses, None
+            counts[F.NONFINITE_ROW] = (~torch.isfinite(losses_all.detach()).reshape(-1) & plan.valid).sum()
 
     sharded = tuple(g for g, s in sh.outer if s)
-    if p is not None:
-        out = _reduction.reduce_across(losses, p, (lambda v: _SumAcross.apply(v, sharded)) if sharded else None)
-    else:
+    across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
+    loss_stats = None
+    if p is None:
         out = losses.sum().to(out_dtype) if reduction_ != "none" else losses.to(out_dtype)
+    elif ex is None:
+        out = _reduction.reduce_across(losses, p, across)
+    else:
+        # The z-loss term is reduced over the counted positions, never by the class weights:
+        # a "mean" divides by the number of non-ignored positions.
+        pacc = replace(p, out_dtype=acc)
+        ce_red = _reduction.reduce_across(losses, pacc, across)
+        zl_red = (_reduction.reduce_across(zl_rows, replace(pacc, weight=None, label_smoothing=0.0), across)
+                  if zl_rows is not None else
+                  torch.zeros(positions if reduction_ == "none" else (), dtype=acc, device=x.device))
+        out = (ce_red if zl_rows is None else ce_red + zl_red).to(p.out_dtype)
+        if zl_rows is not None:
+            losses = losses + zl_rows  # what the value checks judge, per position
+        if ex.return_stats:
+            assert correct is not None and lse is not None and ent is not None  # stats computed
+            valid = (p.target != ignore).reshape(correct.shape)
+            hits = torch.stack([(correct & valid).sum(dtype=torch.float32), valid.sum(dtype=torch.float32)])
+            for g in sharded:  # the positions of the other mesh dims (no gradient: a statistic)
+                hits = _all_reduce(hits, "sum", g)
+            loss_stats = X.LossStats(lse.float(), ent.float(), zl_red.detach().float(), hits[0] / hits[1])
     if stats is not None:
         stats["bytes"] = nbytes
 
@@ -795,8 +923,9 @@ def run(
         report(f, strict_, owner)
     softmaxed = host[F.SOFTMAX_CHECKED] and host[F.SOFTMAX_LIKE] == host[F.SOFTMAX_CHECKED]
     rowwise = any(host[i] for i in _ROW_COUNTS) or host[_X_OUT_BAD]
+    result = out if loss_stats is None else (out, loss_stats)
     if not (rowwise or softmaxed or host[F.WEIGHT_NEGATIVE]):
-        return out  # the clean call
+        return result  # the clean call
     tg, lg = p.target, losses.detach()
     if rowwise and sh.gather is not None and sharded:
         # Messages name global positions: sharded rows are gathered first (every rank is here:
@@ -808,12 +937,12 @@ def run(
                  out_dtype=p.out_dtype, findings=findings)
     scan = checks.Scan(host[: F.SIZE], out_finite=not host[_X_OUT_BAD])
     checks.resolve(scan, gp, lg, out, not host[_X_OUT_BAD], strict_, owner, have_logits=False,
-                   device_type=x.device.type)
-    return out
+                   device_type=x.device.type, note="" if ex is None else ex.note())
+    return result
 
 
-def _make_plan(p: Problem, sh: Sharding, crank: int, sizes: list[int], C: int, acc: torch.dtype,
-               sample: Tensor | None, name: str, agree: Tensor) -> _Plan:
+def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C: int, acc: torch.dtype,
+               sample: Tensor | None, name: str, agree: Tensor, ex: X.Extras | None) -> _Plan:
     offset = sum(sizes[:crank])
     C_local = sizes[crank]
     tf = p.target.long().reshape(-1)
@@ -829,8 +958,8 @@ def _make_plan(p: Problem, sh: Sharding, crank: int, sizes: list[int], C: int, a
         w_y = torch.where(valid, wa.gather(0, tf.clamp(0, C - 1)), 0.0)
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
-    return _Plan(sh.group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
-                 p.label_smoothing, C, acc, sample, name, agree)
+    return _Plan(group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
+                 p.label_smoothing, C, acc, sample, name, agree, ex, tf if ex is not None else None, offset)
 
 
 def _sample_positions(x: Tensor, R: int) -> Tensor:
