@@ -44,9 +44,10 @@ def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _triton() -> object:
+def _triton(*before: str, after: tuple[str, ...] = ()) -> object:
     reason = dispatch.triton_unavailable_reason(torch.device("cpu"))
-    return pytest.param("triton", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+    return pytest.param(*before, "triton", *after,
+                        marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
 
 
 def _head(shape: str, dtype: torch.dtype = torch.float64, bias: bool = True, seed: int = 0):
@@ -80,7 +81,7 @@ def _via(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
 
 
 # (path, backend, head): every route the upstream gradient of reduction="none" takes
-UPSTREAM = [("eager", "torch", "2d"), ("eager", "torch", "kdim"), ("eager", _triton(), "2d"),
+UPSTREAM = [("eager", "torch", "2d"), ("eager", "torch", "kdim"), _triton("eager", after=("2d",)),
             ("graph", "torch", "2d"), ("graph", "torch", "kdim"), ("transform", "torch", "2d"),
             ("transform", "torch", "kdim")]
 
@@ -241,6 +242,18 @@ def test_in_place_update_fails_exactly_where_stock_fails(which: str, rg: str, re
     if not isinstance(want, RuntimeError):
         for a, c in zip(got, want):  # type: ignore[arg-type]
             torch.testing.assert_close(a, c, rtol=TIGHT[torch.float32][0], atol=TIGHT[torch.float32][1])
+
+
+def test_the_losses_of_reduction_none_can_be_changed_in_place_as_stocks() -> None:
+    """loss.mul_(mask) on the per-position losses, then backward: stock allows it."""
+    res = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        x, W, b = (v.clone().requires_grad_(True) for v in _head("2d"))
+        rows = fn(x, W, _labels("2d"), linear_bias=b, reduction="none")
+        rows.mul_(torch.linspace(0, 1, N, dtype=rows.dtype))
+        res.append(torch.autograd.grad(rows.sum(), [x, W, b]))
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c)
 
 
 # ------------------------------------------------------------------------ half precision
