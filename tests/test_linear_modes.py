@@ -335,6 +335,7 @@ SPARSE = ["input-coo", "input-csr", "linear_weight-coo", "prob-target-coo", "ind
           "class-weight-coo", "bias-coo", "input-nested"]
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
 @pytest.mark.parametrize("red", ["mean", "none"])
 @pytest.mark.parametrize("kind", SPARSE)
 def test_sparse_layouts_give_stocks_values_or_a_layout_error(kind: str, red: str) -> None:

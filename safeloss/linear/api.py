@@ -413,15 +413,17 @@ class _SavedLikeStock(torch.autograd.Function):
     the usual path (its gradients were computed in forward)."""
 
     @staticmethod
-    def forward(ctx: Any, losses: Tensor, *saved: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, losses: Tensor, fresh: bool, *saved: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(*saved)
         ctx.n = len(saved)
-        return losses.view_as(losses)
+        # What the caller receives (reduction="none") must be a tensor of its own, which it may
+        # change in place (loss.mul_(mask)) as stock's; a view made here could not be.
+        return losses.clone() if fresh else losses.view_as(losses)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         ctx.saved_tensors  # noqa: B018 - the unpacking is the version check
-        return (grad, *([None] * ctx.n))
+        return (grad, None, *([None] * ctx.n))
 
 
 def _stock_saved(lp: LinearProblem, target: Tensor, weight: Tensor | None) -> list[Tensor]:
@@ -555,7 +557,7 @@ def _dense(
                 b = b.clone()
             losses = chunked.LinearCE.apply(x, w, b, t, valid, bad, sp, grads and p.reduction != "none")
             if saved:
-                losses = _SavedLikeStock.apply(losses, *saved)
+                losses = _SavedLikeStock.apply(losses, p.reduction == "none", *saved)
     losses = losses.reshape(p.positions_shape)
     out = reduction.reduce(Rows(losses, Scan([0] * F.SIZE)), p)
     if no_host:
