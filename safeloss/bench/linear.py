@@ -222,7 +222,9 @@ def _cpu_peak(provider: str, hd: Head) -> tuple[dict[str, int] | None, str]:
         f"hd = b.Head({hd.n}, {hd.h}, {hd.c}, {hd.dtype!r}); "
         f"print(json.dumps(b.cpu_peak_probe({provider!r}, hd, {torch.get_num_threads()})))"
     )
-    env = {**os.environ, **_GLIBC_RETURN_FREED, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # (a GLIBC_TUNABLES that keeps freed memory, for the timings, would defeat the cross-check)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(_GLIBC_RETURN_FREED, PYTHONPATH=os.pathsep.join(sys.path))
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     except subprocess.TimeoutExpired:

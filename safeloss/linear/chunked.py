@@ -1,10 +1,14 @@
 """The chunk loop: per-position losses of linear + cross-entropy without the (N, C) logits.
 
-Rows are processed ``rows`` at a time. Each chunk's logits tile is one matmul; the tile becomes
-the chunk's per-position losses and, in the same pass, the gradient of the tile, which two more
-matmuls turn into the chunk's share of d/dinput, d/dlinear_weight and d/dlinear_bias. Backward
-then only scales those by the upstream gradient: three matmuls in all, as many as the reference
-path (linear forward, two in its backward), never recomputed, and at most two tiles alive.
+Rows are processed ``rows`` at a time (``plan``: from a byte budget). Each chunk's logits tile is
+one matmul; the tile becomes, in place, the chunk's per-position losses and the gradient of the
+tile, which two more matmuls turn into the chunk's share of d/dinput, d/dlinear_weight and
+d/dlinear_bias. Backward then only scales those by the upstream gradient: three matmuls in all,
+as many as the reference path (linear forward, two in its backward), never recomputed, and one
+tile alive (two on CUDA in half precision: the fp32 tile and G in the half dtype for the matmuls).
+When even a thin chunk of whole rows is over the budget (a huge vocabulary), the classes are cut
+into tiles too, in two passes per chunk: log-sum-exp first, then the gradient tiles (one more
+matmul); those tiles run on torch ops on every backend.
 
 That shortcut needs the upstream gradient to be the same for every position, which is what a
 "mean" or "sum" reduction produces (``safeloss.reduction`` sums the per-position losses; autograd
@@ -86,10 +90,6 @@ class Plan:
         return 1 if self.vocab_tile >= self.width else 2
 
 
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt, device="meta").element_size()
-
-
 def plan(n: int, h: int, width: int, *, dtype: torch.dtype, device_type: str,
          backend: str = "torch", fast: bool = True, need: tuple[bool, bool, bool] = (True, True, False),
          w_dtype: torch.dtype | None = None, half_operands: bool | None = None,
@@ -106,7 +106,7 @@ def plan(n: int, h: int, width: int, *, dtype: torch.dtype, device_type: str,
     key = "cuda" if gpu else "cpu"
     budget = BUDGET_BYTES[key] if budget is None else int(budget)
     work = 8 if dtype == torch.float64 else 4
-    op, wop = _itemsize(dtype), _itemsize(w_dtype)
+    op, wop = dtype.itemsize, w_dtype.itemsize
     lowp = dtype in _HALF
     half = lowp and (gpu if half_operands is None else half_operands)
     need_dx, need_dw, need_db = need
