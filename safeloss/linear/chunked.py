@@ -51,9 +51,9 @@ from ..backends.torch_backend import _stock_cross_entropy
 BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 # Fewer rows per chunk than this and the chunk's classes are split into tiles instead (two passes:
 # log-sum-exp first, then the gradient tiles): one more matmul, but d/dlinear_weight is no longer
-# re-read for every handful of rows. CPU: 10 rows per chunk took 1.6x the time of 40 at the CPU
-# head (d/dlinear_weight traffic). CUDA: a matmul of fewer than 128 rows leaves tensor-core tiles
-# half empty (not measured on a GPU: no GPU was available for this plan).
+# re-read for every handful of rows. CPU: 10 rows per chunk took 1.7x the time of 40 at the CPU
+# head (a 4-round prototype; d/dlinear_weight traffic). CUDA: a matmul of fewer than 128 rows
+# leaves tensor-core tiles half empty (not measured: no GPU was available for this plan).
 MIN_ROWS = {"cpu": 16, "cuda": 128}
 ROWS_TWO_PASS = {"cpu": 256, "cuda": 2048}
 MIN_VOCAB_TILE = 128
