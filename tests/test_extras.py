@@ -342,9 +342,8 @@ class _Largest(TorchDispatchMode):
 @pytest.mark.parametrize("kind,red", [("index", "mean"), ("index", "none"), ("prob", "mean"),
                                       ("kdim", "none")])
 def test_linear_never_materializes_the_logits(monkeypatch: pytest.MonkeyPatch, kind: str, red: str) -> None:
-    monkeypatch.setattr(chunked, "FORCE_ROWS", None)
     n, h, c, rows = 48, 8, 600, 8
-    monkeypatch.setattr(chunked, "TILE_BYTES_CPU", 4 * c * rows)  # 8 rows per chunk
+    monkeypatch.setattr(chunked, "FORCE_ROWS", rows)  # 8 rows per chunk
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=g, requires_grad=True)
     if kind == "kdim":

@@ -242,9 +242,8 @@ class _Largest(TorchDispatchMode):
 def test_no_logits_sized_tensor_is_ever_created(monkeypatch, kind, red):
     """Whatever options says: the largest tensor of forward + backward is a tile (or an input's
     gradient), never the (N, C) logits."""
-    monkeypatch.setattr(chunked, "FORCE_ROWS", None)
     n, h, c = 64, 8, 1000
-    monkeypatch.setattr(chunked, "TILE_BYTES_CPU", 4 * c * 8)  # 8 rows per chunk
+    monkeypatch.setattr(chunked, "FORCE_ROWS", 8)
     x = torch.randn(n, h, requires_grad=True)
     W = torch.randn(c, h, requires_grad=True)
     t = torch.randint(0, c, (n,)) if kind == "int64" else None

@@ -6,12 +6,19 @@ Providers: stock torch's reference path (``options=None``: the full logits), sto
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy (optional extras,
 CUDA only, skipped with a note where not importable).
 
-* Time: CPU wall time interleaved call by call (``bench.cpu_time_interleaved``); CUDA events
-  (``bench.cuda_time``).
-* Memory, "above the inputs": the peak during one forward + backward minus what was allocated
-  before it (the inputs), gradients included. CUDA: ``torch.cuda.max_memory_allocated``. CPU:
-  the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) in a fresh
-  subprocess per provider, so that no provider inherits another's freed-but-cached pages.
+Every provider is measured the same way, after one warm-up call (one-time initialisation, such as
+stock's first-call setup, is not a per-call cost):
+
+* Time: CPU wall time, providers interleaved call by call in rotating order for several rounds
+  (``_interleaved``); ratios are medians of the per-round ratios, with their range, because on a
+  shared machine the absolute times drift between rounds. CUDA: CUDA events (``bench.cuda_time``).
+* Memory: the peak of live tensor bytes during one forward + backward, minus what was live before
+  it (the inputs); "extra" also subtracts the gradients the call returns. CUDA:
+  ``torch.cuda.max_memory_allocated``. CPU: the allocator's own records (``torch.profiler`` with
+  ``profile_memory``: every allocation and free of torch's CPU allocator, inside custom ops too),
+  in a fresh process per provider; checked against the process's peak resident set in the same
+  process (glibc told to return freed memory, so that freed-but-cached pages neither hide nor
+  inflate a peak). Memory that a BLAS library allocates by itself is only in the second number.
 
 Results: ``linear_results.json`` and ``linear_results.md`` next to the cross-entropy results.
 """
@@ -19,10 +26,13 @@ Results: ``linear_results.json`` and ``linear_results.md`` next to the cross-ent
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,6 +164,11 @@ def _step(fn: LossFn, x: Tensor, w: Tensor, t: Tensor) -> Callable[[], None]:
 
 # ------------------------------------------------------------------------------ memory
 
+# glibc returns freed blocks of 128 KiB and more to the system at once: the resident-set cross-check
+# then follows the allocations instead of the heap's high-water mark.
+_GLIBC_RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
+                       "MALLOC_TOP_PAD_": "0"}
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -163,35 +178,63 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def cpu_peak_probe(provider: str, hd: Head, threads: int) -> int:
-    """In this (fresh) process: bytes of resident memory above the inputs during one fwd+bwd."""
+def allocator_peak(call: Callable[[], None]) -> int:
+    """Peak of live bytes of torch's CPU allocator during ``call``, above what was live before it,
+    from the profiler's allocation records (one per allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = prof.profiler.kineto_results.events() if prof.profiler is not None else []
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def cpu_peak_probe(provider: str, hd: Head, threads: int) -> dict[str, int]:
+    """In this (fresh) process, after one warm-up call: bytes above the inputs during one
+    forward + backward (``peak``: allocator records; ``rss_peak``: resident set, meaningful with
+    ``_GLIBC_RETURN_FREED`` in the environment) and the bytes of the gradients it returns."""
     torch.set_num_threads(threads)
     fn = PROVIDERS[provider](torch.device("cpu"))
     x, w, t = inputs(hd, torch.device("cpu"))
+    step = _step(fn, x, w, t)
+    step()  # warm-up
+    x.grad = w.grad = None
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     base = _status_kib("VmRSS")
-    _step(fn, x, w, t)()
-    return (_status_kib("VmHWM") - base) * 1024
+    step()
+    rss = (_status_kib("VmHWM") - base) * 1024
+    grads = sum(v.grad.nbytes for v in (x, w) if v.grad is not None)
+    x.grad = w.grad = None
+    gc.collect()
+    return {"peak": allocator_peak(step), "rss_peak": rss, "grads": grads}
 
 
-def _cpu_peak(provider: str, hd: Head) -> tuple[int | None, str]:
+def _cpu_peak(provider: str, hd: Head) -> tuple[dict[str, int] | None, str]:
     code = (
         "import sys, json; from safeloss.bench import linear as b; "
         f"hd = b.Head({hd.n}, {hd.h}, {hd.c}, {hd.dtype!r}); "
         f"print(json.dumps(b.cpu_peak_probe({provider!r}, hd, {torch.get_num_threads()})))"
     )
+    # (a GLIBC_TUNABLES that keeps freed memory, for the timings, would defeat the cross-check)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(_GLIBC_RETURN_FREED, PYTHONPATH=os.pathsep.join(sys.path))
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     except subprocess.TimeoutExpired:
         return None, "memory probe timed out"
     if r.returncode != 0:
         return None, "memory probe failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:200]
-    return int(json.loads(r.stdout.strip().splitlines()[-1])), ""
+    return json.loads(r.stdout.strip().splitlines()[-1]), ""
 
 
-def _cuda_peak(fn: LossFn, x: Tensor, w: Tensor, t: Tensor) -> int:
+def _cuda_peak(fn: LossFn, x: Tensor, w: Tensor, t: Tensor) -> dict[str, int]:
     _step(fn, x, w, t)()  # warm-up: kernels compiled, caches built
     x.grad = w.grad = None
     torch.cuda.synchronize()
@@ -199,10 +242,38 @@ def _cuda_peak(fn: LossFn, x: Tensor, w: Tensor, t: Tensor) -> int:
     torch.cuda.reset_peak_memory_stats()
     _step(fn, x, w, t)()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    grads = sum(v.grad.nbytes for v in (x, w) if v.grad is not None)
+    return {"peak": torch.cuda.max_memory_allocated() - base, "grads": grads}
+
+
+# ------------------------------------------------------------------------------ time
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], rounds: int, label: str) -> dict[str, list[float]]:
+    """Wall time (ms) of each provider, called once per round in a rotating order (every provider
+    already warmed up). One call per provider per round, so a slow spell of the machine hits all
+    of them within the same round and the per-round ratios stay comparable."""
+    names = list(fns)
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        print(f"safeloss bench: {label}: timing round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter_ns()
+            fns[name]()
+            ms[name].append((time.perf_counter_ns() - t0) / 1e6)
+    return ms
+
+
+def _ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of a[i] / b[i]."""
+    rs = sorted(x / y for x, y in zip(a, b))
+    return statistics.median(rs), rs[0], rs[-1]
 
 
 # ------------------------------------------------------------------------------ the run
+
+
+CPU_ROUNDS = {True: 3, False: 9}  # quick, full: one call of the reference path takes seconds
 
 
 def run_head(hd: Head, dev: torch.device, quick: bool) -> list[dict[str, Any]]:
@@ -214,65 +285,108 @@ def run_head(hd: Head, dev: torch.device, quick: bool) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"workload": hd.name, "provider": name, "n": hd.n, "h": hd.h,
                                "c": hd.c, "dtype": hd.dtype, "device_type": dev.type,
                                "status": "ok", "note": ""}
-        rows.append(row)
         try:
             made[name] = make(dev)
+        except bench.Skip as e:  # not runnable here: no row (the markdown lists why under the table)
+            row.update(status="skipped", note=str(e))
+            rows.append(row)
+            continue
+        rows.append(row)
+        print(f"safeloss bench: {hd.name}: warm-up {name}", file=sys.stderr, flush=True)
+        try:
             fns[name] = _step(made[name], x, w, t)
             fns[name]()
-        except bench.Skip as e:
-            row.update(status="skipped", note=str(e))
-            fns.pop(name, None)
         except Exception as e:  # a provider that breaks must not stop the others
             row.update(status="error", note=f"{type(e).__name__}: {str(e)[:200]}")
             fns.pop(name, None)
     by = {r["provider"]: r for r in rows}
     if dev.type == "cpu":
-        # One call of the reference path takes seconds here: few rounds.
-        times = bench.cpu_time_interleaved(fns, seconds=0.0, min_rounds=2 if quick else 5)
+        ms = _interleaved(fns, CPU_ROUNDS[quick], hd.name)
+        for name, v in ms.items():
+            by[name].update(fwdbwd_ms=statistics.median(v), fwdbwd_min_ms=min(v), fwdbwd_max_ms=max(v),
+                            rounds=len(v))
+        for ref, key in ((BASELINE, "reference"), ("stock-chunked", "stock_chunked")):
+            if ref in ms:
+                for name, v in ms.items():
+                    med, lo, hi = _ratio(v, ms[ref])
+                    by[name].update({f"time_vs_{key}": med, f"time_vs_{key}_min": lo, f"time_vs_{key}_max": hi})
     else:
-        times = {n: bench.cuda_time(f, 25 if quick else 100, 200 if quick else 1000) for n, f in fns.items()}
-    for name, tm in times.items():
-        by[name].update(fwdbwd_ms=tm.median_ms, fwdbwd_q20_ms=tm.q20_ms, fwdbwd_q80_ms=tm.q80_ms)
+        for name, f in fns.items():
+            tm = bench.cuda_time(f, 25 if quick else 100, 200 if quick else 1000)
+            by[name].update(fwdbwd_ms=tm.median_ms, fwdbwd_q20_ms=tm.q20_ms, fwdbwd_q80_ms=tm.q80_ms)
+        for ref, key in ((BASELINE, "reference"), ("stock-chunked", "stock_chunked")):
+            base = by.get(ref, {}).get("fwdbwd_ms")
+            for r in rows:
+                if "fwdbwd_ms" in r and base:
+                    r[f"time_vs_{key}"] = r["fwdbwd_ms"] / base
     for name in fns:
+        print(f"safeloss bench: {hd.name}: memory of {name}", file=sys.stderr, flush=True)
         if dev.type == "cpu":
-            peak, note = _cpu_peak(name, hd)
+            mem, note = _cpu_peak(name, hd)
             if note:
                 by[name]["note"] = note
         else:
-            peak = _cuda_peak(made[name], x, w, t)
-        by[name]["peak_mem_bytes"] = peak
-    base = by.get(BASELINE, {}).get("fwdbwd_ms")
-    chunked = by.get("stock-chunked", {}).get("fwdbwd_ms")
-    for r in rows:
-        if "fwdbwd_ms" in r:
-            r["time_vs_reference"] = r["fwdbwd_ms"] / base if base else None
-            r["time_vs_stock_chunked"] = r["fwdbwd_ms"] / chunked if chunked else None
+            mem = _cuda_peak(made[name], x, w, t)
+        if mem is not None:
+            by[name].update(peak_mem_bytes=mem["peak"], grad_bytes=mem["grads"],
+                            extra_mem_bytes=mem["peak"] - mem["grads"])
+            if "rss_peak" in mem:
+                by[name]["rss_peak_mem_bytes"] = mem["rss_peak"]
     return rows
 
 
+def _mib(b: int | None) -> str:
+    return "" if b is None else f"{b / _MiB:.1f} MiB"
+
+
+def _x(r: dict[str, Any], key: str) -> str:
+    if r.get(key) is None:
+        return ""
+    lo, hi = r.get(key + "_min"), r.get(key + "_max")
+    return f"{r[key]:.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else "")
+
+
 def markdown(rows: list[dict[str, Any]], threads: int) -> str:
+    ran = [r for r in rows if r["status"] != "skipped"]
+    cpu = any(r["device_type"] == "cpu" for r in ran)
+    rounds = max((r.get("rounds", 0) for r in ran), default=0)
+    how = (f"CPU wall time, providers interleaved call by call for {rounds} rounds after a warm-up "
+           "call each: median [min-max] of the rounds; ratios are medians (ranges) of the per-round "
+           "ratios" if cpu else "CUDA events (median)")
     lines = [
         "## Linear + cross-entropy heads (fwd+bwd, mean loss)", "",
-        f"torch threads: {threads}. time / stock reference path; peak = memory above the inputs "
-        "during one forward + backward, gradients included (CPU: peak resident set in a fresh "
-        "process per provider).", "",
-        "| workload | provider | fwd+bwd | vs reference | vs stock chunked | peak above inputs | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        f"torch threads: {threads}. Time: {how}. Memory, after a warm-up call: peak of live tensor "
+        "bytes during one forward + backward above the inputs (gradients included), and the part of "
+        "it that is not the returned gradients (\"extra\")"
+        + ("; CPU: torch allocator records in a fresh process per provider, resident-set peak as a "
+           "cross-check." if cpu else "."), "",
+        "| workload | provider | fwd+bwd | vs stock chunked | vs reference | peak above inputs | extra | "
+        + ("resident-set peak | " if cpu else "") + "note |",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---|",
     ]
-    for r in rows:
-        ms = f"{r['fwdbwd_ms']:.1f} ms" if "fwdbwd_ms" in r else r["status"]
-        vr = f"{r['time_vs_reference']:.2f}x" if r.get("time_vs_reference") else ""
-        vc = f"{r['time_vs_stock_chunked']:.2f}x" if r.get("time_vs_stock_chunked") else ""
-        mem = f"{r['peak_mem_bytes'] / _MiB:.0f} MiB" if r.get("peak_mem_bytes") is not None else ""
-        lines.append(f"| {r['workload']} | {r['provider']} | {ms} | {vr} | {vc} | {mem} | "
-                     f"{r['note'].replace('|', '/')} |")
+    for r in ran:
+        if "fwdbwd_ms" in r:
+            ms = f"{r['fwdbwd_ms']:.0f} ms"
+            if "fwdbwd_min_ms" in r:
+                ms += f" [{r['fwdbwd_min_ms']:.0f}-{r['fwdbwd_max_ms']:.0f}]"
+        else:
+            ms = r["status"]
+        cells = [r["workload"], r["provider"], ms, _x(r, "time_vs_stock_chunked"), _x(r, "time_vs_reference"),
+                 _mib(r.get("peak_mem_bytes")), _mib(r.get("extra_mem_bytes"))]
+        if cpu:
+            cells.append(_mib(r.get("rss_peak_mem_bytes")))
+        cells.append(r["note"].replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        lines += ["", "Not run here: " + "; ".join(f"{r['provider']} ({r['note']})" for r in skipped) + "."]
     return "\n".join(lines) + "\n"
 
 
 def run(hs: list[Head], dev: torch.device, quick: bool, out: Path) -> int:
     rows: list[dict[str, Any]] = []
     for hd in hs:
-        print(f"safeloss bench: {hd.name}", file=sys.stderr)
+        print(f"safeloss bench: {hd.name}", file=sys.stderr, flush=True)
         rows += run_head(hd, dev, quick)
         (out / "linear_results.json").write_text(json.dumps({"rows": rows}, indent=1))
     md = markdown(rows, torch.get_num_threads())

@@ -1,10 +1,14 @@
 """The chunk loop: per-position losses of linear + cross-entropy without the (N, C) logits.
 
-Rows are processed ``rows`` at a time. Each chunk's logits tile is one matmul; the tile becomes
-the chunk's per-position losses and, in the same pass, the gradient of the tile, which two more
-matmuls turn into the chunk's share of d/dinput, d/dlinear_weight and d/dlinear_bias. Backward
-then only scales those by the upstream gradient: three matmuls in all, as many as the reference
-path (linear forward, two in its backward), never recomputed, and at most two tiles alive.
+Rows are processed ``rows`` at a time (``plan``: from a byte budget). Each chunk's logits tile is
+one matmul; the tile becomes, in place, the chunk's per-position losses and the gradient of the
+tile, which two more matmuls turn into the chunk's share of d/dinput, d/dlinear_weight and
+d/dlinear_bias. Backward then only scales those by the upstream gradient: three matmuls in all,
+as many as the reference path (linear forward, two in its backward), never recomputed, and one
+tile alive (two on CUDA in half precision: the fp32 tile and G in the half dtype for the matmuls).
+When even a thin chunk of whole rows is over the budget (a huge vocabulary), the classes are cut
+into tiles too, in two passes per chunk: log-sum-exp first, then the gradient tiles (one more
+matmul); those tiles run on torch ops on every backend.
 
 That shortcut needs the upstream gradient to be the same for every position, which is what a
 "mean" or "sum" reduction produces (``safeloss.reduction`` sums the per-position losses; autograd
@@ -32,29 +36,132 @@ from torch import Tensor
 
 from ..backends.torch_backend import _stock_cross_entropy
 
-# Bytes of one logits tile (fp32; two are alive). CPU, measured single-threaded at
-# (N, H, C) = (4096, 64, 50000): below ~4 MiB per tile the d/dlinear_weight accumulator (C x H,
-# read and written once per chunk) dominates; from 16 to 128 MiB the time is flat.
-TILE_BYTES_CPU = 32 << 20
-# CUDA: big enough that each matmul is compute-bound (>= 1024 rows at H = 4096), small enough
-# to stay far below the logits of an LLM head.
-TILE_BYTES_CUDA = 256 << 20
-MIN_ROWS_CUDA = 1024
+# ------------------------------------------------------------------------------ the plan
+#
+# Rows per chunk and classes per tile come from a memory budget: the bytes a call may hold on top
+# of its inputs and of the gradients it returns, forward and backward together. ``plan`` is a
+# pure function of shapes, dtypes and options (no tensor, no device), so the bound can be checked
+# without the hardware; ``tests/test_linear_plan.py`` checks it against an allocator trace.
+#
+# CPU, (N, H, C) = (4096, 64, 50000) fp32, one thread: time is flat from ~4 to ~32 MiB tiles
+# (the d/dlinear_weight accumulator, C x H, is read and written once per chunk, which costs more
+# than the matmuls below ~16 rows per chunk); 8 MiB keeps the call below stock's chunked path
+# (whose own peak there is 13 MiB above inputs and gradients). CUDA: 256 MiB, the target for an
+# LLM head (8192, 4096, 128256) bf16: 256 rows per chunk there, M = 256 for the matmuls.
+BUDGET_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+# Fewer rows per chunk than this and the chunk's classes are split into tiles instead (two passes:
+# log-sum-exp first, then the gradient tiles): one more matmul, but d/dlinear_weight is no longer
+# re-read for every handful of rows. CPU: 10 rows per chunk took 1.7x the time of 40 at the CPU
+# head (a 4-round prototype; d/dlinear_weight traffic). CUDA: a matmul of fewer than 128 rows
+# leaves tensor-core tiles half empty (not measured: no GPU was available for this plan).
+MIN_ROWS = {"cpu": 16, "cuda": 128}
+ROWS_TWO_PASS = {"cpu": 256, "cuda": 2048}
+MIN_VOCAB_TILE = 128
+# Stock cross-entropy with autograd on a tile (probability targets, K-dimensional heads): the
+# tile, its log-softmax, the product with the target, their gradients. Measured (allocator
+# records, fp32): 19.7-22.8 bytes per tile element, i.e. about 5 tiles; 6 leaves a margin.
+GENERIC_TILES = 6
+# Per position of the call (losses, the valid mask, an int64 copy of the target, the deferred
+# checks' masks) and a constant for the scalars and small vectors of every call.
+PER_POSITION_BYTES = 48
+CALL_BYTES = 64 << 10
+PER_ROW_BYTES = 128  # per row of a chunk: its row vectors (max, sums, factors, targets)
 
-# Test hooks: force the rows per chunk (a tiny number exercises the loop on tiny shapes); run the
-# CUDA half-precision operand path (half matmuls, half d/dlinear_weight) on CPU tensors.
+# Test hooks: force the rows per chunk / the classes per tile (tiny numbers exercise the loop
+# and the two-pass tiles on tiny shapes); run the CUDA half-precision operand path (half matmuls,
+# half d/dlinear_weight) on CPU tensors.
 FORCE_ROWS: int | None = None
+FORCE_VOCAB_TILE: int | None = None
 HALF_OPERANDS_ON_CPU = False
 
+_HALF = (torch.float16, torch.bfloat16)
 
-def chunk_rows(n: int, width: int, device: torch.device) -> int:
-    if FORCE_ROWS is not None:
-        return max(1, min(FORCE_ROWS, max(n, 1)))
-    if device.type == "cuda":
-        rows = max(MIN_ROWS_CUDA, TILE_BYTES_CUDA // (4 * max(width, 1)))
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is cut, and what it is expected to hold (bytes)."""
+
+    rows: int  # rows per chunk
+    vocab_tile: int  # classes per tile; == width: one pass per chunk
+    width: int  # C * prod(out_features)
+    budget: int
+    tile_bytes: int  # the tile buffers of one chunk
+    peak_extra: int  # bound on the peak above inputs and gradients, forward + backward
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.vocab_tile >= self.width else 2
+
+
+def plan(n: int, h: int, width: int, *, dtype: torch.dtype, device_type: str,
+         backend: str = "torch", fast: bool = True, need: tuple[bool, bool, bool] = (True, True, False),
+         w_dtype: torch.dtype | None = None, half_operands: bool | None = None,
+         budget: int | None = None, rows: int | None = None, vocab_tile: int | None = None) -> Plan:
+    """Rows per chunk and classes per tile for ``n`` rows of ``h`` features and ``width`` outputs.
+
+    ``dtype``/``w_dtype``: the operands' (input, linear_weight); ``fast``: class-index targets of
+    a plain head (the only tiles that can be split by class); ``need``: which of d/dinput,
+    d/dlinear_weight, d/dlinear_bias are computed. ``rows``/``vocab_tile`` force the cut (the
+    bound is still computed); ``budget`` defaults to ``BUDGET_BYTES`` of the device type.
+    """
+    w_dtype = dtype if w_dtype is None else w_dtype
+    gpu = device_type not in ("cpu", "meta")
+    key = "cuda" if gpu else "cpu"
+    budget = BUDGET_BYTES[key] if budget is None else int(budget)
+    work = 8 if dtype == torch.float64 else 4
+    op, wop = dtype.itemsize, w_dtype.itemsize
+    lowp = dtype in _HALF
+    half = lowp and (gpu if half_operands is None else half_operands)
+    need_dx, need_dw, need_db = need
+    width = max(int(width), 1)
+    n, h = int(n), int(h)
+
+    # Held for the whole call beyond the gradients themselves.
+    fixed = CALL_BYTES + n * PER_POSITION_BYTES
+    if lowp and not half:  # operands upcast once (CPU: half matmuls are emulated)
+        fixed += (n * h + width * h) * work + width * work
+    if need_dw and not half and w_dtype != (torch.float64 if work == 8 else torch.float32):
+        fixed += width * h * work  # a work-dtype accumulator; the gradient is its copy
+    if need_db:
+        fixed += width * work
+    fixed += width * work  # class-sized temporaries (weights, label-smoothing terms)
+    grads = need_dx or need_dw or need_db
+    # Per element of a tile.
+    if not fast:
+        bpe = GENERIC_TILES * work + (op if half else 0)
+    elif backend == "triton":
+        bpe = 4 + (wop if half else 0)  # the fp32 tile; half: the kernel writes G in the half dtype
     else:
-        rows = TILE_BYTES_CPU // (4 * max(width, 1))
-    return max(1, min(rows, max(n, 1)))
+        bpe = work + (wop if half and grads else 0)
+    # Per row of a chunk: the row-scaled input and the chunk's d/dinput (work dtype, then cast),
+    # the two-pass path's d/dinput accumulator, row vectors.
+    per_row = PER_ROW_BYTES + (h * (2 * work + op) if grads else 0)
+    per_row_2p = per_row + (h * 2 * work if grads else 0)
+    avail = budget - fixed
+
+    forced_rows = rows if rows is not None else FORCE_ROWS
+    forced_vt = vocab_tile if vocab_tile is not None else FORCE_VOCAB_TILE
+    cap = max(n, 1)
+    if forced_rows is not None or forced_vt is not None:
+        vt = width if forced_vt is None or not fast else max(1, min(int(forced_vt), width))
+        r = max(1, min(int(forced_rows), cap)) if forced_rows is not None else \
+            max(1, min(cap, max(avail, 0) // max(1, vt * bpe + (per_row if vt >= width else per_row_2p))))
+    else:
+        full = max(avail, 0) // (width * bpe + per_row)
+        if not fast or full >= min(cap, MIN_ROWS[key]):
+            r, vt = max(1, min(full, cap)), width
+            chunks = -(-cap // r)
+            r = -(-cap // chunks)  # equal chunks: no short last one
+        else:
+            r = min(cap, ROWS_TWO_PASS[key])
+            vt = max(avail, 0) // r // bpe - per_row_2p // bpe
+            if vt < MIN_VOCAB_TILE:  # fewer rows, so that a tile keeps at least MIN_VOCAB_TILE classes
+                r = max(1, min(cap, max(avail, 0) // (MIN_VOCAB_TILE * bpe + per_row_2p)))
+                vt = MIN_VOCAB_TILE
+            vt = min(width, max(MIN_VOCAB_TILE, vt // 64 * 64))
+    tile = r * vt * bpe
+    peak = fixed + tile + r * (per_row if vt >= width else per_row_2p)
+    return Plan(rows=r, vocab_tile=vt, width=width, budget=budget, tile_bytes=tile, peak_extra=peak)
 
 
 @dataclass
@@ -89,31 +196,36 @@ class _Operands:
 
     float32 / float64: as given. Half precision on CUDA: the tensor cores take the half operands
     and accumulate in fp32 (``out_dtype``); on CPU, half matmuls are emulated and slow, so the
-    operands are upcast to fp32 once (as stock's chunked path does on CPU)."""
+    operands are upcast to fp32 once (as stock's chunked path does on CPU). ``[v0:v1]``: the
+    classes of one tile."""
 
     def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, work: torch.dtype) -> None:
         self.half = x.dtype != work and (x.is_cuda or HALF_OPERANDS_ON_CPU)
+        self.x_dtype = x.dtype  # d/dinput is stored in it (each row is complete once, one rounding)
         if x.dtype != work and not self.half:
             x, w, b = x.to(work), w.to(work), None if b is None else b.to(work)
         self.x, self.w, self.b = x, w, b
         self.work = work
 
-    def logits(self, s: int, e: int, out: Tensor | None) -> Tensor:
+    def logits(self, s: int, e: int, out: Tensor | None, v0: int = 0, v1: int | None = None) -> Tensor:
         xc = self.x[s:e]
+        w = self.w if v1 is None else self.w[v0:v1]
+        b = self.b if self.b is None or v1 is None else self.b[v0:v1]
         if self.half:
-            z = _mm32(xc, self.w.t())
-            return z if self.b is None else z.add_(self.b)
-        if self.b is None:
-            return torch.mm(xc, self.w.t(), out=out) if out is not None else torch.mm(xc, self.w.t())
+            z = _mm32(xc, w.t(), out)
+            return z if b is None else z.add_(b)
+        if b is None:
+            return torch.mm(xc, w.t(), out=out) if out is not None else torch.mm(xc, w.t())
         if out is not None:
-            return torch.addmm(self.b, xc, self.w.t(), out=out)
-        return torch.addmm(self.b, xc, self.w.t())
+            return torch.addmm(b, xc, w.t(), out=out)
+        return torch.addmm(b, xc, w.t())
 
-    def dx(self, g: Tensor) -> Tensor:
+    def dx(self, g: Tensor, v0: int = 0, v1: int | None = None) -> Tensor:
         """g (rows, C*D) @ W: the chunk's d/dinput, in the work dtype."""
+        w = self.w if v1 is None else self.w[v0:v1]
         if self.half:
-            return _mm32(g.to(self.w.dtype), self.w)
-        return torch.mm(g, self.w)
+            return _mm32(g.to(w.dtype), w)
+        return torch.mm(g, w)
 
     def add_dw(self, dw: Tensor, g: Tensor, xs: Tensor) -> None:
         """dw += g.T @ xs."""
@@ -122,12 +234,25 @@ class _Operands:
         else:
             dw.addmm_(g.t(), xs)
 
+    def scaled_rows(self, s: int, e: int, f: Tensor | None) -> Tensor:
+        """x[s:e] * f per row, rounded once to the matmul dtype."""
+        xc = self.x[s:e]
+        if f is None:
+            return xc
+        if self.half:
+            return (xc.to(f.dtype) * f.unsqueeze(1)).to(xc.dtype)
+        return xc * f.unsqueeze(1).to(xc.dtype)
 
-def _mm32(a: Tensor, b: Tensor) -> Tensor:
+
+def _mm32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b accumulated and returned in fp32 (CUDA: half operands on the tensor cores)."""
     try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):  # a torch without out_dtype matmuls
-        return torch.mm(a, b).float()
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError):  # no fp32-output kernel for these operands (CPU; an older torch)
+        z = torch.mm(a, b)
+        return z.float() if out is None else out.copy_(z)
 
 
 # ------------------------------------------------------------------------------ tiles
@@ -141,45 +266,63 @@ def _round(z: Tensor, sp: Spec, in_place: bool) -> Tensor:
     return z.copy_(z.to(sp.tile_dtype)) if in_place else z.to(sp.tile_dtype).to(z.dtype)
 
 
-def _tile_index(z: Tensor, t: Tensor, valid: Tensor, sp: Spec, want_grad: bool,
-                scratch: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(losses (r,), raw tile gradient G or None, row factor f): d loss_i / d z_i = f_i G_i.
-    ``z`` may be overwritten; ``t`` holds classes in range (ignored and bad rows: 0)."""
+def _tile_index(z: Tensor, t: Tensor, valid: Tensor, sp: Spec,
+                want_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(losses (r,), tile gradient G or None, row factor f): d loss_i / d z_i = f_i G_i.
+
+    ``z`` (r, C) is overwritten: it becomes G (no second tile). ``t`` holds classes in range
+    (ignored and bad rows: 0). Without smoothing G is q - s e_y with q = exp(z - max) and s its
+    row sum, and 1/s goes into f: the softmax is never normalized over the tile."""
     C, eps, w = sp.num_classes, sp.eps, sp.weight
-    logp = torch._log_softmax(z, 1, False, out=scratch) if scratch is not None else torch.log_softmax(z, 1)
-    vf = valid.to(logp.dtype)
+    tc = t.unsqueeze(1)
+    z.sub_(z.amax(1, keepdim=True))  # z - max <= 0: exp cannot overflow
+    zy = z.gather(1, tc).squeeze(1)
+    smooth = None
+    if eps > 0:  # sum_c k_c (z_c - max), before the tile becomes exp(...)
+        smooth = z.sum(1) if w is None else torch.mv(z, w)
+    s = z.exp_().sum(1)
+    logs = s.log()
+    vf = valid.to(z.dtype)
     wy = vf if w is None else w.gather(0, t) * vf
-    loss = -logp.gather(1, t.unsqueeze(1)).squeeze(1) * wy
-    if eps > 0:
-        smooth = logp.sum(1) if w is None else torch.mv(logp, w)
-        loss = (1 - eps) * loss - (eps / C) * smooth * vf
+    loss = (logs - zy) * wy
+    if smooth is not None:
+        ksum = float(C) if w is None else w.sum()
+        loss = (1 - eps) * loss - (eps / C) * (smooth - ksum * logs) * vf
     loss = torch.where(valid, loss, 0.0)
     if not want_grad:
         return loss, None, vf
-    p = logp.exp_()  # softmax, in the same buffer
-    if eps == 0:
-        hit, f = torch.ones_like(wy), wy  # G = softmax - e_y, scaled by w_y
-    elif w is None:
-        p.sub_(eps / C)
-        hit, f = torch.full_like(wy, 1 - eps), vf
-    else:
-        p.mul_(((1 - eps) * w.gather(0, t) + (eps / C) * w.sum()).unsqueeze(1)).sub_((eps / C) * w)
-        hit, f = (1 - eps) * w.gather(0, t), vf
-    p.scatter_add_(1, t.unsqueeze(1), -hit.unsqueeze(1))
-    return loss, p, f
+    if eps == 0:  # G s = q - s e_y
+        hit, f = s, wy / s
+    elif w is None:  # G s = q - s eps/C - s (1-eps) e_y
+        z.sub_((s * (eps / C)).unsqueeze(1))
+        hit, f = (1 - eps) * s, vf / s
+    else:  # G = A q/s - (eps/C) w - (1-eps) w_y e_y, A = (1-eps) w_y + (eps/C) sum(w)
+        wt = w.gather(0, t)
+        z.mul_((((1 - eps) * wt + (eps / C) * w.sum()) / s).unsqueeze(1)).sub_((eps / C) * w)
+        hit, f = (1 - eps) * wt, vf
+    z.scatter_add_(1, tc, -hit.unsqueeze(1))
+    return loss, z, f
 
 
-def _tile_triton(z: Tensor, t: Tensor, sp: Spec, want_grad: bool) -> tuple[Tensor, Tensor | None, None]:
-    """The existing fused Triton kernel on the tile: losses and (with ``want_grad``) the full
-    gradient of the tile in the same pass (ignored rows zero). ``t``: bad labels already set to
-    ignore_index."""
+def _tile_triton(z: Tensor, t: Tensor, sp: Spec, want_grad: bool,
+                 g_out: Tensor | None) -> tuple[Tensor, Tensor | None, None]:
+    """The fused Triton kernel on the tile: losses and (with ``want_grad``) the full gradient of
+    the tile in the same pass (ignored rows zero), written to ``g_out`` (the half dtype of the
+    matmuls) or, when None, over ``z`` itself (the kernel has read every logit of a row before it
+    writes the row's first gradient element). ``t``: bad labels already set to ignore_index."""
     from ..backends import triton_backend
+    from ..core import _flags
 
-    losses, _flags, _lse, _wy, g = triton_backend._fwd_impl(
-        z.contiguous(), t, sp.weight, sp.ignore_index, sp.eps, False, False, want_grad, False,
-        math.inf,  # out_max: non-finite losses are counted by the caller, from the losses
-    )
-    return losses, (g if want_grad else None), None
+    z = z.contiguous()
+    r = z.shape[0]
+    losses = z.new_empty((r,), dtype=torch.float32)
+    lse = z.new_empty((r,), dtype=torch.float32)
+    flags = z.new_zeros((_flags.SIZE,), dtype=torch.int32)
+    g = (z if g_out is None else g_out) if want_grad else None
+    if r:
+        triton_backend._launch_fwd(z, t, sp.weight, losses, lse, lse[:0], g, flags, sp.ignore_index,
+                                   sp.eps, False, False, math.inf)
+    return losses, g, None
 
 
 def _tile_generic(z: Tensor, t: Tensor, sp: Spec, scale: Tensor | None, want_grad: bool,
@@ -208,6 +351,92 @@ def _tile_generic(z: Tensor, t: Tensor, sp: Spec, scale: Tensor | None, want_gra
     return (losses if create_graph else losses.detach()), dz, (grads[-1] if need_dq else None)
 
 
+def _two_pass(ops: _Operands, s: int, e: int, t: Tensor, valid: Tensor, sp: Spec, vt: int,
+              want_grad: bool, sc: Tensor | None, g: Grads, need: tuple[bool, bool, bool, bool],
+              buf: Tensor | None) -> Tensor:
+    """Rows [s, e) with the classes in tiles of ``vt``: pass 1 gathers each row's log-sum-exp
+    (running max and sum, as the Triton kernel does over its column blocks) and the loss; pass 2
+    recomputes each tile's logits and turns them into the tile's gradient. Returns the losses."""
+    C, eps, w = sp.num_classes, sp.eps, sp.weight
+    r, dev, work = e - s, ops.x.device, sp.work
+    tcl = torch.where(valid, t, 0)
+    m = torch.full((r,), -math.inf, dtype=work, device=dev)  # running max
+    acc = torch.zeros((r,), dtype=work, device=dev)  # sum_c exp(z_c - ref)
+    zy = torch.zeros((r,), dtype=work, device=dev)  # the target's logit
+    ks = torch.zeros((r,), dtype=work, device=dev) if eps > 0 else None  # sum_c k_c (z_c - ref)
+    ksum = None if w is None else w.sum()
+
+    def tile(v0: int, v1: int) -> Tensor:
+        return _round(ops.logits(s, e, None if buf is None else buf[:r, : v1 - v0], v0, v1), sp, True)
+
+    def local(v0: int, v1: int) -> tuple[Tensor, Tensor]:
+        inside = (tcl >= v0) & (tcl < v1)
+        return inside, (tcl - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1)
+
+    ref = torch.zeros((r,), dtype=work, device=dev)  # the shift of acc and ks: the running max
+    ktot = 0.0 if w is None else w.new_zeros(())  # sum of k_c over the tiles seen
+    for v0 in range(0, C, vt):
+        v1 = min(C, v0 + vt)
+        z = tile(v0, v1)
+        inside, idx = local(v0, v1)
+        zy = torch.where(inside, z.gather(1, idx).squeeze(1), zy)
+        m = torch.maximum(m, z.amax(1))
+        new = torch.where(m == -math.inf, 0.0, m)  # a row that is -inf so far: never (-inf) - (-inf)
+        z.sub_(new.unsqueeze(1))
+        if ks is not None:
+            kt = None if w is None else w[v0:v1]
+            ks = ks - (new - ref) * ktot + (z.sum(1) if kt is None else torch.mv(z, kt))
+            ktot = ktot + (v1 - v0 if kt is None else kt.sum())
+        acc = acc * torch.exp(ref - new) + z.exp_().sum(1)
+        ref = new
+    logs = acc.log()
+    lse = ref + logs
+    vf = valid.to(work)
+    wy = vf if w is None else w.gather(0, tcl) * vf
+    loss = (lse - zy) * wy
+    if ks is not None:
+        ksm = float(C) if ksum is None else ksum
+        # sum_c k_c logp_c = sum_c k_c (z_c - ref) - ksum log(acc)
+        loss = (1 - eps) * loss - (eps / C) * (ks - ksm * logs) * vf
+    loss = torch.where(valid, loss, 0.0)
+    if not want_grad:
+        return loss
+    need_dx, need_dw, need_db, _ = need
+    if eps == 0:
+        hit, f = torch.ones_like(wy), wy
+    elif w is None:
+        hit, f = torch.full_like(wy, 1 - eps), vf
+    else:
+        wt = w.gather(0, tcl)
+        a = ((1 - eps) * wt + (eps / C) * ksum).unsqueeze(1)
+        hit, f = (1 - eps) * wt, vf
+    if sc is not None:
+        f = f * sc.to(f.dtype)
+    xf = ops.scaled_rows(s, e, f) if need_dw else None
+    dxa = torch.zeros((r, ops.x.shape[1]), dtype=work, device=dev) if need_dx else None
+    lse2 = lse.unsqueeze(1)
+    for v0 in range(0, C, vt):
+        v1 = min(C, v0 + vt)
+        p = tile(v0, v1).sub_(lse2).exp_()
+        if eps > 0:
+            if w is None:
+                p.sub_(eps / C)
+            else:
+                p.mul_(a).sub_((eps / C) * w[v0:v1])
+        inside, idx = local(v0, v1)
+        p.scatter_add_(1, idx, -(hit * inside.to(hit.dtype)).unsqueeze(1))
+        if need_db:
+            g.db[v0:v1].add_(torch.mv(p.t(), f.to(p.dtype)))
+        gt = p.to(ops.w.dtype) if ops.half else p
+        if dxa is not None:
+            dxa.add_(ops.dx(gt, v0, v1))
+        if xf is not None:
+            ops.add_dw(g.dw[v0:v1], gt, xf)
+    if dxa is not None:
+        g.dx[s:e] = dxa.mul_(f.unsqueeze(1))
+    return loss
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -217,6 +446,19 @@ class Grads:
     dw: Tensor | None = None
     db: Tensor | None = None
     dq: Tensor | None = None
+
+
+def chunk_rows(n: int, h: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk of a generic tile (stock cross-entropy under autograd, as the extras path
+    runs it) under the same budget as every other cut."""
+    return plan(n, h, width, dtype=dtype, device_type=device.type, fast=False).rows
+
+
+def plan_for(ops: _Operands, sp: Spec, need: tuple[bool, bool, bool, bool], create_graph: bool = False) -> Plan:
+    x, w = ops.x, ops.w
+    return plan(x.shape[0], x.shape[1], w.shape[0], dtype=ops.x_dtype, w_dtype=w.dtype if ops.half else None,
+                device_type=x.device.type, backend=sp.backend, fast=sp.fast and not create_graph,
+                need=need[:3], half_operands=ops.half)
 
 
 def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tuple[bool, bool, bool, bool],
@@ -235,8 +477,9 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     want_grad = need_dx or need_dw or need_db
     g = Grads()
     gdt = w.dtype if ops.half else sp.work
-    if need_dx:
-        g.dx = torch.zeros(x.shape, dtype=sp.work, device=dev)
+    fast = sp.fast and not create_graph
+    if need_dx:  # in the input's dtype: every row is written once, complete (no accumulation)
+        g.dx = torch.zeros(x.shape, dtype=sp.work if create_graph else ops.x_dtype, device=dev)
     if need_dw:
         g.dw = torch.zeros(w.shape, dtype=gdt, device=dev)
     if need_db:
@@ -247,31 +490,39 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     losses = torch.empty(pos, dtype=sp.work, device=dev) if want_losses else None
     if create_graph:
         loss_parts, dx_parts, dq_parts = [], [], []
-    rows = chunk_rows(N, CD, dev)
-    if sp.max_rows:
+    pl = plan_for(ops, sp, need, create_graph)
+    rows, vt = pl.rows, pl.vocab_tile
+    if sp.max_rows:  # LinearCrossEntropyOptions.batch_chunk_size: never more rows than the user's cap
         rows = min(rows, sp.max_rows)
-    fast = sp.fast and not create_graph
-    # Reused tile buffers: a fresh tile per chunk would page-fault its way through fresh memory
-    # (most of the reference path's cost on CPU).
-    zbuf = lbuf = None
-    if fast and N and not ops.half and not torch.compiler.is_compiling():
-        zbuf = torch.empty((rows, CD), dtype=sp.work, device=dev)
-        lbuf = torch.empty((rows, CD), dtype=sp.work, device=dev) if sp.backend == "torch" else None
+    two_pass = fast and pl.passes == 2
+    triton = sp.backend == "triton" and not two_pass
+    # One tile buffer reused by every chunk: a fresh tile per chunk would page-fault its way
+    # through fresh memory (most of the reference path's cost on CPU). The Triton kernel writes
+    # the gradient over it (fp32) or into a half buffer the matmuls take directly.
+    zbuf = gbuf = None
+    if fast and N and not torch.compiler.is_compiling():
+        zbuf = torch.empty((min(rows, N), vt), dtype=torch.float32 if ops.half else sp.work, device=dev)
+        if triton and ops.half and want_grad:
+            gbuf = torch.empty((min(rows, N), vt), dtype=w.dtype, device=dev)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         r = e - s
-        z = _round(ops.logits(s, e, None if zbuf is None else zbuf[:r]), sp, not create_graph)
         tc, vc = target[s:e], valid[s:e]
         sc = None if scale is None else scale[s:e]
+        if sc is not None and fast:  # never read at ignored or bad rows (stock's backward does not): 0 * NaN
+            sc = torch.where(vc, sc, 0.0)
+        if two_pass:
+            lc = _two_pass(ops, s, e, tc, vc, sp, vt, want_grad, sc, g, need, zbuf)
+            if losses is not None:
+                losses[s:e] = lc
+            continue
+        z = _round(ops.logits(s, e, None if zbuf is None else zbuf[:r]), sp, not create_graph)
         if fast:
-            if sc is not None:  # never read at ignored or bad rows (stock's backward does not): 0 * NaN
-                sc = torch.where(vc, sc, 0.0)
             f: Tensor | None
-            if sp.backend == "triton":
-                lc, gt, f = _tile_triton(z, tc, sp, want_grad)
+            if triton:
+                lc, gt, f = _tile_triton(z, tc, sp, want_grad, None if gbuf is None else gbuf[:r])
             else:
-                lc, gt, f = _tile_index(z, torch.where(vc, tc, 0), vc, sp, want_grad,
-                                        None if lbuf is None else lbuf[:r])
+                lc, gt, f = _tile_index(z, torch.where(vc, tc, 0), vc, sp, want_grad)
             dqc = None
             if sc is not None:
                 f = sc if f is None else f * sc.to(f.dtype)
@@ -284,11 +535,15 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
             loss_parts.append(lc)
         if gt is not None:
             if need_db:
-                contrib = gt.sum(0) if f is None else torch.mv(gt.t(), f.to(gt.dtype))
+                if f is None:
+                    contrib = gt.sum(0, dtype=g.db.dtype)
+                elif gt.dtype == g.db.dtype:
+                    contrib = torch.mv(gt.t(), f.to(gt.dtype))
+                else:  # the Triton kernel's half gradient tile
+                    contrib = _mm32(f.to(gt.dtype).unsqueeze(0), gt).squeeze(0)
                 g.db = g.db + contrib if create_graph else g.db.add_(contrib)
             if ops.half:
                 gt = gt.to(w.dtype)  # once, for both matmuls (tensor cores, fp32 accumulation)
-            xc = x[s:e] if f is None else x[s:e] * f.unsqueeze(1).to(x.dtype)
             if need_dx:
                 dxc = ops.dx(gt)
                 if f is not None:
@@ -299,9 +554,10 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
                     g.dx[s:e] = dxc
             if need_dw:
                 if create_graph:
+                    xc = x[s:e] if f is None else x[s:e] * f.unsqueeze(1).to(x.dtype)
                     g.dw = g.dw + gt.t().to(xc.dtype) @ xc
                 else:
-                    ops.add_dw(g.dw, gt, xc)
+                    ops.add_dw(g.dw, gt, ops.scaled_rows(s, e, f))
         if dqc is not None:
             if create_graph:
                 dq_parts.append(dqc)
@@ -330,7 +586,8 @@ def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor
     if sp.positions > 1:
         tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
     parts = []
-    rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    rows = plan(N, ops.x.shape[1], ops.w.shape[0], dtype=ops.x_dtype, device_type=ops.x.device.type,
+                fast=False, half_operands=ops.half).rows
     if sp.max_rows:
         rows = min(rows, sp.max_rows)
     for s in range(0, N, rows):

@@ -2,7 +2,7 @@
 
 The entries (``api.linear_cross_entropy``, ``SafeLinearCrossEntropyLoss``) branch here only when
 an extra is not at its default. The call: the layer's checks and the shared target normalization
-(``validation.validate``) -> a chunk loop over rows (``chunked.chunk_rows`` tiles) whose logits
+(``validation.validate``) -> a chunk loop over rows (``chunked.chunk_rows``: the memory plan's cut) whose logits
 tile becomes the per-position losses with ``core.extras``'s math -> ``core.reduction`` plus the
 z-loss term -> the shared findings.
 
@@ -325,7 +325,7 @@ def _differentiable(x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Te
     vflat = valid.reshape(-1)
     parts: list[list[Tensor]] = [[], [], [], [], []]
     stats = sp.ex.return_stats
-    rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, ops.x.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         z = _rows_of(ops.logits(s, e), e - s, sp)
@@ -362,7 +362,7 @@ class _LinearExtras(torch.autograd.Function):
         ent = torch.empty(P if stats else 0, dtype=sp.work, device=dev)
         correct = torch.empty(P if stats else 0, dtype=torch.bool, device=dev)
         vflat = valid.reshape(-1)
-        rows = chunk_rows(N, ops.w.shape[0], dev)
+        rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             z = _rows_of(ops.logits(s, e), e - s, sp)
@@ -408,7 +408,7 @@ class _LinearExtras(torch.autograd.Function):
         dq = torch.zeros(t.shape, dtype=sp.work, device=dev) if need_t else None
         wt = sp.weight
         w_sum: float | Tensor = float(C) if wt is None else wt.sum()
-        rows = chunk_rows(N, ops.w.shape[0], dev)
+        rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             r = e - s
