@@ -870,6 +870,11 @@ def _pworker(rank: int, world: int, store: str, out: str) -> None:
         x, t, _ = _pinputs(PCASES[0])
         call("bad-softcap-one-rank", lambda: safeloss.vocab_parallel_cross_entropy(
             _local(x, rank), t, softcap=0.0 if rank == 1 else 30.0))
+        tf = t.to(torch.float64)
+        if rank == 1:
+            tf[1] = 2.5  # a label value only this rank's check fails: it idles through the loss's rounds
+        call("bad-value-one-rank-stats", lambda: safeloss.vocab_parallel_cross_entropy(
+            _local(x, rank), tf, return_stats=True, z_loss=1e-3, label_smoothing=0.1))
         call("extras-differ", lambda: safeloss.vocab_parallel_cross_entropy(
             _local(x, rank), t, z_loss=1e-4 * (rank + 1)))
         xn = x.clone()
@@ -979,6 +984,10 @@ def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:
         assert g.get("error") == "ExtrasError", g
         assert "softcap=0.0 is not a positive, finite number" in g["message"]
         assert "raised on rank 1 of the 2 ranks" in g["message"]
+    errs = [r["bad-value-one-rank-stats"] for r in ranks]
+    assert all("error" in g for g in errs), errs  # both ranks raise, neither hangs in a collective
+    assert errs[0] == errs[1], errs
+    assert "raised on rank 1 of the 2 ranks" in errs[0]["message"], errs
     for r in ranks:
         g = r["extras-differ"]
         assert g.get("error") == "ParallelMismatchError" and "different extras" in g["message"], g
