@@ -11,11 +11,12 @@ traces them as opaque nodes without graph breaks. Eager calls on plain tensors s
 dispatch (an autograd.Function calling the same implementations: see "Eager fast path").
 """
 
+import contextlib
 import functools
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -742,3 +743,71 @@ def row_losses(
         bool(check_softmax), fused, bool(inplace_backward), float(out_max),
     )  # fmt: skip
     return (losses, flags) if reduce is None else (losses, flags, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-cost measurement: launches stubbed
+# --------------------------------------------------------------------------------------------
+class _NoLaunch:
+    """A kernel whose ``kernel[grid](...)`` launches nothing (see :func:`stubbed_launches`)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, grid: object) -> Any:
+        return _no_launch
+
+
+def _no_launch(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _fwd_stand_in(x: Tensor, target: Tensor, weight: Tensor, losses: Tensor, *args: Any, **kwargs: Any) -> None:
+    # The forward's losses feed the reduction and the finite-result check: zeros, so that a
+    # stubbed call is a clean call (uninitialized memory would read as NaN at random).
+    losses.zero_()
+
+
+class _NoLaunchFwd(_NoLaunch):
+    __slots__ = ()
+
+    def __getitem__(self, grid: object) -> Any:
+        return _fwd_stand_in
+
+
+class _NoKernels:
+    """Stands in for ``triton_kernels``: every kernel launches nothing."""
+
+    ce_fwd_kernel = _NoLaunchFwd()
+
+    def __getattr__(self, name: str) -> _NoLaunch:
+        return _NoLaunch()
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Every Triton kernel launch of this backend becomes a no-op, and the backend accepts CPU
+    tensors without ``TRITON_INTERPRET``: what is left of a ``backend="triton"`` call is the host
+    work around the kernels (argument checks, plans, launch configurations, the outputs
+    allocated with their real shapes, autograd, reduction, findings), measurable on any machine
+    (``benchmarks/cpu_overhead.py``). Results hold no meaningful values: a benchmark hook,
+    never for real calls; not thread-safe (it swaps module attributes).
+    ``safeloss.parallel.triton_stats.stubbed_launches`` covers the vocab-parallel kernel too."""
+    global _kernels, unavailable_reason
+    saved = _kernels, unavailable_reason
+    stub = _NoKernels()
+    _kernels = lambda: stub  # noqa: E731
+    unavailable_reason = _stub_reason
+    try:
+        yield
+    finally:
+        _kernels, unavailable_reason = saved
+
+
+NO_LAUNCH = _NoLaunch()
+
+
+def _stub_reason(device: torch.device) -> str | None:
+    err = _triton_import_error()
+    if err is not None or torch.device(device).type in ("cpu", "cuda"):
+        return err
+    return f"Triton runs on CUDA tensors, not on {torch.device(device).type} tensors"
