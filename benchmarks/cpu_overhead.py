@@ -61,7 +61,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,22 +70,19 @@ import torch.nn.functional as F
 Step = Callable[[int], object]  # one fwd+bwd on the inputs of round r
 
 
-@dataclass
 class Row:
-    """One target: a safeloss call against the stock call it replaces."""
+    """One target: a safeloss call against the stock call it replaces. (Not a dataclass: the
+    script is also loaded by path, outside ``sys.modules``, where dataclasses cannot resolve
+    string annotations.)"""
 
-    section: str
-    case: str
-    api: str
-    threads: int
-    clock: str
-    limit: float | None  # target on the paired ratio; None: judged against ``versus``
-    safe_us: float = 0.0
-    stock_us: float = 0.0
-    paired: float = 0.0
-    rounds: int = 0
-    versus: str | None = None  # the row whose paired ratio is this row's limit (family section)
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, section: str, case: str, api: str, threads: int, clock: str,
+                 limit: float | None, versus: str | None = None) -> None:
+        self.section, self.case, self.api, self.threads, self.clock = section, case, api, threads, clock
+        self.limit = limit  # target on the paired ratio (None: no target, a reference row)
+        self.versus = versus  # the row whose paired ratio is this row's limit (family section)
+        self.safe_us = self.stock_us = self.paired = 0.0
+        self.rounds = 0
+        self.extra: dict[str, Any] = {}
 
     @property
     def ok(self) -> bool:

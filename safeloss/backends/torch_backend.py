@@ -176,6 +176,7 @@ class HostPlan:
         "acc",
         "args",
         "band",
+        "cast",
         "cdim",
         "prob",
         "raw",
@@ -210,6 +211,7 @@ class HostPlan:
         # Stock F.cross_entropy's own call of its op, less its Python layer (argument checks for
         # torch-function overrides: plans exist only where none can apply).
         self.args = (_REDUCTION_ENUM[p.reduction], p.ignore_index, p.label_smoothing)
+        self.cast = not p.prob and p.target.dtype != torch.int64  # the op takes int64 labels
 
     def rows(self, x: Tensor, t: Tensor, w: Tensor | None) -> Tensor | tuple[Rows, Problem]:
         """``_immediate`` for this signature: the result itself when the value checks find
@@ -225,7 +227,7 @@ class HostPlan:
                     counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
                 result = _cross_entropy_loss(x, t, w, *self.args)
             else:
-                result = _cross_entropy_loss(x, t if t.dtype == torch.int64 else t.long(), w, *self.args)
+                result = _cross_entropy_loss(x, t.long() if self.cast else t, w, *self.args)
         except (IndexError, RuntimeError):
             p = sk.problem(x, t, w)
             return _stock_refused(p, [0] * F.SIZE if counts is None else counts), p
@@ -233,11 +235,19 @@ class HostPlan:
             if self.scalar:
                 value = result.item()
                 if value - value == 0:  # finite (inf - inf and NaN - NaN are NaN)
+                    # A mean outside the band of softmaxed input settles it; else the first row
+                    # (scan_softmax's first test: a row that cannot look softmaxed means the
+                    # sample cannot all look softmaxed, so _judge would conclude CLEAN too).
                     band = self.band
-                    if band is not None:
-                        if not band[0] <= value <= band[1]:
-                            return result
-                    elif not self._row0_softmaxed(x):
+                    if band is not None and not band[0] <= value <= band[1]:
+                        return result
+                    # _row0_softmaxed's first test, inline (the common call): a negative entry.
+                    raw = self.raw
+                    if (raw is not None and (ptr := x.data_ptr()) and x.is_contiguous()
+                            and not x.is_neg()
+                            and min(raw.unpack_from(self.raw_bytes.from_address(ptr))) < 0.0):  # type: ignore[union-attr]
+                        return result
+                    if not self._row0_softmaxed(x):
                         return result
             elif not self._row0_softmaxed(x) and bool(torch.isfinite(result).all()):
                 # What resolve() concludes for reduction="none": every loss finite (ignored
