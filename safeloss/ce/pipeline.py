@@ -37,7 +37,16 @@ _function_mode = _C._is_torch_function_mode_enabled
 _tracing = _C._is_tracing
 _dispatch_modes = _C._len_torch_dispatch_stack
 _functorch = _C._are_functorch_transforms_active
-_get_plan = plans.get
+_get_plan = plans._plans.get  # the store itself (a dict never rebound: plan.clear() empties it)
+
+# The default options, as the objects the entries' signatures hold: an argument that *is* one of
+# them (identity, so of that type too) was left at its default or passed as that very object;
+# a key holds DEFAULTS for all six instead of the options and their types.
+IGNORE_INDEX = -100
+REDUCTION = "mean"
+LABEL_SMOOTHING = 0.0
+BACKEND = "auto"
+DEFAULTS = ("default options",)
 _capturing = torch.cuda.is_current_stream_capturing
 
 
@@ -80,8 +89,12 @@ def fast(
             target.shape, target.layout, target.dtype, target.device,
             None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.device,
                                          weight.requires_grad and _grad_enabled()),
-            ignore_index, type(ignore_index), reduction, label_smoothing, type(label_smoothing),
-            backend, inplace_backward, fused_grad,
+            # The entries' own default objects stand for themselves (no type calls, no tuple).
+            DEFAULTS if (ignore_index is IGNORE_INDEX and reduction is REDUCTION
+                         and label_smoothing is LABEL_SMOOTHING and backend is BACKEND
+                         and inplace_backward is False and fused_grad is False) else
+            (ignore_index, type(ignore_index), reduction, label_smoothing, type(label_smoothing),
+             backend, inplace_backward, fused_grad),
             _any_autocast() and plans.autocast_key(input.device.type), _function_mode(),
         )
         plan = _get_plan(key)
