@@ -22,7 +22,8 @@ Sections:
    (8, 10) <= 1.20x, (256, 10) <= 1.15x, (4096, 1000) <= 1.05x, probability targets
    (4096, 1000) <= 1.10x with 1 and with 2 threads. glibc's default allocator (no tuning): a
    freed multi-MB buffer handed back to the OS page-faults in again at the next allocation, for
-   stock and safeloss alike; page faults per call are printed for the large rows.
+   stock and safeloss alike; page faults per call are printed for the large rows, where each
+   timed call follows an untimed call of the same step (``interleave``'s ``prime``).
 2. ``stubbed``: ``backend="triton"`` with every kernel launch a no-op
    (``safeloss.parallel.triton_stats.stubbed_launches``), so what is timed is safeloss's host work
    around the kernels, runnable on any CPU: findings deferred as on CUDA (``checks.DEFER_ON_CPU``),
@@ -94,6 +95,7 @@ TORCH_CASES: list[tuple[int, int, bool, int, float]] = [
     (8, 10, False, 1, 1.20), (256, 10, False, 1, 1.15), (4096, 1000, False, 1, 1.05),
     (4096, 1000, True, 1, 1.10), (4096, 1000, True, 2, 1.10),
 ]
+PRIME_NUMEL = 1 << 20  # logits from this size on: primed calls (see ``interleave``)
 STUB_CASES: list[tuple[int, int, float]] = [(8, 10, 1.5), (4096, 10, 1.5)]
 # linear: (N, H, V); vocab-parallel: (N, C)
 LINEAR_SHAPE = (8, 16, 10)
@@ -117,10 +119,17 @@ _CLOCKS: dict[str, Callable[[], int]] = {
 
 
 def interleave(steps: dict[str, Step], clocks: tuple[str, ...], seconds: float, min_rounds: int,
-               warmup: int = 5) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], int]:
+               warmup: int = 5, prime: bool = False,
+               ) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], int]:
     """Run every step once per round, in an order rotated each round, until ``seconds`` passed
     (at least ``min_rounds``). Returns the times in us per clock and step, the page faults per
-    call of each step and the number of rounds."""
+    call of each step and the number of rounds.
+
+    ``prime``: each timed call follows an untimed call of the same step (large shapes). glibc
+    hands a freed multi-MB buffer back to the OS or keeps it depending on what else is on the
+    heap, so without it a call's page faults (up to a third of its time here) depend on which
+    step ran just before it; primed, each side runs in its own steady state, as a training loop
+    calling the same loss every step does."""
     names = list(steps)
     for r in range(warmup):  # first-call caches, plans, the allocator's steady state
         for name in names:
@@ -134,6 +143,8 @@ def interleave(steps: dict[str, Step], clocks: tuple[str, ...], seconds: float, 
         k = r % len(names)
         for name in names[k:] + names[:k]:
             step = steps[name]
+            if prime:
+                step(r)
             f0 = _minor_faults()
             t0 = [f() for f in fns]
             step(r)
@@ -236,7 +247,7 @@ def torch_rows(seconds: float, min_rounds: int) -> list[Row]:
         with _threads(threads):
             clocks = _clocks(threads)
             steps = _ce_steps(_pool(n, c, prob, _copies(n, c)))
-            times, faults, r = interleave(steps, clocks, seconds, min_rounds)
+            times, faults, r = interleave(steps, clocks, seconds, min_rounds, prime=n * c >= PRIME_NUMEL)
         case = f"({n}, {c})" + (" prob" if prob else "")
         for api in ("module", "functional"):
             row = _fill(Row("torch", case, api, threads, clocks[0], limit), times,

@@ -90,9 +90,7 @@ def per_position(p: Problem, reduction: str = "none") -> Tensor:
 def _immediate(p: Problem) -> Rows:
     x, C = p.input, p.num_classes
     counts = [0] * F.SIZE
-    if p.prob:
-        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, _cdim(x))
-    elif not x.is_cpu:
+    if not p.prob and not x.is_cpu:
         # Strict mode on a GPU: stock torch would hit a device-side assert, so check first.
         lo, hi = target_bounds(p.target)
         if (lo < 0 or hi >= C) and (nbad := count_bad_targets(p.target, C, p.ignore_index)):
@@ -106,6 +104,8 @@ def _immediate(p: Problem) -> Rows:
         result = per_position(p, p.reduction)
     except (IndexError, RuntimeError):
         return _stock_refused(p, counts)
+    if p.prob:  # after the loss (see HostPlan.rows)
+        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, _cdim(x))
     return _judge(p, result, counts)
 
 
@@ -218,19 +218,19 @@ class HostPlan:
         nothing to report, else the :class:`Rows` ``_immediate`` returns for these tensors and
         the :class:`Problem` ``normalize`` returned for them."""
         counts: list[int] | None = None
-        sk = self.skeleton
         try:
-            if self.prob:
-                neg, badsum = scan_prob_target(t, self.cdim)
-                if neg or badsum:
-                    counts = [0] * F.SIZE
-                    counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
-                result = _cross_entropy_loss(x, t, w, *self.args)
-            else:
-                result = _cross_entropy_loss(x, t.long() if self.cast else t, w, *self.args)
-        except (IndexError, RuntimeError):
-            p = sk.problem(x, t, w)
-            return _stock_refused(p, [0] * F.SIZE if counts is None else counts), p
+            result = _cross_entropy_loss(x, t.long() if self.cast else t, w, *self.args)
+        except (IndexError, RuntimeError):  # (probability targets: stock's error, re-raised)
+            p = self.skeleton.problem(x, t, w)
+            return _stock_refused(p, [0] * F.SIZE), p
+        if self.prob:
+            # After the loss, not before: the same counts, and measurably fewer page faults at
+            # large shapes (glibc; benchmarks/cpu_overhead.py) than small allocations made just
+            # before stock's large ones.
+            neg, badsum = scan_prob_target(t, self.cdim)
+            if neg or badsum:
+                counts = [0] * F.SIZE
+                counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
         if counts is None:
             if self.scalar:
                 value = result.item()
@@ -253,7 +253,7 @@ class HostPlan:
                 # What resolve() concludes for reduction="none": every loss finite (ignored
                 # positions are 0) and a first row that is not a distribution.
                 return result
-        p = sk.problem(x, t, w)
+        p = self.skeleton.problem(x, t, w)
         return _judge(p, result, [0] * F.SIZE if counts is None else counts), p
 
     def _row0_softmaxed(self, x: Tensor) -> bool:
