@@ -20,6 +20,8 @@ from torch import Tensor
 from ..backends import dispatch, torch_backend
 from ..core import checks, compiled, reduction, validation
 from ..core import plan as plans
+from ..core._flags import overflow_bound
+from ..core.checks import Scan
 from ..core.config import LazyStrict, env
 from ..core.mode import Mode, decide
 from ..core.report import report
@@ -118,10 +120,17 @@ def fast(
     if plan.cpu_triton is not None and env("TRITON_INTERPRET") != plan.cpu_triton:
         return key
     strict_ = LazyStrict(strict)
-    okey = _key(owner)
+    okey = checks.FUNCTIONAL_KEY if owner is None else id(owner)
     if _pending:
         checks.flush(okey, owner, wait=bool(strict_))
     immediate = (plan.is_cpu and not checks.DEFER_ON_CPU) or bool(strict_)
+    planned = plan.triton
+    if planned is not None and not immediate:
+        # The Triton backend's deferred call (CUDA default mode): the kernels, then the record.
+        p = plan.skeleton.problem(input, target, weight)
+        losses, flags, out = planned(input, target, weight, p)
+        checks.defer(Scan(flags), p, losses, out, False, okey, device_type=plan.device_type, owner=owner)
+        return out
     if host is not None and immediate:
         out = host.rows(input, target, weight)
         if type(out) is not tuple:
@@ -139,14 +148,15 @@ _pending = checks._pending  # the deferred records (a dict never rebound: read w
 class Plan:
     """A planned signature of the cross-entropy op (see ``core.plan``)."""
 
-    __slots__ = ("backend", "cpu_triton", "fused_grad", "host", "inplace_backward", "is_cpu", "is_cuda",
-                 "skeleton")
+    __slots__ = ("backend", "cpu_triton", "device_type", "fused_grad", "host", "inplace_backward", "is_cpu",
+                 "is_cuda", "skeleton", "triton")
 
     def __init__(self, p: Problem, backend: str, inplace_backward: bool, fused_grad: bool) -> None:
         self.skeleton = plans.Skeleton(p)
         self.backend = backend
         self.is_cpu = p.input.is_cpu
         self.is_cuda = p.input.is_cuda
+        self.device_type = p.input.device.type
         # The CPU host path of the torch backend: its clean call in one function.
         self.host = torch_backend.HostPlan(p) if backend == "torch" and self.is_cpu else None
         # Triton on CPU tensors (the interpreter) depends on TRITON_INTERPRET, read per call: the
@@ -154,6 +164,9 @@ class Plan:
         self.cpu_triton = env("TRITON_INTERPRET") if backend == "triton" and not p.input.is_cuda else None
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
+        # The Triton backend's eager call, its per-signature arguments worked out once.
+        self.triton = (dispatch.triton().Planned(p, inplace_backward, fused_grad, overflow_bound(p.out_dtype))
+                       if backend == "triton" else None)
 
 
 def _plannable(p: Problem, input: Tensor, target: Tensor, weight: object) -> bool:
