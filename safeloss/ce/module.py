@@ -99,11 +99,11 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             )
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
-        # traces, which cannot trace the context manager.
-        if torch.compiler.is_dynamo_compiling():
-            return _forward(self, input, target)
+        # traces, which cannot trace the context manager (nor while anything compiles).
+        if torch.compiler.is_compiling():
+            return _forward(self, input, target, True)
         with boundary:
-            return _forward(self, input, target)
+            return _forward(self, input, target, False)
 
     def extra_repr(self) -> str:
         parts = []
@@ -129,7 +129,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(parts)
 
 
-def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor, compiling: bool) -> Tensor:
     # The weight buffer without nn.Module.__getattr__ (a Python call, about 1 us); ``self.weight``
     # where it is not a buffer (reassigned as a Parameter, say).
     buffers = self._buffers
@@ -137,7 +137,7 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tenso
     if weight is _NO_BUFFER:
         weight = self.weight
     key = None
-    if not _is_compiling() and self.softcap is None and self.return_stats is False and (
+    if not compiling and self.softcap is None and self.return_stats is False and (
             (self.temperature is _T1 and self.z_loss is _Z0)
             or extras.defaults(None, self.temperature, self.z_loss, False)):
         # An eager call of a signature seen before: its plan (core.plan), then only the value
@@ -161,7 +161,6 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tenso
     )
 
 
-_is_compiling = torch.compiler.is_compiling
 # The default extras' own objects (as in functional): told by identity, without a call.
 _T1 = SafeCrossEntropyLoss.__init__.__kwdefaults__["temperature"]
 _Z0 = SafeCrossEntropyLoss.__init__.__kwdefaults__["z_loss"]
