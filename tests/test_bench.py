@@ -330,6 +330,7 @@ def test_cpu_overhead_script_runs(capsys: pytest.CaptureFixture[str], benchmark_
     tool.TORCH_CASES = [(8, 10, False, 1, 99.0), (16, 8, True, 2, 99.0)]
     tool.STUB_CASES = [(8, 10, 99.0)]
     tool.LINEAR_SHAPE, tool.VOCAB_SHAPE = (4, 8, 6), (4, 6)
+    tool.LARGE_ROUNDS = 3
     threads = torch.get_num_threads()
     kernels = triton_backend._kernels
     try:
