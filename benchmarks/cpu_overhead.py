@@ -594,14 +594,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="timing budget per case")
     ap.add_argument("--min-rounds", type=int, default=30, help="rounds per case at least")
-    ap.add_argument("--only", choices=("torch", "stubbed", "family"), action="append",
-                    help="run only these sections (repeatable)")
+    ap.add_argument("--only", choices=("torch", "stubbed", "family", "gradcheck"), action="append",
+                    help="run only these sections (repeatable; gradcheck: the autograd checks alone)")
     ap.add_argument("--profile", action="store_true", help="cProfile the safeloss side of the small rows")
     ap.add_argument("--gradcheck", action="store_true", help="also time the small-input autograd checks")
     ap.add_argument("--gradcheck-rounds", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     sections = args.only or ["torch", "stubbed", "family"]
+    if "gradcheck" in sections:
+        args.gradcheck = True
     print(f"torch {torch.__version__}; fwd+bwd, mean reduction, fp32; paired = median of per-round "
           "ratios safeloss / stock; clock: thread = thread CPU time (1 torch thread), wall, "
           "proc = process CPU time")
@@ -624,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what:>46} {a / 1e3:10.3f} {b / 1e3:12.3f} {b / a:6.2f}x")
     if args.profile:
         for s in sections:
-            profile(s)
+            if s != "gradcheck":
+                profile(s)
     if args.out is not None:
         write(args.out, rows, {**_machine(), "argv": list(argv if argv is not None else sys.argv[1:])})
     return 0 if ok else 1

@@ -178,6 +178,7 @@ class HostPlan:
         "band",
         "cast",
         "cdim",
+        "first",
         "prob",
         "raw",
         "raw_bytes",
@@ -204,6 +205,7 @@ class HostPlan:
         C, code = p.num_classes, _STRUCT_CODES.get(x.dtype)
         self.raw = struct.Struct(f"={C}{code}") if code and x.dim() <= 2 and C <= _RAW_ROW_MAX else None
         self.raw_bytes = None if self.raw is None else ctypes.c_char * self.raw.size
+        self.first = _CTYPES.get(x.dtype)  # the first logit, read as one value
         # How far torch's sum of a row of non-negative entries (float32 accumulation, any order;
         # float64 for float64) can be from the exact sum s: gamma_C * s <= C * 2**-23 * s, doubled
         # for the float64 sum taken here.
@@ -241,12 +243,18 @@ class HostPlan:
                     band = self.band
                     if band is not None and not band[0] <= value <= band[1]:
                         return result
-                    # _row0_softmaxed's first test, inline (the common call): a negative entry.
-                    raw = self.raw
-                    if (raw is not None and (ptr := x.data_ptr()) and x.is_contiguous()
-                            and not x.is_neg()
-                            and min(raw.unpack_from(self.raw_bytes.from_address(ptr))) < 0.0):  # type: ignore[union-attr]
-                        return result
+                    # _row0_softmaxed's first test, inline (the common call): a negative entry,
+                    # first the position's first logit alone (at data_ptr whatever the strides;
+                    # half the rows of raw logits settle here), then the short row read raw.
+                    first = self.first
+                    if first is not None and not x.is_neg():
+                        ptr = x.data_ptr()
+                        if first.from_address(ptr).value < 0.0:
+                            return result
+                        raw = self.raw
+                        if (raw is not None and x.is_contiguous()
+                                and min(raw.unpack_from(self.raw_bytes.from_address(ptr))) < 0.0):  # type: ignore[union-attr]
+                            return result
                     if not self._row0_softmaxed(x):
                         return result
             elif not self._row0_softmaxed(x) and bool(torch.isfinite(result).all()):
@@ -279,6 +287,7 @@ class HostPlan:
 
 
 _STRUCT_CODES = {torch.float32: "f", torch.float64: "d", torch.float16: "e"}
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _RAW_ROW_MAX = 256  # classes; longer rows take torch's sum (negligible next to their loss)
 
 

@@ -87,9 +87,12 @@ def fast(
         return None
     try:
         key = (
-            input.shape, input.layout, input.dtype, input.device,
-            target.shape, target.layout, target.dtype, target.device,
-            None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.device,
+            # Devices: True for a CPU tensor (a flag; a device object costs ~1 us per call to
+            # build, hash and compare), the device itself for any other.
+            input.shape, input.layout, input.dtype, input.is_cpu or input.device,
+            target.shape, target.layout, target.dtype, target.is_cpu or target.device,
+            None if weight is None else (weight.shape, weight.layout, weight.dtype,
+                                         weight.is_cpu or weight.device,
                                          weight.requires_grad and _grad_enabled()),
             # The entries' own default objects stand for themselves (no type calls, no tuple).
             DEFAULTS if (ignore_index is IGNORE_INDEX and reduction is REDUCTION

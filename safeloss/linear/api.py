@@ -379,10 +379,11 @@ def _fast(
         return None
     try:
         key = (
-            "linear", x.shape, x.layout, x.dtype, x.device, w.shape, w.layout, w.dtype, w.device,
-            t.shape, t.layout, t.dtype, t.device,
-            None if b is None else (b.shape, b.layout, b.dtype, b.device),
-            None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.device,
+            # (devices as in safeloss.ce.pipeline.fast: True for the CPU)
+            "linear", x.shape, x.layout, x.dtype, x.is_cpu or x.device,
+            w.shape, w.layout, w.dtype, w.is_cpu or w.device, t.shape, t.layout, t.dtype, t.is_cpu or t.device,
+            None if b is None else (b.shape, b.layout, b.dtype, b.is_cpu or b.device),
+            None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.is_cpu or weight.device,
                                          weight.requires_grad and _C.is_grad_enabled()),
             reduction, ignore_index, type(ignore_index), label_smoothing, type(label_smoothing),
             backend, _C._is_any_autocast_enabled(), _C._is_torch_function_mode_enabled(),
