@@ -355,3 +355,16 @@ def test_linear_heads_too_big_for_the_planned_path_keep_the_chunk_loop() -> None
         torch.testing.assert_close(safeloss.linear_cross_entropy(h, w, t),
                                    F.cross_entropy(F.linear(h, w), t))
     assert plans.size() == 0
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_a_deprecated_reduction_name_warns_every_call(op: str) -> None:
+    h, w, t = _head()
+    x, _ = _data()
+    for _ in range(3):
+        with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+            if op == "cross_entropy":
+                safeloss.cross_entropy(x, t, reduction="elementwise_mean")
+            else:
+                safeloss.linear_cross_entropy(h, w, t, reduction="elementwise_mean")
+    assert plans.size() == 0

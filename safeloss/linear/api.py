@@ -52,7 +52,7 @@ from ..core.mode import Mode, decide
 from ..core.report import Finding, _user_frame, report
 from ..core.rows import Rows
 from ..core.tools import densify_result, fx_proxy, paused_tracer
-from ..core.validation import _negative_classes, check_label_smoothing, check_reduction
+from ..core.validation import REDUCTIONS, _negative_classes, check_label_smoothing, check_reduction
 from . import chunked, graph
 from . import extras as linear_extras
 from .validation import (
@@ -107,8 +107,8 @@ def linear_cross_entropy(
             ops on every backend, and backward recomputes them).
     """
     key = None
-    if (options is None and softcap is None and return_stats is False and not _is_compiling()
-            and X.defaults(None, temperature, z_loss, False)):
+    if (not _is_compiling() and options is None and softcap is None and return_stats is False
+            and ((temperature is _T1 and z_loss is _Z0) or X.defaults(None, temperature, z_loss, False))):
         # An eager call of a signature seen before (core.plan): see _fast.
         key = _fast(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                     label_smoothing, backend)
@@ -144,6 +144,11 @@ def linear_cross_entropy(
 
 
 _is_compiling = torch.compiler.is_compiling
+# The entry's own default objects (as in safeloss.ce.functional): told by identity, no call.
+_T1, _Z0 = linear_cross_entropy.__kwdefaults__["temperature"], linear_cross_entropy.__kwdefaults__["z_loss"]
+_DEFAULT_OPTIONS = tuple(linear_cross_entropy.__kwdefaults__[k] for k in (
+    "reduction", "ignore_index", "label_smoothing", "backend"))
+_DEFAULTS = ("default options",)
 
 
 def _fx_call(input: Any, linear_weight: Any, target: Any, kwargs: dict[str, Any],
@@ -385,14 +390,17 @@ def _fast(
             None if b is None else (b.shape, b.layout, b.dtype, b.is_cpu or b.device),
             None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.is_cpu or weight.device,
                                          weight.requires_grad and _C.is_grad_enabled()),
-            reduction, ignore_index, type(ignore_index), label_smoothing, type(label_smoothing),
-            backend, _C._is_any_autocast_enabled(), _C._is_torch_function_mode_enabled(),
+            # The default options as objects stand for themselves (no type calls, no tuple).
+            _DEFAULTS if (reduction is _DEFAULT_OPTIONS[0] and ignore_index is _DEFAULT_OPTIONS[1]
+                          and label_smoothing is _DEFAULT_OPTIONS[2] and backend is _DEFAULT_OPTIONS[3])
+            else (reduction, ignore_index, type(ignore_index), label_smoothing, type(label_smoothing), backend),
+            _C._is_any_autocast_enabled(), _C._is_torch_function_mode_enabled(),
         )
         plan = plans._plans.get(key)
     except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
         return None
     if plan is None:
-        return key
+        return key if reduction in REDUCTIONS else None  # a deprecated name warns per call: no plan
     if checks._pending or checks.DEFER_ON_CPU:
         return key  # earlier findings to report first / the deferred model: the full path
     if weight is not None and _negative_classes(weight):
