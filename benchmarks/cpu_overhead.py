@@ -562,7 +562,8 @@ def _machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu": cpu, "cores": os.cpu_count(),
+        "load_average": [round(v, 1) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
