@@ -1,59 +1,218 @@
-"""CPU overhead of safeloss: forward+backward of ``SafeCrossEntropyLoss`` vs stock ``nn.CrossEntropyLoss``.
+"""Per-call cost of safeloss on the CPU (issue 16, section 1): fwd+bwd against stock torch.
 
-Both run in the same process, interleaved call by call (stock, safe, safe-strict, in a rotating
-order), on the same rotated inputs, many times; the report is the ratio of medians and the median
-of the per-round paired ratios. Absolute times on a shared 2-core machine are noise; the ratios
-are what this measures.
+Every row is a pair: a safeloss call and the stock call it replaces, both forward + backward
+(``torch.autograd.grad``), in the same process, interleaved call by call in a rotating order on
+the same rotated inputs, with every check on (the default mode). The verdict is the median of
+the per-round paired ratios (safeloss / stock); the medians of each side are printed too.
 
-On a busy machine (other processes on the same cores) wall time includes time spent descheduled,
-which inflates small, many-op calls at random. ``--threads 1`` runs torch single-threaded, and then
-the per-thread CPU clock (``time.thread_time_ns``) counts exactly the work of the call; its ratios
-are printed as well ("cpu" columns) and are the more trustworthy ones on a shared box.
+Clocks (each row names its own):
 
-Large shapes are also sensitive to glibc malloc: when it hands a freed multi-MB buffer back to
-the OS, the next allocation page-faults it in again (kernel time, counted in both clocks). Which
-calls pay depends on the order of allocations, so the page faults per call are printed too. To
-take the allocator out of the comparison, keep freed memory in the heap:
+* ``thread``: ``time.thread_time_ns``, the CPU time of the calling thread. With one torch thread
+  it counts exactly the work of the call and nothing of other processes, so it is the clock to
+  trust on a shared machine. Rows run single-threaded use it.
+* ``wall``: ``time.perf_counter_ns``; with several torch threads the only clock that counts
+  the intra-op workers' work as the user waits for it. Includes time spent descheduled.
+* ``proc``: ``time.process_time_ns``, every thread of the process (printed next to ``wall`` for
+  multi-threaded rows: robust to other load, but counts spinning workers too).
 
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \
-        python benchmarks/cpu_overhead.py --threads 1
+Sections:
 
-    python benchmarks/cpu_overhead.py                 # every case below, then the gradchecks
-    python benchmarks/cpu_overhead.py --seconds 2     # shorter
-    python benchmarks/cpu_overhead.py --threads 1     # + CPU-clock ratios, robust to other load
-    python benchmarks/cpu_overhead.py --profile       # + where safeloss spends its extra time
-    python benchmarks/cpu_overhead.py --no-gradcheck  # skip the gradcheck / double backward part
+1. ``torch``: the pure-torch backend, ``SafeCrossEntropyLoss`` vs ``nn.CrossEntropyLoss``
+   (module) and ``safeloss.cross_entropy`` vs ``F.cross_entropy`` (functional); targets
+   (8, 10) <= 1.20x, (256, 10) <= 1.15x, (4096, 1000) <= 1.05x, probability targets
+   (4096, 1000) <= 1.10x with 1 and with 2 threads. glibc's default allocator (no tuning): a
+   freed multi-MB buffer handed back to the OS page-faults in again at the next allocation, for
+   stock and safeloss alike; page faults per call are printed for the large rows, where each
+   timed call follows an untimed call of the same step (``interleave``'s ``prime``).
+2. ``stubbed``: ``backend="triton"`` with every kernel launch a no-op
+   (``safeloss.parallel.triton_stats.stubbed_launches``), so what is timed is safeloss's host work
+   around the kernels, runnable on any CPU: findings deferred as on CUDA (``checks.DEFER_ON_CPU``),
+   the outputs allocated with their real shapes. Target: (8, 10) and (4096, 10) host time
+   <= 1.5x stock's whole CPU fwd+bwd at the same shape. Printed beside: Python function calls
+   per fwd+bwd (``sys.setprofile`` "call" events: Python frames entered, generators' resumptions
+   included) of stock, the torch backend and the stubbed Triton path.
+3. ``family``: linear + cross-entropy (``safeloss.linear_cross_entropy`` vs stock
+   ``F.cross_entropy(F.linear(h, W), t)``) and vocab-parallel cross-entropy (one gloo rank,
+   ``safeloss.vocab_parallel_cross_entropy`` vs stock ``F.cross_entropy`` plus the all-reduces of
+   the same payloads safeloss makes) at a small shape, each interleaved with the cross-entropy
+   pair at the same logits shape. Target: each op's extra time over its stock counterpart (the
+   median of safeloss minus the median of stock: its overhead on top of its own matmuls /
+   collectives) no more than the cross-entropy path's extra time in the same rounds. (A ratio
+   would favour the ops, whose stock side includes the matmuls or collectives.)
 
-Targets (fp32, fwd+bwd): class indices (4096, 1000) <= 1.10x, (512, 32000) <= 1.10x,
-(256, 10) <= 1.5x; per-call overhead at (8, 10) <= 1.25x; probability targets (4096, 1000)
-<= 1.10x.
+    python benchmarks/cpu_overhead.py                    # everything, 1 thread (+ the 2-thread row)
+    python benchmarks/cpu_overhead.py --seconds 2        # shorter
+    python benchmarks/cpu_overhead.py --only stubbed     # one section (torch, stubbed, family)
+    python benchmarks/cpu_overhead.py --profile          # + cProfile of the safeloss side of each row
+    python benchmarks/cpu_overhead.py --out benchmarks/results/cpu-overhead   # + results.json / .md
+    python benchmarks/cpu_overhead.py --gradcheck        # + the small-input autograd checks
 
-Then small-input autograd checks, where the per-call cost is all there is: gradcheck and
-gradgradcheck of ``F.cross_entropy`` and of ``F.linear_cross_entropy`` (its reference path
-calls ``F.cross_entropy``) on tiny float64 inputs, stock and under ``safeloss.patch()``, and a
-double backward (grad of grad) at (8, 10), stock module vs ``SafeCrossEntropyLoss``. These
-report ratios only (no target): the patched calls run every check each time.
+Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-# (N, C, probability targets, target ratio)
-CASES: list[tuple[int, int, bool, float]] = [
-    (4096, 1000, False, 1.10), (512, 32000, False, 1.10), (256, 10, False, 1.5),
-    (8, 10, False, 1.25), (4096, 1000, True, 1.10),
+Step = Callable[[int], object]  # one fwd+bwd on the inputs of round r
+
+
+class Row:
+    """One target: a safeloss call against the stock call it replaces. (Not a dataclass: the
+    script is also loaded by path, outside ``sys.modules``, where dataclasses cannot resolve
+    string annotations.)"""
+
+    def __init__(self, section: str, case: str, api: str, threads: int, clock: str,
+                 limit: float | None, versus: str | None = None) -> None:
+        self.section, self.case, self.api, self.threads, self.clock = section, case, api, threads, clock
+        # Target on the paired ratio (None: no target, a reference row); with ``versus``, on the
+        # paired extra time instead: at most ``limit`` us more than stock (family section).
+        self.limit = limit
+        self.versus = versus  # the row whose extra time is this row's limit
+        self.safe_us = self.stock_us = self.paired = self.extra_us = 0.0
+        self.rounds = 0
+        self.extra: dict[str, Any] = {}
+
+    @property
+    def ok(self) -> bool:
+        if self.limit is None:
+            return True
+        return (self.extra_us if self.versus else self.paired) <= self.limit
+
+
+# (N, C, probability targets, threads, target)
+TORCH_CASES: list[tuple[int, int, bool, int, float]] = [
+    (8, 10, False, 1, 1.20), (256, 10, False, 1, 1.15), (4096, 1000, False, 1, 1.05),
+    (4096, 1000, True, 1, 1.10), (4096, 1000, True, 2, 1.10),
 ]
+PRIME_NUMEL = 1 << 20  # logits from this size on: primed calls (see ``interleave``)
+LARGE_ROUNDS = 100  # rounds of those at least
+STUB_CASES: list[tuple[int, int, float]] = [(8, 10, 1.5), (4096, 10, 1.5)]
+# linear: (N, H, V); vocab-parallel: (N, C)
+LINEAR_SHAPE = (8, 16, 10)
+VOCAB_SHAPE = (8, 10)
 
 
-def _pool(n: int, c: int, k: int, prob: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+# --------------------------------------------------------------------------- measurement
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this thread so far (Linux): each a fresh page the kernel zeroed
+    because the allocator had returned memory to the OS."""
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        return 0
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+_CLOCKS: dict[str, Callable[[], int]] = {
+    "thread": time.thread_time_ns, "wall": time.perf_counter_ns, "proc": time.process_time_ns,
+}
+
+
+def interleave(steps: dict[str, Step], clocks: tuple[str, ...], seconds: float, min_rounds: int,
+               warmup: int = 5, prime: bool = False,
+               ) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], int]:
+    """Run every step once per round, in an order rotated each round, until ``seconds`` passed
+    (at least ``min_rounds``). Returns the times in us per clock and step, the page faults per
+    call of each step and the number of rounds.
+
+    ``prime``: each timed call follows an untimed call of the same step (large shapes). glibc
+    hands a freed multi-MB buffer back to the OS or keeps it depending on what else is on the
+    heap, so without it a call's page faults (up to a third of its time here) depend on which
+    step ran just before it; primed, each side runs in its own steady state, as a training loop
+    calling the same loss every step does."""
+    names = list(steps)
+    for r in range(warmup):  # first-call caches, plans, the allocator's steady state
+        for name in names:
+            steps[name](r)
+    times = {c: {n: [] for n in names} for c in clocks}
+    faults = dict.fromkeys(names, 0)
+    fns = [_CLOCKS[c] for c in clocks]
+    deadline = time.perf_counter() + seconds
+    r = 0
+    while r < min_rounds or time.perf_counter() < deadline:
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            step = steps[name]
+            if prime:
+                step(r)
+            f0 = _minor_faults()
+            t0 = [f() for f in fns]
+            step(r)
+            t1 = [f() for f in fns]
+            faults[name] += _minor_faults() - f0
+            for c, a, b in zip(clocks, t0, t1):
+                times[c][name].append((b - a) / 1e3)
+        r += 1
+    return times, {n: faults[n] / r for n in names}, r
+
+
+def _paired(times: dict[str, list[float]], safe: str, stock: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[safe], times[stock]) if b > 0)
+
+
+def _fill(row: Row, times: dict[str, dict[str, list[float]]], safe: str, stock: str, rounds: int) -> Row:
+    t = times[row.clock]
+    row.safe_us, row.stock_us = statistics.median(t[safe]), statistics.median(t[stock])
+    row.paired, row.rounds = _paired(t, safe, stock), rounds
+    # Median minus median: per-round differences of these short calls depend on which step ran
+    # just before (the rotation), which a ratio of nearly equal times hides but a difference of
+    # a few us does not.
+    row.extra_us = row.safe_us - row.stock_us
+    for other in times:
+        if other != row.clock:
+            row.extra[f"paired_{other}"] = _paired(times[other], safe, stock)
+    return row
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _clocks(threads: int) -> tuple[str, ...]:
+    # The thread clock misses the intra-op workers: single-threaded rows only.
+    return ("thread", "wall") if threads == 1 else ("wall", "proc")
+
+
+def count_calls(fn: Callable[..., object], *args: object) -> int:
+    """Python function calls (frames entered) during ``fn(*args)``, C functions not counted."""
+    n = 0
+
+    def prof(frame: object, event: str, arg: object) -> None:
+        nonlocal n
+        if event == "call":
+            n += 1
+
+    sys.setprofile(prof)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return n - 1  # fn itself
+
+
+def _pool(n: int, c: int, prob: bool, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
         (torch.randn(n, c, generator=g).requires_grad_(),
@@ -62,123 +221,250 @@ def _pool(n: int, c: int, k: int, prob: bool = False) -> list[tuple[torch.Tensor
     ]
 
 
-def _step(loss_fn: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    def run(x: torch.Tensor, t: torch.Tensor) -> None:
-        # autograd.grad, not .backward(): no .grad accumulation, the same work for every provider.
-        torch.autograd.grad(loss_fn(x, t), (x,))
-
-    return run
+def _copies(n: int, c: int) -> int:
+    # Enough copies that the working set exceeds a typical L2 (~1-2 MB a core) at small shapes.
+    return max(2, min(16, (8 << 20) // max(1, n * c * 4)))
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this thread so far (Linux): each is a fresh 4 KiB page the kernel had
-    to zero because the allocator returned memory to the OS and took it back."""
-    if not hasattr(resource, "RUSAGE_THREAD"):
-        return 0
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-
-
-def measure(n: int, c: int, seconds: float, min_rounds: int = 30, prob: bool = False) -> dict[str, float]:
+def _ce_steps(pool: list[tuple[torch.Tensor, torch.Tensor]], prefix: str = "", **kw: Any) -> dict[str, Step]:
+    """Module and functional pairs, stock and safeloss, on the rotated pool."""
     import safeloss
 
-    # Rotate enough copies that the working set exceeds a typical L2 (~1-2 MB/core); the large
-    # shapes are far beyond any cache already, so a few copies suffice.
-    k = max(2, min(16, (8 << 20) // max(1, n * c * 4)))
-    pool = _pool(n, c, k, prob)
-    fns = {
-        "stock": _step(torch.nn.CrossEntropyLoss()),
-        "safe": _step(safeloss.SafeCrossEntropyLoss()),
-        "strict": _step(safeloss.SafeCrossEntropyLoss(strict=True)),
+    k = len(pool)
+    stock_m, safe_m = torch.nn.CrossEntropyLoss(), safeloss.SafeCrossEntropyLoss(**kw)
+    safe_f = safeloss.cross_entropy
+
+    def step(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Step:
+        # autograd.grad, not .backward(): no .grad accumulation, the same work for every side.
+        def run(r: int) -> object:
+            x, t = pool[r % k]
+            return torch.autograd.grad(loss(x, t), (x,))
+        return run
+
+    return {
+        f"{prefix}stock-module": step(stock_m), f"{prefix}safe-module": step(safe_m),
+        f"{prefix}stock-functional": step(F.cross_entropy),
+        f"{prefix}safe-functional": step(lambda x, t: safe_f(x, t, **kw)),
     }
-    names = list(fns)
-    for name in names:  # warm-up: allocator, first-call caches, the weight check cache etc.
-        for x, t in pool:
-            fns[name](x, t)
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    faults: dict[str, int] = dict.fromkeys(names, 0)
-    deadline = time.perf_counter() + seconds
-    r = 0
-    while r < min_rounds or time.perf_counter() < deadline:
-        x, t = pool[r % k]
-        order = names[r % 3:] + names[:r % 3]  # rotate who goes first (cache / frequency effects)
-        for name in order:
-            f0 = _minor_faults()
-            c0 = time.thread_time_ns()
-            t0 = time.perf_counter_ns()
-            fns[name](x, t)
-            t1 = time.perf_counter_ns()
-            c1 = time.thread_time_ns()
-            faults[name] += _minor_faults() - f0
-            wall[name].append((t1 - t0) / 1e3)
-            cpu[name].append((c1 - c0) / 1e3)
-        r += 1
-    out: dict[str, float] = {"rounds": r}
-    for name in names:
-        out[f"faults_{name}"] = faults[name] / r
-    for clock, times in (("wall", wall), ("cpu", cpu)):
-        for name in names:
-            out[f"{clock}_{name}_us"] = statistics.median(times[name])
-        for name in ("safe", "strict"):
-            out[f"{clock}_{name}_ratio"] = out[f"{clock}_{name}_us"] / out[f"{clock}_stock_us"]
-            out[f"{clock}_{name}_paired"] = statistics.median(
-                a / b for a, b in zip(times[name], times["stock"]) if b > 0)
-    return out
 
 
-def profile(n: int, c: int, strict: bool) -> None:
-    """cProfile of safeloss' fwd+bwd: cumulative time per Python function, top entries.
+# --------------------------------------------------------------------------- sections
 
-    cProfile charges each torch op to the Python function that called it, so this attributes the
-    extra time to safeloss functions (validation, checks, reduction); its own per-call overhead
-    inflates small Python functions, so read it for *where*, and the timings above for *how much*.
-    """
+
+def torch_rows(seconds: float, min_rounds: int) -> list[Row]:
+    rows = []
+    for n, c, prob, threads, limit in TORCH_CASES:
+        with _threads(threads):
+            clocks = _clocks(threads)
+            steps = _ce_steps(_pool(n, c, prob, _copies(n, c)))
+            large = n * c >= PRIME_NUMEL
+            # Large calls vary by +-15% from round to round on a shared machine (memory bandwidth):
+            # enough rounds that the median ratio is good to about +-2%.
+            times, faults, r = interleave(steps, clocks, seconds, max(min_rounds, LARGE_ROUNDS) if large
+                                          else min_rounds, prime=large)
+        case = f"({n}, {c})" + (" prob" if prob else "")
+        for api in ("module", "functional"):
+            row = _fill(Row("torch", case, api, threads, clocks[0], limit), times,
+                        f"safe-{api}", f"stock-{api}", r)
+            row.extra["faults_safe"], row.extra["faults_stock"] = faults[f"safe-{api}"], faults[f"stock-{api}"]
+            rows.append(row)
+        _progress(rows[-2:])
+    return rows
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[None]:
+    """Kernel launches stubbed, findings deferred as on CUDA (see the module docstring)."""
+    from safeloss.core import checks
+    from safeloss.parallel.triton_stats import stubbed_launches
+
+    before = checks.DEFER_ON_CPU
+    checks.DEFER_ON_CPU = True
+    try:
+        with stubbed_launches():
+            yield
+    finally:
+        checks.flush(None, None)
+        checks.DEFER_ON_CPU = before
+
+
+def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
+
+    rows = []
+    with _threads(1):
+        for n, c, limit in STUB_CASES:
+            pool = _pool(n, c, False, _copies(n, c))
+            steps = _ce_steps(pool, backend="triton")
+            with stubbed():
+                times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
+                calls = {
+                    "stock": count_calls(steps["stock-module"], 0),
+                    "triton-stubbed": count_calls(steps["safe-module"], 0),
+                    "triton-stubbed-functional": count_calls(steps["safe-functional"], 0),
+                }
+            torch_step = _ce_steps(pool)["safe-module"]
+            torch_step(0)
+            calls["torch-backend"] = count_calls(torch_step, 0)
+            for api in ("module", "functional"):
+                row = _fill(Row("stubbed", f"({n}, {c})", api, 1, "thread", limit), times,
+                            f"safe-{api}", f"stock-{api}", r)
+                row.extra["python_calls"] = calls
+                rows.append(row)
+            _progress(rows[-2:])
+    return rows
+
+
+def _linear_steps(n: int, h: int, v: int) -> dict[str, Step]:
+    import safeloss
+
+    g = torch.Generator().manual_seed(0)
+    k = 8
+    hs = [torch.randn(n, h, generator=g).requires_grad_() for _ in range(k)]
+    w = torch.randn(v, h, generator=g).div_(h**0.5).requires_grad_()
+    ts = [torch.randint(0, v, (n,), generator=g) for _ in range(k)]
+
+    def stock(r: int) -> object:
+        x = hs[r % k]
+        return torch.autograd.grad(F.cross_entropy(F.linear(x, w), ts[r % k]), (x, w))
+
+    def safe(r: int) -> object:
+        x = hs[r % k]
+        return torch.autograd.grad(safeloss.linear_cross_entropy(x, w, ts[r % k]), (x, w))
+
+    return {"stock-linear": stock, "safe-linear": safe}
+
+
+def family_rows(seconds: float, min_rounds: int) -> list[Row]:
+    rows = []
+    with _threads(1):
+        n, h, v = LINEAR_SHAPE
+        steps = {**_ce_steps(_pool(n, v, False, 8), prefix="ce-"), **_linear_steps(n, h, v)}
+        del steps["ce-stock-module"], steps["ce-safe-module"]
+        times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
+        ce = _fill(Row("family", f"({n}, {v}) logits", "cross_entropy", 1, "thread", None), times,
+                   "ce-safe-functional", "ce-stock-functional", r)
+        lin = _fill(Row("family", f"({n}, {h}) x ({v}, {h})", "linear_cross_entropy", 1, "thread",
+                        ce.extra_us, versus="cross_entropy"), times, "safe-linear", "stock-linear", r)
+        rows += [ce, lin]
+        _progress(rows[-2:])
+        rows += _vocab_rows(seconds, min_rounds)
+    return rows
+
+
+@contextlib.contextmanager
+def _one_rank() -> Iterator[None]:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _vocab_rows(seconds: float, min_rounds: int) -> list[Row]:
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    import safeloss
+
+    n, c = VOCAB_SHAPE
+    with _one_rank():
+        pool = _pool(n, c, False, 8)
+        # The payloads safeloss's call all-reduces (counted once), repeated on the stock side:
+        # the baseline is stock's loss plus the same collectives.
+        payloads: list[tuple[torch.Tensor, str]] = []
+        real = funcol.all_reduce
+
+        def counting(t: torch.Tensor, op: str, group: Any) -> Any:
+            payloads.append((torch.zeros_like(t), op))
+            return real(t, op, group)
+
+        funcol.all_reduce = counting
+        try:
+            x, t = pool[0]
+            torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(x, t), (x,))
+        finally:
+            funcol.all_reduce = real
+        world = dist.group.WORLD
+
+        def stock(r: int) -> object:
+            x, t = pool[r % len(pool)]
+            for buf, op in payloads:
+                funcol.wait_tensor(funcol.all_reduce(buf, op, world))
+            return torch.autograd.grad(F.cross_entropy(x, t), (x,))
+
+        def safe(r: int) -> object:
+            x, t = pool[r % len(pool)]
+            return torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(x, t), (x,))
+
+        steps = {**_ce_steps(pool, prefix="ce-"), "stock-vocab": stock, "safe-vocab": safe}
+        del steps["ce-stock-module"], steps["ce-safe-module"]
+        with _threads(1):
+            times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
+    ce = _fill(Row("family", f"({n}, {c}) logits", "cross_entropy", 1, "thread", None), times,
+               "ce-safe-functional", "ce-stock-functional", r)
+    vp = _fill(Row("family", f"({n}, {c}), 1 gloo rank, {len(payloads)} all-reduces", "vocab_parallel",
+                   1, "thread", ce.extra_us, versus="cross_entropy"), times, "safe-vocab", "stock-vocab", r)
+    vp.extra["all_reduces"] = len(payloads)
+    rows = [ce, vp]
+    _progress(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(row_filter: str, calls: int = 300) -> None:
+    """cProfile of the safeloss side of the small rows: where the time goes per Python function
+    (cProfile's own per-call cost inflates small functions: read it for *where*)."""
     import cProfile
     import pstats
 
     import safeloss
 
-    fn = _step(safeloss.SafeCrossEntropyLoss(strict=strict))
-    calls = 300 if n * c <= 1 << 20 else 20
-    pool = _pool(n, c, 2)
-    for x, t in pool:
-        fn(x, t)
-    prof = cProfile.Profile()
-    prof.enable()
-    for i in range(calls):
-        x, t = pool[i % 2]
-        fn(x, t)
-    prof.disable()
-    print(f"\n--- cProfile, ({n}, {c}) fp32, strict={strict}, {calls} calls (times are totals) ---")
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    def show(title: str, fn: Callable[[], object]) -> None:
+        for _ in range(20):
+            fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        print(f"\n--- cProfile: {title}, {calls} calls (times are totals) ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+    with _threads(1):
+        x, t = _pool(8, 10, False, 1)[0]
+        if row_filter in ("all", "torch"):
+            m = safeloss.SafeCrossEntropyLoss()
+            show("torch backend (8, 10), module", lambda: torch.autograd.grad(m(x, t), (x,)))
+        if row_filter in ("all", "stubbed"):
+            m = safeloss.SafeCrossEntropyLoss(backend="triton")
+            with stubbed():
+                show("triton stubbed (8, 10), module", lambda: torch.autograd.grad(m(x, t), (x,)))
+        if row_filter in ("all", "family"):
+            n, h, v = LINEAR_SHAPE
+            step = _linear_steps(n, h, v)["safe-linear"]
+            show(f"linear_cross_entropy ({n}, {h}) x ({v}, {h})", lambda: step(0))
 
 
-def _paired(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median thread-CPU time of each function in us, called in a rotating order per round."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            c0 = time.thread_time_ns()
-            fns[name]()
-            times[name].append((time.thread_time_ns() - c0) / 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+# --------------------------------------------------------------------------- gradchecks
 
 
 def gradchecks(rounds: int = 15) -> list[tuple[str, float, float]]:
-    """(what, stock us, safeloss us) for the small-input autograd checks (see the docstring).
-
-    Inputs and settings as PyTorch's OpInfo gradient tests use them: float64, a few entries,
-    probability targets that require grad, fast mode, batched gradients. ``F.cross_entropy`` is looked up at call time, so ``safeloss.patch()``
-    routes it (and the reference path of ``F.linear_cross_entropy``) through safeloss.
-    """
+    """(what, stock us, safeloss us): gradcheck / gradgradcheck of ``F.cross_entropy`` and of
+    ``F.linear_cross_entropy`` on tiny float64 inputs, stock and under ``safeloss.patch()``, and
+    a double backward at (8, 10). Ratios only (no target): patched calls run every check."""
     import functools
 
     from torch.autograd import gradcheck, gradgradcheck
 
     import safeloss
 
-    # The defaults of PyTorch's own test suite (torch.testing._internal.common_utils.gradcheck).
     gradcheck = functools.partial(gradcheck, fast_mode=True, check_batched_grad=True)
     gradgradcheck = functools.partial(gradgradcheck, fast_mode=True, check_batched_grad=True)
     fn = torch.nn.functional
@@ -188,7 +474,7 @@ def gradchecks(rounds: int = 15) -> list[tuple[str, float, float]]:
     y = torch.randn(4, 5, dtype=torch.float64, generator=g).softmax(1).requires_grad_()
     h = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    checks: dict[str, Callable[[], object]] = {
+    checks_: dict[str, Callable[[], object]] = {
         "gradcheck F.cross_entropy, class indices": lambda: gradcheck(lambda a: fn.cross_entropy(a, t), (x,)),
         "gradgradcheck F.cross_entropy, class indices": lambda: gradgradcheck(lambda a: fn.cross_entropy(a, t), (x,)),
         "gradcheck F.cross_entropy, probabilities": lambda: gradcheck(fn.cross_entropy, (x, y)),
@@ -196,22 +482,11 @@ def gradchecks(rounds: int = 15) -> list[tuple[str, float, float]]:
         "gradcheck F.linear_cross_entropy": lambda: gradcheck(lambda a, b: fn.linear_cross_entropy(a, b, t), (h, w)),
         "gradgradcheck F.linear_cross_entropy": lambda: gradgradcheck(lambda a, b: fn.linear_cross_entropy(a, b, t), (h, w)),
     }
-    stock_loss, safe_loss = torch.nn.CrossEntropyLoss(), safeloss.SafeCrossEntropyLoss()
-    xd, td = _pool(8, 10, 1)[0]
-
-    def double_backward(loss_fn: torch.nn.Module) -> Callable[[], object]:
-        def run() -> object:
-            (gx,) = torch.autograd.grad(loss_fn(xd, td), (xd,), create_graph=True)
-            return torch.autograd.grad(gx.square().sum(), (xd,))
-        return run
-
     with safeloss.patch():  # the first patch() imports torch._dynamo: outside the timings
-        for check in checks.values():
+        for check in checks_.values():
             check()
     out = []
-    for what, check in checks.items():
-        # Alternating stock and patched calls; patch() and unpatch() themselves (a walk over
-        # sys.modules) stay outside the timed interval.
+    for what, check in checks_.items():
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(rounds):
             for patched in ((False, True) if r % 2 else (True, False)):
@@ -222,53 +497,154 @@ def gradchecks(rounds: int = 15) -> list[tuple[str, float, float]]:
                 if handle is not None:
                     safeloss.unpatch()
         out.append((what, statistics.median(times[False]), statistics.median(times[True])))
-    m = _paired({"stock": double_backward(stock_loss), "safe": double_backward(safe_loss)}, rounds * 50)
-    out.append(("double backward (8, 10) fp32, module", m["stock"], m["safe"]))
+    stock_loss, safe_loss = torch.nn.CrossEntropyLoss(), safeloss.SafeCrossEntropyLoss()
+    xd, td = _pool(8, 10, False, 1)[0]
+
+    def double_backward(loss_fn: torch.nn.Module) -> Step:
+        def run(r: int) -> object:
+            (gx,) = torch.autograd.grad(loss_fn(xd, td), (xd,), create_graph=True)
+            return torch.autograd.grad(gx.square().sum(), (xd,))
+        return run
+
+    tm, _, _ = interleave({"stock": double_backward(stock_loss), "safe": double_backward(safe_loss)},
+                          ("thread",), 0.0, rounds * 50)
+    out.append(("double backward (8, 10) fp32, module", statistics.median(tm["thread"]["stock"]),
+                statistics.median(tm["thread"]["safe"])))
     return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _verdict(row: Row) -> str:
+    return "PASS" if row.ok else "FAIL"
+
+
+def _limit(row: Row) -> str:
+    if row.limit is None:
+        return "-"
+    if row.versus:
+        return f"+{row.extra_us:.1f} <= +{row.limit:.1f} us"
+    return f"<= {row.limit:.2f}x"
+
+
+HEADER = (f"{'section':<8} {'case':<34} {'api':<20} {'thr':>3} {'clock':<6} {'stock us':>10} "
+          f"{'safe us':>10} {'paired':>8} {'target':>26} {'rounds':>7}  verdict")
+
+
+def _line(row: Row) -> str:
+    return (f"{row.section:<8} {row.case:<34} {row.api:<20} {row.threads:>3} {row.clock:<6} "
+            f"{row.stock_us:10.1f} {row.safe_us:10.1f} {row.paired:7.3f}x {_limit(row):>26} "
+            f"{row.rounds:7d}  {_verdict(row) if row.limit is not None else ''}")
+
+
+def _progress(rows: list[Row]) -> None:
+    for row in rows:
+        print(_line(row))
+        extra = []
+        for k, v in row.extra.items():
+            if k.startswith("paired_"):
+                extra.append(f"paired on the {k[7:]} clock {v:.3f}x")
+            elif k == "faults_safe" and (v or row.extra["faults_stock"]):
+                extra.append(f"page faults per call: stock {row.extra['faults_stock']:.0f}, safe {v:.0f}")
+            elif k == "python_calls" and row.api == "module":
+                extra.append("Python calls per fwd+bwd: " + ", ".join(f"{n} {c}" for n, c in v.items()))
+        if extra:
+            print(f"{'':<8} " + "; ".join(extra))
+    sys.stdout.flush()
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "load_average": [round(v, 1) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }
+
+
+def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "rows": [
+        {**{k: v for k, v in row.__dict__.items() if k != "extra"}, **row.extra, "ok": row.ok}
+        for row in rows]}
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    lines = [
+        "# CPU per-call cost: safeloss vs stock, fwd+bwd",
+        "",
+        f"`python benchmarks/cpu_overhead.py {' '.join(meta['argv'])}` on {meta['cpu']} "
+        f"({meta['cores']} cores, shared: load average {meta['load_average']}), torch {meta['torch']}, "
+        f"Python {meta['python']}, {meta['utc']}. Paired = median of the per-round ratios "
+        "safeloss / stock, interleaved in one process; extra = median of safeloss minus median "
+        "of stock (the family rows are judged on it, against the cross-entropy row of the same "
+        "rounds); `thread` = `time.thread_time_ns` (one torch "
+        "thread), `wall` = `time.perf_counter_ns`, `proc` = `time.process_time_ns`.",
+        "",
+        "| section | case | api | threads | clock | stock us | safeloss us | paired | extra us | target | verdict |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.section} | {row.case} | {row.api} | {row.threads} | {row.clock} | "
+                     f"{row.stock_us:.1f} | {row.safe_us:.1f} | {row.paired:.3f}x | {row.extra_us:+.1f} | "
+                     f"{_limit(row)} | "
+                     f"{_verdict(row) if row.limit is not None else ''} |")
+    calls = [row for row in rows if "python_calls" in row.extra and row.api == "module"]
+    if calls:
+        lines += ["", "Python function calls per fwd+bwd (`sys.setprofile` call events):", "",
+                  "| case | " + " | ".join(calls[0].extra["python_calls"]) + " |",
+                  "|---|" + "---:|" * len(calls[0].extra["python_calls"])]
+        for row in calls:
+            lines.append(f"| {row.case} | " + " | ".join(str(v) for v in row.extra["python_calls"].values()) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=6.0, help="timing budget per shape")
-    ap.add_argument("--profile", action="store_true", help="cProfile safeloss at each shape")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="timing budget per case")
     ap.add_argument("--min-rounds", type=int, default=30, help="rounds per case at least")
-    ap.add_argument("--no-gradcheck", action="store_true", help="skip the small-input autograd checks")
-    ap.add_argument("--gradcheck-rounds", type=int, default=15, help="rounds of each autograd check")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # The thread CPU clock misses intra-op worker threads, so it only means something single-threaded.
-    clocks = ("wall", "cpu") if torch.get_num_threads() == 1 else ("wall",)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, mean reduction, fp32; "
-          "ratio = median(safeloss) / median(stock); paired = median of per-round ratios")
-    print(f"{'case':>19} {'clock':>5} {'stock us':>10} {'safe us':>10} {'strict us':>10} "
-          f"{'safe x':>8} {'strict x':>9} {'paired':>15} {'target':>7} {'rounds':>7}")
-    ok = True
-    for n, c, prob, target in CASES:
-        m = measure(n, c, args.seconds, args.min_rounds, prob)
-        name = f"({n}, {c})" + (" prob" if prob else "")
-        for clock in clocks:
-            g = {k.removeprefix(f"{clock}_"): v for k, v in m.items() if k.startswith(f"{clock}_")}
-            hit = g["safe_ratio"] <= target and g["strict_ratio"] <= target
-            ok &= hit
-            print(f"{name:>19} {clock:>5} {g['stock_us']:10.1f} {g['safe_us']:10.1f} "
-                  f"{g['strict_us']:10.1f} {g['safe_ratio']:7.3f}x {g['strict_ratio']:8.3f}x "
-                  f"{g['safe_paired']:6.3f}/{g['strict_paired']:6.3f}x {f'<={target}':>7} "
-                  f"{int(m['rounds']):7d}" + ("" if hit else "  MISSED"))
-        print(f"{'':>19} page faults per call: stock {m['faults_stock']:.0f}, safe {m['faults_safe']:.0f}, "
-              f"strict {m['faults_strict']:.0f}")
-        sys.stdout.flush()
-    if not args.no_gradcheck:
+    ap.add_argument("--only", choices=("torch", "stubbed", "family", "gradcheck"), action="append",
+                    help="run only these sections (repeatable; gradcheck: the autograd checks alone)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the safeloss side of the small rows")
+    ap.add_argument("--gradcheck", action="store_true", help="also time the small-input autograd checks")
+    ap.add_argument("--gradcheck-rounds", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    sections = args.only or ["torch", "stubbed", "family"]
+    if "gradcheck" in sections:
+        args.gradcheck = True
+    print(f"torch {torch.__version__}; fwd+bwd, mean reduction, fp32; paired = median of per-round "
+          "ratios safeloss / stock; clock: thread = thread CPU time (1 torch thread), wall, "
+          "proc = process CPU time")
+    print(HEADER)
+    rows: list[Row] = []
+    if "torch" in sections:
+        rows += torch_rows(args.seconds, args.min_rounds)
+    if "stubbed" in sections:
+        rows += stub_rows(args.seconds, args.min_rounds)
+    if "family" in sections:
+        rows += family_rows(args.seconds, args.min_rounds)
+    ok = all(row.ok for row in rows)
+    missed = [f"{r.section} {r.case} {r.api} ({r.threads} thr)" for r in rows if not r.ok]
+    print("\nall targets met" if ok else "\nMISSED: " + "; ".join(missed))
+    if args.gradcheck:
         print("\nsmall-input autograd checks, float64 (double backward: fp32), thread CPU time, medians; "
               "safeloss = under safeloss.patch() (double backward: SafeCrossEntropyLoss)")
         print(f"{'check':>46} {'stock ms':>10} {'safeloss ms':>12} {'ratio':>7}")
         for what, a, b in gradchecks(args.gradcheck_rounds):
             print(f"{what:>46} {a / 1e3:10.3f} {b / 1e3:12.3f} {b / a:6.2f}x")
     if args.profile:
-        for n, c, _, _ in CASES:
-            for strict in (False, True):
-                profile(n, c, strict)
+        for s in sections:
+            if s != "gradcheck":
+                profile(s)
+    if args.out is not None:
+        write(args.out, rows, {**_machine(), "argv": list(argv if argv is not None else sys.argv[1:])})
     return 0 if ok else 1
 
 

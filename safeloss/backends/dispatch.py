@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import Any
 
 import torch
 
@@ -127,13 +128,23 @@ def row_losses(
 ) -> Rows:
     if name == "torch":
         return torch_backend.row_losses(p, immediate)
-    from . import triton_backend
-
     weight = None if p.weight is None else p.weight.float().contiguous()
-    losses, flags, out = triton_backend.row_losses(
+    losses, flags, out = triton().row_losses(
         p.input, p.target, weight=weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, prob_target=p.prob,
         inplace_backward=inplace_backward, fused_grad=fused_grad,
         out_max=F.overflow_bound(p.out_dtype), reduce=p,
     )
     return Rows(losses, Scan(flags), out)
+
+
+_TRITON_BACKEND: list[Any] = []  # the module, once imported (an import statement per call costs ~1 us)
+
+
+def triton() -> Any:
+    """``backends.triton_backend``, imported on first use (it defines the custom ops)."""
+    if not _TRITON_BACKEND:
+        from . import triton_backend
+
+        _TRITON_BACKEND.append(triton_backend)
+    return _TRITON_BACKEND[0]

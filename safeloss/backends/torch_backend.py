@@ -90,9 +90,7 @@ def per_position(p: Problem, reduction: str = "none") -> Tensor:
 def _immediate(p: Problem) -> Rows:
     x, C = p.input, p.num_classes
     counts = [0] * F.SIZE
-    if p.prob:
-        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, _cdim(x))
-    elif not x.is_cpu:
+    if not p.prob and not x.is_cpu:
         # Strict mode on a GPU: stock torch would hit a device-side assert, so check first.
         lo, hi = target_bounds(p.target)
         if (lo < 0 or hi >= C) and (nbad := count_bad_targets(p.target, C, p.ignore_index)):
@@ -106,6 +104,8 @@ def _immediate(p: Problem) -> Rows:
         result = per_position(p, p.reduction)
     except (IndexError, RuntimeError):
         return _stock_refused(p, counts)
+    if p.prob:  # after the loss (see HostPlan.rows)
+        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, _cdim(x))
     return _judge(p, result, counts)
 
 
@@ -176,7 +176,9 @@ class HostPlan:
         "acc",
         "args",
         "band",
+        "cast",
         "cdim",
+        "first",
         "prob",
         "raw",
         "raw_bytes",
@@ -203,6 +205,7 @@ class HostPlan:
         C, code = p.num_classes, _STRUCT_CODES.get(x.dtype)
         self.raw = struct.Struct(f"={C}{code}") if code and x.dim() <= 2 and C <= _RAW_ROW_MAX else None
         self.raw_bytes = None if self.raw is None else ctypes.c_char * self.raw.size
+        self.first = _CTYPES.get(x.dtype)  # the first logit, read as one value
         # How far torch's sum of a row of non-negative entries (float32 accumulation, any order;
         # float64 for float64) can be from the exact sum s: gamma_C * s <= C * 2**-23 * s, doubled
         # for the float64 sum taken here.
@@ -210,40 +213,55 @@ class HostPlan:
         # Stock F.cross_entropy's own call of its op, less its Python layer (argument checks for
         # torch-function overrides: plans exist only where none can apply).
         self.args = (_REDUCTION_ENUM[p.reduction], p.ignore_index, p.label_smoothing)
+        self.cast = not p.prob and p.target.dtype != torch.int64  # the op takes int64 labels
 
     def rows(self, x: Tensor, t: Tensor, w: Tensor | None) -> Tensor | tuple[Rows, Problem]:
         """``_immediate`` for this signature: the result itself when the value checks find
         nothing to report, else the :class:`Rows` ``_immediate`` returns for these tensors and
         the :class:`Problem` ``normalize`` returned for them."""
         counts: list[int] | None = None
-        sk = self.skeleton
         try:
-            if self.prob:
-                neg, badsum = scan_prob_target(t, self.cdim)
-                if neg or badsum:
-                    counts = [0] * F.SIZE
-                    counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
-                result = _cross_entropy_loss(x, t, w, *self.args)
-            else:
-                result = _cross_entropy_loss(x, t if t.dtype == torch.int64 else t.long(), w, *self.args)
-        except (IndexError, RuntimeError):
-            p = sk.problem(x, t, w)
-            return _stock_refused(p, [0] * F.SIZE if counts is None else counts), p
+            result = _cross_entropy_loss(x, t.long() if self.cast else t, w, *self.args)
+        except (IndexError, RuntimeError):  # (probability targets: stock's error, re-raised)
+            p = self.skeleton.problem(x, t, w)
+            return _stock_refused(p, [0] * F.SIZE), p
+        if self.prob:
+            # After the loss, not before: the same counts, and measurably fewer page faults at
+            # large shapes (glibc; benchmarks/cpu_overhead.py) than small allocations made just
+            # before stock's large ones.
+            neg, badsum = scan_prob_target(t, self.cdim)
+            if neg or badsum:
+                counts = [0] * F.SIZE
+                counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
         if counts is None:
             if self.scalar:
                 value = result.item()
                 if value - value == 0:  # finite (inf - inf and NaN - NaN are NaN)
+                    # A mean outside the band of softmaxed input settles it; else the first row
+                    # (scan_softmax's first test: a row that cannot look softmaxed means the
+                    # sample cannot all look softmaxed, so _judge would conclude CLEAN too).
                     band = self.band
-                    if band is not None:
-                        if not band[0] <= value <= band[1]:
+                    if band is not None and not band[0] <= value <= band[1]:
+                        return result
+                    # _row0_softmaxed's first test, inline (the common call): a negative entry,
+                    # first the position's first logit alone (at data_ptr whatever the strides;
+                    # half the rows of raw logits settle here), then the short row read raw.
+                    first = self.first
+                    if first is not None and not x.is_neg():
+                        ptr = x.data_ptr()
+                        if first.from_address(ptr).value < 0.0:
                             return result
-                    elif not self._row0_softmaxed(x):
+                        raw = self.raw
+                        if (raw is not None and x.is_contiguous()
+                                and min(raw.unpack_from(self.raw_bytes.from_address(ptr))) < 0.0):  # type: ignore[union-attr]
+                            return result
+                    if not self._row0_softmaxed(x):
                         return result
             elif not self._row0_softmaxed(x) and bool(torch.isfinite(result).all()):
                 # What resolve() concludes for reduction="none": every loss finite (ignored
                 # positions are 0) and a first row that is not a distribution.
                 return result
-        p = sk.problem(x, t, w)
+        p = self.skeleton.problem(x, t, w)
         return _judge(p, result, [0] * F.SIZE if counts is None else counts), p
 
     def _row0_softmaxed(self, x: Tensor) -> bool:
@@ -269,6 +287,7 @@ class HostPlan:
 
 
 _STRUCT_CODES = {torch.float32: "f", torch.float64: "d", torch.float16: "e"}
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _RAW_ROW_MAX = 256  # classes; longer rows take torch's sum (negligible next to their loss)
 
 

@@ -11,11 +11,12 @@ traces them as opaque nodes without graph breaks. Eager calls on plain tensors s
 dispatch (an autograd.Function calling the same implementations: see "Eager fast path").
 """
 
+import contextlib
 import functools
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -262,9 +263,11 @@ def _launch_fwd(
     has_weight = weight is not None
     key = ("fwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), target.dtype,
            None if dx is None else dx.stride(), has_weight, ignore_index, eps, prob, check_softmax,
-           out_max, *_hooks())
-    cfg = _cached(key, lambda: _fwd_config(x, target, has_weight, dx, ignore_index, eps, prob,
-                                           check_softmax, out_max))
+           out_max, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
+    cfg = _LAUNCHES.get(key)
+    if cfg is None or cfg is _EXOTIC:
+        cfg = _cached(key, lambda: _fwd_config(x, target, has_weight, dx, ignore_index, eps, prob,
+                                               check_softmax, out_max))
     if cfg is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         _launch_fwd(x.contiguous(), target.contiguous(), weight, losses, lse, wy, dxc, flags,
@@ -324,8 +327,10 @@ def _launch_bwd(
     has_weight = weight is not None
     key = ("bwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), g.shape, g.stride(),
            None if dx is None else dx.stride(), None if dy is None else dy.stride(), has_weight,
-           ignore_index, eps, prob, *_hooks())
-    cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob))
+           ignore_index, eps, prob, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
+    cfg = _LAUNCHES.get(key)
+    if cfg is None or cfg is _EXOTIC:
+        cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob))
     if cfg is None:  # exotic layout: contiguous copies in, copy the results back
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         dyc = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device) if dy is not None else None
@@ -629,13 +634,11 @@ class _EagerCE(torch.autograd.Function):
         ctx: Any, x: Tensor, target: Tensor, weight: Tensor | None, cfg: tuple[Any, ...],
         p: Problem | None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        ignore_index, eps, prob, check_softmax, fused, inplace, out_max = cfg
-        pos = _pos_shape(x)
-        n = math.prod(pos)
-        losses = x.new_empty(pos, dtype=torch.float32)
+        ignore_index, eps, prob, check_softmax, fused, inplace, out_max, pos, n = cfg
+        losses = x.new_empty(pos, dtype=_F32)
         flags = x.new_zeros(_flags.SIZE, dtype=torch.int32)
-        lse = x.new_empty(n, dtype=torch.float32)
-        wy = x.new_empty(n, dtype=torch.float32) if prob else None
+        lse = x.new_empty(n, dtype=_F32)
+        wy = x.new_empty(n, dtype=_F32) if prob else None
         dx = torch.empty_like(x) if fused else None
         if n > 0:
             _launch_fwd(x, target, weight, losses, lse, wy, dx, flags, ignore_index, eps, prob,
@@ -726,8 +729,9 @@ def row_losses(
     """
     fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
     if _eager(input):
+        pos = tuple(_pos_shape(input))
         cfg = (int(ignore_index), float(label_smoothing), bool(prob_target), bool(check_softmax),
-               fused, bool(inplace_backward), float(out_max))
+               fused, bool(inplace_backward), float(out_max), pos, math.prod(pos))
         if torch._C._are_functorch_transforms_active():
             out, flags, losses = _EagerCE.apply(input, target, weight, cfg, reduce)
         else:
@@ -742,3 +746,99 @@ def row_losses(
         bool(check_softmax), fused, bool(inplace_backward), float(out_max),
     )  # fmt: skip
     return (losses, flags) if reduce is None else (losses, flags, None)
+
+
+class Planned:
+    """The eager call of one planned signature (``safeloss.core.plan``; made and called by the
+    cross-entropy op's ``pipeline``, which has already found the call eager on plain tensors: no
+    compile, tracer, dispatch mode or functorch transform): :func:`row_losses` with ``reduce``,
+    with its per-signature arguments worked out once."""
+
+    __slots__ = ("cfg", "cfg_fused", "fused_grad")
+
+    def __init__(self, p: Problem, inplace_backward: bool, fused_grad: bool, out_max: float) -> None:
+        pos = tuple(_pos_shape(p.input))
+        head = (int(p.ignore_index), float(p.label_smoothing), bool(p.prob), True)
+        tail = (bool(inplace_backward), float(out_max), pos, math.prod(pos))
+        self.cfg, self.cfg_fused = (*head, False, *tail), (*head, True, *tail)
+        self.fused_grad = bool(fused_grad)
+
+    def __call__(self, x: Tensor, t: Tensor, w: Tensor | None, p: Problem) -> tuple[Tensor, Tensor, Tensor]:
+        """(losses, flags, result) for these tensors; ``p``: their Problem."""
+        cfg = self.cfg_fused if self.fused_grad and x.requires_grad and _grad_enabled() else self.cfg
+        out, flags, losses = _apply_eager(
+            _unwrap_if_dead(x), _unwrap_if_dead(t),
+            None if w is None else _unwrap_if_dead(w.float().contiguous()), cfg, p)
+        return (out if losses is None else losses), flags, out
+
+
+_F32 = torch.float32
+_grad_enabled = torch._C.is_grad_enabled
+
+
+# --------------------------------------------------------------------------------------------
+# Host-cost measurement: launches stubbed
+# --------------------------------------------------------------------------------------------
+class _NoLaunch:
+    """A kernel whose ``kernel[grid](...)`` launches nothing (see :func:`stubbed_launches`)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, grid: object) -> Any:
+        return _no_launch
+
+
+def _no_launch(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _fwd_stand_in(x: Tensor, target: Tensor, weight: Tensor, losses: Tensor, *args: Any, **kwargs: Any) -> None:
+    # The forward's losses feed the reduction and the finite-result check: zeros, so that a
+    # stubbed call is a clean call (uninitialized memory would read as NaN at random).
+    losses.zero_()
+
+
+class _NoLaunchFwd(_NoLaunch):
+    __slots__ = ()
+
+    def __getitem__(self, grid: object) -> Any:
+        return _fwd_stand_in
+
+
+class _NoKernels:
+    """Stands in for ``triton_kernels``: every kernel launches nothing."""
+
+    ce_fwd_kernel = _NoLaunchFwd()
+
+    def __getattr__(self, name: str) -> _NoLaunch:
+        return _NoLaunch()
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Every Triton kernel launch of this backend becomes a no-op, and the backend accepts CPU
+    tensors without ``TRITON_INTERPRET``: what is left of a ``backend="triton"`` call is the host
+    work around the kernels (argument checks, plans, launch configurations, the outputs
+    allocated with their real shapes, autograd, reduction, findings), measurable on any machine
+    (``benchmarks/cpu_overhead.py``). Results hold no meaningful values: a benchmark hook,
+    never for real calls; not thread-safe (it swaps module attributes).
+    ``safeloss.parallel.triton_stats.stubbed_launches`` covers the vocab-parallel kernel too."""
+    global _kernels, unavailable_reason
+    saved = _kernels, unavailable_reason
+    stub = _NoKernels()
+    _kernels = lambda: stub  # noqa: E731
+    unavailable_reason = _stub_reason
+    try:
+        yield
+    finally:
+        _kernels, unavailable_reason = saved
+
+
+NO_LAUNCH = _NoLaunch()
+
+
+def _stub_reason(device: torch.device) -> str | None:
+    err = _triton_import_error()
+    if err is not None or torch.device(device).type in ("cpu", "cuda"):
+        return err
+    return f"Triton runs on CUDA tensors, not on {torch.device(device).type} tensors"

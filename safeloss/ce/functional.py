@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..backends.dispatch import check_backend
 from ..core import extras
-from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import trim
 from ..core.errors import SafeLossError
@@ -21,13 +21,13 @@ def cross_entropy(
     target: Tensor,
     weight: Tensor | None = None,
     size_average: bool | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = pipeline.IGNORE_INDEX,
     reduce: bool | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
+    reduction: str = pipeline.REDUCTION,
+    label_smoothing: float = pipeline.LABEL_SMOOTHING,
     *,
     strict: bool | None = None,
-    backend: str = "auto",
+    backend: str = pipeline.BACKEND,
     inplace_backward: bool = False,
     fused_grad: bool = False,
     softcap: float | None = None,
@@ -65,46 +65,54 @@ def cross_entropy(
     With any of the last four away from its default, every backend runs torch ops (the extras are
     not yet fused into the Triton kernel: one extra pass over the logits on CUDA).
     """
-    mode = decide(input, target, weight)
-    if mode is Mode.FX:  # torch.fx.symbolic_trace: one node that calls this function when it runs
-        kwargs: dict[str, object] = dict(
-            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-            reduction=reduction, label_smoothing=label_smoothing,
-        )
-        for name, value, default in (("strict", strict, None), ("backend", backend, "auto"),
-                                     ("inplace_backward", inplace_backward, False),
-                                     ("fused_grad", fused_grad, False),
-                                     ("softcap", softcap, None), ("temperature", temperature, 1.0),
-                                     ("z_loss", z_loss, 0.0), ("return_stats", return_stats, False)):
-            if value != default:
-                kwargs[name] = value
-        return tracing.fx_call(tracing.fx_proxy(input, target, weight), cross_entropy, input, target,
-                              kwargs)
-    if not extras.defaults(softcap, temperature, z_loss, return_stats):
-        return ce_extras.cross_entropy(
-            mode, input, target, weight, size_average, ignore_index, reduce, reduction,
-            label_smoothing, softcap, temperature, z_loss, return_stats, strict=strict,
-            backend=backend, inplace_backward=inplace_backward, fused_grad=fused_grad,
-        )
     try:
         key = None
-        if mode is Mode.EAGER and size_average is None and reduce is None:
-            # A signature seen before: its plan (core.plan), then only the value checks.
-            key = pipeline.signature(input, target, weight, ignore_index, reduction, label_smoothing,
-                                     backend, inplace_backward, fused_grad)
-            plan = None if key is None else plans.get(key)
-            if plan is not None and (out := pipeline.planned(plan, input, target, weight, strict, None)) is not None:
-                return out
+        if (not _is_compiling() and size_average is None and reduce is None and softcap is None
+                and return_stats is False and ((temperature is _T1 and z_loss is _Z0)
+                                               or extras.defaults(None, temperature, z_loss, False))):
+            # An eager call of a signature seen before: its plan (core.plan), then only the value
+            # checks; else the signature under which this call stores a plan if it is clean.
+            key = pipeline.fast(input, target, weight, ignore_index, reduction, label_smoothing,
+                                backend, inplace_backward, fused_grad, strict, None)
+            if isinstance(key, Tensor):
+                return key
+        mode = decide(input, target, weight)
+        if mode is Mode.FX:  # torch.fx.symbolic_trace: one node that calls this function when it runs
+            kwargs: dict[str, object] = dict(
+                weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+                reduction=reduction, label_smoothing=label_smoothing,
+            )
+            for name, value, default in (("strict", strict, None), ("backend", backend, "auto"),
+                                         ("inplace_backward", inplace_backward, False),
+                                         ("fused_grad", fused_grad, False),
+                                         ("softcap", softcap, None), ("temperature", temperature, 1.0),
+                                         ("z_loss", z_loss, 0.0), ("return_stats", return_stats, False)):
+                if value != default:
+                    kwargs[name] = value
+            return tracing.fx_call(tracing.fx_proxy(input, target, weight), cross_entropy, input,
+                                   target, kwargs)
+        if not extras.defaults(softcap, temperature, z_loss, return_stats):
+            return ce_extras.cross_entropy(
+                mode, input, target, weight, size_average, ignore_index, reduce, reduction,
+                label_smoothing, softcap, temperature, z_loss, return_stats, strict=strict,
+                backend=backend, inplace_backward=inplace_backward, fused_grad=fused_grad,
+            )
         return pipeline.run(
             mode, input, target, weight, ignore_index,
             resolve_reduction(size_average, reduce, reduction),
             check_label_smoothing(label_smoothing),
             strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
-            fused_grad=fused_grad, owner=None, key=key,
+            fused_grad=fused_grad, owner=None, key=key if mode is Mode.EAGER else None,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
         trim(e, "safeloss.cross_entropy")
         raise
+
+
+_is_compiling = torch.compiler.is_compiling
+# The default extras' own objects: the common call tells them by identity (no call); any other
+# value, equal or not, is judged by extras.defaults.
+_T1, _Z0 = cross_entropy.__kwdefaults__["temperature"], cross_entropy.__kwdefaults__["z_loss"]
 
 
 # Scripted code that calls safeloss.cross_entropy compiles stock torch (see safeloss.tracing).

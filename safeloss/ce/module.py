@@ -7,7 +7,6 @@ from torch import Tensor
 
 from ..backends.dispatch import check_backend
 from ..core import extras
-from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
@@ -44,13 +43,13 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self,
         weight: Tensor | None = None,
         size_average: bool | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = pipeline.IGNORE_INDEX,
         reduce: bool | None = None,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
+        reduction: str = pipeline.REDUCTION,
+        label_smoothing: float = pipeline.LABEL_SMOOTHING,
         *,
         strict: bool | None = None,
-        backend: str = "auto",
+        backend: str = pipeline.BACKEND,
         inplace_backward: bool = False,
         fused_grad: bool = False,
         softcap: float | None = None,
@@ -100,11 +99,11 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             )
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
-        # traces, which cannot trace the context manager.
-        if torch.compiler.is_dynamo_compiling():
-            return _forward(self, input, target)
+        # traces, which cannot trace the context manager (nor while anything compiles).
+        if torch.compiler.is_compiling():
+            return _forward(self, input, target, True)
         with boundary:
-            return _forward(self, input, target)
+            return _forward(self, input, target, False)
 
     def extra_repr(self) -> str:
         parts = []
@@ -130,31 +129,38 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(parts)
 
 
-def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor, compiling: bool) -> Tensor:
     # The weight buffer without nn.Module.__getattr__ (a Python call, about 1 us); ``self.weight``
     # where it is not a buffer (reassigned as a Parameter, say).
     buffers = self._buffers
     weight = buffers.get("weight", _NO_BUFFER)
     if weight is _NO_BUFFER:
         weight = self.weight
+    key = None
+    if not compiling and self.softcap is None and self.return_stats is False and (
+            (self.temperature is _T1 and self.z_loss is _Z0)
+            or extras.defaults(None, self.temperature, self.z_loss, False)):
+        # An eager call of a signature seen before: its plan (core.plan), then only the value
+        # checks; else the signature under which this call stores a plan if it is clean.
+        key = pipeline.fast(input, target, weight, self.ignore_index, self.reduction,
+                            self.label_smoothing, self.backend, self.inplace_backward,
+                            self.fused_grad, self.strict, self)
+        if isinstance(key, Tensor):
+            return key
     mode = decide(input, target, weight)
     if mode is Mode.FX:  # torch.fx.symbolic_trace
         return tracing.fx_module_call(self, cross_entropy, tracing.fx_proxy(input, target, weight),
                                       input, target)
     if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
         return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
-    key = None
-    if mode is Mode.EAGER:
-        # A signature seen before: its plan (core.plan), then only the value checks.
-        key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
-                                 self.label_smoothing, self.backend, self.inplace_backward,
-                                 self.fused_grad)
-        plan = None if key is None else plans.get(key)
-        if plan is not None and (out := pipeline.planned(plan, input, target, weight, self.strict, self)) is not None:
-            return out
     return pipeline.run(
         mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
-        fused_grad=self.fused_grad, owner=self, key=key,
+        fused_grad=self.fused_grad, owner=self, key=key if mode is Mode.EAGER else None,
     )
+
+
+# The default extras' own objects (as in functional): told by identity, without a call.
+_T1 = SafeCrossEntropyLoss.__init__.__kwdefaults__["temperature"]
+_Z0 = SafeCrossEntropyLoss.__init__.__kwdefaults__["z_loss"]

@@ -4,7 +4,7 @@ entry (``functional`` / ``module``) -> ``core.mode.decide`` (once) -> ``run`` ->
 target normalization (``core.validation``) -> backend choice (``backends.dispatch``) -> per-position
 fp32 losses (``backends``) -> ``core.reduction`` -> findings reported (``core.checks`` / ``report``).
 
-An eager call whose :func:`signature` has a plan (``core.plan``) takes :func:`planned` instead of
+An eager call whose signature has a plan (``core.plan``) is done by :func:`fast` instead of
 ``run``: the argument checks and the backend choice are what they were for the first call of
 that signature, so only the value checks and the compute run.
 """
@@ -20,6 +20,8 @@ from torch import Tensor
 from ..backends import dispatch, torch_backend
 from ..core import checks, compiled, reduction, validation
 from ..core import plan as plans
+from ..core._flags import overflow_bound
+from ..core.checks import Scan
 from ..core.config import LazyStrict, env
 from ..core.mode import Mode, decide
 from ..core.report import report
@@ -31,48 +33,133 @@ from ..parallel import dtensor as parallel_dtensor
 _C = torch._C
 
 
-def signature(
+_grad_enabled = _C.is_grad_enabled
+_any_autocast = _C._is_any_autocast_enabled
+_function_mode = _C._is_torch_function_mode_enabled
+_tracing = _C._is_tracing
+_dispatch_modes = _C._len_torch_dispatch_stack
+_functorch = _C._are_functorch_transforms_active
+_get_plan = plans._plans.get  # the store itself (a dict never rebound: plan.clear() empties it)
+
+# The default options, as the objects the entries' signatures hold: an argument that *is* one of
+# them (identity, so of that type too) was left at its default or passed as that very object;
+# a key holds DEFAULTS for all six instead of the options and their types.
+IGNORE_INDEX = -100
+REDUCTION = "mean"
+LABEL_SMOOTHING = 0.0
+BACKEND = "auto"
+DEFAULTS = ("default options",)
+_capturing = torch.cuda.is_current_stream_capturing
+
+
+def fast(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: object, reduction: object,
     label_smoothing: object, backend: object, inplace_backward: object, fused_grad: object,
-) -> tuple[object, ...] | None:
-    """The plan key of an eager call (``core.mode.Mode.EAGER``), or None for a call that never
-    takes a plan (a deprecated reduction name, which warns per call; arguments that are not
-    tensors, which the full path rejects).
+    strict: bool | None, owner: object | None,
+) -> Tensor | tuple[object, ...] | None:
+    """A whole eager call of a planned signature (see ``core.plan``): the result; else, before
+    anything happened, the call's signature, its plan key (no plan yet: ``run`` stores one under
+    it if the call is clean), or None (no plan for this call: not eager, or not plannable).
 
-    Everything the argument checks, the backend choice and the Triton launch geometry read other
-    than tensor values: types (only plain tensors get plans), shapes, dtypes, devices,
-    ``requires_grad``, the options with their types (``True == 1``, but ``ignore_index=True`` is an
-    error and ``1`` is not), grad mode (a weight that requires grad), autocast (the compute
-    dtype) and whether a ``TorchFunctionMode`` is active (planned calls skip stock's Python layer
-    that hands calls to one). Strides are not in it: only the Triton launch geometry reads them,
-    and it keys them itself.
+    The signature is everything the argument checks, the backend choice and the Triton launch
+    geometry read other than tensor values: shapes, layouts, dtypes and devices (of plain
+    tensors: ``torch.Tensor`` or ``nn.Parameter``, checked first), whether the weight requires
+    grad with grad mode on (an error for index targets, the torch backend for probabilities),
+    the options with their types (``True == 1``, but ``ignore_index=True`` is an error and
+    ``1`` is not), autocast (the compute dtype) and whether a ``TorchFunctionMode`` is active
+    (planned calls skip stock's Python layer that hands calls to one). Not in it: the logits'
+    and targets' ``requires_grad`` and grad mode otherwise (nothing the checks conclude depends
+    on them; the Triton backend reads them per call), and strides (only the Triton launch
+    geometry reads them, and it keys them itself). A deprecated reduction name (warned per
+    call) gets no key. Cost of a hit: ~2 us of Python on a 2020s x86 core.
+
+    The entries call it first, outside torch.compile (``torch.compiler.is_compiling()`` is their
+    test: Dynamo folds it), with the default extras and no legacy reduction arguments. The
+    eager test is ``core.mode.decide``'s for plain dense tensors: plain tensor types, no jit
+    tracer, dispatch mode or functorch transform active, no CUDA-graph capture, and (through the
+    key, which holds the layouts and devices, and matches only a plan stored for an eager call
+    of strided tensors) no sparse, meta or nested tensor.
     """
-    if reduction not in REDUCTIONS:
+    if (type(input) not in _PLAIN or type(target) not in _PLAIN
+            or (weight is not None and type(weight) not in _PLAIN)):
+        return None  # first: reading a Proxy's attributes would record nodes in an fx graph
+    if _tracing() or _dispatch_modes() or _functorch():
         return None
     try:
-        return (
-            type(input), input.shape, input.dtype, input.device, input.requires_grad,
-            type(target), target.shape, target.dtype, target.device, target.requires_grad,
-            None if weight is None else
-            (type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad),
-            ignore_index, type(ignore_index), reduction, label_smoothing, type(label_smoothing),
-            backend, inplace_backward, fused_grad, _C.is_grad_enabled(),
-            _C._is_any_autocast_enabled() and plans.autocast_key(input.device.type),
-            _C._is_torch_function_mode_enabled(),
+        key = (
+            # Devices: True for a CPU tensor (a flag; a device object costs ~1 us per call to
+            # build, hash and compare), the device itself for any other.
+            input.shape, input.layout, input.dtype, input.is_cpu or input.device,
+            target.shape, target.layout, target.dtype, target.is_cpu or target.device,
+            None if weight is None else (weight.shape, weight.layout, weight.dtype,
+                                         weight.is_cpu or weight.device,
+                                         weight.requires_grad and _grad_enabled()),
+            # The entries' own default objects stand for themselves (no type calls, no tuple).
+            DEFAULTS if (ignore_index is IGNORE_INDEX and reduction is REDUCTION
+                         and label_smoothing is LABEL_SMOOTHING and backend is BACKEND
+                         and inplace_backward is False and fused_grad is False) else
+            (ignore_index, type(ignore_index), reduction, label_smoothing, type(label_smoothing),
+             backend, inplace_backward, fused_grad),
+            _any_autocast() and plans.autocast_key(input.device.type), _function_mode(),
         )
-    except AttributeError:  # not tensors: the full path says what was passed
+        plan = _get_plan(key)
+    except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
         return None
+    if plan is None:
+        return key if reduction in REDUCTIONS else None
+    host = plan.host
+    if host is not None and weight is None and not _pending and not checks.DEFER_ON_CPU:
+        # The common CPU call: the host path's value checks, nothing pending, nothing to defer
+        # (strictness matters only if something is found).
+        out = host.rows(input, target, None)
+        if type(out) is not tuple:
+            return out  # type: ignore[return-value]
+        rows, p = out
+        return _finish(rows, p, True, LazyStrict(strict), _key(owner), owner)
+    if plan.is_cuda and _capturing():
+        return None  # CUDA-graph capture: decide() says so, the full path runs it
+    if weight is not None and validation._negative_classes(weight):
+        return key  # a finding of the argument checks, read per call
+    if plan.cpu_triton is not None and env("TRITON_INTERPRET") != plan.cpu_triton:
+        return key
+    strict_ = LazyStrict(strict)
+    okey = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    if _pending:
+        checks.flush(okey, owner, wait=bool(strict_))
+    immediate = (plan.is_cpu and not checks.DEFER_ON_CPU) or bool(strict_)
+    planned = plan.triton
+    if planned is not None and not immediate:
+        # The Triton backend's deferred call (CUDA default mode): the kernels, then the record.
+        p = plan.skeleton.problem(input, target, weight)
+        losses, flags, out = planned(input, target, weight, p)
+        checks.defer(Scan(flags), p, losses, out, False, okey, device_type=plan.device_type, owner=owner)
+        return out
+    if host is not None and immediate:
+        out = host.rows(input, target, weight)
+        if type(out) is not tuple:
+            return out  # type: ignore[return-value]
+        rows, p = out
+    else:
+        p = plan.skeleton.problem(input, target, weight)
+        rows = dispatch.row_losses(plan.backend, p, immediate, plan.inplace_backward, plan.fused_grad)
+    return _finish(rows, p, immediate, strict_, okey, owner)
+
+
+_pending = checks._pending  # the deferred records (a dict never rebound: read without the module)
 
 
 class Plan:
     """A planned signature of the cross-entropy op (see ``core.plan``)."""
 
-    __slots__ = ("backend", "cpu_triton", "fused_grad", "host", "inplace_backward", "is_cpu", "skeleton")
+    __slots__ = ("backend", "cpu_triton", "device_type", "fused_grad", "host", "inplace_backward", "is_cpu",
+                 "is_cuda", "skeleton", "triton")
 
     def __init__(self, p: Problem, backend: str, inplace_backward: bool, fused_grad: bool) -> None:
         self.skeleton = plans.Skeleton(p)
         self.backend = backend
         self.is_cpu = p.input.is_cpu
+        self.is_cuda = p.input.is_cuda
+        self.device_type = p.input.device.type
         # The CPU host path of the torch backend: its clean call in one function.
         self.host = torch_backend.HostPlan(p) if backend == "torch" and self.is_cpu else None
         # Triton on CPU tensors (the interpreter) depends on TRITON_INTERPRET, read per call: the
@@ -80,6 +167,9 @@ class Plan:
         self.cpu_triton = env("TRITON_INTERPRET") if backend == "triton" and not p.input.is_cuda else None
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
+        # The Triton backend's eager call, its per-signature arguments worked out once.
+        self.triton = (dispatch.triton().Planned(p, inplace_backward, fused_grad, overflow_bound(p.out_dtype))
+                       if backend == "triton" else None)
 
 
 def _plannable(p: Problem, input: Tensor, target: Tensor, weight: object) -> bool:
@@ -94,45 +184,6 @@ def _plannable(p: Problem, input: Tensor, target: Tensor, weight: object) -> boo
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def planned(
-    plan: Plan, input: Tensor, target: Tensor, weight: Tensor | None, strict: bool | None,
-    owner: object | None,
-) -> Tensor | None:
-    """A call of a planned signature: what ``run`` does for it, less what the signature settled.
-
-    Returns None before anything happened where the call must take ``run`` instead: a class
-    weight with negative entries (a finding of the argument checks, read per call), or Triton
-    on CPU tensors with another ``TRITON_INTERPRET`` than when the plan was made.
-    """
-    if weight is not None and validation._negative_classes(weight):
-        return None
-    if plan.cpu_triton is not None and env("TRITON_INTERPRET") != plan.cpu_triton:
-        return None
-    host = plan.host
-    if host is not None and not checks._pending and not checks.DEFER_ON_CPU:
-        # The common CPU call: the host path's value checks, nothing pending, nothing to defer
-        # (strictness matters only if something is found).
-        out = host.rows(input, target, weight)
-        if type(out) is not tuple:
-            return out  # type: ignore[return-value]
-        rows, p = out
-        return _finish(rows, p, True, LazyStrict(strict), _key(owner), owner)
-    strict_ = LazyStrict(strict)
-    key = _key(owner)
-    if checks._pending:
-        checks.flush(key, owner, wait=bool(strict_))
-    immediate = (plan.is_cpu and not checks.DEFER_ON_CPU) or bool(strict_)
-    if host is not None and immediate:
-        out = host.rows(input, target, weight)
-        if type(out) is not tuple:
-            return out  # type: ignore[return-value]
-        rows, p = out
-    else:
-        p = plan.skeleton.problem(input, target, weight)
-        rows = dispatch.row_losses(plan.backend, p, immediate, plan.inplace_backward, plan.fused_grad)
-    return _finish(rows, p, immediate, strict_, key, owner)
 
 
 def _key(owner: object | None) -> int:
@@ -157,7 +208,8 @@ def run(
     key: tuple[object, ...] | None = None,
 ) -> Tensor:
     """One call in ``mode`` (from ``core.mode.decide``; FX proxies are handled by the entries).
-    ``key``: the call's :func:`signature` (eager calls), under which a clean call stores its plan."""
+    ``key``: the call's signature from :func:`fast` (eager calls), under which a clean call stores
+    its plan."""
     if mode is Mode.EAGER:
         return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
                       backend, inplace_backward, fused_grad, owner, False, False, key)

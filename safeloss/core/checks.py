@@ -13,7 +13,6 @@ read them at once.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import weakref
@@ -892,23 +891,54 @@ def reads_at_once(device_type: str) -> bool:
     return device_type == "cpu" and not DEFER_ON_CPU
 
 
-@dataclass
 class _Pending:
-    scan: Scan
-    problem: Problem
-    losses: Tensor | None
-    out_host: Tensor | None
-    counts_host: Tensor
-    event: object | None
-    strict: bool
-    device_type: str
-    note: str
-    findings: Sequence[Finding]  # shape/dtype findings of that call, not reported yet
-    key: int = FUNCTIONAL_KEY  # which loss it belongs to (requeued there if a report raises)
-    nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
-    owner_ref: Callable[[], object] | None = None  # weak reference to the loss module, if any
-    op: str = ""  # the op whose wording the report uses (see WORDING)
-    event_device: torch.device | None = None  # where ``event`` was recorded
+    """One deferred call's record: host copies of its counts and result (filled in stream
+    order), and what a message about it needs. Its :attr:`problem` (the call's Problem with meta
+    stand-ins for the logits and probability targets) is built only when a report needs it: a
+    clean record, the common case, is read and recycled without it."""
+
+    __slots__ = ("_problem", "bufs", "counts_host", "device_type", "event", "event_device",
+                 "findings", "key", "losses", "nbytes", "nonfinite_from_output", "note", "op",
+                 "out_host", "owner_ref", "p", "strict", "target")
+
+    def __init__(
+        self, p: Problem, target: Tensor | None, losses: Tensor | None, bufs: tuple[Tensor, Tensor | None],
+        nonfinite_from_output: bool, event: object | None, strict: bool, device_type: str | None,
+        note: str, findings: Sequence[Finding], key: int, nbytes: int,
+        owner_ref: Callable[[], object] | None, op: str, event_device: torch.device | None,
+    ) -> None:
+        # The call's Problem without its tensors: shapes and dtypes of the logits (and of
+        # probability targets), from which ``problem`` makes meta stand-ins on demand.
+        self.p = (p.input.shape, p.input.dtype, (p.target.shape, p.target.dtype) if p.prob else None,
+                  p.prob, p.weight, p.ignore_index, p.label_smoothing, p.reduction, p.num_classes,
+                  p.out_dtype,
+                  # Reported by this call already: the backend's count of the same thing is not news.
+                  [f for f in p.findings if f.kind == "negative-weight"] if p.findings else [])
+        self._problem: Problem | None = None
+        self.target = target  # the label copy; None for probability targets (meta stand-in)
+        self.losses = losses
+        self.bufs = bufs
+        self.counts_host, self.out_host = bufs
+        self.nonfinite_from_output = nonfinite_from_output
+        self.event = event
+        self.strict = strict
+        self.device_type = device_type or ""
+        self.note = note
+        self.findings = findings
+        self.key = key  # which loss it belongs to (requeued there if a report raises)
+        self.nbytes = nbytes  # device memory it keeps alive (label copy, per-position losses)
+        self.owner_ref = owner_ref  # weak reference to the loss module, if any
+        self.op = op  # the op whose wording the report uses (see WORDING)
+        self.event_device = event_device  # where ``event`` was recorded
+
+    @property
+    def problem(self) -> Problem:
+        if self._problem is None:
+            xshape, xdtype, tmeta, prob, w, ii, eps, red, C, out_dtype, findings = self.p
+            t = self.target if tmeta is None else _meta_of(*tmeta)
+            self._problem = Problem(_meta_of(xshape, xdtype), t, prob, w, ii, eps, red, C, out_dtype,  # type: ignore[arg-type]
+                                    findings)
+        return self._problem
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -923,12 +953,11 @@ def defer(
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
     pinned = counts.is_cuda
-    counts_host = _host_buffer(counts.shape, counts.dtype, pinned)
-    counts_host.copy_(counts, non_blocking=pinned)
-    out_host = None
-    if p.reduction != "none":
-        out_host = _host_buffer((), out.dtype, pinned)
-        out_host.copy_(out.detach(), non_blocking=pinned)
+    none = p.reduction == "none"
+    bufs = _host_buffers(counts, None if none else out, pinned)
+    bufs[0].copy_(counts, non_blocking=pinned)
+    if not none:
+        bufs[1].copy_(out.detach() if out.requires_grad else out, non_blocking=pinned)  # type: ignore[union-attr]
     event = None
     if pinned:
         try:  # a CUDA event is bound to the device it was first recorded on
@@ -936,24 +965,25 @@ def defer(
         except (KeyError, IndexError):
             event = torch.cuda.Event()
         event.record()
-    # Index targets and per-position losses are O(N): kept so the message can name positions.
-    # The logits and probability targets are not kept (they can be gigabytes): meta stand-ins
-    # carry their shape and dtype.
-    p_light = Problem(
-        # A copy: the caller may refill its label buffer before the report (static CUDA buffers).
-        _meta(p.input), _meta(p.target) if p.prob else p.target.detach().clone(), p.prob, p.weight,
-        p.ignore_index, p.label_smoothing, p.reduction, p.num_classes, p.out_dtype,
-        # Reported by this call already: the backend's count of the same thing is not news.
-        [f for f in p.findings if f.kind == "negative-weight"] if p.findings else [],
-    )
-    kept = None if losses is None else losses.detach()
-    nbytes = (0 if p.prob else _nbytes(p_light.target)) + (0 if kept is None else _nbytes(kept))
-    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light, kept, out_host,
-                   counts_host, event, strict, device_type or p.input.device.type,
-                   note or DEFERRED_NOTE, findings, key, nbytes, _weak(owner), op=op,
-                   event_device=counts.device if pinned else None)
+    # Index targets and per-position losses are O(N): kept so the message can name positions
+    # (a copy of the labels: the caller may refill its label buffer before the report, as with
+    # static CUDA buffers). The logits and probability targets are not kept (they can be
+    # gigabytes): the record builds meta stand-ins of their shape and dtype if it reports.
+    # (detach() only where autograd tracks the tensor: an op per call otherwise.)
+    t = None if p.prob else (p.target.detach() if p.target.requires_grad else p.target).clone()
+    kept = None if losses is None else losses.detach() if losses.requires_grad else losses
+    # Device bytes the record keeps alive: the label copy and the losses.
+    nbytes = (0 if t is None else t.numel() * t.element_size()) + (
+        0 if kept is None else kept.numel() * kept.element_size())
+    rec = _Pending(p, t, kept, bufs, scan.nonfinite_from_output, event, strict,
+                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key, nbytes,
+                   None if owner is None else _weak(owner), op, counts.device if pinned else None)
     with _pending_lock:
-        _pending.setdefault(key, []).append(rec)
+        queue = _pending.get(key)
+        if queue is None:
+            _pending[key] = [rec]
+        else:
+            queue.append(rec)
 
 
 # Meta stand-ins by (shape, dtype): a deferred record keeps one for the logits (and probability
@@ -962,28 +992,36 @@ _metas: dict[tuple[object, ...], Tensor] = {}
 
 
 def _meta(t: Tensor) -> Tensor:
-    k = (t.shape, t.dtype)
+    return _meta_of(t.shape, t.dtype)
+
+
+def _meta_of(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    k = (shape, dtype)
     m = _metas.get(k)
     if m is None:
         if len(_metas) >= 256:
             _metas.clear()
-        m = _metas[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        m = _metas[k] = torch.empty(shape, dtype=dtype, device="meta")
     return m
 
 
 # Host buffers of reported records, reused by later records: a training loop defers every
-# step, and pinned memory is slow to allocate. A buffer returns here only after its record was
-# read (its copies had finished: the record's event was waited for).
-_free_host: dict[tuple[object, ...], list[Tensor]] = {}
+# step, and pinned memory is slow to allocate. The (counts, result) pair returns here only after
+# its record was read (its copies had finished: the record's event was waited for).
+_free_host: dict[tuple[object, ...], list[tuple[Tensor, Tensor | None]]] = {}
 MAX_FREE_HOST = 64
 
 
-def _host_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, pinned: bool) -> Tensor:
-    free = _free_host.get((shape, dtype, pinned))
+def _host_buffers(counts: Tensor, out: Tensor | None, pinned: bool) -> tuple[Tensor, Tensor | None]:
+    k = (counts.shape, counts.dtype, None if out is None else out.dtype, pinned)
+    free = _free_host.get(k)
     if free:
-        with contextlib.suppress(IndexError):  # another thread took the last one
+        try:
             return free.pop()
-    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        except IndexError:  # another thread took the last one
+            pass
+    return (torch.empty(counts.shape, dtype=counts.dtype, pin_memory=pinned),
+            None if out is None else torch.empty((), dtype=out.dtype, pin_memory=pinned))
 
 
 # CUDA events of reported records, per device, recorded again by later records (creating one
@@ -997,11 +1035,13 @@ def _release(rec: _Pending) -> None:
         events = _free_events.setdefault(rec.event_device, [])  # type: ignore[arg-type]
         if len(events) < MAX_FREE_HOST:
             events.append(rec.event)
-    for buf in (rec.counts_host, rec.out_host):
-        if buf is not None:
-            free = _free_host.setdefault((buf.shape, buf.dtype, pinned), [])
-            if len(free) < MAX_FREE_HOST:
-                free.append(buf)
+    counts, out = rec.bufs
+    k = (counts.shape, counts.dtype, None if out is None else out.dtype, pinned)
+    free = _free_host.get(k)
+    if free is None:
+        _free_host[k] = [rec.bufs]
+    elif len(free) < MAX_FREE_HOST:
+        free.append(rec.bufs)
 
 
 # Records a loss may have in flight before a call waits for the oldest one, by count and by the
@@ -1036,6 +1076,9 @@ def _ready(rec: _Pending) -> bool:
 def _take(queue: list[_Pending]) -> int:
     """How many records at the front of ``queue`` to report now without blocking: the finished
     ones, oldest first, plus the oldest ones beyond the caps (those are waited for)."""
+    if len(queue) == 1:  # the steady state of a loop: the previous call's record
+        rec = queue[0]
+        return 1 if MAX_IN_FLIGHT < 1 or rec.nbytes > MAX_IN_FLIGHT_BYTES or _ready(rec) else 0
     n, total = 0, sum(r.nbytes for r in queue)
     while n < len(queue):
         over = len(queue) - n > MAX_IN_FLIGHT or total > MAX_IN_FLIGHT_BYTES
@@ -1059,6 +1102,8 @@ def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
     If a report raises (an error, or a warning turned into one), the records not reported yet go
     back to the front of their queues: the next call or ``check_pending()`` reports them.
     """
+    if not wait and key is not None and len(_pending) == 1 and _clean_single(key):
+        return  # the steady state of a loop: the previous call's record, finished and clean
     with _pending_lock:
         if key is None:
             recs = [r for lst in _pending.values() for r in lst]
@@ -1068,19 +1113,46 @@ def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
         else:
             recs = []
             # This loss's own finished records, and those of loss modules that no longer exist.
-            for k in [key, *(k for k, q in _pending.items() if k != key and q and _orphaned(q[0]))]:
-                queue = _pending.get(k, [])
-                n = _take(queue)
-                recs += queue[:n]
-                del queue[:n]
+            keys = [key]
+            if len(_pending) > 1 or key not in _pending:
+                keys += [k for k, q in _pending.items() if k != key and q and _orphaned(q[0])]
+            for k in keys:
+                queue = _pending.get(k)
                 if not queue:
-                    _pending.pop(k, None)
+                    continue
+                n = _take(queue)
+                if n:
+                    recs += queue[:n]
+                    del queue[:n]
+                    if not queue:
+                        del _pending[k]
     for i, rec in enumerate(recs):
         try:
             _report_record(rec, owner if key is None or rec.key == key else None)
         except BaseException:
             _requeue(recs[i + 1 :])
             raise
+
+
+def _clean_single(key: int) -> bool:
+    """Report the only pending record, this loss's own, if it is finished and clean (what
+    ``_report_record`` concludes for it: nothing counted, a finite result, no findings): recycle
+    it and return True. Anything else is left to the general path."""
+    queue = _pending.get(key)
+    if queue is None or len(queue) != 1:
+        return False
+    rec = queue[0]
+    if rec.findings or rec.out_host is None or not rec.p[8] or not (
+            rec.event is None or rec.event.query()):  # type: ignore[attr-defined]
+        return False
+    if any(rec.counts_host.tolist()) or not math.isfinite(rec.out_host.item()):
+        return False
+    with _pending_lock:
+        if _pending.get(key) is not queue or len(queue) != 1 or queue[0] is not rec:
+            return False  # another thread got there first
+        del _pending[key]
+    _release(rec)
+    return True
 
 
 def _requeue(recs: Sequence[_Pending]) -> None:
@@ -1098,13 +1170,13 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
     out_finite = None
     if rec.out_host is not None:
         out_finite = math.isfinite(rec.out_host.item())
-        if out_finite and not any(counts) and rec.problem.num_classes:
+        if out_finite and not any(counts) and rec.p[8]:  # (the number of classes)
             _release(rec)  # the clean record: what resolve() would conclude
             return
     elif rec.losses is not None:
         out_finite = bool(torch.isfinite(rec.losses).all())
     try:
-        resolve(Scan(counts, rec.scan.nonfinite_from_output), rec.problem, rec.losses,
+        resolve(Scan(counts, rec.nonfinite_from_output), rec.problem, rec.losses,
                 rec.out_host, out_finite, rec.strict, owner, have_logits=False,
                 device_type=rec.device_type, note=rec.note, op=rec.op)
     finally:

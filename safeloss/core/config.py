@@ -43,6 +43,8 @@ def is_strict(explicit: bool | None = None) -> bool:
         return bool(ctx)
     if _global_strict is not None:
         return _global_strict
+    if _ENV_DATA is not None and _STRICT_KEY is not None and _STRICT_KEY not in _ENV_DATA:
+        return False  # unset, the common case: one dict probe (CUDA calls ask every time)
     raw = env("SAFELOSS_STRICT")
     return raw is not None and raw.strip().lower() in _TRUE
 
@@ -53,6 +55,10 @@ def is_strict(explicit: bool | None = None) -> bool:
 _ENV_DATA: dict[object, object] | None = getattr(os.environ, "_data", None)
 _ENV_KEYS: dict[str, object] = {}
 _ENV_VALUES: dict[object, str] = {}
+try:
+    _STRICT_KEY: object | None = os.environ.encodekey("SAFELOSS_STRICT")  # type: ignore[attr-defined]
+except AttributeError:
+    _STRICT_KEY = None
 
 
 def env(name: str) -> str | None:

@@ -34,8 +34,9 @@ from ..backends.torch_backend import _stock_cross_entropy
 from ..core import _flags as F
 from ..core import checks, compiled, reduction
 from ..core import extras as X
+from ..core import plan as plans
 from ..core._traceback import trim
-from ..core.checks import Scan, bad_target_mask, prob_target_counts, target_bounds
+from ..core.checks import Scan, bad_target_mask, prob_target_counts, scan_prob_target, target_bounds
 from ..core.config import LazyStrict
 from ..core.errors import (
     LabelSmoothingError,
@@ -51,7 +52,7 @@ from ..core.mode import Mode, decide
 from ..core.report import Finding, _user_frame, report
 from ..core.rows import Rows
 from ..core.tools import densify_result, fx_proxy, paused_tracer
-from ..core.validation import check_label_smoothing, check_reduction
+from ..core.validation import REDUCTIONS, _negative_classes, check_label_smoothing, check_reduction
 from . import chunked, graph
 from . import extras as linear_extras
 from .validation import (
@@ -105,6 +106,14 @@ def linear_cross_entropy(
             :func:`safeloss.cross_entropy` (the logits still never exist; the tiles run torch
             ops on every backend, and backward recomputes them).
     """
+    key = None
+    if (not _is_compiling() and options is None and softcap is None and return_stats is False
+            and ((temperature is _T1 and z_loss is _Z0) or X.defaults(None, temperature, z_loss, False))):
+        # An eager call of a signature seen before (core.plan): see _fast.
+        key = _fast(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                    label_smoothing, backend)
+        if isinstance(key, Tensor):
+            return key
     mode = decide(input, linear_weight, target, linear_bias, weight)
     plain = X.defaults(softcap, temperature, z_loss, return_stats)
     if mode is Mode.FX:  # torch.fx.symbolic_trace: one node that calls this function when it runs
@@ -127,10 +136,19 @@ def linear_cross_entropy(
             mode, input, linear_weight, target, linear_bias, weight, check_reduction(reduction),
             ignore_index, check_label_smoothing(label_smoothing), strict=strict,
             backend=dispatch.check_backend(backend), owner=None, options=options,
+            key=key if mode is Mode.EAGER else None,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
         trim(e)
         raise
+
+
+_is_compiling = torch.compiler.is_compiling
+# The entry's own default objects (as in safeloss.ce.functional): told by identity, no call.
+_T1, _Z0 = linear_cross_entropy.__kwdefaults__["temperature"], linear_cross_entropy.__kwdefaults__["z_loss"]
+_DEFAULT_OPTIONS = tuple(linear_cross_entropy.__kwdefaults__[k] for k in (
+    "reduction", "ignore_index", "label_smoothing", "backend"))
+_DEFAULTS = ("default options",)
 
 
 def _fx_call(input: Any, linear_weight: Any, target: Any, kwargs: dict[str, Any],
@@ -236,8 +254,15 @@ def module_forward(m: Any, input: Tensor, target: Tensor,
     safeloss: the entry of the module and of the stock module under ``patch()``."""
     lin = m._modules["linear"]
     # The tensors as stored (a plain read: under torch.fx, attribute access records graph nodes).
-    mode = decide(input, lin._parameters.get("weight"), target, lin._parameters.get("bias"),
-                  m._buffers.get("weight"))
+    lw, lb, cw = lin._parameters.get("weight"), lin._parameters.get("bias"), m._buffers.get("weight")
+    key = None
+    if not m.out_features and m.options is None and not _is_compiling():
+        # A plain head (its weight is (C, H) as stored): see _fast.
+        key = _fast(input, lw, target, lb, cw, m.reduction, m.ignore_index, m.label_smoothing,
+                    backend)
+        if isinstance(key, Tensor):
+            return key
+    mode = decide(input, lw, target, lb, cw)
     if mode is Mode.FX:
         return _fx_module(m, input, target, strict, backend)
     try:
@@ -247,7 +272,7 @@ def module_forward(m: Any, input: Tensor, target: Tensor,
         return run(
             mode, input, w, target, b, m.weight, check_reduction(m.reduction), m.ignore_index,
             check_label_smoothing(m.label_smoothing), strict=strict, backend=backend, owner=m,
-            options=m.options,
+            options=m.options, key=key if mode is Mode.EAGER else None,
         )
     except SafeLossError as e:
         trim(e)
@@ -282,15 +307,116 @@ def run(
     mode: Mode, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
     weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
     *, strict: bool | None, backend: str, owner: object | None, options: object = None,
+    key: tuple[object, ...] | None = None,
 ) -> Tensor:
-    """One call in ``mode`` (from ``core.mode.decide``; torch.fx is handled by the entries)."""
+    """One call in ``mode`` (from ``core.mode.decide``; torch.fx is handled by the entries).
+    ``key``: the call's signature (eager calls, from ``_fast``), under which a clean call that
+    the planned path can take stores its plan."""
     args = (input, linear_weight, target, linear_bias, weight, reduction_, ignore_index,
             label_smoothing)
     if mode is Mode.EAGER or mode is Mode.CAPTURE or mode is Mode.TRANSFORM:
-        return _dense(mode, *args, strict=strict, backend=backend, owner=owner, options=options)
+        return _dense(mode, *args, strict=strict, backend=backend, owner=owner, options=options,
+                      plan_key=key)
     if mode is Mode.COMPILE or mode is Mode.GRAPH:
         return _graph(*args, strict=strict, backend=backend, owner=owner, options=options)
     return _in_tool(mode, *args, strict=strict, backend=backend, owner=owner, options=options)
+
+
+# ------------------------------------------------------------------------ planned calls
+#
+# A small plain head on the CPU: when the whole batch is one chunk and its logits take no more
+# memory than what the chunk loop keeps from forward to backward (d/dinput and d/dweight,
+# (N + C) * H values), the chunk loop's own path (two tiles, then three matmuls, eagerly, plus
+# the bookkeeping of its autograd functions) costs several times stock's whole call at small
+# shapes, for nothing. A repeated clean call of such a signature runs stock's reference path
+# itself (linear, then cross-entropy: stock's values and gradients by construction, autograd
+# saving what stock saves) with the CPU's value checks around it; any finding sends the call
+# back to the full path, which computes it again and reports exactly as without a plan.
+
+
+class _Plan:
+    """A planned signature of linear + cross-entropy (``core.plan``): stock's op's arguments."""
+
+    __slots__ = ("args", "prob", "scalar")
+
+    def __init__(self, lp: LinearProblem) -> None:
+        p = lp.p
+        self.prob = p.prob
+        self.scalar = p.reduction != "none"
+        self.args = (_REDUCTION_ENUM[p.reduction], p.ignore_index, p.label_smoothing)
+
+
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+_PLAIN = (Tensor, torch.nn.Parameter)
+_linear = torch._C._nn.linear
+_ce_loss = torch._C._nn.cross_entropy_loss
+
+
+def _plannable(lp: LinearProblem, x: Tensor, w: Tensor, t: Tensor, b: Tensor | None,
+               weight: Tensor | None, options: object) -> bool:
+    """A clean eager signature the planned path computes as the full path would: plain CPU
+    float32/float64 tensors the checks passed through unchanged, a plain batched head, no
+    options or autocast, two classes or more, and a batch small enough (see above)."""
+    N, H = x.shape[0] if x.dim() == 2 else 0, x.shape[-1]
+    C = lp.num_classes
+    return (
+        options is None and lp.batched and not lp.out_features and C > 1 and N > 0
+        and x.is_cpu and x.dtype in (torch.float32, torch.float64) and lp.compute_dtype == x.dtype
+        and lp.x is x and lp.w is w and lp.b is b and lp.target is t and lp.p.weight is weight
+        and all(type(v) in _PLAIN for v in (x, w, t, b, weight) if v is not None)
+        and not chunked.HALF_OPERANDS_ON_CPU and chunked.FORCE_ROWS is None
+        and N * C <= (N + C) * H and N * C * x.element_size() <= chunked.BUDGET_BYTES["cpu"]
+    )
+
+
+def _fast(
+    x: Tensor, w: Tensor, t: Tensor, b: Tensor | None, weight: Tensor | None, reduction: object,
+    ignore_index: object, label_smoothing: object, backend: object,
+) -> Tensor | tuple[object, ...] | None:
+    """A whole eager call of a planned signature: the result; else, before anything the caller
+    can see happened, the call's signature (its plan key) or None (not eager, not plannable),
+    as ``safeloss.ce.pipeline.fast``. The entries call it outside torch.compile, with the
+    default extras and no ``options``."""
+    if (type(x) not in _PLAIN or type(w) not in _PLAIN or type(t) not in _PLAIN
+            or (b is not None and type(b) not in _PLAIN) or (weight is not None and type(weight) not in _PLAIN)):
+        return None  # first: reading a Proxy's attributes would record nodes in an fx graph
+    if _C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active():
+        return None
+    try:
+        key = (
+            # (devices as in safeloss.ce.pipeline.fast: True for the CPU)
+            "linear", x.shape, x.layout, x.dtype, x.is_cpu or x.device,
+            w.shape, w.layout, w.dtype, w.is_cpu or w.device, t.shape, t.layout, t.dtype, t.is_cpu or t.device,
+            None if b is None else (b.shape, b.layout, b.dtype, b.is_cpu or b.device),
+            None if weight is None else (weight.shape, weight.layout, weight.dtype, weight.is_cpu or weight.device,
+                                         weight.requires_grad and _C.is_grad_enabled()),
+            # The default options as objects stand for themselves (no type calls, no tuple).
+            _DEFAULTS if (reduction is _DEFAULT_OPTIONS[0] and ignore_index is _DEFAULT_OPTIONS[1]
+                          and label_smoothing is _DEFAULT_OPTIONS[2] and backend is _DEFAULT_OPTIONS[3])
+            else (reduction, ignore_index, type(ignore_index), label_smoothing, type(label_smoothing), backend),
+            _C._is_any_autocast_enabled(), _C._is_torch_function_mode_enabled(),
+        )
+        plan = plans._plans.get(key)
+    except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
+        return None
+    if plan is None:
+        return key if reduction in REDUCTIONS else None  # a deprecated name warns per call: no plan
+    if checks._pending or checks.DEFER_ON_CPU:
+        return key  # earlier findings to report first / the deferred model: the full path
+    if weight is not None and _negative_classes(weight):
+        return key  # a finding of the argument checks, read per call
+    try:
+        out = _ce_loss(_linear(x, w, b), t, weight, *plan.args)
+    except (IndexError, RuntimeError):  # a label out of range: the full path says so
+        return key
+    if plan.prob and any(scan_prob_target(t, 1)):
+        return key
+    if plan.scalar:
+        if not math.isfinite(out.item()):
+            return key
+    elif not bool(torch.isfinite(out).all()):
+        return key
+    return out
 
 
 def _forward_ad(*vs: object) -> bool:
@@ -480,6 +606,7 @@ def _dense(
     mode: Mode, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
     weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
     *, strict: bool | None, backend: str, owner: object | None, options: object,
+    plan_key: tuple[object, ...] | None = None,
 ) -> Tensor:
     """Eager calls, and the modes that may not read the host: CUDA-graph capture and torch.func
     transforms (bad labels masked, NaN loss, findings not reported)."""
@@ -496,6 +623,9 @@ def _dense(
     if static and not no_host:
         for finding in static:
             report(finding, strict_, owner)
+    elif plan_key is not None and _plannable(lp, input, linear_weight, target, linear_bias, weight, options):
+        # Stored before the compute: the plan is about the signature, whatever the values hold.
+        plans.store(plan_key, _Plan(lp))
     # Index targets with such a weight were refused by validate (as stock does); probability
     # targets: stock differentiates the class weight, which the chunk loop does not, so those
     # calls take the plain chunked ops (reference-path memory, exact gradients); so do dual

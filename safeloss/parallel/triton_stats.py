@@ -15,10 +15,15 @@ The logits are read once, in their own dtype and strides (no copy, no upcast cop
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..backends import triton_backend
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -79,3 +84,17 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
             num_warps=4 if block_c <= 1024 else 8,
         )
     return lse, q
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """``safeloss.backends.triton_backend.stubbed_launches``, and this module's kernel launch a
+    no-op too: the host cost of the Triton paths of every op, without a GPU (a benchmark hook)."""
+    global shard_stats_kernel
+    saved = shard_stats_kernel
+    shard_stats_kernel = triton_backend.NO_LAUNCH  # type: ignore[assignment]
+    try:
+        with triton_backend.stubbed_launches():
+            yield
+    finally:
+        shard_stats_kernel = saved

@@ -51,7 +51,6 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 
 from ..ce import pipeline
 from ..ce.functional import cross_entropy as _safe_cross_entropy
-from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import boundary, functional_boundary, module_call
 from ..core.errors import ArgumentTypeError
@@ -226,19 +225,18 @@ def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tens
         return _saved_forward(self, input, target)
     _depth += 1
     try:
-        mode = decide(input, target, weight)
         key = None
-        if mode is Mode.EAGER:
+        if not torch.compiler.is_compiling():
             # A signature seen before: its plan (core.plan), then only the value checks.
-            key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
-                                     self.label_smoothing, "auto", False, False)
-            plan = None if key is None else plans.get(key)
-            if plan is not None and (out := pipeline.planned(plan, input, target, weight, current.strict, self)) is not None:
-                return out
+            key = pipeline.fast(input, target, weight, self.ignore_index, self.reduction,
+                                self.label_smoothing, "auto", False, False, current.strict, self)
+            if isinstance(key, Tensor):
+                return key
+        mode = decide(input, target, weight)
         return pipeline.run(
             mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
-            backend="auto", inplace_backward=False, owner=self, key=key,
+            backend="auto", inplace_backward=False, owner=self, key=key if mode is Mode.EAGER else None,
         )
     finally:
         _depth -= 1
