@@ -147,7 +147,10 @@ def _run(
 
     # The target, in the logits' layout.
     pre_error: BaseException | None = None
-    tshape = tuple(target.shape) if isinstance(target, Tensor) else ()
+    # A nested target has no shape to read (it raises): vocab.run rejects it with every rank, in
+    # its guarded phase (nothing here may raise on one rank's arguments alone).
+    plain_target = isinstance(target, Tensor) and not target.is_nested
+    tshape = tuple(target.shape) if plain_target else ()
     if isinstance(target, DTensor):
         if target.device_mesh != mesh:
             t_local: object = target.full_tensor()
@@ -167,7 +170,7 @@ def _run(
                 t_local = target.full_tensor()
     else:
         t_local = target
-        if any(not isinstance(p, Replicate) for p in pos_pl) and isinstance(target, Tensor):
+        if any(not isinstance(p, Replicate) for p in pos_pl) and plain_target:
             pre_error = stock_class(TargetShapeError, ValueError)(
                 f"cross_entropy got a plain tensor target (shape {fmt_shape(tshape)}) for DTensor "
                 f"logits of global shape {fmt_shape(shape)} whose positions are sharded (placements "

@@ -58,9 +58,11 @@ from ..core import _flags as F
 from ..core import checks, errors
 from ..core import extras as X
 from ..core import reduction as _reduction
+from ..core._traceback import trim
 from ..core.config import LazyStrict
 from ..core.errors import (
     BackendError,
+    InputDtypeError,
     ParallelMismatchError,
     SafeLossError,
     TargetOutOfRangeError,
@@ -452,16 +454,22 @@ def _groups(sh: Sharding) -> list[object | None]:
     return ([sh.group] if sh.split else []) + [g for g, _ in sh.outer]
 
 
-def _first(obj: object, sh: Sharding) -> tuple[int, int, object] | None:
-    """The (global rank, rank label, obj) of the lowest global rank whose ``obj`` is not None, on
-    every rank: a gather over the class group, then over each other mesh dim."""
+def _first(obj: object, sh: Sharding) -> tuple[int, int, object, bool] | None:
+    """The (global rank, rank label, obj, everywhere) of the lowest global rank whose ``obj`` is
+    not None, on every rank: a gather over the class group, then over each other mesh dim.
+    ``everywhere``: every rank passed an equal ``obj``."""
     label = dist.get_rank(sh.group) if sh.outer == () and sh.split else dist.get_rank()
-    cur = None if obj is None else (dist.get_rank(), label, obj)
+    cur = None if obj is None else (dist.get_rank(), label, obj, True)
     for g in _groups(sh):
         got: list[object] = [None] * dist.get_world_size(g)
         dist.all_gather_object(got, cur, group=g)
         found = [c for c in got if c is not None]
-        cur = min(found, key=lambda c: c[0]) if found else None  # type: ignore[index]
+        if not found:
+            cur = None
+            continue
+        low = min(found, key=lambda c: c[0])  # type: ignore[index]
+        same = len(found) == len(got) and all(c[3] and c[2] == low[2] for c in found)  # type: ignore[index]
+        cur = (*low[:3], same)  # type: ignore[index]
     return cur  # type: ignore[return-value]
 
 
@@ -481,7 +489,7 @@ def _raise_agreed(local: BaseException | None, sh: Sharding, default: SafeLossEr
     if first is None:
         assert default is not None  # internal invariant: called with a local error somewhere, or a default
         raise default
-    _, rank, (name, text, builtin) = first  # type: ignore[misc]
+    _, rank, (name, text, builtin), everywhere = first  # type: ignore[misc]
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SafeLossError)):
         cls = ParallelMismatchError
@@ -489,9 +497,34 @@ def _raise_agreed(local: BaseException | None, sh: Sharding, default: SafeLossEr
     elif builtin is not None:
         cls = errors.stock_class(cls, getattr(builtins, builtin))
     world = _world(sh)
-    if world > 1:
+    if world > 1 and not everywhere:  # which rank matters only where the ranks' errors differ
         text += f"\n(raised on rank {rank} of the {world} ranks of the {sh.where}; every rank raises it)"
     raise cls(text) from (local if local is not None else None)
+
+
+def _global_input_error(err: BaseException | None, input: object, sizes: list[int],
+                        sh: Sharding) -> BaseException | None:
+    """Integer (or complex) logits: the error names the global logits' shape, not this rank's slice
+    (every rank's width is in the head). Kept as it is where its text also reads the target (the
+    swapped-arguments reading: the local shapes are the ones it compares) or a width is unknown."""
+    if not isinstance(err, InputDtypeError) or not isinstance(input, Tensor) or input.dim() == 0:
+        return err
+    if sh.input_shape is not None:
+        gshape = tuple(sh.input_shape)
+    elif min(sizes) < 0:
+        return err
+    else:
+        gshape = _with_classes(_positions_shape(input), sum(sizes), input.dim() == 1)
+    try:
+        _check_input(input, None)
+    except InputDtypeError as plain:
+        if str(plain) != str(err):
+            return err  # the reading of the target's shape (swapped arguments)
+    try:
+        _check_input(_standin(gshape, input.dtype, input.device), None)
+    except InputDtypeError as e:
+        return e
+    return err
 
 
 def vocab_parallel_cross_entropy(
@@ -542,8 +575,12 @@ def vocab_parallel_cross_entropy(
         fn = disable(run, reason=_EAGER_ONLY)
     extras = None if X.defaults(softcap, temperature, z_loss, return_stats) else (
         softcap, temperature, z_loss, return_stats)
-    return fn(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
-              strict=strict, backend=backend, owner=None, extras=extras)
+    try:
+        return fn(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
+                  strict=strict, backend=backend, owner=None, extras=extras)
+    except SafeLossError as e:  # the traceback ends at the caller's line; fixes name this call
+        trim(e, "safeloss.vocab_parallel_cross_entropy")
+        raise
 
 
 _EAGER_ONLY = ("safeloss.vocab_parallel_cross_entropy runs eagerly (collectives, host-read agreement "
@@ -676,10 +713,12 @@ def run(
     findings: list[Finding] = []
     fp = dict.fromkeys(_AGREE, 0)
     tmax = tmin = None
-    width = 0
+    width = -1  # this slice's width, -1 where the input has none (not a tensor, 0-d)
     name = "torch"
     ex: X.Extras | None = None
     try:
+        if isinstance(input, Tensor) and not input.is_nested and input.dim() >= 1:
+            width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
         strict_local = bool(LazyStrict(strict))
         if extras is not None:
             ex = X.check(*extras, op="vocab_parallel_cross_entropy")
@@ -691,14 +730,19 @@ def run(
             raise sh.pre_error
         x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
         one_d = x.dim() == 1
-        width = x.shape[0 if one_d else 1]
         if sh.num_classes is not None:
             # DTensor: the global shapes are known on every rank, so shapes are judged globally
             # now (every rank the same message), then this rank's values locally.
             assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
-            g = normalize(_standin(sh.input_shape, x.dtype, x.device),
-                          _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
-                          weight, ignore, reduction_, eps)
+            gx = _standin(sh.input_shape, x.dtype, x.device)
+            try:
+                g = normalize(gx, _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
+                              weight, ignore, reduction_, eps)
+            except Exception:
+                if tuple(t.shape) == tuple(sh.target_shape):
+                    # this rank holds the whole target: the message of its values (the hints read them)
+                    normalize(gx, t, weight, ignore, reduction_, eps)
+                raise
             findings = g.findings
             if sh.split:
                 p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
@@ -740,8 +784,8 @@ def run(
 
     # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata.
     head = torch.zeros(cworld + _HEAD, dtype=torch.int64, device=device)
+    head[crank] = width + 1  # 0: unknown
     if local_error is None:
-        head[crank] = width
         if tmax is not None:
             head[cworld + _TMAX], head[cworld + _TMIN] = tmax, tmin
         else:
@@ -766,11 +810,11 @@ def run(
     h = head.tolist()
 
     # Phase B: every decision from here on is taken on the agreed numbers.
+    sizes = [w - 1 for w in h[:cworld]]
     if h[cworld + _ERROR]:
-        _raise_agreed(local_error, sh)
+        _raise_agreed(_global_input_error(local_error, input, sizes, sh), sh)
     assert x is not None and t is not None  # no rank failed, this one included
     strict_ = bool(h[cworld + _STRICT])  # strict anywhere: strict everywhere
-    sizes = h[:cworld]
     C = sum(sizes) if sh.split else width
     one_d = x.dim() == 1
     positions = _positions_shape(x)
@@ -814,8 +858,13 @@ def run(
             p = _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
             findings = p.findings
         except Exception as e:
-            _split_normalize(x_standin, _standin_target(tuple(t.shape), t.dtype, t.device, tuple(x_standin.shape)),
-                             weight, ignore, reduction_, eps)  # raises a failure of shapes or dtypes
+            try:
+                _split_normalize(x_standin, _standin_target(tuple(t.shape), t.dtype, t.device,
+                                                            tuple(x_standin.shape)), weight, ignore, reduction_, eps)
+            except Exception:
+                # A failure of shapes or dtypes, agreed, so every rank is here: the message of the
+                # real target (its hints read the labels), the lowest rank's on every rank.
+                _raise_agreed(e, sh)
             b_error = e
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -1020,9 +1069,9 @@ def _raise_bad_labels(t: Tensor, C: int, ignore_index: int, sh: Sharding) -> Non
         mine = checks.out_of_range_message(t, C, ignore_index, t.device.type)
     first = _first(mine, sh)
     assert first is not None  # the agreed label range says some rank has a bad label
-    _, rank, text = first
+    _, rank, text, everywhere = first
     assert isinstance(text, str)
     world = _world(sh)
-    if world > 1 and sh.split and not sh.outer:
+    if world > 1 and sh.split and not sh.outer and not everywhere:
         text += f"\n(found in the labels of rank {rank} of {world})"
     raise TargetOutOfRangeError(text)
