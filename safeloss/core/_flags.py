@@ -25,17 +25,16 @@ SOFTMAX_SAMPLE = 64
 
 def overflow_bound(dtype: object) -> float:
     """The smallest magnitude that rounds to inf in ``dtype`` (65520 for float16); inf for the
-    dtypes an fp32 value always fits. (A string match: this module imports nothing.)"""
-    bound = _BOUNDS.get(dtype)
-    if bound is None:
-        name = str(dtype).removeprefix("torch.")
-        bound = (2 - 2**-11) * 2.0**15 if name == "float16" else (
-            (2 - 2**-8) * 2.0**127 if name == "bfloat16" else float("inf"))
-        _BOUNDS[dtype] = bound
-    return bound
+    dtypes an fp32 value always fits. Pure (no cache to fill): torch.compile guards on a module
+    dict it sees mutated, so a lazily filled cache recompiled every first traced call. Only the
+    2-byte dtypes pay for the string match (this module imports nothing)."""
+    if getattr(dtype, "itemsize", 4) != 2:
+        return float("inf")
+    name = str(dtype)
+    if name == "torch.float16":
+        return (2 - 2**-11) * 2.0**15
+    return (2 - 2**-8) * 2.0**127 if name == "torch.bfloat16" else float("inf")
 
-
-_BOUNDS: dict[object, float] = {}  # per dtype: str(dtype) costs a microsecond per call
 
 # Tolerances shared by every backend, so all of them flag the same rows. Every backend sums a row
 # in fp32 (fp64 for fp64), whatever the dtype it is stored in: a half-precision sum of 300
