@@ -18,13 +18,18 @@ choose, compiled ahead of time for real GPU targets, with registers, spills and 
    whether the caller set it or not), then its PTX goes through the ``ptxas`` inside the triton
    wheel with ``-v`` (the flags Triton's own ``make_cubin`` uses): registers, spill stores/loads,
    stack frame; shared memory is the compiled kernel's (Triton allocates it dynamically).
-3. Judge and write. ``DIR/aot-gate.json`` (every configuration and target) and ``DIR/aot-gate.md``
-   (one row per configuration: kernel, constexprs, warps, registers, spills, shared memory,
-   theoretical occupancy on an H100). Exit status 1 when a configuration fails to compile, spills,
-   needs more shared memory than its target has, or breaks a register budget (:data:`BUDGETS`).
+3. Judge and write. ``DIR/aot-gate.json`` (one line per configuration: constexprs, dtypes,
+   specialisations, the calls that chose it, per-target registers / spills / shared memory) and
+   ``DIR/aot-gate.md`` (one line per kernel, constexprs and warps, the worst over its variants,
+   with the theoretical occupancy on an H100). Exit status 1 when a configuration fails to
+   compile, spills, needs more shared memory than its target allows per block, or breaks its
+   register budget (:func:`budget`).
 
-``--quick`` (CI) enumerates a smaller grid and compiles for sm_90 only. Nothing is cached outside
-``--out`` except Triton's own kernel cache (``TRITON_CACHE_DIR``).
+``--quick`` (CI): the same enumeration; every configuration must be in the committed table
+(:data:`TABLE`), made from the current kernel code; the configurations nearest their budgets
+(and any the table lacks) are compiled for sm_90 and compared with it. Nothing is cached outside
+``--out`` except Triton's own kernel cache (``TRITON_CACHE_DIR``). ``--resume FILE`` reuses an
+earlier run's results (same Triton, same kernel code) and compiles only what it lacks.
 """
 
 from __future__ import annotations
@@ -550,22 +555,38 @@ def compile_all(launches: list[Launch], targets: list[int], jobs: int | None = N
         with open(job_file, "wb") as f:
             pickle.dump(work, f)
 
-        def run_worker() -> None:
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", job_file],
+        def start() -> subprocess.Popen[str]:
+            return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", job_file],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-            assert proc.stdin is not None and proc.stdout is not None
+
+        def run_worker() -> None:
+            # A worker that dies (a crash in the compiler, a signal) is replaced and its job retried
+            # once; a job that kills two workers is a failed configuration, never a silent pass.
+            proc = start()
+            tries: dict[int, int] = {}
             try:
                 while True:
                     try:
                         i = todo.get_nowait()
                     except queue.Empty:
                         break
-                    proc.stdin.write(f"{i}\n")
-                    proc.stdin.flush()
-                    line = proc.stdout.readline()
+                    assert proc.stdin is not None and proc.stdout is not None
+                    try:
+                        proc.stdin.write(f"{i}\n")
+                        proc.stdin.flush()
+                        line = proc.stdout.readline()
+                    except OSError:  # the worker is gone (broken pipe)
+                        line = ""
                     if not line:
-                        results[i] = {"cc": work[i][1], "ok": False, "error": "compile worker died", "seconds": 0}
-                        break
+                        rc = proc.wait()
+                        tries[i] = tries.get(i, 0) + 1
+                        if tries[i] < 2:
+                            todo.put(i)
+                        else:
+                            results[i] = {"cc": work[i][1], "ok": False, "seconds": 0,
+                                          "error": f"the compile worker died twice on it (exit status {rc})"}
+                        proc = start()
+                        continue
                     res = json.loads(line)
                     res.pop("job", None)
                     results[i] = res
@@ -574,7 +595,8 @@ def compile_all(launches: list[Launch], targets: list[int], jobs: int | None = N
                         if progress is not None:
                             progress(done[0], len(work))
             finally:
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
                 proc.wait()
 
         threads = [threading.Thread(target=run_worker) for _ in range(jobs)]
@@ -593,7 +615,7 @@ def compile_all(launches: list[Launch], targets: list[int], jobs: int | None = N
 # 3. Verdicts, the table, the quick form
 # --------------------------------------------------------------------------------------------
 TABLE = os.path.join(ROOT, "benchmarks", "results", "aot-gate", "aot-gate.json")
-QUICK_PER_KERNEL = 12  # the quick form compiles this many configurations per kernel, the riskiest
+QUICK_PER_KERNEL = 10  # the quick form compiles this many configurations per kernel, the riskiest
 QUICK_NEW = 40  # and at most this many that the committed table does not know
 
 
@@ -739,8 +761,8 @@ def load_table(path: str) -> dict[str, Any] | None:
 
 def quick_selection(launches: list[Launch], known: dict[str, dict[str, Any]]) -> list[Launch]:
     """The configurations the quick form compiles: per kernel, those nearest their register budget
-    in the committed table (the widest tiles when it has none), the widest tiles, and every
-    configuration the table does not know (up to QUICK_NEW)."""
+    in the committed table (the widest tiles when it has none), and every configuration the table
+    does not know (up to QUICK_NEW)."""
     pick: dict[str, Launch] = {}
     by_kernel: dict[str, list[Launch]] = {}
     for launch in launches:
@@ -751,13 +773,27 @@ def quick_selection(launches: list[Launch], known: dict[str, dict[str, Any]]) ->
         return r.get("regs", 0) / budget(launch) + 10 * (r.get("spill_stores", 0) > 0)
 
     for ls in by_kernel.values():
-        for launch in sorted(ls, key=lambda x: (-pressure(x), -x.tile(), x.key))[: QUICK_PER_KERNEL - 3]:
-            pick[launch.key] = launch
-        for launch in sorted(ls, key=lambda x: (-x.tile() * x.num_warps, x.key))[:3]:
+        for launch in sorted(ls, key=lambda x: (-pressure(x), -x.tile(), x.key))[:QUICK_PER_KERNEL]:
             pick[launch.key] = launch
     for launch in [x for x in launches if x.key not in known][:QUICK_NEW]:
         pick[launch.key] = launch
     return list(pick.values())
+
+
+def _resumable(path: str, meta: dict[str, Any], targets: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """Results of an earlier run that this run may reuse: same Triton, same kernel code, every
+    target present and no worker death among them (compile errors are kept: they are results)."""
+    table = load_table(path)
+    if table is None or table["meta"].get("triton") != meta["triton"] \
+            or table["meta"].get("sources") != meta["sources"]:
+        print(f"--resume {path}: another Triton or other kernel code; compiling everything")
+        return {}
+    out = {}
+    for r in table["configurations"]:
+        res = [dict(r["results"][str(t)], cc=t) for t in targets if str(t) in r["results"]]
+        if len(res) == len(targets) and not any("worker died" in x.get("error", "") for x in res):
+            out[r["key"]] = res
+    return out
 
 
 def _meta(targets: list[int], launches: list[Launch], n_cases: int) -> dict[str, Any]:
@@ -787,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=None, help="compute capabilities (default 80,90,100; 90 with --quick)")
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     ap.add_argument("--table", default=TABLE, help="the committed table the quick form checks against")
+    ap.add_argument("--resume", default=None, help="an earlier aot-gate.json of the same kernel code and "
+                    "Triton: reuse its results, compile only what it lacks")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -828,7 +866,12 @@ def main(argv: list[str] | None = None) -> int:
         if done % step == 0 or done == total:
             print(f"  {done}/{total} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
-    results = compile_all(todo, targets, a.jobs, progress)
+    reused = _resumable(a.resume, meta, targets) if a.resume else {}
+    fresh = [x for x in todo if x.key not in reused]
+    if reused:
+        print(f"reusing {len(todo) - len(fresh)} configurations from {a.resume}", flush=True)
+    got = dict(zip((x.key for x in fresh), compile_all(fresh, targets, a.jobs, progress)))
+    results = [got[x.key] if x.key in got else reused[x.key] for x in todo]
     meta["compile_seconds"] = round(time.perf_counter() - t1)
     rows = [row(x, r) for x, r in zip(todo, results)]
     failures = [f"{describe(x)}: {f}" for x, r in zip(todo, rows) for f in r["failures"]]

@@ -40,6 +40,12 @@ def _some() -> list:
     return gate.enumerate_launches(only=lambda name: bool(SOME.search(name)))[0]
 
 
+@pytest.fixture(scope="module")
+def some() -> list:
+    """The enumeration under the shipped tile rules (computed once for the tests that only read it)."""
+    return _some()
+
+
 def _launch_sites() -> set[str]:
     """Every ``name[grid](`` launch in the package's source: what the enumeration must find."""
     sites = set()
@@ -51,14 +57,14 @@ def _launch_sites() -> set[str]:
     return sites
 
 
-def test_enumeration_finds_every_launched_kernel():
-    found = {launch.name for launch in _some()}
+def test_enumeration_finds_every_launched_kernel(some):
+    found = {launch.name for launch in some}
     assert _launch_sites() == {"ce_fwd_kernel", "ce_bwd_kernel", "ce_scale_kernel", "shard_stats_kernel"}
     assert found == _launch_sites()
 
 
-def test_enumeration_records_what_a_cuda_launch_compiles():
-    launches = _some()
+def test_enumeration_records_what_a_cuda_launch_compiles(some):
+    launches = some
     fwd = [x for x in launches if x.name == "ce_fwd_kernel" and "ce llm-N8192-V128256 bfloat16 index train" in x.cases]
     assert len(fwd) == 1
     x = fwd[0]
@@ -83,10 +89,29 @@ def test_int64_offsets_only_past_int32():
     assert by_case["ce llm-N8192-V128256 bfloat16 index train"] is False
 
 
-def test_enumeration_follows_a_changed_tile_rule(monkeypatch):
+@pytest.mark.parametrize(("n", "wide"), [(33_100_000, True), (33_000_000, False)])
+def test_int64_sample_arithmetic(n, wide):
+    """The softmax check's sample index multiplies a position by 65: past 2^31 / 65 positions the
+    forward needs int64 even though the logits (n x 2) are far below 2^31 elements."""
+    import math
+
+    import torch
+
     from safeloss.backends import triton_backend as tb
 
-    before = {x.key for x in _some()}
+    rec = gate.Recorder()
+    x = torch.empty((n, 2), device="meta")
+    t = torch.empty((n,), device="meta", dtype=torch.int64)
+    with rec.active():
+        tb._fwd_impl(x, t, None, -100, 0.0, False, True, False, False, math.inf)
+    (launch,) = rec.launches.values()
+    assert launch.own_constexprs()["I64"] is wide
+
+
+def test_enumeration_follows_a_changed_tile_rule(monkeypatch, some):
+    from safeloss.backends import triton_backend as tb
+
+    before = {x.key for x in some}
     monkeypatch.setattr(tb, "FORCE_BLOCK_C", 64)
     after = _some()
     ce = [x for x in after if x.module == tb._kernels().__name__]

@@ -210,6 +210,44 @@ def test_tile_choice() -> None:
     assert tb._tiles([1, 4, 20], 21, [0, 21 * 20, 1, 20]) == (32, 16, 4)  # few pixels: one block of them
 
 
+@pytest.mark.parametrize(
+    ("shape", "stride", "wide"),
+    [
+        ((8192, 262144), (262144, 1), False),  # 2^31 elements: the last offset is 2^31 - 1
+        ((8193, 262144), (262144, 1), True),
+        ((2, 262144), (2**30 + 262144, 1), False),  # a view of a bigger storage: offsets count
+        ((3, 262144), (2**30 + 262144, 1), True),
+        ((2**31 + 5, 4), (0, 1), False),  # expanded: every row is the first
+        ((0, 2**40), (2**40, 1), False),  # empty
+        ((4, 2, 2**29), (1, 4, 8), True),  # (C, N)-transposed layouts: strides decide, not order
+    ],
+)
+def test_int64_offsets_exactly_when_needed(shape, stride, wide) -> None:
+    x = torch.empty_strided(shape, stride, device="meta")
+    assert tb._i64(x) is wide
+    assert tb._i64(None, torch.empty(3, device="meta"), x) is wide
+
+
+def test_int64_offsets_compute_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' int64-offset variant (chosen past 2^31 elements, too big for the interpreter)
+    gives the int32 variant's values."""
+    monkeypatch.setattr(tb, "_i64", lambda *ts: True)
+    x = torch.randn(2, 40, 5, 7, device=DEV)
+    t = torch.randint(0, 40, (2, 5, 7), device=DEV)
+    t[0, 1, 2] = -100
+    _check(x, t, weight=torch.rand(40, device=DEV), eps=0.1)
+    _check(x, t, fused_grad=True)
+    _check(x[:, :20], t % 20, fused_grad=True)
+    _check(torch.randn(5, 300, device=DEV), _probs((5, 300)), prob=True, target_grad=True, eps=0.1)
+    r = torch.randn(6, 37, device=DEV)
+    _check(r, torch.randint(0, 37, (6,), device=DEV), g=torch.full((6,), 0.5, device=DEV), fused_grad=True)
+    t6, g6 = torch.randint(0, 37, (6,), device=DEV), torch.randn(6, device=DEV)
+    ref, rdx, _ = _reference(r, t6, g6)
+    losses, _, dx, _ = _ours(r.clone(), t6, g6, inplace_backward=True)  # the clone is overwritten
+    torch.testing.assert_close(losses.double(), ref, **_tols(torch.float32))
+    torch.testing.assert_close(dx.double(), rdx, **_tols(torch.float32))
+
+
 def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/gpu_tune.py overrides warps and pipelining stages through these hooks."""
     assert tb._launch_opts(8) == {"num_warps": 8}
@@ -763,6 +801,28 @@ def test_gpu_more_than_2_31_elements() -> None:
     assert flags[_flags.BAD_TARGET] == 0 and flags[_flags.NONFINITE_ROW] == 0
     assert flags[_flags.SOFTMAX_CHECKED] == N
     rows = torch.tensor([0, 1, N // 2, N - 2, N - 1], device="cuda")
+    xr = x.detach()[rows].double().requires_grad_()
+    ref = F.cross_entropy(xr, t[rows], reduction="none")
+    ref.backward(g[rows].double())
+    torch.testing.assert_close(losses[rows].double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx[rows].double(), xr.grad, rtol=2e-2, atol=1e-7)
+
+
+@gpu
+@needs_cuda
+def test_gpu_int32_offsets_at_their_limit() -> None:
+    """(8192, 262144): exactly 2^31 logits, the largest that runs with int32 offsets (the last
+    element's offset is 2^31 - 1). The last rows' losses and gradients against torch's."""
+    N, V = 8192, 262144
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert not tb._i64(x)
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[-1] = V - 1  # the last class of the last row: the largest offset read
+    losses, flags = tb.row_losses(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False)
+    g = torch.tensor(1.0 / N, device="cuda").expand(N)
+    (dx,) = torch.autograd.grad(losses, x, g)
+    assert flags[_flags.BAD_TARGET] == 0 and flags[_flags.NONFINITE_ROW] == 0
+    rows = torch.tensor([0, N - 2, N - 1], device="cuda")
     xr = x.detach()[rows].double().requires_grad_()
     ref = F.cross_entropy(xr, t[rows], reduction="none")
     ref.backward(g[rows].double())
