@@ -11,7 +11,7 @@ interleaved call by call, every call started after a barrier, medians of rank 0'
 Bytes are the payloads of the all-reduces each rank enters per call, counted by wrapping the
 functional all-reduce that both stock and safeloss use (and ``torch.distributed.all_reduce``, in
 case either ever calls it; a ring all-reduce
-moves about 2 (p-1)/p times its payload over each rank's link). safeloss also reads 14 + p int64
+moves about 2 (p-1)/p times its payload over each rank's link). safeloss also reads 13 + p int64
 values on the host per call (its first all-reduce), which is where its errors agree across ranks.
 
     python benchmarks/vocab_parallel.py                       # default shapes, 2 ranks

@@ -78,6 +78,40 @@ FOOTER = """
   `BackendError` for fake tensors exactly where it would for real ones.
 """
 
+# DTensor cells need several processes (a gloo group), so this script does not run them: each
+# row below is observed by tests/test_parallel_dtensor.py (4 ranks: the layouts, NaN, bad labels)
+# and tests/test_parallel.py (2 and 3 ranks: torch.compile, patch(), one rank's bad arguments).
+DTENSOR_SECTION = """
+## DTensor
+
+`safeloss.cross_entropy`, `SafeCrossEntropyLoss` and, under `patch()`, the stock loss take one
+route for every call with a DTensor argument, in or outside `loss_parallel()`
+(`safeloss.parallel.dtensor`). What a call computes and exchanges is decided from the placements,
+which every rank holds alike, never from values one rank sees: no input makes one rank enter a
+collective that another rank left. Every check runs, on every rank alike: a finding is reported
+(or raised) on every rank with the same text, naming global positions. Observed on 2, 3 and 4
+gloo ranks by tests/test_parallel_dtensor.py and tests/test_parallel.py (this script does not run
+them: they need several processes).
+
+| logits' placements | how it runs | checks | stock torch |
+|---|---|---|---|
+| classes sharded on one mesh dim (`Shard(1)`), in or outside `loss_parallel()` | the vocab-parallel op over that mesh dim: 3 all-reduces, the logits never move | all; the ranks' labels, weights and arguments must agree | under `loss_parallel()`: no check (a label >= C returns a number); outside: gathers the classes; a NaN logit or bad label through safeloss crashed (`aten.nonzero`) |
+| positions sharded (`Shard(0)`, `Shard(2)`), classes whole | each rank its own rows, on the single-device backends; head, counts and the mean's sums reduced over those mesh dims | all, agreed over the mesh; messages name global positions | `mean` is `Partial(avg)` of per-shard means (raises for uneven shards); through safeloss it could hang |
+| replicated (`Replicate()`) | every rank the whole loss, single-device backends | all | as safeloss, unchecked |
+| 2-D and N-D meshes: classes on one dim, positions or replicas on the others (`[Shard(0), Shard(1)]`, `[Replicate(), Shard(1)]`, ...) | both of the above | all, agreed over every mesh dim | under `loss_parallel()`: a label == C scored 0; `mean` raises on an N-D mesh |
+| `Partial`, `_StridedShard`, the classes sharded on two mesh dims | redistributed first (summed / gathered), then as above | all | as its own ops |
+| probability targets as a DTensor of the logits' layout | the classes gathered, as stock outside `loss_parallel()` | all | `loss_parallel()`: not supported |
+
+| setting | what happens |
+|---|---|
+| eager | every check; findings reported in the call (two small host reads per call, the first carries the ranks' agreement) |
+| `torch.compile` (any backend) | the DTensor call runs eagerly between compiled parts (a graph break, every check); `fullgraph=True` therefore raises Dynamo's `Unsupported` where stock compiles |
+| `torch.compile` of stock under `patch()` | the same route (was: stock's, unchecked) |
+| a plain tensor target while the positions are sharded | `TargetShapeError` (a `ValueError`, as stock `loss_parallel()`): a plain tensor could be the whole target or this rank's part |
+| `reduction="none"` | a DTensor sharded like the positions (replicated over the class dim) |
+| `sum`, `mean` | a replicated DTensor holding the global value (stock: `Partial` placements for batch-sharded `sum`, the same value after `full_tensor()`) |
+"""
+
 SPARSE_HEADER = """
 ## Sparse, nested and other layouts
 
@@ -314,6 +348,180 @@ def sparse_rows() -> list[str]:
     return out
 
 
+MODE_HEADER = """
+## One decision per call: the setting, and what runs there
+
+Every op (`cross_entropy`, `SafeCrossEntropyLoss`, `linear_cross_entropy`,
+`SafeLinearCrossEntropyLoss`, vocab-parallel cross-entropy) asks `safeloss.core.mode.decide` once, at
+its entry, which setting the call runs in, and branches on the answer; nothing below the entry
+tests for a tool again. The *setting* column is the probe run for this page, *decided* is what
+`decide` returned inside it; the other columns are `safeloss.core.mode.TABLE`.
+
+| setting | decided | checks that run | findings reported | backend |
+|---|---|---|---|---|"""
+
+
+def mode_rows() -> list[str]:
+    """Run each setting with a probe that records what ``mode.decide`` returns inside it."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from safeloss.core.mode import TABLE, decide
+
+    x, y = _inputs()
+    seen: list = []
+
+    def probe(a, b):
+        seen.append(decide(a, b))
+        return a.sum()
+
+    class Probe(torch.nn.Module):
+        def forward(self, a, b):
+            return probe(a, b)
+
+    def fake():
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as m:
+            probe(m.from_tensor(x), m.from_tensor(y))
+
+    settings = {
+        "eager, plain tensors": lambda: probe(x, y),
+        "`torch.compile`": lambda: (torch._dynamo.reset(),
+                                    torch.compile(probe, backend="eager", fullgraph=True)(x, y)),
+        "`torch.jit.trace`": lambda: torch.jit.trace(probe, (x, y), check_trace=False),
+        "`torch.fx.symbolic_trace`": lambda: torch.fx.symbolic_trace(Probe()),
+        "`make_fx` (real, fake, symbolic), non-strict `torch.export`": lambda: make_fx(probe)(x, y),
+        "`torch.func` (`vmap`, `grad`, `jvp`)": lambda: torch.func.vmap(probe)(x[None], y[None]),
+        "`FakeTensorMode`": fake,
+        "meta tensors": lambda: probe(x.to("meta"), y.to("meta")),
+        "sparse probability targets": lambda: probe(x, torch.softmax(x, 1).to_sparse()),
+        "nested (jagged) tensors": lambda: probe(
+            torch.nested.nested_tensor([x[:1], x[1:]], layout=torch.jagged), y),
+    }
+    out = []
+    for name, run in settings.items():
+        seen.clear()
+        run()
+        mode = seen[0]
+        row = TABLE[mode]
+        out.append(f"| {name} | `{mode.name}` | {row.checks} | {row.reported} | {row.backend} |")
+    for mode, label in (("CAPTURE", "CUDA-graph capture (CUDA only: not probed here)"),
+                        ("ONNX", "`torch.onnx.export(dynamo=True)` (needs onnx: not probed here)"),
+                        ("DTENSOR", "DTensor arguments (needs a process group: tests/test_parallel.py)")):
+        from safeloss.core.mode import Mode
+
+        row = TABLE[Mode[mode]]
+        out.append(f"| {label} | `{mode}` | {row.checks} | {row.reported} | {row.backend} |")
+    return out
+
+
+LINEAR_HEADER = """
+## `linear_cross_entropy` in every setting
+
+`safeloss.linear_cross_entropy` asks `safeloss.core.mode.decide` once per call which setting it
+runs in (the same decision as `cross_entropy`'s). Each row below is observed: the call built at
+batch size 4 (hidden size 3, 5 classes), run at batch size 6 where the tool allows another
+(*clean*: compared with stock `F.linear_cross_entropy` at that size), then a label of 7 (5
+classes). "Batch size" says whether one build served both sizes.
+"""
+
+
+def _linear_settings() -> dict[str, Callable]:
+    """name -> build(fn) -> call(x, w, t): the op built into each setting."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    class M(torch.nn.Module):
+        def __init__(self, fn: Callable) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x, w, t):  # type: ignore[no-untyped-def]
+            return self.fn(x, w, t, reduction="sum")
+
+    def ex(n: int = 4):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(n)
+        return torch.randn(n, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+    def compiled(fn):  # type: ignore[no-untyped-def]
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        c = torch.compile(M(fn), backend=counter, dynamic=True)
+
+        def run(x, w, t):  # type: ignore[no-untyped-def]
+            return c(x, w, t)
+        run.frames = lambda: counter.frame_count  # type: ignore[attr-defined]
+        return run
+
+    def export(fn):  # type: ignore[no-untyped-def]
+        n = torch.export.Dim("n", min=2)
+        return torch.export.export(M(fn), ex(), dynamic_shapes=({0: n}, None, {0: n})).module()
+
+    def vmapped(fn):  # type: ignore[no-untyped-def]
+        return lambda x, w, t: torch.func.vmap(lambda a, c: fn(a, w, c, reduction="sum"))(
+            x.view(2, -1, 3), t.view(2, -1)).sum()
+
+    def jvp(fn):  # type: ignore[no-untyped-def]
+        return lambda x, w, t: torch.func.jvp(lambda a: fn(a, w, t, reduction="sum"), (x,), (torch.ones_like(x),))[0]
+
+    return {
+        "eager": lambda fn: M(fn),
+        "`torch.compile(dynamic=True)`": compiled,
+        "`torch.export` (dynamic batch dim)": export,
+        "`make_fx` (symbolic)": lambda fn: make_fx(M(fn), tracing_mode="symbolic")(*ex()),
+        "`torch.fx.symbolic_trace`": lambda fn: torch.fx.symbolic_trace(M(fn)),
+        "`torch.jit.trace`": lambda fn: torch.jit.trace(M(fn), ex()),
+        "`torch.func.vmap`": vmapped,
+        "`torch.func.jvp`": jvp,
+        "sparse input (COO)": lambda fn: (lambda x, w, t: M(fn)(x.to_sparse(), w, t)),
+    }
+
+
+def linear_rows() -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    import safeloss
+
+    def ex(n: int):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(n)
+        return torch.randn(n, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+    out = []
+    for name, build in _linear_settings().items():
+        try:
+            run = build(safeloss.linear_cross_entropy)
+        except Exception as e:
+            out.append(f"| {name} | fails: {_error(e)} at build | | |")
+            continue
+        n = 4 if "jit.trace" in name else 6  # a trace is built for its example's size
+        x, w, t = ex(n)
+        frames = getattr(run, "frames", None)
+        try:
+            run(*ex(4))
+            built = frames() if frames else 0
+            got = run(x, w, t)
+            rebuilt = bool(frames and frames() != built)
+            want = F.linear_cross_entropy(x, w, t, reduction="sum")
+            clean = "stock's values" if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "DIFFERENT VALUES"
+        except Exception as e:
+            clean, rebuilt = "fails: " + _error(e), True
+        size = "—" if n == 4 or name in ("eager", "`torch.func.vmap`", "`torch.func.jvp`", "sparse input (COO)") \
+            else ("one build, both sizes" if clean == "stock's values" and not rebuilt else "rebuilt or fails")
+        bad = t.clone()
+        bad[1] = 7
+        try:
+            run(x, w, bad)
+            label = "no error"
+        except Exception as e:
+            label = _error(e)
+        out.append(f"| {name} | {clean} | {size} | {label} |")
+    return out
+
+
 def generate() -> str:
     import torch
 
@@ -322,6 +530,8 @@ def generate() -> str:
         warnings.simplefilter("ignore")  # deprecation notices of torch.jit, TracerWarnings
         table = rows()
         sparse = sparse_rows()
+        modes = mode_rows()
+        linear = linear_rows()
     safe, patched = ["SafeCrossEntropyLoss", "safeloss.cross_entropy"], [
         "patch(): nn.CrossEntropyLoss", "patch(): F.cross_entropy"]
     lines = [HEADER.format(torch=torch.__version__.split("+")[0])]
@@ -334,9 +544,16 @@ def generate() -> str:
         under_patch = "the same" if same else " / ".join(
             _cell(obs, f, patched) for f in ("clean", "shape", "label"))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {under_patch} |")
+    lines.append(MODE_HEADER)
+    lines += modes
     lines.append(FOOTER)
+    lines.append(DTENSOR_SECTION.rstrip("\n"))
     lines.append(SPARSE_HEADER.rstrip("\n"))
     lines += sparse
+    lines.append(LINEAR_HEADER)
+    lines.append("| setting | clean inputs | batch size | bad label |")
+    lines.append("|---|---|---|---|")
+    lines += linear
     return "\n".join(lines) + "\n"
 
 

@@ -46,9 +46,15 @@ def generate() -> str:
             rows.append(f"| `{name}` | `{builtins[0]}` | {doc.splitlines()[0].replace('``', '`')} |")
     out = [HEADER.format(torch=torch.__version__.split("+")[0], classes="\n".join(rows))]
     out.append("## The catalogue\n")
-    for i, case in enumerate(demo.CASES + demo.MORE_CASES):
+    for i, case in enumerate(demo.CASES + demo.MORE_CASES + demo.LINEAR_CASES):
         if i == len(demo.CASES):
             out.append("## Every other message\n")
+        if i == len(demo.CASES) + len(demo.MORE_CASES):
+            out.append(
+                "## linear_cross_entropy\n\nThe head's matmul and the loss in one call: "
+                "`safeloss.linear_cross_entropy` next to stock `torch.nn.functional.linear_cross_entropy` "
+                "with the same input. Its cross-entropy findings (labels, targets, NaN, overflow) are "
+                "the ones above, named as this op's; these are the mistakes of a head.\n")
         stock, ours = demo.run_case(case)
         _, strict = demo.run_case(case, strict=True)
         out.append(f"### {case.title}\n")
@@ -58,6 +64,55 @@ def generate() -> str:
         out.append("safeloss (default mode):\n\n```\n" + ours + "\n```\n")
         if strict != ours:
             out.append("safeloss (strict mode):\n\n```\n" + strict + "\n```\n")
+    out.append(extras_section())
+    return "\n".join(out)
+
+
+EXTRAS_INTRO = """## LLM and RL extras: which logits each check judges
+
+With `softcap`, `temperature` or `z_loss` set (see the README's "LLM and RL extras"), every check
+above still runs, on these inputs:
+
+- **Softmaxed input**: the *raw* logits. A softmax before the loss is a mistake in the model,
+  whatever the loss does afterwards; the scaled logits of softmaxed input no longer sum to 1
+  (`temperature=0.5` doubles them), so judging those would hide it.
+- **NaN/inf**: the per-position losses of the *capped, scaled* logits, and the returned loss. A
+  softcap maps `+-inf` logits to `+-softcap` (finite: no finding; note that a `-inf` mask applied
+  before the cap no longer masks), a NaN stays NaN; a tiny temperature can overflow float32. The
+  message names the capped, scaled logits and starts with a line saying so.
+- **float16 / bfloat16 overflow**: the per-position losses, computed in float32, against the output
+  dtype's range. A softcap makes a position's overflow impossible only where it truly is: with
+  class-index targets and no class weight, a position's loss is at most
+  `2 s + ln C + z_loss (s + ln C)^2` with `s = softcap / temperature`, and where that is below the
+  output dtype's largest value (65504 for float16) the count is skipped. Class weights and probability targets scale the loss by values the host does not
+  read, and a `"sum"` (or a weighted mean) can overflow whatever bounds its terms: those are
+  always checked.
+- **Labels, shapes, dtypes, devices, weights, probability targets, empty means**: unchanged (the
+  raw inputs).
+
+The extras' own arguments are checked first; each mistake raises `ExtrasError` (a `ValueError`)
+or `ArgumentTypeError` (a `TypeError`), on every op and at a loss module's construction:
+"""
+
+
+def extras_section() -> str:
+    import math
+
+    import torch
+
+    import safeloss
+
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    out = [EXTRAS_INTRO]
+    for kw in (dict(softcap=0.0), dict(softcap=math.inf), dict(temperature=0), dict(temperature=-1.0),
+               dict(z_loss=-1e-4), dict(z_loss=float("nan")), dict(return_stats=1),
+               dict(temperature=torch.tensor(0.7))):
+        arg = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+        try:
+            safeloss.cross_entropy(x, t, **kw)
+            raise AssertionError(f"{arg} did not raise")
+        except safeloss.SafeLossError as e:
+            out.append(f"`{arg}`:\n\n```\n{type(e).__name__}: {e}\n```\n")
     return "\n".join(out)
 
 

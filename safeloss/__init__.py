@@ -16,12 +16,14 @@ from .core.errors import (
     BatchSizeMismatchError,
     DeviceMismatchError,
     EmptyBatchError,
+    ExtrasError,
     IgnoreIndexError,
     InputDtypeError,
     InputError,
     LabelSmoothingError,
     LayoutError,
     NonFiniteError,
+    OptionsError,
     ParallelMismatchError,
     ProbabilityTargetError,
     ReductionError,
@@ -32,6 +34,7 @@ from .core.errors import (
     TargetShapeError,
     WeightError,
 )
+from .core.extras import LossStats
 from .core.report import reset_warnings
 from .linear import SafeLinearCrossEntropyLoss, linear_cross_entropy
 from .parallel import vocab_parallel_cross_entropy
@@ -60,12 +63,15 @@ __all__ = [
     "BatchSizeMismatchError",
     "DeviceMismatchError",
     "EmptyBatchError",
+    "ExtrasError",
     "IgnoreIndexError",
     "InputDtypeError",
     "InputError",
     "LabelSmoothingError",
     "LayoutError",
+    "LossStats",
     "NonFiniteError",
+    "OptionsError",
     "ParallelMismatchError",
     "ProbabilityTargetError",
     "ReductionError",

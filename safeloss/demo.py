@@ -24,6 +24,7 @@ class Case:
     title: str
     make: Callable[[], tuple[tuple, dict]]  # -> (positional args, keyword args) for both calls
     note: str = ""  # one line of context printed under the title
+    op: str = "cross_entropy"  # or "linear_cross_entropy": which stock and safeloss function run
 
 
 def _g(seed: int = 0) -> torch.Generator:
@@ -251,6 +252,82 @@ MORE_CASES = [
 ]
 
 
+# linear_cross_entropy (an LLM head's matmul and the loss in one call): the mistakes of a head.
+
+
+def _lce(x_shape: tuple[int, ...], w_shape: tuple[int, ...], target: object, dtype: torch.dtype = torch.float32,
+         **kwargs: object) -> Callable[[], tuple[tuple, dict]]:
+    """A linear_cross_entropy case: hidden states and a head of these shapes (seeded), a target."""
+
+    def make() -> tuple[tuple, dict]:
+        x = torch.randn(*x_shape, generator=_g()).to(dtype)
+        w = torch.randn(*w_shape, generator=_g(2)).to(dtype)
+        t = target() if callable(target) else target
+        return (x, w, t), {k: (v() if callable(v) else v) for k, v in kwargs.items()}
+
+    return make
+
+
+def _lce_nan_hidden():
+    x = torch.randn(6, 8, generator=_g())
+    x[3, 2] = math.nan
+    return (x, torch.randn(5, 8, generator=_g(2)), torch.tensor([0, 1, 2, 3, 4, 0])), {}
+
+
+def _lce_half_overflow():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16)
+    w = torch.tensor([[40000.0, 0.0], [-40000.0, 0.0], [0.0, 0.0]], dtype=torch.float16)
+    return (x, w, torch.tensor([1, 2])), {"reduction": "none"}  # row 0's loss is 80000
+
+
+def _options(**kw: object) -> Callable[[], object]:
+    return lambda: torch.nn.LinearCrossEntropyOptions(**kw)
+
+
+LINEAR_CASES = [
+    Case("lce-3d-hidden", "linear_cross_entropy: hidden states (batch, seq, H) not flattened",
+         _lce((2, 3, 8), (5, 8), lambda: torch.randint(0, 5, (2, 3), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-transposed-weight", "linear_cross_entropy: a head weight stored (H, C), as for x @ W",
+         _lce((6, 8), (8, 50), lambda: torch.randint(0, 8, (6,), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-logits-as-input", "linear_cross_entropy: the head's output (logits) passed as the hidden states",
+         _lce((6, 50), (50, 8), lambda: torch.randint(0, 50, (6,), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-shifted-labels", "linear_cross_entropy: next-token labels shifted, hidden states not cut",
+         _lce((12, 8), (5, 8), lambda: torch.randint(0, 5, (10,), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-unflattened-labels", "linear_cross_entropy: flattened hidden states with (batch, seq) labels",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (2, 3), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-one-sample-batch-of-labels", "linear_cross_entropy: one sample's hidden state (H,) with a batch of labels",
+         _lce((8,), (5, 8), lambda: torch.tensor([0, 1, 2])), op="linear_cross_entropy"),
+    Case("lce-vocab-too-small", "linear_cross_entropy: token ids beyond the head's vocabulary",
+         _lce((6, 8), (5, 8), lambda: torch.tensor([0, 1, 2, 5, 255, 3])), op="linear_cross_entropy"),
+    Case("lce-padding-minus-one", "linear_cross_entropy: padding labels of -1 with the default ignore_index",
+         _lce((6, 8), (5, 8), lambda: torch.tensor([0, 1, -1, 3, 4, -1])), op="linear_cross_entropy"),
+    Case("lce-bias-of-another-layer", "linear_cross_entropy: a bias of length H instead of C",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (6,), generator=_g(1)), linear_bias=lambda: torch.zeros(8)),
+         op="linear_cross_entropy"),
+    Case("lce-dtype-mismatch", "linear_cross_entropy: float64 hidden states with a float32 head",
+         lambda: ((torch.randn(6, 8, generator=_g()).double(), torch.randn(5, 8, generator=_g(2)),
+                   torch.randint(0, 5, (6,), generator=_g(1))), {}), op="linear_cross_entropy"),
+    Case("lce-n1-target", "linear_cross_entropy: labels of shape (N, 1)",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (6, 1), generator=_g(1))), op="linear_cross_entropy"),
+    Case("lce-nan-hidden", "linear_cross_entropy: NaN in the hidden states", _lce_nan_hidden, op="linear_cross_entropy"),
+    Case("lce-float16-overflow", "linear_cross_entropy: a float16 loss above 65504",
+         _lce_half_overflow, op="linear_cross_entropy"),
+    Case("lce-all-padding", "linear_cross_entropy: a micro-batch of padding only, reduction='mean'",
+         _lce((6, 8), (5, 8), lambda: torch.full((6,), -100)), op="linear_cross_entropy"),
+    Case("lce-prob-ignore-index", "linear_cross_entropy: ignore_index with probability targets",
+         _lce((6, 8), (5, 8), lambda: torch.full((6, 5), 0.2), ignore_index=-100), op="linear_cross_entropy"),
+    Case("lce-sparse-bias", "linear_cross_entropy: a sparse bias",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (6,), generator=_g(1)),
+              linear_bias=lambda: torch.zeros(5).to_sparse()), op="linear_cross_entropy"),
+    Case("lce-options-acc-dtype", "linear_cross_entropy: options whose acc_dtype the input cannot take",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (6,), generator=_g(1)),
+              options=_options(acc_dtype=torch.bfloat16)), op="linear_cross_entropy"),
+    Case("lce-options-conflict", "linear_cross_entropy: batch_chunk_size and a chunking_method that disagree",
+         _lce((6, 8), (5, 8), lambda: torch.randint(0, 5, (6,), generator=_g(1)),
+              options=_options(batch_chunk_size=2, chunking_method="aspect_ratio")), op="linear_cross_entropy"),
+]
+
+
 def _outcome(fn: Callable[[], torch.Tensor]) -> str:
     """What a call did, in words: the value (plus warnings), or the exception's text."""
     with warnings.catch_warnings(record=True) as caught:
@@ -278,51 +355,77 @@ def _fmt_value(v: torch.Tensor) -> str:
     return f"a tensor of shape {tuple(v.shape)}"
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` columns (long words broken too: shapes, paths)."""
+    out: list[str] = []
+    for line in text.splitlines() or [""]:
+        out += textwrap.wrap(line, width, subsequent_indent="  ") or [""]
+    return out
+
+
 def _columns(left: str, right: str, width: int) -> str:
     col = (width - 3) // 2
-
-    def wrap(text: str) -> list[str]:
-        out: list[str] = []
-        for line in text.splitlines() or [""]:
-            out += textwrap.wrap(line, col, subsequent_indent="  ") or [""]
-        return out
-
-    a, b = wrap(left), wrap(right)
+    a, b = _wrap(left, col), _wrap(right, col)
     a += [""] * (len(b) - len(a))
     b += [""] * (len(a) - len(b))
-    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b))
+    return "\n".join(f"{x:<{col}} | {y}".rstrip() for x, y in zip(a, b))
+
+
+def _stacked(left: str, right: str, width: int) -> str:
+    """Narrow terminals: stock torch's outcome above safeloss's, each wrapped to the width."""
+    return "\n".join(_wrap(left, width) + [""] + _wrap(right, width))
+
+
+# Side by side from this many columns on; below it, one above the other.
+SIDE_BY_SIDE = 100
 
 
 def run_case(case: Case, strict: bool = False) -> tuple[str, str]:
     """(what stock torch did, what safeloss did) for one case, as text."""
     import safeloss
 
+    stock_fn, safe_fn = (
+        (F.linear_cross_entropy, safeloss.linear_cross_entropy) if case.op == "linear_cross_entropy"
+        else (F.cross_entropy, safeloss.cross_entropy))
     args, kwargs = case.make()
-    stock = _outcome(lambda: F.cross_entropy(*args, **kwargs))
+    stock = _outcome(lambda: stock_fn(*args, **kwargs))
     safeloss.reset_warnings()
-    ours = _outcome(lambda: safeloss.cross_entropy(*args, **kwargs, strict=strict))
+    args, kwargs = case.make()  # fresh tensors: nothing may depend on the stock call
+    ours = _outcome(lambda: safe_fn(*args, **kwargs, strict=strict))
     return stock, ours
 
 
 def main(only: str | None = None, color: bool = False, all_cases: bool = False) -> int:
     import safeloss
 
-    width = max(100, min(shutil.get_terminal_size((140, 40)).columns, 180))
+    # The terminal's width (COLUMNS first), within reason: every line fits it.
+    width = max(40, min(shutil.get_terminal_size((140, 40)).columns, 180))
+    side = width >= SIDE_BY_SIDE
     bold = (lambda s: f"\033[1m{s}\033[0m") if color else (lambda s: s)
-    print(bold(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs"))
-    print("Each case runs both calls for real. Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy.\n")
+
+    def say(text: str, strong: bool = False) -> None:
+        for line in _wrap(text, width):
+            print(bold(line) if strong else line)
+
+    say(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs", True)
+    say("Each case runs both calls for real. "
+        + ("Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy." if side else
+           "First torch.nn.functional.cross_entropy, then safeloss.cross_entropy."))
+    print()
     # --only searches every case: a name from docs/errors.md or --all must be found without --all.
-    pool = CASES + MORE_CASES if all_cases or only is not None else CASES
+    pool = CASES + MORE_CASES + LINEAR_CASES if all_cases or only is not None else CASES
     cases = [c for c in pool if only is None or only in c.name]
     if not cases:
         print(f"no demo case matches {only!r}; cases: {', '.join(c.name for c in pool)}")
         return 2
     for i, case in enumerate(cases, 1):
         stock, ours = run_case(case)
-        print(bold(f"[{i}/{len(cases)}] {case.title}") + f"  ({case.name})")
+        say(f"[{i}/{len(cases)}] {case.title}  ({case.name})", True)
         if case.note:
-            print(f"    {case.note}")
-        print(_columns("STOCK TORCH\n" + stock, "SAFELOSS\n" + ours, width))
+            say(f"    {case.note}")
+        fn = "" if case.op == "cross_entropy" else f" ({case.op})"
+        layout = _columns if side else _stacked
+        print(layout(f"STOCK TORCH{fn}\n" + stock, f"SAFELOSS{fn}\n" + ours, width))
         print("-" * width)
-    print("Strict mode (safeloss.strict_mode(), strict=True or SAFELOSS_STRICT=1) turns every warning above into an error.")
+    say("Strict mode (safeloss.strict_mode(), strict=True or SAFELOSS_STRICT=1) turns every warning above into an error.")
     return 0

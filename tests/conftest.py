@@ -18,11 +18,14 @@ if os.environ.get("CI"):
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_state():
-    """Warn-once bookkeeping is global: start every test with a clean slate."""
+    """Warn-once bookkeeping and the plans of call signatures are global: start every test with
+    a clean slate (a test that monkeypatches safeloss internals must not meet a plan made before)."""
     import safeloss
+    from safeloss.core import plan
 
     safeloss.reset_warnings()
     safeloss.set_strict(None)
+    plan.clear()
     yield
     safeloss.set_strict(None)
 
@@ -44,6 +47,7 @@ def clean_patch():
     from safeloss.patch import unpatch
 
     stock_f, stock_forward = F.cross_entropy, torch.nn.CrossEntropyLoss.__dict__["forward"]
+    stock_call = torch.nn.CrossEntropyLoss.__dict__.get("__call__")
     stock_lf = getattr(F, "linear_cross_entropy", None)  # torch >= 2.13
     stock_lcls = getattr(torch.nn, "LinearCrossEntropyLoss", None)
     stock_lforward = stock_lcls and stock_lcls.__dict__["forward"]
@@ -52,6 +56,7 @@ def clean_patch():
     unpatch()
     assert F.cross_entropy is stock_f
     assert torch.nn.CrossEntropyLoss.__dict__["forward"] is stock_forward
+    assert torch.nn.CrossEntropyLoss.__dict__.get("__call__") is stock_call
     assert getattr(F, "linear_cross_entropy", None) is stock_lf
     assert stock_lcls is None or stock_lcls.__dict__["forward"] is stock_lforward
 

@@ -12,7 +12,7 @@ import pytest
 
 from safeloss import bench
 
-WORKLOAD = "cls-N256-C10-fp32"
+WORKLOAD = "cls-N1024-C10-fp32"
 ALWAYS = {"torch-eager", "safeloss-torch"}  # must have measured on any CPU
 CUDA_ONLY = {"safeloss-triton", "safeloss-triton-inplace", "safeloss-triton-nocheck", "liger", "quack"}
 
@@ -20,17 +20,27 @@ CUDA_ONLY = {"safeloss-triton", "safeloss-triton-inplace", "safeloss-triton-noch
 _THREADS_BEFORE = __import__("torch").get_num_threads()
 
 
+_LOG: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(quick=True, device="cpu", out=str(out), workloads=[WORKLOAD]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert bench.main(quick=True, device="cpu", out=str(out), workloads=[WORKLOAD]) == 0
+    _LOG["stderr"] = err.getvalue()
     return out
 
 
-def test_writes_json_markdown_and_plots(run: Path) -> None:
-    for name in ("results.json", "results.md", "time_vs_classes.png", "bandwidth_vs_classes.png"):
+def test_writes_json_markdown_env_and_plots(run: Path) -> None:
+    for name in ("results.json", "results.md", "env.txt", "time_vs_classes.png", "bandwidth_vs_classes.png"):
         f = run / name
         assert f.is_file() and f.stat().st_size > 0, name
+    assert "PyTorch version" in (run / "env.txt").read_text()  # torch.utils.collect_env's report
     for png in run.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (run / "memory_vs_classes.png").exists()  # CPU runs measure no memory: no empty plot
@@ -41,7 +51,8 @@ def test_cpu_runs_one_thread_by_default_and_restore_the_setting(run: Path) -> No
 
     data = json.loads((run / "results.json").read_text())
     assert data["meta"]["cpu_threads"] == 1
-    assert "(wall clock, providers interleaved, 1 thread)" in (run / "results.md").read_text()
+    # one thread: the thread's CPU clock, which other processes' load does not inflate
+    assert "(thread CPU time, providers interleaved, 1 thread;" in (run / "results.md").read_text()
     assert torch.get_num_threads() == _THREADS_BEFORE
 
 
@@ -49,7 +60,9 @@ def test_threads_flag_reaches_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
     import torch
 
     seen = []
-    monkeypatch.setattr(bench, "_run", lambda *a, **k: seen.append(torch.get_num_threads()) or 0)
+    from safeloss.bench import runner
+
+    monkeypatch.setattr(runner, "_run", lambda *a, **k: seen.append(torch.get_num_threads()) or [])
     from safeloss import cli
     from safeloss.bench import linear as bench_linear
 
@@ -87,7 +100,8 @@ def test_spread_is_shown_and_wide_rows_are_flagged() -> None:
 def test_json_rows(run: Path) -> None:
     data = json.loads((run / "results.json").read_text())
     rows = data["rows"]
-    assert {r["provider"] for r in rows} == {p.name for p in bench.PROVIDERS}
+    # only the providers that can run on a CPU: no rows of placeholders for the CUDA-only ones
+    assert {r["provider"] for r in rows} == {p.name for p in bench.PROVIDERS if not p.cuda_only}
     assert {r["workload"] for r in rows} == {WORKLOAD}
     for r in rows:
         for key in ("device", "device_type", "torch", "triton", "safeloss", "git_commit", "timestamp",
@@ -106,8 +120,9 @@ def test_json_rows(run: Path) -> None:
     assert by["torch-eager"]["speedup_fwdbwd"] == pytest.approx(1.0)
     # torch.compile needs a C++ compiler on CPU: measured where one exists, else a reported error.
     assert by["torch-compile"]["status"] in {"ok", "error"}
-    for name in CUDA_ONLY:  # skipped with a reason, never silently missing
-        assert by[name]["status"] == "skipped" and by[name]["note"]
+    for name in CUDA_ONLY:  # left out with a reason, in the notes, never silently missing
+        assert name not in by
+        assert any(name in n and "CUDA" in n for n in data["notes"]), name
     assert data["meta"]["copy_gbps"] > 0
 
 
@@ -115,8 +130,86 @@ def test_markdown_table(run: Path) -> None:
     md = (run / "results.md").read_text()
     assert f"## {WORKLOAD}" in md
     for p in bench.PROVIDERS:
-        assert f"| {p.name} |" in md
-    assert "copy bandwidth" in md
+        assert (f"| {p.name} |" in md) == (not p.cuda_only), p.name
+    assert "copy bandwidth" in md and "torch.utils.benchmark.Measurement" in md
+
+
+def test_progress_for_every_section_and_the_true_file_list(run: Path) -> None:
+    log = _LOG["stderr"]
+    for section in ("environment:", "copy bandwidth:", f"{WORKLOAD}: timed", "plots:"):
+        assert section in log, section
+    wrote = next(line for line in log.splitlines() if line.startswith("wrote "))
+    listed = {Path(p.strip()).name for p in wrote.removeprefix("wrote ").split(",")}
+    assert listed == {f.name for f in run.iterdir()}
+
+
+def test_linear_section_has_start_and_end_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from safeloss.bench import linear as bench_linear
+
+    ran = []
+
+    def fake_run(heads, dev, quick, out):  # bench/linear.py as it is, minus minutes of CPU
+        ran.append([h.name for h in heads])
+        (out / "linear_results.md").write_text("x")
+        (out / "linear_results.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(bench_linear, "run", fake_run)
+    assert bench.main(quick=True, device="cpu", out=str(tmp_path), workloads=["lce"]) == 0
+    err = capsys.readouterr().err
+    assert ran == [[h.name for h in bench_linear.select("cpu", True, ["lce"])]]
+    assert "linear + cross-entropy heads: lce-" in err and "linear + cross-entropy heads: done in" in err
+    assert "linear_results.md" in err.splitlines()[-1]
+
+
+def test_the_cpu_quick_preset_is_small() -> None:
+    """A minute or two on two cores: three workloads, three providers, a CPU-sized linear head."""
+    import torch
+
+    from safeloss.bench import linear as bench_linear
+    from safeloss.bench import runner
+
+    wls = bench.quick_workloads("cpu")
+    assert len(wls) == 3 and len({w.classes for w in wls}) == 3  # a trend at one N
+    assert len(bench.for_device(torch.device("cpu"))[0]) == 3
+    heads = runner._linear_heads(bench_linear, torch.device("cpu"), True, None)
+    assert all(h.n * h.c <= 1024 * 8192 for h in heads)
+
+
+def test_cpu_timing_blocks_calls_and_counts_every_one() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def make(k: str):
+        def f() -> None:
+            calls[k] += 1
+        return f
+
+    times = bench.cpu_time_interleaved({"a": make("a"), "b": make("b")}, seconds=0.0, min_rounds=4, block_s=0.001)
+    for k in ("a", "b"):
+        tm = times[k]
+        assert tm.reps == calls[k] - 1 and tm.reps >= 4 * 2  # blocks of several calls; warm-up not counted
+        assert 0 < tm.q20_ms <= tm.median_ms <= tm.q80_ms
+
+
+def test_noisy_points_are_flagged_on_the_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    w = [bench._cls(1024, c, "fp32") for c in (10, 100, 1000)]
+    rows = []
+    for wl in w:
+        base = bench._base_row(wl, next(p for p in bench.PROVIDERS if p.name == "torch-eager"))
+        base["fwd"] = base["fwdbwd"] = bench.Timing(1.0, 0.99, 1.01, 50)
+        ours = bench._base_row(wl, next(p for p in bench.PROVIDERS if p.name == "safeloss-torch"))
+        spread = (0.5, 2.0) if wl.classes == 100 else (0.99, 1.01)
+        ours["fwd"] = ours["fwdbwd"] = bench.Timing(1.0, *spread, 50)
+        b = bench._finish(base, None)
+        rows += [b, bench._finish(ours, b)]
+    titles = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: titles.append(self._suptitle.get_text()))
+    meta = {"device": "cpu", "device_type": "cpu", "timestamp": "t", "copy_gbps": 10.0}
+    bench.plots(tmp_path, meta, rows)
+    assert titles and all("red rings: 1 point too noisy to trust" in t for t in titles)
 
 
 def test_unknown_workload_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -524,9 +524,11 @@ def test_invalid_reduction_fails_at_construction():
 
 
 def test_integer_logits():
-    with pytest.raises(safeloss.InputDtypeError, match=r"(?s)integer or non-real logits: input dtype torch.int64.*labels were passed as the first argument") as e:
+    with pytest.raises(safeloss.InputDtypeError, match=r"(?s)integer or non-real logits: input dtype torch.int64.*if this tensor holds the labels, the logits go first") as e:
         ce(labels(5, 3, 5), labels(5, 3))
-    assert isinstance(e.value, NotImplementedError)
+    assert isinstance(e.value, NotImplementedError) and "look swapped" not in str(e.value)
+    with pytest.raises(safeloss.InputDtypeError, match=r"(?s)arguments look swapped.*logits first"):
+        ce(labels(5, 3), logits(3, 5))
 
 
 def test_input_not_a_tensor_or_0d():

@@ -95,7 +95,7 @@ def test_demo_unknown_case_lists_every_case(capsys):
 def test_readme_counts_the_demo_cases():
     readme = (ROOT / "README.md").read_text()
     assert f"shows {len(demo.CASES)} cases" in readme
-    total = len(demo.CASES) + len(demo.MORE_CASES)
+    total = len(demo.CASES) + len(demo.MORE_CASES) + len(demo.LINEAR_CASES)
     assert f"runs all {total} cases" in readme
     # Every other count of the demo's cases in the README (the --only sentence) agrees too.
     assert re.findall(r"from all (\d+)\b", readme) == [str(total)]

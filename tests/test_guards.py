@@ -379,8 +379,11 @@ def test_no_one_based_hint_when_0_occurs_or_labels_exceed_C(labels):
 
 
 def test_one_based_hint_ignores_the_ignored_label():
-    msg = _out_of_range_message([1, 5, 0], 5, ignore_index=0)
+    msg = _out_of_range_message([1, 5, 0, 2, 3], 5, ignore_index=0)
     assert "look 1-based: they run from 1 to 5" in msg
+    # two labels of five classes: 0's absence says nothing, and the message says so
+    msg = _out_of_range_message([1, 5, 0], 5, ignore_index=0)
+    assert "look 1-based" not in msg and "too few of the 5 classes to tell" in msg
 
 
 @pytest.mark.parametrize("code", [255, -1])

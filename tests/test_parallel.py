@@ -83,9 +83,41 @@ ERRORS = [
     ("int64-min-label", "TargetOutOfRangeError"),
     ("weights-differ", "ParallelMismatchError"),  # was: each rank's loss from its own weight  # -(-2**63) wraps: was silently a valid row
     ("double-backward", "BackendError"),  # was a silently non-differentiable gradient
+    # One rank alone passes something wrong: every rank raises its error (class, builtin, text)
+    # in the same call, never one rank raising while another waits in a collective (issue 19).
+    ("sparse-weight-one-rank", "LayoutError"),  # was: raised before the first collective, a hang
+    ("bad-reduction-one-rank", "ReductionError"),
+    ("bad-smoothing-one-rank", "LabelSmoothingError"),
+    ("ignore-index-type-one-rank", "ArgumentTypeError"),
+    ("target-list-one-rank", "ArgumentTypeError"),
+    ("bad-backend-one-rank", "BackendError"),
+    ("integer-logits-one-rank", "InputDtypeError"),
+    ("fractional-labels-one-rank", "TargetDtypeError"),  # found reading this rank's label values
+    ("zero-d-target-one-rank", "TargetShapeError"),  # stock: ValueError; the agreed error is one too
+    ("smoothing-differs", "ParallelMismatchError"),  # label_smoothing is one of the agreed arguments
+    ("minus-one-label-one-rank", "TargetOutOfRangeError"),  # the range check, not weakened by one
+    ("two-ranks-fail-differently", "ReductionError"),  # the lowest failing rank's error, everywhere
+    # Labels that differ in a structured way: the old int64 checksum passed each of these.
+    ("labels-equal-checksum", "ParallelMismatchError"),  # [2, 5, 2] vs [3, 3, 3]
+    ("labels-reversed", "ParallelMismatchError"),  # an order-insensitive fingerprint passes it
+    ("labels-two-swapped", "ParallelMismatchError"),
+    ("weights-permuted", "ParallelMismatchError"),
+    # Shapes judged on the global shape: every rank the same text, naming the gathered logits.
+    ("narrow-squeezed-strict", "TargetShapeError"),  # was: each rank named its own slice
+    ("narrow-two-column-target", "TargetShapeError"),
     ("dt-bad-label", "TargetOutOfRangeError"),
 ]
+# The builtin every rank's error must also be (stock torch's class for the input).
+BUILTINS = {"zero-d-target-one-rank": "ValueError", "local-error-one-rank": "ValueError",
+            "sparse-weight-one-rank": "NotImplementedError", "bad-label-one-rank": "IndexError",
+            "target-list-one-rank": "TypeError", "narrow-two-column-target": "RuntimeError"}
+# Width-1 slices: a (C,) logits' (1,) target, single-class heuristics, (N, 1) and (N, 2) targets.
+NARROW = {2: [1, 6], 3: [1, 1, 5]}
 WARNS = ["softmax-warns", "nan-warns", "empty-mean", "neginf-smoothing"]
+# Calls that must succeed, judged against stock on the gathered logits.
+AGREED = ["narrow-clean-strict", "narrow-1d-logits-1-target", "softmax-negative-entries",
+          "plain-triton-masked-row",
+          *(f"smoothing-weight-zero-mean-{i}" for i in range(3))]
 DTENSOR = [
     *(dict(name=f"dt-{red}-{api}", red=red, eps=0.0, weight=w, shape=(6,), api=api)
       for red in ("mean", "sum", "none") for w, api in ((False, "safeloss"), (True, "patch-functional"))),
@@ -154,7 +186,8 @@ def _call(fn: Any) -> dict[str, Any]:
             res: dict[str, Any] = {"ok": fn()}
         except Exception as e:
             res = {"error": type(e).__name__, "message": str(e),
-                   "safeloss": isinstance(e, safeloss.SafeLossError)}
+                   "safeloss": isinstance(e, safeloss.SafeLossError),
+                   "builtins": [c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins"]}
     res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
     return res
 
@@ -225,8 +258,94 @@ def _error_case(name: str, rank: int, world: int) -> Any:
         xl = xl.clone().requires_grad_()
         (g,) = torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(xl, t), xl, create_graph=True)
         return {"out": g.detach()}
+    elif name == "minus-one-label-one-rank":
+        if last:
+            t = t.clone()
+            t[1] = -1
+    elif name.endswith("-one-rank") and last:
+        bad = {"sparse-weight-one-rank": ("weight", torch.ones(C, dtype=x.dtype).to_sparse()),
+               "bad-reduction-one-rank": ("reduction", "avg"),
+               "bad-smoothing-one-rank": ("label_smoothing", 1.5),
+               "ignore-index-type-one-rank": ("ignore_index", "pad"),
+               "bad-backend-one-rank": ("backend", "cuda")}
+        if name in bad:
+            kw[bad[name][0]] = bad[name][1]
+        elif name == "target-list-one-rank":
+            t = t.tolist()
+        elif name == "integer-logits-one-rank":
+            xl = xl.long()
+        elif name == "fractional-labels-one-rank":
+            t = t.double()
+            t[2] += 0.5
+        elif name == "zero-d-target-one-rank":
+            t = t[0]
+    elif name == "fractional-labels-one-rank":
+        t = t.double()  # whole numbers on the other ranks: only the last rank's values fail
+    elif name == "two-ranks-fail-differently":
+        if rank == 0:
+            kw["reduction"] = "avg"
+        if last:
+            kw["label_smoothing"] = 2.0
+    elif name == "smoothing-differs":
+        kw["label_smoothing"] = 0.1 if last else 0.0
+    elif name in ("labels-equal-checksum", "labels-reversed", "labels-two-swapped"):
+        xl, t = xl[:3], torch.tensor({"labels-equal-checksum": [2, 5, 2], "labels-reversed": [0, 1, 4],
+                                      "labels-two-swapped": [1, 6, 3]}[name])
+        if last:
+            t = {"labels-equal-checksum": torch.tensor([3, 3, 3]), "labels-reversed": t.flip(0),
+                 "labels-two-swapped": t[[1, 0, 2]]}[name]
+    elif name == "weights-permuted":
+        kw["weight"] = torch.arange(1, C + 1, dtype=x.dtype)
+        if last:
+            kw["weight"] = kw["weight"].flip(0)
+    elif name.startswith("narrow-"):
+        xl = _slice(x, NARROW[world], rank)
+        if name == "narrow-squeezed-strict":
+            t, kw["strict"] = t[:, None], True
+        elif name == "narrow-two-column-target":
+            t = torch.stack([t, t], 1)
     out = safeloss.vocab_parallel_cross_entropy(xl, t, **kw)
     return {"out": out.detach()}
+
+
+def _agreed_case(name: str, rank: int, world: int) -> Any:
+    """Calls that must work; the same inputs as ``_agreed_reference`` (a single process, stock)."""
+    x, t, w, kw = _agreed_inputs(name)
+    sizes = NARROW[world] if name.startswith("narrow-") else SLICES[world]
+    xl = _slice(x, sizes, rank).clone().requires_grad_()
+    out = safeloss.vocab_parallel_cross_entropy(xl, t, w, **kw)
+    out.sum().backward()
+    return {"out": out.detach(), "grad": xl.grad}
+
+
+def _agreed_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    x, t, w, _ = _inputs(dict(seed=11, shape=(6,), red="mean", weight=True))
+    kw: dict[str, Any] = {}
+    if name == "narrow-clean-strict":  # a 1-wide slice is no single-class logits
+        kw["strict"], w = True, None
+    elif name == "narrow-1d-logits-1-target":  # stock accepts a (1,) target for (C,) logits
+        x, t = x[0], t[:1]
+    elif name == "softmax-negative-entries":
+        # Rows in [-0.2, 0.6] that sum to 1: not softmaxed (negative entries, on the last slice only).
+        x = (x / 8).softmax(1)
+        x[:, 0] += 0.3
+        x[:, C - 1] -= 0.3
+    elif name == "plain-triton-masked-row":  # the Triton statistics of an all -inf slice: -inf, not NaN
+        x, w = x.float(), w.float()
+        x[1, :4] = -math.inf
+        t[1] = C - 1
+        kw.update(backend="triton")
+    elif name.startswith("smoothing-weight-zero-mean-"):
+        # Every label's class weight is 0: nothing to average, NaN as stock (was: inf, "overflow").
+        i = int(name.rsplit("-", 1)[1])
+        w = w.clone()
+        w[t] = 0
+        if i == 1:
+            t[::2] = -100
+        if i == 2:
+            w[:] = 0
+        kw.update(label_smoothing=(0.1, 0.5, 0.2)[i], reduction="mean")
+    return x, t, w, kw
 
 
 def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
@@ -378,6 +497,35 @@ def _dt_outside(mesh: Any) -> Any:
     return value, raised
 
 
+def _dt_compiled(mesh: Any, api: str) -> Any:
+    """torch.compile of a loss on class-sharded DTensor logits under loss_parallel() (issue 16):
+    safeloss.cross_entropy compiles where stock does (was: "masked_fill got mixed torch.Tensor and
+    DTensor"), and a compiled stock call under patch() is checked (was: stock's, unchecked)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    x, t, _, g = _inputs(dict(seed=12, shape=(6,), red="none"))
+    if api == "patched-bad-label":
+        t = t.clone()
+        t[4] = C
+    dx = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+    torch._dynamo.reset()
+    with loss_parallel(), (safeloss.patch() if api.startswith("patched") else _nullcontext()):
+        ce = safeloss.cross_entropy if api == "safeloss" else F.cross_entropy
+        fn = torch.compile(lambda a, b: ce(a, b, reduction="none") * 2, backend="eager")
+        out = fn(dx, t)
+        (out.full_tensor() * g).sum().backward()
+    return {"out": out.full_tensor().detach(), "grad": dx.grad.full_tensor()}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
 def _stock_bad_label(mesh: Any) -> Any:
     """What stock loss_parallel does with a label >= C (documented: it returns a number)."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -405,6 +553,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
         for name in WARNS:
             results[name] = _call(lambda name=name: _error_case(name, rank, world))
+        for name in AGREED:
+            results[name] = _call(lambda name=name: _agreed_case(name, rank, world))
         results["bytes"] = _call(lambda: _bytes_per_call(rank, world))
         results["compiled"] = _call(lambda: _compiled(rank, world))
         results["host-reads"] = _call(lambda: _host_reads(rank, world))
@@ -414,6 +564,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         results["dt-bad-label"] = _call(lambda: _dt_bad_label(mesh))
         results["dt-outside-loss-parallel"] = _call(lambda: _dt_outside(mesh))
         results["stock-bad-label"] = _call(lambda: _stock_bad_label(mesh))
+        for api in ("safeloss", "patched", "patched-bad-label") if world == 2 else ():  # compiling costs
+            results[f"dt-compiled-{api}"] = _call(lambda api=api: _dt_compiled(mesh, api))
         dist.barrier()  # nobody tears gloo down while another rank is still in a collective
     finally:
         torch.save(results, f"{out}.{rank}")
@@ -486,12 +638,60 @@ def test_errors_agree_across_ranks(ranks: tuple[int, list[dict]], name: str, cls
         assert "different class weights" in msg
     elif name == "double-backward":
         assert "no double backward" in msg and "create_graph=True" in msg
+    elif name == "minus-one-label-one-rank":
+        assert "-1 at [1]" in msg and f"found in the labels of rank {world - 1} of {world}" in msg, msg
+    elif name == "two-ranks-fail-differently":
+        assert f"raised on rank 0 of the {world} ranks" in msg, msg
+    elif name.endswith("-one-rank") and name != "softmax-strict-one-rank":
+        assert f"raised on rank {world - 1} of the {world} ranks" in msg, msg
+    elif name.startswith(("labels-", "smoothing-differs", "weights-permuted")):
+        want = {"smoothing-differs": "label_smoothing", "weights-permuted": "different class weights"}
+        assert want.get(name, "the labels differ between ranks") in msg, msg
+    elif name == "narrow-squeezed-strict":  # the global logits, not a slice
+        assert "targets of shape (6, 1) for logits (6, 7)" in msg, msg
+    elif name == "narrow-two-column-target":
+        assert "with 2 columns where the model has 7 classes" in msg and "(6, 7)" in msg, msg
+    if name in BUILTINS:
+        for g in got:
+            assert BUILTINS[name] in g["builtins"], (name, g["builtins"])
+
+
+def _agreed_reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, t, w, kw = _agreed_inputs(name)
+    kw = {k: v for k, v in kw.items() if k not in ("strict", "backend")}
+    value = F.cross_entropy(x, t, w, **kw)  # stock's forward accepts a (1,) target for (C,) logits ...
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, t.reshape(()) if name == "narrow-1d-logits-1-target" else t, w, **kw)
+    ref.sum().backward()  # ... its backward does not ("size mismatch"): the 0-d target's gradient
+    return value, x.grad
+
+
+@pytest.mark.parametrize("name", AGREED)
+def test_calls_that_must_work_match_stock(ranks: tuple[int, list[dict]], name: str) -> None:
+    """Each as stock on the gathered logits, on every rank, with no warning except the true one."""
+    world, res = ranks
+    ref, grad = _agreed_reference(name)
+    sizes = NARROW[world] if name.startswith("narrow-") else SLICES[world]
+    for rank in range(world):
+        got = res[rank][name]
+        assert "ok" in got, f"{name} rank {rank}: {got}"
+        assert_matches(got["ok"]["out"], ref, what=f"{name} loss, rank {rank}")
+        if name.startswith("smoothing-weight-zero-mean"):
+            # NaN as stock, and why: nothing to average (was inf, "overflowed float32").
+            assert math.isnan(float(got["ok"]["out"])) and math.isnan(float(ref))
+            assert len(got["warnings"]) == 1 and "nothing to average" in got["warnings"][0], got["warnings"]
+            continue
+        assert got["warnings"] == [], got["warnings"]
+        assert_matches(got["ok"]["grad"], _slice(grad, sizes, rank), what=f"{name} grad, rank {rank}")
 
 
 def test_two_host_reads_per_call(ranks: tuple[int, list[dict]]) -> None:
+    """Two reads of results per call; validation reads a CPU weight's negative entries too (free
+    on the CPU; on CUDA once per version of the weight, as for the single-device loss)."""
     _, res = ranks
     for r in res:
-        assert r["host-reads"]["ok"] == {"mean": ["tolist", "tolist"], "none": ["tolist", "tolist"]}
+        assert r["host-reads"]["ok"] == {"mean": ["tolist", "__bool__", "tolist"],
+                                         "none": ["tolist", "__bool__", "tolist"]}
 
 
 def test_compiled_call_runs_eagerly(ranks: tuple[int, list[dict]]) -> None:
@@ -507,14 +707,35 @@ def test_compiled_call_runs_eagerly(ranks: tuple[int, list[dict]]) -> None:
         assert_matches(got["grad"], _slice(x.grad, SLICES[world], rank), what=f"compiled grad, rank {rank}")
 
 
+def test_compiled_dtensor_loss_is_checked(ranks: tuple[int, list[dict]]) -> None:
+    """Compiled safeloss and compiled patched stock on class-sharded DTensors: stock's numbers,
+    and a bad label raises on every rank (the call runs eagerly, a graph break)."""
+    world, res = ranks
+    if world != 2:
+        pytest.skip("compiled on 2 ranks only (compiling costs seconds per rank)")
+    x, t, _, g = _inputs(dict(seed=12, shape=(6,), red="none"))
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, t, reduction="none") * 2
+    (ref * g).sum().backward()
+    for rank, r in enumerate(res):
+        for api in ("safeloss", "patched"):
+            got = r[f"dt-compiled-{api}"]
+            assert "ok" in got, (api, got)
+            assert_matches(got["ok"]["out"], ref.detach(), what=f"compiled {api}, rank {rank}")
+            assert_matches(got["ok"]["grad"], x.grad, what=f"compiled {api} grad, rank {rank}")
+        bad = r["dt-compiled-patched-bad-label"]
+        assert bad.get("error") == "TargetOutOfRangeError" and f"{C} at [4]" in bad["message"], bad
+    assert len({r["dt-compiled-patched-bad-label"]["message"] for r in res}) == 1
+
+
 def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:
-    """docs/migration.md: (14 + p) int64, N + 128 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
+    """docs/migration.md: (15 + p) int64, N + 146 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
     world, res = ranks
     n = 100
     for r in res:
         got = r["bytes"]["ok"]
-        assert got["0.0"] == 8 * (14 + world) + 4 * (n + 128) + 4 * (2 * n + 64)
-        assert got["0.1"] == 8 * (14 + world) + 4 * (n + 128) + 4 * (3 * n + 64)
+        assert got["0.0"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (2 * n + 64)
+        assert got["0.1"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (3 * n + 64)
 
 
 def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:
@@ -597,6 +818,41 @@ def test_benchmark_report_counts_bytes_per_row(benchmark_script: Any) -> None:
             dict(shape=[100, 8], provider="safeloss-shards", median_ms=1.0, bytes=2112, all_reduces=3)]
     text = bench.report(rows, 2)
     assert "| (100, 8) | safeloss-shards | 1.00 ms | 0.50x | 3 | 2,112 | 21.1 |" in text
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_triton_shard_stats_of_an_all_masked_row_are_minus_inf(smooth: bool) -> None:
+    """A row whose whole slice is -inf (a masked vocabulary slice): its log-sum-exp is -inf,
+    never NaN ((-inf) - (-inf)), and the other rows of the same program are unaffected."""
+    from safeloss.parallel import triton_stats
+
+    gen = torch.Generator().manual_seed(1)
+    for cols in (5, 40):  # several rows a program, and one
+        x = torch.randn(4, cols, generator=gen)
+        x[2] = -math.inf
+        w = torch.rand(cols, generator=gen)
+        lse, q = triton_stats.shard_stats(x, w if smooth else None, smooth)
+        assert lse[2].item() == -math.inf
+        keep = [0, 1, 3]
+        torch.testing.assert_close(lse[keep], torch.logsumexp(x[keep], 1))
+        if smooth:
+            assert q is not None
+            torch.testing.assert_close(q[keep], (w * (lse[keep, None] - x[keep])).sum(1))
+
+
+@pytest.mark.parametrize("a,b", [([2, 5, 2], [3, 3, 3]), ([0, 1, 4], [4, 1, 0]), ([1, 6, 3], [6, 1, 3]),
+                                 ([0, 0, 0, 0], [0, 0, 0, 1]), ([6, 6], [-100, 6])])
+def test_salted_label_hash_tells_structured_differences_apart(a: list[int], b: list[int]) -> None:
+    """The label agreement's hash: equal labels agree under a salt; labels that differ in the
+    patterns a checksum or an order-insensitive fingerprint misses differ, for every salt tried."""
+    from safeloss.parallel.vocab import _label_values, _salted_hash
+
+    va, vb = (_label_values(torch.tensor(v), -100, 7) for v in (a, b))
+    for salt in range(200):
+        assert torch.equal(_salted_hash(va, salt, 0), _salted_hash(va.clone(), salt, 0))
+        assert not torch.equal(_salted_hash(va, salt, 0), _salted_hash(vb, salt, 0)), salt
+    vc = _label_values(torch.tensor([1, 2, 3]), -100, 7)
+    assert len({tuple(_salted_hash(vc, salt, 0).tolist()) for salt in range(20)}) == 20  # salted
 
 
 @pytest.mark.parametrize("rows", [65, 1000, 2**24 + 4, 2**40 + 3])

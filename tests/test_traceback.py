@@ -33,13 +33,10 @@ def bad_view():
     return torch.randn(8, 5), torch.tensor([1, 3])  # 8 predictions, 2 labels
 
 
-def assert_ends_here(e: BaseException, line: str, through_torch: bool = False) -> None:
-    """The last frame (outside torch's nn.Module.__call__ when ``through_torch``) is this file's
-    ``line``, and no frame of safeloss is left anywhere."""
+def assert_ends_here(e: BaseException, line: str) -> None:
+    """The last frame is this file's ``line``, and no frame of safeloss or torch is left after it."""
     fs = frames(e)
     assert not [f for f in fs if f.filename.startswith(PKG)], [f.filename for f in fs]
-    if through_torch:
-        fs = [f for f in fs if not f.filename.startswith(TORCH)]
     assert fs[-1].filename == __file__ and fs[-1].line == line, fs[-1]
 
 
@@ -53,7 +50,7 @@ def test_module_forward_and_construction():
     loss_fn = safeloss.SafeCrossEntropyLoss()
     with pytest.raises(safeloss.BatchSizeMismatchError) as e:
         loss_fn(*bad_view())
-    assert_ends_here(e.value, "loss_fn(*bad_view())", through_torch=True)
+    assert_ends_here(e.value, "loss_fn(*bad_view())")
     with pytest.raises(safeloss.ReductionError) as e:
         safeloss.SafeCrossEntropyLoss(reduction="avg")
     assert_ends_here(e.value, 'safeloss.SafeCrossEntropyLoss(reduction="avg")')
@@ -67,7 +64,7 @@ def test_patched_stock_calls(clean_patch):
         stock_module = torch.nn.CrossEntropyLoss()
         with pytest.raises(safeloss.TargetOutOfRangeError) as e:
             stock_module(torch.randn(3, 4), torch.tensor([0, 9, 1]))
-        assert_ends_here(e.value, "stock_module(torch.randn(3, 4), torch.tensor([0, 9, 1]))", through_torch=True)
+        assert_ends_here(e.value, "stock_module(torch.randn(3, 4), torch.tensor([0, 9, 1]))")
 
 
 def test_check_pending(monkeypatch):
@@ -151,3 +148,58 @@ def test_bodies_torchscript_parses_hold_no_try():
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         assert not any(isinstance(n, ast.Try) for n in ast.walk(tree)), fn.__qualname__
         assert any(isinstance(n, ast.With) for n in ast.walk(tree)), fn.__qualname__
+
+
+def test_module_error_ends_at_the_users_line_inside_a_model_and_with_hooks():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = safeloss.SafeCrossEntropyLoss()
+
+        def forward(self, x, t):
+            return self.loss(x, t)
+
+    model = Model()
+    calls = []
+    model.loss.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model.loss.register_forward_hook(lambda m, args, out: calls.append("post"))
+    with pytest.raises(safeloss.BatchSizeMismatchError) as e:
+        model(*bad_view())
+    assert_ends_here(e.value, "return self.loss(x, t)")  # inside the user's forward, below model()
+    assert "model(*bad_view())" in [f.line for f in frames(e.value)]  # the user's model's own call stays
+    assert calls == ["pre"]
+    model.loss(torch.randn(2, 5), torch.tensor([1, 2]))
+    assert calls == ["pre", "pre", "post"]
+
+
+def test_module_call_keeps_compile_fx_and_torchscript_working():
+    torch._dynamo.reset()
+    loss = safeloss.SafeCrossEntropyLoss()
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 4, 2])
+    want = loss(x, t)
+    torch.testing.assert_close(torch.compile(loss, backend="eager", fullgraph=True)(x, t), want)
+    torch.testing.assert_close(torch.compile(lambda a, b: loss(a, b), backend="eager", fullgraph=True)(x, t), want)
+    compiled = safeloss.SafeCrossEntropyLoss()
+    compiled.compile(backend="eager")
+    torch.testing.assert_close(compiled(x, t), want)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = safeloss.SafeCrossEntropyLoss()
+
+        def forward(self, x, t):
+            return self.loss(x, t)
+
+    gm = torch.fx.symbolic_trace(Model())
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 1  # still a leaf call
+    torch.testing.assert_close(gm(x, t), want)
+    torch.testing.assert_close(torch.jit.script(Model())(x, t), want)
+
+
+def test_patched_stock_module_gets_back_its_inherited_call(clean_patch):
+    assert "__call__" not in torch.nn.CrossEntropyLoss.__dict__
+    with safeloss.patch():
+        assert "__call__" in torch.nn.CrossEntropyLoss.__dict__
+    assert "__call__" not in torch.nn.CrossEntropyLoss.__dict__
+    assert torch.nn.CrossEntropyLoss.__call__ is torch.nn.Module.__call__

@@ -130,10 +130,10 @@ def row_losses(
     from . import triton_backend
 
     weight = None if p.weight is None else p.weight.float().contiguous()
-    losses, flags = triton_backend.row_losses(
+    losses, flags, out = triton_backend.row_losses(
         p.input, p.target, weight=weight, ignore_index=p.ignore_index,
         label_smoothing=p.label_smoothing, prob_target=p.prob,
         inplace_backward=inplace_backward, fused_grad=fused_grad,
-        out_max=F.overflow_bound(p.out_dtype),
+        out_max=F.overflow_bound(p.out_dtype), reduce=p,
     )
-    return Rows(losses, Scan(flags))
+    return Rows(losses, Scan(flags), out)

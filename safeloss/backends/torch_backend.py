@@ -15,7 +15,9 @@ the common case costs no extra pass over the data:
 
 from __future__ import annotations
 
+import ctypes
 import math
+import struct
 
 import torch
 import torch.nn.functional as tf
@@ -35,6 +37,7 @@ from ..core.checks import (
     target_bounds,
 )
 from ..core.errors import TargetOutOfRangeError
+from ..core.plan import Skeleton
 from ..core.rows import Rows
 from ..core.validation import Problem
 
@@ -67,6 +70,10 @@ def transform_guard(p: Problem) -> None:
 # Captured at import: safeloss.patch() later routes torch.nn.functional.cross_entropy through
 # safeloss, and this backend must keep calling the stock function, never itself.
 _stock_cross_entropy = tf.cross_entropy
+# The op stock F.cross_entropy ends in (the same values, the same autograd graph), for planned
+# calls: torch's reduction enum (torch.nn._reduction.get_enum) by name.
+_cross_entropy_loss = torch._C._nn.cross_entropy_loss
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
 def per_position(p: Problem, reduction: str = "none") -> Tensor:
@@ -82,10 +89,9 @@ def per_position(p: Problem, reduction: str = "none") -> Tensor:
 
 def _immediate(p: Problem) -> Rows:
     x, C = p.input, p.num_classes
-    cdim = 0 if x.dim() == 1 else 1
     counts = [0] * F.SIZE
     if p.prob:
-        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, cdim)
+        counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = scan_prob_target(p.target, _cdim(x))
     elif not x.is_cpu:
         # Strict mode on a GPU: stock torch would hit a device-side assert, so check first.
         lo, hi = target_bounds(p.target)
@@ -99,12 +105,27 @@ def _immediate(p: Problem) -> Rows:
     try:
         result = per_position(p, p.reduction)
     except (IndexError, RuntimeError):
-        # On CPU, stock torch checks every target itself ("Target 5 is out of bounds."): letting
-        # it do so keeps the happy path free of an extra pass over the targets.
-        if p.prob or not (nbad := count_bad_targets(p.target, C, p.ignore_index)):
-            raise
-        counts[F.BAD_TARGET] = nbad
-        return Rows(None, Scan(counts))
+        return _stock_refused(p, counts)
+    return _judge(p, result, counts)
+
+
+def _cdim(x: Tensor) -> int:
+    return 0 if x.dim() == 1 else 1
+
+
+def _stock_refused(p: Problem, counts: list[int]) -> Rows:
+    """Stock torch raised: on CPU it checks every target itself ("Target 5 is out of bounds."),
+    and letting it do so keeps the happy path free of an extra pass over the targets. Called from
+    the ``except`` clause (a bare ``raise`` re-raises stock's error where it is not ours)."""
+    if p.prob or not (nbad := count_bad_targets(p.target, p.num_classes, p.ignore_index)):
+        raise
+    counts[F.BAD_TARGET] = nbad
+    return Rows(None, Scan(counts))
+
+
+def _judge(p: Problem, result: Tensor, counts: list[int]) -> Rows:
+    """The value checks after the loss: one scalar read of the result settles non-finite values
+    and, via the softmax band, whether the logits need a look (one row, then a sample)."""
     out_finite = None
     if result.dim() == 0:
         value = result.item()
@@ -112,7 +133,7 @@ def _immediate(p: Problem) -> Rows:
         if out_finite and not _could_be_softmaxed(value, p):
             # CLEAN, the common call: nothing counted, so nothing to build or resolve.
             return _rows(p, result, Scan(counts, True, True) if any(counts) else CLEAN)
-    counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = scan_softmax(x, cdim, C)
+    counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = scan_softmax(p.input, _cdim(p.input), p.num_classes)
     return _rows(p, result, Scan(counts, nonfinite_from_output=True, out_finite=out_finite))
 
 
@@ -126,15 +147,129 @@ def _could_be_softmaxed(mean_loss: float, p: Problem) -> bool:
     softmaxed while the mean is not. The margin covers the row-sum tolerance (a row summing to
     1 + d moves the loss by at most |d|) and a half-precision loss's rounding.
     """
+    band = _band(p)
+    return band is None or band[0] <= mean_loss <= band[1]
+
+
+def _band(p: Problem) -> tuple[float, float] | None:
+    """The band of ``_could_be_softmaxed``, or None where it does not apply (every mean could be)."""
     if p.reduction != "mean" or p.prob or p.weight is not None or p.label_smoothing:
-        return True  # the band is not worth deriving for these; scan the sample
+        return None  # the band is not worth deriving for these; scan the sample
     if math.prod(p.positions_shape) > F.SOFTMAX_SAMPLE:
-        return True
+        return None
     C = p.num_classes
     lo, hi = math.log1p((C - 1) / math.e), math.log(C - 1 + math.e)
     dtype = p.input.dtype
     margin = F.SOFTMAX_SUM_TOL[str(dtype).removeprefix("torch.")] + 8 * torch.finfo(dtype).eps * hi + 1e-3
-    return lo - margin <= mean_loss <= hi + margin
+    return lo - margin, hi + margin
+
+
+# ------------------------------------------------------------------------ planned calls
+
+
+class HostPlan:
+    """The host path (CPU tensors) of one planned signature (``safeloss.core.plan``): the constants
+    of ``_immediate``'s value checks, so a clean call runs stock torch's op, reads one scalar
+    and compares it (or reads the first row of the logits), and returns."""
+
+    __slots__ = (
+        "acc",
+        "args",
+        "band",
+        "cdim",
+        "prob",
+        "raw",
+        "raw_bytes",
+        "row0",
+        "scalar",
+        "skeleton",
+        "slack",
+        "tol",
+    )
+
+    def __init__(self, p: Problem) -> None:
+        self.skeleton = Skeleton(p)
+        self.prob = p.prob
+        self.cdim = _cdim(p.input)
+        self.scalar = p.reduction != "none"
+        self.band = _band(p)
+        # How scan_softmax reaches the first position's row (its one-row exit).
+        x = p.input
+        self.row0 = 1 if x.dim() == 1 else 2 if x.dim() == 2 else 3
+        self.tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
+        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # A short first row is read straight from host memory (see _row0_softmaxed): one bytes
+        # copy and an unpack instead of three torch ops, the largest part of a small call's checks.
+        C, code = p.num_classes, _STRUCT_CODES.get(x.dtype)
+        self.raw = struct.Struct(f"={C}{code}") if code and x.dim() <= 2 and C <= _RAW_ROW_MAX else None
+        self.raw_bytes = None if self.raw is None else ctypes.c_char * self.raw.size
+        # How far torch's sum of a row of non-negative entries (float32 accumulation, any order;
+        # float64 for float64) can be from the exact sum s: gamma_C * s <= C * 2**-23 * s, doubled
+        # for the float64 sum taken here.
+        self.slack = C * (2.0**-51 if x.dtype == torch.float64 else 2.0**-22)
+        # Stock F.cross_entropy's own call of its op, less its Python layer (argument checks for
+        # torch-function overrides: plans exist only where none can apply).
+        self.args = (_REDUCTION_ENUM[p.reduction], p.ignore_index, p.label_smoothing)
+
+    def rows(self, x: Tensor, t: Tensor, w: Tensor | None) -> Tensor | tuple[Rows, Problem]:
+        """``_immediate`` for this signature: the result itself when the value checks find
+        nothing to report, else the :class:`Rows` ``_immediate`` returns for these tensors and
+        the :class:`Problem` ``normalize`` returned for them."""
+        counts: list[int] | None = None
+        sk = self.skeleton
+        try:
+            if self.prob:
+                neg, badsum = scan_prob_target(t, self.cdim)
+                if neg or badsum:
+                    counts = [0] * F.SIZE
+                    counts[F.PROB_NEGATIVE], counts[F.PROB_BAD_SUM] = neg, badsum
+                result = _cross_entropy_loss(x, t, w, *self.args)
+            else:
+                result = _cross_entropy_loss(x, t if t.dtype == torch.int64 else t.long(), w, *self.args)
+        except (IndexError, RuntimeError):
+            p = sk.problem(x, t, w)
+            return _stock_refused(p, [0] * F.SIZE if counts is None else counts), p
+        if counts is None:
+            if self.scalar:
+                value = result.item()
+                if value - value == 0:  # finite (inf - inf and NaN - NaN are NaN)
+                    band = self.band
+                    if band is not None:
+                        if not band[0] <= value <= band[1]:
+                            return result
+                    elif not self._row0_softmaxed(x):
+                        return result
+            elif not self._row0_softmaxed(x) and bool(torch.isfinite(result).all()):
+                # What resolve() concludes for reduction="none": every loss finite (ignored
+                # positions are 0) and a first row that is not a distribution.
+                return result
+        p = sk.problem(x, t, w)
+        return _judge(p, result, [0] * F.SIZE if counts is None else counts), p
+
+    def _row0_softmaxed(self, x: Tensor) -> bool:
+        """Could the first position's row be a softmax output? scan_softmax's first test (does it
+        sum to 1 within tolerance?), and False where that row cannot look softmaxed at all.
+
+        A short row that is contiguous in host memory is read here from its bytes first: a
+        negative entry rules it out (``softmax_like`` wants every entry >= 0, so the sampled rows
+        cannot all look softmaxed), and so does an exact sum of non-negative entries farther from
+        1 than the tolerance plus the most torch's float32 sum can differ from it. Anything else
+        (and NaN/inf) gets torch's own sum: the verdict is always the one torch's sum gives."""
+        raw = self.raw
+        if raw is not None and (ptr := x.data_ptr()) and x.stride(self.cdim) == 1 and not x.is_neg():
+            v = raw.unpack_from(self.raw_bytes.from_address(ptr))  # type: ignore[union-attr]
+            if min(v) < 0.0:
+                return False
+            s = sum(v)
+            if abs(s - 1.0) > self.tol + self.slack * s:
+                return False
+        x = x.detach()
+        first = x if self.row0 == 1 else x[0] if self.row0 == 2 else x.flatten(2)[0, :, 0]
+        return abs(float(first.sum(dtype=self.acc)) - 1.0) <= self.tol
+
+
+_STRUCT_CODES = {torch.float32: "f", torch.float64: "d", torch.float16: "e"}
+_RAW_ROW_MAX = 256  # classes; longer rows take torch's sum (negligible next to their loss)
 
 
 def _rows(p: Problem, result: Tensor, scan: Scan) -> Rows:

@@ -20,8 +20,10 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..core import _flags
+from ..core import _flags, reduction
+from ..core.validation import Problem
 
 __all__ = ["row_losses", "unavailable_reason"]
 
@@ -252,26 +254,67 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 # Launchers (eager code that runs inside the custom ops)
 # --------------------------------------------------------------------------------------------
+# Launch configurations (grid, scalar arguments, constexprs) per signature: the geometry and the
+# tiles depend only on shapes, strides, dtypes and options, and working them out is most of a
+# small call's host time. Keyed by everything they are computed from (the test hooks too).
+_LAUNCHES: dict[tuple[Any, ...], Any] = {}
+MAX_LAUNCHES = 256
+_EXOTIC = object()  # a cached "more than 3 irreducible position dims": contiguous copies
+
+
+def _cached(key: tuple[Any, ...], make: Any) -> Any:
+    cfg = _LAUNCHES.get(key)
+    if cfg is None:
+        cfg = make()
+        if len(_LAUNCHES) >= MAX_LAUNCHES:
+            _LAUNCHES.pop(next(iter(_LAUNCHES)))
+        _LAUNCHES[key] = _EXOTIC if cfg is None else cfg
+        return cfg
+    return None if cfg is _EXOTIC else cfg
+
+
+def _hooks() -> tuple[int | None, ...]:
+    return FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES
+
+
 def _launch_fwd(
     x: Tensor, target: Tensor, weight: Tensor | None, losses: Tensor, lse: Tensor, wy: Tensor, dx: Tensor | None,
     flags: Tensor, ignore_index: int, eps: float, prob: bool, check_softmax: bool, out_max: float,
 ) -> None:  # fmt: skip
-    k = _kernels()
-    import triton.language as tl
-
-    C = x.shape[_class_dim(x)]
-    others = [(target, prob)] + ([(dx, True)] if dx is not None else [])
-    geo = _geometry(x, others)
-    if geo is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
+    has_weight = weight is not None
+    key = ("fwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), target.dtype,
+           None if dx is None else dx.stride(), has_weight, ignore_index, eps, prob, check_softmax,
+           out_max, *_hooks())
+    cfg = _cached(key, lambda: _fwd_config(x, target, has_weight, dx, ignore_index, eps, prob,
+                                           check_softmax, out_max))
+    if cfg is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         _launch_fwd(x.contiguous(), target.contiguous(), weight, losses, lse, wy, dxc, flags,
                     ignore_index, eps, prob, check_softmax, out_max)  # fmt: skip
         if dx is not None:
             dx.copy_(dxc)
         return
+    grid, args, kwargs = cfg
+    _kernels().ce_fwd_kernel[grid](
+        x, target, weight if has_weight else lse, losses, lse, wy if prob else lse,
+        dx if dx is not None else lse, flags, *args, **kwargs,
+    )  # fmt: skip
+
+
+def _fwd_config(
+    x: Tensor, target: Tensor, has_weight: bool, dx: Tensor | None, ignore_index: int, eps: float,
+    prob: bool, check_softmax: bool, out_max: float,
+) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]] | None:
+    """(grid, scalar arguments, keyword arguments) of the forward kernel, or None (exotic layout)."""
+    import triton.language as tl
+
+    C = x.shape[_class_dim(x)]
+    others = [(target, prob)] + ([(dx, True)] if dx is not None else [])
+    geo = _geometry(x, others)
+    if geo is None:
+        return None
     sizes, (xs, ts, *rest) = geo
     ds = rest[0] if dx is not None else [0, 0, 0, 0]
-    has_weight = weight is not None
     smooth = (not prob) and eps > 0.0
     need_w = has_weight and (prob or smooth)
     # Fused mode keeps the row (and w*y' for prob targets) in registers up to this many classes:
@@ -280,36 +323,36 @@ def _launch_fwd(
     single_max = 0 if dx is None else 8192 if prob or need_w else 16384
     bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
     n_pblocks, grid = _grid(sizes, bp)
+    n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
-    i64 = losses.numel() * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _i64(x, target, dx)
-    k.ce_fwd_kernel[(grid,)](
-        x, target, weight if has_weight else lse, losses, lse, wy if prob else lse,
-        dx if dx is not None else lse, flags,
-        sizes[1], sizes[2], C, n_pblocks, losses.numel(), _flags.SOFTMAX_SAMPLE,
-        min(losses.numel(), _flags.SOFTMAX_SAMPLE),
+    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _i64(x, target, dx)
+    args = (
+        sizes[1], sizes[2], C, n_pblocks, n, _flags.SOFTMAX_SAMPLE, min(n, _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,
         ignore_index, eps,
         _flags.SOFTMAX_SUM_TOL[_dtype_name(x.dtype)],
         _flags.PROB_SUM_TOL.get(_dtype_name(target.dtype), 1e-4), out_max,
+    )  # fmt: skip
+    kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
         BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C, I64=i64,
         **_launch_opts(num_warps),
     )  # fmt: skip
+    return (grid,), args, kwargs
 
 
 def _launch_bwd(
     x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, wy: Tensor, g: Tensor,
     dx: Tensor | None, dy: Tensor | None, ignore_index: int, eps: float, prob: bool,
 ) -> None:  # fmt: skip
-    k = _kernels()
-    C = x.shape[_class_dim(x)]
-    others = [(target, prob), (g, False)]
-    others += [(dx, True)] if dx is not None else []
-    others += [(dy, True)] if dy is not None else []
-    geo = _geometry(x, others)
-    if geo is None:  # exotic layout: contiguous copies in, copy the results back
+    has_weight = weight is not None
+    key = ("bwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), g.shape, g.stride(),
+           None if dx is None else dx.stride(), None if dy is None else dy.stride(), has_weight,
+           ignore_index, eps, prob, *_hooks())
+    cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob))
+    if cfg is None:  # exotic layout: contiguous copies in, copy the results back
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         dyc = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device) if dy is not None else None
         _launch_bwd(x.contiguous(), target.contiguous(), weight, lse, wy, g.contiguous(), dxc, dyc,
@@ -319,44 +362,74 @@ def _launch_bwd(
         if dy is not None:
             dy.copy_(dyc)
         return
+    grid, args, kwargs = cfg
+    smooth = (not prob) and eps > 0.0
+    # W = sum_c w_c, needed before the column loop (coefficient of p_c); a device tensor, no sync.
+    wsum = weight.sum(dtype=torch.float32).reshape(1) if has_weight and smooth else lse
+    _kernels().ce_bwd_kernel[grid](
+        x, target, weight if has_weight else lse, wsum, lse, wy if prob else lse, g,
+        dx if dx is not None else lse, dy if dy is not None else lse, *args, **kwargs,
+    )  # fmt: skip
+
+
+def _bwd_config(
+    x: Tensor, target: Tensor, has_weight: bool, g: Tensor, dx: Tensor | None, dy: Tensor | None,
+    ignore_index: int, eps: float, prob: bool,
+) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]] | None:
+    """(grid, scalar arguments, keyword arguments) of the backward kernel, or None (exotic layout)."""
+    C = x.shape[_class_dim(x)]
+    others = [(target, prob), (g, False)]
+    others += [(dx, True)] if dx is not None else []
+    others += [(dy, True)] if dy is not None else []
+    geo = _geometry(x, others)
+    if geo is None:
+        return None
     sizes, (xs, ts, gs, *rest) = geo
     ds = rest.pop(0) if dx is not None else [0, 0, 0, 0]
     es = rest.pop(0) if dy is not None else [0, 0, 0, 0]
     bp, bc, num_warps = _tiles(sizes, C, xs, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
-    has_weight = weight is not None
     smooth = (not prob) and eps > 0.0
-    # W = sum_c w_c, needed before the column loop (coefficient of p_c); a device tensor, no sync.
-    wsum = weight.sum(dtype=torch.float32).reshape(1) if has_weight and smooth else lse
-    k.ce_bwd_kernel[(grid,)](
-        x, target, weight if has_weight else lse, wsum, lse, wy if prob else lse, g,
-        dx if dx is not None else lse, dy if dy is not None else lse,
+    args = (
         sizes[1], sizes[2], C, n_pblocks,
         *xs, *ts, *gs[:3], *ds, *es,
         ignore_index, eps,
+    )  # fmt: skip
+    kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
         BLOCK_P=bp, BLOCK_C=bc, I64=_i64(x, target, g, dx, dy), **_launch_opts(num_warps),
     )  # fmt: skip
+    return (grid,), args, kwargs
 
 
 def _launch_scale(dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob: bool) -> None:
-    k = _kernels()
-    C = dx.shape[_class_dim(dx)]
-    geo = _geometry(dx, [(target, prob), (g, False)])
-    if geo is None:  # exotic layout: a plain torch multiply (no early exit, still no sync)
+    key = ("scale", dx.shape, dx.stride(), target.shape, target.stride(), g.shape, g.stride(),
+           ignore_index, prob, *_hooks())
+    cfg = _cached(key, lambda: _scale_config(dx, target, g, ignore_index, prob))
+    if cfg is None:  # exotic layout: a plain torch multiply (no early exit, still no sync)
         f = g.to(torch.float32)
         if not prob:
             f = torch.where(target == ignore_index, 1.0, f)
         dx.copy_(dx * f.unsqueeze(_class_dim(dx)))
         return
+    grid, args, kwargs = cfg
+    _kernels().ce_scale_kernel[grid](dx, target, g, *args, **kwargs)
+
+
+def _scale_config(
+    dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob: bool
+) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]] | None:
+    C = dx.shape[_class_dim(dx)]
+    geo = _geometry(dx, [(target, prob), (g, False)])
+    if geo is None:
+        return None
     sizes, (ds, ts, gs) = geo
     bp, bc, num_warps = _tiles(sizes, C, ds, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
-    k.ce_scale_kernel[(grid,)](
-        dx, target, g, sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index,
-        PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=_i64(dx, target, g), **_launch_opts(num_warps),
-    )  # fmt: skip
+    args = (sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index)
+    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=_i64(dx, target, g), **_launch_opts(num_warps))
+    return (grid,), args, kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,16 +538,24 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
 
 def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
     x, target, weight, lse, wy, dx = ctx.saved_tensors
-    ignore_index, eps, prob, fused, inplace = ctx.cfg
-    need_dx = ctx.needs_input_grad[0]
-    need_dy = prob and ctx.needs_input_grad[1]
+    gx, gy = _grads(torch.ops.safeloss, x, target, weight, lse, wy, dx, g, ctx.cfg,
+                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return gx, gy, None, None, None, None, None, None, None, None
+
+
+def _grads(
+    ops: Any, x: Tensor | None, target: Tensor, weight: Tensor | None, lse: Tensor, wy: Tensor | None,
+    dx: Tensor | None, g: Tensor, cfg: tuple[Any, ...], need_dx: bool, need_target: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(d/dx, d/dtarget) from the saved forward state; ``ops``: the custom ops, or their eager
+    implementations (``_EagerOps``)."""
+    ignore_index, eps, prob, fused, inplace = cfg
+    need_dy = prob and need_target
     gx = gy = None
-    ops = _EagerOps if getattr(ctx, "eager", False) else torch.ops.safeloss
     if torch.is_grad_enabled() and (need_dx or need_dy):
         # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
         # kernels' outputs carry no graph, so differentiate torch's formula instead.
-        return (*_differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy),
-                None, None, None, None, None, None, None, None)
+        return _differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy)
     if fused:
         if need_dx:
             # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
@@ -491,7 +572,7 @@ def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
         gx, gy = ops.triton_ce_bwd(x, target, weight, lse, wy, g, ignore_index, eps, prob, need_dx, need_dy)
         gx = gx if need_dx else None
         gy = gy if need_dy else None
-    return gx, gy, None, None, None, None, None, None, None, None
+    return gx, gy
 
 
 def _differentiable_grads(
@@ -535,9 +616,19 @@ _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # tensors the same implementations run behind a plain autograd.Function (same context, same
 # backward). The custom ops remain what torch.compile, export and tensor subclasses see.
 class _EagerOps:
-    """The custom ops' names, calling the implementations directly (eager backward)."""
+    """The custom ops' names, calling the implementations directly (eager backward); unused
+    results are None rather than empty tensors (an allocation each)."""
 
-    triton_ce_bwd = staticmethod(_bwd_impl)
+    @staticmethod
+    def triton_ce_bwd(
+        x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, wy: Tensor | None, grad: Tensor,
+        ignore_index: int, label_smoothing: float, prob_target: bool, compute_dx: bool, compute_dy: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+        dx = torch.empty_like(x) if compute_dx else None
+        dy = torch.empty_like(target) if compute_dy else None
+        if lse.numel() > 0 and x.numel() > 0 and (compute_dx or compute_dy):
+            _launch_bwd(x, target, weight, lse, wy, grad, dx, dy, ignore_index, label_smoothing, prob_target)
+        return dx, dy
 
     @staticmethod
     def triton_ce_bwd_inplace(x: Tensor, *args: Any) -> Tensor:
@@ -552,30 +643,79 @@ class _EagerOps:
 
 
 class _EagerCE(torch.autograd.Function):
+    """The eager form of ``safeloss::triton_ce_fwd``: the same kernels and backward, returning
+    only what a caller uses and keeping the rest on the context, so no unused output is
+    allocated, wrapped, or given a zero gradient in backward. With ``p`` (a Problem), the
+    shared reduction (``core.reduction``) runs inside this node too, and its derivative in its
+    backward: two autograd nodes fewer per call, which dominate at small shapes."""
+
     # The classic forward(ctx, ...) form: with a separate setup_context, Function.apply binds the
     # arguments through inspect.signature on every call (tens of microseconds).
     @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
-        out = _fwd_impl(*args)
-        _setup_context(ctx, args, out)
-        ctx.eager = True
-        return out
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, target: Tensor, weight: Tensor | None, cfg: tuple[Any, ...],
+        p: Problem | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        ignore_index, eps, prob, check_softmax, fused, inplace, out_max = cfg
+        pos = _pos_shape(x)
+        n = math.prod(pos)
+        losses = x.new_empty(pos, dtype=torch.float32)
+        flags = x.new_zeros(_flags.SIZE, dtype=torch.int32)
+        lse = x.new_empty(n, dtype=torch.float32)
+        wy = x.new_empty(n, dtype=torch.float32) if prob else None
+        dx = torch.empty_like(x) if fused else None
+        if n > 0:
+            _launch_fwd(x, target, weight, losses, lse, wy, dx, flags, ignore_index, eps, prob,
+                        check_softmax, out_max)  # fmt: skip
+        ctx.set_materialize_grads(False)
+        # Fused mode already holds the gradient: keep the logits alive only if d/dtarget needs them.
+        keep_x = not fused or (prob and target.requires_grad)
+        ctx.save_for_backward(x if keep_x else None, target, weight, lse, wy, dx)
+        ctx.cfg = (ignore_index, eps, prob, fused, inplace and _non_overlapping_and_dense(x))
+        if p is None:
+            ctx.reduced = None
+            ctx.mark_non_differentiable(flags)
+            return losses, flags, None
+        out, denom = reduction.reduce_losses(losses, p)
+        ctx.reduced = (p.reduction, p.out_dtype, denom, losses.shape)
+        if out is losses:  # reduction "none" in float32: the losses are the result
+            ctx.mark_non_differentiable(flags)
+            return out, flags, None
+        ctx.mark_non_differentiable(flags, losses)
+        return out, flags, losses
 
-    backward = staticmethod(_backward)  # type: ignore[assignment]
+    @staticmethod
+    def backward(ctx: Any, g: Tensor | None, *_unused: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        if g is None:
+            return None, None, None, None, None
+        if ctx.reduced is not None:
+            g = reduction.losses_grad(g, *ctx.reduced)
+        x, target, weight, lse, wy, dx = ctx.saved_tensors
+        gx, gy = _grads(_EagerOps, x, target, weight, lse, wy, dx, g, ctx.cfg,
+                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gy, None, None, None
+
+
+# What _EagerCE.apply ends in, without its Python layer (a functorch check and a generator over
+# the arguments): used where no functorch transform is active, dead functorch wrappers unwrapped
+# as Function.apply would.
+_apply_eager = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerCE)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _eager(x: Tensor) -> bool:
     # Plain tensors outside any tracing only. torch.compile, torch.jit.trace and dispatch modes
     # (make_fx, FakeTensorMode, FlopCounterMode, ...) must see the custom op, not its insides
     # (a Triton launch is invisible to them); fake / functional / subclass tensors need it too.
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (
-        type(x) in (Tensor, torch.nn.Parameter)
+        type(x) in _PLAIN
         and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not torch._C._is_tracing()
         and _get_current_dispatch_mode() is None
     )
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,7 +733,8 @@ def row_losses(
     check_softmax: bool = True,
     fused_grad: bool = False,
     out_max: float = math.inf,
-) -> tuple[Tensor, Tensor]:
+    reduce: Problem | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Per-position cross-entropy (float32, positions shape) and the int32 findings vector.
 
     ``inplace_backward``: the backward writes the gradient into the logits' storage and returns
@@ -607,11 +748,25 @@ def row_losses(
     to backward; ``inplace_backward`` is ignored in this mode.
     ``out_max``: per-position losses of this magnitude or more are counted in
     ``_flags.OVERFLOW`` (they become inf in a half-precision output).
+    ``reduce``: the call's Problem, to reduce the losses here (``core.reduction``) where that
+    saves autograd nodes (eager calls on plain tensors): then (losses, flags, result), the result
+    None where the caller reduces.
     """
     fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
-    fwd = _EagerCE.apply if _eager(input) else torch.ops.safeloss.triton_ce_fwd
-    losses, flags, _lse, _wy, _dx = fwd(
+    if _eager(input):
+        cfg = (int(ignore_index), float(label_smoothing), bool(prob_target), bool(check_softmax),
+               fused, bool(inplace_backward), float(out_max))
+        if torch._C._are_functorch_transforms_active():
+            out, flags, losses = _EagerCE.apply(input, target, weight, cfg, reduce)
+        else:
+            out, flags, losses = _apply_eager(
+                _unwrap_if_dead(input), _unwrap_if_dead(target),
+                None if weight is None else _unwrap_if_dead(weight), cfg, reduce)
+        if reduce is None:
+            return out, flags
+        return (out if losses is None else losses), flags, out
+    losses, flags, _lse, _wy, _dx = torch.ops.safeloss.triton_ce_fwd(
         input, target, weight, int(ignore_index), float(label_smoothing), bool(prob_target),
         bool(check_softmax), fused, bool(inplace_backward), float(out_max),
     )  # fmt: skip
-    return losses, flags
+    return (losses, flags) if reduce is None else (losses, flags, None)

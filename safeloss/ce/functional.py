@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..backends.dispatch import check_backend
+from ..core import extras
+from ..core import plan as plans
 from ..core import tools as tracing
 from ..core._traceback import trim
 from ..core.errors import SafeLossError
 from ..core.mode import Mode, decide
 from ..core.validation import check_label_smoothing, resolve_reduction
+from . import extras as ce_extras
 from . import pipeline
 
 
@@ -27,7 +30,11 @@ def cross_entropy(
     backend: str = "auto",
     inplace_backward: bool = False,
     fused_grad: bool = False,
-) -> Tensor:
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, extras.LossStats]:
     """Drop-in for :func:`torch.nn.functional.cross_entropy` with checks and a fused GPU kernel.
 
     Same arguments and, for every input torch accepts, the same values and gradients. Mistakes
@@ -46,6 +53,17 @@ def cross_entropy(
             gradient in backward, skipping rows whose upstream gradient is exactly 1 without a
             host sync. Pays off for ``reduction="sum"`` and rows up to 16K classes; it holds a
             logits-sized gradient buffer from forward to backward.
+        softcap: logits z become ``softcap * tanh(z / softcap)`` before everything else (Gemma 2's
+            ``final_logit_softcapping``); ``None``: no cap.
+        temperature: then z becomes ``z / temperature`` (RL: the sampler's temperature).
+        z_loss: adds ``z_loss * lse(z)^2`` per non-ignored position (PaLM's z-loss; lse of the
+            capped, scaled logits), reduced as the loss: ``"mean"`` over the non-ignored
+            positions (unweighted, even with a class ``weight``), ``"sum"``, or per position.
+        return_stats: return ``(loss, safeloss.LossStats)``: per-position ``lse`` and
+            ``entropy``, the ``z_loss`` term and the ``accuracy`` (no gradient).
+
+    With any of the last four away from its default, every backend runs torch ops (the extras are
+    not yet fused into the Triton kernel: one extra pass over the logits on CUDA).
     """
     mode = decide(input, target, weight)
     if mode is Mode.FX:  # torch.fx.symbolic_trace: one node that calls this function when it runs
@@ -55,21 +73,37 @@ def cross_entropy(
         )
         for name, value, default in (("strict", strict, None), ("backend", backend, "auto"),
                                      ("inplace_backward", inplace_backward, False),
-                                     ("fused_grad", fused_grad, False)):
+                                     ("fused_grad", fused_grad, False),
+                                     ("softcap", softcap, None), ("temperature", temperature, 1.0),
+                                     ("z_loss", z_loss, 0.0), ("return_stats", return_stats, False)):
             if value != default:
                 kwargs[name] = value
         return tracing.fx_call(tracing.fx_proxy(input, target, weight), cross_entropy, input, target,
                               kwargs)
+    if not extras.defaults(softcap, temperature, z_loss, return_stats):
+        return ce_extras.cross_entropy(
+            mode, input, target, weight, size_average, ignore_index, reduce, reduction,
+            label_smoothing, softcap, temperature, z_loss, return_stats, strict=strict,
+            backend=backend, inplace_backward=inplace_backward, fused_grad=fused_grad,
+        )
     try:
+        key = None
+        if mode is Mode.EAGER and size_average is None and reduce is None:
+            # A signature seen before: its plan (core.plan), then only the value checks.
+            key = pipeline.signature(input, target, weight, ignore_index, reduction, label_smoothing,
+                                     backend, inplace_backward, fused_grad)
+            plan = None if key is None else plans.get(key)
+            if plan is not None and (out := pipeline.planned(plan, input, target, weight, strict, None)) is not None:
+                return out
         return pipeline.run(
             mode, input, target, weight, ignore_index,
             resolve_reduction(size_average, reduce, reduction),
             check_label_smoothing(label_smoothing),
             strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
-            fused_grad=fused_grad, owner=None,
+            fused_grad=fused_grad, owner=None, key=key,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
-        trim(e)
+        trim(e, "safeloss.cross_entropy")
         raise
 
 

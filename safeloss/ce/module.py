@@ -6,13 +6,18 @@ import torch
 from torch import Tensor
 
 from ..backends.dispatch import check_backend
+from ..core import extras
+from ..core import plan as plans
 from ..core import tools as tracing
-from ..core._traceback import boundary, trim
+from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
-from ..core.mode import decide
+from ..core.mode import Mode, decide
 from ..core.validation import check_label_smoothing, check_reduction
+from . import extras as ce_extras
 from . import pipeline
 from .functional import cross_entropy
+
+_NO_BUFFER = object()  # a module without a "weight" buffer (reassigned as a Parameter, say)
 
 
 class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -24,8 +29,16 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
     construction, not at the first forward. Each distinct warning is shown once per instance.
 
     Extra keyword-only arguments: ``strict``, ``backend``, ``inplace_backward`` and ``fused_grad``, as in
-    :func:`safeloss.cross_entropy`.
+    :func:`safeloss.cross_entropy`, and its LLM and RL extras ``softcap``, ``temperature``,
+    ``z_loss`` and ``return_stats`` (checked here, at construction).
     """
+
+    # Class-level defaults: an instance pickled before these options existed still loads and runs.
+    # Unannotated: TorchScript reads class annotations, and cannot parse ``float | None``.
+    softcap = None
+    temperature = 1.0
+    z_loss = 0.0
+    return_stats = False
 
     def __init__(
         self,
@@ -40,8 +53,13 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         backend: str = "auto",
         inplace_backward: bool = False,
         fused_grad: bool = False,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
     ) -> None:
         try:
+            extras.check(softcap, temperature, z_loss, return_stats, op="SafeCrossEntropyLoss")
             check_label_smoothing(label_smoothing)
             if weight is not None and not isinstance(weight, Tensor):
                 # Stock fails here too (a TypeError from register_buffer); say what to pass instead.
@@ -60,18 +78,26 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.fused_grad = fused_grad
+        self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
+        self.return_stats = return_stats
+
+    # A SafeLossError ends at the caller's line, above torch's nn.Module.__call__ frames too.
+    __call__ = module_call
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         # TorchScript compiles only this branch (scripted code cannot call back into Python): stock
         # torch's forward, with the same settings. See docs/compatibility.md.
         if torch.jit.is_scripting():
+            if (self.softcap is not None or self.temperature != 1.0 or self.z_loss != 0.0
+                    or self.return_stats):  # stock has none of them: never drop one silently
+                raise RuntimeError(
+                    "SafeCrossEntropyLoss with softcap, temperature, z_loss or return_stats cannot "
+                    "run in TorchScript, which compiles stock torch's loss.\nFix: call the loss "
+                    "outside the scripted code, or use torch.compile")
             return torch.nn.functional.cross_entropy(
                 input, target, weight=self.weight, ignore_index=self.ignore_index,
                 reduction=self.reduction, label_smoothing=self.label_smoothing,
             )
-        proxy = tracing.fx_proxy(input, target)  # (no walrus: TorchScript parses this body)
-        if proxy is not None:  # torch.fx.symbolic_trace
-            return tracing.fx_module_call(self, cross_entropy, proxy, input, target)
         # A SafeLossError's traceback ends at the caller's line (safeloss._traceback): with a
         # context manager, as TorchScript parses this body and rejects a try; not while Dynamo
         # traces, which cannot trace the context manager.
@@ -96,14 +122,39 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
             parts.append("inplace_backward=True")
         if self.fused_grad:
             parts.append("fused_grad=True")
+        for name, default in (("softcap", None), ("temperature", 1.0), ("z_loss", 0.0),
+                              ("return_stats", False)):
+            value = getattr(self, name)
+            if value != default:
+                parts.append(f"{name}={value!r}")
         return ", ".join(parts)
 
 
 def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
+    # The weight buffer without nn.Module.__getattr__ (a Python call, about 1 us); ``self.weight``
+    # where it is not a buffer (reassigned as a Parameter, say).
+    buffers = self._buffers
+    weight = buffers.get("weight", _NO_BUFFER)
+    if weight is _NO_BUFFER:
+        weight = self.weight
+    mode = decide(input, target, weight)
+    if mode is Mode.FX:  # torch.fx.symbolic_trace
+        return tracing.fx_module_call(self, cross_entropy, tracing.fx_proxy(input, target, weight),
+                                      input, target)
+    if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
+        return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
+    key = None
+    if mode is Mode.EAGER:
+        # A signature seen before: its plan (core.plan), then only the value checks.
+        key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
+                                 self.label_smoothing, self.backend, self.inplace_backward,
+                                 self.fused_grad)
+        plan = None if key is None else plans.get(key)
+        if plan is not None and (out := pipeline.planned(plan, input, target, weight, self.strict, self)) is not None:
+            return out
     return pipeline.run(
-        decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+        mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
-        fused_grad=self.fused_grad,
-        owner=self,
+        fused_grad=self.fused_grad, owner=self, key=key,
     )

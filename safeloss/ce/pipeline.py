@@ -3,6 +3,10 @@
 entry (``functional`` / ``module``) -> ``core.mode.decide`` (once) -> ``run`` -> argument checks and
 target normalization (``core.validation``) -> backend choice (``backends.dispatch``) -> per-position
 fp32 losses (``backends``) -> ``core.reduction`` -> findings reported (``core.checks`` / ``report``).
+
+An eager call whose :func:`signature` has a plan (``core.plan``) takes :func:`planned` instead of
+``run``: the argument checks and the backend choice are what they were for the first call of
+that signature, so only the value checks and the compute run.
 """
 
 from __future__ import annotations
@@ -14,13 +18,126 @@ import torch
 from torch import Tensor
 
 from ..backends import dispatch, torch_backend
-from ..core import checks, compiled, reduction
-from ..core.config import LazyStrict
+from ..core import checks, compiled, reduction, validation
+from ..core import plan as plans
+from ..core.config import LazyStrict, env
 from ..core.mode import Mode, decide
 from ..core.report import report
+from ..core.rows import Rows
 from ..core.tools import check_layouts, densify_result, paused_tracer
-from ..core.validation import normalize
+from ..core.validation import REDUCTIONS, Problem, normalize
 from ..parallel import dtensor as parallel_dtensor
+
+_C = torch._C
+
+
+def signature(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: object, reduction: object,
+    label_smoothing: object, backend: object, inplace_backward: object, fused_grad: object,
+) -> tuple[object, ...] | None:
+    """The plan key of an eager call (``core.mode.Mode.EAGER``), or None for a call that never
+    takes a plan (a deprecated reduction name, which warns per call; arguments that are not
+    tensors, which the full path rejects).
+
+    Everything the argument checks, the backend choice and the Triton launch geometry read other
+    than tensor values: types (only plain tensors get plans), shapes, dtypes, devices,
+    ``requires_grad``, the options with their types (``True == 1``, but ``ignore_index=True`` is an
+    error and ``1`` is not), grad mode (a weight that requires grad), autocast (the compute
+    dtype) and whether a ``TorchFunctionMode`` is active (planned calls skip stock's Python layer
+    that hands calls to one). Strides are not in it: only the Triton launch geometry reads them,
+    and it keys them itself.
+    """
+    if reduction not in REDUCTIONS:
+        return None
+    try:
+        return (
+            type(input), input.shape, input.dtype, input.device, input.requires_grad,
+            type(target), target.shape, target.dtype, target.device, target.requires_grad,
+            None if weight is None else
+            (type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad),
+            ignore_index, type(ignore_index), reduction, label_smoothing, type(label_smoothing),
+            backend, inplace_backward, fused_grad, _C.is_grad_enabled(),
+            _C._is_any_autocast_enabled() and plans.autocast_key(input.device.type),
+            _C._is_torch_function_mode_enabled(),
+        )
+    except AttributeError:  # not tensors: the full path says what was passed
+        return None
+
+
+class Plan:
+    """A planned signature of the cross-entropy op (see ``core.plan``)."""
+
+    __slots__ = ("backend", "cpu_triton", "fused_grad", "host", "inplace_backward", "is_cpu", "skeleton")
+
+    def __init__(self, p: Problem, backend: str, inplace_backward: bool, fused_grad: bool) -> None:
+        self.skeleton = plans.Skeleton(p)
+        self.backend = backend
+        self.is_cpu = p.input.is_cpu
+        # The CPU host path of the torch backend: its clean call in one function.
+        self.host = torch_backend.HostPlan(p) if backend == "torch" and self.is_cpu else None
+        # Triton on CPU tensors (the interpreter) depends on TRITON_INTERPRET, read per call: the
+        # plan holds for the value it had when the plan was made.
+        self.cpu_triton = env("TRITON_INTERPRET") if backend == "triton" and not p.input.is_cuda else None
+        self.inplace_backward = inplace_backward
+        self.fused_grad = fused_grad
+
+
+def _plannable(p: Problem, input: Tensor, target: Tensor, weight: object) -> bool:
+    """A clean signature: plain tensors that the checks passed through unchanged (nothing
+    converted, squeezed or cast: those calls report a finding), at least two classes (one class
+    has a value-dependent finding) and at least one element."""
+    return (
+        p.input is input and p.target is target and p.weight is weight and p.num_classes > 1
+        and input.numel() > 0 and type(input) in _PLAIN and type(target) in _PLAIN
+        and (weight is None or type(weight) in _PLAIN)
+    )
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def planned(
+    plan: Plan, input: Tensor, target: Tensor, weight: Tensor | None, strict: bool | None,
+    owner: object | None,
+) -> Tensor | None:
+    """A call of a planned signature: what ``run`` does for it, less what the signature settled.
+
+    Returns None before anything happened where the call must take ``run`` instead: a class
+    weight with negative entries (a finding of the argument checks, read per call), or Triton
+    on CPU tensors with another ``TRITON_INTERPRET`` than when the plan was made.
+    """
+    if weight is not None and validation._negative_classes(weight):
+        return None
+    if plan.cpu_triton is not None and env("TRITON_INTERPRET") != plan.cpu_triton:
+        return None
+    host = plan.host
+    if host is not None and not checks._pending and not checks.DEFER_ON_CPU:
+        # The common CPU call: the host path's value checks, nothing pending, nothing to defer
+        # (strictness matters only if something is found).
+        out = host.rows(input, target, weight)
+        if type(out) is not tuple:
+            return out  # type: ignore[return-value]
+        rows, p = out
+        return _finish(rows, p, True, LazyStrict(strict), _key(owner), owner)
+    strict_ = LazyStrict(strict)
+    key = _key(owner)
+    if checks._pending:
+        checks.flush(key, owner, wait=bool(strict_))
+    immediate = (plan.is_cpu and not checks.DEFER_ON_CPU) or bool(strict_)
+    if host is not None and immediate:
+        out = host.rows(input, target, weight)
+        if type(out) is not tuple:
+            return out  # type: ignore[return-value]
+        rows, p = out
+    else:
+        p = plan.skeleton.problem(input, target, weight)
+        rows = dispatch.row_losses(plan.backend, p, immediate, plan.inplace_backward, plan.fused_grad)
+    return _finish(rows, p, immediate, strict_, key, owner)
+
+
+def _key(owner: object | None) -> int:
+    """The pending-check key of a loss (``checks.defer``)."""
+    return checks.FUNCTIONAL_KEY if owner is None else id(owner)
 
 
 def run(
@@ -37,22 +154,29 @@ def run(
     inplace_backward: bool,
     fused_grad: bool = False,
     owner: object | None,
+    key: tuple[object, ...] | None = None,
 ) -> Tensor:
-    """One call in ``mode`` (from ``core.mode.decide``; FX proxies are handled by the entries)."""
+    """One call in ``mode`` (from ``core.mode.decide``; FX proxies are handled by the entries).
+    ``key``: the call's :func:`signature` (eager calls), under which a clean call stores its plan."""
     if mode is Mode.EAGER:
         return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
-                      backend, inplace_backward, fused_grad, owner, False, False)
+                      backend, inplace_backward, fused_grad, owner, False, False, key)
     if mode is Mode.COMPILE or mode is Mode.CAPTURE or mode is Mode.TRANSFORM:
         return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
                       backend, inplace_backward, fused_grad, owner, True, mode is Mode.TRANSFORM)
     if mode is Mode.DTENSOR:
-        if parallel_dtensor.applies(input, target, weight):
-            # Logits sharded on the classes under loss_parallel(): the vocab-parallel op.
+        if parallel_dtensor.is_dtensor(input):
+            # DTensor logits, any layout: the parallel op decides from the placements alone what
+            # every rank computes and exchanges (never DTensor's own ops on the checks: their
+            # collectives would follow values one rank sees).
             return parallel_dtensor.run(input, target, weight, ignore_index, reduction_,
-                                        label_smoothing, strict=strict, backend=backend, owner=owner)
-        # Other DTensors run the steps below through DTensor's own ops.
-        return _dense(input, target, weight, ignore_index, reduction_, label_smoothing, strict,
-                      backend, inplace_backward, fused_grad, owner, False, False)
+                                        label_smoothing, strict=strict, backend=backend, owner=owner,
+                                        inplace_backward=inplace_backward, fused_grad=fused_grad)
+        # Plain logits with a DTensor target or weight: this rank's loss on the whole of them.
+        target, weight = parallel_dtensor.full(target), parallel_dtensor.full(weight)  # type: ignore[assignment]
+        return run(decide(input, target, weight), input, target, weight, ignore_index, reduction_,
+                   label_smoothing, strict=strict, backend=backend, inplace_backward=inplace_backward,
+                   fused_grad=fused_grad, owner=owner)
     return _in_tool(mode, input, target, weight, ignore_index, reduction_, label_smoothing,
                     strict=strict, backend=backend, inplace_backward=inplace_backward,
                     fused_grad=fused_grad, owner=owner)
@@ -62,6 +186,7 @@ def _dense(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction_: str,
     label_smoothing: float, strict: bool | None, backend: str, inplace_backward: bool,
     fused_grad: bool, owner: object | None, no_host: bool, transform: bool,
+    signature_key: tuple[object, ...] | None = None,
 ) -> Tensor:
     """Eager calls (``no_host`` False) and the modes that may not read the host: torch.compile
     (shape checks at trace time, value checks in the graph, reported by the effectful op of
@@ -95,9 +220,18 @@ def _dense(
         if tracing:
             compiled.note(p, rows, out, key, strict, static)
         return out
+    if signature_key is not None and not static and _plannable(p, input, target, weight):
+        # Stored before the compute: the plan is about the signature, whatever the values hold.
+        plans.store(signature_key, Plan(p, name, inplace_backward, fused_grad))
     # is_cpu, not device.type: the device string costs 0.3 us per call.
     immediate = checks.reads_at_once("cpu" if p.input.is_cpu else p.input.device.type) or bool(strict_)
     rows = dispatch.row_losses(name, p, immediate, inplace_backward, fused_grad)
+    return _finish(rows, p, immediate, strict_, key, owner)
+
+
+def _finish(rows: Rows, p: Problem, immediate: bool, strict_: LazyStrict, key: int,
+            owner: object | None) -> Tensor:
+    """From the backend's rows to the result: reduce, then report (host path) or defer."""
     if rows.scan is checks.CLEAN:  # the host path found nothing: nothing to resolve (~2 us)
         return reduction.reduce(rows, p)
     if rows.stopped:  # invalid targets found before any compute

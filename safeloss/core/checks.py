@@ -13,6 +13,7 @@ read them at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -31,10 +32,11 @@ from .errors import (
     ProbabilityTargetError,
     TargetOutOfRangeError,
     fmt_list,
+    fmt_pos,
     fmt_shape,
     plural,
 )
-from .report import Finding, shown
+from .report import Finding, _user_frame, shown
 from .report import report as _report
 from .validation import Problem, _read_negatives, negative_weight_finding
 
@@ -173,8 +175,67 @@ def _positions(mask: Tensor, limit: int = 5) -> tuple[int, list[str]]:
     return idx.shape[0], [str(list(p)) for p in idx[:limit].tolist()]
 
 
+def _flat_source(target: Tensor) -> tuple[int, ...] | None:
+    """The shape of the tensor a 1-D target was flattened from, when the target is a view of it
+    (``labels.view(-1)``, as Hugging Face flattens shifted labels): the evidence, in the tensor
+    itself, that its positions are not the caller's own. None when it is not such a view."""
+    base = getattr(target, "_base", None)
+    if target.dim() != 1 or base is None or base.dim() < 2 or base.numel() != target.numel():
+        return None
+    if not (base.is_contiguous() and target.stride(0) == 1
+            and target.storage_offset() == base.storage_offset()):
+        return None
+    return tuple(base.shape)
+
+
+def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for d in reversed(shape):
+        out.append(i % d)
+        i //= d
+    return out[::-1]
+
+
+def _library_caller() -> str | None:
+    """``file:line`` of the code that called the loss, when that is an installed library (its
+    file under site-packages / dist-packages), which may have reshaped the caller's labels."""
+    fname, lineno, _ = _user_frame()
+    parts = fname.replace("\\", "/").split("/")
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            rest = parts[parts.index(marker) + 1:]
+            return "/".join(rest) + f":{lineno}" if rest else None
+    return None
+
+
+def _padding_runs(rows: Tensor, v: int, ignore_index: int) -> tuple[int, int, str] | None:
+    """Evidence that ``v`` is a padding value: every occurrence of it lies in a run that fills the
+    end of its row (or every one the start), ignored positions aside; at least 3 positions, and
+    runs in 2 rows or one run of 3. Returns (rows padded, longest run, "end" or "start"), or None.
+
+    A label that is a real class (1-based labels, a class the model lacks) also occurs mid-row,
+    so it never passes; a padding value leaves exactly this pattern."""
+    is_v = rows == v
+    count = int(is_v.sum())
+    if count < 3 or rows.shape[-1] < 2:
+        return None  # two positions are too few to call a pattern
+    neutral = is_v | (rows == ignore_index)
+    for side in ("end", "start"):
+        iv, nt = (is_v, neutral) if side == "end" else (is_v.flip(-1), neutral.flip(-1))
+        # From the first v of a row on, only v or ignore_index: v sits in the row's tail.
+        seen = iv.cumsum(-1) > 0
+        if bool((seen & ~nt).any()):
+            continue
+        run = iv.sum(-1)
+        longest, padded = int(run.max()), int((run > 0).sum())
+        if longest >= 2 and (padded >= 2 or longest >= 3):
+            return padded, longest, side
+    return None
+
+
 def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, device_type: str) -> str:
     C = num_classes
+    flat_from = _flat_source(target)
     t = target.detach().cpu().long()
     bad = bad_target_mask(t, C, ignore_index)
     nbad = int(bad.sum())
@@ -185,6 +246,9 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     for v in vals[order][:4].tolist():
         _, pos = _positions(bad & (t == v), 3)
         n_v = int((bad & (t == v)).sum())
+        if flat_from is not None:  # each flat position, and where it is in the unflattened labels
+            idx = (bad & (t == v)).nonzero()[:3, 0].tolist()
+            pos = [f"[{i}] (= {fmt_pos(_unravel(i, flat_from))})" for i in idx]
         parts.append(f"{v} at {fmt_list(pos, limit=3, total=n_v)}")
     more = f"; ... ({vals.numel()} distinct bad values)" if vals.numel() > 4 else ""
     lines = [
@@ -194,9 +258,53 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
         f"  bad values: {'; '.join(parts)}{more}",
         f"  target shape {fmt_shape(t.shape)}, ignore_index={ignore_index}",
     ]
+    library = _library_caller() if t.dim() == 1 else None
+    if flat_from is not None:
+        lines.append(
+            f"  positions [i] are in the flattened target: it is a view of a {fmt_shape(flat_from)} "
+            "tensor, and (= [...]) is the same position there"
+            + (f" (flattened by {library})" if library else "")
+        )
+    elif library is not None:
+        lines.append(
+            f"  positions are in the 1-D target that {library} passed to the loss, which may have "
+            "flattened (and shifted) the labels you gave it"
+        )
     bad_vals = vals.tolist()
     lo = int(valid.min()) if valid.numel() else 0
     hi = int(valid.max()) if valid.numel() else 0
+    # Sequences to look for padding in (a negative value is never a class: it needs no evidence):
+    # (B, T) labels, the (B, T) labels a 1-D target was flattened from, or a 1-D target as one
+    # row. Not image masks (N, H, W), whose rows are no sequences.
+    rows = None
+    if t.dim() == 2:
+        rows = t
+    elif flat_from is not None and len(flat_from) == 2:
+        rows = t.reshape(flat_from)
+    elif t.dim() == 1 and flat_from is None:
+        rows = t.unsqueeze(0)  # one row: only a run at its very end (or start) counts
+    padding = None
+    if rows is not None and len(bad_vals) == 1 and bad_vals[0] >= 0:
+        padding = _padding_runs(rows, bad_vals[0], ignore_index)
+    # 1-based labels: the largest is exactly C and 0 never occurs, which means something only when
+    # the labels cover most of 1..C (an LM batch covers a sliver of its vocabulary).
+    covered, one_based, not_one_based = 0, False, ""
+    if bad_vals == [C] and lo >= 1:
+        values, freq = valid.unique(return_counts=True)
+        covered = int(values.numel())
+        n_c = int(freq[-1])  # values are sorted: C, the only bad value, is the largest
+        most_other = int(freq[:-1].max()) if freq.numel() > 1 else 0
+        if covered * 2 < C:
+            not_one_based = (f", but these {plural(int(valid.numel()), 'label')} cover too few of "
+                             f"the {C} classes to tell")
+        elif n_c > 2 * most_other + 1:
+            # A 1-based class C is as common as the others; one value far more common is filler.
+            not_one_based = (f", but {C} occurs {n_c} times and no other label more than "
+                             f"{most_other}: more like a filler value than a class")
+        else:
+            one_based = True
+    if one_based and rows is not None and rows.shape[0] == 1:
+        padding = None  # one row: a run at its end is weaker evidence than labels covering 1..C
     if C == 0:
         lines.append("The logits have no classes at all (a zero-sized class dimension).")
         lines.append(
@@ -220,16 +328,47 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "a corrupt label."
         )
         lines.append("Fix: store the labels as int64: target.to(torch.int64)")
-    elif len(bad_vals) == 1 and (bad_vals[0] < 0 or bad_vals[0] in (255, 250, 254, 65535)):
+    elif padding is not None:
         v = bad_vals[0]
-        what = "padding/unknown labels" if v < 0 else "a mask code for 'void' / unlabeled pixels"
+        n_rows, longest, side = padding
+        n_total = rows.shape[0] if rows is not None else 1
+        where = (f"the {side} of {n_rows} of {plural(n_total, 'row')}" if n_total > 1
+                 else f"the {side} of the target")
+        lines.append(
+            f"Every bad value is {v}, and it fills {where} (runs of up to {longest}): the pattern a "
+            "padding value leaves"
+            + (" (e.g. a pad token id equal to the vocabulary size)" if v == C else " (a pad id)")
+            + f", not a class. ignore_index is {ignore_index}, so these positions are not skipped."
+        )
+        lines.append(
+            f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v}); "
+            f"or set the padded labels to {ignore_index} where the batch is built"
+        )
+    elif len(bad_vals) == 1 and bad_vals[0] < 0:
+        v = bad_vals[0]
+        lines.append(
+            f"Every bad value is {v}, which looks like padding/unknown labels (a label is never "
+            f"negative), not a class; ignore_index is {ignore_index}, so these positions are not skipped."
+        )
+        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+    elif len(bad_vals) == 1 and bad_vals[0] in (255, 250, 254, 65535):
+        v = bad_vals[0]
+        spatial = t.dim() >= 2
+        what = (
+            "a mask code for 'void' / unlabeled pixels" if spatial else
+            "a code for 'no label' (255 is the usual 'void' code of segmentation masks, and what "
+            "-1 becomes in uint8)" if v == 255 else "a code for 'no label'"
+        )
         lines.append(
             f"Every bad value is {v}, which looks like {what}, not a class; "
             f"ignore_index is {ignore_index}, so these positions are not skipped."
         )
         lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
-    elif hi == C and lo >= 1:
-        lines.append(f"The labels look 1-based: they run from {lo} to {hi} and 0 never occurs.")
+    elif one_based:
+        lines.append(
+            f"The labels look 1-based: they run from {lo} to {hi}, {covered} of the {C} values "
+            f"1..{C} occur, and 0 never does."
+        )
         lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
     elif hi >= C and (hi >= 2**31 or hi >= 1000 * C) and len(bad_vals) <= 4:
         lines.append(
@@ -239,10 +378,17 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
         )
         lines.append("Fix: check how the labels are loaded; valid labels are 0..C-1")
     elif hi >= C:
+        one_based_note = (
+            f" (0 never occurs and the largest label is exactly {C}, as with 1-based labels"
+            f"{not_one_based})" if not_one_based else ""
+        )
+        negatives = [v for v in bad_vals if v < 0]
         lines.append(
             f"The labels go up to {hi} but the model outputs {C} scores (classes 0..{C - 1}): "
             f"either the final layer is too small (the data has at least {hi + 1} classes), or "
-            "the labels are not numbered 0..C-1 (raw class ids that need remapping)."
+            f"the labels are not numbered 0..C-1 (raw class ids that need remapping){one_based_note}."
+            + (f" The negative labels ({fmt_list([str(v) for v in negatives])}) are never classes: "
+               "set ignore_index to the one used for 'no label'." if negatives else "")
         )
         lines.append(
             f"Fix: build the final layer with {hi + 1} outputs (e.g. nn.Linear(d, {hi + 1})), or "
@@ -250,10 +396,12 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
         )
     else:
         lines.append(
-            f"Negative labels are only allowed when they equal ignore_index ({ignore_index})."
+            f"Negative labels are only allowed when they equal ignore_index ({ignore_index}); "
+            f"these take {len(bad_vals)} different negative values, so no single ignore_index covers them."
         )
         lines.append(
-            "Fix: set ignore_index to the value used for 'no label', or remove those targets"
+            "Fix: set ignore_index to the one value used for 'no label' and map the others to it "
+            "(target[target < 0] = ignore_index), or remove those targets"
         )
     if device_type == "cuda":
         lines.append(
@@ -448,7 +596,7 @@ def overflow_finding(
             "that blew up (a learning rate that is too high) or a missing normalization.\n"
             if half else ""
         )
-        + "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
+        + "Fix: compute the loss in float32 (pass logits.float() to the loss), or under "
         "torch.autocast (cross_entropy then computes in float32); lower the learning rate or clip "
         "gradients" + ("; prefer bfloat16 or torch.amp.GradScaler for float16 training" if half else ""),
     )
@@ -478,10 +626,10 @@ def reduction_overflow_finding(p: Problem, losses: Tensor | None) -> Finding:
         f"{plural(n, 'per-position loss', 'per-position losses')} is finite, but {why}, so the "
         "result is inf (stock torch returns inf too).\n"
         + (
-            'Fix: reduction="mean", or sum in float32: loss_fn(logits.float(), target) (or under '
-            "torch.autocast)"
+            'Fix: reduction="mean", or sum in float32: pass logits.float() to the loss (or run it '
+            "under torch.autocast)"
             if red == "sum" else
-            "Fix: compute the loss in float32, loss_fn(logits.float(), target), or under "
+            "Fix: compute the loss in float32 (pass logits.float() to the loss), or under "
             "torch.autocast"
             + ("; tiny class weights (the mean divides by their sum) inflate it" if p.weight is not None else "")
         ),
@@ -612,6 +760,11 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
 
 # ------------------------------------------------------------------------ resolution
 
+# op name -> how that op rewords the shared (cross-entropy) messages; filled by the ops that reuse
+# these checks (linear_cross_entropy registers its own), read wherever a finding is reported late
+# (deferred CUDA findings, the report op of compiled graphs), where the op's own code is not on the stack.
+WORDING: dict[str, Callable[[str], str]] = {}
+
 DEFERRED_NOTE = (
     "[found by an earlier call of this loss; GPU checks are read back without blocking and "
     "reported at a later call, or by safeloss.check_pending()]\n"
@@ -643,23 +796,25 @@ def resolve(
     have_logits: bool = True,
     device_type: str | None = None,
     note: str = "",
+    op: str = "",
 ) -> None:
     """Raise or warn for what ``scan`` found. ``out_finite`` None means "read it from ``out``".
-    ``losses`` may be a callable that computes them, called only when a message needs them."""
+    ``losses`` may be a callable that computes them, called only when a message needs them.
+    ``op``: the op whose call this is, when its messages are worded differently (``WORDING``)."""
     counts = scan.counts.tolist() if isinstance(scan.counts, Tensor) else scan.counts
     if (scan.out_finite if out_finite is None else out_finite) and not any(counts) and p.num_classes:
         return  # the clean call: nothing counted and a finite result (what follows would agree)
-    if note:
+    wording = WORDING.get(op) if op else None
+    if note or wording:
         def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
-            _report(replace(f, message=note + f.message), strict, owner)
+            text = note + f.message
+            _report(replace(f, message=wording(text) if wording else text), strict, owner)
     else:
         report = _report
     if counts[F.BAD_TARGET]:
-        raise TargetOutOfRangeError(
-            note
-            + out_of_range_message(p.target, p.num_classes, p.ignore_index,
-                                   device_type or p.input.device.type)
-        ) from None
+        text = note + out_of_range_message(p.target, p.num_classes, p.ignore_index,
+                                           device_type or p.input.device.type)
+        raise TargetOutOfRangeError(wording(text) if wording else text) from None
     if p.num_classes == 0:
         # Nothing was computed over: every other check would only describe the empty rows.
         report(no_classes_finding(p), strict, owner)
@@ -752,6 +907,8 @@ class _Pending:
     key: int = FUNCTIONAL_KEY  # which loss it belongs to (requeued there if a report raises)
     nbytes: int = 0  # device memory it keeps alive (label copy, per-position losses)
     owner_ref: Callable[[], object] | None = None  # weak reference to the loss module, if any
+    op: str = ""  # the op whose wording the report uses (see WORDING)
+    event_device: torch.device | None = None  # where ``event`` was recorded
 
 
 _pending: dict[int, list[_Pending]] = {}
@@ -761,43 +918,90 @@ _pending_lock = threading.Lock()
 def defer(
     scan: Scan, p: Problem, losses: Tensor | None, out: Tensor, strict: bool, key: int,
     note: str = "", findings: Sequence[Finding] = (), device_type: str | None = None,
-    owner: object | None = None,
+    owner: object | None = None, op: str = "",
 ) -> None:
     """Queue ``scan`` for later: start non-blocking copies to pinned memory, record an event."""
     counts = scan.counts if isinstance(scan.counts, Tensor) else torch.tensor(list(scan.counts))
-    pinned = counts.device.type == "cuda"
-    counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=pinned)
+    pinned = counts.is_cuda
+    counts_host = _host_buffer(counts.shape, counts.dtype, pinned)
     counts_host.copy_(counts, non_blocking=pinned)
     out_host = None
     if p.reduction != "none":
-        out_host = torch.empty((), dtype=out.dtype, pin_memory=pinned)
+        out_host = _host_buffer((), out.dtype, pinned)
         out_host.copy_(out.detach(), non_blocking=pinned)
     event = None
     if pinned:
-        event = torch.cuda.Event()
+        try:  # a CUDA event is bound to the device it was first recorded on
+            event = _free_events[counts.device].pop()
+        except (KeyError, IndexError):
+            event = torch.cuda.Event()
         event.record()
     # Index targets and per-position losses are O(N): kept so the message can name positions.
     # The logits and probability targets are not kept (they can be gigabytes): meta stand-ins
     # carry their shape and dtype.
-    def light(t: Tensor) -> Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
     p_light = Problem(
         # A copy: the caller may refill its label buffer before the report (static CUDA buffers).
-        input=light(p.input), target=light(p.target) if p.prob else p.target.detach().clone(),
-        prob=p.prob, weight=p.weight, ignore_index=p.ignore_index,
-        label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=p.num_classes,
-        out_dtype=p.out_dtype,
+        _meta(p.input), _meta(p.target) if p.prob else p.target.detach().clone(), p.prob, p.weight,
+        p.ignore_index, p.label_smoothing, p.reduction, p.num_classes, p.out_dtype,
         # Reported by this call already: the backend's count of the same thing is not news.
-        findings=[f for f in p.findings if f.kind == "negative-weight"],
+        [f for f in p.findings if f.kind == "negative-weight"] if p.findings else [],
     )
-    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light,
-                   None if losses is None else losses.detach(), out_host, counts_host, event, strict,
-                   device_type or p.input.device.type, note or DEFERRED_NOTE, findings, key,
-                   _nbytes(p_light.target) + (0 if losses is None else _nbytes(losses)),
-                   _weak(owner))
+    kept = None if losses is None else losses.detach()
+    nbytes = (0 if p.prob else _nbytes(p_light.target)) + (0 if kept is None else _nbytes(kept))
+    rec = _Pending(Scan(counts_host, scan.nonfinite_from_output), p_light, kept, out_host,
+                   counts_host, event, strict, device_type or p.input.device.type,
+                   note or DEFERRED_NOTE, findings, key, nbytes, _weak(owner), op=op,
+                   event_device=counts.device if pinned else None)
     with _pending_lock:
         _pending.setdefault(key, []).append(rec)
+
+
+# Meta stand-ins by (shape, dtype): a deferred record keeps one for the logits (and probability
+# targets) instead of the tensor; they hold no data, so records share them.
+_metas: dict[tuple[object, ...], Tensor] = {}
+
+
+def _meta(t: Tensor) -> Tensor:
+    k = (t.shape, t.dtype)
+    m = _metas.get(k)
+    if m is None:
+        if len(_metas) >= 256:
+            _metas.clear()
+        m = _metas[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return m
+
+
+# Host buffers of reported records, reused by later records: a training loop defers every
+# step, and pinned memory is slow to allocate. A buffer returns here only after its record was
+# read (its copies had finished: the record's event was waited for).
+_free_host: dict[tuple[object, ...], list[Tensor]] = {}
+MAX_FREE_HOST = 64
+
+
+def _host_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, pinned: bool) -> Tensor:
+    free = _free_host.get((shape, dtype, pinned))
+    if free:
+        with contextlib.suppress(IndexError):  # another thread took the last one
+            return free.pop()
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+
+# CUDA events of reported records, per device, recorded again by later records (creating one
+# costs a driver call).
+_free_events: dict[torch.device, list[object]] = {}
+
+
+def _release(rec: _Pending) -> None:
+    pinned = rec.event is not None
+    if pinned:
+        events = _free_events.setdefault(rec.event_device, [])  # type: ignore[arg-type]
+        if len(events) < MAX_FREE_HOST:
+            events.append(rec.event)
+    for buf in (rec.counts_host, rec.out_host):
+        if buf is not None:
+            free = _free_host.setdefault((buf.shape, buf.dtype, pinned), [])
+            if len(free) < MAX_FREE_HOST:
+                free.append(buf)
 
 
 # Records a loss may have in flight before a call waits for the oldest one, by count and by the
@@ -890,10 +1094,18 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
         _report(replace(f, message=rec.note + f.message), rec.strict, owner)
     if rec.event is not None:
         rec.event.synchronize()  # waits for that call's kernels only, normally long finished
+    counts = rec.counts_host.tolist()
     out_finite = None
     if rec.out_host is not None:
-        out_finite = bool(torch.isfinite(rec.out_host))
+        out_finite = math.isfinite(rec.out_host.item())
+        if out_finite and not any(counts) and rec.problem.num_classes:
+            _release(rec)  # the clean record: what resolve() would conclude
+            return
     elif rec.losses is not None:
         out_finite = bool(torch.isfinite(rec.losses).all())
-    resolve(rec.scan, rec.problem, rec.losses, rec.out_host, out_finite, rec.strict, owner,
-            have_logits=False, device_type=rec.device_type, note=rec.note)
+    try:
+        resolve(Scan(counts, rec.scan.nonfinite_from_output), rec.problem, rec.losses,
+                rec.out_host, out_finite, rec.strict, owner, have_logits=False,
+                device_type=rec.device_type, note=rec.note, op=rec.op)
+    finally:
+        _release(rec)

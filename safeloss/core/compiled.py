@@ -64,6 +64,7 @@ def note_findings(
     num_classes: int,
     strict: int,
     static_findings: str,
+    op: str = "",
 ) -> None:
     """Run time, real tensors: report or defer what the compiled loss counted."""
     strict_ = is_strict(None if strict < 0 else bool(strict))
@@ -87,11 +88,11 @@ def note_findings(
         for f in found:
             report(f, strict_, owner)
         checks.resolve(scan, p, rows_losses, out, None, strict_, owner, have_logits=False,
-                       device_type=device_type)
+                       device_type=device_type, op=op)
         return
     checks.flush(key, owner, wait=False)  # earlier calls' findings, as an eager call would
     checks.defer(scan, p, rows_losses, out.detach(), strict_, key, note=COMPILED_NOTE,
-                 findings=found, device_type=device_type)
+                 findings=found, device_type=device_type, op=op)
 
 
 @note_findings.register_fake
@@ -107,8 +108,10 @@ with contextlib.suppress(Exception):
     )
 
 
-def note(p: Problem, rows: Rows, out: Tensor, key: int, strict: bool | None, static: list[Finding]) -> None:
-    """Trace time: put the op in the graph (called only while Dynamo traces)."""
+def note(p: Problem, rows: Rows, out: Tensor, key: int, strict: bool | None, static: list[Finding],
+         op: str = "") -> None:
+    """Trace time: put the op in the graph (called only while Dynamo traces). ``op``: the op
+    whose wording the report uses (``checks.WORDING``)."""
     counts = rows.scan.counts
     if not isinstance(counts, Tensor):  # the compile path always counts on the device
         counts = torch.tensor(list(counts), dtype=torch.int32, device=out.device)
@@ -118,5 +121,5 @@ def note(p: Problem, rows: Rows, out: Tensor, key: int, strict: bool | None, sta
         counts, out.detach(), target.detach(), losses.detach(), key, list(p.input.shape),
         p.input.dtype, p.input.device.type, p.prob, p.weight is not None, p.ignore_index,
         float(p.label_smoothing), p.reduction, p.num_classes, -1 if strict is None else int(strict),
-        _encode(static),
+        _encode(static), op,
     )

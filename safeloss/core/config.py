@@ -43,7 +43,39 @@ def is_strict(explicit: bool | None = None) -> bool:
         return bool(ctx)
     if _global_strict is not None:
         return _global_strict
-    return os.environ.get("SAFELOSS_STRICT", "").strip().lower() in _TRUE
+    raw = env("SAFELOSS_STRICT")
+    return raw is not None and raw.strip().lower() in _TRUE
+
+
+# os.environ.get() encodes the name and decodes the value on every call (about 1 us); calls
+# that must read the environment each time (strictness, on CUDA: every call) read the mapping
+# behind os.environ, which os.environ keeps in sync, through the same key encoding.
+_ENV_DATA: dict[object, object] | None = getattr(os.environ, "_data", None)
+_ENV_KEYS: dict[str, object] = {}
+_ENV_VALUES: dict[object, str] = {}
+
+
+def env(name: str) -> str | None:
+    """``os.environ.get(name)``, read at call time, a little faster."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        try:
+            key = _ENV_KEYS[name] = os.environ.encodekey(name)  # type: ignore[attr-defined]
+        except AttributeError:
+            return os.environ.get(name)
+    raw = _ENV_DATA.get(key)
+    if raw is None:
+        return None
+    value = _ENV_VALUES.get(raw)
+    if value is None:
+        value = os.environ.get(name)
+        if value is None:
+            return None
+        if len(_ENV_VALUES) < 64:
+            _ENV_VALUES[raw] = value
+    return value
 
 
 class LazyStrict:

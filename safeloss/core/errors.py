@@ -79,7 +79,7 @@ class DeviceMismatchError(SafeLossError, RuntimeError):
 
 
 class ArgumentTypeError(SafeLossError, TypeError):
-    """A safeloss-only argument (``strict`` of ``patch()``, ...) has the wrong type."""
+    """An argument of the wrong type, ordinary or safeloss-only: a list as input, target or weight, a non-integer ``ignore_index``, a string ``label_smoothing``, ``strict``, ``backend`` (stock: ``TypeError``)."""
 
 
 class BackendError(SafeLossError, RuntimeError):
@@ -90,8 +90,16 @@ class ParallelMismatchError(SafeLossError, RuntimeError):
     """The ranks of a vocab-parallel group disagree on rows, labels or arguments."""
 
 
+class OptionsError(SafeLossError, ValueError):
+    """``LinearCrossEntropyOptions`` that cannot apply to this call (stock: ``ValueError``; ``RuntimeError`` for an ``acc_dtype`` the input dtype cannot take)."""
+
+
 class LayoutError(SafeLossError, NotImplementedError):
     """A layout the loss cannot use: sparse logits, labels or weight; nested tensors (stock: ``NotImplementedError``, a ``RuntimeError``)."""
+
+
+class ExtrasError(SafeLossError, ValueError):
+    """``softcap``, ``temperature`` or ``z_loss`` has a value with no meaning (<= 0, NaN, inf)."""
 
 
 E = TypeVar("E", bound=SafeLossError)
@@ -169,7 +177,13 @@ del _cls
 for _cls, _builtin in [
     (TargetShapeError, ValueError), (TargetShapeError, IndexError),
     (TargetDtypeError, ValueError), (TargetDtypeError, IndexError),
-    (InputError, IndexError), (InputDtypeError, IndexError),
+    (InputError, IndexError), (InputDtypeError, IndexError), (OptionsError, RuntimeError),
+    # linear_cross_entropy: stock reads an attribute of a non-tensor argument first
+    (ArgumentTypeError, AttributeError),
+    # Third-party losses that gather by hand (routed by safeloss.patch()) fail on a bad label
+    # with torch.gather's RuntimeError, not cross_entropy's IndexError; linear_cross_entropy inside
+    # torch.func.vmap: stock's batched gather raises a RuntimeError too.
+    (TargetOutOfRangeError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
 del _cls, _builtin

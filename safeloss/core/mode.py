@@ -76,13 +76,16 @@ TABLE: dict[Mode, Row] = {
                     "when the graph runs, by an effectful op", "as eager"),
     Mode.ABSTRACT: Row("arguments, shapes, dtypes (no values exist)", "in the call",
                        "fake: as eager; meta: stock torch's op"),
-    Mode.SPARSE: Row("all, on the densified probability targets", "as eager",
-                     "as eager; sparse logits, weights or index targets: LayoutError"),
+    Mode.SPARSE: Row("sparse probability targets: all, on the densified targets; sparse logits, "
+                     "weights or index targets and nested tensors: a LayoutError (stock has no kernel)",
+                     "as eager", "as eager"),
     Mode.FX: Row("all, when the traced graph runs", "when the graph runs",
                  "as eager, when the graph runs"),
     Mode.DTENSOR: Row(
         "all, on every rank alike (decided from placements; collectives only where every rank "
-        "makes them)", "in the call, the same on every rank", "per op: see docs/compatibility.md",
+        "makes them)", "in the call, the same on every rank",
+        "logits sharded on the classes under loss_parallel(): the vocab-parallel op; other layouts: "
+        "DTensor's own ops",
     ),
 }
 
@@ -102,6 +105,8 @@ def decide(*tensors: object) -> Mode:
     """The mode of a call whose tensor arguments are ``tensors`` (``None`` entries allowed; the
     first is the one whose device decides CUDA-graph capture). Never reads tensor data."""
     if torch.compiler.is_compiling():
+        if any(_is_dtensor(t) for t in tensors):
+            return Mode.DTENSOR  # its route runs eagerly (a graph break): collectives, agreement
         return Mode.ONNX if torch.compiler.is_exporting() and onnx_exporting() else Mode.COMPILE
     if not (_C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()):
         for t in tensors:  # the common case: plain dense tensors

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,14 +41,19 @@ def denominator(p: Problem) -> int | Tensor:
 
 def reduce(rows: Rows, p: Problem) -> Tensor:
     if rows.reduced is not None:
-        return rows.reduced  # stock torch's own reduction, see Rows.reduced
-    losses = rows.losses  # never None here: the pipeline raises on early exits first
+        return rows.reduced  # stock torch's own reduction, or this one run by the backend
+    # never None here: the pipeline raises on early exits first
+    return reduce_losses(rows.losses, p)[0]  # type: ignore[arg-type]
+
+
+def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | None]:
+    """(the result, the mean's denominator or None): the per-position losses reduced."""
     if p.reduction == "none":  # .to() of the same dtype returns the tensor itself: skip the op
-        return losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)
+        return (losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)), None
     acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
-    total = losses.sum(dtype=acc)
+    total = losses.sum() if losses.dtype == acc else losses.sum(dtype=acc)
     if p.reduction == "sum":
-        return total.to(p.out_dtype)
+        return (total if total.dtype == p.out_dtype else total.to(p.out_dtype)), None
     denom = denominator(p)
     if p.out_dtype == torch.float16:
         # Stock torch's float16 mean holds the sum in float16 before dividing: a sum beyond 65504
@@ -56,4 +62,48 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
-    return (total / denom).to(p.out_dtype)
+    out = total / denom
+    return (out if out.dtype == p.out_dtype else out.to(p.out_dtype)), denom
+
+def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """``reduce`` of per-position losses whose positions are split over ranks (a DTensor sharded on
+    the batch): ``across`` sums a local partial over the ranks (differentiably); ``None`` when
+    this rank holds every position. ``p`` is this rank's problem (its targets and the weight)."""
+    if p.reduction == "none":
+        return losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)
+    acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
+    total = losses.sum(dtype=acc)
+    if across is not None:
+        total = across(total)
+    if p.reduction == "sum":
+        return total.to(p.out_dtype)
+    denom = torch.as_tensor(denominator(p), dtype=acc, device=losses.device)
+    if across is not None:
+        denom = across(denom)
+    if p.out_dtype == torch.float16:
+        total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
+    out = total / denom
+    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
+        # Stock torch divides the label term and the smoothing term by the total weight
+        # separately: with a total weight of 0 the label term is 0/0 = NaN, so the mean is NaN
+        # (nothing to average) even though the smoothing term alone would be finite/0 = inf.
+        out = out + torch.zeros((), dtype=acc, device=losses.device) / denom
+    return out.to(p.out_dtype)
+
+
+def losses_grad(
+    grad: Tensor, reduction: str, out_dtype: torch.dtype, denom: int | Tensor | None,
+    shape: torch.Size | tuple[int, ...],
+) -> Tensor:
+    """The gradient of :func:`reduce_losses`'s result with respect to the (float32) losses, for
+    an upstream ``grad``: what autograd computes through its ops, op for op (casts, the division,
+    the sum's expansion), for backends that run the reduction inside their own autograd node."""
+    f32 = torch.float32
+    if reduction == "none":
+        return grad if grad.dtype == f32 else grad.to(f32)
+    g = grad if grad.dtype == f32 else grad.to(f32)
+    if reduction == "mean":
+        g = g / denom  # type: ignore[operator]
+        if out_dtype == torch.float16:  # the float16 round trip of the sum, backwards
+            g = g.to(torch.float16).to(f32)
+    return g.expand(shape)

@@ -122,7 +122,8 @@ def module_kwargs(module: Any) -> dict[str, object]:
         "reduction": module.reduction, "label_smoothing": module.label_smoothing,
     }
     for name, default in (("strict", None), ("backend", "auto"), ("inplace_backward", False),
-                          ("fused_grad", False)):
+                          ("fused_grad", False), ("softcap", None), ("temperature", 1.0),
+                          ("z_loss", 0.0), ("return_stats", False)):
         value = getattr(module, name, default)
         if value != default:
             kwargs[name] = value

@@ -178,12 +178,25 @@ def _check_input(input: object, target: object = None) -> Tensor:
         )
     if input.dtype not in _INPUT_DTYPES:
         builtin = _stock_builtin(input, target) if input.dim() == 0 else NotImplementedError
+        # Swapped arguments show in the shapes: float "labels" whose own labels' shape (dim 1
+        # removed) is the integer input's shape.
+        swapped = (
+            isinstance(target, Tensor) and target.is_floating_point() and target.dim() >= 2
+            and tuple(input.shape) == tuple(target.shape[:1]) + tuple(target.shape[2:])
+        )
+        why = (
+            f"The arguments look swapped: the target is a float tensor of shape "
+            f"{fmt_shape(target.shape)}, and this integer input has the shape labels for it would "
+            "have.\nFix: loss_fn(logits, labels), logits first"
+            if swapped else
+            "The input must hold raw float scores (logits), one per class, as a model's output "
+            "does; if this tensor holds the labels, the logits go first.\n"
+            "Fix: loss_fn(logits, labels) with float logits, e.g. model(x), or logits.float() "
+            "for integer scores"
+        )
         raise stock_class(InputDtypeError, builtin)(
             f"cross_entropy got integer or non-real logits: input dtype {input.dtype}, shape "
-            f"{fmt_shape(input.shape)}.\nThe input must hold raw float scores (logits), one per "
-            "class; integer values usually mean the labels were passed as the first argument.\n"
-            "Fix: call loss_fn(logits, labels) with float logits, e.g. model(x) or "
-            "logits.float()"
+            f"{fmt_shape(input.shape)}.\n{why}"
         )
     if input.dim() == 0:
         raise stock_class(InputError, _stock_builtin(input, target))(
@@ -290,12 +303,20 @@ def _check_weight(
             f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
         )
     if weight.dim() != 1 or weight.numel() != num_classes:
+        n = weight.numel()
+        cause = (
+            "" if weight.dim() != 1 else
+            f"; with {num_classes - n} fewer entries than classes, the weights were probably "
+            "computed from the labels present (e.g. torch.bincount or np.unique counts), which "
+            "leave out classes with no samples" if n < num_classes else
+            f"; with {n - num_classes} more entries than classes, the weights were probably "
+            "computed for a larger label set than this model's outputs"
+        )
         raise WeightError(
             f"weight has shape {fmt_shape(weight.shape)} but the input has {num_classes} classes "
             f"(input shape {fmt_shape(input.shape)}, classes along dim "
             f"{0 if input.dim() == 1 else 1}).\nweight needs exactly one entry per class, in "
-            "class order; a length mismatch usually means the weights were computed on a "
-            "different label set, or a class with no samples was dropped.\n"
+            f"class order{cause}.\n"
             f"Fix: a 1-D weight of length {num_classes}, e.g. "
             f"torch.ones({num_classes}) with the known classes filled in"
         )
@@ -460,13 +481,28 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
     # (N, C) one-hot / multi-hot integer target with a different class count.
     if input.dim() >= 2 and target.dim() == input.dim() and tshape[0] == ishape[0]:
         if target.dim() == 2:
+            # What the columns hold tells one-hot/probability rows from per-position labels.
+            binary = (not target.is_floating_point() and target.numel() > 0
+                      and bool(((target == 0) | (target == 1)).all()))
+            if target.is_floating_point() or binary:
+                what = (
+                    f"A 2-D target of this batch size is read as {'one-hot rows' if binary else 'probabilities'}"
+                    f" and must match the input's shape; its {tshape[1]} columns disagree with the "
+                    f"model's {C} outputs.\n"
+                    "Fix: pass class indices of shape (N,), e.g. target.argmax(dim=1), and check that "
+                    "the model's output size equals the number of classes"
+                )
+            else:
+                what = (
+                    f"The target holds integer labels other than 0/1 ({tshape[1]} per sample): labels "
+                    f"per position (time steps, tokens) for logits with one prediction per sample; "
+                    "the model lost (or pooled away) the position dimension.\n"
+                    f"Fix: logits of shape (N, C, {tshape[1]}) (classes in dim 1), or "
+                    f"logits.reshape(-1, C) with target.reshape(-1) if the model predicts every position"
+                )
             raise shape_error(
                 f"cross_entropy got a 2-D target for 2-D logits, but with {tshape[1]} columns where "
-                f"the model has {C} classes.\n" + head
-                + "A 2-D target is read as one-hot/probabilities and must match the input's shape; "
-                f"its {tshape[1]} columns disagree with the model's {C} outputs.\n"
-                "Fix: pass class indices of shape (N,), e.g. target.argmax(dim=1), and check that "
-                "the model's output size equals the number of classes"
+                f"the model has {C} classes.\n" + head + what
             )
 
     # (N*T,) targets for (N, T, C) logits, or (N, T) targets for (N*T, C) logits.
@@ -615,10 +651,11 @@ def _index_target(
                 "squeezed-target", TargetShapeError,
                 f"cross_entropy got targets of shape {fmt_shape(tshape)} for logits "
                 f"{fmt_shape(ishape)}; default mode squeezes the singleton dimension to "
-                f"{fmt_shape(expected)} (strict mode stops here). Stock torch raises \"0D or 1D target tensor expected, "
-                "multi-target not supported\".\n"
-                "Fix: target.squeeze(1) (or target.view(-1)), usually in the dataset's "
-                "__getitem__ or the collate function",
+                f"{fmt_shape(expected)} (strict mode stops here). Stock torch raises "
+                f"\"{_stock_squeeze_error(ishape, tshape)}\".\n"
+                # squeeze(1), never view(-1): that would flatten a (N, 1, H, W) mask to N*H*W.
+                "Fix: target.squeeze(1), usually in the dataset's __getitem__ or the collate "
+                "function",
             ))
             target = target.squeeze(1)
         elif input.dim() == 1 and tshape == (1,):
@@ -636,6 +673,18 @@ def _index_target(
         # 156, a real class; 2**40 as int32 is 0); widen once so every check compares true values.
         target = target.to(torch.int32 if _fits(ignore_index, torch.int32) else torch.int64)
     return target, findings
+
+
+def _stock_squeeze_error(ishape: tuple[int, ...], tshape: tuple[int, ...]) -> str:
+    """Stock torch's error text for a target with an extra singleton dim 1: it depends on which
+    of its kernels the shape reaches (nll_loss, nll_loss2d for 4-D logits, or the K-d reshape)."""
+    if len(ishape) == 2:
+        return "0D or 1D target tensor expected, multi-target not supported"
+    if len(ishape) == 4:
+        return ("only batches of spatial targets supported (3D tensors) but got targets of "
+                f"dimension: {len(tshape)}")
+    expected = [ishape[0], *ishape[2:]]
+    return f"Expected target size {list(expected)}, got {list(tshape)}"
 
 
 def _unsigned_index_target(target: Tensor, input: Tensor, ignore_index: int, read_values: bool) -> Tensor:

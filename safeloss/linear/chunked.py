@@ -69,6 +69,11 @@ class Spec:
     weight: Tensor | None  # (C,), work dtype
     backend: str  # "torch" or "triton"
     work: torch.dtype  # float32 (float64 for float64 inputs)
+    # The dtype stock torch's logits have where it is narrower than ``work`` (half precision with
+    # options=None, or as LinearCrossEntropyOptions' acc policy keeps them): each tile is rounded
+    # to it once, then everything after is computed in ``work``. None: the tile stays in ``work``.
+    tile_dtype: torch.dtype | None = None
+    max_rows: int | None = None  # LinearCrossEntropyOptions.batch_chunk_size: a cap on rows per chunk
 
     @property
     def fast(self) -> bool:
@@ -126,6 +131,14 @@ def _mm32(a: Tensor, b: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ tiles
+
+
+def _round(z: Tensor, sp: Spec, in_place: bool) -> Tensor:
+    """The tile rounded to ``sp.tile_dtype`` (as stock's half-precision linear rounds its
+    output), kept in the work dtype. Out of place where autograd must see it (double backward)."""
+    if sp.tile_dtype is None:
+        return z
+    return z.copy_(z.to(sp.tile_dtype)) if in_place else z.to(sp.tile_dtype).to(z.dtype)
 
 
 def _tile_index(z: Tensor, t: Tensor, valid: Tensor, sp: Spec, want_grad: bool,
@@ -187,11 +200,12 @@ def _tile_generic(z: Tensor, t: Tensor, sp: Spec, scale: Tensor | None, want_gra
                                           label_smoothing=sp.eps, reduction="none")
         if not (want_grad or need_dq):
             return losses.detach(), None, None
-        wrt = [zz] + ([tgt] if need_dq else [])
+        # Only what requires grad: a probability target alone (a frozen head) has no d/dz.
+        wrt = ([zz] if want_grad else []) + ([tgt] if need_dq else [])
         grads = torch.autograd.grad(losses, wrt, torch.ones_like(losses) if scale is None else scale,
                                     create_graph=create_graph)
     dz = grads[0].reshape(r, -1) if want_grad else None
-    return (losses if create_graph else losses.detach()), dz, (grads[1] if need_dq else None)
+    return (losses if create_graph else losses.detach()), dz, (grads[-1] if need_dq else None)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -234,6 +248,8 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     if create_graph:
         loss_parts, dx_parts, dq_parts = [], [], []
     rows = chunk_rows(N, CD, dev)
+    if sp.max_rows:
+        rows = min(rows, sp.max_rows)
     fast = sp.fast and not create_graph
     # Reused tile buffers: a fresh tile per chunk would page-fault its way through fresh memory
     # (most of the reference path's cost on CPU).
@@ -244,10 +260,12 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     for s in range(0, N, rows):
         e = min(N, s + rows)
         r = e - s
-        z = ops.logits(s, e, None if zbuf is None else zbuf[:r])
+        z = _round(ops.logits(s, e, None if zbuf is None else zbuf[:r]), sp, not create_graph)
         tc, vc = target[s:e], valid[s:e]
         sc = None if scale is None else scale[s:e]
         if fast:
+            if sc is not None:  # never read at ignored or bad rows (stock's backward does not): 0 * NaN
+                sc = torch.where(vc, sc, 0.0)
             f: Tensor | None
             if sp.backend == "triton":
                 lc, gt, f = _tile_triton(z, tc, sp, want_grad)
@@ -313,9 +331,11 @@ def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor
         tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
     parts = []
     rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    if sp.max_rows:
+        rows = min(rows, sp.max_rows)
     for s in range(0, N, rows):
         e = min(N, s + rows)
-        z = ops.logits(s, e, None)
+        z = _round(ops.logits(s, e, None), sp, False)
         z = z.view(e - s, sp.num_classes, sp.positions) if sp.positions > 1 else z
         if sp.prob:
             parts.append(_stock_cross_entropy(z, tgt[s:e].to(z.dtype), weight=sp.weight,

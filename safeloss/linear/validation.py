@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..core import checks
 from ..core.errors import (
     ArgumentTypeError,
     BatchSizeMismatchError,
@@ -25,10 +26,13 @@ from ..core.errors import (
     IgnoreIndexError,
     InputDtypeError,
     InputError,
+    LayoutError,
+    OptionsError,
     SafeLossError,
     TargetShapeError,
     WeightError,
     fmt_shape,
+    plural,
     stock_class,
 )
 from ..core.report import Finding
@@ -39,15 +43,38 @@ _WORD = re.compile(r"(?<![\w.])cross_entropy\b")
 _CLASS = re.compile(r"(?<!\w)CrossEntropyLoss\b")
 
 
+_OP = "linear_cross_entropy"
+# The shared non-finite report, where it cannot read the logits (this op never makes them).
+_UNSEEN = re.compile(r"because the logits( or the class weights| or the probability targets)*( hold)")
+
+
 def reword(message: str) -> str:
     """A shared cross-entropy message in terms of this API (the names users call)."""
-    message = _WORD.sub("linear_cross_entropy", message)
+    message = _WORD.sub(_OP, message)
     message = _CLASS.sub("LinearCrossEntropyLoss", message)
+    message = _UNSEEN.sub(lambda m: "because the input, linear_weight or linear_bias"
+                          + (m.group(1) or "") + m.group(2), message)
+    message = message.replace("loss_fn(logits.float(), target)",
+                              "linear_cross_entropy(input.float(), linear_weight.float(), target)")
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
 
 
+def named(message: str) -> str:
+    """A shared message reworded, and named as this op's where its first line does not say
+    whose it is: what a report after the call (deferred CUDA checks, a compiled graph's report
+    op) needs most, since the op's own code is no longer on the stack."""
+    message = reword(message)
+    note, sep, body = message.partition("]\n") if message.startswith("[") else ("", "", message)
+    if _OP not in body.split("\n", 1)[0]:
+        body = f"{_OP}: {body}"
+    return note + sep + body
+
+
+checks.WORDING[_OP] = named
+
+
 def reworded(finding: Finding) -> Finding:
-    return replace(finding, message=reword(finding.message))
+    return replace(finding, message=named(finding.message))
 
 
 @dataclass
@@ -83,16 +110,106 @@ def _layer(w: Tensor) -> str:
 def check_options(options: object) -> None:
     cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)  # torch >= 2.13
     if options is not None and (cls is None or not isinstance(options, cls)):
-        raise ArgumentTypeError(
-            f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
-            f"{type(options).__name__}.\nsafeloss never materializes the logits, whatever "
-            "options says; it is accepted for compatibility with stock torch.\nFix: options=None"
+        # Stock fails on it with an AttributeError (options._adjust), where it reads it at all.
+        raise stock_class(ArgumentTypeError, AttributeError)(
+            f"linear_cross_entropy: options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+            f"{type(options).__name__}.\nsafeloss never materializes the logits; options picks "
+            "the precision of the chunked path as stock's does (acc_policy, acc_dtype) and caps "
+            "the rows of a chunk (batch_chunk_size).\nFix: options=None (stock's reference "
+            "numbers), or torch.nn.LinearCrossEntropyOptions(...)"
         )
 
 
-def _tensor(name: str, value: object, what: str) -> Tensor:
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def stock_chunks(options: object, out_features: tuple[int, ...], eps: float, target: Tensor) -> bool:
+    """Whether stock torch would take its chunked path for this call (else its reference path,
+    with the "options ignored" warning): the same condition, read from the same arguments."""
+    return (options is not None and not out_features and eps == 0.0 and target.dtype == torch.int64
+            and not torch.jit.is_tracing())
+
+
+def tile_plan(options: object, lp: LinearProblem, target: Tensor) -> tuple[torch.dtype | None, int | None]:
+    """(the dtype each logits tile is rounded to, a cap on rows per chunk), as stock defines them.
+
+    ``options=None`` (or a call stock's chunked path does not take): stock's reference path,
+    whose half-precision ``linear`` rounds the logits to the compute dtype (the input's, or
+    autocast's) before the softmax. ``LinearCrossEntropyOptions``: stock's chunked path keeps the
+    logits in ``acc_dtype`` where it is wider than the input (float32 for "accurate", and for
+    "balanced" / "compact" with bfloat16 input; float16 input under those two keeps float16
+    logits), and in the input dtype where ``acc_dtype`` is the input's. Everything after the tile
+    accumulates in float32 in every case. ``batch_chunk_size``, when given, caps the rows of a
+    chunk; the ``chunking_method`` heuristics are checked as stock checks them, but the tile is
+    planned by safeloss (from a memory budget), never larger than ``batch_chunk_size``.
+    """
+    dtype = lp.compute_dtype
+    half = dtype if dtype in _HALF else None
+    if not stock_chunks(options, lp.out_features, lp.p.label_smoothing, target):
+        return half, None
+    try:
+        resolved = options._adjust(  # type: ignore[attr-defined]
+            num_batches=lp.x.shape[0], in_features=lp.x.shape[-1], num_classes=lp.num_classes,
+            dtype=dtype, device=lp.x.device)
+    except ValueError as e:
+        raise OptionsError(
+            f"linear_cross_entropy: options={options!r} cannot apply to this call: {e}\n"
+            "Fix: give either batch_chunk_size or chunking_method, not both (chunking_method=None "
+            "with batch_chunk_size)"
+        ) from None
+    acc = resolved.acc_dtype
+    if acc != dtype and not (dtype in _HALF and acc == torch.float32):
+        raise stock_class(OptionsError, RuntimeError)(
+            f"linear_cross_entropy: acc_dtype={acc} cannot accumulate {dtype} input: the chunked "
+            "path accumulates either in the input dtype or in float32 for float16/bfloat16 input "
+            f"(stock torch: linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 "
+            f"inputs, but got {acc} acc_dtype and {dtype} inputs.)\n"
+            "Fix: LinearCrossEntropyOptions(acc_dtype=None), which picks for the input"
+        )
+    cap = getattr(options, "batch_chunk_size", None)
+    if half is None:
+        return None, cap
+    if acc == dtype:
+        return dtype, cap
+    if resolved.acc_policy in ("balanced", "compact") and dtype == torch.float16:
+        return dtype, cap
+    return None, cap
+
+
+def check_layouts(x: Tensor, w: Tensor, t: Tensor, b: object, weight: object) -> None:
+    """What cannot be sparse or nested (stock raises too); what it accepts sparse (the input, the
+    weight, probability targets) is made dense by the caller."""
+    for name, v, why in (
+        ("linear_bias", b, "stock torch cannot broadcast a sparse bias either (\"expand is "
+                           "unsupported for Sparse tensors\")"),
+        ("weight", weight, "stock torch has no sparse kernel for the class weight either"),
+    ):
+        if isinstance(v, Tensor) and v.layout is not torch.strided:
+            raise LayoutError(
+                f"linear_cross_entropy got a {v.layout} {name} of shape {fmt_shape(v.shape)}; "
+                f"{why}.\nFix: {name}={name}.to_dense()"
+            )
+    for name, v in (("input", x), ("linear_weight", w), ("target", t)):
+        if v.is_nested:
+            raise LayoutError(
+                f"linear_cross_entropy got a nested tensor as the {name} ({v.size(0)} "
+                "sequences); the loss needs one row of H features per position.\n"
+                "Fix: pass the packed rows, x.values() with target.values() for jagged tensors, "
+                "or pad them (torch.nested.to_padded_tensor) and mark the padding with ignore_index"
+            )
+    if t.layout is not torch.strided and t.is_floating_point() is False:
+        raise LayoutError(
+            f"linear_cross_entropy got {t.layout} class-index targets of shape "
+            f"{fmt_shape(t.shape)}; stock torch has no sparse kernel for them either.\n"
+            "Fix: target.to_dense(); only probability targets may be sparse"
+        )
+
+
+def _tensor(name: str, value: object, what: str, attribute: bool = True) -> Tensor:
     if not isinstance(value, Tensor):
-        raise ArgumentTypeError(
+        # stock reads an attribute of it first (input.dim(), target.shape): an AttributeError
+        # there; the class weight goes to its argument parser (a TypeError)
+        raise stock_class(ArgumentTypeError, AttributeError if attribute else TypeError)(
             f"linear_cross_entropy expects {name} to be a torch.Tensor, got "
             f"{type(value).__name__}.\nFix: pass {what}"
         )
@@ -103,8 +220,8 @@ def _check_input(x: Tensor, w: Tensor) -> None:
     if x.dtype not in _FLOATS:
         raise InputDtypeError(
             f"linear_cross_entropy got an input of dtype {x.dtype} (shape {fmt_shape(x.shape)}); "
-            "it must hold float hidden states, one row of H features per sample. Integer values "
-            "usually mean the token ids or labels were passed as the first argument.\n"
+            "it must hold float hidden states, one row of H features per sample. If this tensor "
+            "holds token ids or labels, it was passed where the hidden states go.\n"
             "Fix: linear_cross_entropy(hidden_states, lm_head.weight, labels)"
         )
     if w.dtype not in _FLOATS:
@@ -175,7 +292,7 @@ def _feature_error(x: Tensor, w: Tensor) -> None:
                 "twice. (Or linear_weight is transposed, (H, C) instead of (C, H).)\n"
                 "Fix: pass the hidden states that feed the head, e.g. outputs.hidden_states[-1] "
                 "or the input of lm_head, not its output (for logits you already have, use "
-                "cross_entropy(logits, target)); or linear_weight.T if it is transposed"
+                "safeloss.cross_entropy(logits, target)); or linear_weight.T if it is transposed"
             )
     else:
         cause = (
@@ -219,10 +336,20 @@ def _check_devices(x: Tensor, others: list[tuple[str, Tensor | None]]) -> None:
     if bad:
         names = " and ".join(f"{name} is on {d}" for name, d in bad)
         fixes = "; ".join(f"{name} = {name}.to(input.device)" for name, _ in bad)
+        off = {name for name, _ in bad}
+        causes = []  # the cause that fits each tensor that is off
+        if "target" in off:
+            causes.append("the labels were not moved with the inputs (a DataLoader delivers them "
+                          "on the CPU)" if dict(bad)["target"].type == "cpu" else
+                          "the labels were made on another device")
+        if off & {"linear_weight", "linear_bias"}:
+            causes.append("the head's parameters were not moved with the hidden states (a loss "
+                          "module's own linear layer moves only with loss_fn.to(device))")
+        if "weight" in off:
+            causes.append("a class weight stays where it was built")
         raise DeviceMismatchError(
             f"linear_cross_entropy got tensors on different devices: input is on {x.device}, "
-            f"{names}.\nEverything must live on one device; usually the labels were not moved, or "
-            f"the loss module was created before model.to(device).\nFix: {fixes}"
+            f"{names}.\nEverything must live on one device; {'; '.join(causes)}.\nFix: {fixes}"
         )
 
 
@@ -234,8 +361,13 @@ def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> Non
             raise InputDtypeError(
                 f"linear_cross_entropy got an input of dtype {x.dtype} but a {name} of dtype "
                 f"{t.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
-                "to have the same dtype\").\nUsually the model was cast (model.half(), "
-                "model.to(torch.bfloat16)) but the head, or the hidden states, were not.\n"
+                "to have the same dtype\").\n"
+                + ("The hidden states are in the narrower dtype: the model body was cast "
+                   "(model.half(), model.to(torch.bfloat16)) and the head was not.\n"
+                   if x.dtype.itemsize < t.dtype.itemsize else
+                   f"The {name} is in the narrower dtype: the head was cast and the hidden states "
+                   "were not.\n" if x.dtype.itemsize > t.dtype.itemsize else "")
+                +
                 f"Fix: input.to({name}.dtype), or run the step under torch.autocast"
             )
 
@@ -253,9 +385,13 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
     )
     want = (f"class indices of shape {fmt_shape(expected)} or probabilities of shape "
             f"{fmt_shape(logits_shape)}")
-    # stock checks the batch size first: a target of another batch (0-d: batch 0) is a ValueError
-    other_batch = batched and (target.dim() == 0 or tshape[0] != N)
+    # stock checks the batch size first: a target of another batch (0-d: batch 0) is a ValueError;
+    # so is a batch of integer labels for one unbatched sample ("1D target must have size 1")
+    other_batch = (batched and (target.dim() == 0 or tshape[0] != N)) or (
+        not batched and target.dim() == 1 and tshape[0] != 1 and target.dtype in (torch.int64, torch.uint8))
     shape_error = stock_class(TargetShapeError, ValueError) if other_batch else TargetShapeError
+    if batched and target.dim() == 0 and N == 0:  # the batch sizes agree (0): stock indexes it
+        shape_error = stock_class(TargetShapeError, IndexError)
     same_rest = (target.dim() == len(expected) and tshape[1:] == expected[1:]) or (
         target.dim() == len(logits_shape) and tshape[1:] == logits_shape[1:])
     if batched and target.dim() >= 1 and tshape[0] != N and same_rest:
@@ -272,12 +408,21 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
                 f"Fix: per-token labels of shape ({n_t}, {k}) flattened with labels.reshape(-1), "
                 "or pool the hidden states to one row per sequence before the head"
             )
+        elif N - n_t > 0 and N % (N - n_t) == 0 and N // (N - n_t) >= 2:
+            B, T = N - n_t, N // (N - n_t)
+            lines.append(
+                f"The input has {plural(B, 'row')} more than there are targets, and {N} = {B} x {T}: "
+                f"what {plural(B, 'sequence')} of {T} tokens give when the labels are shifted for next-token "
+                f"prediction (labels[:, 1:], {T - 1} per sequence) but the hidden states are not "
+                "cut to match (hidden[:, :-1]).\n"
+                "Fix: hidden[:, :-1].reshape(-1, H) with labels[:, 1:].reshape(-1)"
+            )
         elif abs(N - n_t) < max(N, n_t) // 2:
             lines.append(
-                "The counts differ by a little: for next-token prediction the labels are shifted "
-                "(labels[:, 1:]) and the hidden states must be cut to match (hidden[:, :-1]) "
-                "before flattening; or a hard-coded batch size broke on the last, smaller batch.\n"
-                "Fix: hidden[:, :-1].reshape(-1, H) with labels[:, 1:].reshape(-1)"
+                "The counts differ by a little. Possible causes (the shapes do not tell which): "
+                "labels and hidden states cut differently for next-token prediction (labels[:, 1:] "
+                "needs hidden[:, :-1]), or a hard-coded batch size that broke on the last, smaller "
+                "batch.\nFix: one target per input row, " + want
             )
         else:
             lines.append("The target comes from a different batch than the input, or the model "
@@ -300,6 +445,16 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
             "Fix: class indices of shape (N,), e.g. target.argmax(dim=1), and check that the "
             "head's number of classes matches the labels"
         )
+    if not batched and target.dim() == 1 and tshape[0] > 1 and not target.is_floating_point():
+        n = tshape[0]
+        raise shape_error(
+            f"linear_cross_entropy got one sample's hidden state but {n} labels.\n" + head
+            + f"An input of shape ({h},) is a single sample, whose label is one class index (shape () "
+            f"or (1,)); {n} labels mean {n} samples, whose hidden states were not passed (or were "
+            "reduced to one).\n"
+            f"Fix: pass the hidden states of all {n} samples, shape ({n}, {h}) (torch.stack(rows)), "
+            "or one label per sample"
+        )
     raise shape_error(
         "linear_cross_entropy cannot pair this target with this input and layer.\n" + head
         + f"The would-be logits have shape {fmt_shape(logits_shape)}; the target must be {want}.\n"
@@ -316,7 +471,7 @@ def _ignore_index(ignore_index: object) -> int | None:
         return operator.index(ignore_index)  # type: ignore[arg-type]
     except TypeError:
         raise ArgumentTypeError(
-            f"ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
+            f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
             "(the default: -100 for class indices) or the label value to skip, e.g. -100"
         ) from None
 
@@ -331,7 +486,7 @@ def validate(
     t = _tensor("the target", target, "torch.as_tensor(labels, device=input.device)")
     b = None if linear_bias is None else _tensor("linear_bias", linear_bias, "head.bias or None")
     if weight is not None and not isinstance(weight, Tensor):
-        _tensor("weight", weight, "a 1-D float tensor with one entry per class")
+        _tensor("weight", weight, "a 1-D float tensor with one entry per class", attribute=False)
     ii = _ignore_index(ignore_index)
     _check_input(x, w)
     _feature_error(x, w)
@@ -352,9 +507,11 @@ def validate(
             f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
             f"with shape {tuple(x.shape)})"
         )
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != C):
+    # (1, C) and (C, 1) pass on to the shared checks, which take them as cross_entropy does
+    flat_ok = weight is not None and weight.numel() == C and max(weight.shape, default=0) == C
+    if weight is not None and not flat_ok and (weight.dim() != 1 or weight.shape[0] != C):
         raise WeightError(
-            f"weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
+            f"linear_cross_entropy: weight has shape {fmt_shape(weight.shape)} but the layer has C={C} classes "
             f"({_layer(w)}).\nweight needs exactly one entry per class, in class order; a length "
             "mismatch usually means the weights were computed on a different label set.\n"
             f"Fix: a 1-D weight of length {C}"
@@ -371,7 +528,7 @@ def validate(
         _target_error(x2, w, t, expected, logits_shape, batched)
     if prob_shaped and ii is not None:
         raise IgnoreIndexError(
-            f"ignore_index={ii} cannot be used with probability targets (the target has the "
+            f"linear_cross_entropy: ignore_index={ii} cannot be used with probability targets (the target has the "
             f"logits' shape {fmt_shape(logits_shape)}, so each entry is a class probability, not "
             "a label that could be skipped); stock torch raises \"ignore_index cannot be "
             "specified when target contains probabilities\".\n"
@@ -385,7 +542,7 @@ def validate(
         p = normalize(standin, t, weight, -100 if ii is None else ii, reduction, label_smoothing,
                       read_values=read_values)
     except SafeLossError as e:
-        msg = reword(str(e))
+        msg = named(str(e))
         if prob_shaped and not t.is_floating_point():  # an integer target that is not one-hot
             msg += ("\n(stock torch: Expected floating point type for target with class "
                     f"probabilities, got {str(t.dtype).removeprefix('torch.').capitalize()})")

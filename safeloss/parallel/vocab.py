@@ -4,19 +4,31 @@ Each rank of ``group`` holds a contiguous slice of the classes, ordered by rank 
 empty slices allowed); rows (positions) are not sharded, so targets and positions are the same on
 every rank. Per call the ranks exchange, with all-reduces only (never the logits):
 
-1. ``head`` (int64, MAX, ``world + 14`` values): every rank's slice width, whether validation
-   failed locally, strict mode, the range of the labels, and fingerprints of everything that must
-   agree across ranks (positions shape, dtype, arguments, the targets themselves). Read on the host:
-   from here on every decision is taken on the same numbers on every rank, so all ranks raise the
-   same error, or none does (no rank continues alone into a collective the others left).
-2. row statistics (MAX, ``R + 2k`` floats): each rank's log-sum-exp over its slice, plus min/max of
-   ``k <= 64`` sampled rows for the softmaxed-input check.
+1. ``head`` (int64, MAX, ``world + 15`` values): every rank's slice width, whether a local check
+   failed, strict mode, the range of the labels, a random salt (the largest of the ranks' draws:
+   the same on every rank, and fresh every call), and fingerprints of the metadata that must agree
+   (positions shape, the target's shape and dtype, dtype and arguments). Read on the host: every
+   decision between here and the read after the loss is taken on these numbers, the same on every
+   rank, so all ranks raise the same error, or none does (no rank continues alone into a
+   collective the others left).
+2. row statistics (MAX, ``R + 2k + 18`` floats): each rank's log-sum-exp over its slice, min/max
+   of ``k <= 64`` sampled rows for the softmaxed-input check, and the salted hashes of the labels
+   and the class weight (see :func:`_salted_hash`) plus a flag for a check that failed on this
+   rank's label values.
 3. row sums (SUM, ``2R`` floats, ``3R`` with label smoothing, plus ``k``): the rescaled sums of
    exponentials, the target logit (from the rank that owns it), the smoothing term, and the
    sampled rows' sums.
 
 ``R`` is the number of positions. The loss of every position is then computed identically on every
 rank; the gradient of the local slice needs no communication (the saved log-sum-exp is global).
+After the loss one small int64 vector of counts is read on the host: what the value checks found,
+and whether the ranks' labels or weights differ (the hashes) or a rank's label values failed a
+check: those raise there, on every rank alike.
+
+The same engine runs DTensor logits of any layout (``safeloss.parallel.dtensor``): the classes
+split over one mesh dim (``Sharding.group``) or not split at all, and the other mesh dims sharding
+the positions or replicating them (``Sharding.outer``); then the head, the counts and the reduction
+also run over those mesh dims, so a bad label on any rank of the mesh stops every rank.
 
 Math, per row (``L_r`` = log-sum-exp of rank r's slice, ``M`` = max_r L_r, ``w`` = class weights
 or 1, ``W_r`` = sum of rank r's weights, ``eps`` = label smoothing):
@@ -29,17 +41,22 @@ so nothing of the size of |lse| * W cancels.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import math
-import zlib
-from dataclasses import dataclass
+import operator
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import dispatch
 from ..backends.dispatch import check_backend, triton_unavailable_reason
 from ..core import _flags as F
 from ..core import checks, errors
+from ..core import extras as X
 from ..core import reduction as _reduction
 from ..core.config import LazyStrict
 from ..core.errors import (
@@ -52,10 +69,11 @@ from ..core.errors import (
     fmt_shape,
 )
 from ..core.report import Finding, report
-from ..core.rows import Rows
+from ..core.tools import check_layouts
 from ..core.validation import (
     Problem,
     _check_devices,
+    _check_input,
     _check_weight,
     check_label_smoothing,
     check_reduction,
@@ -65,25 +83,90 @@ from ..core.validation import (
 K_SAMPLE = 64  # rows sampled for the softmaxed-input check (as checks.sample_rows)
 _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on this rank)
 
-# head layout after the ``world`` slice widths: single flags, then (name, +v, -v) pairs whose MAX
+# head layout after the ``world`` slice widths: single values, then (name, +v, -v) pairs whose MAX
 # gives max and -min; a pair whose max and min differ names what the ranks disagree on.
-_ERROR, _STRICT, _TMAX, _TMIN = range(4)
-_AGREE = ("positions", "config", "weight", "targets", "findings")
-_HEAD = 4 + 2 * len(_AGREE)
+_ERROR, _STRICT, _TMAX, _TMIN, _SALT, _POS_DIFFER, _TGT_DIFFER = range(7)
+_AGREE = ("config", "positions", "target", "extras")  # config, extras: every rank of the mesh;
+# positions, target: the class group
+_HEAD = 7 + 2 * len(_AGREE)
+
+# The salted hashes (see _salted_hash): two values below _P per hashed tensor, sent in (2) as
+# four 16-bit chunks each way (exact in float32).
+_P = 2**31 - 1  # a Mersenne prime
+_AGREE_FLOATS = 2 * (4 + 4 + 1)  # labels, weight, the "label values failed" flag; + and - each
+
+# Counts read after the loss: safeloss's findings layout, then flags of this engine.
+_X_BERROR, _X_LABELS, _X_WEIGHT, _X_OUT_BAD = range(F.SIZE, F.SIZE + 4)
+_COUNTS = F.SIZE + 4
+_ROW_COUNTS = (F.BAD_TARGET, F.NONFINITE_ROW, F.PROB_NEGATIVE, F.PROB_BAD_SUM, F.OVERFLOW)
 
 
-def _hash(*parts: object) -> int:
-    """A stable 62-bit fingerprint (Python's hash() is salted per process)."""
-    return zlib.crc32(repr(parts).encode()) | (zlib.adler32(repr(parts).encode()) << 31)
+@dataclass(frozen=True)
+class Sharding:
+    """How this rank's tensors sit in the global problem.
+
+    ``group``: the classes are split over it (``split``), in the order of the ranks in the group
+    (DTensor's collectives scatter and gather a mesh dim in that order too). ``outer``: the other groups the call spans, each with whether
+    it shards the positions (else it replicates them). DTensor calls also give the global shapes
+    (so every shape is judged globally before any communication) and ``gather``, which assembles a
+    positions-shaped (or, for probability targets, logits-shaped) local tensor into the global one
+    on every rank (a collective; only called where every rank calls it).
+    """
+
+    group: object | None
+    split: bool = True
+    outer: tuple[tuple[object, bool], ...] = ()
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    target_shape: tuple[int, ...] | None = None
+    gather: Callable[[Tensor, str], Tensor] | None = None
+    pre_error: BaseException | None = None
+    where: str = "vocab-parallel group"
+    mesh_size: int | None = None
 
 
-def _target_fingerprint(t: Tensor) -> Tensor:
-    """An int64 checksum of the labels, equal on every rank iff the labels are (almost surely)."""
-    flat = t.reshape(-1).long()
-    if flat.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=t.device)
-    pos = torch.arange(flat.numel(), device=t.device, dtype=torch.int64)
-    return ((flat + 7) * (pos * 1000003 + 1)).sum()  # wraps around on overflow: still a checksum
+def _meta_hash(*parts: object) -> int:
+    """A 62-bit fingerprint of metadata (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 2
+
+
+def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
+    """Two hashes in [0, P) of ``values`` (int64, each in [0, P)): h_j = sum_i m_ji v_i mod P.
+
+    The multipliers m_ji are drawn uniformly from [1, P) by a generator seeded with this call's
+    salt (the same on every rank, fresh every call, never derived from the data): for any two
+    different sequences of the same length, some v_i - v'_i is nonzero mod P, and the m_ji that
+    multiplies it takes the one value that would cancel the rest with probability 1/(P - 1). So
+    two different label tensors pass with probability at most (P - 1)**-2 < 2**-61, whatever the
+    pattern of the difference (reordered, shifted, permuted, equal sums ...), as far as torch's
+    generator is indistinguishable from uniform draws.
+    """
+    flat = values.reshape(-1)
+    gen = torch.Generator(device=flat.device)
+    gen.manual_seed((salt * 2 + stream) % (2**63 - 1))
+    m = torch.randint(1, _P, (2, flat.numel()), generator=gen, device=flat.device, dtype=torch.int64)
+    return ((m * flat) % _P).sum(1) % _P  # each product < 2**62; n sums of values < 2**31
+
+
+def _label_values(t: Tensor, ignore_index: int, C: int) -> Tensor:
+    """The labels as hash inputs below P: ignore_index -> C (labels are in range here)."""
+    v = torch.where(t == ignore_index, C, t)
+    if C + 1 < _P:
+        return v
+    return torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF, v >> 32], -1)  # 2**31 classes or more
+
+
+def _bit_values(w: Tensor) -> Tensor:
+    """The weight's bits as 16-bit pieces (so that equal hashes mean equal bits)."""
+    w = w.detach().contiguous().reshape(-1)
+    return w.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _chunks(h: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.stack([h >> 16, h & 0xFFFF], -1).reshape(-1).to(dtype)  # 4 values < 2**16
+
+
+_LOCAL = object()  # "no group": every class on this rank (a DTensor whose classes are not split)
 
 
 def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
@@ -91,8 +174,33 @@ def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
     count the same ops for both); the input is left unmodified."""
     import torch.distributed._functional_collectives as funcol  # lazily: builds without distributed
 
+    if group is _LOCAL:
+        return t
     g = dist.group.WORLD if group is None else group
     return funcol.wait_tensor(funcol.all_reduce(t, op, g))  # type: ignore[arg-type]
+
+
+def _reduce_outer(t: Tensor, sh: Sharding, sharded_op: str) -> Tensor:
+    """Over the other mesh dims: ``sharded_op`` where they shard the positions, MAX where they
+    replicate them (replicas count once)."""
+    for g, sharded in sh.outer:
+        t = _all_reduce(t, sharded_op if sharded else "max", g)
+    return t
+
+
+class _SumAcross(torch.autograd.Function):
+    """A sum over the mesh dims that shard the positions; its gradient is the upstream one (the
+    result is the same on every rank, and each rank's part enters it once)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, groups: tuple[object, ...]) -> Tensor:  # type: ignore[override]
+        for g in groups:
+            t = _all_reduce(t, "sum", g)
+        return t
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g, None
 
 
 def _backend_of(group: object | None) -> str:
@@ -127,7 +235,12 @@ class _Plan:
     acc: torch.dtype
     sample: Tensor | None  # (k,) flat positions sampled for the softmax check, or None
     backend: str  # "torch" or "triton"
+    agree: Tensor  # (_AGREE_FLOATS,) hashes and flag, compared in the MAX all-reduce
+    ex: X.Extras | None = None  # the LLM/RL extras (None: all at their defaults)
+    target: Tensor | None = None  # (R,) global labels (int64), for the argmax test of the statistics
+    offset: int = 0  # global index of the slice's first class
     softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
+    agreed: Tensor | None = None  # filled by forward: the reduced ``agree``
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
 
 
@@ -163,79 +276,132 @@ def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Per-position losses of the gathered logits from this rank's slice (collectives inside)."""
+    """Per-position losses of the gathered logits from this rank's slice (collectives inside).
+
+    Outputs: the cross-entropy per position, the z-loss term per position (empty without
+    z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax test
+    (the last two empty without ``return_stats``). With extras the slice is capped and scaled
+    first (elementwise, local: zt = softcap tanh(z / softcap) / temperature); the statistics ride
+    on the two all-reduces the loss makes anyway: the row's raw maximum (MAX, R values), the
+    entropy's sum and the argmax test (SUM, 2R values). The argmax test needs no index exchange:
+    the labels are the same on every rank, so each rank counts, per row, its classes equal to the
+    global maximum at an index below the label (plus 1 where it owns the label and the label's
+    logit is below the maximum); the prediction is right iff the sum is 0 (ties to the lowest
+    index, as ``torch.argmax``).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: _Plan) -> Tensor:  # type: ignore[override]
-        group, acc = plan.group, plan.acc
+    def forward(ctx, x: Tensor, plan: _Plan) -> tuple[Tensor, ...]:  # type: ignore[override]
+        group, acc, ex = plan.group, plan.acc, plan.ex
+        stats = ex is not None and ex.return_stats
         xr = _rows(x.detach())
         R, C_local = xr.shape
-        L, Q = _local_stats(xr, plan)
+        dev = x.device
+        z = zt = None
+        if ex is not None:
+            z = xr if xr.dtype == acc else xr.to(acc)
+            zt = X.transform(z, ex)
+        src = xr if zt is None else zt  # the logits the loss is of
+        L, Q = _local_stats(src, plan)
         L = L.to(acc)
+        neg_inf = torch.full((R,), -math.inf, dtype=acc, device=dev)
 
-        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max.
+        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max (raw logits),
+        # the raw row maximum (statistics), agreement.
         parts = [L]
+        k = 0
         if plan.sample is not None:
             rows = xr[plan.sample]
+            k = rows.shape[0]
             if C_local:
                 lo, hi = torch.aminmax(rows.to(acc), dim=1)
                 ssum = rows.sum(1, dtype=acc)
             else:
-                k = plan.sample.numel()
-                lo = torch.full((k,), math.inf, dtype=acc, device=x.device)
-                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=x.device)
+                lo = torch.full((k,), math.inf, dtype=acc, device=dev)
+                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=dev)
             parts += [-lo, hi]
+        if stats:
+            assert z is not None  # internal invariant: stats imply extras
+            parts.append(z.amax(1) if C_local else neg_inf)
+        parts.append(plan.agree.to(acc))
         red = _all_reduce(torch.cat(parts), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
+        plan.agreed = red[-_AGREE_FLOATS:]
         M = red[:R]
         M_ref = torch.where(torch.isneginf(M), 0.0, M)  # +inf or NaN: NaN everywhere in the row, as stock
 
-        # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums.
+        # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums,
+        # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = xr.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = src.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
             term = torch.where(plan.owned, xy - M_ref, 0.0)
         else:
-            term = torch.zeros(R, dtype=acc, device=x.device)
+            term = torch.zeros(R, dtype=acc, device=dev)
         parts = [sumexp, term]
         if plan.eps > 0:
             assert Q is not None  # internal invariant: computed whenever eps > 0
-            z = plan.w_local_sum * (L - M_ref) - Q.to(acc)
+            zs = plan.w_local_sum * (L - M_ref) - Q.to(acc)
             # An all -inf slice: each class adds w_c * inf to the smoothing sum, as stock: +inf, NaN
             # for a zero weight (0 * inf), nothing for an empty slice.
             q_inf = (plan.w_local * math.inf).sum() if plan.w_local is not None else (math.inf if C_local else 0.0)
-            z = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=x.device), z)
-            parts.append(z)
+            zs = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=dev), zs)
+            parts.append(zs)
         if plan.sample is not None:
             parts.append(ssum)
+        if stats:
+            assert z is not None and zt is not None and plan.target is not None
+            zc = zt - M_ref[:, None]
+            e = torch.exp(zc)
+            parts.append((e * torch.where(e > 0, zc, 0.0)).sum(1))
+            gmax = red[R + 2 * k : 2 * R + 2 * k]
+            cls = torch.arange(C_local, device=dev) + plan.offset
+            lower = ((z == gmax[:, None]) & (cls[None, :] < plan.target[:, None])).sum(1)
+            if C_local:
+                hit = z.gather(1, plan.local_idx[:, None])[:, 0] == gmax
+                lower = lower + (plan.owned & ~hit)
+            parts.append(lower.to(acc))
         red2 = _all_reduce(torch.cat(parts), "sum", group)
         plan.bytes_sent += red2.numel() * red2.element_size()
 
-        log_s = torch.log(red2[:R])
+        S = red2[:R]
+        log_s = torch.log(S)
         lse = M_ref + log_s
         nll = log_s - red2[R : 2 * R]
         if plan.w_y is not None:
             nll = nll * plan.w_y
         loss = (1 - plan.eps) * nll if plan.eps > 0 else nll
+        i = 2 * R
         if plan.eps > 0:
-            smooth = plan.w_sum * log_s - red2[2 * R : 3 * R]
+            smooth = plan.w_sum * log_s - red2[i : i + R]
             loss = loss + (plan.eps / plan.num_classes) * smooth
-        loss = torch.where(plan.valid, loss, 0.0)
+            i += R
+        pos = _positions_shape(x)
+        loss = torch.where(plan.valid, loss, 0.0).reshape(pos)
 
         if plan.sample is not None:
-            k = plan.sample.numel()
             glo, ghi = -red[R : R + k], red[R + k : R + 2 * k]
-            gsum = red2[-k:]
+            gsum = red2[i : i + k]
+            i += k
             tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
             like = (glo >= 0) & (ghi <= 1) & ((gsum - 1).abs() <= tol)
             plan.softmax_like = like.sum()  # read on the host with the other counts
-
+        empty = loss.new_empty(0)
+        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex is not None and ex.z_loss else empty
+        if stats:
+            ent = (log_s - red2[i : i + R] / S).reshape(pos)
+            correct = (plan.valid & (red2[i + R : i + 2 * R] == 0)).reshape(pos)
+        else:
+            ent, correct = empty, plan.valid.new_empty(0)
         ctx.plan = plan
         ctx.save_for_backward(x, lse)
-        return loss.reshape(_positions_shape(x))
+        ctx.set_materialize_grads(False)
+        lse_out = lse.detach().reshape(pos).clone()
+        ctx.mark_non_differentiable(lse_out, ent, correct)
+        return loss, zl, lse_out, ent, correct
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, g_zl: Tensor | None, *_: object):  # type: ignore[override]
         # Grad mode is on in backward only for create_graph=True: a second derivative through the
         # detached global lse would be silently missing (once_differentiable only refuses it when
         # the upstream gradient itself requires grad), so refuse it outright.
@@ -249,18 +415,32 @@ class _VocabParallelCE(torch.autograd.Function):
             )
         x, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
+        ex, acc = plan.ex, plan.acc
         xr = _rows(x)
-        gv = torch.where(plan.valid, g.reshape(-1).to(plan.acc), 0.0)
-        hot = (1 - plan.eps) * (plan.w_y if plan.w_y is not None else 1.0)
-        a = hot + (plan.eps / plan.num_classes) * plan.w_sum
-        d = torch.exp(xr.to(plan.acc) - lse[:, None]) * (gv * a)[:, None]
-        if plan.eps > 0:
-            smooth = (gv * (plan.eps / plan.num_classes))[:, None]
-            d -= smooth * plan.w_local[None, :] if plan.w_local is not None else smooth
-        if xr.shape[1]:
-            d.scatter_add_(1, plan.local_idx[:, None], -(gv * hot * plan.owned)[:, None])
-        d = torch.where(plan.valid[:, None], d, 0.0)  # ignored rows: exactly 0, even for NaN g
+        z = xr.to(acc)
+        zt = z if ex is None else X.transform(z, ex)
+        # d loss / d zt = g (A p - (1 - eps) w_y e_y - (eps / C) w) + g_zl 2 coef lse p (see
+        # core.extras.index_grad), then through the transform; ignored rows exactly 0.
+        gce = torch.zeros_like(lse) if g is None else g.reshape(-1).to(acc)
+        gzl = None if g_zl is None or not g_zl.numel() else g_zl.reshape(-1).to(acc)
+        p = torch.sub(zt, lse[:, None]).exp_()
+        d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
+                         plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
+        if ex is not None:
+            d = X.chain(d, zt, ex)
         return _unrows(d.to(x.dtype), x), None
+
+
+def _idle_rounds(R: int, k: int, eps: float, acc: torch.dtype, device: torch.device,
+                 agree: Tensor, group: object | None, stats: bool) -> int:
+    """A rank whose label values failed a check still enters (2) and (3), with contributions that
+    change nothing, so that every rank learns it after the loss, in the same call."""
+    n_max = R + 2 * k + (R if stats else 0)
+    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device),
+                                 agree.to(acc)]), "max", group)
+    n_sum = (3 if eps > 0 else 2) * R + k + (2 * R if stats else 0)
+    red2 = _all_reduce(torch.zeros(n_sum, dtype=acc, device=device), "sum", group)
+    return red.numel() * red.element_size() + red2.numel() * red2.element_size()
 
 
 def _positions_shape(x: Tensor) -> tuple[int, ...]:
@@ -268,28 +448,50 @@ def _positions_shape(x: Tensor) -> tuple[int, ...]:
     return s[1:] if len(s) == 1 else s[:1] + s[2:]
 
 
-def _raise_agreed(local: BaseException | None, group: object | None, world: int) -> None:
-    """Every rank raises the error of the lowest failing rank, with the same class and text."""
-    msgs: list[object] = [None] * world
+def _groups(sh: Sharding) -> list[object | None]:
+    return ([sh.group] if sh.split else []) + [g for g, _ in sh.outer]
+
+
+def _first(obj: object, sh: Sharding) -> tuple[int, int, object] | None:
+    """The (global rank, rank label, obj) of the lowest global rank whose ``obj`` is not None, on
+    every rank: a gather over the class group, then over each other mesh dim."""
+    label = dist.get_rank(sh.group) if sh.outer == () and sh.split else dist.get_rank()
+    cur = None if obj is None else (dist.get_rank(), label, obj)
+    for g in _groups(sh):
+        got: list[object] = [None] * dist.get_world_size(g)
+        dist.all_gather_object(got, cur, group=g)
+        found = [c for c in got if c is not None]
+        cur = min(found, key=lambda c: c[0]) if found else None  # type: ignore[index]
+    return cur  # type: ignore[return-value]
+
+
+def _world(sh: Sharding) -> int:
+    if sh.mesh_size is not None:
+        return sh.mesh_size
+    return dist.get_world_size(sh.group) if sh.split else 1
+
+
+def _raise_agreed(local: BaseException | None, sh: Sharding, default: SafeLossError | None = None) -> None:
+    """Every rank raises the error of the lowest failing rank, with the same class and text
+    (``default`` where no rank has one)."""
     # The builtin too: a TargetShapeError that is also a ValueError (errors.stock_class) stays one.
     builtin = None if local is None else getattr(type(local).__dict__.get("stock_builtin"), "__name__", None)
     mine = None if local is None else (type(local).__name__, str(local), builtin)
-    dist.all_gather_object(msgs, mine, group=group)
-    rank, (name, text, builtin) = next((r, m) for r, m in enumerate(msgs) if m is not None)
+    first = _first(mine, sh)
+    if first is None:
+        assert default is not None  # internal invariant: called with a local error somewhere, or a default
+        raise default
+    _, rank, (name, text, builtin) = first  # type: ignore[misc]
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SafeLossError)):
         cls = ParallelMismatchError
         text = f"{name}: {text}"
     elif builtin is not None:
         cls = errors.stock_class(cls, getattr(builtins, builtin))
+    world = _world(sh)
     if world > 1:
-        text += f"\n(raised on rank {rank} of the {world} ranks of the vocab-parallel group; every rank raises it)"
+        text += f"\n(raised on rank {rank} of the {world} ranks of the {sh.where}; every rank raises it)"
     raise cls(text) from (local if local is not None else None)
-
-
-def _fields(head: list[int], world: int) -> dict[str, tuple[int, int]]:
-    base = world + _HEAD - 2 * len(_AGREE)
-    return {n: (head[base + 2 * i], -head[base + 2 * i + 1]) for i, n in enumerate(_AGREE)}
 
 
 def vocab_parallel_cross_entropy(
@@ -303,7 +505,11 @@ def vocab_parallel_cross_entropy(
     group: object | None = None,
     strict: bool | None = None,
     backend: str = "auto",
-) -> Tensor:
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, X.LossStats]:
     """Cross-entropy of logits sharded over the classes, from this rank's slice, with every check.
 
     Args:
@@ -313,6 +519,11 @@ def vocab_parallel_cross_entropy(
         target: class indices into the *global* classes, the same on every rank.
         weight: the full ``(C,)`` class weights (not a slice), the same on every rank.
         group: the tensor-parallel process group (``None``: the default group).
+        softcap, temperature, z_loss, return_stats: the LLM and RL extras, as on
+            ``safeloss.cross_entropy`` (logits become ``softcap * tanh(z / softcap) / temperature``;
+            ``z_loss * lse^2`` per non-ignored position with the global lse; ``return_stats``
+            returns ``(loss, safeloss.LossStats)``, the same on every rank). No extra collective:
+            the statistics ride on the loss's all-reduces (3R more values).
 
     Returns, on every rank, the loss of the gathered logits (same value, dtype and shape as
     ``torch.nn.functional.cross_entropy`` on them); the gradient is this rank's slice of the full
@@ -329,19 +540,120 @@ def vocab_parallel_cross_entropy(
         from torch._dynamo import disable
 
         fn = disable(run, reason=_EAGER_ONLY)
+    extras = None if X.defaults(softcap, temperature, z_loss, return_stats) else (
+        softcap, temperature, z_loss, return_stats)
     return fn(input, target, weight, ignore_index, reduction, label_smoothing, group=group,
-              strict=strict, backend=backend, owner=None)
+              strict=strict, backend=backend, owner=None, extras=extras)
 
 
 _EAGER_ONLY = ("safeloss.vocab_parallel_cross_entropy runs eagerly (collectives, host-read agreement "
                "of the ranks); call it outside the fullgraph=True region")
 
 
+def _standin(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of this shape that costs no memory (validation reads shapes, never logits)."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def _standin_target(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    input_shape: tuple[int, ...]) -> Tensor:
+    """A target with the real one's shape and dtype and values that fail no check (zeros; a valid
+    one-hot row where the shape is the logits'): validation of it fails exactly where the real
+    target fails for its shape or dtype."""
+    if tuple(shape) == tuple(input_shape) and len(shape) >= 1 and not (dtype == torch.bool or dtype.is_complex):
+        cdim = 0 if len(shape) == 1 else 1
+        hot = torch.zeros(shape[cdim], dtype=dtype, device=device)
+        if shape[cdim]:
+            hot[0] = 1
+        view = [1] * len(shape)
+        view[cdim] = shape[cdim]
+        return hot.reshape(view).expand(shape)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def _with_classes(positions: tuple[int, ...], C: int, one_d: bool) -> tuple[int, ...]:
+    return (C,) if one_d else positions[:1] + (C,) + positions[1:]
+
+
+def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(max, -min) of the labels that are not ignore_index, as int64 (``_NONE`` when there are
+    none), without a host read. Float labels count where they are whole numbers (the others are
+    validation's error); uint64 labels of 2**63 or more turn negative (out of range)."""
+    if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
+        none = torch.full((), _NONE, dtype=torch.int64, device=t.device)
+        return none, none
+    if t.is_floating_point():
+        whole = torch.isfinite(t) & (t == t.round()) & (t.abs() < 2.0**62)
+        t = torch.where(whole, t, float(ignore_index) if abs(ignore_index) < 2**62 else 0.0).long()
+    elif t.dtype == torch.uint64:
+        t = t.view(torch.int64)
+    else:
+        t = t.long()
+    keep = t != ignore_index
+    tmax = torch.where(keep, t, _NONE).max()
+    tmin = torch.where(keep, -t.clamp(min=-(2**63 - 1)), _NONE).max()  # -(-2**63) wraps
+    return tmax, tmin
+
+
+def _as_index(ignore_index: object) -> int | None:
+    if type(ignore_index) is int:
+        return ignore_index
+    if isinstance(ignore_index, bool):
+        return None
+    try:
+        return operator.index(ignore_index)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _precheck(input: object, target: object, weight: object, ignore_index: object, reduction: str,
+              eps: float) -> tuple[Tensor, Tensor, int]:
+    """The checks of a call that need no class count: types, dtypes, layouts, devices."""
+    ignore = _as_index(ignore_index)
+    if not isinstance(target, Tensor) or ignore is None:
+        # validation's own error for these arguments: it checks them before anything else
+        normalize(input, target, None, ignore_index, reduction, eps)
+    assert isinstance(target, Tensor) and ignore is not None  # normalize raised otherwise
+    x = _check_input(input, target)
+    check_layouts(x, target, weight)
+    if weight is not None and not isinstance(weight, Tensor):
+        _check_weight(weight, x, 0, False)  # raises its ArgumentTypeError
+    _check_devices(x, target, weight if isinstance(weight, Tensor) else None)
+    if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        raise WeightError(
+            "weight requires grad, but cross_entropy with class-index targets is not "
+            "differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
+            "is not differentiable wrt weight\").\nFix: pass weight.detach()"
+        )
+    return x, target, ignore
+
+
+def _split_normalize(x_standin: Tensor, target: Tensor, weight: Tensor | None, ignore: int,
+                     reduction: str, eps: float) -> Problem:
+    """Validation against the global class count, for logits split over the classes."""
+    p = normalize(x_standin, target, weight, ignore, reduction, eps)
+    if p.prob:
+        raise TargetShapeError(
+            f"vocab_parallel_cross_entropy got a target of the logits' global shape "
+            f"{fmt_shape(x_standin.shape)}, i.e. class probabilities; only class indices are "
+            "supported while the classes are split over ranks.\n"
+            "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or gather the "
+            "logits (a DTensor: pass the target as a DTensor of the logits' shape, and safeloss "
+            "gathers the classes) and call safeloss.cross_entropy"
+        )
+    return p
+
+
 def run(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
-    label_smoothing: float, *, group: object | None, strict: bool | None, backend: str,
-    owner: object | None, stats: dict | None = None,
-) -> Tensor:
+    label_smoothing: float, *, group: object | None = None, strict: bool | None, backend: str,
+    owner: object | None, stats: dict | None = None, sharding: Sharding | None = None,
+    inplace_backward: bool = False, fused_grad: bool = False,
+    extras: tuple[object, object, object, object] | None = None,
+) -> Tensor | tuple[Tensor, X.LossStats]:
+    """One call (see the module docstring); ``extras``: the raw (softcap, temperature, z_loss,
+    return_stats), checked here with the rest (None: all at their defaults). Returns the loss, or
+    ``(loss, LossStats)`` with ``return_stats``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise BackendError(
             "vocab_parallel_cross_entropy needs an initialized torch.distributed process group "
@@ -349,131 +661,291 @@ def run(
             "Fix: torch.distributed.init_process_group(...) first (torchrun sets it up), or call "
             "safeloss.cross_entropy on the full logits"
         )
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    device = _comm_device(input, group)
+    sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
+    crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
+    device = _comm_device(input, sh.group)
 
     # Phase A, local: every check that needs no other rank. Nothing is raised yet: a rank that
-    # failed alone would leave the others waiting in the first all-reduce.
+    # failed alone would leave the others waiting in the first all-reduce. Nothing below the try
+    # may raise on this rank's values alone either.
     local_error: BaseException | None = None
-    p: Problem | None = None
-    findings: list[Finding] = []
     strict_local = False
+    reduction_, eps, backend_, ignore = "mean", 0.0, "auto", -100
+    x = t = None
+    p: Problem | None = None  # the validated local problem (known here for DTensor calls)
+    findings: list[Finding] = []
+    fp = dict.fromkeys(_AGREE, 0)
+    tmax = tmin = None
+    width = 0
     name = "torch"
+    ex: X.Extras | None = None
     try:
         strict_local = bool(LazyStrict(strict))
+        if extras is not None:
+            ex = X.check(*extras, op="vocab_parallel_cross_entropy")
+            ex = ex if ex.active else None
         reduction_ = check_reduction(reduction)
         eps = check_label_smoothing(label_smoothing)
         backend_ = check_backend(backend)
-        p = normalize(input, target, None, ignore_index, reduction_, eps)
-        if p.prob:
-            raise TargetShapeError(
-                f"vocab_parallel_cross_entropy got a target of the input slice's shape "
-                f"{fmt_shape(p.input.shape)}, i.e. class probabilities; only class indices are "
-                "supported on the vocab-parallel path.\n"
-                "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or gather the "
-                "logits and call safeloss.cross_entropy"
-            )
-        if weight is not None and not isinstance(weight, Tensor):
-            _check_weight(weight, p.input, 0, False)  # raises its ArgumentTypeError
-        _check_devices(p.input, p.target, weight)
-        if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
-            raise WeightError(
-                "weight requires grad, but cross_entropy with class-index targets is not "
-                "differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
-                "is not differentiable wrt weight\").\nFix: pass weight.detach()"
-            )
-        findings = [f for f in p.findings if f.kind != "single-class"]  # a 1-class slice is fine
-        # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
-        # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
-        if backend_ == "triton" or (backend_ == "auto" and p.input.device.type == "cuda"):
-            reason = triton_unavailable_reason(p.input.device)
-            if reason is None and p.input.dtype != torch.float64:
+        if sh.pre_error is not None:
+            raise sh.pre_error
+        x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
+        one_d = x.dim() == 1
+        width = x.shape[0 if one_d else 1]
+        if sh.num_classes is not None:
+            # DTensor: the global shapes are known on every rank, so shapes are judged globally
+            # now (every rank the same message), then this rank's values locally.
+            assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
+            g = normalize(_standin(sh.input_shape, x.dtype, x.device),
+                          _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
+                          weight, ignore, reduction_, eps)
+            findings = g.findings
+            if sh.split:
+                p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
+                                              x.dtype, x.device), t, weight, ignore, reduction_, eps)
+            else:
+                p = normalize(x, t, weight, ignore, reduction_, eps)
+        if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
+            # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
+            # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
+            reason = triton_unavailable_reason(x.device)
+            if reason is None and x.dtype != torch.float64:
                 name = "triton"
             elif backend_ == "triton":
                 raise BackendError(
                     f'backend="triton" cannot run the vocab-parallel statistics here: '
                     f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
                 )
+        elif not sh.split and p is not None:
+            name = dispatch.select(backend_, p)
+        if ex is not None and p is not None and p.prob:
+            raise BackendError(
+                f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
+                "probability targets: the extras run on class-index targets for DTensor logits.\n"
+                "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
+                "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
+            )
+        if p is None or not p.prob:
+            tmax, tmin = _label_range(p.target if p is not None else t, ignore)
+        w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
+        fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
+                                  str(torch.get_autocast_dtype(x.device.type))
+                                  if torch.is_autocast_enabled(x.device.type) else None)
+        fp["positions"] = _meta_hash(_positions_shape(x))
+        fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
+        fp["extras"] = _meta_hash(ex)
     except Exception as e:  # every local failure must reach the other ranks
         local_error = e
         p = None
 
-    # (1) the head: who failed, slice widths, label range, fingerprints of what must agree.
-    head = torch.zeros(world + _HEAD, dtype=torch.int64, device=device)
-    agree: dict[str, int] = dict.fromkeys(_AGREE, 0)
-    if p is not None:
-        x, t = p.input, p.target.long()  # int32 / uint8 labels: the sentinels need int64
-        width = x.shape[0 if x.dim() == 1 else 1]
-        head[rank] = width
-        keep = t != p.ignore_index
-        if t.numel():
-            head[world + _TMAX] = torch.where(keep, t, _NONE).max()
-            head[world + _TMIN] = torch.where(keep, -t.clamp(min=-(2**63 - 1)), _NONE).max()  # -(-2**63) wraps
+    # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata.
+    head = torch.zeros(cworld + _HEAD, dtype=torch.int64, device=device)
+    if local_error is None:
+        head[crank] = width
+        if tmax is not None:
+            head[cworld + _TMAX], head[cworld + _TMIN] = tmax, tmin
         else:
-            head[world + _TMAX] = head[world + _TMIN] = _NONE
-        agree["positions"] = _hash(_positions_shape(x))
-        agree["config"] = _hash(str(x.dtype), p.reduction, p.ignore_index, p.label_smoothing,
-                                str(p.out_dtype), None if weight is None else str(weight.dtype))
-        agree["weight"] = -1 if weight is None else int(weight.numel())
-        agree["findings"] = _hash(sorted(f.kind for f in findings))
-    head[world + _ERROR] = int(local_error is not None)
-    head[world + _STRICT] = int(strict_local)
-    base = world + _HEAD - 2 * len(_AGREE)
+            head[cworld + _TMAX] = head[cworld + _TMIN] = _NONE
+    head[cworld + _ERROR] = int(local_error is not None)
+    head[cworld + _STRICT] = int(strict_local)
+    head[cworld + _SALT] = secrets.randbits(62)
+    base = cworld + 7
     for i, key in enumerate(_AGREE):
-        head[base + 2 * i], head[base + 2 * i + 1] = agree[key], -agree[key]
-    if p is not None:
-        fp = _target_fingerprint(p.target)
-        head[base + 2 * _AGREE.index("targets")], head[base + 2 * _AGREE.index("targets") + 1] = fp, -fp
-        if isinstance(weight, Tensor) and weight.numel():
-            # The values too (their bits), else ranks with different weights return different losses.
-            bits = weight.detach().reshape(-1).to(torch.float64).view(torch.int64)
-            fw = _target_fingerprint(bits) + agree["weight"]
-            head[base + 2 * _AGREE.index("weight")], head[base + 2 * _AGREE.index("weight") + 1] = fw, -fw
-    head = _all_reduce(head, "max", group)
+        head[base + 2 * i], head[base + 2 * i + 1] = fp[key], -fp[key]
+    nbytes = 0
+    if sh.split:
+        head = _all_reduce(head, "max", sh.group)
+        nbytes += head.numel() * head.element_size()
+    if sh.outer:
+        # Positions and targets agree within the class group only (the other mesh dims may hold
+        # other rows): their verdicts become flags before the reduction over those dims.
+        for flag, key in ((_POS_DIFFER, "positions"), (_TGT_DIFFER, "target")):
+            i = base + 2 * _AGREE.index(key)
+            head[cworld + flag] = (head[i] != -head[i + 1]).to(torch.int64)
+        head = _reduce_outer(head, sh, "max")
     h = head.tolist()
-    head_bytes = head.numel() * head.element_size()
 
     # Phase B: every decision from here on is taken on the agreed numbers.
-    if h[world + _ERROR]:
-        _raise_agreed(local_error, group, world)
-    assert p is not None  # no rank failed, this one included
-    strict_ = bool(h[world + _STRICT])  # strict anywhere: strict everywhere
-    fields = _fields(h, world)
-    sizes = h[:world]
-    C = sum(sizes)
-    for what in ("positions", "config", "weight", "findings"):
-        hi, lo = fields[what]
-        if hi != lo:
-            raise ParallelMismatchError(_mismatch_message(what, world))
-    tmax, tmin = h[world + _TMAX], -h[world + _TMIN]
-    bad_labels = (tmax != _NONE and tmax >= C) or (h[world + _TMIN] != _NONE and tmin < 0)
-    targets_differ = fields["targets"][0] != fields["targets"][1]
-    if bad_labels:
-        _raise_bad_labels(p, C, group, world, targets_differ)
-    if targets_differ:
-        raise ParallelMismatchError(_mismatch_message("targets", world))
+    if h[cworld + _ERROR]:
+        _raise_agreed(local_error, sh)
+    assert x is not None and t is not None  # no rank failed, this one included
+    strict_ = bool(h[cworld + _STRICT])  # strict anywhere: strict everywhere
+    sizes = h[:cworld]
+    C = sum(sizes) if sh.split else width
+    one_d = x.dim() == 1
+    positions = _positions_shape(x)
+    x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
 
-    x, t = p.input, p.target.long()
-    global_shape = list(x.shape)
-    global_shape[0 if x.dim() == 1 else 1] = C
-    meta = torch.empty(global_shape, dtype=x.dtype, device="meta")
-    w_full, more = _check_weight(weight, meta, C, True, p.out_dtype)
-    findings += more
-    gp = Problem(input=meta, target=p.target, prob=False, weight=w_full, ignore_index=p.ignore_index,
-                 label_smoothing=p.label_smoothing, reduction=p.reduction, num_classes=C,
-                 out_dtype=p.out_dtype)
+    def differ(key: str) -> bool:
+        i = base + 2 * _AGREE.index(key)
+        return h[i] != -h[i + 1]
+
+    pos_differ = h[cworld + _POS_DIFFER] if sh.outer else differ("positions")
+    tgt_differ = h[cworld + _TGT_DIFFER] if sh.outer else differ("target")
+    if differ("extras"):
+        raise ParallelMismatchError(
+            "vocab_parallel_cross_entropy: the ranks pass different extras (softcap, temperature, "
+            "z_loss or return_stats).\n"
+            f"Every rank of the {sh.where} ({_world(sh)} ranks) must transform its slice of the "
+            "logits the same way, or the shards would belong to different losses.\n"
+            "Fix: pass the same softcap, temperature, z_loss and return_stats on every rank (from "
+            "the model config, not a per-rank value)"
+        )
+    if differ("config") or pos_differ or tgt_differ:
+        # A rank whose own shapes fail validation says why (e.g. its target has the wrong batch size).
+        err = None
+        if p is None:
+            try:
+                _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
+            except Exception as e:
+                err = e
+        what = "positions" if pos_differ else "findings" if tgt_differ else "config"
+        _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh)))
+    tmax_, tmin_ = h[cworld + _TMAX], -h[cworld + _TMIN]
+    if (tmax_ != _NONE and tmax_ >= C) or (h[cworld + _TMIN] != _NONE and tmin_ < 0):
+        _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
+
+    b_error: BaseException | None = None
+    if p is None:
+        # Plain shards: the class count is known now. Shapes and dtypes are agreed, so validation
+        # fails on every rank or on none, except where it reads this rank's label values (float
+        # labels with a fraction, ...): such an error waits for the agreement after the loss.
+        try:
+            p = _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
+            findings = p.findings
+        except Exception as e:
+            _split_normalize(x_standin, _standin_target(tuple(t.shape), t.dtype, t.device, tuple(x_standin.shape)),
+                             weight, ignore, reduction_, eps)  # raises a failure of shapes or dtypes
+            b_error = e
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if C == 1:
-        findings.append(checks_single_class(meta))
-    if p.reduction == "mean" and math.prod(gp.positions_shape) == 0:
-        findings.append(checks.empty_mean_finding(gp))
-    for f in findings:
-        report(f, strict_, owner)
+        findings = [f for f in findings if f.kind != "single-class"] + [checks_single_class(x_standin)]
+    gshape = tuple(sh.input_shape) if sh.input_shape is not None else tuple(x_standin.shape)
+    g_positions = _positions_shape(torch.empty(gshape, device="meta"))
+    out_dtype = p.out_dtype if p is not None else x.dtype
+    if reduction_ == "mean" and math.prod(g_positions) == 0:
+        findings = [*findings, checks.empty_mean_finding(
+            Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
 
     # Phase C: the loss.
-    offset = sum(sizes[:rank])
-    C_local = sizes[rank]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tf = t.reshape(-1)
+    counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
+    zl_rows = lse = ent = correct = None
+    if not sh.split and ex is None:
+        assert p is not None  # validated in phase A (DTensor calls)
+        rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
+        losses = rows.losses
+        assert losses is not None  # the deferred path always returns per-position losses
+        counts[: F.SIZE] = torch.as_tensor(rows.scan.counts, device=x.device).to(torch.int64)
+        counts[F.BAD_TARGET] = 0  # the head's label range decided bad labels, before the loss
+        if any(dist.get_rank(g) for g, s in sh.outer if s):
+            counts[F.WEIGHT_NEGATIVE] = 0  # the weight is the same everywhere: counted once
+    else:
+        R = math.prod(positions)
+        sample = _sample_positions(x, R) if C >= 2 and R else None
+        agree = torch.zeros(_AGREE_FLOATS, dtype=acc, device=x.device)
+        if p is not None:
+            tl = p.target.long()
+            hashes = [_salted_hash(_label_values(tl, ignore, C), h[cworld + _SALT], 0)]
+            hashes.append(_salted_hash(_bit_values(weight), h[cworld + _SALT], 1) if isinstance(weight, Tensor)
+                          and weight.numel() else torch.zeros(2, dtype=torch.int64, device=x.device))
+            v = torch.cat([_chunks(hh, acc) for hh in hashes])
+            agree = torch.cat([v, torch.zeros(1, dtype=acc, device=x.device), -v,
+                               torch.zeros(1, dtype=acc, device=x.device)])
+        else:
+            agree[_AGREE_FLOATS // 2 - 1] = 1  # this rank's label values failed a check
+        if p is None:
+            nbytes += _idle_rounds(R, 0 if sample is None else sample.numel(), eps, acc, x.device, agree,
+                                   sh.group if sh.split else _LOCAL, ex is not None and ex.return_stats)
+            losses = torch.zeros(positions, dtype=acc, device=x.device)
+            counts[_X_BERROR] = 1
+        else:
+            plan = _make_plan(p, sh.group if sh.split else _LOCAL, crank, sizes, C, acc, sample, name,
+                              agree, ex)
+            losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
+            nbytes += plan.bytes_sent
+            assert plan.agreed is not None  # filled by forward
+            half = _AGREE_FLOATS // 2
+            hi, lo = plan.agreed[:half], -plan.agreed[half:]
+            counts[_X_LABELS] = (hi[:4] != lo[:4]).any()
+            counts[_X_WEIGHT] = (hi[4:8] != lo[4:8]).any()
+            counts[_X_BERROR] = hi[half - 1] > 0
+            if sample is not None:
+                counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = plan.softmax_like, sample.numel()
+            if ex is not None and ex.z_loss:
+                losses_all = losses + zl_rows
+            else:
+                losses_all, zl_rows = losses, None
+            counts[F.NONFINITE_ROW] = (~torch.isfinite(losses_all.detach()).reshape(-1) & plan.valid).sum()
+
+    sharded = tuple(g for g, s in sh.outer if s)
+    across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
+    loss_stats = None
+    if p is None:
+        out = losses.sum().to(out_dtype) if reduction_ != "none" else losses.to(out_dtype)
+    elif ex is None:
+        out = _reduction.reduce_across(losses, p, across)
+    else:
+        # The z-loss term is reduced over the counted positions, never by the class weights:
+        # a "mean" divides by the number of non-ignored positions.
+        pacc = replace(p, out_dtype=acc)
+        ce_red = _reduction.reduce_across(losses, pacc, across)
+        zl_red = (_reduction.reduce_across(zl_rows, replace(pacc, weight=None, label_smoothing=0.0), across)
+                  if zl_rows is not None else
+                  torch.zeros(positions if reduction_ == "none" else (), dtype=acc, device=x.device))
+        out = (ce_red if zl_rows is None else ce_red + zl_red).to(p.out_dtype)
+        if zl_rows is not None:
+            losses = losses + zl_rows  # what the value checks judge, per position
+        if ex.return_stats:
+            assert correct is not None and lse is not None and ent is not None  # stats computed
+            valid = (p.target != ignore).reshape(correct.shape)
+            hits = torch.stack([(correct & valid).sum(dtype=torch.float32), valid.sum(dtype=torch.float32)])
+            for g in sharded:  # the positions of the other mesh dims (no gradient: a statistic)
+                hits = _all_reduce(hits, "sum", g)
+            loss_stats = X.LossStats(lse.float(), ent.float(), zl_red.detach().float(), hits[0] / hits[1])
+    if stats is not None:
+        stats["bytes"] = nbytes
+
+    # Phase D: what the loss found, the same on every rank: the counts and whether the output is
+    # finite are read on the host in one go (with the head: two reads per call).
+    counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
+    if sh.outer:
+        counts = _reduce_outer(counts, sh, "sum")
+    host = counts.tolist()
+    if host[_X_BERROR]:
+        _raise_agreed(b_error, sh)
+    if host[_X_LABELS]:
+        raise ParallelMismatchError(_mismatch_message("targets", _world(sh), sh))
+    if host[_X_WEIGHT]:
+        raise ParallelMismatchError(_mismatch_message("weight", _world(sh), sh))
+    assert p is not None  # b_error raised above
+    for f in findings:
+        report(f, strict_, owner)
+    softmaxed = host[F.SOFTMAX_CHECKED] and host[F.SOFTMAX_LIKE] == host[F.SOFTMAX_CHECKED]
+    rowwise = any(host[i] for i in _ROW_COUNTS) or host[_X_OUT_BAD]
+    result = out if loss_stats is None else (out, loss_stats)
+    if not (rowwise or softmaxed or host[F.WEIGHT_NEGATIVE]):
+        return result  # the clean call
+    tg, lg = p.target, losses.detach()
+    if rowwise and sh.gather is not None and sharded:
+        # Messages name global positions: sharded rows are gathered first (every rank is here:
+        # the counts are agreed).
+        tg = sh.gather(p.target, "input" if p.prob else "positions")
+        lg = sh.gather(lg, "positions")
+    gp = Problem(input=_standin(gshape, x.dtype, x.device), target=tg, prob=p.prob, weight=p.weight,
+                 ignore_index=ignore, label_smoothing=eps, reduction=reduction_, num_classes=C,
+                 out_dtype=p.out_dtype, findings=findings)
+    scan = checks.Scan(host[: F.SIZE], out_finite=not host[_X_OUT_BAD])
+    checks.resolve(scan, gp, lg, out, not host[_X_OUT_BAD], strict_, owner, have_logits=False,
+                   device_type=x.device.type, note="" if ex is None else ex.note())
+    return result
+
+
+def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C: int, acc: torch.dtype,
+               sample: Tensor | None, name: str, agree: Tensor, ex: X.Extras | None) -> _Plan:
+    offset = sum(sizes[:crank])
+    C_local = sizes[crank]
+    tf = p.target.long().reshape(-1)
     valid = tf != p.ignore_index
     li = tf - offset
     owned = valid & (li >= 0) & (li < C_local)
@@ -481,33 +953,13 @@ def run(
     w_y = w_local = None
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
-    if w_full is not None:
-        wa = w_full.to(acc)
+    if p.weight is not None:
+        wa = p.weight.to(acc)
         w_y = torch.where(valid, wa.gather(0, tf.clamp(0, C - 1)), 0.0)
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
-    R = tf.numel()
-    sample = None
-    if C >= 2 and R:
-        sample = _sample_positions(x, R)
-    plan = _Plan(group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
-                 p.label_smoothing, C, acc, sample, name)
-    losses = _VocabParallelCE.apply(x, plan)
-    if stats is not None:
-        stats["bytes"] = head_bytes + plan.bytes_sent
-
-    # Phase D: findings of the values, the same on every rank. The counts and whether the output
-    # is finite are read on the host in one go (with the head: two reads per call).
-    out = _reduction.reduce(Rows(losses, checks.Scan([0] * F.SIZE)), gp)  # reduce reads no counts
-    counts = torch.zeros(F.SIZE + 1, dtype=torch.int64, device=x.device)
-    if sample is not None:
-        counts[F.SOFTMAX_LIKE], counts[F.SOFTMAX_CHECKED] = plan.softmax_like, sample.numel()
-    counts[F.NONFINITE_ROW] = (~torch.isfinite(losses.detach()).reshape(-1) & valid).sum()
-    counts[F.SIZE] = torch.isfinite(out.detach()).all()
-    host = counts.tolist()
-    checks.resolve(checks.Scan(host[:F.SIZE], out_finite=bool(host[F.SIZE])), gp, losses, out, None,
-                   strict_, owner, have_logits=False, device_type=x.device.type)
-    return out
+    return _Plan(group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
+                 p.label_smoothing, C, acc, sample, name, agree, ex, tf if ex is not None else None, offset)
 
 
 def _sample_positions(x: Tensor, R: int) -> Tensor:
@@ -530,21 +982,22 @@ def checks_single_class(meta: Tensor) -> Finding:
     )
 
 
-def _mismatch_message(what: str, world: int) -> str:
+def _mismatch_message(what: str, world: int, sh: Sharding | None = None) -> str:
     detail = {
         "positions": "the shapes of the positions (every dim of the logits but the classes) differ "
                      "between ranks",
         "config": "the ranks disagree on the logits' dtype, reduction, ignore_index, "
-                  "label_smoothing or whether a weight is given",
-        "weight": "the ranks pass different class weights (lengths or values; the weight is the full "
-                  "(C,) tensor, the same on every rank)",
+                  "label_smoothing, the class weight's shape or dtype, grad mode or autocast",
+        "weight": "the ranks pass different class weights (the weight is the full (C,) tensor, the "
+                  "same on every rank)",
         "findings": "the ranks' targets differ in shape or dtype",
         "targets": "the labels differ between ranks (each rank must pass the same class indices; "
                    "they index the global classes)",
     }[what]
+    where = sh.where if sh is not None else "vocab-parallel group"
     return (
         f"vocab_parallel_cross_entropy: {detail}.\n"
-        f"Every rank of the vocab-parallel group ({world} ranks) must see the same rows, labels and "
+        f"Every rank of the {where} ({world} ranks) must see the same rows, labels and "
         "arguments; only the classes are sharded. Different values usually mean the data loader is "
         "sharded over the tensor-parallel ranks as if they were data-parallel.\n"
         "Fix: give every rank of a tensor-parallel group the same batch (broadcast it, or seed the "
@@ -552,20 +1005,24 @@ def _mismatch_message(what: str, world: int) -> str:
     )
 
 
-def _raise_bad_labels(p: Problem, C: int, group: object | None, world: int, differ: bool) -> None:
-    """Out-of-range labels somewhere: every rank raises the message of the lowest rank that has them."""
-    t = p.target
-    n_bad = checks.count_bad_targets(t, C, p.ignore_index)
+def _raise_bad_labels(t: Tensor, C: int, ignore_index: int, sh: Sharding) -> None:
+    """Out-of-range labels somewhere: every rank raises the same message, on the global labels
+    where positions are sharded, else the message of the lowest rank that has them."""
+    if t.dtype == torch.uint64:
+        t = t.view(torch.int64)
+    elif t.is_floating_point():
+        t = torch.where(torch.isfinite(t) & (t == t.round()), t, float(ignore_index)).long()
+    if sh.gather is not None and any(s for _, s in sh.outer):
+        full = sh.gather(t, "positions")
+        raise TargetOutOfRangeError(checks.out_of_range_message(full, C, ignore_index, full.device.type))
     mine = None
-    if n_bad:
-        mine = checks.out_of_range_message(t, C, p.ignore_index, p.input.device.type)
-    msgs: list[object] = [None] * world
-    dist.all_gather_object(msgs, mine, group=group)
-    rank, text = next((r, m) for r, m in enumerate(msgs) if m is not None)
+    if checks.count_bad_targets(t, C, ignore_index):
+        mine = checks.out_of_range_message(t, C, ignore_index, t.device.type)
+    first = _first(mine, sh)
+    assert first is not None  # the agreed label range says some rank has a bad label
+    _, rank, text = first
     assert isinstance(text, str)
-    if differ:
-        text += (
-            f"\n(found in the labels of rank {rank} of {world}; the ranks' labels also differ, "
-            "but every rank of a vocab-parallel group must pass the same labels)"
-        )
+    world = _world(sh)
+    if world > 1 and sh.split and not sh.outer:
+        text += f"\n(found in the labels of rank {rank} of {world})"
     raise TargetOutOfRangeError(text)

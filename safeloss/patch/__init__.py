@@ -13,18 +13,26 @@ What is reached while patched:
 * all of the above inside ``torch.compile``d code (traced like user code; fullgraph works), and
   under ``torch.jit.trace``, ``torch.fx``, ``make_fx``, fake and meta tensors (safeloss.tracing);
 * ``torch.nn.functional.linear_cross_entropy`` and ``torch.nn.LinearCrossEntropyLoss`` in the same
-  ways, on both of stock's paths (see ``safeloss.linear.patch``).
+  ways, on both of stock's paths (see ``safeloss.linear.patch``);
+* the cross-entropy losses of other libraries that compute exactly cross-entropy by hand:
+  Hugging Face's ``LabelSmoother`` and timm's ``LabelSmoothingCrossEntropy`` and
+  ``SoftTargetCrossEntropy``, when their module is imported (never by safeloss; see
+  ``safeloss.patch.thirdparty``).
 
 What is not reached: references kept anywhere else (other names such as ``... import
 cross_entropy as ce``, closures, default arguments, class attributes, containers),
-``F.nll_loss(F.log_softmax(...))`` and hand-written losses, fused losses from other libraries,
+``F.nll_loss(F.log_softmax(...))`` and other hand-written losses, fused losses from other libraries,
 TorchScript (scripted code compiles stock torch), and tensor subclasses other than tracers' fake
-and functional tensors (NestedTensor, ...), which keep stock torch's own dispatch; DTensor logits
-keep it too, except under ``loss_parallel()``, where they take safeloss's vocab-parallel path
-(``safeloss.parallel``). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
+and functional tensors (NestedTensor, ...), which keep stock torch's own dispatch. DTensor arguments
+take safeloss's DTensor route (``safeloss.parallel.dtensor``: every layout, in or outside
+``loss_parallel()``, eager or under ``torch.compile``, where the call runs eagerly). ``SafeCrossEntropyLoss`` and ``safeloss.cross_entropy`` are unaffected.
 
 ``unpatch()`` puts back exactly what was there, and a patched reference that escaped anyway
 (kept in a closure while patched) behaves as stock torch once unpatched, so nothing leaks.
+
+Cost: entering and leaving ``patch()`` does not depend on how many modules are imported (each
+module is looked at once, when first seen: ``safeloss.patch._index``); about 10 us a ``with``
+block with Transformers imported, so ``with safeloss.patch():`` around a training step is free.
 """
 
 from __future__ import annotations
@@ -41,15 +49,18 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from .ce import pipeline
-from .ce.functional import cross_entropy as _safe_cross_entropy
-from .core import tools as tracing
-from .core._traceback import boundary
-from .core.errors import ArgumentTypeError
-from .core.mode import decide
-from .core.validation import check_label_smoothing, check_reduction
-from .linear import patch as _linear_patch
-from .parallel import dtensor as _parallel_dtensor
+from ..ce import pipeline
+from ..ce.functional import cross_entropy as _safe_cross_entropy
+from ..core import plan as plans
+from ..core import tools as tracing
+from ..core._traceback import boundary, functional_boundary, module_call
+from ..core.errors import ArgumentTypeError
+from ..core.mode import Mode, decide
+from ..core.validation import check_label_smoothing, check_reduction
+from ..linear import patch as _linear_patch
+from ..parallel import dtensor as _parallel_dtensor
+from . import thirdparty as _thirdparty
+from ._index import ModuleIndex
 
 _CLS = torch.nn.CrossEntropyLoss
 _FUNCTIONAL = torch.nn.functional
@@ -59,29 +70,39 @@ _stack: list[_Patch] = []  # active patch() calls, innermost last
 _current: _Patch | None = None  # _stack[-1] or None: read once per call, so unpatch() cannot race it
 _saved_function: Callable[..., Tensor] = _FUNCTIONAL.cross_entropy  # what patch() replaced
 _saved_forward: Callable[..., Tensor] = _CLS.forward
+_saved_call: Callable[..., Any] | None = None  # the class's own __call__ before patch(), if any
 _NAME = "cross_entropy"
 _rebound: list[dict[str, Any]] = []  # globals of the modules whose ``cross_entropy`` patch() rebound
+# The modules whose globals hold a name patch() rebinds, each module looked at once (see _index).
+_modules = ModuleIndex((_NAME, _linear_patch._NAME))
+
+_NO_BUFFER = object()  # a module without a "weight" buffer (reassigned as a Parameter, say)
 
 
 def _plain(*tensors: object) -> bool:
     """True when every tensor argument is a plain tensor, a parameter, or a tracer's tensor.
 
-    Other subclasses (DTensor, NestedTensor, user wrappers) carry their own dispatch that the
+    Other subclasses (NestedTensor, user wrappers) carry their own dispatch that the
     checks were not written for; they keep stock behaviour, so patching never breaks them. Fake and
     functional tensors (make_fx, AOTAutograd, non-strict torch.export, FakeTensorMode) are what
     safeloss.tracing handles.
     """
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for t in tensors:  # noqa: SIM110 (a loop, not all(): a generator costs a call per item)
+        if t is not None and type(t) not in _ROUTED:
+            return False
+    return True
 
 
-_PLAIN = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
+_PLAIN = (Tensor, torch.nn.Parameter)
+_ROUTED = (Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 
 
 def _routed(input: object, target: object, weight: object) -> bool:
-    """Whether safeloss takes this call: plain tensors, or DTensor logits under loss_parallel()."""
+    """Whether safeloss takes this call: plain tensors, or DTensor arguments (any layout, eager or
+    compiled: a compiled stock call on DTensors would otherwise run unchecked)."""
     if _plain(input, target, weight):
         return True
-    return not torch.compiler.is_compiling() and _parallel_dtensor.applies(input, target, weight)
+    return _parallel_dtensor.applies(input, target, weight)
 
 
 _depth = 0  # patched calls in progress; only read while torch.compile traces (see _reentrant)
@@ -125,7 +146,7 @@ def cross_entropy(
         return _functional(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
-    with boundary:  # a SafeLossError's traceback ends at the caller's line (no try: TorchScript)
+    with functional_boundary:  # a SafeLossError's traceback ends at the caller's line (no try: TorchScript)
         return _functional(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
@@ -149,13 +170,24 @@ def _functional(
 ) -> Tensor:
     global _depth
     current = _current
-    if current is not None and (proxy := tracing.fx_proxy(input, target, weight)) is not None:
-        # torch.fx.symbolic_trace: one node calling this function, as stock records one calling
-        # its own; the graph reaches safeloss while patched, and stock torch once unpatched.
-        return tracing.fx_call(proxy, cross_entropy, input, target, dict(
-            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-            reduction=reduction, label_smoothing=label_smoothing))
-    if current is None or not _routed(input, target, weight) or _reentrant():
+    if current is None:
+        return _saved_function(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        )
+    if not (type(input) in _PLAIN and type(target) in _PLAIN and (weight is None or type(weight) in _PLAIN)):
+        # (Plain tensors, the common case, first: no Proxy among them.)
+        if (proxy := tracing.fx_proxy(input, target, weight)) is not None:
+            # torch.fx.symbolic_trace: one node calling this function, as stock records one
+            # calling its own; the graph reaches safeloss while patched, and stock torch once
+            # unpatched.
+            return tracing.fx_call(proxy, cross_entropy, input, target, dict(
+                weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+                reduction=reduction, label_smoothing=label_smoothing))
+        if not _routed(input, target, weight):
+            return _saved_function(
+                input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+            )
+    if _reentrant():
         return _saved_function(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
@@ -186,14 +218,27 @@ def _forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> 
 def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) -> Tensor:
     global _depth
     current = _current
-    if current is None or not _routed(input, target, self.weight):
+    buffers = self._buffers  # the weight buffer without nn.Module.__getattr__ (about 1 us)
+    weight = buffers.get("weight", _NO_BUFFER)
+    if weight is _NO_BUFFER:
+        weight = self.weight
+    if current is None or not _routed(input, target, weight):
         return _saved_forward(self, input, target)
     _depth += 1
     try:
+        mode = decide(input, target, weight)
+        key = None
+        if mode is Mode.EAGER:
+            # A signature seen before: its plan (core.plan), then only the value checks.
+            key = pipeline.signature(input, target, weight, self.ignore_index, self.reduction,
+                                     self.label_smoothing, "auto", False, False)
+            plan = None if key is None else plans.get(key)
+            if plan is not None and (out := pipeline.planned(plan, input, target, weight, current.strict, self)) is not None:
+                return out
         return pipeline.run(
-            decide(input, target, self.weight), input, target, self.weight, self.ignore_index, check_reduction(self.reduction),
+            mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
-            backend="auto", inplace_backward=False, owner=self,
+            backend="auto", inplace_backward=False, owner=self, key=key,
         )
     finally:
         _depth -= 1
@@ -272,33 +317,26 @@ def is_patched() -> bool:
     return _current is not None
 
 
-def _module_globals() -> list[dict[str, Any]]:
-    """Globals of every imported module except safeloss's own, which must keep stock torch."""
-    out = []
-    for name, mod in list(sys.modules.items()):
-        if name == "safeloss" or name.startswith("safeloss."):
-            continue
-        d = getattr(mod, "__dict__", None)  # a few sys.modules entries are not modules
-        if isinstance(d, dict):
-            out.append(d)
-    return out
-
-
 def _install() -> None:
-    global _saved_function, _saved_forward
+    global _saved_function, _saved_forward, _saved_call
     _prime_dynamo()
     _saved_function = _FUNCTIONAL.cross_entropy
     _saved_forward = _CLS.__dict__["forward"]
     _FUNCTIONAL.cross_entropy = cross_entropy
     _CLS.forward = _forward
+    # An error ends at the user's line, above nn.Module.__call__'s frames (as SafeCrossEntropyLoss).
+    _saved_call = _CLS.__dict__.get("__call__")  # None: inherited from nn.Module
+    _CLS.__call__ = module_call
     # Only the name that ``from torch.nn.functional import cross_entropy`` binds: other names
     # holding stock torch's function (``_orig = F.cross_entropy``) are usually kept on purpose,
     # to call stock torch, and must keep doing so.
-    for d in _module_globals():
+    holders = _modules.update()
+    for d in holders:
         if d is not _FUNCTIONAL.__dict__ and d.get(_NAME) is _saved_function:
             d[_NAME] = cross_entropy
             _rebound.append(d)
-    _linear_patch.install(_module_globals())
+    _linear_patch.install(holders)
+    _thirdparty.install()
 
 
 def _prime_dynamo() -> None:
@@ -321,9 +359,16 @@ def _uninstall() -> None:
         _FUNCTIONAL.cross_entropy = _saved_function
     if _CLS.__dict__.get("forward") is _forward:
         _CLS.forward = _saved_forward
+    if _CLS.__dict__.get("__call__") is module_call:
+        if _saved_call is None:
+            del _CLS.__call__  # inherited from nn.Module again, as before
+        else:
+            _CLS.__call__ = _saved_call
     # Rebound modules, and modules imported while patched (they bound the patched function).
-    for d in [*_rebound, *_module_globals()]:
+    holders = _modules.update()
+    for d in [*_rebound, *holders]:
         if d.get(_NAME) is cross_entropy:
             d[_NAME] = _saved_function
     _rebound.clear()
-    _linear_patch.uninstall(_module_globals())
+    _linear_patch.uninstall(holders)
+    _thirdparty.uninstall()

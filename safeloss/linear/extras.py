@@ -1,0 +1,436 @@
+"""Linear + cross-entropy with extras (z-loss, softcap, temperature, statistics), never holding the logits.
+
+The entries (``api.linear_cross_entropy``, ``SafeLinearCrossEntropyLoss``) branch here only when
+an extra is not at its default. The call: the layer's checks and the shared target normalization
+(``validation.validate``) -> a chunk loop over rows (``chunked.chunk_rows`` tiles) whose logits
+tile becomes the per-position losses with ``core.extras``'s math -> ``core.reduction`` plus the
+z-loss term -> the shared findings.
+
+Memory: as the plain op, at most a few tiles alive, never the (N, C) logits. Unlike the plain op,
+backward recomputes each tile (one more matmul per chunk) instead of keeping precomputed
+gradients: the z-loss term and the cross-entropy reduce with different denominators, so the
+upstream gradient is not one number per call. torch.func transforms, forward-mode AD and a class
+weight that requires grad take the same chunks as plain differentiable ops (autograd then keeps
+the tiles, as the reference path does). On every backend the tiles run torch ops: the extras are
+not yet fused into the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..backends.dispatch import check_backend
+from ..core import checks, reduction
+from ..core import extras as X
+from ..core._traceback import trim
+from ..core.checks import Scan, bad_target_mask, prob_target_counts, target_bounds
+from ..core.config import LazyStrict
+from ..core.errors import NonFiniteError, SafeLossError, TargetOutOfRangeError, fmt_shape, plural
+from ..core.mode import NO_HOST_READS, Mode, decide
+from ..core.report import Finding, report
+from ..core.rows import Rows
+from ..core.validation import check_label_smoothing, check_reduction
+from .chunked import chunk_rows
+from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
+
+Result = Tensor | tuple[Tensor, X.LossStats]
+_OP = "linear_cross_entropy"
+
+
+def linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None,
+    weight: Tensor | None, reduction: str, ignore_index: int | None, label_smoothing: float,
+    options: Any, strict: bool | None, backend: str, softcap: object, temperature: object,
+    z_loss: object, return_stats: object,
+) -> Result:
+    """``safeloss.linear_cross_entropy`` with an extra that is not at its default."""
+    try:
+        check_options(options)
+        ex = X.check(softcap, temperature, z_loss, return_stats, op=_OP)
+        check_backend(backend)
+        return run(decide(input, linear_weight, target, linear_bias, weight), input, linear_weight,
+                   target, linear_bias, weight, check_reduction(reduction), ignore_index,
+                   check_label_smoothing(label_smoothing), ex, strict=strict, owner=None)
+    except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
+        trim(e)
+        raise
+
+
+def module_forward(m: Any, input: Tensor, target: Tensor) -> Result:
+    """``SafeLinearCrossEntropyLoss.forward`` with an extra set (the stock module's layout)."""
+    ex = X.check(m.softcap, m.temperature, m.z_loss, m.return_stats, op="SafeLinearCrossEntropyLoss")
+    check_backend(m.backend)
+    lin = m.linear
+    w = lin.weight.reshape((m.num_classes, *m.out_features, lin.in_features))
+    b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
+    return run(decide(input, w, target, b, m.weight), input, w, target, b, m.weight,
+               check_reduction(m.reduction), m.ignore_index, check_label_smoothing(m.label_smoothing),
+               ex, strict=m.strict, owner=m)
+
+
+def _forward_ad(*vs: object) -> bool:
+    """Dual tensors of torch.autograd.forward_ad: the chunk loop's Function has no jvp rule."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(isinstance(v, Tensor) and forward_ad.unpack_dual(v).tangent is not None for v in vs)
+
+
+def run(
+    mode: Mode, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+    weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
+    ex: X.Extras, *, strict: bool | None, owner: object | None,
+) -> Result:
+    no_host = mode in NO_HOST_READS
+    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    strict_ = LazyStrict(strict)
+    if checks._pending and not no_host:
+        checks.flush(key, owner, wait=bool(strict_))
+
+    lp = validate(input, linear_weight, target, linear_bias, weight, reduction_, ignore_index,
+                  label_smoothing, read_values=not no_host)
+    p = lp.p
+    static = list(p.findings)
+    if p.reduction == "mean" and math.prod(p.positions_shape) == 0:
+        static.append(reworded(checks.empty_mean_finding(p)))
+    if static and not no_host:
+        for finding in static:
+            report(finding, strict_, owner)
+
+    dev = lp.x.device
+    immediate = not no_host and (checks.reads_at_once(dev.type) or bool(strict_))
+    C, ii, D = lp.num_classes, p.ignore_index, lp.positions
+    work = X.work_dtype(lp.x.dtype)
+    weight_grad = p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled()
+    bad = None
+    if p.prob:
+        t = lp.target
+        valid = torch.ones((t.shape[0], D), dtype=torch.bool, device=dev)
+    else:
+        t = lp.target if lp.target.dtype == torch.int64 else lp.target.long()
+        if immediate:
+            lo, hi = target_bounds(t)
+            if (lo < 0 or hi >= C) and checks.count_bad_targets(t, C, ii):
+                raise TargetOutOfRangeError(
+                    reword(checks.out_of_range_message(p.target, C, ii, dev.type))) from None
+        else:
+            bad = bad_target_mask(t, C, ii)
+            t = t.masked_fill(bad, ii)  # never a gather out of range; the loss there is NaN
+        valid = (t != ii).reshape(t.shape[0], D)
+
+    sp = _Spec(C, D, ii, p.label_smoothing, p.prob, ex, work, None if p.weight is None else
+               (p.weight if weight_grad else p.weight.detach()).to(work).contiguous())
+    x, w, b = lp.x, lp.w, lp.b
+    if lp.compute_dtype != x.dtype:  # under autocast: stock's linear runs in the autocast dtype
+        x, w = x.to(lp.compute_dtype), w.to(lp.compute_dtype)
+        b = None if b is None else b.to(lp.compute_dtype)
+    transform = mode is Mode.TRANSFORM or _forward_ad(input, linear_weight, linear_bias, target)
+    with _autocast_off(dev):
+        if transform or weight_grad:
+            ce, zl, lse, ent, correct = _differentiable(x, w, b, t, valid, sp)
+        else:
+            ce, zl, lse, ent, correct = _LinearExtras.apply(x, w, b, t, valid, sp)
+    pos = p.positions_shape
+    ce, zl = ce.reshape(pos), zl.reshape(pos)
+    vpos = valid.reshape(pos)
+    if bad is not None:
+        ce = ce.masked_fill(bad.reshape(pos), math.nan)
+    zl_rows = zl if ex.z_loss else None
+    ce_red = reduction.reduce(Rows(ce, checks.CLEAN), replace(p, out_dtype=work))
+    zl_red = X.reduce_z_loss(zl_rows, None if p.prob else vpos, p.reduction, pos, work, dev)
+    out = (ce_red if zl_rows is None else ce_red + zl_red).to(p.out_dtype)
+    rows = ce if zl_rows is None else ce + zl_rows
+    stats = None
+    if ex.return_stats:
+        stats = X.LossStats(lse.reshape(pos).float(), ent.reshape(pos).float(), zl_red.detach().float(),
+                            None if p.prob else X.accuracy(correct, valid.reshape(-1)))
+
+    if not no_host:
+        note = ex.note()
+        if immediate:
+            _resolve(lp, rows, vpos, out, strict_, owner, note)
+        else:
+            zero = torch.zeros((), dtype=torch.int64, device=dev)
+            neg = badsum = zero
+            if p.prob and t.numel():
+                neg, badsum = prob_target_counts(t, 1)
+            nonfinite = (~torch.isfinite(rows.detach()) & vpos).sum()
+            cv = torch.stack([zero if bad is None else bad.sum(), nonfinite, zero, zero, neg, badsum,
+                              zero, zero]).to(torch.int32)
+            checks.defer(Scan(cv), p, rows, out, bool(strict_), key, owner=owner,
+                         note=checks.DEFERRED_NOTE + note)
+    return out if stats is None else (out, stats)
+
+
+def _autocast_off(dev: torch.device) -> contextlib.AbstractContextManager[object]:
+    # The chunk loop picks its own matmul dtypes; autocast would recast them.
+    if autocast_enabled(dev):
+        return torch.autocast(dev.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _noted(f: Finding, note: str) -> Finding:
+    return replace(f, message=note + f.message) if note else f
+
+
+def _resolve(lp: LinearProblem, rows: Tensor, valid: Tensor, out: Tensor, strict: LazyStrict,
+             owner: object | None, note: str) -> None:
+    """The immediate path's findings (CPU, strict mode), in this API's terms."""
+    p = lp.p
+    if p.prob and p.target.numel():
+        neg, badsum = prob_target_counts(lp.target, 1)
+        n_neg, n_bad = int(neg), int(badsum)
+        if n_neg or n_bad:
+            report(_noted(reworded(checks.prob_target_finding(p, n_neg, n_bad)), note), strict, owner)
+    finite = math.isfinite(out.item()) if out.dim() == 0 else bool(torch.isfinite(out).all())
+    if finite:
+        return
+    mask = ~torch.isfinite(rows.detach()) & valid
+    if bool(mask.any()):
+        report(_noted(nonfinite_finding(lp, mask), note), strict, owner)
+    elif p.reduction == "mean" and math.prod(p.positions_shape) > 0:
+        report(_noted(reworded(checks.empty_mean_finding(p)), note), strict, owner)
+
+
+def _nonfinite_rows(t: Tensor | None, what: str, per: str) -> str | None:
+    if t is None:
+        return None
+    bad = ~torch.isfinite(t.detach())
+    if t.dim() > 1:
+        bad = bad.flatten(1).any(1)
+    n = int(bad.sum())
+    return f"{what} ({plural(n, per)})" if n else None
+
+
+def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
+    """Non-finite losses of an extras call, traced back to the operand that holds NaN/inf."""
+    count = int(mask.sum())
+    idx = mask.nonzero()
+    first = [str(list(r)) if mask.dim() > 1 else f"[{r[0]}]" for r in idx[:5].tolist()] if mask.dim() else []
+    where = f" (first at {', '.join(first)}{', ...' if count > 5 else ''})" if first else ""
+    sources = [s for s in (
+        _nonfinite_rows(lp.x, "the input holds NaN/inf", "row"),
+        _nonfinite_rows(lp.w, "linear_weight holds NaN/inf", "class row"),
+        _nonfinite_rows(lp.b, "linear_bias holds NaN/inf", "entry"),
+        _nonfinite_rows(lp.p.weight, "the class weight holds NaN/inf", "class"),
+    ) if s]
+    cause = "; ".join(sources) if sources else (
+        "every operand is finite, so the capped, scaled logits or the z-loss term overflowed "
+        "(huge input or weights: a diverged run; or a tiny temperature)")
+    return Finding(
+        "nonfinite", NonFiniteError,
+        f"linear_cross_entropy: the loss is NaN or infinite at {count} of "
+        f"{plural(max(1, mask.numel()), 'position')}{where}: {cause}.\n"
+        f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
+        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
+        "division by zero earlier in the model, NaN in the input data.\n"
+        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
+        "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
+        "first op that produces NaN",
+    )
+
+
+# ------------------------------------------------------------------------------ the chunks
+
+
+@dataclass
+class _Spec:
+    num_classes: int
+    positions: int  # D: positions per input row (prod(out_features), 1 for a plain head)
+    ignore_index: int
+    eps: float
+    prob: bool
+    ex: X.Extras
+    work: torch.dtype  # float32 (float64 for float64 inputs)
+    weight: Tensor | None  # (C,), work dtype
+
+
+class _Mats:
+    """The three matmuls of a tile. Half precision on CUDA: half operands (stock's linear rounds
+    the logits to the half dtype too), fp32 accumulators; elsewhere the operands in the work
+    dtype (upcast once: CPU half matmuls are emulated and slow)."""
+
+    def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, work: torch.dtype) -> None:
+        self.half = x.dtype != work and x.is_cuda
+        if x.dtype != work and not self.half:
+            x, w, b = x.to(work), w.to(work), None if b is None else b.to(work)
+        self.x, self.w, self.b, self.work = x, w, b, work
+
+    def logits(self, s: int, e: int) -> Tensor:
+        z = torch.mm(self.x[s:e], self.w.t())
+        if self.b is not None:
+            z = z + self.b
+        return z.to(self.work)
+
+    def dx(self, dz: Tensor) -> Tensor:
+        return torch.mm(dz.to(self.w.dtype), self.w).to(self.work)
+
+    def dw(self, dz: Tensor, s: int, e: int) -> Tensor:
+        return torch.mm(dz.to(self.x.dtype).t(), self.x[s:e]).to(self.work)
+
+
+def _rows_of(z: Tensor, r: int, sp: _Spec) -> Tensor:
+    """(r, C * D) tile -> (r * D, C): one row of classes per position."""
+    if sp.positions == 1:
+        return z
+    return z.view(r, sp.num_classes, sp.positions).movedim(1, 2).reshape(r * sp.positions, sp.num_classes)
+
+
+def _tile_of(d: Tensor, r: int, sp: _Spec) -> Tensor:
+    """The inverse of ``_rows_of``."""
+    if sp.positions == 1:
+        return d
+    return d.view(r, sp.positions, sp.num_classes).movedim(2, 1).reshape(r, sp.num_classes * sp.positions)
+
+
+def _targets_of(t: Tensor, s: int, e: int, sp: _Spec) -> Tensor:
+    """Chunk rows s:e of the targets, one per position: (r * D,) labels or (r * D, C) probabilities."""
+    tc = t[s:e]
+    if not sp.prob:
+        return tc.reshape(-1)
+    if sp.positions == 1:
+        return tc
+    return tc.reshape(e - s, sp.num_classes, sp.positions).movedim(1, 2).reshape(-1, sp.num_classes)
+
+
+def _forward_tile(z: Tensor, tc: Tensor, vc: Tensor, sp: _Spec, stats: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(zt, logp, lse, ce, zl, entropy, argmax) of one (positions, C) tile."""
+    ex = sp.ex
+    zt = X.transform(z, ex)
+    lse = torch.logsumexp(zt, 1)
+    logp = zt - lse.unsqueeze(1)
+    ce = X.ce_rows(logp, tc, None if sp.prob else vc, sp.weight, sp.eps, sp.prob)
+    zl = X.z_loss_rows(lse, None if sp.prob else vc, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
+    ent = pred = None
+    if stats:
+        ent = X.entropy(logp.detach())
+        pred = X.argmax(z.detach(), 1)
+    return zt, logp, lse, ce, zl, ent, pred
+
+
+def _differentiable(x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Tensor, sp: _Spec
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunks as plain differentiable ops (torch.func, forward AD, a class weight that
+    requires grad, double backward): autograd keeps each tile, as on the reference path."""
+    ops = _Mats(x, w, b, sp.work)
+    N = ops.x.shape[0]
+    vflat = valid.reshape(-1)
+    parts: list[list[Tensor]] = [[], [], [], [], []]
+    stats = sp.ex.return_stats
+    rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        z = _rows_of(ops.logits(s, e), e - s, sp)
+        tc, vc = _targets_of(t, s, e, sp), vflat[s * sp.positions : e * sp.positions]
+        _, _, lse, ce, zl, ent, pred = _forward_tile(z, tc, vc, sp, stats)
+        parts[0].append(ce)
+        parts[1].append(zl)
+        parts[2].append(lse.detach())
+        if stats:
+            assert ent is not None and pred is not None
+            parts[3].append(ent)
+            parts[4].append((pred == tc) if not sp.prob else pred.new_zeros(pred.shape, dtype=torch.bool))
+    empty = ops.x.new_zeros((0,), dtype=sp.work)
+    out = [torch.cat(ps) if ps else empty for ps in parts[:4]]
+    correct = torch.cat(parts[4]) if parts[4] else torch.zeros(0, dtype=torch.bool, device=x.device)
+    return out[0], out[1], out[2], out[3], correct
+
+
+class _LinearExtras(torch.autograd.Function):
+    """(x (N, H), W (C*D, H), b, target, valid (N, D), spec) -> per-position (cross-entropy,
+    z-loss term, lse, entropy, right prediction), flat over the N * D positions."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Tensor,  # type: ignore[override]
+                sp: _Spec) -> tuple[Tensor, ...]:
+        ops = _Mats(x, w, b, sp.work)
+        N, D = x.shape[0], sp.positions
+        stats = sp.ex.return_stats
+        dev = x.device
+        P = N * D
+        ce = torch.empty(P, dtype=sp.work, device=dev)
+        zl = torch.empty(P, dtype=sp.work, device=dev)
+        lse_all = torch.empty(P, dtype=sp.work, device=dev)
+        ent = torch.empty(P if stats else 0, dtype=sp.work, device=dev)
+        correct = torch.empty(P if stats else 0, dtype=torch.bool, device=dev)
+        vflat = valid.reshape(-1)
+        rows = chunk_rows(N, ops.w.shape[0], dev)
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            z = _rows_of(ops.logits(s, e), e - s, sp)
+            tc, vc = _targets_of(t, s, e, sp), vflat[s * D : e * D]
+            _, _, lse, cc, zc, ec, pred = _forward_tile(z, tc, vc, sp, stats)
+            ce[s * D : e * D] = cc
+            zl[s * D : e * D] = zc
+            lse_all[s * D : e * D] = lse
+            if stats:
+                assert ec is not None and pred is not None
+                ent[s * D : e * D] = ec
+                correct[s * D : e * D] = (pred == tc) if not sp.prob else False
+        ctx.sp = sp
+        ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype, t.dtype)
+        ctx.save_for_backward(x, w, b, t, valid)
+        ctx.mark_non_differentiable(lse_all, ent, correct)
+        return ce, zl, lse_all, ent, correct
+
+    @staticmethod
+    def backward(ctx: Any, g_ce: Tensor, g_zl: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w, b, t, valid = ctx.saved_tensors
+        sp: _Spec = ctx.sp
+        xdt, wdt, bdt, tdt = ctx.dtypes
+        need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+        need_t = need_t and sp.prob
+        if torch.is_grad_enabled():  # double backward: the same chunks, differentiably
+            wrt = [v for v, n in zip((x, w, b, t), (need_x, need_w, need_b, need_t)) if n]
+            ce, zl, *_ = _differentiable(x, w, b, t, valid, sp)
+            got = iter(torch.autograd.grad((ce, zl), wrt, (g_ce.to(ce.dtype), g_zl.to(zl.dtype)),
+                                           create_graph=True, allow_unused=True))
+            res = [next(got) if n else None for n in (need_x, need_w, need_b, need_t)]
+            return (*res, None, None)
+        ops = _Mats(x, w, b, sp.work)
+        N, D, C = x.shape[0], sp.positions, sp.num_classes
+        dev = x.device
+        ex = sp.ex
+        gce = g_ce.reshape(-1).to(sp.work)
+        gzl = g_zl.reshape(-1).to(sp.work)
+        vflat = valid.reshape(-1)
+        dx = torch.zeros(x.shape, dtype=sp.work, device=dev) if need_x else None
+        dw = torch.zeros(w.shape, dtype=sp.work, device=dev) if need_w else None
+        db = torch.zeros((w.shape[0],), dtype=sp.work, device=dev) if need_b else None
+        dq = torch.zeros(t.shape, dtype=sp.work, device=dev) if need_t else None
+        wt = sp.weight
+        w_sum: float | Tensor = float(C) if wt is None else wt.sum()
+        rows = chunk_rows(N, ops.w.shape[0], dev)
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            r = e - s
+            z = _rows_of(ops.logits(s, e), r, sp)
+            tc, vc = _targets_of(t, s, e, sp), vflat[s * D : e * D]
+            gc, gz = gce[s * D : e * D], gzl[s * D : e * D]
+            zt, logp, lse, *_ = _forward_tile(z, tc, vc, sp, False)
+            p = logp.exp()
+            if sp.prob:
+                dzt, dqc = X.prob_grad(p, logp, tc, wt, sp.eps, gc, gz, lse, ex.z_loss, need_t)
+                if dqc is not None and dq is not None:
+                    dq[s:e] = dqc if D == 1 else dqc.view(r, D, C).movedim(2, 1)
+            else:
+                y = torch.where(vc, tc, 0)
+                w_y = None if wt is None else wt.gather(0, y)
+                dzt = X.index_grad(p, y, vc, vc, w_y, wt, w_sum, sp.eps, C, gc, gz, lse, ex.z_loss)
+            dz = _tile_of(X.chain(dzt, zt, ex), r, sp)
+            if dx is not None:
+                dx[s:e] = ops.dx(dz)
+            if dw is not None:
+                dw += ops.dw(dz, s, e)
+            if db is not None:
+                db += dz.sum(0)
+        return (None if dx is None else dx.to(xdt), None if dw is None else dw.to(wdt),
+                None if db is None else db.to(bdt), None if dq is None else dq.to(tdt), None, None)

@@ -1,0 +1,281 @@
+"""Every hint rule, with inputs on both sides of it: a hint names a cause only where the inputs
+show the evidence for it (the values, their positions, shapes, dtypes), and says less where
+they do not."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import safeloss
+
+pytestmark = pytest.mark.usefixtures("clean_patch")
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def oob(x: torch.Tensor, t: torch.Tensor, **kw) -> str:
+    with pytest.raises(safeloss.TargetOutOfRangeError) as e:
+        safeloss.cross_entropy(x, t, **kw)
+    return str(e.value)
+
+
+def lm_labels(B: int = 4, T: int = 12, V: int = 50, pad: int | None = None, lengths=(12, 7, 9, 5)):
+    t = torch.randint(1, V, (B, T), generator=_g(1))
+    if pad is not None:
+        for b, n in enumerate(lengths[:B]):
+            t[b, n:] = pad
+    return t
+
+
+# ------------------------------------------------------------------ padding vs 1-based
+
+
+@pytest.mark.parametrize("flatten", ["2-D", "view", "hf-shift"])
+def test_pad_id_equal_to_vocab_size_is_called_padding(flatten):
+    V = 50
+    labels = lm_labels(V=V, pad=V)
+    x = torch.randn(4, 12, V, generator=_g())
+    if flatten == "2-D":
+        msg = oob(x.transpose(1, 2), labels)
+    elif flatten == "view":
+        msg = oob(x.reshape(-1, V), labels.view(-1))
+    else:  # Hugging Face's ForCausalLMLoss: pad with -100, shift, flatten a contiguous copy
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        msg = oob(x.reshape(-1, V), shifted.view(-1))
+    assert f"Every bad value is {V}, and it fills the end of 3 of 4 rows" in msg
+    assert "pad token id equal to the vocabulary size" in msg
+    assert f"ignore_index={V}" in msg
+    assert "1-based" not in msg
+
+
+def test_a_value_that_also_occurs_mid_row_is_not_padding():
+    V = 50
+    labels = lm_labels(V=V, pad=V)
+    labels[0, 3] = V  # mid-row: a real label, so not a padding pattern
+    msg = oob(torch.randn(4, V, 12), labels)
+    assert "padding value" not in msg
+    # 0 missing means little when 50 is 16 of 48 labels: no 1-based claim, and the reason why
+    assert "look 1-based" not in msg and "50 occurs 16 times and no other label more than" in msg
+    # nor when 32 labels of 500 classes cover too little of 1..500 for 0's absence to count
+    msg = oob(torch.randn(4, 500, 8), torch.randint(1, 500, (4, 8)).index_fill_(1, torch.tensor([7]), 500))
+    assert "look 1-based" not in msg and "too few of the 500 classes to tell" in msg
+
+
+@pytest.mark.parametrize("n_pad", [2, 3])
+def test_padding_needs_more_than_two_positions(n_pad):
+    V = 50
+    labels = lm_labels(B=1, T=12, V=V, pad=V, lengths=(12 - n_pad,))
+    msg = oob(torch.randn(1, V, 12), labels)
+    assert ("padding value" in msg) == (n_pad >= 3)
+
+
+def test_left_padding_is_found_too():
+    labels = lm_labels(V=9, pad=None).clamp(max=8)
+    labels[1:, :3] = 9
+    msg = oob(torch.randn(4, 9, 12), labels)
+    assert "fills the start of 3 of 4 rows" in msg and "ignore_index=9" in msg
+
+
+def test_image_masks_are_not_read_as_sequences():
+    t = torch.zeros(2, 4, 4, dtype=torch.long)
+    t[:, :, 3] = 255  # a column of void pixels: row ends, but these rows are image rows
+    msg = oob(torch.randn(2, 3, 4, 4), t)
+    assert "padding value" not in msg and "mask code for 'void'" in msg
+
+
+def test_one_based_needs_labels_covering_1_to_C():
+    t = torch.arange(1, 11).repeat(3)  # all of 1..10 for 10 classes, 0 never
+    msg = oob(torch.randn(30, 10), t)
+    assert "look 1-based: they run from 1 to 10, 10 of the 10 values 1..10 occur, and 0 never does" in msg
+    t = torch.tensor([1, 10, 3])  # 3 labels of 10 classes: no evidence either way
+    msg = oob(torch.randn(3, 10), t)
+    assert "look 1-based" not in msg and "as with 1-based labels" in msg and "too few" in msg
+
+
+def test_one_based_wins_over_a_short_trailing_run_in_a_flat_target():
+    msg = oob(torch.randn(6, 5), torch.tensor([1, 2, 3, 4, 5, 5]))
+    assert "look 1-based" in msg and "padding value" not in msg
+
+
+# ------------------------------------------------------------------ single codes, negatives, far labels
+
+
+def test_a_negative_value_needs_no_pattern():
+    msg = oob(torch.randn(4, 3), torch.tensor([0, -1, 2, 1]))
+    assert "Every bad value is -1, which looks like padding/unknown labels (a label is never negative)" in msg
+    msg = oob(torch.randn(4, 3), torch.tensor([0, -1, -2, 1]))
+    assert "Every bad value" not in msg and "2 different negative values" in msg
+
+
+def test_255_in_a_mask_vs_in_flat_labels_vs_with_other_bad_values():
+    mask = torch.zeros(2, 4, 4, dtype=torch.long)
+    mask[0, 1, 2] = 255
+    assert "mask code for 'void' / unlabeled pixels" in oob(torch.randn(2, 3, 4, 4), mask)
+    flat = oob(torch.randn(4, 3), torch.tensor([0, 255, 2, 1]))
+    assert "what -1 becomes in uint8" in flat and "pixels" not in flat
+    both = oob(torch.randn(4, 3), torch.tensor([0, 255, 7, 1]))
+    assert "Every bad value" not in both
+
+
+def test_far_labels_are_called_corrupt_only_when_far():
+    assert "corrupt or uninitialized" in oob(torch.randn(3, 5), torch.tensor([0, 1, 10**6]))
+    near = oob(torch.randn(3, 5), torch.tensor([0, 1, 7]))
+    assert "corrupt" not in near and "final layer is too small" in near
+
+
+def test_negatives_mixed_with_too_large_labels_are_named():
+    msg = oob(torch.randn(3, 5), torch.tensor([-3, 1, 7]))
+    assert "go up to 7" in msg and "negative labels (-3) are never classes" in msg
+
+
+def test_single_output_model():
+    assert "single output (class 0 only)" in oob(torch.randn(3, 1), torch.tensor([0, 1, 1]))
+
+
+# ------------------------------------------------------------------ positions of a flattened target
+
+
+def test_positions_of_a_flattened_view_are_mapped_back():
+    labels = torch.zeros(3, 5, dtype=torch.long)
+    labels[2, 3] = 9
+    msg = oob(torch.randn(15, 4), labels.view(-1))
+    assert "9 at [13] (= [2, 3])" in msg and "flattened target: it is a view of a (3, 5) tensor" in msg
+    msg = oob(torch.randn(15, 4), labels.view(-1).clone())  # a copy: nothing to map back to
+    assert "(= [" not in msg and "flattened" not in msg
+
+
+def test_a_library_caller_is_named_for_its_flat_target():
+    """Code in an installed package that flattens the labels itself (as Transformers does)."""
+    fake = "/opt/venv/lib/python3.11/site-packages/fancylib/losses.py"
+    code = compile("def loss(x, t):\n    return safeloss.cross_entropy(x, t.reshape(-1).clone())\n", fake, "exec")
+    ns: dict[str, object] = {"safeloss": safeloss}
+    exec(code, ns)
+    labels = torch.zeros(3, 5, dtype=torch.long)
+    labels[1, 1] = 9
+    with pytest.raises(safeloss.TargetOutOfRangeError) as e:
+        ns["loss"](torch.randn(15, 4), labels)  # type: ignore[operator]
+    assert "the 1-D target that fancylib/losses.py:2 passed to the loss" in str(e.value)
+    assert "passed to the loss" not in oob(torch.randn(15, 4), labels.reshape(-1).clone())
+
+
+# ------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize("ishape, tshape", [((4, 3), (4, 1)), ((2, 3, 5, 5), (2, 1, 5, 5)),
+                                            ((2, 3, 5), (2, 1, 5)), ((2, 3, 4, 4, 4), (2, 1, 4, 4, 4))])
+def test_squeezed_target_quotes_stocks_own_error_and_squeeze_1(ishape, tshape):
+    x, t = torch.randn(*ishape), torch.zeros(*tshape, dtype=torch.long)
+    with pytest.raises(RuntimeError) as stock:
+        F.cross_entropy(x, t)
+    with pytest.raises(safeloss.TargetShapeError) as e:
+        safeloss.cross_entropy(x, t, strict=True)
+    msg = str(e.value)
+    assert f'Stock torch raises "{stock.value}"' in msg
+    assert "target.squeeze(1)" in msg and "view(-1)" not in msg
+
+
+def _ntc_fix(call) -> str:
+    with pytest.raises(safeloss.TargetShapeError) as e:
+        call(torch.randn(2, 7, 5), torch.randint(0, 5, (2, 7)))
+    return next(line for line in str(e.value).splitlines() if line.startswith("Fix:"))
+
+
+def test_fix_text_names_the_call_that_was_made():
+    assert _ntc_fix(safeloss.cross_entropy).startswith("Fix: safeloss.cross_entropy(logits.transpose(1, 2)")
+    assert _ntc_fix(safeloss.SafeCrossEntropyLoss()).startswith("Fix: loss_fn(logits.transpose(1, 2)")
+    with safeloss.patch():
+        assert _ntc_fix(F.cross_entropy).startswith("Fix: F.cross_entropy(logits.transpose(1, 2)")
+        assert _ntc_fix(torch.nn.CrossEntropyLoss()).startswith("Fix: loss_fn(")
+
+
+@pytest.mark.parametrize("target, says", [
+    (torch.rand(3, 4), "read as probabilities"),
+    (torch.eye(4)[:3].long(), "read as one-hot rows"),
+    (torch.randint(2, 5, (3, 4)), "labels per position"),
+])
+def test_2d_target_with_other_columns_says_what_its_values_show(target, says):
+    with pytest.raises(safeloss.TargetShapeError) as e:
+        safeloss.cross_entropy(torch.randn(3, 5), target)
+    msg = str(e.value)
+    assert says in msg
+    others = {"read as probabilities", "read as one-hot rows", "labels per position"} - {says}
+    assert not any(o in msg for o in others)
+
+
+def test_integer_logits_are_called_swapped_only_when_the_shapes_say_so():
+    with pytest.raises(safeloss.InputDtypeError) as e:
+        safeloss.cross_entropy(torch.randint(0, 5, (3,)), torch.randn(3, 5))
+    assert "arguments look swapped" in str(e.value)
+    with pytest.raises(safeloss.InputDtypeError) as e:
+        safeloss.cross_entropy(torch.randint(0, 5, (3, 5)), torch.randint(0, 5, (3,)))
+    assert "look swapped" not in str(e.value) and "if this tensor holds the labels" in str(e.value)
+
+
+@pytest.mark.parametrize("n, says", [(4, "1 fewer entries than classes"), (7, "2 more entries than classes")])
+def test_weight_length_cause_follows_the_direction(n, says):
+    with pytest.raises(safeloss.WeightError) as e:
+        safeloss.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.ones(n))
+    assert says in str(e.value)
+    assert ("bincount" in str(e.value)) == (n < 5)
+
+
+def test_argument_type_error_covers_ordinary_arguments_and_the_docs_say_so():
+    from pathlib import Path
+
+    with pytest.raises(safeloss.ArgumentTypeError):
+        safeloss.cross_entropy([0.1, 0.2], torch.tensor([0]))  # type: ignore[arg-type]
+    with pytest.raises(safeloss.ArgumentTypeError):
+        safeloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), ignore_index="x")  # type: ignore[arg-type]
+    row = next(line for line in (Path(__file__).parents[1] / "docs" / "errors.md").read_text().splitlines()
+               if line.startswith("| `ArgumentTypeError`"))
+    assert "safeloss-only argument (" not in row and "a list as input" in row and "ignore_index" in row
+
+
+# ------------------------------------------------------------------ linear + cross-entropy
+
+
+def _linear_err(x, w, t, **kw) -> str:
+    with pytest.raises(safeloss.SafeLossError) as e:
+        safeloss.linear_cross_entropy(x, w, t, **kw)
+    return str(e.value)
+
+
+def test_linear_shifted_labels_are_named_only_when_the_counts_fit():
+    w = torch.randn(5, 8)
+    shifted = _linear_err(torch.randn(2 * 6, 8), w, torch.randint(0, 5, (2 * 5,)))
+    assert "2 rows more than there are targets, and 12 = 2 x 6" in shifted
+    other = _linear_err(torch.randn(12, 8), w, torch.randint(0, 5, (9,)))  # 12 % 3 == 0: 3 x 4
+    assert "3 rows more" in other
+    odd = _linear_err(torch.randn(12, 8), w, torch.randint(0, 5, (7,)))  # 12 % 5 != 0
+    assert "rows more than there are targets" not in odd and "Possible causes" in odd
+
+
+def test_linear_dtype_mismatch_names_the_narrower_side():
+    t = torch.randint(0, 5, (4,))
+    body = _linear_err(torch.randn(4, 8).half(), torch.randn(5, 8), t)
+    assert "model body was cast" in body
+    head = _linear_err(torch.randn(4, 8), torch.randn(5, 8).half(), t)
+    assert "the head was cast and the hidden states were not" in head
+
+
+def test_linear_integer_input_hint_is_conditional():
+    msg = _linear_err(torch.randint(0, 5, (4, 8)), torch.randn(5, 8), torch.randint(0, 5, (4,)))
+    assert "If this tensor holds token ids or labels" in msg and "usually" not in msg
+
+
+def test_messages_hold_no_generic_call_for_functional_warnings():
+    """Warnings of the functional API never say loss_fn(...) (a module's call)."""
+    x = torch.full((2, 3), 60000.0, dtype=torch.float16)
+    x[:, 0] = -60000.0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        safeloss.cross_entropy(x, torch.tensor([0, 0]), reduction="sum")
+    texts = [str(w.message) for w in seen if issubclass(w.category, safeloss.SafeLossWarning)]
+    assert texts and not any(re.search(r"\bloss_fn\(", m) for m in texts)
