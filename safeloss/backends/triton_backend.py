@@ -398,7 +398,9 @@ def _bwd_config(
     kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
-        BLOCK_P=bp, BLOCK_C=bc, I64=_i64(x, target, g, dx, dy), **_launch_opts(num_warps),
+        # int64 offsets when a tensor read or written can pass int32, the per-position lse / wy too.
+        I64=math.prod(_pos_shape(x)) > _INT32_MAX or _i64(x, target, g, dx, dy),
+        BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps),
     )  # fmt: skip
     return (grid,), args, kwargs
 

@@ -82,7 +82,8 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
         shard_stats_kernel[(triton.cdiv(R, block_p),)](
             xr, xr if w is None else w, lse, lse if q is None else q, R, C, xr.stride(0),
             xr.stride(1), HAS_W=w is not None, SMOOTH=smooth, BLOCK_P=block_p, BLOCK_C=block_c,
-            I64=(R - 1) * xr.stride(0) + (C - 1) * xr.stride(1) > _INT32_MAX,
+            # int64 offsets when the slice's or the (R,) outputs' can pass int32 (rows may be expanded).
+            I64=max(R - 1, (R - 1) * xr.stride(0) + (C - 1) * xr.stride(1)) > _INT32_MAX,
             num_warps=4 if block_c <= 1024 else 8,
         )
     return lse, q
