@@ -325,8 +325,9 @@ def _fwd_config(
     need_w = has_weight and (prob or smooth)
     # Fused mode keeps the row (and w*y' for prob targets) in registers up to this many classes:
     # 32 values per thread at 16 warps (a 32-warp block has 64 registers per thread: 32768
-    # columns spilled); 16 with the class weights (and w*y') beside them.
-    single_max = 0 if dx is None else 8192 if prob or need_w else 16384
+    # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
+    # them: 16384 smoothed columns with int64 offsets spilled).
+    single_max = 0 if dx is None else 8192 if prob or smooth else 16384
     bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
@@ -752,7 +753,7 @@ def row_losses(
     it (saves one logits-sized allocation; the logits are destroyed, so only for logits nothing
     else needs; other autograd users of them then fail loudly on the version counter).
     ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 16384,
-    8192 with probability targets or smoothing with class weights);
+    8192 with probability targets or label smoothing);
     the backward only rescales rows whose upstream gradient is not exactly 1. Pays for
     ``reduction="sum"``-style upstream gradients of 1; with a mean (upstream 1/n) the rescale
     costs a read and a write, more than the plain path. The gradient buffer is held from forward
