@@ -145,6 +145,10 @@ class Launch:
                if a and not self.signature[names[p[0]]].startswith("*")]
         return f"=1: {','.join(ones) or '-'}; %16: {','.join(div) or '-'}"
 
+    def workloads(self) -> list[str]:
+        """The grid's workloads (shape names) whose calls chose it."""
+        return sorted({workload(c) for c in self.cases})
+
     def tile(self) -> int:
         c = self.own_constexprs()
         return int(c.get("BLOCK_P", 1) or 1) * int(c.get("BLOCK_C", 1) or 1)
@@ -152,6 +156,11 @@ class Launch:
     @property
     def num_warps(self) -> int:
         return int(self.options.get("num_warps", 4))
+
+
+def workload(case: str) -> str:
+    """The shape name of a case ("ce cls-N4096-C10 bfloat16 index train" -> "cls-N4096-C10")."""
+    return case.split()[1]
 
 
 def _plain(v: Any) -> Any:
@@ -617,6 +626,7 @@ def compile_all(launches: list[Launch], targets: list[int], jobs: int | None = N
 # 3. Verdicts, the table, the quick form
 # --------------------------------------------------------------------------------------------
 TABLE = os.path.join(ROOT, "benchmarks", "results", "aot-gate", "aot-gate.json")
+BEFORE = os.path.join(ROOT, "benchmarks", "results", "aot-gate", "before", "aot-gate.json")  # a1ecd1a's code
 QUICK_PER_KERNEL = 10  # the quick form compiles this many configurations per kernel, the riskiest
 QUICK_NEW = 40  # and at most this many that the committed table does not know
 
@@ -679,14 +689,74 @@ def row(launch: Launch, results: list[dict[str, Any]]) -> dict[str, Any]:
         "data_dtype": launch.data_dtype(),
         "specialisation": launch.specialisation(), "classes": [launch.min_classes, launch.max_classes],
         "register_budget": budget(launch), "n_cases": len(launch.cases), "cases": launch.cases[:4],
+        "workloads": launch.workloads(),
         "results": {str(r["cc"]): {k: v for k, v in r.items() if k != "cc"} for r in results},
         "h100_occupancy": None if h is None else occupancy(h["regs"], h["num_warps"], h["shared"]),
         "failures": verdicts(launch, results),
     }
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """One line per kernel, constexprs and warps: the worst over its dtypes and specialisations."""
+def workload_classes() -> dict[str, int]:
+    """Classes per row of each workload of the grid."""
+    out = {name: shape[0] if len(shape) == 1 else shape[1] for name, shape, _layout in FULL_SHAPES}
+    out.update({name: c for name, _n, _h, c in LINEAR})
+    out.update({name: c for name, _rows, c in VOCAB})
+    return out
+
+
+def before_after(rows: list[dict[str, Any]], before: dict[str, Any]) -> list[str]:
+    """Markdown: per narrow-row workload and kernel, the most sm_90 registers per thread over the
+    configurations its calls chose (every dtype and option) and the H100 occupancy they allow,
+    in ``before`` (an earlier table) and now."""
+    classes = workload_classes()
+
+    def per(rs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, float, int]]:
+        out: dict[tuple[str, str], tuple[int, float, int]] = {}
+        for r in rs:
+            res = r["results"].get("90", {})
+            if not res.get("ok"):
+                continue
+            occ = occupancy(res["regs"], res["num_warps"], res["shared"])
+            for w in r.get("workloads", []):
+                regs, low, n = out.get((w, r["kernel"]), (0, 1.0, 0))
+                out[(w, r["kernel"])] = (max(regs, res["regs"]), min(low, occ), n + 1)
+        return out
+
+    def narrow(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rs if r["classes"][0] <= NARROW_C and r["results"].get("90", {}).get("ok")]
+
+    now, was = per(rows), per(before["configurations"])
+    keys = sorted((k for k in now.keys() | was.keys() if classes.get(k[0], NARROW_C + 1) <= NARROW_C),
+                  key=lambda k: (classes[k[0]], k))
+    nb, na = narrow(before["configurations"]), narrow(rows)
+
+    def worst(rs: list[dict[str, Any]]) -> str:
+        regs = [r["results"]["90"]["regs"] for r in rs]
+        occ = min(r["h100_occupancy"] for r in rs)
+        over = sum(x > NARROW_REGS for x in regs)
+        return f"at most {max(regs)} registers, {over} of {len(rs)} over {NARROW_REGS}, occupancy {occ:.1%} or more"
+
+    def cell(v: tuple[int, float, int] | None) -> str:
+        return "- | - | -" if v is None else f"{v[0]} | {v[1]:.1%} | {v[2]}"
+
+    lines = [
+        "", f"## Narrow rows (up to {NARROW_C} classes): before and after (sm_90)", "",
+        f"Before: commit {before['meta'].get('commit', '?')} ({before['meta'].get('triton', '?')}; "
+        f"`before/`), the same grid. Configurations chosen for rows of up to {NARROW_C} classes: "
+        f"before {worst(nb)}; now {worst(na)}.", "",
+        "Per workload and kernel: the most registers per thread over the configurations its calls "
+        "chose (every dtype and option), the H100 theoretical occupancy that allows (the lowest), "
+        "and how many configurations.", "",
+        "| workload | C | kernel | before regs | before occ | before n | now regs | now occ | now n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {w} | {classes[w]} | {k} | {cell(was.get((w, k)))} | {cell(now.get((w, k)))} |" for w, k in keys]
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """One line per kernel, constexprs and warps: the worst over its dtypes and specialisations;
+    with ``before`` (an earlier table), the narrow rows' registers then and now."""
     targets = meta["targets"]
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in rows:
@@ -741,17 +811,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += [f"- {r['kernel']} [{' '.join(f'{k}={_short(v)}' for k, v in r['constexprs'].items())}] "
                   f"warps={r['options'].get('num_warps')} {r['data_dtype']} ({r['specialisation']}; "
                   f"e.g. {r['cases'][0] if r['cases'] else '?'}): {f}" for r, f in fails[:300]]
+    if before is not None:
+        lines += before_after(rows, before)
     return "\n".join(lines) + "\n"
 
 
-def write(out: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def write(out: str, rows: list[dict[str, Any]], meta: dict[str, Any], before: dict[str, Any] | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "aot-gate.json"), "w") as f:  # one configuration per line: diffable
         f.write('{"meta": ' + json.dumps(meta, sort_keys=True) + ',\n "configurations": [\n')
         f.write(",\n".join(json.dumps(r, sort_keys=True) for r in rows))
         f.write("\n]}\n")
     with open(os.path.join(out, "aot-gate.md"), "w") as f:
-        f.write(markdown(rows, meta))
+        f.write(markdown(rows, meta, before))
 
 
 def load_table(path: str) -> dict[str, Any] | None:
@@ -825,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=None, help="compute capabilities (default 80,90,100; 90 with --quick)")
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     ap.add_argument("--table", default=TABLE, help="the committed table the quick form checks against")
+    ap.add_argument("--before", default=BEFORE, help="an earlier table: the markdown compares its narrow-row "
+                    "registers with this run's (default: the committed before/ table)")
     ap.add_argument("--resume", default=None, help="an earlier aot-gate.json of the same kernel code and "
                     "Triton: reuse its results, compile only what it lacks")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -886,7 +960,9 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         problems.append("regenerate the table: python benchmarks/aot_gate.py --out benchmarks/results/aot-gate")
     if a.out:
-        write(a.out, rows, meta)
+        before = load_table(a.before) if a.before and os.path.abspath(a.before) != os.path.abspath(
+            os.path.join(a.out, "aot-gate.json")) else None
+        write(a.out, rows, meta, before)
         print(f"wrote {a.out}/aot-gate.md and {a.out}/aot-gate.json")
     for line in failures[:40] + problems:
         print("FAIL", line)

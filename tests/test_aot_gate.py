@@ -195,3 +195,24 @@ def test_gate_fails_on_a_spilling_and_a_broken_configuration(monkeypatch, tmp_pa
     assert "**FAIL**" in md and "spills" in md and "does not compile" in md
     doc = json.loads((tmp_path / "aot-gate.json").read_text())
     assert [bool(r["failures"]) for r in doc["configurations"]] == [True, False, True]
+
+
+def test_before_after_of_narrow_rows():
+    """The markdown's comparison: per narrow workload and kernel, the most registers over the
+    configurations its calls chose and the lowest occupancy; wide workloads are left out."""
+
+    def r(kernel, regs, warps, workloads, c):
+        return {"kernel": kernel, "classes": [c, c], "workloads": workloads, "h100_occupancy": gate.occupancy(regs, warps, 0),
+                "results": {"90": {"ok": True, "regs": regs, "num_warps": warps, "shared": 0}}}
+
+    before = {"meta": {"commit": "abc", "triton": "t"}, "configurations": [
+        r("ce_fwd_kernel", 240, 4, ["cls-N4096-C10"], 10), r("ce_fwd_kernel", 90, 4, ["cls-N4096-C10"], 10),
+        r("ce_fwd_kernel", 200, 4, ["llm-N8192-V128256"], 128256)]}
+    rows = [r("ce_fwd_kernel", 96, 4, ["cls-N4096-C10", "seg-B8-C21-512x512"], 10),
+            r("ce_bwd_kernel", 64, 4, ["cls-N4096-C10"], 10)]
+    text = "\n".join(gate.before_after(rows, before))
+    assert "| cls-N4096-C10 | 10 | ce_fwd_kernel | 240 | 12.5% | 2 | 96 | 31.2% | 1 |" in text
+    assert "| cls-N4096-C10 | 10 | ce_bwd_kernel | - | - | - | 64 | 50.0% | 1 |" in text
+    assert "| seg-B8-C21-512x512 | 21 | ce_fwd_kernel | - | - | - | 96 | 31.2% | 1 |" in text
+    assert "llm-N8192" not in text
+    assert "before at most 240 registers, 1 of 2 over 128" in text and "now at most 96 registers, 0 of 2" in text
