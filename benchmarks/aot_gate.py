@@ -274,7 +274,7 @@ FULL_SHAPES: list[tuple[str, tuple[int, ...], str]] = [
     ("llm-N16384-V262144", (16384, 262144), "rows"),  # 2^32 logits: past int32 offsets
     ("llm-bvt-B4-T2048-V128256", (4, 128256, 2048), "bvt"),
     ("llm-row-V32000", (32000,), "rows"),
-    *[(f"cols-N4096-C{c}", (4096, c), "rows") for c in (1024, 4096, 8192, 16384, 32768)],
+    *[(f"cols-N4096-C{c}", (4096, c), "rows") for c in (1024, 2048, 4096, 8192, 16384, 32768)],
     *[(f"cls-N4096-C{c}", (4096, c), "rows") for c in (2, 10, 100, 1000)],
     ("cls-N8-C10", (8, 10), "rows"),
     ("cls-N4095-C37", (4095, 37), "rows"),  # nothing divisible by 16
@@ -287,7 +287,7 @@ FULL_SHAPES: list[tuple[str, tuple[int, ...], str]] = [
     ("seq-B16-C100-T1000", (16, 100, 1000), "nchw"),
     # Past int32 offsets (I64 variants): rows of each width above (2^32 logits), narrow rows of
     # the multi-position tiles.
-    *[(f"cols-N{2**32 // c}-C{c}", (2**32 // c, c), "rows") for c in (1024, 4096, 8192, 16384, 32768)],
+    *[(f"cols-N{2**32 // c}-C{c}", (2**32 // c, c), "rows") for c in (1024, 2048, 4096, 8192, 16384, 32768)],
     ("seg-B16-C19-2048x4096", (16, 19, 2048, 4096), "nchw"),
     ("cls-N268435456-C10", (268435456, 10), "rows"),
     ("cls-N4194304-C1000", (4194304, 1000), "rows"),

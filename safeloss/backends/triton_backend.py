@@ -194,9 +194,11 @@ def _next_pow2(n: int) -> int:
 
 
 def _tiles(
-    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd"
+    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd",
+    per_column: bool = False,
 ) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd".
+    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd";
+    ``per_column``: the forward keeps more state per column (weights, targets: see _fwd_config).
 
     Sizes are checked by the ahead-of-time compile gate (benchmarks/aot_gate.py: every
     configuration compiled for sm_80 / sm_90 / sm_100, registers and spills from ptxas):
@@ -224,6 +226,8 @@ def _tiles(
         bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, _MULTI_TILE // bc))
     else:
         bc = c2 if single else min(c2, _TILE if kind == "fwd" else 2 * _TILE)
+        if per_column and not single:
+            bc = min(bc, _TILE // 2)
         bp = max(1, min(_next_pow2(S2), _MULTI_TILE // bc))
     if FORCE_BLOCK_C is not None:
         bc = FORCE_BLOCK_C
@@ -233,6 +237,11 @@ def _tiles(
     num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 16384 else 32
     if not single and bp == 1 and bc >= 4096:
         num_warps = 4 if kind == "fwd" else 16
+    if per_column:
+        # At most 8 elements a thread (16 from 8192 columns): [1, 4096] tiles at 4 warps, 32 of
+        # each per-column array a thread, took 168-255 registers and spilled; streamed rows go in
+        # 2048-column blocks at 8 warps.
+        num_warps = min(16, max(4, tile // 256))
     if FORCE_NUM_WARPS is not None:
         num_warps = FORCE_NUM_WARPS
     return bp, bc, num_warps
@@ -329,7 +338,10 @@ def _fwd_config(
     # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
     # them: 16384 smoothed columns with int64 offsets spilled).
     single_max = 0 if dx is None else 8192 if prob or smooth else 16384
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
+    # More state per column: class weights or target values beside each logit, or smoothing with
+    # the fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled).
+    per_column = prob or need_w or (smooth and dx is not None)
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.

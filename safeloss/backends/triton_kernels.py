@@ -61,6 +61,7 @@ PROB_NEGATIVE = tl.constexpr(4)
 PROB_BAD_SUM = tl.constexpr(5)
 WEIGHT_NEGATIVE = tl.constexpr(6)
 OVERFLOW = tl.constexpr(7)
+N_COUNTS = tl.constexpr(8)  # the slots above: one [BLOCK_P, N_COUNTS] tile counts them all
 
 # do_not_specialize below: scalar arguments that Triton must not specialise on (a launch compiles one variant per value
 # equal to 1 and per divisibility by 16 of every integer argument): these only index programs,
@@ -97,10 +98,17 @@ def _positions(S1, S2, n_pblocks, BLOCK_P: tl.constexpr, I64: tl.constexpr):
 
 @triton.jit
 def _count(flags_ptr, slot, hit):
-    """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero."""
+    """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero. A
+    predicated atomic, not a branch around it: ptxas kept a live register pair on the stack
+    across the branch (4-16 bytes of spill at 48-168 registers; benchmarks/aot_gate.py)."""
     n = tl.sum(hit.to(tl.int32), axis=0)
-    if n > 0:
-        tl.atomic_add(flags_ptr + slot, n, sem="relaxed")
+    tl.atomic_add(flags_ptr + slot, n, mask=n > 0, sem="relaxed")
+
+
+@triton.jit
+def _hit(slots, slot, hit):
+    """``hit`` (a [BLOCK_P] mask) as column ``slot`` of a [BLOCK_P, N_COUNTS] tile of counts."""
+    return (slots[None, :] == slot) & hit[:, None]
 
 
 @triton.jit
@@ -177,7 +185,14 @@ def ce_fwd_kernel(
     i_s = (pflat * n_sample + n_total - 1) // n_total
     sampled = pmask & (i_s < n_sample) & ((i_s * n_total) // n_sample == pflat)
     wys_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    # One block covers the row unless EARLY_OUT: then the loop's one trip is known at compile
+    # time and the loop goes away (ptxas kept a register on the stack across the exit of a
+    # loop of runtime trip count; benchmarks/aot_gate.py).
+    if EARLY_OUT:
+        c_end = C
+    else:
+        c_end = BLOCK_C
+    for c0 in range(0, c_end, BLOCK_C):
         cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
@@ -250,7 +265,6 @@ def ce_fwd_kernel(
             loss += smooth_c * (ksum * logs - acc)
             a += smooth_c * ksum
         loss = tl.where(active, loss, tl.where(bad, float("nan"), 0.0))
-        _count(flags_ptr, BAD_TARGET, bad)
     tl.store(loss_ptr + pflat, loss, mask=pmask)
     tl.store(lse_ptr + pflat, lse, mask=pmask)
 
@@ -284,11 +298,16 @@ def ce_fwd_kernel(
                 dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
                 tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
+    # The findings of the tile's positions, counted in one reduction and one predicated atomic
+    # per slot (a reduction and a branch per finding left ptxas juggling, and spilling, registers).
+    slots = tl.arange(0, N_COUNTS)
     finite = tl.abs(loss) < float("inf")
-    _count(flags_ptr, NONFINITE_ROW, active & (finite == 0))
+    hits = _hit(slots, NONFINITE_ROW, active & (finite == 0))
     # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
     # that does; inf when the output is fp32 or wider).
-    _count(flags_ptr, OVERFLOW, active & finite & (tl.abs(loss) >= out_max))
+    hits = hits | _hit(slots, OVERFLOW, active & finite & (tl.abs(loss) >= out_max))
+    if not PROB:
+        hits = hits | _hit(slots, BAD_TARGET, bad)
     if HAS_WEIGHT:
         if pid == 0:
             # Negative class weights, read every call (C values): found however the weight changed.
@@ -297,14 +316,15 @@ def ce_fwd_kernel(
                 wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
                 _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
     if CHECK_SOFTMAX:
-        _count(
-            flags_ptr, SOFTMAX_LIKE, sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
-        )
+        softmax_like = sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
+        hits = hits | _hit(slots, SOFTMAX_LIKE, softmax_like)
         if pid == 0:
             tl.store(flags_ptr + SOFTMAX_CHECKED, n_checked)  # a plain store: the count is static
     if PROB:
-        _count(flags_ptr, PROB_NEGATIVE, pmask & (ymin < 0))
-        _count(flags_ptr, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
+        hits = hits | _hit(slots, PROB_NEGATIVE, pmask & (ymin < 0))
+        hits = hits | _hit(slots, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
+    n = tl.sum(hits.to(tl.int32), axis=0)
+    tl.atomic_add(flags_ptr + slots, n, mask=n > 0, sem="relaxed")
 
 
 

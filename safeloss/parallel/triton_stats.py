@@ -89,6 +89,6 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
             # be expanded), the last row / column block's padding (compared before any access).
             I64=max((R - 1) * xr.stride(0) + (C - 1) * xr.stride(1), triton.cdiv(R, block_p) * block_p - 1,
                     triton.cdiv(C, block_c) * block_c - 1) > _INT32_MAX,
-            num_warps=4 if block_c <= 1024 else 8,
+            num_warps=4,  # 8 warps at 4096 columns spilled on sm_100 (benchmarks/aot_gate.py)
         )
     return lse, q
