@@ -233,6 +233,7 @@ class _Int64Offsets:
         self.returns: dict[str, frozenset[int]] = {name: frozenset() for name in self.funcs}
         self.violations: set[str] = set()
         self.products = 0
+        self.aranges: dict[str, set[str]] = {}
         for _ in range(10):  # helpers' results: iterate to a fixed point
             before = dict(self.returns)
             self.violations, self.products = set(), 0
@@ -297,7 +298,8 @@ class _Int64Offsets:
             if isinstance(sub.op, ast.Add) and fname.endswith("_kernel") and isinstance(sub.left, ast.Name) \
                     and sub.left.id.endswith("_ptr"):
                 off = sub.right
-                const = isinstance(off, ast.Constant) or (isinstance(off, ast.Name) and off.id.isupper())
+                const = isinstance(off, ast.Constant) or (isinstance(off, ast.Name) and (
+                    off.id.isupper() or off.id in self.aranges.get(fname, set())))
                 if not const and not self._expr(off, state):
                     self.violations.add(f"{fname}:{sub.lineno}: {ast.unparse(sub)}")
 
@@ -349,6 +351,15 @@ class _Int64Offsets:
         return state
 
     def _function(self, name: str) -> None:
+        # Names only ever bound to tl.arange(0, N): indices below a compile-time constant.
+        binds: dict[str, list[ast.AST]] = {}
+        for node in ast.walk(self.funcs[name]):
+            if isinstance(node, ast.Assign):
+                for tgt in node.targets:
+                    if isinstance(tgt, ast.Name):
+                        binds.setdefault(tgt.id, []).append(node.value)
+        self.aranges[name] = {n for n, vs in binds.items() if all(
+            isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr == "arange" for v in vs)}
         rets: list[frozenset[int]] = []
         self._block(name, self.funcs[name].body, set(), rets)
         self.returns[name] = frozenset.intersection(*rets) if rets else frozenset()
