@@ -40,6 +40,13 @@ FORCE_NUM_STAGES: int | None = None
 
 _TILE = 4096  # widest column block when streaming a long row
 _MAX_POS_BLOCK = 128  # positions per program for NCHW-style inputs (coalesced along the pixels)
+# Elements of a tile that holds several positions (rows narrower than a block, NCHW). A thread
+# then holds one element of several positions, and the running statistics (forward: max, sum,
+# smoothing / target sums, softmax and target checks) or addresses and factors (backward) of
+# each: at 4 warps, 4 elements per thread keep every variant, int64 offsets included, within
+# 128 registers (>= 25% theoretical occupancy on an H100; benchmarks/results/aot-gate/).
+# 1024-element tiles took up to 220 registers (forward) and 128 (backward).
+_MULTI_TILE = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,24 +167,51 @@ def _non_overlapping_and_dense(t: Tensor) -> bool:
     return True
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _i64(*tensors: Tensor | None) -> bool:
+    """Whether the kernels need int64 offsets: some element of ``tensors`` lies more than
+    int32 elements past its tensor's start (sizes and strides, so views of bigger storages count)."""
+    for t in tensors:
+        if t is not None:
+            ext = 0
+            for n, st in zip(t.shape, t.stride()):
+                ext += (n - 1) * st
+            if ext > _INT32_MAX:
+                return True
+    return False
+
+
+def _index_past_int32(n: int, C: int) -> bool:
+    """Whether a flat position (0..n-1: the per-position buffers) or a class index passes int32,
+    whatever the strides (expanded logits). Tiles are powers of two, which divide 2^31: the
+    padding lanes of the last block then stay within int32 too."""
+    return max(n, C) - 1 > _INT32_MAX
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
 def _tiles(
-    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd"
+    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd",
+    per_column: bool = False,
 ) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd".
+    """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd";
+    ``per_column``: the forward keeps more state per column (weights, targets: see _fwd_config).
 
-    Sizes were chosen from ptxas register/spill reports for sm_90 (bf16, all constexpr variants):
-      * class-contiguous rows (LM heads, channels-last): [1, 4096] at 8 warps streams a row with
-        56-88 registers and no spills. Rows shorter than 1024 are packed several per program
-        (1024-element tiles: bigger multi-row tiles cost 130-190 registers per thread).
-      * pixel-contiguous NCHW: [128 pixels, 16 classes] at 4 warps (about 55 registers): every warp
-        load is coalesced along the pixels, the class loop is strided.
+    Sizes are checked by the ahead-of-time compile gate (benchmarks/aot_gate.py: every
+    configuration compiled for sm_80 / sm_90 / sm_100, registers and spills from ptxas):
+      * class-contiguous rows (LM heads, channels-last): [1, 4096] streams a row with no spills.
+        Rows shorter than a block are packed several per program, _MULTI_TILE elements in all:
+        each thread then holds one element of several positions, and so several positions'
+        running statistics (1024-element forward tiles took 150-220 registers).
+      * pixel-contiguous NCHW: [32 pixels, 16 classes] at 4 warps: every warp load is coalesced
+        along the pixels (64 bytes or more per class), the class loop is strided.
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
-        the row stays in registers between the loss and the gradient (read once). 32768 columns
-        need 32 warps (64 registers, a few bytes of spill).
+        the row stays in registers between the loss and the gradient (read once). NCHW rows of
+        up to 32 classes only (16 pixels x 32 classes; wider rows are streamed twice).
     Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-1-before-fixes/tune.txt,
     N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
     [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%; 99% once the softmax check stopped
@@ -189,14 +223,13 @@ def _tiles(
     c2 = _next_pow2(C)
     single = c2 <= single_max
     if xsc != 1 and xs2 == 1 and S2 > 1:
-        bp = min(_MAX_POS_BLOCK, _next_pow2(S2))
-        bc = min(c2, 16)
-        if single and c2 <= 64:
-            bc = c2
-            bp = min(bp, max(16, 2048 // c2))
+        bc = c2 if single and c2 <= 32 else min(c2, 16)
+        bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, _MULTI_TILE // bc))
     else:
         bc = c2 if single else min(c2, _TILE if kind == "fwd" else 2 * _TILE)
-        bp = 1 if bc >= 1024 else min(_next_pow2(S2), 1024 // bc)
+        if per_column and not single:
+            bc = min(bc, _TILE // 2)
+        bp = max(1, min(_next_pow2(S2), _MULTI_TILE // bc))
     if FORCE_BLOCK_C is not None:
         bc = FORCE_BLOCK_C
     if FORCE_BLOCK_P is not None:
@@ -205,6 +238,11 @@ def _tiles(
     num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16 if tile <= 16384 else 32
     if not single and bp == 1 and bc >= 4096:
         num_warps = 4 if kind == "fwd" else 16
+    if per_column:
+        # At most 8 elements a thread (16 from 8192 columns): [1, 4096] tiles at 4 warps, 32 of
+        # each per-column array a thread, took 168-255 registers and spilled; streamed rows go in
+        # 2048-column blocks at 8 warps.
+        num_warps = min(16, max(4, tile // 256))
     if FORCE_NUM_WARPS is not None:
         num_warps = FORCE_NUM_WARPS
     return bp, bc, num_warps
@@ -298,11 +336,19 @@ def _fwd_config(
     ds = rest[0] if dx is not None else [0, 0, 0, 0]
     smooth = (not prob) and eps > 0.0
     need_w = has_weight and (prob or smooth)
-    # Fused mode keeps the row (and w*y' for prob targets) in registers up to this many classes.
-    single_max = 0 if dx is None else 8192 if prob else 16384 if need_w else 32768
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
+    # Fused mode keeps the row (and w*y' for prob targets) in registers up to this many classes:
+    # 32 values per thread at 16 warps (a 32-warp block has 64 registers per thread: 32768
+    # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
+    # them: 16384 smoothed columns with int64 offsets spilled).
+    single_max = 0 if dx is None else 8192 if prob or smooth else 16384
+    # More state per column: class weights or target values beside each logit, or smoothing with
+    # the fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled).
+    per_column = prob or need_w or (smooth and dx is not None)
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
+    # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
+    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _index_past_int32(n, C) or _i64(x, target, dx)
     args = (
         sizes[1], sizes[2], C, n_pblocks, n, _flags.SOFTMAX_SAMPLE, min(n, _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,
@@ -314,7 +360,7 @@ def _fwd_config(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
-        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C,
+        BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C, I64=i64,
         **_launch_opts(num_warps),
     )  # fmt: skip
     return (grid,), args, kwargs
@@ -377,6 +423,8 @@ def _bwd_config(
     kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
+        # int64 offsets when an index of a tensor read or written can pass int32.
+        I64=_index_past_int32(math.prod(_pos_shape(x)), C) or _i64(x, target, g, dx, dy),
         BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps),
     )  # fmt: skip
     return (grid,), args, kwargs
@@ -407,7 +455,9 @@ def _scale_config(
     bp, bc, num_warps = _tiles(sizes, C, ds, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     args = (sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index)
-    return (grid,), args, dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps))
+    i64 = _index_past_int32(math.prod(_pos_shape(dx)), C) or _i64(dx, target, g)
+    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=i64, **_launch_opts(num_warps))
+    return (grid,), args, kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,7 +766,8 @@ def row_losses(
     ``inplace_backward``: the backward writes the gradient into the logits' storage and returns
     it (saves one logits-sized allocation; the logits are destroyed, so only for logits nothing
     else needs; other autograd users of them then fail loudly on the version counter).
-    ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 32768);
+    ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 16384,
+    8192 with probability targets or label smoothing);
     the backward only rescales rows whose upstream gradient is not exactly 1. Pays for
     ``reduction="sum"``-style upstream gradients of 1; with a mean (upstream 1/n) the rescale
     costs a read and a write, more than the plain path. The gradient buffer is held from forward

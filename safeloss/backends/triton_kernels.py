@@ -14,8 +14,11 @@ BLOCK_C-wide column blocks, so a tile is [BLOCK_P, BLOCK_C]:
     packed several per program); loads are contiguous along the classes.
   * NCHW segmentation (class stride H*W, position stride 1): BLOCK_P = 128 consecutive pixels x 16
     classes per step; loads are contiguous along the pixels (coalesced), the class loop is strided.
-(Tile sizes live in ``triton_backend._tiles``, chosen from ptxas register reports.)
-Every offset is int64 (N*C > 2^31 elements is normal for LM heads).
+(Tile sizes live in ``triton_backend._tiles``, chosen from ptxas register reports: see
+benchmarks/aot_gate.py and benchmarks/results/aot-gate/.)
+Offsets are int64 only when a tensor's offsets can pass int32 (``I64``, chosen by the launcher from
+shapes and strides: N*C > 2^31 elements is normal for LM heads); otherwise int32, which halves
+the registers that each position's addresses take (several positions per thread in multi-row tiles).
 
 Math (per position, x = logits in fp32, w = class weights or 1, eps = label smoothing)
 -----------------------------------------------------------------------------------------
@@ -58,29 +61,54 @@ PROB_NEGATIVE = tl.constexpr(4)
 PROB_BAD_SUM = tl.constexpr(5)
 WEIGHT_NEGATIVE = tl.constexpr(6)
 OVERFLOW = tl.constexpr(7)
+N_COUNTS = tl.constexpr(8)  # the slots above: one [BLOCK_P, N_COUNTS] tile counts them all
+
+# do_not_specialize below: scalar arguments that Triton must not specialise on (a launch compiles one variant per value
+# equal to 1 and per divisibility by 16 of every integer argument): these only index programs,
+# the softmax check's sample and the per-position upstream gradient, where a constant buys nothing,
+# and every new batch size would otherwise compile (and ship, in benchmarks/aot_gate.py's table)
+# another variant. Strides, C and S2 stay specialised: class stride 1 and aligned rows are what
+# vectorises the loads.
 
 
 @triton.jit
-def _positions(S1, S2, n_pblocks, BLOCK_P: tl.constexpr):
-    """Program id -> (i0, i1) scalars, a block of i2 positions, its mask and flat position ids."""
+def _offset(v, I64: tl.constexpr):
+    """``v`` in the offset type: int64 when a tensor's offsets can pass int32, else int32."""
+    if I64:
+        return v.to(tl.int64)
+    else:
+        return v.to(tl.int32)
+
+
+@triton.jit
+def _positions(S1, S2, n_pblocks, BLOCK_P: tl.constexpr, I64: tl.constexpr):
+    """Program id -> (i0, i1) scalars, a block of i2 positions, its mask and flat position ids
+    (in the offset type)."""
     pid = tl.program_id(0)
     o = pid // n_pblocks  # which (i0, i1) pair
     b = pid - o * n_pblocks  # which block of i2
-    o64 = o.to(tl.int64)
-    i0 = o64 // S1
-    i1 = o64 - i0 * S1
-    i2 = b.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = _offset(o, I64)
+    i0 = o // S1
+    i1 = o - i0 * S1
+    i2 = _offset(b, I64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = i2 < S2
-    pflat = o64 * S2 + i2  # index into the contiguous (S0*S1*S2,) loss / lse buffers
+    pflat = o * S2 + i2  # index into the contiguous (S0*S1*S2,) loss / lse buffers
     return pid, i0, i1, i2, pmask, pflat
 
 
 @triton.jit
 def _count(flags_ptr, slot, hit):
-    """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero."""
+    """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero. A
+    predicated atomic, not a branch around it: ptxas kept a live register pair on the stack
+    across the branch (4-16 bytes of spill at 48-168 registers; benchmarks/aot_gate.py)."""
     n = tl.sum(hit.to(tl.int32), axis=0)
-    if n > 0:
-        tl.atomic_add(flags_ptr + slot, n, sem="relaxed")
+    tl.atomic_add(flags_ptr + slot, n, mask=n > 0, sem="relaxed")
+
+
+@triton.jit
+def _hit(slots, slot, hit):
+    """``hit`` (a [BLOCK_P] mask) as column ``slot`` of a [BLOCK_P, N_COUNTS] tile of counts."""
+    return (slots[None, :] == slot) & hit[:, None]
 
 
 @triton.jit
@@ -95,14 +123,15 @@ def _class_weights(w_ptr, cols, cmask, NEED_W: tl.constexpr):
 
 
 @triton.jit
-def _index_target(t_ptr, trow, pmask, ignore_index, C):
-    """Load index targets (any int dtype) and classify them; never used as an address unless valid."""
+def _index_target(t_ptr, trow, pmask, ignore_index, C, I64: tl.constexpr):
+    """Load index targets (any int dtype) and classify them (in int64: any label value is
+    judged); the label comes back in the offset type, and is never an address unless valid."""
     y = tl.load(t_ptr + trow, mask=pmask, other=0).to(tl.int64)
     ignored = y == ignore_index
     in_range = (y >= 0) & (y < C)
     use = in_range & (ignored == 0) & pmask
     bad = (in_range == 0) & (ignored == 0) & pmask
-    y_safe = tl.where(use, y, 0)
+    y_safe = _offset(tl.where(use, y, 0), I64)
     return y_safe, use, bad
 
 
@@ -120,7 +149,7 @@ def _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB: tl.constexpr,
     return d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S1", "n_pblocks", "n_total", "n_sample", "n_checked", "ignore_index"])
 def ce_fwd_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, wy_ptr, dx_ptr, flags_ptr,
     S1, S2, C, n_pblocks, n_total, n_sample, n_checked,
@@ -131,8 +160,9 @@ def ce_fwd_kernel(
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, NEED_W: tl.constexpr,
     CHECK_SOFTMAX: tl.constexpr, FUSED: tl.constexpr, Y_ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, EARLY_OUT: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
-    pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P, I64)
     xrow = i0 * xs0 + i1 * xs1 + i2 * xs2
     trow = i0 * ts0 + i1 * ts1 + i2 * ts2
     smooth_c = eps / C
@@ -150,16 +180,23 @@ def ce_fwd_kernel(
     ysum = tl.zeros((BLOCK_P,), Y_ACC)  # prob check: sum of raw target entries
     x_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # the row, when it fits one block
     # The softmax check's sample, the same positions as every backend's (safeloss._flags):
-    # position p is sampled iff i * n_total // n_sample == p for i = ceil(p * n_sample / n_total).
+    # position p is sampled iff i * n_total // n_sample == p for i = ceil(p * n_sample / n_total)
+    # (the launcher picks I64 when n_total * (n_sample + 1) passes int32).
     i_s = (pflat * n_sample + n_total - 1) // n_total
     sampled = pmask & (i_s < n_sample) & ((i_s * n_total) // n_sample == pflat)
     wys_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+    # One block covers the row unless EARLY_OUT: then the loop's one trip is known at compile
+    # time and the loop goes away (ptxas kept a register on the stack across the exit of a
+    # loop of runtime trip count; benchmarks/aot_gate.py).
+    if EARLY_OUT:
+        c_end = C
+    else:
+        c_end = BLOCK_C
+    for c0 in range(0, c_end, BLOCK_C):
+        cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
-        cols64 = cols.to(tl.int64)
-        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=float("-inf"))
+        x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=float("-inf"))
         x = x.to(tl.float32)  # native dtype in memory, fp32 in registers
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # A row that is -inf so far keeps reference 0 so that (-inf) - (-inf) never makes a NaN.
@@ -169,7 +206,7 @@ def ce_fwd_kernel(
         if PROB or SMOOTH:
             w = _class_weights(w_ptr, cols, cmask, NEED_W)
             if PROB:
-                yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
                 ys = tl.where(mask, yraw.to(tl.float32) * keep + smooth_c, 0.0)
                 k = w * ys
                 ya = yraw.to(Y_ACC)
@@ -211,11 +248,11 @@ def ce_fwd_kernel(
         loss = ksum * logs - acc
         active = pmask
         a = ksum
-        y = tl.zeros((BLOCK_P,), tl.int64)
+        y = _offset(tl.zeros((BLOCK_P,), tl.int32), I64)
         wy_hot = zero
         tl.store(wy_ptr + pflat, ksum, mask=pmask)
     else:
-        y, active, bad = _index_target(t_ptr, trow, pmask, ignore_index, C)
+        y, active, bad = _index_target(t_ptr, trow, pmask, ignore_index, C, I64)
         x_y = tl.load(x_ptr + (xrow + y * xsc), mask=active, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             w_y = tl.load(w_ptr + y, mask=active, other=0.0).to(tl.float32)
@@ -228,34 +265,13 @@ def ce_fwd_kernel(
             loss += smooth_c * (ksum * logs - acc)
             a += smooth_c * ksum
         loss = tl.where(active, loss, tl.where(bad, float("nan"), 0.0))
-        _count(flags_ptr, BAD_TARGET, bad)
     tl.store(loss_ptr + pflat, loss, mask=pmask)
     tl.store(lse_ptr + pflat, lse, mask=pmask)
 
-    finite = tl.abs(loss) < float("inf")
-    _count(flags_ptr, NONFINITE_ROW, active & (finite == 0))
-    # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
-    # that does; inf when the output is fp32 or wider).
-    _count(flags_ptr, OVERFLOW, active & finite & (tl.abs(loss) >= out_max))
-    if HAS_WEIGHT:
-        if pid == 0:
-            # Negative class weights, read every call (C values): found however the weight changed.
-            for c0 in range(0, C, BLOCK_C):
-                wcols = c0 + tl.arange(0, BLOCK_C)
-                wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
-                _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
-    if CHECK_SOFTMAX:
-        _count(
-            flags_ptr, SOFTMAX_LIKE, sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
-        )
-        if pid == 0:
-            tl.store(flags_ptr + SOFTMAX_CHECKED, n_checked)  # a plain store: the count is static
-    if PROB:
-        _count(flags_ptr, PROB_NEGATIVE, pmask & (ymin < 0))
-        _count(flags_ptr, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
-
     if FUSED:
         # Unscaled gradient of this position's loss; ce_scale_kernel applies the upstream gradient.
+        # Before the findings below: the row's tile (SINGLE) and addresses die here instead of
+        # living through the counters' branches (ptxas spilled an address across them).
         drow = i0 * ds0 + i1 * ds1 + i2 * ds2
         if SINGLE:
             cols = tl.arange(0, BLOCK_C)
@@ -264,27 +280,55 @@ def ce_fwd_kernel(
             w = _class_weights(w_ptr, cols, cmask, NEED_W)
             d = _grad_tile(x_keep, lse, a, cols, y, wy_hot, smooth_c, w, wys_keep, PROB, SMOOTH)
             d = tl.where(active[:, None], d, 0.0)
-            dptr = dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * dsc)
+            dptr = dx_ptr + (drow[:, None] + _offset(cols, I64)[None, :] * dsc)
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
+                cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
                 cmask = cols < C
                 mask = pmask[:, None] & cmask[None, :]
-                cols64 = cols.to(tl.int64)
-                x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0)
+                x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=0.0)
                 w = _class_weights(w_ptr, cols, cmask, NEED_W)
                 wys = w
                 if PROB:
-                    yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                    yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
                     wys = w * (yraw.to(tl.float32) * keep + smooth_c)
                 d = _grad_tile(x.to(tl.float32), lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB, SMOOTH)
                 d = tl.where(active[:, None], d, 0.0)
-                dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+                dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
                 tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
+    # The findings of the tile's positions, counted in one reduction and one predicated atomic
+    # per slot (a reduction and a branch per finding left ptxas juggling, and spilling, registers).
+    slots = tl.arange(0, N_COUNTS)
+    finite = tl.abs(loss) < float("inf")
+    hits = _hit(slots, NONFINITE_ROW, active & (finite == 0))
+    # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
+    # that does; inf when the output is fp32 or wider).
+    hits = hits | _hit(slots, OVERFLOW, active & finite & (tl.abs(loss) >= out_max))
+    if not PROB:
+        hits = hits | _hit(slots, BAD_TARGET, bad)
+    if HAS_WEIGHT:
+        if pid == 0:
+            # Negative class weights, read every call (C values): found however the weight changed.
+            for c0 in range(0, C, BLOCK_C):
+                wcols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
+                wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
+                _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
+    if CHECK_SOFTMAX:
+        softmax_like = sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
+        hits = hits | _hit(slots, SOFTMAX_LIKE, softmax_like)
+        if pid == 0:
+            tl.store(flags_ptr + SOFTMAX_CHECKED, n_checked)  # a plain store: the count is static
+    if PROB:
+        hits = hits | _hit(slots, PROB_NEGATIVE, pmask & (ymin < 0))
+        hits = hits | _hit(slots, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
+    n = tl.sum(hits.to(tl.int32), axis=0)
+    tl.atomic_add(flags_ptr + slots, n, mask=n > 0, sem="relaxed")
 
-@triton.jit
+
+
+@triton.jit(do_not_specialize=["S1", "n_pblocks", "ignore_index", "gs0", "gs1", "gs2"])
 def ce_bwd_kernel(
     x_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, wy_ptr, g_ptr, dx_ptr, dy_ptr,
     S1, S2, C, n_pblocks,
@@ -296,14 +340,14 @@ def ce_bwd_kernel(
     ignore_index, eps,
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, NEED_W: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DY: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Recompute softmax from the saved lse and write g * d loss / d x (and / d y) in one pass.
 
     dx may alias x (inplace_backward): each element is read before it is written by the same
     program, and no program reads another program's rows.
     """
-    _pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    _pid, i0, i1, i2, pmask, pflat = _positions(S1, S2, n_pblocks, BLOCK_P, I64)
     xrow = i0 * xs0 + i1 * xs1 + i2 * xs2
     trow = i0 * ts0 + i1 * ts1 + i2 * ts2
     drow = i0 * ds0 + i1 * ds1 + i2 * ds2
@@ -315,10 +359,10 @@ def ce_bwd_kernel(
     if PROB:
         a = tl.load(wy_ptr + pflat, mask=pmask, other=0.0)
         active = pmask
-        y = tl.zeros((BLOCK_P,), tl.int64)
+        y = _offset(tl.zeros((BLOCK_P,), tl.int32), I64)
         wy_hot = a
     else:
-        y, active, _bad = _index_target(t_ptr, trow, pmask, ignore_index, C)
+        y, active, _bad = _index_target(t_ptr, trow, pmask, ignore_index, C, I64)
         if HAS_WEIGHT:
             w_y = tl.load(w_ptr + y, mask=active, other=0.0).to(tl.float32)
         else:
@@ -332,29 +376,28 @@ def ce_bwd_kernel(
                 wsum = C * 1.0
             a += smooth_c * wsum
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
-        cols64 = cols.to(tl.int64)
-        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=0.0).to(tl.float32)
         w = _class_weights(w_ptr, cols, cmask, NEED_W)
         wys = w
         if PROB:
-            yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+            yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
             wys = w * (yraw.to(tl.float32) * keep + smooth_c)
         if COMPUTE_DX:
             d = _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB, SMOOTH)
             # where(), not a multiply: ignored / bad rows get exactly 0 even for a NaN upstream g.
             d = tl.where(active[:, None], g[:, None] * d, 0.0)
-            dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+            dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DY:
             dy = (g * keep)[:, None] * w * (lse[:, None] - x)
-            eptr = dy_ptr + (erow[:, None] + cols64[None, :] * esc)
+            eptr = dy_ptr + (erow[:, None] + cols[None, :] * esc)
             tl.store(eptr, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S1", "n_pblocks", "ignore_index", "gs0", "gs1", "gs2"])
 def ce_scale_kernel(
     dx_ptr, t_ptr, g_ptr,
     S1, S2, C, n_pblocks,
@@ -362,24 +405,24 @@ def ce_scale_kernel(
     ts0, ts1, ts2,
     gs0, gs1, gs2,
     ignore_index,
-    PROB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Fused mode's backward: dx *= g per position, in place. Rows whose factor is exactly 1
     (sum reduction, or a loss that is not rescaled) and ignored rows (already 0) are skipped
     on the device, so g == 1 costs no traffic and never a host sync."""
-    _pid, i0, i1, i2, pmask, _pflat = _positions(S1, S2, n_pblocks, BLOCK_P)
+    _pid, i0, i1, i2, pmask, _pflat = _positions(S1, S2, n_pblocks, BLOCK_P, I64)
     g = tl.load(g_ptr + (i0 * gs0 + i1 * gs1 + i2 * gs2), mask=pmask, other=1.0).to(tl.float32)
     if PROB:
         active = pmask
     else:
-        _y, active, _bad = _index_target(t_ptr, i0 * ts0 + i1 * ts1 + i2 * ts2, pmask, ignore_index, C)
+        _y, active, _bad = _index_target(t_ptr, i0 * ts0 + i1 * ts1 + i2 * ts2, pmask, ignore_index, C, I64)
     f = tl.where(active, g, 1.0)
     n = tl.sum((f != 1.0).to(tl.int32), axis=0)
     if n > 0:
         drow = i0 * ds0 + i1 * ds1 + i2 * ds2
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
+            cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
             mask = pmask[:, None] & (cols < C)[None, :]
-            dptr = dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * dsc)
+            dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
             d = tl.load(dptr, mask=mask, other=0.0).to(tl.float32) * f[:, None]
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -51,7 +51,7 @@ def cross_entropy(
         fused_grad: Triton backend only: compute the gradient in the same pass as the loss
             (read the logits once, write the gradient once) and scale it by the upstream
             gradient in backward, skipping rows whose upstream gradient is exactly 1 without a
-            host sync. Pays off for ``reduction="sum"`` and rows up to 32K classes; it holds a
+            host sync. Pays off for ``reduction="sum"`` and rows up to 16K classes; it holds a
             logits-sized gradient buffer from forward to backward.
         softcap: logits z become ``softcap * tanh(z / softcap)`` before everything else (Gemma 2's
             ``final_logit_softcapping``); ``None``: no cap.

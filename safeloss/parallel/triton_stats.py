@@ -26,16 +26,22 @@ from torch import Tensor
 from ..backends import triton_backend
 
 LOG2E = tl.constexpr(1.4426950408889634)
+_INT32_MAX = 2**31 - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # the row count only bounds the programs: one variant for all
 def shard_stats_kernel(
     x_ptr, w_ptr, lse_ptr, q_ptr, R, C, xs_r, xs_c,
     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     # Tiles of [BLOCK_P rows, BLOCK_C classes], the layout of the main kernel's LM rows (rows
-    # narrower than a block are packed several per program).
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # narrower than a block are packed several per program). Offsets are int64 only when an
+    # index can pass int32, padding lanes included (I64, from the launcher).
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = rows < R
     xrow = rows * xs_r
     m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
@@ -43,10 +49,13 @@ def shard_stats_kernel(
     acc = tl.zeros((BLOCK_P,), tl.float32)
     ksum = tl.zeros((BLOCK_P,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        if I64:  # the column index too: cols * xs_c, and no wrap of the last block's padding
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        else:
+            cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + (xrow[:, None] + cols.to(tl.int64)[None, :] * xs_c), mask=mask,
+        x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xs_c), mask=mask,
                     other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # never (-inf) - (-inf)
@@ -81,7 +90,11 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
         shard_stats_kernel[(triton.cdiv(R, block_p),)](
             xr, xr if w is None else w, lse, lse if q is None else q, R, C, xr.stride(0),
             xr.stride(1), HAS_W=w is not None, SMOOTH=smooth, BLOCK_P=block_p, BLOCK_C=block_c,
-            num_warps=4 if block_c <= 1024 else 8,
+            # int64 when an index can pass int32: the slice's offsets, the (R,) outputs' (rows may
+            # be expanded), the last row / column block's padding (compared before any access).
+            I64=max((R - 1) * xr.stride(0) + (C - 1) * xr.stride(1), triton.cdiv(R, block_p) * block_p - 1,
+                    triton.cdiv(C, block_c) * block_c - 1) > _INT32_MAX,
+            num_warps=4,  # 8 warps at 4096 columns spilled on sm_100 (benchmarks/aot_gate.py)
         )
     return lse, q
 
