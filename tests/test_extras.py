@@ -886,6 +886,71 @@ def test_compile_fullgraph(case: str) -> None:
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+@needs_triton
+def test_triton_compile_fullgraph(launches: dict[str, int]) -> None:
+    """torch.compile sees the kernels' custom ops (no graph break); same values, gradients and
+    statistics as the eager kernel path, and a bad label is still reported by the graph."""
+    torch._dynamo.reset()
+    x, t, kw = make("index-weight-smooth", torch.float32, 9)
+    x, t, w = x.to(DEV), t.to(DEV), kw["weight"].to(DEV)
+    ex = OPTIONS["all"]
+
+    def step(x: torch.Tensor, t: torch.Tensor) -> Any:
+        return safeloss.cross_entropy(x, t, w, label_smoothing=0.1, backend="triton", **ex)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (got, gs), (want, ws) = compiled(xc, t), step(xe, t)
+    for a, b in zip(gs, ws):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got, want)
+    (got * 1.3).backward()
+    (want * 1.3).backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    assert launches["fwd"] == 2 and launches["bwd"] == 2  # the custom ops run the same launchers
+    if DEV.type == "cpu":
+        bad = t.clone()
+        bad[0] = 8
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"8 at \[0\]"):
+            compiled(x, bad)
+
+
+@needs_triton
+def test_triton_settings_the_kernels_cannot_take() -> None:
+    """Double backward differentiates the formulas (as torch ops), torch.func runs torch ops under
+    backend="auto" and refuses backend="triton" (as the plain op), fake tensors take the custom
+    op's fake implementation, make_fx records the custom ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.func import grad
+
+    x, t, _ = make("index-ignore", torch.float32, 6)
+    x, t = x.to(DEV), t.to(DEV)
+    ex = dict(softcap=3.0, temperature=0.8, z_loss=0.1)
+    for prob in (False, True):
+        tt = x.softmax(1).detach() if prob else t
+        xa = x.clone().requires_grad_()
+        xb = x.detach().cpu().double().requires_grad_()
+        (ga,) = torch.autograd.grad(safeloss.cross_entropy(xa, tt, label_smoothing=0.1, backend="triton", **ex),
+                                    xa, create_graph=True)
+        (gb,) = torch.autograd.grad(reference(xb, tt.cpu() if prob else t.cpu(), eps=0.1, **ex)[0], xb,
+                                    create_graph=True)
+        close(ga.cpu(), gb, torch.float32, "first derivative")
+        close(torch.autograd.grad(ga.square().sum(), xa)[0].cpu(),
+              torch.autograd.grad(gb.square().sum(), xb)[0], torch.float32, "double backward")
+    with pytest.raises(safeloss.BackendError, match="cannot run inside torch.func"):
+        grad(lambda v: safeloss.cross_entropy(v, t, backend="triton", **ex))(x)
+    gx = grad(lambda v: safeloss.cross_entropy(v, t, **ex))(x)  # auto: torch ops there
+    xr = x.detach().cpu().double().requires_grad_()
+    close(gx.cpu(), torch.autograd.grad(reference(xr, t.cpu(), **ex)[0], xr)[0], torch.float32, "torch.func")
+    with FakeTensorMode():
+        out, st = safeloss.cross_entropy(torch.empty(4, C, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV),
+                                         backend="triton", reduction="none", return_stats=True, **ex)
+    assert out.shape == (4,) and st.entropy.shape == (4,) and st.accuracy.shape == ()
+    gm = make_fx(lambda a, b: safeloss.cross_entropy(a, b, backend="triton", **ex))(x, t)
+    assert "triton_cex_fwd" in gm.code
+
+
 def test_compile_fullgraph_reports_a_bad_label_and_linear_compiles() -> None:
     torch._dynamo.reset()
     x, t, _ = make("index-ignore", torch.float32)
