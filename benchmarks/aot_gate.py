@@ -276,7 +276,9 @@ FULL_SHAPES: list[tuple[str, tuple[int, ...], str]] = [
     ("seg-cl-B8-C21-512x512", (8, 21, 512, 512), "cl"),
     ("vol-B2-C4-64x128x128", (2, 4, 64, 128, 128), "nchw"),
     ("seq-B16-C100-T1000", (16, 100, 1000), "nchw"),
-    # Narrow rows past int32 offsets (I64 variants of the multi-position tiles).
+    # Past int32 offsets (I64 variants): rows of each width above (2^32 logits), narrow rows of
+    # the multi-position tiles.
+    *[(f"cols-N{2**32 // c}-C{c}", (2**32 // c, c), "rows") for c in (1024, 4096, 8192, 16384, 32768)],
     ("seg-B16-C19-2048x4096", (16, 19, 2048, 4096), "nchw"),
     ("cls-N268435456-C10", (268435456, 10), "rows"),
     ("cls-N4194304-C1000", (4194304, 1000), "rows"),

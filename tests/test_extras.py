@@ -921,8 +921,8 @@ def test_triton_settings_the_kernels_cannot_take() -> None:
     backend="auto" and refuses backend="triton" (as the plain op), fake tensors take the custom
     op's fake implementation, make_fx records the custom ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import grad
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     x, t, _ = make("index-ignore", torch.float32, 6)
     x, t = x.to(DEV), t.to(DEV)
@@ -938,7 +938,7 @@ def test_triton_settings_the_kernels_cannot_take() -> None:
         close(ga.cpu(), gb, torch.float32, "first derivative")
         close(torch.autograd.grad(ga.square().sum(), xa)[0].cpu(),
               torch.autograd.grad(gb.square().sum(), xb)[0], torch.float32, "double backward")
-    with pytest.raises(safeloss.BackendError, match="cannot run inside torch.func"):
+    with pytest.raises(safeloss.BackendError, match=r"cannot run inside torch\.func"):
         grad(lambda v: safeloss.cross_entropy(v, t, backend="triton", **ex))(x)
     gx = grad(lambda v: safeloss.cross_entropy(v, t, **ex))(x)  # auto: torch ops there
     xr = x.detach().cpu().double().requires_grad_()

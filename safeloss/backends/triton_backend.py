@@ -182,6 +182,12 @@ def _i64(*tensors: Tensor | None) -> bool:
     return False
 
 
+def _padding_past_int32(n_pblocks: int, bp: int, C: int, bc: int) -> bool:
+    """Whether the last position block's or column block's padding lanes have indices past int32:
+    the kernels compare them with the bounds before any access, so they must not wrap either."""
+    return max(n_pblocks * bp, _cdiv(C, bc) * bc) - 1 > _INT32_MAX
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
@@ -339,13 +345,15 @@ def _fwd_config(
     need_w = has_weight and (prob or smooth)
     # Fused mode keeps the row (and w*y' for prob targets) in registers up to this many classes:
     # 32 values per thread at 16 warps (a 32-warp block has 64 registers per thread: 32768
-    # columns spilled); 16 with the class weights (and w*y') beside them.
-    single_max = 0 if dx is None else 8192 if prob or need_w else 16384
+    # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
+    # them: 16384 smoothed columns with int64 offsets spilled).
+    single_max = 0 if dx is None else 8192 if prob or smooth else 16384
     bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
-    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _i64(x, target, dx)
+    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _i64(x, target, dx) \
+        or _padding_past_int32(n_pblocks, bp, C, bc)
     args = (
         sizes[1], sizes[2], C, n_pblocks, n, _flags.SOFTMAX_SAMPLE, min(n, _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,
@@ -426,7 +434,8 @@ def _bwd_config(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
         # int64 offsets when a tensor read or written can pass int32, the per-position lse / wy too.
-        I64=math.prod(_pos_shape(x)) > _INT32_MAX or _i64(x, target, g, dx, dy, gz),
+        I64=math.prod(_pos_shape(x)) - 1 > _INT32_MAX or _i64(x, target, g, dx, dy, gz)
+        or _padding_past_int32(n_pblocks, bp, C, bc),
         BLOCK_P=bp, BLOCK_C=bc, XFORM=ex[0], ZLOSS=gz is not None and ex[5] > 0.0,
         **_launch_opts(num_warps),
     )  # fmt: skip
@@ -458,7 +467,8 @@ def _scale_config(
     bp, bc, num_warps = _tiles(sizes, C, ds, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     args = (sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index)
-    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=_i64(dx, target, g), **_launch_opts(num_warps))
+    i64 = _i64(dx, target, g) or _padding_past_int32(n_pblocks, bp, C, bc)
+    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=i64, **_launch_opts(num_warps))
     return (grid,), args, kwargs
 
 
@@ -771,7 +781,7 @@ def row_losses(
     it (saves one logits-sized allocation; the logits are destroyed, so only for logits nothing
     else needs; other autograd users of them then fail loudly on the version counter).
     ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 16384,
-    8192 with probability targets or smoothing with class weights);
+    8192 with probability targets or label smoothing);
     the backward only rescales rows whose upstream gradient is not exactly 1. Pays for
     ``reduction="sum"``-style upstream gradients of 1; with a mean (upstream 1/n) the rescale
     costs a read and a write, more than the plain path. The gradient buffer is held from forward

@@ -226,11 +226,10 @@ def ce_fwd_kernel(
             aidx = tl.zeros((BLOCK_P,), tl.int32)
             anan = tl.zeros((BLOCK_P,), tl.int1)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
-        cols64 = _offset(cols, I64)
-        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=float("-inf"))
+        x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=float("-inf"))
         x = x.to(tl.float32)  # native dtype in memory, fp32 in registers
         if STATS:
             if not PROB:
@@ -271,7 +270,7 @@ def ce_fwd_kernel(
         if PROB or SMOOTH:
             w = _class_weights(w_ptr, cols, cmask, NEED_W)
             if PROB:
-                yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
                 ys = tl.where(mask, yraw.to(tl.float32) * keep + smooth_c, 0.0)
                 k = w * ys
                 ya = yraw.to(Y_ACC)
@@ -374,24 +373,23 @@ def ce_fwd_kernel(
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
         else:
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
+                cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
                 cmask = cols < C
                 mask = pmask[:, None] & cmask[None, :]
-                cols64 = _offset(cols, I64)
-                x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0)
+                x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=0.0)
                 x = x.to(tl.float32)
                 if XFORM > 0:
                     x, dzx = _dxform(x, cap_t, inv_cap, inv_t, XFORM)
                 w = _class_weights(w_ptr, cols, cmask, NEED_W)
                 wys = w
                 if PROB:
-                    yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+                    yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
                     wys = w * (yraw.to(tl.float32) * keep + smooth_c)
                 d = _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB, SMOOTH)
                 if XFORM > 0:
                     d = d * dzx
                 d = tl.where(active[:, None], d, 0.0)
-                dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+                dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
                 tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
     finite = tl.abs(tot) < float("inf")
@@ -403,7 +401,7 @@ def ce_fwd_kernel(
         if pid == 0:
             # Negative class weights, read every call (C values): found however the weight changed.
             for c0 in range(0, C, BLOCK_C):
-                wcols = c0 + tl.arange(0, BLOCK_C)
+                wcols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
                 wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
                 _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
     if CHECK_SOFTMAX:
@@ -475,17 +473,16 @@ def ce_bwd_kernel(
         gz = tl.load(gz_ptr + (i0 * zs0 + i1 * zs1 + i2 * zs2), mask=pmask, other=0.0).to(tl.float32)
         zc = (2.0 * zcoef) * gz * lse
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
-        cols64 = _offset(cols, I64)
-        x = tl.load(x_ptr + (xrow[:, None] + cols64[None, :] * xsc), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xsc), mask=mask, other=0.0).to(tl.float32)
         if XFORM > 0:
             x, dzx = _dxform(x, cap_t, inv_cap, inv_t, XFORM)
         w = _class_weights(w_ptr, cols, cmask, NEED_W)
         wys = w
         if PROB:
-            yraw = tl.load(t_ptr + (trow[:, None] + cols64[None, :] * tsc), mask=mask, other=0.0)
+            yraw = tl.load(t_ptr + (trow[:, None] + cols[None, :] * tsc), mask=mask, other=0.0)
             wys = w * (yraw.to(tl.float32) * keep + smooth_c)
         if COMPUTE_DX:
             if ZLOSS:  # both upstream gradients inside: g (a p - hot) + zc p
@@ -497,11 +494,11 @@ def ce_bwd_kernel(
                 d = d * dzx
             # where(), not a multiply: ignored / bad rows get exactly 0 even for a NaN upstream g.
             d = tl.where(active[:, None], d, 0.0)
-            dptr = dx_ptr + (drow[:, None] + cols64[None, :] * dsc)
+            dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DY:
             dy = (g * keep)[:, None] * w * (lse[:, None] - x)
-            eptr = dy_ptr + (erow[:, None] + cols64[None, :] * esc)
+            eptr = dy_ptr + (erow[:, None] + cols[None, :] * esc)
             tl.store(eptr, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
 
@@ -529,8 +526,8 @@ def ce_scale_kernel(
     if n > 0:
         drow = i0 * ds0 + i1 * ds1 + i2 * ds2
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
+            cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
             mask = pmask[:, None] & (cols < C)[None, :]
-            dptr = dx_ptr + (drow[:, None] + _offset(cols, I64)[None, :] * dsc)
+            dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
             d = tl.load(dptr, mask=mask, other=0.0).to(tl.float32) * f[:, None]
             tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -31,8 +31,8 @@ def shard_stats_kernel(
     I64: tl.constexpr,
 ):  # fmt: skip
     # Tiles of [BLOCK_P rows, BLOCK_C classes], the layout of the main kernel's LM rows (rows
-    # narrower than a block are packed several per program). Offsets are int64 only when the
-    # slice's can pass int32 (I64, from the launcher).
+    # narrower than a block are packed several per program). Offsets are int64 only when an
+    # index can pass int32, padding lanes included (I64, from the launcher).
     pid = tl.program_id(0)
     if I64:
         pid = pid.to(tl.int64)
@@ -44,7 +44,10 @@ def shard_stats_kernel(
     acc = tl.zeros((BLOCK_P,), tl.float32)
     ksum = tl.zeros((BLOCK_P,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        if I64:  # the column index too: cols * xs_c, and no wrap of the last block's padding
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        else:
+            cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
         mask = pmask[:, None] & cmask[None, :]
         x = tl.load(x_ptr + (xrow[:, None] + cols[None, :] * xs_c), mask=mask,
@@ -82,8 +85,10 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
         shard_stats_kernel[(triton.cdiv(R, block_p),)](
             xr, xr if w is None else w, lse, lse if q is None else q, R, C, xr.stride(0),
             xr.stride(1), HAS_W=w is not None, SMOOTH=smooth, BLOCK_P=block_p, BLOCK_C=block_c,
-            # int64 offsets when the slice's or the (R,) outputs' can pass int32 (rows may be expanded).
-            I64=max(R - 1, (R - 1) * xr.stride(0) + (C - 1) * xr.stride(1)) > _INT32_MAX,
+            # int64 when an index can pass int32: the slice's offsets, the (R,) outputs' (rows may
+            # be expanded), the last row / column block's padding (compared before any access).
+            I64=max((R - 1) * xr.stride(0) + (C - 1) * xr.stride(1), triton.cdiv(R, block_p) * block_p - 1,
+                    triton.cdiv(C, block_c) * block_c - 1) > _INT32_MAX,
             num_warps=4 if block_c <= 1024 else 8,
         )
     return lse, q
