@@ -468,6 +468,53 @@ def test_linear_matches_reference(small_chunks: None, option: str, kind: str, dt
         check_stats(stats, rs, out, pos)
 
 
+@pytest.mark.parametrize("red", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["index-ignore-bias", "index-weight-smooth"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_linear_triton_tiles_match_reference(small_chunks: None, monkeypatch: pytest.MonkeyPatch,
+                                             option: str, kind: str, dtype: torch.dtype, red: str) -> None:
+    """backend="triton": each chunk's tile goes through the kernels with the extras inside (one
+    forward launch per chunk, one backward launch per chunk), never the torch-op tile."""
+    from safeloss.backends import triton_extras
+    from safeloss.linear import extras as linear_extras
+
+    if _CPU_REASON is not None:
+        pytest.skip(_CPU_REASON)
+    n = {"fwd": 0, "bwd": 0}
+    fwd, bwd = triton_extras._fwd_impl, triton_extras._launch_bwd_x
+
+    def count(name: str, f: Any) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            n[name] += 1
+            return f(*a, **k)
+        return call
+
+    def torch_tile(*a: Any, **k: Any) -> None:
+        raise AssertionError("a tile ran as torch ops")
+
+    monkeypatch.setattr(triton_extras, "_fwd_impl", count("fwd", fwd))
+    monkeypatch.setattr(triton_extras, "_launch_bwd_x", count("bwd", bwd))
+    monkeypatch.setattr(linear_extras, "_forward_tile", torch_tile)
+    d = make_linear(kind, dtype, seed=zlib.crc32(f"{option}{kind}{red}".encode()) % 1000)
+    ex = OPTIONS[option]
+    x, W = d["x"].clone().requires_grad_(), d["W"].clone().requires_grad_()
+    b = None if d["b"] is None else d["b"].clone().requires_grad_()
+    res = safeloss.linear_cross_entropy(x, W, d["t"], linear_bias=b, reduction=red, backend="triton",
+                                        **d["kw"], **ex)
+    out, stats = res if ex.get("return_stats") else (res, None)
+    ref, rs, leaves = linear_reference(d, red, ex)
+    close(out, ref, dtype, "loss")
+    g = upstream(out)
+    ours = torch.autograd.grad((out * g).sum(), [v for v in (x, W, b) if v is not None])
+    want = torch.autograd.grad((ref * g.double()).sum(), leaves)
+    for a, w_ in zip(ours, want):
+        close(a, w_, dtype, "gradient")
+    assert n == {"fwd": 3, "bwd": 3}  # N = 7 in chunks of 3
+    if stats is not None:
+        check_stats(stats, rs, out, tuple(d["t"].shape))
+
+
 def test_linear_module_matches_functional() -> None:
     torch.manual_seed(0)
     m = safeloss.SafeLinearCrossEntropyLoss(H, C, bias=True, reduction="sum", softcap=3.0, z_loss=0.1,

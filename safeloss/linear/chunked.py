@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..backends import dispatch
 from ..backends.torch_backend import _stock_cross_entropy
 
 # Bytes of one logits tile (fp32; two are alive). CPU, measured single-threaded at
@@ -45,6 +46,27 @@ MIN_ROWS_CUDA = 1024
 # CUDA half-precision operand path (half matmuls, half d/dlinear_weight) on CPU tensors.
 FORCE_ROWS: int | None = None
 HALF_OPERANDS_ON_CPU = False
+
+
+def select(backend: str, x: Tensor, prob: bool, k_dim: bool) -> str:
+    """The tile's backend, for the plain op and the extras alike. The Triton share is the
+    class-index tile of a plain head (the LLM case); probability targets and K-dimensional heads
+    use torch ops for the tile everywhere."""
+    if backend == "torch" or x.dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        if x.device.type != "cuda" or dispatch.triton_unavailable_reason(x.device) is not None:
+            return "torch"
+    else:
+        reason = dispatch.triton_unavailable_reason(x.device)
+        if reason is not None:
+            from ..core.errors import BackendError
+
+            raise BackendError(
+                f'backend="triton" cannot run on {x.device.type} tensors here: {reason}.\n'
+                'Fix: backend="auto" picks Triton where it can run and torch elsewhere'
+            )
+    return "triton" if (not prob and not k_dim) else "torch"
 
 
 def chunk_rows(n: int, width: int, device: torch.device) -> int:
