@@ -411,6 +411,24 @@ def _linear_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, re
     out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
 
 
+def _linear_extras_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, reduction: str,
+                        extras: dict[str, Any]) -> None:
+    import torch
+
+    from safeloss.core import extras as X
+    from safeloss.core.mode import Mode
+    from safeloss.linear import extras as linear_extras
+
+    x = torch.empty((n, h), device="meta", dtype=dtype, requires_grad=True)
+    lw = torch.empty((c, h), device="meta", dtype=dtype, requires_grad=True)
+    t = torch.empty((n,), device="meta", dtype=torch.int64)
+    w = torch.empty((c,), device="meta", dtype=torch.float32) if has_w else None
+    out = linear_extras.run(Mode.CAPTURE, x, lw, t, None, w, reduction, -100, eps, X.check(**extras), strict=None,
+                            owner=None, backend="triton")
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
+
+
 def _vocab_case(rows: int, c_local: int, dtype: Any, eps: float, has_w: bool) -> None:
     import types
 
@@ -459,6 +477,11 @@ def cases() -> Iterator[tuple[str, int, Callable[[], None]]]:
         for eps, has_w, red in ((0.0, False, "mean"), (0.1, True, "mean"), (0.0, False, "none")):
             name = f"linear {lname} {dt} eps={eps} weight={has_w} {red}"
             yield name, c, functools.partial(_linear_case, n, h, c, getattr(torch, dt), eps, has_w, red)
+    for (lname, n, h, c), dt, (eps, has_w, red), extras in itertools.product(
+            LINEAR, EXTRAS_DTYPES, ((0.0, False, "mean"), (0.1, True, "mean"), (0.0, False, "none")), EXTRAS):
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v not in (None, 1.0, 0.0, False))
+        name = f"extras-linear {lname} {dt} eps={eps} weight={has_w} {red} {opts}"
+        yield name, c, functools.partial(_linear_extras_case, n, h, c, getattr(torch, dt), eps, has_w, red, extras)
     for (vname, rows, c_local), dt in itertools.product(VOCAB, dtypes):
         for eps, has_w in ((0.0, False), (0.0, True), (0.1, False), (0.1, True)):
             name = f"vocab-parallel {vname} {dt} eps={eps} weight={has_w}"

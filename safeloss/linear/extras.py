@@ -39,7 +39,6 @@ from ..core.report import Finding, report
 from ..core.rows import Rows
 from ..core.validation import check_label_smoothing, check_reduction
 from . import chunked
-from .chunked import chunk_rows
 from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
 
 Result = Tensor | tuple[Tensor, X.LossStats]
@@ -369,7 +368,7 @@ def _differentiable(x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Te
     vflat = valid.reshape(-1)
     parts: list[list[Tensor]] = [[], [], [], [], []]
     stats = sp.ex.return_stats
-    rows = chunk_rows(N, ops.w.shape[0], ops.x.device)
+    rows = chunked.chunk_rows(N, ops.w.shape[0], ops.x.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         z = _rows_of(ops.logits(s, e), e - s, sp)
@@ -406,7 +405,7 @@ class _LinearExtras(torch.autograd.Function):
         ent = torch.empty(P if stats else 0, dtype=sp.work, device=dev)
         correct = torch.empty(P if stats else 0, dtype=torch.bool, device=dev)
         vflat = valid.reshape(-1)
-        rows = chunk_rows(N, ops.w.shape[0], dev)
+        rows = chunked.chunk_rows(N, ops.w.shape[0], dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             z = _rows_of(ops.logits(s, e), e - s, sp)
@@ -456,7 +455,7 @@ class _LinearExtras(torch.autograd.Function):
         dq = torch.zeros(t.shape, dtype=sp.work, device=dev) if need_t else None
         wt = sp.weight
         w_sum: float | Tensor = float(C) if wt is None else wt.sum()
-        rows = chunk_rows(N, ops.w.shape[0], dev)
+        rows = chunked.chunk_rows(N, ops.w.shape[0], dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             r = e - s
