@@ -321,6 +321,7 @@ EXTRAS = [
     {k: v for k, v in zip(("softcap", "temperature", "z_loss", "return_stats"), combo)}
     for combo in itertools.product((None, 30.0), (1.0, 0.7), (0.0, 1e-4), (False, True))
 ][1:]
+DEFAULT_EXTRAS = dict(softcap=None, temperature=1.0, z_loss=0.0, return_stats=False)
 EXTRAS_SHAPES = ("llm-N8192-V128256", "llm-N8192-V50257", "llm-N16384-V262144", "llm-bvt-B4-T2048-V128256",
                  "cols-N4096-C1024", "cols-N4096-C16384", "cls-N4096-C10", "cls-N4096-C100", "cls-N4095-C37",
                  "seg-B8-C21-512x512", "seg-B8-C150-512x512", "seg-cl-B8-C21-512x512",
@@ -469,7 +470,7 @@ def cases() -> Iterator[tuple[str, int, Callable[[], None]]]:
         if target[4] and not mode[1]:
             continue
         ignore = 255 if layout != "rows" and not target[3] else -100
-        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v not in (None, 1.0, 0.0, False))
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v != DEFAULT_EXTRAS[k])
         name = f"extras {sname} {dt} {tn} {mn} {opts}"
         yield name, shape[0] if len(shape) == 1 else shape[1], functools.partial(
             _ce_extras_case, shape, layout, getattr(torch, dt), target, mode, ignore, extras)
@@ -479,7 +480,7 @@ def cases() -> Iterator[tuple[str, int, Callable[[], None]]]:
             yield name, c, functools.partial(_linear_case, n, h, c, getattr(torch, dt), eps, has_w, red)
     for (lname, n, h, c), dt, (eps, has_w, red), extras in itertools.product(
             LINEAR, EXTRAS_DTYPES, ((0.0, False, "mean"), (0.1, True, "mean"), (0.0, False, "none")), EXTRAS):
-        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v not in (None, 1.0, 0.0, False))
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v != DEFAULT_EXTRAS[k])
         name = f"extras-linear {lname} {dt} eps={eps} weight={has_w} {red} {opts}"
         yield name, c, functools.partial(_linear_extras_case, n, h, c, getattr(torch, dt), eps, has_w, red, extras)
     for (vname, rows, c_local), dt in itertools.product(VOCAB, dtypes):

@@ -96,6 +96,16 @@ def _positions(S1, S2, n_pblocks, BLOCK_P: tl.constexpr, I64: tl.constexpr):
 
 
 @triton.jit
+def _sampled(pflat, pmask, n_sample, n_total):
+    """Whether each position is in the softmax check's sample, the same positions as every
+    backend's (safeloss._flags): p is sampled iff i * n_total // n_sample == p for
+    i = ceil(p * n_sample / n_total) (the launcher picks I64 when n_total * (n_sample + 1) passes
+    int32)."""
+    i_s = (pflat * n_sample + n_total - 1) // n_total
+    return pmask & (i_s < n_sample) & ((i_s * n_total) // n_sample == pflat)
+
+
+@triton.jit
 def _count(flags_ptr, slot, hit):
     """Add the number of True in ``hit`` to flags[slot]; no atomic at all when it is zero."""
     n = tl.sum(hit.to(tl.int32), axis=0)
@@ -212,21 +222,22 @@ def ce_fwd_kernel(
     ymin = tl.full((BLOCK_P,), float("inf"), Y_ACC)  # prob check: min target entry
     ysum = tl.zeros((BLOCK_P,), Y_ACC)  # prob check: sum of raw target entries
     x_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)  # the row, when it fits one block
-    # The softmax check's sample, the same positions as every backend's (safeloss._flags):
-    # position p is sampled iff i * n_total // n_sample == p for i = ceil(p * n_sample / n_total)
-    # (the launcher picks I64 when n_total * (n_sample + 1) passes int32).
-    i_s = (pflat * n_sample + n_total - 1) // n_total
-    sampled = pmask & (i_s < n_sample) & ((i_s * n_total) // n_sample == pflat)
+    # The softmax check's sample (see _sampled).
+    if EARLY_OUT or not STATS:
+        sampled = _sampled(pflat, pmask, n_sample, n_total)
     wys_keep = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     if XFORM > 0:
         if CHECK_SOFTMAX:
-            rmax = ninf  # max of the raw logits (the softmax check judges those)
+            if not (STATS and not PROB):
+                rmax = ninf  # max of the raw logits (the softmax check judges those)
     if STATS:
         ea = zero  # sum exp(zt - m) (zt - m): entropy = log(s) - ea / s
         if not PROB:
-            amax = ninf  # argmax of the raw logits: value (NaN aside), index, whether NaN was seen
-            aidx = tl.zeros((BLOCK_P,), tl.int32)
-            anan = tl.zeros((BLOCK_P,), tl.int1)
+            # Argmax of the raw logits as (key, code): key = the logit with NaN as +inf, code =
+            # its column, minus C for a NaN (so a NaN wins a tie with +inf, and the lowest column
+            # wins among equals). The running key is also the raw max of the softmax check.
+            akey = ninf
+            acode = tl.zeros((BLOCK_P,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
@@ -240,18 +251,18 @@ def ce_fwd_kernel(
                 # maximum, a NaN above everything. Blocks come in column order: on a tie the
                 # earlier block keeps it.
                 isn = x != x
-                bnan = tl.max(isn.to(tl.int32), axis=1) > 0
-                bmax = tl.max(tl.where(isn, float("-inf"), x), axis=1)
-                top = tl.where(bnan[:, None], isn, (x == bmax[:, None]) & mask)
-                bidx = tl.min(tl.where(top, cols[None, :], 2147483647), axis=1).to(tl.int32)
-                take = (anan == 0) & (bnan | (bmax > amax))
-                amax = tl.where(take, bmax, amax)
-                aidx = tl.where(take, bidx, aidx)
-                anan = anan | bnan
+                key = tl.where(isn, float("inf"), x)
+                bkey = tl.max(key, axis=1)
+                code = tl.where(isn, cols[None, :] - C, cols[None, :]).to(tl.int32)  # |code| < C
+                bcode = tl.min(tl.where((key == bkey[:, None]) & mask, code, C), axis=1)
+                take = (bkey > akey) | ((bkey == akey) & (bcode < 0) & (acode >= 0))
+                akey = tl.where(take, bkey, akey)
+                acode = tl.where(take, bcode, acode)
         if XFORM > 0:
             if CHECK_SOFTMAX:
                 xr = x
-                rmax = tl.maximum(rmax, tl.max(x, axis=1))
+                if not (STATS and not PROB):
+                    rmax = tl.maximum(rmax, tl.max(x, axis=1))
             x = _xform(x, cap_t, inv_cap, XFORM)
             if XFORM == 2:
                 x = tl.where(mask, x, float("-inf"))  # the cap maps -inf padding to -s / T
@@ -288,7 +299,10 @@ def ce_fwd_kernel(
         if CHECK_SOFTMAX:
             if XFORM > 0:
                 xc = xr  # the raw logits: a softmax output passed through a cap is still one
-                mc = rmax
+                if STATS and not PROB:
+                    mc = akey  # NaN as +inf: a row with NaN is no softmax output either way
+                else:
+                    mc = rmax
             else:
                 xc = x
                 mc = m_new
@@ -353,7 +367,8 @@ def ce_fwd_kernel(
     if STATS:
         tl.store(ent_ptr + pflat, logs - ea / tl.where(pmask, s, 1.0), mask=pmask)
         if not PROB:
-            tl.store(hit_ptr + pflat, (active & (aidx == y)).to(tl.int8), mask=pmask)
+            amax_col = tl.where(acode < 0, acode + C, acode)
+            tl.store(hit_ptr + pflat, (active & (amax_col == y)).to(tl.int8), mask=pmask)
 
     if FUSED:
         # Unscaled gradient of this position's loss; ce_scale_kernel applies the upstream gradient.
@@ -407,8 +422,15 @@ def ce_fwd_kernel(
                 wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
                 _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
     if CHECK_SOFTMAX:
+        if STATS and not EARLY_OUT:
+            # One block per row: not needed in the loop, so not held across it (ptxas spilled
+            # a predicate word of the narrowest tiles with every extra on).
+            sampled = _sampled(pflat, pmask, n_sample, n_total)
         if XFORM > 0:
-            m = rmax
+            if STATS and not PROB:
+                m = akey
+            else:
+                m = rmax
         _count(
             flags_ptr, SOFTMAX_LIKE, sampled & (mn >= 0.0) & (m <= 1.0) & (tl.abs(xsum - 1.0) <= softmax_tol)
         )
