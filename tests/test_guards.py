@@ -204,82 +204,331 @@ def test_module_passes_every_option_to_the_pipeline(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- int64 kernel offsets
+# The kernels compute offsets in int32 unless the launcher passes I64=True, which it must do
+# whenever an index can pass int32 (any tensor a kernel reads or writes, padding lanes included).
+# Two halves, each with a test that can fail: the kernels' code, specialised for I64=True, forms
+# every address from int64 indices (static analysis below, and mutants of the code that it must
+# reject), and the launchers set I64 exactly when some index can pass int32 (next section).
 
-_STRIDE = re.compile(r"^[a-z]s[012c]$")  # the kernels' stride arguments: xs0, ts1, dsc, ...
+_KERNEL_MODULES = ("safeloss/backends/triton_kernels.py", "safeloss/parallel/triton_stats.py")
+_STRIDE = re.compile(r"^[a-z]s_?[0-9a-z]$")  # the kernels' stride arguments: xs0, ts1, dsc, xs_r, ...
 
 
-def _int64_violations(src: str) -> tuple[list[str], int]:
-    """Products of a stride argument with an index that is not int64 by construction, in the
-    ``@triton.jit`` functions of ``src``. An index is int64 when every assignment of it casts to
-    ``tl.int64`` or is built from int64 names (propagated through the helpers' returned tuples).
-    Triton passes a stride below 2**31 as int32: int32 index * int32 stride overflows past 2**31
-    elements, which LM heads (N * V) exceed routinely."""
-    tree = ast.parse(src)
-    funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)
-             and any("jit" in ast.unparse(d) for d in f.decorator_list)}
-    int64: dict[str, set[str]] = {name: set() for name in funcs}
-    returns: dict[str, set[int]] = {name: set() for name in funcs}
-    assigns: dict[str, dict[str, list]] = {name: {} for name in funcs}
-    for fname, f in funcs.items():
-        for node in ast.walk(f):
-            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-                for tgt in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                    elts = [(tgt, None)] if isinstance(tgt, ast.Name) else list(
-                        (e, i) for i, e in enumerate(getattr(tgt, "elts", [])))
-                    for el, pos in elts:
-                        if isinstance(el, ast.Name):
-                            assigns[fname].setdefault(el.id, []).append((node.value, pos))
-            elif isinstance(node, ast.For) and isinstance(node.target, ast.Name):
-                assigns[fname].setdefault(node.target.id, []).append((None, None))
+def _is_i64_flag(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id == "I64"
 
-    def i64(fname: str, node: ast.AST | None, pos: int | None = None) -> bool:
-        if node is None:
+
+class _Int64Offsets:
+    """Data flow over the ``@triton.jit`` functions of one module, specialised for I64=True: which
+    names hold int64 values. An expression is int64 when it casts to ``tl.int64``, calls a helper
+    whose result is int64 under I64 (with the kernel's own I64 passed on), or combines an int64
+    operand (Triton promotes int32 op int64 to int64). ``tl.load`` results and casts to other
+    types are not. Straight-line code in order; ``if I64:`` takes its body; other branches keep
+    what is int64 on both sides; loops what is int64 whether or not the body ran."""
+
+    def __init__(self, src: str) -> None:
+        tree = ast.parse(src)
+        self.funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)
+                      and any("jit" in ast.unparse(d) for d in f.decorator_list)}
+        self.returns: dict[str, frozenset[int]] = {name: frozenset() for name in self.funcs}
+        self.violations: set[str] = set()
+        self.products = 0
+        for _ in range(10):  # helpers' results: iterate to a fixed point
+            before = dict(self.returns)
+            self.violations, self.products = set(), 0
+            for name in self.funcs:
+                self._function(name)
+            if before == self.returns:
+                break
+
+    # expressions
+    def _call(self, node: ast.Call, state: set[str]) -> bool:
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == "to":
+            return bool(node.args) and isinstance(node.args[0], ast.Attribute) and node.args[0].attr == "int64"
+        if isinstance(f, ast.Name) and f.id in self.funcs:
+            return -1 in self._helper_result(node)
+        if isinstance(f, ast.Attribute) and f.attr == "load":
             return False
-        if pos is not None:
-            return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and pos in returns.get(node.func.id, set())
-        return any((isinstance(s, ast.Attribute) and s.attr == "int64")
-                   or (isinstance(s, ast.Name) and s.id in int64[fname]) for s in ast.walk(node))
+        if any(isinstance(a, ast.Attribute) and a.attr == "int64" for a in [*node.args, *(k.value for k in node.keywords)]):
+            return True  # tl.zeros(..., tl.int64), tl.full(..., tl.int64)
+        return any(self._expr(a, state) for a in node.args)
 
-    changed = True
-    while changed:
-        changed = False
-        for fname, f in funcs.items():
-            for name, values in assigns[fname].items():
-                if name not in int64[fname] and all(i64(fname, v, p) for v, p in values):
-                    int64[fname].add(name)
-                    changed = True
-            for node in ast.walk(f):
-                if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
-                    for i, el in enumerate(node.value.elts):
-                        if i not in returns[fname] and i64(fname, el):
-                            returns[fname].add(i)
-                            changed = True
-    bad, products = [], 0
-    for fname, f in funcs.items():
-        for node in ast.walk(f):
-            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-                for a, b in ((node.left, node.right), (node.right, node.left)):
+    def _helper_result(self, node: ast.Call) -> frozenset[int]:
+        """Positions of the helper's result that are int64 (-1: a single value), given that the
+        call passes the kernel's I64 flag (a helper called with I64=False returns int32)."""
+        f = self.funcs[node.func.id]  # type: ignore[union-attr]
+        params = [a.arg for a in f.args.args]
+        if "I64" in params:
+            i = params.index("I64")
+            passed = node.args[i] if i < len(node.args) else next(
+                (k.value for k in node.keywords if k.arg == "I64"), None)
+            if passed is None or not _is_i64_flag(passed):
+                return frozenset()
+        return self.returns[node.func.id]  # type: ignore[union-attr]
+
+    def _expr(self, node: ast.AST | None, state: set[str]) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id in state
+        if isinstance(node, ast.Call):
+            return self._call(node, state)
+        if isinstance(node, ast.BinOp):
+            return self._expr(node.left, state) or self._expr(node.right, state)
+        if isinstance(node, ast.Subscript):
+            return self._expr(node.value, state)
+        if isinstance(node, ast.UnaryOp):
+            return self._expr(node.operand, state)
+        if isinstance(node, ast.IfExp):
+            return self._expr(node.body, state) and self._expr(node.orelse, state)
+        return False
+
+    def _scan(self, fname: str, node: ast.AST, state: set[str]) -> None:
+        """Record address arithmetic that is not int64: a stride times a non-int64 index, and (in
+        kernels) a pointer plus a non-int64, non-constant offset."""
+        for sub in ast.walk(node):
+            if not isinstance(sub, ast.BinOp):
+                continue
+            if isinstance(sub.op, ast.Mult):
+                for a, b in ((sub.left, sub.right), (sub.right, sub.left)):
                     if isinstance(a, ast.Name) and _STRIDE.match(a.id):
-                        products += 1
-                        if not i64(fname, b):
-                            bad.append(f"{fname}:{node.lineno}: {ast.unparse(node)}")
-    return bad, products
+                        self.products += 1
+                        if not self._expr(b, state):
+                            self.violations.add(f"{fname}:{sub.lineno}: {ast.unparse(sub)}")
+            if isinstance(sub.op, ast.Add) and fname.endswith("_kernel") and isinstance(sub.left, ast.Name) \
+                    and sub.left.id.endswith("_ptr"):
+                off = sub.right
+                const = isinstance(off, ast.Constant) or (isinstance(off, ast.Name) and off.id.isupper())
+                if not const and not self._expr(off, state):
+                    self.violations.add(f"{fname}:{sub.lineno}: {ast.unparse(sub)}")
+
+    # statements
+    def _assign(self, targets: list[ast.AST], value: ast.AST, state: set[str]) -> None:
+        for tgt in targets:
+            if isinstance(tgt, ast.Name):
+                (state.add if self._expr(value, state) else state.discard)(tgt.id)
+            elif isinstance(tgt, ast.Tuple):
+                res = self._helper_result(value) if isinstance(value, ast.Call) and isinstance(
+                    value.func, ast.Name) and value.func.id in self.funcs else frozenset()
+                for i, el in enumerate(tgt.elts):
+                    if isinstance(el, ast.Name):
+                        (state.add if i in res else state.discard)(el.id)
+
+    def _block(self, fname: str, stmts: list[ast.stmt], state: set[str], rets: list[frozenset[int]]) -> set[str]:
+        state = set(state)
+        for st in stmts:
+            if isinstance(st, ast.Assign):
+                self._scan(fname, st.value, state)
+                self._assign(st.targets, st.value, state)
+            elif isinstance(st, ast.AugAssign):
+                self._scan(fname, st.value, state)
+                if isinstance(st.target, ast.Name) and self._expr(st.value, state):
+                    state.add(st.target.id)
+            elif isinstance(st, ast.If):
+                self._scan(fname, st.test, state)
+                if _is_i64_flag(st.test):
+                    state = self._block(fname, st.body, state, rets)
+                elif isinstance(st.test, ast.UnaryOp) and isinstance(st.test.op, ast.Not) and _is_i64_flag(st.test.operand):
+                    state = self._block(fname, st.orelse, state, rets)
+                else:
+                    state = self._block(fname, st.body, state, rets) & self._block(fname, st.orelse, state, rets)
+            elif isinstance(st, (ast.For, ast.While)):
+                self._scan(fname, st.iter if isinstance(st, ast.For) else st.test, state)
+                entry = set(state)
+                if isinstance(st, ast.For) and isinstance(st.target, ast.Name):
+                    entry.discard(st.target.id)  # range() over int32 bounds
+                for _ in range(2):  # the second pass sees what the first left for the next iteration
+                    entry &= self._block(fname, st.body, entry, rets)
+                state &= entry
+            elif isinstance(st, ast.Return) and st.value is not None:
+                self._scan(fname, st.value, state)
+                elts = st.value.elts if isinstance(st.value, ast.Tuple) else None
+                rets.append(frozenset(i for i, e in enumerate(elts) if self._expr(e, state)) if elts is not None
+                            else frozenset({-1}) if self._expr(st.value, state) else frozenset())
+            else:
+                self._scan(fname, st, state)
+        return state
+
+    def _function(self, name: str) -> None:
+        rets: list[frozenset[int]] = []
+        self._block(name, self.funcs[name].body, set(), rets)
+        self.returns[name] = frozenset.intersection(*rets) if rets else frozenset()
 
 
-def test_kernel_offsets_are_int64_by_construction():
-    src = (ROOT / "safeloss" / "backends" / "triton_kernels.py").read_text()
-    bad, products = _int64_violations(src)
-    assert products >= 40, "the kernels' stride arguments were renamed: update _STRIDE"
-    assert not bad, "int32 index * stride (overflows past 2**31 elements):\n" + "\n".join(bad)
+def _kernel_sources() -> dict[str, str]:
+    return {m: (ROOT / m).read_text() for m in _KERNEL_MODULES}
+
+
+def test_kernel_offsets_are_int64_under_i64():
+    """Specialised for I64=True, every stride product and every kernel's pointer offset is int64."""
+    total = 0
+    for module, src in _kernel_sources().items():
+        a = _Int64Offsets(src)
+        assert not a.violations, f"{module}: int32 index in address arithmetic under I64:\n" + "\n".join(
+            sorted(a.violations))
+        total += a.products
+        kernels = [f for n, f in a.funcs.items() if n.endswith("_kernel")]
+        assert kernels, module
+        for f in kernels:  # every kernel takes the flag (a new kernel without it would be int32 only)
+            assert "I64" in [x.arg for x in f.args.args], f"{module}: {f.name} has no I64 parameter"
+    assert total >= 40, "the kernels' stride arguments were renamed: update _STRIDE"
+
+
+# (module, code, mutant): one cast or flag dropped; each occurrence of the code is mutated in turn.
+_DROPPED_CASTS = [
+    (0, "return v.to(tl.int64)", "return v.to(tl.int32)"),  # _offset's I64 branch
+    (0, "o = _offset(o, I64)", "o = o"),  # the (i0, i1) pair
+    (0, "i2 = _offset(b, I64) * BLOCK_P", "i2 = b * BLOCK_P"),  # the block of positions
+    (0, "cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)", "cols = c0 + tl.arange(0, BLOCK_C)"),
+    (0, "wcols = c0 + _offset(tl.arange(0, BLOCK_C), I64)", "wcols = c0 + tl.arange(0, BLOCK_C)"),
+    (0, "_offset(cols, I64)[None, :] * dsc", "cols[None, :] * dsc"),  # fused single-block row
+    (0, "y_safe = _offset(tl.where(use, y, 0), I64)", "y_safe = tl.where(use, y, 0).to(tl.int32)"),
+    (0, "_positions(S1, S2, n_pblocks, BLOCK_P, I64)", "_positions(S1, S2, n_pblocks, BLOCK_P, False)"),
+    (0, "_index_target(t_ptr, trow, pmask, ignore_index, C, I64)",
+     "_index_target(t_ptr, trow, pmask, ignore_index, C, False)"),
+    (1, "pid = pid.to(tl.int64)", "pid = pid.to(tl.int32)"),
+    (1, "cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)", "cols = c0 + tl.arange(0, BLOCK_C)"),
+    (1, "    if I64:\n", "    if False:\n"),
+]
+
+
+def _mutants():
+    srcs = _kernel_sources()
+    for m, old, new in _DROPPED_CASTS:
+        src = srcs[_KERNEL_MODULES[m]]
+        count = src.count(old)
+        assert count, f"{_KERNEL_MODULES[m]} no longer contains {old!r}: update _DROPPED_CASTS"
+        for k in range(count):
+            at = -1
+            for _ in range(k + 1):
+                at = src.index(old, at + 1)
+            yield f"{old.strip()} [{k}]", src[:at] + new + src[at + len(old):]
 
 
 def test_the_int64_check_catches_a_dropped_cast():
-    src = (ROOT / "safeloss" / "backends" / "triton_kernels.py").read_text()
-    for old in ("o64 = o.to(tl.int64)", "cols64 = cols.to(tl.int64)", ".to(tl.int64)[None, :] * dsc"):
-        assert old in src
-        mutant = src.replace(old, old.replace(".to(tl.int64)", ""), 1)
-        assert _int64_violations(mutant)[0], old
+    mutants = list(_mutants())
+    assert len(mutants) >= 15
+    missed = [name for name, src in mutants if not _Int64Offsets(src).violations]
+    assert not missed, f"mutants with an int32 offset that the check accepts: {missed}"
+
+
+# ---------------------------------------------------------------- the launchers' choice of I64
+_M = 2**31 - 1  # the largest int32
+
+
+def _recorded_i64(monkeypatch, launcher, *args) -> bool:
+    """Run a launcher on meta tensors with the kernels replaced by a recorder; the I64 it passed."""
+    import types
+
+    from safeloss.backends import triton_backend as tb
+
+    seen = []
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw["I64"])
+
+    fake = types.SimpleNamespace(ce_fwd_kernel=Rec(), ce_bwd_kernel=Rec(), ce_scale_kernel=Rec())
+    monkeypatch.setattr(tb, "_kernels", lambda: fake)
+    launcher(*args)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _strided(shape, stride, dtype=torch.float32):
+    return torch.empty_strided(shape, stride, device="meta", dtype=dtype)
+
+
+# Each tensor of each launcher in turn gets the largest offset int32 holds, then one more (the same
+# shapes, another stride: a launch configuration cached by signature must not be reused).
+# Logits-shaped tensors are (2, 8), position-shaped (2,): offsets 1 * s + 7, resp. 1 * s.
+_EDGE = [(_M - 7, _M), (_M - 6, _M + 1)]
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("role", ["x", "target", "prob-target", "dx"])
+def test_forward_takes_int64_when_a_tensor_passes_int32(monkeypatch, role):
+    from safeloss.backends import triton_backend as tb
+
+    got = []
+    for s_logits, s_pos in _EDGE:
+        x = _strided((2, 8), (s_logits if role == "x" else 8, 1))
+        prob = role == "prob-target"
+        t = _strided((2, 8), (s_logits if prob else 8, 1)) if prob else _strided(
+            (2,), (s_pos if role == "target" else 1,), torch.int64)
+        dx = _strided((2, 8), (s_logits, 1)) if role == "dx" else None
+        lse, flags = _strided((2,), (1,)), _strided((8,), (1,), torch.int32)
+        got.append(_recorded_i64(monkeypatch, tb._launch_fwd, x, t, None, lse, lse, lse, dx, flags, -100, 0.0,
+                                 prob, True, float("inf")))
+    assert got == [False, True]
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("role", ["x", "target", "prob-target", "g", "dx", "dy"])
+def test_backward_takes_int64_when_a_tensor_passes_int32(monkeypatch, role):
+    from safeloss.backends import triton_backend as tb
+
+    got = []
+    for s_logits, s_pos in _EDGE:
+        x = _strided((2, 8), (s_logits if role == "x" else 8, 1))
+        prob = role in ("prob-target", "dy")
+        t = _strided((2, 8), (s_logits if role == "prob-target" else 8, 1)) if prob else _strided(
+            (2,), (s_pos if role == "target" else 1,), torch.int64)
+        g = _strided((2,), (s_pos if role == "g" else 1,))
+        dx = _strided((2, 8), (s_logits if role == "dx" else 8, 1))
+        dy = _strided((2, 8), (s_logits, 1)) if role == "dy" else None
+        lse = _strided((2,), (1,))
+        got.append(_recorded_i64(monkeypatch, tb._launch_bwd, x, t, None, lse, lse, g, dx, dy, -100, 0.0, prob))
+        got.append(_recorded_i64(monkeypatch, tb._launch_scale, dx, t, g, -100, prob))
+    want_scale = role in ("target", "prob-target", "g", "dx")  # the rescale reads dx, target and g
+    assert got == [False, False, True, want_scale]
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("kernel", ["fwd", "bwd", "scale"])
+def test_int64_for_positions_and_classes_past_int32(monkeypatch, kernel):
+    """Fully expanded logits (every offset 0) over more positions or classes than int32 indexes
+    (the per-position buffers, the class loop), and the forward's softmax sample arithmetic."""
+    from safeloss.backends import triton_backend as tb
+    from safeloss.core._flags import SOFTMAX_SAMPLE
+
+    def run(n: int, c: int) -> bool:
+        x = _strided((n, c), (0, 0))
+        t = _strided((n,), (0,), torch.int64)
+        g = _strided((n,), (0,))
+        lse, flags = _strided((n,), (0,)), _strided((8,), (1,), torch.int32)
+        if kernel == "fwd":
+            return _recorded_i64(monkeypatch, tb._launch_fwd, x, t, None, lse, lse, lse, None, flags, -100, 0.0,
+                                 False, True, float("inf"))
+        if kernel == "bwd":
+            return _recorded_i64(monkeypatch, tb._launch_bwd, x, t, None, lse, lse, g, x, None, -100, 0.0, False)
+        return _recorded_i64(monkeypatch, tb._launch_scale, x, t, g, -100, False)
+
+    assert run(_M + 1, 1) is (kernel == "fwd")  # the last position is _M (the forward: its sample)
+    assert run(_M + 2, 1) is True
+    assert run(1, _M + 1) is False  # the last class is _M
+    assert run(1, _M + 2) is True
+    if kernel == "fwd":
+        n = _M // (SOFTMAX_SAMPLE + 1)  # positions * (SOFTMAX_SAMPLE + 1) must fit int32
+        assert (run(n, 2), run(n + 1, 2)) == (False, True)
+
+
+@needs_triton_cpu
+def test_vocab_parallel_statistics_take_int64_past_int32(monkeypatch):
+    from safeloss.parallel import triton_stats
+
+    seen = []
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw["I64"])
+
+    monkeypatch.setattr(triton_stats, "shard_stats_kernel", Rec())
+    for shape, stride in [((2, 8), (_M - 7, 1)), ((2, 8), (_M - 6, 1)),  # row stride
+                          ((8, 2), (1, _M - 7)), ((8, 2), (1, _M - 6)),  # class stride
+                          ((_M + 1, 64), (0, 1)), ((_M + 2, 64), (0, 1)),  # expanded rows: the (R,) outputs
+                          ((1, _M + 1), (0, 0)), ((1, _M + 2), (0, 0))]:  # expanded classes
+        triton_stats.shard_stats(_strided(shape, stride), None, False)
+    assert seen == [False, True] * 4
 
 
 _HUGE_STRIDE_SCRIPT = textwrap.dedent("""

@@ -230,8 +230,10 @@ def test_int64_offsets_exactly_when_needed(shape, stride, wide) -> None:
 
 def test_int64_offsets_compute_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels' int64-offset variant (chosen past 2^31 elements, too big for the interpreter)
-    gives the int32 variant's values."""
-    monkeypatch.setattr(tb, "_i64", lambda *ts: True)
+    gives the int32 variant's values. Every launch here takes it: the int32 limit is patched to
+    -1, and launch configurations cached by earlier calls of the same signature are set aside."""
+    monkeypatch.setattr(tb, "_INT32_MAX", -1)
+    monkeypatch.setattr(tb, "_LAUNCHES", {})
     x = torch.randn(2, 40, 5, 7, device=DEV)
     t = torch.randint(0, 40, (2, 5, 7), device=DEV)
     t[0, 1, 2] = -100
@@ -246,6 +248,34 @@ def test_int64_offsets_compute_the_same_values(monkeypatch: pytest.MonkeyPatch) 
     losses, _, dx, _ = _ours(r.clone(), t6, g6, inplace_backward=True)  # the clone is overwritten
     torch.testing.assert_close(losses.double(), ref, **_tols(torch.float32))
     torch.testing.assert_close(dx.double(), rdx, **_tols(torch.float32))
+    launched = [cfg[2]["I64"] for cfg in tb._LAUNCHES.values() if isinstance(cfg, tuple)]
+    assert len(launched) >= 8 and all(launched)
+
+
+def test_int64_offsets_vocab_parallel_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics kernel's int64-offset variant: the values of torch's, strided slices too."""
+    from safeloss.parallel import triton_stats
+
+    monkeypatch.setattr(triton_stats, "_INT32_MAX", -1)
+    seen = []
+    kernel = triton_stats.shard_stats_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["I64"])
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_stats, "shard_stats_kernel", Spy())
+    gen = torch.Generator().manual_seed(3)
+    for x in (torch.randn(5, 300, generator=gen), torch.randn(40, 3, generator=gen).t()):
+        w = torch.rand(x.shape[1], generator=gen)
+        lse, q = triton_stats.shard_stats(x.to(DEV), w.to(DEV), True)
+        want = torch.logsumexp(x.double(), 1)
+        torch.testing.assert_close(lse.double().cpu(), want, **_tols(torch.float32))
+        torch.testing.assert_close(q.double().cpu(), (w * (want[:, None] - x.double())).sum(1), **_tols(torch.float32))
+    assert seen == [True, True]
 
 
 def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:

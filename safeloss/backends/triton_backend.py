@@ -182,10 +182,11 @@ def _i64(*tensors: Tensor | None) -> bool:
     return False
 
 
-def _padding_past_int32(n_pblocks: int, bp: int, C: int, bc: int) -> bool:
-    """Whether the last position block's or column block's padding lanes have indices past int32:
-    the kernels compare them with the bounds before any access, so they must not wrap either."""
-    return max(n_pblocks * bp, _cdiv(C, bc) * bc) - 1 > _INT32_MAX
+def _index_past_int32(n: int, C: int) -> bool:
+    """Whether a flat position (0..n-1: the per-position buffers) or a class index passes int32,
+    whatever the strides (expanded logits). Tiles are powers of two, which divide 2^31: the
+    padding lanes of the last block then stay within int32 too."""
+    return max(n, C) - 1 > _INT32_MAX
 
 
 def _next_pow2(n: int) -> int:
@@ -352,8 +353,7 @@ def _fwd_config(
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
-    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _i64(x, target, dx) \
-        or _padding_past_int32(n_pblocks, bp, C, bc)
+    i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _index_past_int32(n, C) or _i64(x, target, dx)
     args = (
         sizes[1], sizes[2], C, n_pblocks, n, _flags.SOFTMAX_SAMPLE, min(n, _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,
@@ -433,9 +433,8 @@ def _bwd_config(
     kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
-        # int64 offsets when a tensor read or written can pass int32, the per-position lse / wy too.
-        I64=math.prod(_pos_shape(x)) - 1 > _INT32_MAX or _i64(x, target, g, dx, dy, gz)
-        or _padding_past_int32(n_pblocks, bp, C, bc),
+        # int64 offsets when an index of a tensor read or written can pass int32.
+        I64=_index_past_int32(math.prod(_pos_shape(x)), C) or _i64(x, target, g, dx, dy, gz),
         BLOCK_P=bp, BLOCK_C=bc, XFORM=ex[0], ZLOSS=gz is not None and ex[5] > 0.0,
         **_launch_opts(num_warps),
     )  # fmt: skip
@@ -467,7 +466,7 @@ def _scale_config(
     bp, bc, num_warps = _tiles(sizes, C, ds, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     args = (sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index)
-    i64 = _i64(dx, target, g) or _padding_past_int32(n_pblocks, bp, C, bc)
+    i64 = _index_past_int32(math.prod(_pos_shape(dx)), C) or _i64(dx, target, g)
     kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=i64, **_launch_opts(num_warps))
     return (grid,), args, kwargs
 

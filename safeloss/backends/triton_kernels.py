@@ -178,6 +178,18 @@ def _dxform(x, cap_t, inv_cap, inv_t, XFORM: tl.constexpr):
 
 
 @triton.jit
+def _z_loss(zcoef, lse_v):
+    """The z-loss term of a position, zcoef * lse^2."""
+    return zcoef * lse_v * lse_v
+
+
+@triton.jit
+def _z_slope(zcoef, lse_v):
+    """d (z-loss term) / d lse = 2 zcoef lse: times softmax, its gradient by the logits."""
+    return (2.0 * zcoef) * lse_v
+
+
+@triton.jit
 def _grad_tile(x, lse, a, cols, y, wy_hot, smooth_c, w, wys, PROB: tl.constexpr, SMOOTH: tl.constexpr):
     """Unscaled d loss / d x for one tile (see module docstring); a = coefficient of p_c."""
     p = tl.exp2((x - lse[:, None]) * LOG2E)
@@ -360,10 +372,10 @@ def ce_fwd_kernel(
     if ZLOSS:
         # z-loss on the capped, scaled logits' lse, at counted positions; reduced by the caller
         # (its mean divides by the count of positions, the cross-entropy's by the weights).
-        zl = tl.where(active, zcoef * lse * lse, 0.0)
+        zl = tl.where(active, _z_loss(zcoef, lse), 0.0)
         tl.store(zl_ptr + pflat, zl, mask=pmask)
         tot = loss + zl
-        a += (2.0 * zcoef) * lse  # fused gradient: d zl / d zt = 2 zcoef lse p
+        a += _z_slope(zcoef, lse)  # fused gradient: d zl / d zt = 2 zcoef lse p
     if STATS:
         tl.store(ent_ptr + pflat, logs - ea / tl.where(pmask, s, 1.0), mask=pmask)
         if not PROB:
@@ -495,7 +507,7 @@ def ce_bwd_kernel(
             a += smooth_c * wsum
     if ZLOSS:
         gz = tl.load(gz_ptr + (i0 * zs0 + i1 * zs1 + i2 * zs2), mask=pmask, other=0.0).to(tl.float32)
-        zc = (2.0 * zcoef) * gz * lse
+        zc = gz * _z_slope(zcoef, lse)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
         cmask = cols < C
