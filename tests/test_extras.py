@@ -339,6 +339,33 @@ def test_triton_softcap_across_magnitudes() -> None:
     close(gx.cpu(), torch.autograd.grad(ref.sum(), xr)[0], torch.float32, "d/dlogits")
 
 
+@pytest.mark.gpu
+def test_triton_extras_on_cuda_without_host_sync() -> None:
+    """On a GPU: the fused extras (forward, backward, statistics, deferred findings) never wait for
+    the device, and bf16 LM-sized rows (several 4096-column blocks) match the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 20000, generator=g) * 4).bfloat16().cuda().requires_grad_()
+    t = torch.randint(0, 20000, (16,), generator=g).cuda()
+    t[3] = -100
+    ex = dict(softcap=30.0, temperature=0.7, z_loss=1e-4)
+    safeloss.cross_entropy(x, t, return_stats=True, **ex)[0].backward()  # compile first
+    torch.cuda.synchronize()
+    x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, st = safeloss.cross_entropy(x, t, return_stats=True, **ex)
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    xr = x.detach().cpu().double().requires_grad_()
+    ref, rs = reference(xr, t.cpu(), **ex)
+    close(out.cpu(), ref, torch.bfloat16, "loss")
+    close(x.grad.cpu(), torch.autograd.grad(ref, xr)[0], torch.bfloat16, "d/dlogits")
+    check_stats(safeloss.LossStats(*(v.cpu() for v in st)), rs, out.cpu(), (16,))
+
+
 @needs_triton
 def test_triton_makes_no_other_pass_over_the_logits() -> None:
     """Dispatch-mode view (what torch.compile and make_fx see): forward and backward touch the
