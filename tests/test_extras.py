@@ -366,6 +366,17 @@ def test_triton_extras_on_cuda_without_host_sync() -> None:
     check_stats(safeloss.LossStats(*(v.cpu() for v in st)), rs, out.cpu(), (16,))
 
 
+def test_triton_extras_forward_tiles_are_lean() -> None:
+    """With extras, tiles of several positions hold 256 elements (512 without): each position's
+    extra state (entropy, argmax, raw max) stays in registers (tests/test_aot_gate.py, the gate)."""
+    from safeloss.backends import triton_backend as tb
+
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1]) == (32, 16, 4)
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1], lean=True) == (16, 16, 4)
+    assert tb._tiles([1, 4, 4096], 21, [0, 21 * 4096, 1, 4096], lean=True) == (16, 16, 4)  # NCHW
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1], lean=True) == (1, 4096, 4)  # LM rows: as before
+
+
 @needs_triton
 def test_triton_makes_no_other_pass_over_the_logits() -> None:
     """Dispatch-mode view (what torch.compile and make_fx see): forward and backward touch the

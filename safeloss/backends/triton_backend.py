@@ -194,7 +194,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _tiles(
-    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd"
+    sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd",
+    lean: bool = False,
 ) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd".
 
@@ -209,6 +210,9 @@ def _tiles(
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
         the row stays in registers between the loss and the gradient (read once). NCHW rows of
         up to 32 classes only (16 pixels x 32 classes; wider rows are streamed twice).
+      * ``lean`` (the forward with extras): tiles of several positions hold half as many elements
+        (two per thread): each position adds its entropy, argmax, raw max and z-loss state, and
+        ptxas spilled predicate words of 512-element tiles on sm_80.
     Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-1-before-fixes/tune.txt,
     N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
     [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%; 99% once the softmax check stopped
@@ -219,12 +223,13 @@ def _tiles(
     xs2, xsc = x_strides[2], x_strides[3]
     c2 = _next_pow2(C)
     single = c2 <= single_max
+    multi = _MULTI_TILE // 2 if lean else _MULTI_TILE
     if xsc != 1 and xs2 == 1 and S2 > 1:
         bc = c2 if single and c2 <= 32 else min(c2, 16)
-        bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, _MULTI_TILE // bc))
+        bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, multi // bc))
     else:
         bc = c2 if single else min(c2, _TILE if kind == "fwd" else 2 * _TILE)
-        bp = max(1, min(_next_pow2(S2), _MULTI_TILE // bc))
+        bp = max(1, min(_next_pow2(S2), multi // bc))
     if FORCE_BLOCK_C is not None:
         bc = FORCE_BLOCK_C
     if FORCE_BLOCK_P is not None:
@@ -349,7 +354,7 @@ def _fwd_config(
     # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
     # them: 16384 smoothed columns with int64 offsets spilled).
     single_max = 0 if dx is None else 8192 if prob or smooth else 16384
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max)
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, lean=ex != NO_EXTRAS)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.

@@ -365,7 +365,8 @@ def ce_fwd_kernel(
             loss += smooth_c * (ksum * logs - acc)
             a += smooth_c * ksum
         loss = tl.where(active, loss, tl.where(bad, float("nan"), 0.0))
-        _count(flags_ptr, BAD_TARGET, bad)
+        if not (ZLOSS or STATS):
+            _count(flags_ptr, BAD_TARGET, bad)
     tl.store(loss_ptr + pflat, loss, mask=pmask)
     tl.store(lse_ptr + pflat, lse, mask=pmask)
     tot = loss  # the position's whole loss, as the findings judge it
@@ -421,6 +422,11 @@ def ce_fwd_kernel(
                 dptr = dx_ptr + (drow[:, None] + cols[None, :] * dsc)
                 tl.store(dptr, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
+    if not PROB:
+        if ZLOSS or STATS:
+            # After the per-position stores: their addresses are not held across the counter's
+            # branch (ptxas spilled one of them there on sm_80).
+            _count(flags_ptr, BAD_TARGET, bad)
     finite = tl.abs(tot) < float("inf")
     _count(flags_ptr, NONFINITE_ROW, active & (finite == 0))
     # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
