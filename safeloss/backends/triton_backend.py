@@ -210,9 +210,11 @@ def _tiles(
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
         the row stays in registers between the loss and the gradient (read once). NCHW rows of
         up to 32 classes only (16 pixels x 32 classes; wider rows are streamed twice).
-      * ``lean`` (the forward with extras): tiles of several positions hold half as many elements
-        (two per thread): each position adds its entropy, argmax, raw max and z-loss state, and
-        ptxas spilled predicate words of 512-element tiles on sm_80.
+      * ``lean`` (the forward with extras and the softmax check): tiles of several positions hold
+        half as many elements (two per thread): each position adds its entropy, argmax, raw max
+        and z-loss state to the check's, and ptxas spilled predicate words of 512-element tiles
+        on sm_80 (the linear tile, without the check, keeps 512: 256 made ptxas trade a spill
+        for 32 registers on sm_90).
     Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-1-before-fixes/tune.txt,
     N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
     [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%; 99% once the softmax check stopped
@@ -354,7 +356,7 @@ def _fwd_config(
     # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
     # them: 16384 smoothed columns with int64 offsets spilled).
     single_max = 0 if dx is None else 8192 if prob or smooth else 16384
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, lean=ex != NO_EXTRAS)
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, lean=ex != NO_EXTRAS and check_softmax)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.

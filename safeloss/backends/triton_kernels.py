@@ -365,7 +365,11 @@ def ce_fwd_kernel(
             loss += smooth_c * (ksum * logs - acc)
             a += smooth_c * ksum
         loss = tl.where(active, loss, tl.where(bad, float("nan"), 0.0))
-        if not (ZLOSS or STATS):
+        if ZLOSS or STATS:
+            # Counted here, added after the per-position stores: no address or predicate of
+            # them is held across the atomic's branch (ptxas spilled there on sm_80 / sm_90).
+            n_bad = tl.sum(bad.to(tl.int32), axis=0)
+        else:
             _count(flags_ptr, BAD_TARGET, bad)
     tl.store(loss_ptr + pflat, loss, mask=pmask)
     tl.store(lse_ptr + pflat, lse, mask=pmask)
@@ -424,9 +428,8 @@ def ce_fwd_kernel(
 
     if not PROB:
         if ZLOSS or STATS:
-            # After the per-position stores: their addresses are not held across the counter's
-            # branch (ptxas spilled one of them there on sm_80).
-            _count(flags_ptr, BAD_TARGET, bad)
+            if n_bad > 0:
+                tl.atomic_add(flags_ptr + BAD_TARGET, n_bad, sem="relaxed")
     finite = tl.abs(tot) < float("inf")
     _count(flags_ptr, NONFINITE_ROW, active & (finite == 0))
     # Finite here (fp32) but rounding to inf in the output dtype (out_max: the smallest magnitude
