@@ -322,6 +322,21 @@ LINEAR = [  # (name, N, H, C): LM heads (the linear-CE tile), and a small classi
     ("lin-N4096-H512-C1000", 4096, 512, 1000),
     ("lin-N4096-H256-C10", 4096, 256, 10),
 ]
+# The LLM / RL extras (issue 18) through their own entry (``ce.extras.run``): every combination of
+# the four options (the default one aside), on a shape of each tile class and offset width, so the
+# kernels' extras constexprs (XFORM, ZLOSS, STATS) meet every tile, target and mode they can.
+EXTRAS = [
+    {k: v for k, v in zip(("softcap", "temperature", "z_loss", "return_stats"), combo)}
+    for combo in itertools.product((None, 30.0), (1.0, 0.7), (0.0, 1e-4), (False, True))
+][1:]
+DEFAULT_EXTRAS = dict(softcap=None, temperature=1.0, z_loss=0.0, return_stats=False)
+EXTRAS_SHAPES = ("llm-N8192-V128256", "llm-N8192-V50257", "llm-N16384-V262144", "llm-bvt-B4-T2048-V128256",
+                 "cols-N4096-C1024", "cols-N4096-C16384", "cls-N4096-C10", "cls-N4096-C100", "cls-N4095-C37",
+                 "seg-B8-C21-512x512", "seg-B8-C150-512x512", "seg-cl-B8-C21-512x512",
+                 "seg-B16-C19-2048x4096", "cls-N268435456-C10")
+EXTRAS_DTYPES = ("float32", "bfloat16")
+EXTRAS_TARGETS = ("index", "index-weight-smooth", "prob-weight-smooth", "prob-dtarget")
+EXTRAS_MODES = ("inference", "train", "train-none")
 VOCAB = [  # vocab-parallel slices: (name, rows, local classes)
     ("vp-N8192-V128256-tp8", 8192, 128256 // 8),
     ("vp-N8192-V262144-tp2", 8192, 262144 // 2),
@@ -366,6 +381,31 @@ def _ce_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tuple, mod
         out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
 
 
+def _ce_extras_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tuple, mode: tuple, ignore_index: int,
+                    extras: dict[str, Any]) -> None:
+    import torch
+
+    from safeloss.ce import extras as ce_extras
+    from safeloss.core import extras as X
+    from safeloss.core.mode import Mode
+
+    _tn, eps, has_w, prob, dtarget = target
+    _mn, grad, _inplace, _fused, reduction = mode
+    x = _logits(shape, layout, dtype, grad)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    if prob:
+        t = torch.empty(x.shape, device="meta", dtype=dtype).requires_grad_(dtarget and grad)
+    else:
+        pos = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.empty(pos, device="meta", dtype=torch.int64)
+    w = torch.empty((C,), device="meta", dtype=torch.float32) if has_w else None
+    out = ce_extras.run(Mode.CAPTURE, x, t, w, ignore_index, reduction, eps, X.check(**extras), strict=None,
+                        owner=None, backend="triton")
+    out = out[0] if isinstance(out, tuple) else out
+    if grad:
+        out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
+
+
 def _linear_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, reduction: str) -> None:
     import torch
 
@@ -377,6 +417,24 @@ def _linear_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, re
     w = torch.empty((c,), device="meta", dtype=torch.float32) if has_w else None
     out = safeloss.linear_cross_entropy(x, lw, t, weight=w, reduction=reduction, label_smoothing=eps,
                                         backend="triton")
+    out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
+
+
+def _linear_extras_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, reduction: str,
+                        extras: dict[str, Any]) -> None:
+    import torch
+
+    from safeloss.core import extras as X
+    from safeloss.core.mode import Mode
+    from safeloss.linear import extras as linear_extras
+
+    x = torch.empty((n, h), device="meta", dtype=dtype, requires_grad=True)
+    lw = torch.empty((c, h), device="meta", dtype=dtype, requires_grad=True)
+    t = torch.empty((n,), device="meta", dtype=torch.int64)
+    w = torch.empty((c,), device="meta", dtype=torch.float32) if has_w else None
+    out = linear_extras.run(Mode.CAPTURE, x, lw, t, None, w, reduction, -100, eps, X.check(**extras), strict=None,
+                            owner=None, backend="triton")
+    out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
 
 
@@ -411,10 +469,28 @@ def cases() -> Iterator[tuple[str, int, Callable[[], None]]]:
             ignore = 255 if layout != "rows" and not target[3] else -100
             name = f"ce {sname} {dt} {target[0]} {mode[0]}"
             yield name, C, functools.partial(_ce_case, shape, layout, dtype, target, mode, ignore)
+    shapes = {s[0]: s for s in FULL_SHAPES}
+    targets, modes = {x[0]: x for x in TARGETS}, {x[0]: x for x in MODES}
+    for sname, dt, tn, mn, extras in itertools.product(EXTRAS_SHAPES, EXTRAS_DTYPES, EXTRAS_TARGETS, EXTRAS_MODES,
+                                                       EXTRAS):
+        _sn, shape, layout = shapes[sname]
+        target, mode = targets[tn], modes[mn]
+        if target[4] and not mode[1]:
+            continue
+        ignore = 255 if layout != "rows" and not target[3] else -100
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v != DEFAULT_EXTRAS[k])
+        name = f"extras {sname} {dt} {tn} {mn} {opts}"
+        yield name, shape[0] if len(shape) == 1 else shape[1], functools.partial(
+            _ce_extras_case, shape, layout, getattr(torch, dt), target, mode, ignore, extras)
     for (lname, n, h, c), dt in itertools.product(LINEAR, dtypes):
         for eps, has_w, red in ((0.0, False, "mean"), (0.1, True, "mean"), (0.0, False, "none")):
             name = f"linear {lname} {dt} eps={eps} weight={has_w} {red}"
             yield name, c, functools.partial(_linear_case, n, h, c, getattr(torch, dt), eps, has_w, red)
+    for (lname, n, h, c), dt, (eps, has_w, red), extras in itertools.product(
+            LINEAR, EXTRAS_DTYPES, ((0.0, False, "mean"), (0.1, True, "mean"), (0.0, False, "none")), EXTRAS):
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v != DEFAULT_EXTRAS[k])
+        name = f"extras-linear {lname} {dt} eps={eps} weight={has_w} {red} {opts}"
+        yield name, c, functools.partial(_linear_extras_case, n, h, c, getattr(torch, dt), eps, has_w, red, extras)
     for (vname, rows, c_local), dt in itertools.product(VOCAB, dtypes):
         for eps, has_w in ((0.0, False), (0.0, True), (0.1, False), (0.1, True)):
             name = f"vocab-parallel {vname} {dt} eps={eps} weight={has_w}"
@@ -900,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
                     "registers with this run's (default: the committed before/ table)")
     ap.add_argument("--resume", default=None, help="an earlier aot-gate.json of the same kernel code and "
                     "Triton: reuse its results, compile only what it lacks")
+    ap.add_argument("--only", default=None, help="a regular expression: only the calls whose case name it "
+                    "matches (e.g. '^extras ' for the LLM / RL extras), for a partial run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -907,8 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     targets = [int(t) for t in a.targets.split(",")] if a.targets else ([90] if a.quick else [80, 90, 100])
     t0 = time.perf_counter()
-    launches, n_cases = enumerate_launches()
+    only = re.compile(a.only) if a.only else None
+    launches, n_cases = enumerate_launches(None if only is None else lambda name: bool(only.search(name)))
     meta = _meta(targets, launches, n_cases)
+    if a.only:
+        meta["only"] = a.only
     print(f"enumerated {n_cases} calls: {len(launches)} distinct configurations of "
           f"{len({x.name for x in launches})} kernels ({time.perf_counter() - t0:.0f} s)", flush=True)
     problems: list[str] = []

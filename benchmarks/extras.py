@@ -9,8 +9,9 @@ For each op, three providers on identical inputs, interleaved call by call in on
   (N, C) logits, which safeloss never does.
 
 The vocab-parallel op runs on 2 CPU gloo ranks (``--parallel``), where the reference gathers the
-logits. Only ratios from one run mean anything on a shared machine. On CUDA the extras run torch
-ops (they are not yet fused into the Triton kernel: one extra pass over the logits).
+logits. Only ratios from one run mean anything on a shared machine. On CUDA the cross-entropy
+and linear ops run the extras inside the Triton kernels (compiled ahead of time, not yet timed on
+a GPU); on CPU as torch ops.
 
     python benchmarks/extras.py                   # CPU, small shapes, every op
     python benchmarks/extras.py --device cuda     # larger shapes

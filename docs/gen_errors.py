@@ -86,9 +86,14 @@ above still runs, on these inputs:
   `2 s + ln C + z_loss (s + ln C)^2` with `s = softcap / temperature`, and where that is below the
   output dtype's largest value (65504 for float16) the count is skipped. Class weights and probability targets scale the loss by values the host does not
   read, and a `"sum"` (or a weighted mean) can overflow whatever bounds its terms: those are
-  always checked.
+  always checked. (The Triton kernels compare every position's loss, cross-entropy plus z-loss
+  term, with the range: under the bound nothing can be counted there either.)
 - **Labels, shapes, dtypes, devices, weights, probability targets, empty means**: unchanged (the
   raw inputs).
+
+On the Triton backend these checks run inside the kernels' passes over the logits, on the same
+inputs (the raw logits for the softmaxed-input sample, the capped, scaled logits' position losses
+for NaN/inf and overflow), so the findings and their messages are the torch backend's.
 
 The extras' own arguments are checked first; each mistake raises `ExtrasError` (a `ValueError`)
 or `ArgumentTypeError` (a `TypeError`), on every op and at a loss module's construction:

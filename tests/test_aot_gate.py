@@ -216,3 +216,28 @@ def test_before_after_of_narrow_rows():
     assert "| seg-B8-C21-512x512 | 21 | ce_fwd_kernel | - | - | - | 96 | 31.2% | 1 |" in text
     assert "llm-N8192" not in text
     assert "before at most 240 registers, 1 of 2 over 128" in text and "now at most 96 registers, 0 of 2" in text
+
+
+def test_enumeration_reaches_every_extras_combination():
+    """The LLM / RL extras run through their entries (ce.extras, linear.extras): every combination
+    of the four options picks its kernel constexprs (XFORM 0/1/2, ZLOSS, STATS) from the dispatch
+    code, forward and backward, on the cross-entropy op and the linear tile alike."""
+    import itertools
+
+    only = re.compile(r"^extras cls-N4096-C10 bfloat16 index train |^extras-linear lin-N4096-H256-C10 float32 "
+                      r"eps=0.0 weight=False mean ")
+    launches = gate.enumerate_launches(only=lambda n: bool(only.search(n)))[0]
+    ce = [x for x in launches if any(c.startswith("extras ") for c in x.cases)]
+    lin = [x for x in launches if any(c.startswith("extras-linear ") for c in x.cases)]
+
+    def combos(ls, kernel, names):
+        return {tuple(x.own_constexprs()[k] for k in names) for x in ls if x.name == kernel}
+
+    every = set(itertools.product((0, 1, 2), (False, True), (False, True))) - {(0, False, False)}
+    for ls in (ce, lin):
+        assert combos(ls, "ce_fwd_kernel", ("XFORM", "ZLOSS", "STATS")) == every
+        assert combos(ls, "ce_bwd_kernel", ("XFORM", "ZLOSS")) == set(itertools.product((0, 1, 2), (False, True)))
+    assert {x.own_constexprs()["CHECK_SOFTMAX"] for x in ce if x.name == "ce_fwd_kernel"} == {True}
+    assert {x.own_constexprs()["CHECK_SOFTMAX"] for x in lin if x.name == "ce_fwd_kernel"} == {False}
+    names = [c for x in ce for c in x.cases]
+    assert any(c.endswith("return_stats=True") for c in names)  # the case names say which options ran

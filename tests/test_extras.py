@@ -15,6 +15,7 @@ import os
 import pickle
 import time
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import safeloss
+from safeloss.backends import dispatch
+from safeloss.core import _flags as F_
 from safeloss.core import checks
 from safeloss.core import extras as X
 from safeloss.linear import chunked
@@ -184,20 +187,228 @@ def test_cross_entropy_matches_reference(option: str, kind: str, dtype: torch.dt
         check_stats(stats, rstats, out, tuple(t.shape) if not prob else tuple(x.shape[:1]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# ============================================================================ Triton: the extras fused
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_TRITON_REASON = dispatch.triton_unavailable_reason(DEV)
+needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=str(_TRITON_REASON))
+TRITON = pytest.param("triton", marks=needs_triton)
+# Tests of what CPU calls report at once: the kernels on CPU tensors need the interpreter.
+_CPU_REASON = dispatch.triton_unavailable_reason(torch.device("cpu"))
+CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(_CPU_REASON is not None,
+                                                                         reason=str(_CPU_REASON)))]
+HALF_AND_FP32 = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the kernel launches of the extras' Triton path, and fails any call that takes its
+    torch-op path (the extras computed by torch ops: another pass over the logits)."""
+    from safeloss.backends import triton_extras
+    from safeloss.ce import extras as ce_extras
+
+    n = {"fwd": 0, "bwd": 0}
+
+    def counted(name: str, f: Any) -> Any:
+        def launch(*a: Any, **k: Any) -> Any:
+            n[name] += 1
+            return f(*a, **k)
+        return launch
+
+    def torch_path(*a: Any, **k: Any) -> None:
+        raise AssertionError("the extras ran as torch ops, not in the kernels")
+
+    monkeypatch.setattr(triton_extras, "_launch_fwd", counted("fwd", triton_extras._launch_fwd))
+    monkeypatch.setattr(triton_extras, "_launch_bwd", counted("bwd", triton_extras._launch_bwd))
+    monkeypatch.setattr(ce_extras._RowsCE, "apply", torch_path)
+    monkeypatch.setattr(ce_extras, "_differentiable", torch_path)
+    monkeypatch.setattr(ce_extras, "device_counts", torch_path)
+    return n
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("module", [False, True])
-def test_backends_and_module_agree(backend: str, module: bool) -> None:
-    """backend="triton" runs the same torch ops (the extras are not fused into the kernel yet)."""
+def test_backends_and_module_agree(backend: str, module: bool, request: pytest.FixtureRequest) -> None:
+    """backend="triton" runs the kernels with the extras inside (one launch forward, one backward)."""
+    n = request.getfixturevalue("launches") if backend == "triton" else None
     x, t, kw = make("index-weight-smooth", torch.float32, 3)
+    x, t, w = x.to(DEV).requires_grad_(), t.to(DEV), kw["weight"].to(DEV)
     ex = OPTIONS["all"]
-    ref, _ = reference(x.double(), t, kw["weight"], eps=0.1, softcap=4.0, temperature=1.7, z_loss=1e-2)
+    ref, _ = reference(x.detach().cpu().double(), t.cpu(), kw["weight"], eps=0.1, softcap=4.0,
+                       temperature=1.7, z_loss=1e-2)
     if module:
-        fn = safeloss.SafeCrossEntropyLoss(kw["weight"], label_smoothing=0.1, backend=backend, **ex)
+        fn = safeloss.SafeCrossEntropyLoss(w, label_smoothing=0.1, backend=backend, **ex)
         out, st = fn(x, t)
     else:
-        out, st = safeloss.cross_entropy(x, t, backend=backend, **kw, **ex)
-    close(out, ref, torch.float32, "loss")
+        out, st = safeloss.cross_entropy(x, t, w, label_smoothing=0.1, backend=backend, **ex)
+    out.backward()
+    close(out.cpu(), ref, torch.float32, "loss")
     assert st.lse.shape == (7,) and st.accuracy.shape == ()
+    if n is not None:
+        assert n == {"fwd": 1, "bwd": 1}
+
+
+@needs_triton
+@pytest.mark.parametrize("red", REDUCTIONS)
+@pytest.mark.parametrize("dtype", HALF_AND_FP32, ids=str)
+@pytest.mark.parametrize("option,kind", PAIRS)
+def test_triton_matches_reference(option: str, kind: str, dtype: torch.dtype, red: str,
+                                  launches: dict[str, int]) -> None:
+    """The kernels with the extras fused, against the float64 reference: values, gradients for a
+    random upstream gradient (probability targets: d/dtarget too), statistics."""
+    x, t, kw = make(kind, dtype, seed=zlib.crc32(f"{option}{kind}{red}".encode()) % 1000)
+    ex = OPTIONS[option]
+    prob = kind.startswith("prob")
+    xo = x.to(DEV).requires_grad_()
+    tq = t.to(dtype).to(DEV).requires_grad_() if prob else t.to(DEV)
+    kwd = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    res = safeloss.cross_entropy(xo, tq, reduction=red, backend="triton", **kwd, **ex)
+    out, stats = res if ex.get("return_stats") else (res, None)
+    assert out.dtype == dtype and launches["fwd"] == 1
+    xr = x.double().requires_grad_()
+    tr = t.to(dtype).double().requires_grad_() if prob else t
+    ref, rstats = reference(xr, tr, kw.get("weight"), reduction=red, eps=kw.get("label_smoothing", 0.0),
+                            **{k: v for k, v in ex.items() if k != "return_stats"})
+    close(out.cpu(), ref, dtype, "loss")
+    g = upstream(out.cpu())
+    ours = torch.autograd.grad((out * g.to(DEV)).sum(), [xo, tq] if prob else [xo])
+    want = torch.autograd.grad((ref * g.double()).sum(), [xr, tr] if prob else [xr])
+    assert launches == {"fwd": 1, "bwd": 1}
+    for a, b, name in zip(ours, want, ("d/dlogits", "d/dtarget")):
+        assert a.dtype == dtype and a.shape == b.shape
+        close(a.cpu(), b, dtype, name)
+    if stats is not None:
+        check_stats(safeloss.LossStats(*(None if v is None else v.cpu() for v in stats)), rstats, out.cpu(),
+                    tuple(t.shape) if not prob else tuple(x.shape[:1]))
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_triton_rows_in_several_blocks(monkeypatch: pytest.MonkeyPatch, softcap: float | None) -> None:
+    """Rows streamed in 64-class blocks: the online entropy and argmax across blocks (ties to the
+    lowest index across blocks, a NaN above everything, +-inf logits, a constant row), each row
+    against torch's argmax and the reference formulas."""
+    from safeloss.backends import triton_backend, triton_extras
+
+    monkeypatch.setattr(triton_backend, "FORCE_BLOCK_C", 64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 300, generator=g, dtype=torch.float64) * 4
+    x[0, 10] = x[0, 200] = 40.0  # a tie across blocks: 10
+    x[1, 250] = x[1, 70] = 40.0  # a tie, the later block seen first in column order: 70
+    x[2, 150] = math.nan  # argmax: the NaN
+    x[2, 5] = math.inf
+    x[3] = 1.5  # constant: 0
+    x[4, 100:] = -math.inf  # masked classes (no cap: probability 0, entropy terms 0)
+    x[5, 64] = x[5, 128] = math.inf  # two +inf: the first
+    t = torch.tensor([10, 250, 150, 0, 3, 64, -100])
+    ex = X.Extras(softcap, 0.8, 0.05, True)
+    ce, zl, lse, ent, hit, flags = triton_extras.rows(
+        x.float().to(DEV), t.to(DEV), None, ignore_index=-100, label_smoothing=0.0, prob_target=False, ex=ex)
+    assert hit is not None and ent is not None and zl is not None
+    want_hit = (x.argmax(1) == t) & (t != -100)
+    assert hit.cpu().bool().tolist() == want_hit.tolist()
+    xf = x.float().double()
+    zt = xf if softcap is None else softcap * torch.tanh(xf / softcap)
+    zt = zt / 0.8
+    rlse = torch.logsumexp(zt, 1)
+    logp = zt - rlse[:, None]
+    rent = -(logp.exp() * logp.clamp(min=-1e300)).sum(1)
+    finite = [r for r in range(7) if r not in (2,) and (softcap is not None or r not in (5,))]
+    close(lse.cpu()[finite], rlse[finite], torch.float32, "lse")
+    close(ent.cpu()[finite], rent[finite], torch.float32, "entropy")
+    valid = t != -100
+    rce = torch.where(valid, rlse - logp.new_tensor(0.0) - zt.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    close(ce.cpu()[finite], rce[finite], torch.float32, "cross-entropy")
+    close(zl.cpu()[finite], torch.where(valid, 0.05 * rlse**2, 0.0)[finite], torch.float32, "z-loss term")
+    assert bool(torch.isnan(ce[2]).item()) and flags[F_.NONFINITE_ROW] >= 1
+
+
+@needs_triton
+def test_triton_softcap_across_magnitudes() -> None:
+    """The kernels' tanh (exp2-based, an odd polynomial below |z / s| = 0.3) against float64 over
+    twelve decades of logits, both signs, both branches: loss and gradient to fp32 accuracy."""
+    mags = torch.logspace(-8, 4, 25, dtype=torch.float64)
+    x = torch.stack([mags, -mags, mags * 0.29, -mags * 0.31, mags.flip(0)], 1).t().contiguous()  # (5, 25)
+    t = torch.tensor([0, 3, 24, 12, 7])
+    xo = x.float().to(DEV).requires_grad_()
+    out = safeloss.cross_entropy(xo, t.to(DEV), softcap=1.0, reduction="none", backend="triton")
+    (gx,) = torch.autograd.grad(out.sum(), xo)
+    xr = x.float().double().requires_grad_()
+    ref, _ = reference(xr, t, reduction="none", softcap=1.0)
+    close(out.cpu(), ref, torch.float32, "loss")
+    close(gx.cpu(), torch.autograd.grad(ref.sum(), xr)[0], torch.float32, "d/dlogits")
+
+
+@pytest.mark.gpu
+def test_triton_extras_on_cuda_without_host_sync() -> None:
+    """On a GPU: the fused extras (forward, backward, statistics, deferred findings) never wait for
+    the device, and bf16 LM-sized rows (several 4096-column blocks) match the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 20000, generator=g) * 4).bfloat16().cuda().requires_grad_()
+    t = torch.randint(0, 20000, (16,), generator=g).cuda()
+    t[3] = -100
+    ex = dict(softcap=30.0, temperature=0.7, z_loss=1e-4)
+    safeloss.cross_entropy(x, t, return_stats=True, **ex)[0].backward()  # compile first
+    torch.cuda.synchronize()
+    x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, st = safeloss.cross_entropy(x, t, return_stats=True, **ex)
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    xr = x.detach().cpu().double().requires_grad_()
+    ref, rs = reference(xr, t.cpu(), **ex)
+    close(out.cpu(), ref, torch.bfloat16, "loss")
+    close(x.grad.cpu(), torch.autograd.grad(ref, xr)[0], torch.bfloat16, "d/dlogits")
+    check_stats(safeloss.LossStats(*(v.cpu() for v in st)), rs, out.cpu(), (16,))
+
+
+def test_triton_extras_forward_tiles_are_lean() -> None:
+    """With extras, tiles of several positions hold 256 elements (512 without): each position's
+    extra state (entropy, argmax, raw max) stays in registers (tests/test_aot_gate.py, the gate)."""
+    from safeloss.backends import triton_backend as tb
+
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1]) == (32, 16, 4)
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1], lean=True) == (16, 16, 4)
+    assert tb._tiles([1, 4, 4096], 21, [0, 21 * 4096, 1, 4096], lean=True) == (16, 16, 4)  # NCHW
+    assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1], lean=True) == (1, 4096, 4)  # LM rows: as before
+
+
+@needs_triton
+def test_triton_makes_no_other_pass_over_the_logits() -> None:
+    """Dispatch-mode view (what torch.compile and make_fx see): forward and backward touch the
+    logits only through the two kernel ops; every other op works on per-position vectors."""
+    x, t, kw = make("index-weight-smooth", torch.float32, 2)
+    x, t, w = x.to(DEV).requires_grad_(), t.to(DEV), kw["weight"].to(DEV)
+
+    class Logits(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            seen = [*torch.utils._pytree.tree_leaves((args, kwargs)),
+                    *torch.utils._pytree.tree_leaves(out)]
+            if any(isinstance(v, torch.Tensor) and v.numel() >= x.numel() for v in seen):
+                self.ops.append(func._schema.name)
+            return out
+
+    mode = Logits()
+    with mode:
+        out, st = safeloss.cross_entropy(x, t, w, label_smoothing=0.1, backend="triton", softcap=4.0,
+                                         temperature=1.7, z_loss=1e-2, return_stats=True)
+        (dx,) = torch.autograd.grad(out, x)
+    assert [op for op in mode.ops if op not in ("aten::detach", "aten::empty_like")] == [
+        "safeloss::triton_cex_fwd", "safeloss::triton_cex_bwd"], mode.ops
+    xr = x.detach().cpu().double().requires_grad_()
+    ref, rs = reference(xr, t.cpu(), kw["weight"], eps=0.1, softcap=4.0, temperature=1.7, z_loss=1e-2)
+    close(out.cpu(), ref, torch.float32, "loss")
+    close(dx.cpu(), torch.autograd.grad(ref, xr)[0], torch.float32, "d/dlogits")
+    close(st.entropy.cpu(), rs["entropy"], torch.float32, "entropy")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -309,6 +520,53 @@ def test_linear_matches_reference(small_chunks: None, option: str, kind: str, dt
     if stats is not None:
         pos = tuple(d["t"].shape) if not d["t"].is_floating_point() else (N,)
         check_stats(stats, rs, out, pos)
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["index-ignore-bias", "index-weight-smooth"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_linear_triton_tiles_match_reference(small_chunks: None, monkeypatch: pytest.MonkeyPatch,
+                                             option: str, kind: str, dtype: torch.dtype, red: str) -> None:
+    """backend="triton": each chunk's tile goes through the kernels with the extras inside (one
+    forward launch per chunk, one backward launch per chunk), never the torch-op tile."""
+    from safeloss.backends import triton_extras
+    from safeloss.linear import extras as linear_extras
+
+    if _CPU_REASON is not None:
+        pytest.skip(_CPU_REASON)
+    n = {"fwd": 0, "bwd": 0}
+    fwd, bwd = triton_extras._fwd_impl, triton_extras._launch_bwd_x
+
+    def count(name: str, f: Any) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            n[name] += 1
+            return f(*a, **k)
+        return call
+
+    def torch_tile(*a: Any, **k: Any) -> None:
+        raise AssertionError("a tile ran as torch ops")
+
+    monkeypatch.setattr(triton_extras, "_fwd_impl", count("fwd", fwd))
+    monkeypatch.setattr(triton_extras, "_launch_bwd_x", count("bwd", bwd))
+    monkeypatch.setattr(linear_extras, "_forward_tile", torch_tile)
+    d = make_linear(kind, dtype, seed=zlib.crc32(f"{option}{kind}{red}".encode()) % 1000)
+    ex = OPTIONS[option]
+    x, W = d["x"].clone().requires_grad_(), d["W"].clone().requires_grad_()
+    b = None if d["b"] is None else d["b"].clone().requires_grad_()
+    res = safeloss.linear_cross_entropy(x, W, d["t"], linear_bias=b, reduction=red, backend="triton",
+                                        **d["kw"], **ex)
+    out, stats = res if ex.get("return_stats") else (res, None)
+    ref, rs, leaves = linear_reference(d, red, ex)
+    close(out, ref, dtype, "loss")
+    g = upstream(out)
+    ours = torch.autograd.grad((out * g).sum(), [v for v in (x, W, b) if v is not None])
+    want = torch.autograd.grad((ref * g.double()).sum(), leaves)
+    for a, w_ in zip(ours, want):
+        close(a, w_, dtype, "gradient")
+    assert n == {"fwd": 3, "bwd": 3}  # N = 7 in chunks of 3
+    if stats is not None:
+        check_stats(stats, rs, out, tuple(d["t"].shape))
 
 
 def test_linear_module_matches_functional() -> None:
@@ -543,18 +801,26 @@ def test_existing_checks_still_apply_on_the_extras_path() -> None:
 # ============================================================================ statistics
 
 
-def test_accuracy_semantics() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_accuracy_semantics(backend: str) -> None:
     x = torch.tensor([[1.0, 3.0, 3.0], [5.0, 0.0, 5.0], [0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
     # ties go to the lowest index, as torch.argmax: row 0 predicts 1, row 1 predicts 0
-    _, st = safeloss.cross_entropy(x, torch.tensor([2, 0, 2, -100]), return_stats=True)
+    _, st = safeloss.cross_entropy(x, torch.tensor([2, 0, 2, -100]), return_stats=True, backend=backend)
     assert st.accuracy.item() == pytest.approx(2 / 3)
-    _, st = safeloss.cross_entropy(x, torch.tensor([1, 2, 0, 0]), return_stats=True)
+    # a softcap saturates tanh in float32 (both 3e3 and 4e3 cap to 3.0): the raw logits decide
+    big = torch.tensor([[3e3, 4e3, 0.0]])
+    _, st = safeloss.cross_entropy(big, torch.tensor([1]), softcap=3.0, return_stats=True, backend=backend)
+    assert st.accuracy.item() == 1.0
+    _, st = safeloss.cross_entropy(x, torch.tensor([1, 2, 0, 0]), return_stats=True, backend=backend)
     assert st.accuracy.item() == pytest.approx(2 / 4)
     with pytest.warns(safeloss.SafeLossWarning, match="nothing to average"):
-        loss, st = safeloss.cross_entropy(x, torch.full((4,), -100), return_stats=True, z_loss=1.0)
+        loss, st = safeloss.cross_entropy(x, torch.full((4,), -100), return_stats=True, z_loss=1.0,
+                                          backend=backend)
     assert math.isnan(st.accuracy.item()) and math.isnan(loss.item())
-    _, st = safeloss.cross_entropy(x, x.softmax(1), return_stats=True)
+    _, st = safeloss.cross_entropy(x, x.softmax(1), return_stats=True, backend=backend)
     assert st.accuracy is None
+    if backend == "triton":
+        return
     # the linear and parallel ops share the definition (the latter in the gloo test below)
     W = torch.eye(3)
     _, st = safeloss.linear_cross_entropy(x, W, torch.tensor([2, 0, 2, -100]), return_stats=True)
@@ -584,13 +850,14 @@ def test_stats_carry_no_gradient_and_loss_keeps_it() -> None:
     assert not any(v.requires_grad for v in st if v is not None)
 
 
-def test_softcap_maps_infinite_logits_to_the_cap() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softcap_maps_infinite_logits_to_the_cap(backend: str) -> None:
     """z becomes softcap * tanh(z / softcap): +inf is the cap (no NaN/inf warning), -inf is -cap
     (a -inf mask before the cap no longer masks: mask after it, or use a finite large value)."""
     x = torch.tensor([[0.0, math.inf, 1.0], [-math.inf, 0.0, 1.0]])
     with warnings.catch_warnings():
         warnings.simplefilter("error", safeloss.SafeLossWarning)
-        out = safeloss.cross_entropy(x, torch.tensor([1, 0]), softcap=2.0, reduction="none")
+        out = safeloss.cross_entropy(x, torch.tensor([1, 0]), softcap=2.0, reduction="none", backend=backend)
     zt = 2.0 * torch.tanh(torch.tensor([[0.0, 1e9, 1.0], [-1e9, 0.0, 1.0]]) / 2.0)
     torch.testing.assert_close(out, F.cross_entropy(zt, torch.tensor([1, 0]), reduction="none"))
 
@@ -598,42 +865,62 @@ def test_softcap_maps_infinite_logits_to_the_cap() -> None:
 # ============================================================================ findings
 
 
-def test_nan_is_judged_on_the_scaled_logits_and_says_so() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_is_judged_on_the_scaled_logits_and_says_so(backend: str) -> None:
     x, t, _ = make("index-ignore", torch.float32)
     x[0, 1] = math.nan
     with pytest.warns(safeloss.SafeLossWarning, match=r"(?s)^\[softcap=30, temperature=0\.5: NaN/inf and "
-                      r"overflow are judged on the capped, scaled logits.*the loss is NaN or infinite at 1 of 7"):
-        safeloss.cross_entropy(x, t, softcap=30.0, temperature=0.5)
+                      r"overflow are judged on the capped, scaled logits.*the loss is NaN or infinite at 1 of 7"
+                      r".*1 row with NaN"):
+        safeloss.cross_entropy(x, t, softcap=30.0, temperature=0.5, backend=backend)
     with pytest.raises(safeloss.NonFiniteError, match="the loss is NaN or infinite at 1 of 7"):
-        safeloss.cross_entropy(x, t, z_loss=1e-4, strict=True)
+        safeloss.cross_entropy(x, t, z_loss=1e-4, strict=True, backend=backend)
+    # +inf is capped: finite after softcap, so nothing to report; without a cap it is a finding
+    x[0, 1] = math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", safeloss.SafeLossWarning)
+        safeloss.cross_entropy(x, t, softcap=30.0, backend=backend)
+    with pytest.raises(safeloss.NonFiniteError, match=r"(?s)at 1 of 7.*1 row with \+inf"):
+        safeloss.cross_entropy(x, t, temperature=2.0, strict=True, backend=backend)
+    if backend == "triton":
+        return
     W = torch.randn(C, H)
     W[2, 0] = math.nan
     with pytest.warns(safeloss.SafeLossWarning, match=r"(?s)z_loss=0\.0001.*linear_weight holds NaN/inf \(1 class row\)"):
         safeloss.linear_cross_entropy(torch.randn(7, H), W, t, z_loss=1e-4)
 
 
-def test_softmaxed_input_is_detected_on_the_raw_logits() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softmaxed_input_is_detected_on_the_raw_logits(backend: str) -> None:
     """temperature=0.5 doubles the logits: their rows sum to 2, but the raw ones still sum to 1."""
     x, t, _ = make("index-ignore", torch.float32)
     with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
-        safeloss.cross_entropy(x.softmax(1), t, temperature=0.5)
+        safeloss.cross_entropy(x.softmax(1), t, temperature=0.5, backend=backend)
     with pytest.raises(safeloss.InputError, match="looks already softmaxed"):
-        safeloss.cross_entropy(x.softmax(1), t, softcap=30.0, strict=True)
+        safeloss.cross_entropy(x.softmax(1), t, softcap=30.0, strict=True, backend=backend)
+    # the raw logits sum to 2 here, the scaled ones to 1: not a softmax output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", safeloss.SafeLossWarning)
+        safeloss.cross_entropy(x.softmax(1) * 2, t, temperature=2.0, backend=backend)
 
 
-def test_fp16_overflow_of_a_position_and_of_a_sum() -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp16_overflow_of_a_position_and_of_a_sum(backend: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, C, generator=g) * 100).half()
     t = torch.randint(0, C, (4,), generator=g)
     # a tiny temperature scales the logits 1000x: positions beyond 65504 are inf in float16
     with pytest.warns(safeloss.SafeLossWarning, match="the float16 loss overflowed at"):
-        out = safeloss.cross_entropy(x, t, temperature=1e-3, reduction="none")
+        out = safeloss.cross_entropy(x, t, temperature=1e-3, reduction="none", backend=backend)
     assert torch.isinf(out).any()
+    # the z-loss term alone can overflow a position: 0.1 * lse^2 with lse near 1000
+    with pytest.warns(safeloss.SafeLossWarning, match="the float16 loss overflowed at"):
+        out = safeloss.cross_entropy(x * 10, t, z_loss=0.1, reduction="none", backend=backend)
     # a softcap bounds each position (2 * 30 + ln 5 here), not their sum
     xs = torch.randn(4000, C, generator=g).half() * 1000
     ts = torch.randint(0, C, (4000,), generator=g)
     with pytest.warns(safeloss.SafeLossWarning, match=r'reduction="sum" overflowed float16'):
-        out = safeloss.cross_entropy(xs, ts, softcap=30.0, reduction="sum")
+        out = safeloss.cross_entropy(xs, ts, softcap=30.0, reduction="sum", backend=backend)
     assert out.isinf()
 
 
@@ -652,21 +939,22 @@ def test_loss_bound_holds(cap: float, temp: float, zl: float, c: int, eps: float
     assert X.loss_bound(ex, c, True, False) == math.inf and X.loss_bound(ex, c, False, True) == math.inf
 
 
-def test_deferred_findings_carry_the_note(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deferred_findings_carry_the_note(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """CUDA default mode, simulated on the CPU: reported at the next call or check_pending()."""
     monkeypatch.setattr(checks, "DEFER_ON_CPU", True)
     x, t, _ = make("index-ignore", torch.float32)
     x[3, 0] = math.nan
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        safeloss.cross_entropy(x, t, softcap=30.0)
+        safeloss.cross_entropy(x, t, softcap=30.0, backend=backend)
         assert not [w for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
         safeloss.check_pending()
     msgs = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
     assert len(msgs) == 1 and "found by an earlier call" in msgs[0] and "[softcap=30:" in msgs[0]
     bad = t.clone()
     bad[4] = 11
-    out = safeloss.cross_entropy(x, bad, z_loss=1e-4, reduction="none")
+    out = safeloss.cross_entropy(x, bad, z_loss=1e-4, reduction="none", backend=backend)
     assert math.isnan(out[4].item())  # masked, NaN until reported
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"11 at \[4\]"):
         safeloss.check_pending()
@@ -696,6 +984,71 @@ def test_compile_fullgraph(case: str) -> None:
     got.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@needs_triton
+def test_triton_compile_fullgraph(launches: dict[str, int]) -> None:
+    """torch.compile sees the kernels' custom ops (no graph break); same values, gradients and
+    statistics as the eager kernel path, and a bad label is still reported by the graph."""
+    torch._dynamo.reset()
+    x, t, kw = make("index-weight-smooth", torch.float32, 9)
+    x, t, w = x.to(DEV), t.to(DEV), kw["weight"].to(DEV)
+    ex = OPTIONS["all"]
+
+    def step(x: torch.Tensor, t: torch.Tensor) -> Any:
+        return safeloss.cross_entropy(x, t, w, label_smoothing=0.1, backend="triton", **ex)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (got, gs), (want, ws) = compiled(xc, t), step(xe, t)
+    for a, b in zip(gs, ws):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got, want)
+    (got * 1.3).backward()
+    (want * 1.3).backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    assert launches["fwd"] == 2 and launches["bwd"] == 2  # the custom ops run the same launchers
+    if DEV.type == "cpu":
+        bad = t.clone()
+        bad[0] = 8
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"8 at \[0\]"):
+            compiled(x, bad)
+
+
+@needs_triton
+def test_triton_settings_the_kernels_cannot_take() -> None:
+    """Double backward differentiates the formulas (as torch ops), torch.func runs torch ops under
+    backend="auto" and refuses backend="triton" (as the plain op), fake tensors take the custom
+    op's fake implementation, make_fx records the custom ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import grad
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t, _ = make("index-ignore", torch.float32, 6)
+    x, t = x.to(DEV), t.to(DEV)
+    ex = dict(softcap=3.0, temperature=0.8, z_loss=0.1)
+    for prob in (False, True):
+        tt = x.softmax(1).detach() if prob else t
+        xa = x.clone().requires_grad_()
+        xb = x.detach().cpu().double().requires_grad_()
+        (ga,) = torch.autograd.grad(safeloss.cross_entropy(xa, tt, label_smoothing=0.1, backend="triton", **ex),
+                                    xa, create_graph=True)
+        (gb,) = torch.autograd.grad(reference(xb, tt.cpu() if prob else t.cpu(), eps=0.1, **ex)[0], xb,
+                                    create_graph=True)
+        close(ga.cpu(), gb, torch.float32, "first derivative")
+        close(torch.autograd.grad(ga.square().sum(), xa)[0].cpu(),
+              torch.autograd.grad(gb.square().sum(), xb)[0], torch.float32, "double backward")
+    with pytest.raises(safeloss.BackendError, match=r"cannot run inside torch\.func"):
+        grad(lambda v: safeloss.cross_entropy(v, t, backend="triton", **ex))(x)
+    gx = grad(lambda v: safeloss.cross_entropy(v, t, **ex))(x)  # auto: torch ops there
+    xr = x.detach().cpu().double().requires_grad_()
+    close(gx.cpu(), torch.autograd.grad(reference(xr, t.cpu(), **ex)[0], xr)[0], torch.float32, "torch.func")
+    with FakeTensorMode():
+        out, st = safeloss.cross_entropy(torch.empty(4, C, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV),
+                                         backend="triton", reduction="none", return_stats=True, **ex)
+    assert out.shape == (4,) and st.entropy.shape == (4,) and st.accuracy.shape == ()
+    gm = make_fx(lambda a, b: safeloss.cross_entropy(a, b, backend="triton", **ex))(x, t)
+    assert "triton_cex_fwd" in gm.code
 
 
 def test_compile_fullgraph_reports_a_bad_label_and_linear_compiles() -> None:

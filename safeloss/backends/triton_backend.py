@@ -196,7 +196,7 @@ def _next_pow2(n: int) -> int:
 
 def _tiles(
     sizes: Sequence[int], C: int, x_strides: Sequence[int], single_max: int = 0, kind: str = "fwd",
-    per_column: bool = False,
+    per_column: bool = False, lean: bool = False,
 ) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd";
     ``per_column``: the forward keeps more state per column (weights, targets: see _fwd_config).
@@ -212,6 +212,11 @@ def _tiles(
       * ``single_max`` > 0 (fused mode): one block covers the whole row when C <= single_max, so
         the row stays in registers between the loss and the gradient (read once). NCHW rows of
         up to 32 classes only (16 pixels x 32 classes; wider rows are streamed twice).
+      * ``lean`` (the forward with extras and the softmax check): tiles of several positions hold
+        half as many elements (two per thread): each position adds its entropy, argmax, raw max
+        and z-loss state to the check's, and ptxas spilled predicate words of 512-element tiles
+        on sm_80 (the linear tile, without the check, keeps 512: 256 made ptxas trade a spill
+        for 32 registers on sm_90).
     Streaming long rows, measured on an H200 (benchmarks/results/nvidia-h200-1-before-fixes/tune.txt,
     N=8192, V=128256 bf16): the forward (read only, a max/sum reduction per block) is fastest at
     [1, 4096] with 4 warps (81% of copy bandwidth; 8 warps: 65%; 99% once the softmax check stopped
@@ -222,14 +227,15 @@ def _tiles(
     xs2, xsc = x_strides[2], x_strides[3]
     c2 = _next_pow2(C)
     single = c2 <= single_max
+    multi = _MULTI_TILE // 2 if lean else _MULTI_TILE
     if xsc != 1 and xs2 == 1 and S2 > 1:
         bc = c2 if single and c2 <= 32 else min(c2, 16)
-        bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, _MULTI_TILE // bc))
+        bp = min(_MAX_POS_BLOCK, _next_pow2(S2), max(16, multi // bc))
     else:
         bc = c2 if single else min(c2, _TILE if kind == "fwd" else 2 * _TILE)
         if per_column and not single:
             bc = min(bc, _TILE // 2)
-        bp = max(1, min(_next_pow2(S2), _MULTI_TILE // bc))
+        bp = max(1, min(_next_pow2(S2), multi // bc))
     if FORCE_BLOCK_C is not None:
         bc = FORCE_BLOCK_C
     if FORCE_BLOCK_P is not None:
@@ -294,35 +300,55 @@ def _hooks() -> tuple[int | None, ...]:
     return FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES
 
 
+# The extras of a launch (``triton_extras``): (XFORM, cap_t, inv_cap, inv_t, tq, zcoef, STATS).
+# XFORM 0: logits as they are, 1: a temperature alone (x / T as x * (1 / T)), 2: a softcap s,
+# (s / T) tanh(x / s); tq = T / s^2 (d zt / d x from zt); zcoef > 0 turns on the z-loss term.
+Extras = tuple[int, float, float, float, float, float, bool]
+NO_EXTRAS: Extras = (0, 1.0, 1.0, 1.0, 0.0, 0.0, False)
+
+
+def extras_params(softcap: float | None, temperature: float, z_loss: float, stats: bool) -> Extras:
+    """The kernels' extras arguments of a call (see ``Extras``)."""
+    t = float(temperature)
+    if softcap is not None:
+        s = float(softcap)
+        return 2, s / t, 1.0 / s, 1.0 / t, t / (s * s), float(z_loss), bool(stats)
+    return (1 if t != 1.0 else 0), 1.0 / t, 1.0, 1.0 / t, 0.0, float(z_loss), bool(stats)
+
+
 def _launch_fwd(
     x: Tensor, target: Tensor, weight: Tensor | None, losses: Tensor, lse: Tensor, wy: Tensor, dx: Tensor | None,
     flags: Tensor, ignore_index: int, eps: float, prob: bool, check_softmax: bool, out_max: float,
+    ex: Extras = NO_EXTRAS, zl: Tensor | None = None, ent: Tensor | None = None, hit: Tensor | None = None,
 ) -> None:  # fmt: skip
+    """``ex``: the extras (``extras_params``); then ``zl`` (z-loss term, with a z-loss), ``ent``
+    (entropy) and ``hit`` (int8, argmax == target; index targets) per position (with stats)."""
     has_weight = weight is not None
     key = ("fwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), target.dtype,
            None if dx is None else dx.stride(), has_weight, ignore_index, eps, prob, check_softmax,
-           out_max, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
+           out_max, ex, *_hooks())
     cfg = _LAUNCHES.get(key)
     if cfg is None or cfg is _EXOTIC:
         cfg = _cached(key, lambda: _fwd_config(x, target, has_weight, dx, ignore_index, eps, prob,
-                                               check_softmax, out_max))
+                                               check_softmax, out_max, ex))
     if cfg is None:  # more than 3 irreducible position dims: run on contiguous copies (rare)
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         _launch_fwd(x.contiguous(), target.contiguous(), weight, losses, lse, wy, dxc, flags,
-                    ignore_index, eps, prob, check_softmax, out_max)  # fmt: skip
+                    ignore_index, eps, prob, check_softmax, out_max, ex, zl, ent, hit)  # fmt: skip
         if dx is not None:
             dx.copy_(dxc)
         return
     grid, args, kwargs = cfg
     _kernels().ce_fwd_kernel[grid](
         x, target, weight if has_weight else lse, losses, lse, wy if prob else lse,
-        dx if dx is not None else lse, flags, *args, **kwargs,
+        dx if dx is not None else lse, flags, lse if zl is None else zl, lse if ent is None else ent,
+        lse if hit is None else hit, *args, **kwargs,
     )  # fmt: skip
 
 
 def _fwd_config(
     x: Tensor, target: Tensor, has_weight: bool, dx: Tensor | None, ignore_index: int, eps: float,
-    prob: bool, check_softmax: bool, out_max: float,
+    prob: bool, check_softmax: bool, out_max: float, ex: Extras = NO_EXTRAS,
 ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]] | None:
     """(grid, scalar arguments, keyword arguments) of the forward kernel, or None (exotic layout)."""
     import triton.language as tl
@@ -344,7 +370,8 @@ def _fwd_config(
     # More state per column: class weights or target values beside each logit, or smoothing with
     # the fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled).
     per_column = prob or need_w or (smooth and dx is not None)
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column)
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column,
+                               lean=ex != NO_EXTRAS and check_softmax)
     n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
@@ -355,13 +382,14 @@ def _fwd_config(
         ignore_index, eps,
         _flags.SOFTMAX_SUM_TOL[_dtype_name(x.dtype)],
         _flags.PROB_SUM_TOL.get(_dtype_name(target.dtype), 1e-4), out_max,
+        *ex[1:6],
     )  # fmt: skip
     kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=need_w,
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
         BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C, I64=i64,
-        **_launch_opts(num_warps),
+        XFORM=ex[0], ZLOSS=ex[5] > 0.0, STATS=ex[6], **_launch_opts(num_warps),
     )  # fmt: skip
     return (grid,), args, kwargs
 
@@ -369,19 +397,22 @@ def _fwd_config(
 def _launch_bwd(
     x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, wy: Tensor, g: Tensor,
     dx: Tensor | None, dy: Tensor | None, ignore_index: int, eps: float, prob: bool,
+    ex: Extras = NO_EXTRAS, gz: Tensor | None = None,
 ) -> None:  # fmt: skip
+    """``ex``: the extras (``extras_params``); ``gz``: the upstream gradient of the z-loss term
+    per position (None: no z-loss term in the gradient)."""
     has_weight = weight is not None
     key = ("bwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), g.shape, g.stride(),
            None if dx is None else dx.stride(), None if dy is None else dy.stride(), has_weight,
-           ignore_index, eps, prob, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
+           ignore_index, eps, prob, ex, None if gz is None else (gz.shape, gz.stride()), *_hooks())
     cfg = _LAUNCHES.get(key)
     if cfg is None or cfg is _EXOTIC:
-        cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob))
+        cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob, ex, gz))
     if cfg is None:  # exotic layout: contiguous copies in, copy the results back
         dxc = torch.empty(dx.shape, dtype=dx.dtype, device=dx.device) if dx is not None else None
         dyc = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device) if dy is not None else None
         _launch_bwd(x.contiguous(), target.contiguous(), weight, lse, wy, g.contiguous(), dxc, dyc,
-                    ignore_index, eps, prob)  # fmt: skip
+                    ignore_index, eps, prob, ex, None if gz is None else gz.contiguous())  # fmt: skip
         if dx is not None:
             dx.copy_(dxc)
         if dy is not None:
@@ -393,39 +424,43 @@ def _launch_bwd(
     wsum = weight.sum(dtype=torch.float32).reshape(1) if has_weight and smooth else lse
     _kernels().ce_bwd_kernel[grid](
         x, target, weight if has_weight else lse, wsum, lse, wy if prob else lse, g,
-        dx if dx is not None else lse, dy if dy is not None else lse, *args, **kwargs,
+        dx if dx is not None else lse, dy if dy is not None else lse, lse if gz is None else gz,
+        *args, **kwargs,
     )  # fmt: skip
 
 
 def _bwd_config(
     x: Tensor, target: Tensor, has_weight: bool, g: Tensor, dx: Tensor | None, dy: Tensor | None,
-    ignore_index: int, eps: float, prob: bool,
+    ignore_index: int, eps: float, prob: bool, ex: Extras = NO_EXTRAS, gz: Tensor | None = None,
 ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]] | None:
     """(grid, scalar arguments, keyword arguments) of the backward kernel, or None (exotic layout)."""
     C = x.shape[_class_dim(x)]
     others = [(target, prob), (g, False)]
     others += [(dx, True)] if dx is not None else []
     others += [(dy, True)] if dy is not None else []
+    others += [(gz, False)] if gz is not None else []
     geo = _geometry(x, others)
     if geo is None:
         return None
     sizes, (xs, ts, gs, *rest) = geo
     ds = rest.pop(0) if dx is not None else [0, 0, 0, 0]
     es = rest.pop(0) if dy is not None else [0, 0, 0, 0]
+    zs = rest.pop(0) if gz is not None else [0, 0, 0, 0]
     bp, bc, num_warps = _tiles(sizes, C, xs, kind="bwd")
     n_pblocks, grid = _grid(sizes, bp)
     smooth = (not prob) and eps > 0.0
     args = (
         sizes[1], sizes[2], C, n_pblocks,
-        *xs, *ts, *gs[:3], *ds, *es,
-        ignore_index, eps,
+        *xs, *ts, *gs[:3], *ds, *es, *zs[:3],
+        ignore_index, eps, ex[1], ex[2], ex[3], ex[5],
     )  # fmt: skip
     kwargs = dict(
         PROB=prob, HAS_WEIGHT=has_weight, SMOOTH=smooth, NEED_W=has_weight and (prob or smooth),
         COMPUTE_DX=dx is not None, COMPUTE_DY=dy is not None,
         # int64 offsets when an index of a tensor read or written can pass int32.
-        I64=_index_past_int32(math.prod(_pos_shape(x)), C) or _i64(x, target, g, dx, dy),
-        BLOCK_P=bp, BLOCK_C=bc, **_launch_opts(num_warps),
+        I64=_index_past_int32(math.prod(_pos_shape(x)), C) or _i64(x, target, g, dx, dy, gz),
+        BLOCK_P=bp, BLOCK_C=bc, XFORM=ex[0], ZLOSS=gz is not None and ex[5] > 0.0,
+        **_launch_opts(num_warps),
     )  # fmt: skip
     return (grid,), args, kwargs
 

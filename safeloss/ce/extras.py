@@ -8,8 +8,11 @@ with differentiable torch ops (``core.extras``) -> ``core.reduction`` plus the z
 (``core.extras.reduce_z_loss``) -> the shared findings (``core.checks``), reported at once,
 deferred (CUDA default mode) or by the compiled graph (``core.compiled``).
 
-Every backend runs these torch ops: the extras are not yet fused into the Triton kernel (one extra
-pass over the logits on CUDA).
+Where the backend choice (``backends.dispatch.select``, as for the plain op) picks Triton, the
+per-position rows come from the cross-entropy kernels with the extras inside their passes
+(``backends.triton_extras``: one read of the logits forward, one backward, the kernel's own
+findings counts); elsewhere, and in the settings the kernels cannot take (torch.func transforms,
+forward-mode AD, ONNX export, the ops a torch.jit.trace records), from the torch ops here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..backends import torch_backend
+from ..backends import dispatch, torch_backend
 from ..backends.dispatch import check_backend
 from ..core import _flags as F
 from ..core import checks, compiled, reduction
@@ -56,7 +59,8 @@ def cross_entropy(
             return pipeline.run(mode, input, target, weight, ignore_index, red, eps, strict=strict,
                                 backend=backend, inplace_backward=inplace_backward,
                                 fused_grad=fused_grad, owner=None)
-        return run(mode, input, target, weight, ignore_index, red, eps, ex, strict=strict, owner=None)
+        return run(mode, input, target, weight, ignore_index, red, eps, ex, strict=strict, owner=None,
+                   backend=backend)
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
         trim(e)
         raise
@@ -73,17 +77,18 @@ def module_forward(m: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) 
                             strict=m.strict, backend=check_backend(m.backend),  # type: ignore[attr-defined]
                             inplace_backward=m.inplace_backward,  # type: ignore[attr-defined]
                             fused_grad=m.fused_grad, owner=m)  # type: ignore[attr-defined]
-    check_backend(m.backend)  # type: ignore[attr-defined]
     return run(mode, input, target, m.weight, m.ignore_index, red, eps, ex,
-               strict=m.strict, owner=m)  # type: ignore[attr-defined]
+               strict=m.strict, owner=m, backend=check_backend(m.backend))  # type: ignore[attr-defined]
 
 
 def run(
     mode: Mode, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     reduction_: str, label_smoothing: float, ex: X.Extras, *, strict: bool | None,
-    owner: object | None,
+    owner: object | None, backend: str = "auto",
 ) -> Result:
-    """One call with extras, in ``mode`` (see ``core.mode.TABLE``: the same checks per mode)."""
+    """One call with extras, in ``mode`` (see ``core.mode.TABLE``: the same checks per mode).
+    ``backend``: as the plain op's (``backends.dispatch.select``); where it picks Triton, the
+    extras run inside the kernels (``backends.triton_extras``), else as torch ops."""
     if mode is Mode.DTENSOR:
         if parallel_dtensor.is_dtensor(input):
             # DTensor logits, any layout: the parallel engine, extras included (as pipeline.run).
@@ -97,7 +102,7 @@ def run(
         check_layouts(input, target, weight)  # what is left: sparse probability targets
         dense = target.to_dense()
         res = run(decide(input, dense, weight), input, dense, weight, ignore_index, reduction_,
-                  label_smoothing, ex, strict=strict, owner=owner)
+                  label_smoothing, ex, strict=strict, owner=owner, backend=backend)
         if isinstance(res, tuple):
             return densify_result(res[0], target, reduction_), res[1]
         return densify_result(res, target, reduction_)
@@ -105,19 +110,20 @@ def run(
         # Every check, on the example inputs, as eager code; then the ops alone are recorded.
         with paused_tracer(), torch.no_grad():
             _call(Mode.EAGER, input, target, weight, ignore_index, reduction_, label_smoothing, ex,
-                  strict, owner)
+                  strict, owner, backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # Recorded as torch ops (the plain op records stock's): a trace replays anywhere.
             return _call(Mode.CAPTURE, input, target, weight, ignore_index, reduction_,
-                         label_smoothing, ex, strict, owner)
+                         label_smoothing, ex, strict, owner, backend, kernel=False)
     return _call(mode, input, target, weight, ignore_index, reduction_, label_smoothing, ex, strict,
-                 owner)
+                 owner, backend)
 
 
 def _call(
     mode: Mode, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     reduction_: str, label_smoothing: float, ex: X.Extras, strict: bool | None,
-    owner: object | None,
+    owner: object | None, backend: str = "auto", kernel: bool = True,
 ) -> Result:
     no_host = mode in NO_HOST_READS
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
@@ -149,25 +155,42 @@ def _call(
         bad = checks.bad_target_mask(t, C, p.ignore_index)
         valid = (t != p.ignore_index) & ~bad
 
-    z = x if x.dtype == acc else x.to(acc)
-    w = None if p.weight is None else p.weight.to(acc)
-    sp = _Spec(ex, p.label_smoothing, p.prob, C)
-    one = x.dim() == 1  # (C,): one position, computed as (1, C)
-    z2, t2 = (z.unsqueeze(0), t.unsqueeze(0)) if one else (z, t)
-    v2 = None if valid is None else (valid.unsqueeze(0) if one else valid)
-    plain = (mode is Mode.TRANSFORM or _forward_ad(z, t) or (w is not None and w.requires_grad)
-             or not C)
-    if plain:  # torch.func, forward-mode AD, a class weight to differentiate: plain torch ops
-        ce, zl, lse, ent, zt = _differentiable(z2, t2, v2, w, sp)
-    else:
-        ce, zl, lse, ent, zt = _RowsCE.apply(z2, t2, v2, w, sp)
+    # The backend as the plain op chooses it (its errors too: backend="triton" where Triton
+    # cannot run); meta tensors and an op without classes run torch ops, as there.
+    name = "torch" if (mode is Mode.ABSTRACT and x.is_meta) or not C else dispatch.select(backend, p)
     pos = p.positions_shape
-    ce, zl, lse, ent = ce.reshape(pos), zl.reshape(pos), lse.reshape(pos), ent.reshape(
-        pos if ex.return_stats else (0,))
-    zt = zt.reshape(x.shape)
-    zl_rows = zl if ex.z_loss else None
-    if bad is not None:
-        ce = ce.masked_fill(bad, math.nan)  # nothing trains on a bad label before it is reported
+    counts = hit = zt = None
+    if (name == "triton" and kernel and mode is not Mode.ONNX and mode is not Mode.TRANSFORM
+            and not _forward_ad(x)):
+        # The extras inside the kernels' passes: one read of the logits forward, one backward;
+        # the findings are the kernel's counts (the capped, scaled logits' losses; the raw logits
+        # for the softmaxed-input check).
+        from ..backends import triton_extras
+
+        wk = None if p.weight is None else p.weight.float().contiguous()
+        ce, zl_rows, lse, ent, hit, flags = triton_extras.rows(
+            x, p.target, wk, ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
+            prob_target=p.prob, ex=ex, out_max=F.overflow_bound(p.out_dtype), check_softmax=C >= 2)
+        counts = flags.to(torch.int64)
+    else:
+        z = x if x.dtype == acc else x.to(acc)
+        w = None if p.weight is None else p.weight.to(acc)
+        sp = _Spec(ex, p.label_smoothing, p.prob, C)
+        one = x.dim() == 1  # (C,): one position, computed as (1, C)
+        z2, t2 = (z.unsqueeze(0), t.unsqueeze(0)) if one else (z, t)
+        v2 = None if valid is None else (valid.unsqueeze(0) if one else valid)
+        plain = (mode is Mode.TRANSFORM or _forward_ad(z, t) or (w is not None and w.requires_grad)
+                 or not C)
+        if plain:  # torch.func, forward-mode AD, a class weight to differentiate: plain torch ops
+            ce, zl, lse, ent, zt = _differentiable(z2, t2, v2, w, sp)
+        else:
+            ce, zl, lse, ent, zt = _RowsCE.apply(z2, t2, v2, w, sp)
+        ce, zl, lse, ent = ce.reshape(pos), zl.reshape(pos), lse.reshape(pos), ent.reshape(
+            pos if ex.return_stats else (0,))
+        zt = zt.reshape(x.shape)
+        zl_rows = zl if ex.z_loss else None
+        if bad is not None:
+            ce = ce.masked_fill(bad, math.nan)  # nothing trains on a bad label before it is reported
     total_rows = ce if zl_rows is None else ce + zl_rows
 
     ce_red = reduction.reduce(Rows(ce, checks.CLEAN), replace(p, out_dtype=acc))
@@ -179,11 +202,16 @@ def _call(
         acc_ = None
         if not p.prob:
             assert valid is not None
-            pred = X.argmax(x.detach(), cdim) if C else torch.zeros_like(t)
-            acc_ = X.accuracy(pred == t, valid)
+            if hit is not None:
+                acc_ = X.accuracy(hit.bool(), valid)
+            else:
+                pred = X.argmax(x.detach(), cdim) if C else torch.zeros_like(t)
+                acc_ = X.accuracy(pred == t, valid)
+        assert ent is not None
         stats = X.LossStats(lse.detach().float(), ent.detach().float(), zl_red.detach().float(), acc_)
 
-    _findings(mode, p, x, zt, t, total_rows, valid, bad, out, ex, static, strict, strict_, key, owner)
+    _findings(mode, p, x, zt, t, total_rows, valid, bad, out, ex, static, strict, strict_, key, owner,
+              counts)
     return out if stats is None else (out, stats)
 
 
@@ -278,30 +306,41 @@ class _RowsCE(torch.autograd.Function):
 
 
 def _findings(
-    mode: Mode, p: Problem, x: Tensor, zt: Tensor, t: Tensor, rows: Tensor, valid: Tensor | None,
-    bad: Tensor | None, out: Tensor, ex: X.Extras, static: list, strict: bool | None,
-    strict_: LazyStrict, key: int, owner: object | None,
+    mode: Mode, p: Problem, x: Tensor, zt: Tensor | None, t: Tensor, rows: Tensor,
+    valid: Tensor | None, bad: Tensor | None, out: Tensor, ex: X.Extras, static: list,
+    strict: bool | None, strict_: LazyStrict, key: int, owner: object | None,
+    kernel_counts: Tensor | None = None,
 ) -> None:
-    """The value checks of the call, from one vector of device counts (``core._flags``)."""
+    """The value checks of the call, from one vector of device counts (``core._flags``): the
+    kernel's (``kernel_counts``, int64), or counted here with torch ops. ``zt``: the capped, scaled
+    logits, None where the kernel never wrote them (recomputed only to name a finding)."""
     compiled_graph = (mode in (Mode.COMPILE, Mode.GRAPH) or (mode is Mode.ABSTRACT and not x.is_meta))
     if mode in NO_HOST_READS and not compiled_graph:
         return  # cuda-graph capture, torch.func, meta tensors, ONNX: nothing can be reported
-    counts = torch.cat([device_counts(p, x, rows, valid, bad, ex, fixed=mode is not Mode.EAGER),
-                        torch.isfinite(out.detach()).all().to(torch.int64).reshape(1)])
+    if kernel_counts is None:
+        kernel_counts = device_counts(p, x, rows, valid, bad, ex, fixed=mode is not Mode.EAGER)
+    counts = torch.cat([kernel_counts, torch.isfinite(out.detach()).all().to(torch.int64).reshape(1)])
     if compiled_graph:
         compiled.note(p, Rows(rows, checks.Scan(counts[: F.SIZE])), out, key, strict, static)
         return
     immediate = checks.reads_at_once("cpu" if x.is_cpu else x.device.type) or bool(strict_)
-    p_rep = replace(p, input=zt.detach())  # the NaN/inf finding names the capped, scaled logits
+    acc = X.work_dtype(x.dtype, p.out_dtype)
     if immediate:
         host = counts.tolist()  # one read: the counts and whether the result is finite
+        found = any(v for i, v in enumerate(host[: F.SIZE]) if i != F.SOFTMAX_CHECKED)
+        if zt is None and (found or not host[F.SIZE]):
+            zt = X.transform(x.detach().to(acc), ex)  # a finding to word: the logits it judged
+        # the NaN/inf finding names the capped, scaled logits
+        p_rep = p if zt is None else replace(p, input=zt.detach())
         # A bad label is about the labels alone: its error comes without the extras' note.
         note = "" if host[F.BAD_TARGET] else ex.note()
         checks.resolve(checks.Scan(host[: F.SIZE]), p_rep, rows.detach(), out, bool(host[F.SIZE]),
                        strict_, owner, note=note)
     else:
-        checks.defer(checks.Scan(counts[: F.SIZE]), p_rep, rows, out, bool(strict_), key,
-                     note=checks.DEFERRED_NOTE + ex.note(), owner=owner)
+        # A deferred record keeps the logits' shape and dtype only: a stand-in of zt's.
+        stand_in = zt if zt is not None else x.new_empty((), dtype=acc).expand(x.shape)
+        checks.defer(checks.Scan(counts[: F.SIZE]), replace(p, input=stand_in.detach()), rows, out,
+                     bool(strict_), key, note=checks.DEFERRED_NOTE + ex.note(), owner=owner)
 
 
 def device_counts(p: Problem, x: Tensor, rows: Tensor, valid: Tensor | None, bad: Tensor | None,

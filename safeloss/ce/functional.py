@@ -62,8 +62,8 @@ def cross_entropy(
         return_stats: return ``(loss, safeloss.LossStats)``: per-position ``lse`` and
             ``entropy``, the ``z_loss`` term and the ``accuracy`` (no gradient).
 
-    With any of the last four away from its default, every backend runs torch ops (the extras are
-    not yet fused into the Triton kernel: one extra pass over the logits on CUDA).
+    With any of the last four away from its default, the Triton backend computes them inside its
+    kernels (one read of the logits forward, one backward); the torch backend with torch ops.
     """
     try:
         key = None

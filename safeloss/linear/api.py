@@ -459,24 +459,8 @@ def _autocast_off(dev: torch.device) -> contextlib.AbstractContextManager[object
 
 
 def _select(backend: str, lp: LinearProblem) -> str:
-    """The tile's backend. The Triton share is the class-index tile of a plain head (the LLM
-    case); probability targets and K-dimensional heads use torch ops for the tile everywhere."""
-    x = lp.x
-    if backend == "torch" or x.dtype == torch.float64:
-        return "torch"
-    if backend == "auto":
-        if x.device.type != "cuda" or dispatch.triton_unavailable_reason(x.device) is not None:
-            return "torch"
-    else:
-        reason = dispatch.triton_unavailable_reason(x.device)
-        if reason is not None:
-            from ..core.errors import BackendError
-
-            raise BackendError(
-                f'backend="triton" cannot run on {x.device.type} tensors here: {reason}.\n'
-                'Fix: backend="auto" picks Triton where it can run and torch elsewhere'
-            )
-    return "triton" if (not lp.p.prob and not lp.out_features) else "torch"
+    """The tile's backend (``chunked.select``)."""
+    return chunked.select(backend, lp.x, lp.p.prob, bool(lp.out_features))
 
 
 def _prepare(

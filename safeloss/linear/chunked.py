@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..backends import dispatch
 from ..backends.torch_backend import _stock_cross_entropy
 
 # ------------------------------------------------------------------------------ the plan
@@ -75,6 +76,27 @@ FORCE_VOCAB_TILE: int | None = None
 HALF_OPERANDS_ON_CPU = False
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def select(backend: str, x: Tensor, prob: bool, k_dim: bool) -> str:
+    """The tile's backend, for the plain op and the extras alike. The Triton share is the
+    class-index tile of a plain head (the LLM case); probability targets and K-dimensional heads
+    use torch ops for the tile everywhere."""
+    if backend == "torch" or x.dtype == torch.float64:
+        return "torch"
+    if backend == "auto":
+        if x.device.type != "cuda" or dispatch.triton_unavailable_reason(x.device) is not None:
+            return "torch"
+    else:
+        reason = dispatch.triton_unavailable_reason(x.device)
+        if reason is not None:
+            from ..core.errors import BackendError
+
+            raise BackendError(
+                f'backend="triton" cannot run on {x.device.type} tensors here: {reason}.\n'
+                'Fix: backend="auto" picks Triton where it can run and torch elsewhere'
+            )
+    return "triton" if (not prob and not k_dim) else "torch"
 
 
 @dataclass(frozen=True)

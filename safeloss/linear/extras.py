@@ -11,8 +11,10 @@ backward recomputes each tile (one more matmul per chunk) instead of keeping pre
 gradients: the z-loss term and the cross-entropy reduce with different denominators, so the
 upstream gradient is not one number per call. torch.func transforms, forward-mode AD and a class
 weight that requires grad take the same chunks as plain differentiable ops (autograd then keeps
-the tiles, as the reference path does). On every backend the tiles run torch ops: the extras are
-not yet fused into the Triton kernel.
+the tiles, as the reference path does). Where the tile backend is Triton (``chunked.select``, as
+for the plain op: class-index targets of a plain head, float32 tiles) and the call is eager, each
+tile goes through the cross-entropy kernels with the extras inside (``backends.triton_extras``):
+one kernel pass per tile forward, one per tile backward, its gradient written over the tile.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..core.mode import NO_HOST_READS, Mode, decide
 from ..core.report import Finding, report
 from ..core.rows import Rows
 from ..core.validation import check_label_smoothing, check_reduction
-from .chunked import chunk_rows
+from . import chunked
 from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
 
 Result = Tensor | tuple[Tensor, X.LossStats]
@@ -53,10 +55,10 @@ def linear_cross_entropy(
     try:
         check_options(options)
         ex = X.check(softcap, temperature, z_loss, return_stats, op=_OP)
-        check_backend(backend)
         return run(decide(input, linear_weight, target, linear_bias, weight), input, linear_weight,
                    target, linear_bias, weight, check_reduction(reduction), ignore_index,
-                   check_label_smoothing(label_smoothing), ex, strict=strict, owner=None)
+                   check_label_smoothing(label_smoothing), ex, strict=strict, owner=None,
+                   backend=check_backend(backend))
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
         trim(e)
         raise
@@ -65,13 +67,13 @@ def linear_cross_entropy(
 def module_forward(m: Any, input: Tensor, target: Tensor) -> Result:
     """``SafeLinearCrossEntropyLoss.forward`` with an extra set (the stock module's layout)."""
     ex = X.check(m.softcap, m.temperature, m.z_loss, m.return_stats, op="SafeLinearCrossEntropyLoss")
-    check_backend(m.backend)
+    backend = check_backend(m.backend)
     lin = m.linear
     w = lin.weight.reshape((m.num_classes, *m.out_features, lin.in_features))
     b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
     return run(decide(input, w, target, b, m.weight), input, w, target, b, m.weight,
                check_reduction(m.reduction), m.ignore_index, check_label_smoothing(m.label_smoothing),
-               ex, strict=m.strict, owner=m)
+               ex, strict=m.strict, owner=m, backend=backend)
 
 
 def _forward_ad(*vs: object) -> bool:
@@ -86,7 +88,7 @@ def _forward_ad(*vs: object) -> bool:
 def run(
     mode: Mode, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
     weight: Tensor | None, reduction_: str, ignore_index: int | None, label_smoothing: float,
-    ex: X.Extras, *, strict: bool | None, owner: object | None,
+    ex: X.Extras, *, strict: bool | None, owner: object | None, backend: str = "auto",
 ) -> Result:
     no_host = mode in NO_HOST_READS
     key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
@@ -125,13 +127,19 @@ def run(
             t = t.masked_fill(bad, ii)  # never a gather out of range; the loss there is NaN
         valid = (t != ii).reshape(t.shape[0], D)
 
+    transform = mode is Mode.TRANSFORM or _forward_ad(input, linear_weight, linear_bias, target)
+    # The tile backend as the plain op chooses it (its error for backend="triton" where Triton
+    # cannot run); the kernels take eager calls (graphs, torch.func and meta tensors: torch ops).
+    name = "torch" if lp.x.is_meta and mode is not Mode.CAPTURE else chunked.select(
+        backend, lp.x, p.prob, D != 1 or bool(lp.out_features))
+    kernel = (name == "triton" and mode in (Mode.EAGER, Mode.CAPTURE) and not transform
+              and not weight_grad and work == torch.float32)
     sp = _Spec(C, D, ii, p.label_smoothing, p.prob, ex, work, None if p.weight is None else
-               (p.weight if weight_grad else p.weight.detach()).to(work).contiguous())
+               (p.weight if weight_grad else p.weight.detach()).to(work).contiguous(), kernel)
     x, w, b = lp.x, lp.w, lp.b
     if lp.compute_dtype != x.dtype:  # under autocast: stock's linear runs in the autocast dtype
         x, w = x.to(lp.compute_dtype), w.to(lp.compute_dtype)
         b = None if b is None else b.to(lp.compute_dtype)
-    transform = mode is Mode.TRANSFORM or _forward_ad(input, linear_weight, linear_bias, target)
     with _autocast_off(dev):
         if transform or weight_grad:
             ce, zl, lse, ent, correct = _differentiable(x, w, b, t, valid, sp)
@@ -250,6 +258,9 @@ class _Spec:
     ex: X.Extras
     work: torch.dtype  # float32 (float64 for float64 inputs)
     weight: Tensor | None  # (C,), work dtype
+    # Each tile through the Triton kernels with the extras inside (``backends.triton_extras``):
+    # class-index targets of a plain head in float32, eager calls (see ``run``).
+    kernel: bool = False
 
 
 class _Mats:
@@ -316,6 +327,38 @@ def _forward_tile(z: Tensor, tc: Tensor, vc: Tensor, sp: _Spec, stats: bool
     return zt, logp, lse, ce, zl, ent, pred
 
 
+def _kernel_tile(z: Tensor, tc: Tensor, sp: _Spec, stats: bool, ce: Tensor, zl: Tensor, lse: Tensor,
+                 ent: Tensor | None, correct: Tensor | None) -> None:
+    """The tile's rows from the Triton forward kernel with the extras inside (no softmax check:
+    the findings are counted from the rows), written into the chunk's slices."""
+    from ..backends import triton_extras
+
+    ex = sp.ex
+    cc, zc, lc, ec, hit, _flags, _wy = triton_extras._fwd_impl(
+        z, tc, sp.weight, sp.ignore_index, sp.eps, False, False, math.inf, ex.softcap or 0.0,
+        ex.temperature, ex.z_loss, stats)
+    ce.copy_(cc)
+    lse.copy_(lc)
+    if ex.z_loss:
+        zl.copy_(zc)
+    else:
+        zl.zero_()
+    if ent is not None and correct is not None:
+        ent.copy_(ec)
+        correct.copy_(hit)
+
+
+def _kernel_tile_grad(z: Tensor, tc: Tensor, sp: _Spec, lse: Tensor, g_ce: Tensor, g_zl: Tensor) -> Tensor:
+    """d loss / d z of the tile from the Triton backward kernel (both upstream gradients, through
+    cap and temperature), written over the tile itself."""
+    from ..backends import triton_extras
+
+    ex = sp.ex
+    triton_extras._launch_bwd_x(z, tc, sp.weight, lse, lse, g_ce, g_zl, z, None, sp.ignore_index, sp.eps,
+                                False, ex.softcap or 0.0, ex.temperature, ex.z_loss)
+    return z
+
+
 def _differentiable(x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Tensor, sp: _Spec
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The chunks as plain differentiable ops (torch.func, forward AD, a class weight that
@@ -325,7 +368,7 @@ def _differentiable(x: Tensor, w: Tensor, b: Tensor | None, t: Tensor, valid: Te
     vflat = valid.reshape(-1)
     parts: list[list[Tensor]] = [[], [], [], [], []]
     stats = sp.ex.return_stats
-    rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, ops.x.device)
+    rows = chunked.chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, ops.x.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
         z = _rows_of(ops.logits(s, e), e - s, sp)
@@ -362,11 +405,15 @@ class _LinearExtras(torch.autograd.Function):
         ent = torch.empty(P if stats else 0, dtype=sp.work, device=dev)
         correct = torch.empty(P if stats else 0, dtype=torch.bool, device=dev)
         vflat = valid.reshape(-1)
-        rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
+        rows = chunked.chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             z = _rows_of(ops.logits(s, e), e - s, sp)
             tc, vc = _targets_of(t, s, e, sp), vflat[s * D : e * D]
+            if sp.kernel:  # one kernel pass over the tile: rows, lse, entropy, argmax hits
+                _kernel_tile(z, tc, sp, stats, ce[s:e], zl[s:e], lse_all[s:e], ent[s:e] if stats else None,
+                             correct[s:e] if stats else None)
+                continue
             _, _, lse, cc, zc, ec, pred = _forward_tile(z, tc, vc, sp, stats)
             ce[s * D : e * D] = cc
             zl[s * D : e * D] = zc
@@ -377,13 +424,13 @@ class _LinearExtras(torch.autograd.Function):
                 correct[s * D : e * D] = (pred == tc) if not sp.prob else False
         ctx.sp = sp
         ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype, t.dtype)
-        ctx.save_for_backward(x, w, b, t, valid)
+        ctx.save_for_backward(x, w, b, t, valid, lse_all if sp.kernel else None)
         ctx.mark_non_differentiable(lse_all, ent, correct)
         return ce, zl, lse_all, ent, correct
 
     @staticmethod
     def backward(ctx: Any, g_ce: Tensor, g_zl: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, w, b, t, valid = ctx.saved_tensors
+        x, w, b, t, valid, lse_saved = ctx.saved_tensors
         sp: _Spec = ctx.sp
         xdt, wdt, bdt, tdt = ctx.dtypes
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
@@ -408,13 +455,22 @@ class _LinearExtras(torch.autograd.Function):
         dq = torch.zeros(t.shape, dtype=sp.work, device=dev) if need_t else None
         wt = sp.weight
         w_sum: float | Tensor = float(C) if wt is None else wt.sum()
-        rows = chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
+        rows = chunked.chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
             r = e - s
             z = _rows_of(ops.logits(s, e), r, sp)
             tc, vc = _targets_of(t, s, e, sp), vflat[s * D : e * D]
             gc, gz = gce[s * D : e * D], gzl[s * D : e * D]
+            if sp.kernel:  # one kernel pass: the tile's gradient through cap and temperature, in place
+                dz = _kernel_tile_grad(z, tc, sp, lse_saved[s:e], gc, gz)
+                if dx is not None:
+                    dx[s:e] = ops.dx(dz)
+                if dw is not None:
+                    dw += ops.dw(dz, s, e)
+                if db is not None:
+                    db += dz.sum(0)
+                continue
             zt, logp, lse, *_ = _forward_tile(z, tc, vc, sp, False)
             p = logp.exp()
             if sp.prob:
