@@ -160,7 +160,8 @@ class Launch:
 
 def workload(case: str) -> str:
     """The shape name of a case ("ce cls-N4096-C10 bfloat16 index train" -> "cls-N4096-C10")."""
-    return case.split()[1]
+    parts = case.split()
+    return parts[1] if len(parts) > 1 else case
 
 
 def _plain(v: Any) -> Any:
@@ -245,7 +246,7 @@ class Recorder:
 def meta_is_cuda() -> Iterator[None]:
     """Meta tensors stand for CUDA tensors: the backend choice says Triton can run on them, and the
     linear path cuts its chunks by its CUDA memory plan (``chunked.plan``, which every cut goes
-    through)."""
+    through) with half-precision operands kept as they are (as on CUDA: no fp32 copies)."""
     from safeloss.backends import dispatch
     from safeloss.linear import chunked
 
@@ -257,11 +258,12 @@ def meta_is_cuda() -> Iterator[None]:
     def cuda_plan(*args: Any, device_type: str, **kwargs: Any) -> Any:
         return plan(*args, device_type="cuda" if device_type == "meta" else device_type, **kwargs)
 
-    dispatch.triton_unavailable_reason, chunked.plan = unavailable, cuda_plan
+    half = chunked.HALF_OPERANDS_ON_CPU
+    dispatch.triton_unavailable_reason, chunked.plan, chunked.HALF_OPERANDS_ON_CPU = unavailable, cuda_plan, True
     try:
         yield
     finally:
-        dispatch.triton_unavailable_reason, chunked.plan = reason, plan
+        dispatch.triton_unavailable_reason, chunked.plan, chunked.HALF_OPERANDS_ON_CPU = reason, plan, half
 
 
 # The grid. Shapes are (name, logits shape, layout); layouts: "rows" (class dim contiguous when it
@@ -409,14 +411,17 @@ def _ce_extras_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tup
 def _linear_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: bool, reduction: str) -> None:
     import torch
 
-    import safeloss
+    from safeloss.core.mode import Mode
+    from safeloss.linear import api as linear_api
 
     x = torch.empty((n, h), device="meta", dtype=dtype, requires_grad=True)
     lw = torch.empty((c, h), device="meta", dtype=dtype, requires_grad=True)
     t = torch.empty((n,), device="meta", dtype=torch.int64)
     w = torch.empty((c,), device="meta", dtype=torch.float32) if has_w else None
-    out = safeloss.linear_cross_entropy(x, lw, t, weight=w, reduction=reduction, label_smoothing=eps,
-                                        backend="triton")
+    # The entry sends meta tensors to stock's reference path (shapes only); the call a CUDA
+    # graph capture makes (no host reads) runs the chunk loop and its Triton tile, as on a GPU.
+    out = linear_api.run(Mode.CAPTURE, x, lw, t, None, w, reduction, -100, eps, strict=None,
+                         backend="triton", owner=None)
     out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
 
 
@@ -929,18 +934,20 @@ def quick_selection(launches: list[Launch], known: dict[str, dict[str, Any]]) ->
     return list(pick.values())
 
 
-def _resumable(path: str, meta: dict[str, Any], targets: list[int]) -> dict[str, list[dict[str, Any]]]:
-    """Results of an earlier run that this run may reuse: same Triton, same kernel code, every
-    target present and no worker death among them (compile errors are kept: they are results)."""
+def _resumable(path: str, meta: dict[str, Any], targets: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Results of an earlier run that this run may reuse, per configuration and target: same
+    Triton, same kernel code, no worker death (compile errors are kept: they are results). A
+    target the earlier run did not compile is compiled now (targets can be added in stages)."""
     table = load_table(path)
     if table is None or table["meta"].get("triton") != meta["triton"] \
             or table["meta"].get("sources") != meta["sources"]:
         print(f"--resume {path}: another Triton or other kernel code; compiling everything")
         return {}
-    out = {}
+    out: dict[str, dict[int, dict[str, Any]]] = {}
     for r in table["configurations"]:
-        res = [dict(r["results"][str(t)], cc=t) for t in targets if str(t) in r["results"]]
-        if len(res) == len(targets) and not any("worker died" in x.get("error", "") for x in res):
+        res = {t: dict(r["results"][str(t)], cc=t) for t in targets if str(t) in r["results"]}
+        res = {t: x for t, x in res.items() if "worker died" not in x.get("error", "")}
+        if res:
             out[r["key"]] = res
     return out
 
@@ -1023,11 +1030,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {done}/{total} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
     reused = _resumable(a.resume, meta, targets) if a.resume else {}
-    fresh = [x for x in todo if x.key not in reused]
+    got: dict[tuple[str, int], dict[str, Any]] = {(k, t): r for k, rs in reused.items() for t, r in rs.items()}
     if reused:
-        print(f"reusing {len(todo) - len(fresh)} configurations from {a.resume}", flush=True)
-    got = dict(zip((x.key for x in fresh), compile_all(fresh, targets, a.jobs, progress)))
-    results = [got[x.key] if x.key in got else reused[x.key] for x in todo]
+        print(f"reusing {len(got)} of {len(todo) * len(targets)} compiles from {a.resume}", flush=True)
+    for cc in targets:  # per target: the configurations it still lacks
+        fresh = [x for x in todo if (x.key, cc) not in got]
+        for x, (r,) in zip(fresh, compile_all(fresh, [cc], a.jobs, progress)):
+            got[x.key, cc] = r
+    results = [[got[x.key, cc] for cc in targets] for x in todo]
     meta["compile_seconds"] = round(time.perf_counter() - t1)
     rows = [row(x, r) for x, r in zip(todo, results)]
     failures = [f"{describe(x)}: {f}" for x, r in zip(todo, rows) for f in r["failures"]]
