@@ -315,3 +315,55 @@ def test_safeloss_own_api_is_not_routed_twice() -> None:
     assert len([w for w in caught if issubclass(w.category, safeloss.SafeLossWarning)]) == 2
     torch.testing.assert_close(out, STOCK_F(x, y))
     torch.testing.assert_close(out_f, STOCK_F(x, y))
+
+
+def _compiled_mismatch_error() -> BaseException:
+    """The error a fullgraph torch.compile of a patched F.cross_entropy raises on a batch mismatch."""
+
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(x, y)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(M(), backend="eager", fullgraph=True)(torch.randn(4, 3), torch.tensor([0, 1, 2]))
+    return info.value
+
+
+def test_dynamo_traces_the_patched_function_after_its_table_was_cleared() -> None:
+    """torch.distributed.init_process_group clears Dynamo's table of torch functions; rebuilt while
+    patched, it took safeloss's function for a torch op (run unread on fake tensors: the mismatch
+    surfaced as Dynamo's TorchRuntimeError). patch() builds it first, with stock's function."""
+    import torch._dynamo.trace_rules as rules
+
+    from safeloss.patch import cross_entropy as patched
+
+    rules.clear_lru_cache()  # what init_process_group does
+    try:
+        with patch():
+            assert patched not in rules.get_torch_obj_rule_map()
+            err = _compiled_mismatch_error()
+        assert type(err).__name__ == "Unsupported", err  # Dynamo traced our code, which raised
+        assert "BatchSizeMismatchError" in repr([err.__cause__, err.__context__])
+        assert rules.get_torch_obj_rule_map()[F.cross_entropy] is not None
+    finally:
+        rules.clear_lru_cache()
+        rules.get_torch_obj_rule_map()
+
+
+def test_a_table_rebuilt_while_patched_is_repaired_at_the_next_patch() -> None:
+    import torch._dynamo.trace_rules as rules
+
+    from safeloss.patch import cross_entropy as patched
+
+    stock = F.cross_entropy
+    try:
+        with patch():
+            rules.clear_lru_cache()  # e.g. init_process_group inside the patch
+            assert patched in rules.get_torch_obj_rule_map()  # rebuilt under our name
+        with patch():
+            table = rules.get_torch_obj_rule_map()
+            assert patched not in table and stock in table
+    finally:
+        rules.clear_lru_cache()
+        rules.get_torch_obj_rule_map()

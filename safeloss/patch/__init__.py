@@ -340,14 +340,28 @@ def _install() -> None:
 def _prime_dynamo() -> None:
     """Make torch.compile see stock ``F.cross_entropy`` under its own name.
 
-    Dynamo resolves the names in its list of torch functions (``torch.nn.functional.cross_entropy``
-    among them) once, on import. Imported while patched, it would take our function for a torch
-    op and put it in the graph unread; the compiler then runs it on fake tensors, which keep stock
-    behaviour, and every check would be skipped without a word. Imported first, it sees stock
-    torch there, and inlines our function like any user code.
+    Dynamo's table of torch functions (``trace_rules.get_torch_obj_rule_map``) resolves names such
+    as ``torch.nn.functional.cross_entropy`` when it is first needed, and again after anything
+    clears it (``torch.distributed.init_process_group`` does). Built while patched, it takes our
+    function for a torch op: Dynamo then puts it in the graph unread and runs it on fake tensors,
+    so a shape mistake surfaces as Dynamo's ``TorchRuntimeError`` instead of being traced like any
+    user code. So the table is built here, before our function takes the name, and an entry that
+    a rebuild while patched gave our function goes back to stock's.
     """
-    with contextlib.suppress(Exception):  # a torch build without dynamo: nothing to prime
-        import torch._dynamo  # noqa: F401  (1-2 s, once; Transformers and Lightning import it anyway)
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    if rules is None:
+        with contextlib.suppress(Exception):  # a torch build without dynamo: nothing to prime
+            import torch._dynamo  # noqa: F401  (1-2 s, once; Transformers and Lightning import it anyway)
+        rules = sys.modules.get("torch._dynamo.trace_rules")
+    get = getattr(rules, "get_torch_obj_rule_map", None)
+    if get is None:
+        return
+    with contextlib.suppress(Exception):  # Dynamo internals: a later torch may differ
+        table = get()  # cached after the first build
+        rule = table.pop(cross_entropy, None)
+        if rule is not None:
+            table.setdefault(_FUNCTIONAL.cross_entropy if _FUNCTIONAL.cross_entropy is not cross_entropy
+                             else _saved_function, rule)
 
 
 def _uninstall() -> None:
