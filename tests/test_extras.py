@@ -1000,7 +1000,7 @@ def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:
         g = r["dtensor-prob"]
         assert g.get("error") == "BackendError", g
         assert "z_loss=0.1 got DTensor logits with probability targets" in g["message"], g
-        assert "raised on rank 0 of the 2 ranks" in g["message"], g
+        assert "raised on rank" not in g["message"], g  # every rank found it: no rank is singled out
         g = r["dtensor-rows"]
         assert "ok" in g, g
         g = g["ok"]

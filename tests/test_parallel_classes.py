@@ -286,10 +286,56 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return res
 
 
-def _value(out: Any) -> torch.Tensor:
+def _local(v: Any) -> torch.Tensor:
+    return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+
+
+def _value(out: Any, stats: bool = False) -> Any:
+    """The loss (a tensor), or with ``stats`` the loss and the LossStats' lse, entropy, accuracy."""
+    if stats:
+        loss, st = out
+        return tuple(_local(v) for v in (loss, st.lse, st.entropy, st.accuracy))
     out = out[0] if isinstance(out, tuple) else out
-    out = out.to_local() if hasattr(out, "to_local") else out
-    return out.detach()
+    return _local(out)
+
+
+HASH_ROWS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (stream: 0 labels, 1 weight; row of the hash)
+
+
+class _one_hash_row_blind:
+    """Every rank's hash row ``row`` of ``stream`` set to 0 (as if it collided): the other row
+    alone must still tell different labels (or weights) apart."""
+
+    def __init__(self, stream: int, row: int) -> None:
+        self.stream, self.row = stream, row
+
+    def __enter__(self) -> None:
+        from safeloss.parallel import vocab
+
+        self.real = real = vocab._salted_hash
+
+        def blind(values: torch.Tensor, salt: int, stream: int) -> torch.Tensor:
+            h = real(values, salt, stream)
+            if stream == self.stream:
+                h = h.clone()
+                h[self.row] = 0
+            return h
+
+        vocab._salted_hash = blind
+
+    def __exit__(self, *exc: object) -> None:
+        from safeloss.parallel import vocab
+
+        vocab._salted_hash = self.real
+
+
+def _masked_row() -> tuple[torch.Tensor, torch.Tensor, None]:
+    """A fully masked (-inf) padding row, ignored: its log-sum-exp is -inf (as logsumexp's)."""
+    x, t, _ = _data(6)
+    x[2] = -math.inf
+    t = t.clone()
+    t[2] = -100
+    return x, t, None
 
 
 class _Ranks:
@@ -309,7 +355,8 @@ class _Ranks:
         off = sum(sizes[: self.rank])
         return x.narrow(cdim, off, sizes[self.rank])
 
-    def run(self, layout: str, x: Any, t: Any, w: Any, kw: dict[str, Any], local: Any = ...) -> Any:
+    def run(self, layout: str, x: Any, t: Any, w: Any, kw: dict[str, Any], local: Any = ...,
+            stats: bool = False) -> Any:
         """The loss from this rank's part of ``x`` (or from ``local``, an odd rank's own slice)."""
         if layout == DTENSOR:
             from torch.distributed.tensor import DTensor, Shard
@@ -321,10 +368,10 @@ class _Ranks:
             dx = DTensor.from_local(local, self.mesh, [Shard(cdim)], run_check=False, shape=x.shape,
                                     stride=x.contiguous().stride())
             with loss_parallel():
-                return _value(safeloss.cross_entropy(dx, t, w, **kw))
+                return _value(safeloss.cross_entropy(dx, t, w, **kw), stats)
         group = self.sub if layout.startswith("sub-") else None
         xl = self.slice(x, layout) if local is ... else local
-        return _value(safeloss.vocab_parallel_cross_entropy(xl, t, w, group=group, **kw))
+        return _value(safeloss.vocab_parallel_cross_entropy(xl, t, w, group=group, **kw), stats)
 
 
 def _worker(rank: int, store: str, out: str) -> None:
@@ -371,6 +418,22 @@ def _worker(rank: int, store: str, out: str) -> None:
                 elif last and name == "sign-of-one":
                     wl[3] = -w[3]
                 results[f"weights/{layout}/{name}"] = _call(r.run, layout, x, t, wl, {})
+        for layout in ("2-0-5", DTENSOR):
+            last = rank == WORLD - 1
+            for stream, row in HASH_ROWS:
+                x, t, w = _data(4)
+                tl, wl = t.clone(), w.clone()
+                if last and stream == 0:
+                    tl[1] = (tl[1] + 1) % C
+                if last and stream == 1:
+                    wl[1] = wl[1] * 2
+                with _one_hash_row_blind(stream, row):
+                    results[f"hash-row/{layout}/{stream}-{row}"] = _call(r.run, layout, x, tl, wl, {})
+        for layout in LAYOUTS:
+            if rank in r.members(layout):
+                x, t, _ = _masked_row()
+                results[f"stats/{layout}"] = _call(r.run, layout, x, t, None, dict(reduction="none", return_stats=True),
+                                                   stats=True)
         x, t, w = _data(3)
         for layout in ("2-0-5", DTENSOR):
             for name in ONE_RANK + (ONE_RANK_PLAIN if layout != DTENSOR else []):
@@ -413,8 +476,10 @@ def _same_on_every_rank(res: list[dict[str, Any]], key: str, members: list[int])
         assert g.get("error") == first.get("error") and g.get("message") == first.get("message"), (key, got)
         assert g.get("builtins") == first.get("builtins") and g["warnings"] == first["warnings"], (key, got)
         if "ok" in first:
-            assert "ok" in g and torch.equal(g["ok"].isnan(), first["ok"].isnan()), (key, got)
-            assert torch.equal(g["ok"].nan_to_num(), first["ok"].nan_to_num()), (key, got)
+            assert "ok" in g, (key, got)
+            a, b = (v if isinstance(v, tuple) else (v,) for v in (g["ok"], first["ok"]))
+            for u, v in zip(a, b, strict=True):
+                assert torch.equal(u.isnan(), v.isnan()) and torch.equal(u.nan_to_num(), v.nan_to_num()), (key, got)
     return first
 
 
@@ -485,6 +550,30 @@ def test_labels_or_weights_that_differ_in_any_pattern_are_caught(
     assert got.get("error") == "ParallelMismatchError", got
     want = "different class weights" if name.startswith("weight-") else "the labels differ between ranks"
     assert want in got["message"], got["message"]
+
+
+@pytest.mark.parametrize("layout", ["2-0-5", DTENSOR])
+@pytest.mark.parametrize("stream,row", HASH_ROWS)
+def test_each_hash_row_is_compared(ranks: list[dict[str, Any]], layout: str, stream: int, row: int) -> None:
+    """Two independent salted hashes per tensor, each compared: with one row blind (as if it
+    collided, probability 1/(P - 1)), the other still catches the difference (the documented
+    (P - 1)^-2 needs both)."""
+    got = _same_on_every_rank(ranks, f"hash-row/{layout}/{stream}-{row}", list(range(WORLD)))
+    assert got.get("error") == "ParallelMismatchError", got
+    assert ("different class weights" if stream else "the labels differ between ranks") in got["message"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_statistics_of_a_fully_masked_row(ranks: list[dict[str, Any]], layout: str) -> None:
+    """return_stats on an ignored all -inf row: the single-device statistics (lse -inf, never NaN
+    from (-inf) - (-inf)), on every split."""
+    got = _same_on_every_rank(ranks, f"stats/{layout}", _members(layout))
+    assert "ok" in got, got
+    x, t, _ = _masked_row()
+    want = _value(safeloss.cross_entropy(x, t, reduction="none", return_stats=True), stats=True)
+    for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy")):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=what)
+    assert got["ok"][1][2].item() == -math.inf
 
 
 def test_label_pairs_defeat_unsalted_fingerprints() -> None:
