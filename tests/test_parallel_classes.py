@@ -639,7 +639,8 @@ CE_CHECKS_FIRST = {"reduction", "label_smoothing", "backend", "softcap", "z_loss
 
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("bad", BAD_ARGUMENTS)
-def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch: None) -> None:
+def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch: None,
+                                              request: pytest.FixtureRequest) -> None:
     """An argument wrong on one rank only must be raised after the first all-reduce (which tells
     every rank): raised before it, that rank leaves the others waiting in it. One process on a
     fake process group (its collectives return at once): counts the engine's all-reduces before
@@ -647,7 +648,10 @@ def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch:
     if entry in ("module", "patched-module") and bad == "weight":
         pytest.skip("a list weight is refused when the module is built (torch's buffer check)")
     if entry != "vocab_parallel" and bad in CE_CHECKS_FIRST:
-        pytest.xfail("safeloss/ce/ checks this argument before the DTensor route (reported to the lead)")
+        # Runs, and must fail until the entry hands the raw argument to the parallel engine; then
+        # it passes, and strict=True makes that a failure too: remove this marker with that fix.
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="the DTensor entries (safeloss/ce/, patch/) check this argument before the route"))
     import torch.distributed as dist
 
     from safeloss.parallel import vocab
@@ -682,7 +686,10 @@ def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch:
                         if entry == "cross_entropy":
                             safeloss.cross_entropy(dx, t, w, **kw)
                         elif entry == "module":
-                            safeloss.SafeCrossEntropyLoss(w, **kw)(dx, t)
+                            m = safeloss.SafeCrossEntropyLoss(w)  # changed after construction (checked
+                            for k, v in kw.items():  # per call), as a config or a schedule does
+                                setattr(m, k, v)
+                            m(dx, t)
                         else:
                             ce_kw = {k: v for k, v in kw.items() if k in ("reduction", "label_smoothing",
                                                                              "ignore_index")}

@@ -62,8 +62,18 @@ def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | No
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
-    out = total / denom
+    out = _nothing_to_average(total / denom, p, denom, acc)
     return (out if out.dtype == p.out_dtype else out.to(p.out_dtype)), denom
+
+
+def _nothing_to_average(out: Tensor, p: Problem, denom: int | Tensor, acc: torch.dtype) -> Tensor:
+    """A weighted, smoothed mean whose total weight is 0 is NaN, as stock's: it divides its label
+    term and its smoothing term by the total weight separately, so the label term's 0/0 makes the
+    mean NaN (nothing to average) although the smoothing term alone would be finite/0 = inf."""
+    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
+        out = out + torch.zeros((), dtype=acc, device=out.device) / denom
+    return out
+
 
 def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
     """``reduce`` of per-position losses whose positions are split over ranks (a DTensor sharded on
@@ -82,13 +92,7 @@ def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor]
         denom = across(denom)
     if p.out_dtype == torch.float16:
         total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
-    out = total / denom
-    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
-        # Stock torch divides the label term and the smoothing term by the total weight
-        # separately: with a total weight of 0 the label term is 0/0 = NaN, so the mean is NaN
-        # (nothing to average) even though the smoothing term alone would be finite/0 = inf.
-        out = out + torch.zeros((), dtype=acc, device=losses.device) / denom
-    return out.to(p.out_dtype)
+    return _nothing_to_average(total / denom, p, denom, acc).to(p.out_dtype)
 
 
 def losses_grad(
