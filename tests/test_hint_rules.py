@@ -363,3 +363,14 @@ def test_one_based_filler_boundary(extra: int, one_based: bool) -> None:
     msg = oob(torch.randn(t.numel(), C, generator=_g()), t)
     assert ("look 1-based" in msg) == one_based, msg
     assert ("more like a filler value" in msg) == (not one_based), msg
+
+
+@pytest.mark.parametrize("code", [250, 254, 255, 65535, 253, 65534])
+def test_mask_code_hint_names_exactly_the_usual_codes(code: int) -> None:
+    """250, 254, 255 and 65535 are the usual 'no label' codes (ignore_index=code is the fix);
+    a neighbouring value is just a label beyond the outputs."""
+    t = torch.tensor([0, 1, code, 2, code, 3])
+    msg = oob(torch.randn(6, 5, generator=_g()), t)
+    usual = code in (250, 254, 255, 65535)
+    assert (f"Every bad value is {code}, which looks like" in msg) == usual, msg
+    assert (f"ignore_index={code})" in msg) == usual, msg

@@ -374,6 +374,28 @@ class _Ranks:
         return _value(safeloss.vocab_parallel_cross_entropy(xl, t, w, group=group, **kw), stats)
 
 
+    def grad(self, layout: str, x: torch.Tensor, t: Any, w: Any, kw: dict[str, Any]) -> torch.Tensor:
+        """The gradient of this rank's slice (of the mean loss)."""
+        cdim = 0 if x.dim() == 1 else 1
+        local = (torch.tensor_split(x, WORLD, cdim)[self.rank] if layout == DTENSOR
+                 else self.slice(x, layout)).clone().requires_grad_()
+        if layout == DTENSOR:
+            from torch.distributed.tensor import DTensor, Shard
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            dx = DTensor.from_local(local, self.mesh, [Shard(cdim)], run_check=False, shape=x.shape,
+                                    stride=x.contiguous().stride())
+            with loss_parallel():
+                out = safeloss.cross_entropy(dx, t, w, **kw)
+                (out[0] if isinstance(out, tuple) else out).backward()
+        else:
+            group = self.sub if layout.startswith("sub-") else None
+            out = safeloss.vocab_parallel_cross_entropy(local, t, w, group=group, **kw)
+            (out[0] if isinstance(out, tuple) else out).backward()
+        assert local.grad is not None
+        return local.grad
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -397,6 +419,8 @@ def _worker(rank: int, store: str, out: str) -> None:
             for name in ZERO_WEIGHT_CASES if layout in ZERO_WEIGHT_LAYOUTS else ():
                 x, t, w, kw = _zero_weight_case(name)
                 results[f"zero/{layout}/{name}"] = _call(r.run, layout, x, t, w, kw)
+                if not kw.get("strict"):
+                    results[f"zero-grad/{layout}/{name}"] = _call(r.grad, layout, x, t, w, kw)
         for layout in ("2-0-5", "sub-6-1", DTENSOR):
             if rank not in r.members(layout):
                 continue
@@ -538,6 +562,17 @@ def test_zero_total_weight_mean_is_nan_with_the_true_diagnosis(
     if "z_loss" not in kw:
         want = _single_device(x, t, w, kw)
         assert got["warnings"] == want["warnings"]
+    # stock's gradient: NaN at every counted position, 0 at ignored ones (was +-inf with smoothing)
+    xs = x.double().requires_grad_()
+    F.cross_entropy(xs, t, w.double(), **stock).backward()
+    assert xs.grad is not None
+    for rank in _members(layout):
+        g = ranks[rank][f"zero-grad/{layout}/{name}"]
+        assert "ok" in g, g
+        want_grad = (torch.tensor_split(xs.grad, WORLD, 1)[rank] if layout == DTENSOR else
+                     xs.grad.narrow(1, sum(SPLITS[layout][:rank]), SPLITS[layout][rank]))
+        assert torch.equal(g["ok"].isnan(), want_grad.isnan()), (rank, g["ok"], want_grad)
+        assert torch.equal(g["ok"].nan_to_num(), want_grad.to(g["ok"].dtype).nan_to_num()), (rank, g["ok"])
 
 
 @pytest.mark.parametrize("layout", ["2-0-5", "sub-6-1", DTENSOR])

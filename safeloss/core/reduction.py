@@ -62,17 +62,18 @@ def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | No
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
-    out = _nothing_to_average(total / denom, p, denom, acc)
+    out = total / _nothing_to_average(denom, p)
     return (out if out.dtype == p.out_dtype else out.to(p.out_dtype)), denom
 
 
-def _nothing_to_average(out: Tensor, p: Problem, denom: int | Tensor, acc: torch.dtype) -> Tensor:
-    """A weighted, smoothed mean whose total weight is 0 is NaN, as stock's: it divides its label
-    term and its smoothing term by the total weight separately, so the label term's 0/0 makes the
-    mean NaN (nothing to average) although the smoothing term alone would be finite/0 = inf."""
-    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
-        out = out + torch.zeros((), dtype=acc, device=out.device) / denom
-    return out
+def _nothing_to_average(denom: int | Tensor, p: Problem) -> int | Tensor:
+    """The divisor of a mean: NaN for a weighted, smoothed mean whose total weight is 0. Stock
+    divides its label term and its smoothing term by the total weight separately, so the label
+    term's 0/0 makes the mean NaN (nothing to average), and its gradient NaN at every counted
+    position, where the smoothing term alone would give finite/0 = inf and gradients of +-inf."""
+    if p.label_smoothing > 0 and p.weight is not None and not p.prob and isinstance(denom, Tensor):
+        return torch.where(denom == 0, math.nan, denom)
+    return denom
 
 
 def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -92,7 +93,7 @@ def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor]
         denom = across(denom)
     if p.out_dtype == torch.float16:
         total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
-    return _nothing_to_average(total / denom, p, denom, acc).to(p.out_dtype)
+    return (total / _nothing_to_average(denom, p)).to(p.out_dtype)
 
 
 def losses_grad(
