@@ -176,8 +176,13 @@ def test_empty_batch_sum_none(backend, shape, red, tk):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["empty", "all-ignored", "zero-weight", "empty-prob"])
-def test_nothing_to_average_is_nan_with_zero_grads(backend, case):
+@pytest.mark.parametrize("case", ["empty", "all-ignored", "zero-weight", "empty-prob", "zero-weight-smoothing"])
+def test_nothing_to_average_is_nan_with_zero_grads(backend, case, request):
+    if case == "zero-weight-smoothing" and backend == "triton":
+        # The kernel's own mean: +-inf gradients where stock's are NaN (issue 19; safeloss/backends
+        # is another branch's area, reported to the lead). strict: passes once fixed, then fails
+        # until this marker goes.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton mean: +-inf gradients at total weight 0"))
     C = 5
     w = None
     if case == "empty":
@@ -189,18 +194,19 @@ def test_nothing_to_average_is_nan_with_zero_grads(backend, case):
     else:
         x, t = torch.randn(4, C), torch.tensor([0, 1, 0, 1])
         w = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    eps = 0.1 if case.endswith("-smoothing") else 0.0  # stock: NaN still (label term 0/0), not inf
     x, t = x.to(DEVICE), t.to(DEVICE)
     w = None if w is None else w.to(DEVICE)
     xs, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ref = F.cross_entropy(xs, t, weight=w)
+    ref = F.cross_entropy(xs, t, weight=w, label_smoothing=eps)
     with pytest.warns(safeloss.SafeLossWarning, match="nothing to average|empty batch"):
-        out = safeloss.cross_entropy(xo, t, weight=w, backend=backend)
+        out = safeloss.cross_entropy(xo, t, weight=w, backend=backend, label_smoothing=eps)
     assert torch.isnan(ref) and torch.isnan(out)
     ref.backward()
     out.backward()
     # torch's gradients: zeros, except NaN (0 * inf) where the weights themselves sum to 0.
     torch.testing.assert_close(xo.grad, xs.grad, equal_nan=True, rtol=0, atol=0)
-    assert xo.grad.isnan().any() == (case == "zero-weight")
+    assert xo.grad.isnan().any() == case.startswith("zero-weight")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,3 +296,21 @@ def test_llm_vocabulary_262144(backend, ls):
         ours, stock, truth = (results[k][i] for k in ("ours", "stock", "truth"))
         err_ours, err_stock = (ours - truth).abs().max().item(), (stock - truth).abs().max().item()
         assert err_ours <= 2 * err_stock + 1e-6, f"{what}: safeloss error {err_ours:.3g} vs stock {err_stock:.3g}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows", [65, 100, 128, 129])
+@pytest.mark.parametrize("softmaxed", ["sampled", "all"])
+def test_softmax_check_samples_the_same_rows_on_every_backend(backend, rows, softmaxed):
+    """Above 64 positions both backends check the 64 positions i * N // 64 (the torch backend's
+    shortcut of checking every row stops at 64): rows outside the sample do not change the
+    verdict, and the message counts the sampled rows."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 6, generator=g).softmax(1)
+    if softmaxed == "sampled":
+        outside = torch.ones(rows, dtype=torch.bool)
+        outside[torch.arange(64) * rows // 64] = False
+        x[outside] = torch.randn(int(outside.sum()), 6, generator=g) * 3  # raw logits, never sampled
+    t = torch.randint(0, 6, (rows,), generator=g)
+    with pytest.warns(safeloss.SafeLossWarning, match=rf"looks already softmaxed: all 64 sampled rows \(of {rows}\)"):
+        safeloss.cross_entropy(x, t, backend=backend)

@@ -291,3 +291,22 @@ def test_weight_dtype_rule_on_meta_logits():
     w, findings = validation._check_weight(torch.ones(5, dtype=torch.float64), meta, 5, True, torch.float32)
     assert w.dtype == torch.float32 and [f.kind for f in findings] == ["weight-dtype"]
     assert findings[0].message.startswith("weight is torch.float64 but the logits are torch.float32;")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,value", [(torch.uint32, 2**32 - 1), (torch.uint32, 2**31), (torch.uint16, 2**16 - 1)])
+def test_wide_unsigned_label_keeps_its_value(dtype, value, backend):
+    """uint16 / uint32 labels widen without wrapping (issue 19's mutant: uint32 widened to int32
+    turned 2**32 - 1 into -1, which ignore_index=-1 then skipped silently): the label is named with
+    its own value and never equals a negative ignore_index."""
+    t = torch.tensor([0, 1, value, 2]).to(dtype)
+    x = torch.randn(4, 5)
+    for ignore_index in (-1, -100):
+        for strict in (False, True):
+            with pytest.raises(safeloss.TargetOutOfRangeError,
+                               match=rf"(?s)1 of 4 targets is outside the class range 0..4.*bad values: {value} at \[2\]"
+                                     rf".*ignore_index={ignore_index}"):
+                safeloss.cross_entropy(x, t, ignore_index=ignore_index, backend=backend, strict=strict)
+    # in range, the widened labels are the same classes as int64 ones
+    t = torch.tensor([0, 1, 4, 2]).to(dtype)
+    assert_matches(safeloss.cross_entropy(x, t, ignore_index=-1, backend=backend), F.cross_entropy(x, t.long()))

@@ -1388,3 +1388,46 @@ def test_readme_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "z-loss" in out and "mean entropy" in out
+
+
+# Issue 19 (a), every op: a mean with nothing to average is NaN with that diagnosis.
+ZERO_WEIGHT_EXTRAS = {"none": {}, "z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 30.0},
+                      "temperature": {"temperature": 2.0}, "return_stats": {"return_stats": True}}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("extra", ZERO_WEIGHT_EXTRAS)
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_zero_total_weight_mean_is_nan_with_the_true_diagnosis(
+        op: str, extra: str, dtype: torch.dtype, eps: float, strict: bool) -> None:
+    """Every non-ignored target has class weight 0: stock's mean is 0/0 = NaN, label smoothing or
+    not (its label and smoothing terms are divided by the total weight separately). Was: inf and
+    "overflowed float32" with smoothing on the extras path and in linear_cross_entropy."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 5, generator=gen).to(dtype)
+    W = torch.randn(7, 5, generator=gen).to(dtype)
+    t = torch.randint(0, 7, (6,), generator=gen)
+    t[::3] = -100
+    w = (torch.rand(7, generator=gen) + 0.1).to(dtype)
+    w[t[t >= 0]] = 0
+    assert math.isnan(F.cross_entropy((h @ W.T).double(), t, w.double(), label_smoothing=eps).item())
+    kw = dict(label_smoothing=eps, strict=strict, **ZERO_WEIGHT_EXTRAS[extra])
+
+    def call() -> torch.Tensor:
+        if op == "cross_entropy":
+            return safeloss.cross_entropy(h @ W.T, t, w, **kw)
+        return safeloss.linear_cross_entropy(h, W, t, weight=w, **kw)
+
+    if strict:
+        with pytest.raises(safeloss.EmptyBatchError, match="nothing to average"):
+            call()
+        return
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = call()
+    out = out[0] if isinstance(out, tuple) else out
+    assert math.isnan(out.item()), out
+    texts = [str(r.message) for r in rec if issubclass(r.category, safeloss.SafeLossWarning)]
+    assert len(texts) == 1 and "nothing to average" in texts[0] and "overflowed" not in texts[0], texts

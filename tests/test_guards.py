@@ -181,6 +181,31 @@ def test_fused_grad_computes_the_gradient_in_forward(api, reduction):
     assert not torch.allclose(grads[False], want, atol=1e-3)  # the observable works
 
 
+@needs_triton_cpu
+@pytest.mark.parametrize("setting", ["grad", "no_grad", "inference_mode", "no_requires_grad"])
+def test_fused_grad_computes_a_gradient_only_where_backward_can_follow(monkeypatch, setting):
+    """fused_grad=True writes the gradient in forward only when one can be asked for (grad mode on
+    and logits that require grad): under no_grad / inference_mode (evaluation loops) it would be a
+    logits-sized write and buffer for nothing."""
+    from safeloss.backends import triton_backend as tb
+
+    seen = []
+    real = tb._apply_eager
+
+    def spy(input, target, weight, cfg, reduce):
+        seen.append(cfg[4])  # the fused flag the kernel is launched with
+        return real(input, target, weight, cfg, reduce)
+
+    monkeypatch.setattr(tb, "_apply_eager", spy)
+    x, t = _logits_and_labels()
+    h = x.clone().requires_grad_(setting != "no_requires_grad")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(setting)
+    with ctx() if ctx else torch.enable_grad():
+        out = safeloss.cross_entropy(h, t, reduction="sum", backend="triton", fused_grad=True)
+    torch.testing.assert_close(out.detach(), F.cross_entropy(x, t, reduction="sum"))
+    assert seen == [setting == "grad"], seen
+
+
 def test_module_passes_every_option_to_the_pipeline(monkeypatch):
     """The module's keyword-only options reach each call (a module that dropped one would pass
     every value test)."""

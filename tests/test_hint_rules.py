@@ -279,3 +279,98 @@ def test_messages_hold_no_generic_call_for_functional_warnings():
         safeloss.cross_entropy(x, torch.tensor([0, 0]), reduction="sum")
     texts = [str(w.message) for w in seen if issubclass(w.category, safeloss.SafeLossWarning)]
     assert texts and not any(re.search(r"\bloss_fn\(", m) for m in texts)
+
+
+# ------------------------------------------------------------------ how many bad values are listed
+
+
+@pytest.mark.parametrize("distinct", [1, 3, 4, 5, 6])
+def test_bad_values_listed_up_to_four_then_counted(distinct: int) -> None:
+    """Up to four distinct bad values are each listed; from five on, the four most common are
+    listed and the rest counted ("... (5 distinct bad values)"), never one boundary off."""
+    bad = [10 + i for i in range(distinct)]
+    t = torch.tensor([0, 1, *bad, *bad[:1]])  # the first bad value twice: listed first
+    msg = oob(torch.randn(t.numel(), 5, generator=_g()), t)
+    listed = re.findall(r"(\d+) at \[", msg.split("bad values:")[1].split("\n")[0])
+    assert listed[0] == "10" and sorted(map(int, listed)) == sorted(bad[: min(distinct, 4)]), msg
+    counted = re.search(r"\.\.\. \((\d+) distinct bad values\)", msg)
+    assert (counted is not None) == (distinct > 4), msg
+    if counted:
+        assert int(counted.group(1)) == distinct
+
+
+# ------------------------------------------------------------------ weight dtype: which cause
+
+
+def _weight_dtype_warning(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    x = torch.randn(4, 5, generator=_g()).to(x_dtype)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        safeloss.cross_entropy(x, torch.tensor([0, 1, 2, 3]), torch.ones(5, dtype=w_dtype))
+    texts = [str(r.message) for r in rec if "weight is" in str(r.message)]
+    assert len(texts) == 1, [str(r.message) for r in rec]
+    return texts[0]
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,numpy,converted", [
+    (torch.float16, torch.float32, False, True),  # a wider weight beside half logits: .half()
+    (torch.bfloat16, torch.float64, True, True),
+    (torch.float16, torch.bfloat16, False, False),  # as narrow: no conversion left it behind
+    (torch.bfloat16, torch.float16, False, False),
+    (torch.float32, torch.float64, True, False),  # float64: NumPy, not a half conversion
+    (torch.float32, torch.float16, False, False),  # a narrower weight: no guess
+])
+def test_weight_dtype_cause_follows_the_two_dtypes(x_dtype: torch.dtype, w_dtype: torch.dtype, numpy: bool,
+                                                   converted: bool) -> None:
+    text = _weight_dtype_warning(x_dtype, w_dtype)
+    assert ("built from NumPy" in text) == numpy, text
+    assert ("a model converted with .half()" in text) == converted, text
+    assert ("likely cause" in text) == (numpy or converted), text
+
+
+# ------------------------------------------------------------------ probability targets: rows
+
+
+@pytest.mark.parametrize("rows", [4, 2048])  # the direct count, and the amin pass of large targets
+def test_probability_target_findings_count_rows_not_entries(rows: int) -> None:
+    """Rows with a negative entry are counted once however many negative entries they hold."""
+    y = torch.full((rows, 5), 0.2)
+    y[0] = torch.tensor([-0.3, -0.2, 0.5, 0.5, 0.5])  # three negative entries, sums to 1
+    y[2] = torch.tensor([0.7, -0.1, 0.2, 0.1, 0.1])  # one
+    with pytest.raises(safeloss.ProbabilityTargetError, match=r"(?s)\b2 rows with negative entries \(min -0\.3\)"):
+        safeloss.cross_entropy(torch.randn(rows, 5, generator=_g()), y, strict=True)
+
+
+@pytest.mark.parametrize("C,covered,one_based", [(8, 4, True), (9, 4, False), (10, 5, True), (10, 4, False)])
+def test_one_based_coverage_boundary(C: int, covered: int, one_based: bool) -> None:
+    """1-based needs the labels to cover at least half of 1..C: exactly half is enough."""
+    values = list(range(C - covered + 1, C + 1))  # covered values, the largest exactly C
+    t = torch.tensor(values * 3)
+    msg = oob(torch.randn(t.numel(), C, generator=_g()), t)
+    assert ("look 1-based" in msg) == one_based, msg
+    assert ("too few of the" in msg) == (not one_based), msg
+
+
+@pytest.mark.parametrize("extra,one_based", [(0, True), (1, False)])
+def test_one_based_filler_boundary(extra: int, one_based: bool) -> None:
+    """C is filler (not a 1-based class) only when it occurs more than 2 * (the most common other
+    label) + 1 times: at exactly that count it is still a class."""
+    C = 4
+    seq = [1, C, 1, C, 2, C, 2, C, 3, C, 3]  # C 5 = 2 * 2 + 1 times, never in a run at an end
+    if extra:
+        seq.insert(2, C)
+    t = torch.tensor(seq)
+    msg = oob(torch.randn(t.numel(), C, generator=_g()), t)
+    assert ("look 1-based" in msg) == one_based, msg
+    assert ("more like a filler value" in msg) == (not one_based), msg
+
+
+@pytest.mark.parametrize("code", [250, 254, 255, 65535, 253, 65534])
+def test_mask_code_hint_names_exactly_the_usual_codes(code: int) -> None:
+    """250, 254, 255 and 65535 are the usual 'no label' codes (ignore_index=code is the fix);
+    a neighbouring value is just a label beyond the outputs."""
+    t = torch.tensor([0, 1, code, 2, code, 3])
+    msg = oob(torch.randn(6, 5, generator=_g()), t)
+    usual = code in (250, 254, 255, 65535)
+    assert (f"Every bad value is {code}, which looks like" in msg) == usual, msg
+    assert (f"ignore_index={code})" in msg) == usual, msg

@@ -579,3 +579,31 @@ def test_the_demo_catalogue_holds_this_ops_messages_in_its_words() -> None:
         assert ("safeloss." in ours or "SafeLossWarning" in ours) and "linear_cross_entropy" in ours, (case.name, ours)
         assert not _FOREIGN.search(ours), (case.name, ours)
         assert f"### {case.title}" in errors_md, case.name
+
+
+# ----------------------------------------------------------------- a mean with nothing to average
+
+
+@pytest.mark.parametrize("backend", ["torch", _triton()])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_total_weight_mean_is_nan_with_the_true_diagnosis(dtype: torch.dtype, eps: float, backend: str) -> None:
+    """Every non-ignored target's class weight is 0: stock's mean is 0/0 = NaN with or without
+    label smoothing (was: inf and "overflowed float32" with smoothing); strict mode raises
+    EmptyBatchError."""
+    x, W, b = _head("2d", dtype)
+    t = torch.randint(0, C, (N,), generator=_g(9))
+    t[::3] = -100
+    w = torch.rand(C, generator=_g(10)).to(dtype) + 0.1
+    w[t[t >= 0]] = 0
+    ref = STOCK(x.double(), W.double(), t, linear_bias=b.double(), weight=w.double(), label_smoothing=eps)
+    assert math.isnan(ref.item())
+    kw = dict(weight=w, label_smoothing=eps, backend=backend)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = safeloss.linear_cross_entropy(x, W, t, linear_bias=b, **kw)
+    assert math.isnan(out.item()), out
+    texts = [str(r.message) for r in rec if issubclass(r.category, safeloss.SafeLossWarning)]
+    assert len(texts) == 1 and "nothing to average" in texts[0] and "overflowed" not in texts[0], texts
+    with pytest.raises(safeloss.EmptyBatchError, match="linear_cross_entropy with reduction=\"mean\" has nothing to average"):
+        safeloss.linear_cross_entropy(x, W, t, linear_bias=b, strict=True, **kw)

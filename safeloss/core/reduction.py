@@ -62,8 +62,19 @@ def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | No
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
-    out = total / denom
+    out = total / _nothing_to_average(denom, p)
     return (out if out.dtype == p.out_dtype else out.to(p.out_dtype)), denom
+
+
+def _nothing_to_average(denom: int | Tensor, p: Problem) -> int | Tensor:
+    """The divisor of a mean: NaN for a weighted, smoothed mean whose total weight is 0. Stock
+    divides its label term and its smoothing term by the total weight separately, so the label
+    term's 0/0 makes the mean NaN (nothing to average), and its gradient NaN at every counted
+    position, where the smoothing term alone would give finite/0 = inf and gradients of +-inf."""
+    if p.label_smoothing > 0 and p.weight is not None and not p.prob and isinstance(denom, Tensor):
+        return torch.where(denom == 0, math.nan, denom)
+    return denom
+
 
 def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
     """``reduce`` of per-position losses whose positions are split over ranks (a DTensor sharded on
@@ -82,13 +93,7 @@ def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor]
         denom = across(denom)
     if p.out_dtype == torch.float16:
         total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
-    out = total / denom
-    if p.label_smoothing > 0 and p.weight is not None and not p.prob:
-        # Stock torch divides the label term and the smoothing term by the total weight
-        # separately: with a total weight of 0 the label term is 0/0 = NaN, so the mean is NaN
-        # (nothing to average) even though the smoothing term alone would be finite/0 = inf.
-        out = out + torch.zeros((), dtype=acc, device=losses.device) / denom
-    return out.to(p.out_dtype)
+    return (total / _nothing_to_average(denom, p)).to(p.out_dtype)
 
 
 def losses_grad(
