@@ -177,12 +177,7 @@ def test_empty_batch_sum_none(backend, shape, red, tk):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["empty", "all-ignored", "zero-weight", "empty-prob", "zero-weight-smoothing"])
-def test_nothing_to_average_is_nan_with_zero_grads(backend, case, request):
-    if case == "zero-weight-smoothing" and backend == "triton":
-        # The kernel's own mean: +-inf gradients where stock's are NaN (issue 19; safeloss/backends
-        # is another branch's area, reported to the lead). strict: passes once fixed, then fails
-        # until this marker goes.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton mean: +-inf gradients at total weight 0"))
+def test_nothing_to_average_is_nan_with_zero_grads(backend, case):
     C = 5
     w = None
     if case == "empty":

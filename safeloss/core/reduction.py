@@ -47,7 +47,9 @@ def reduce(rows: Rows, p: Problem) -> Tensor:
 
 
 def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | None]:
-    """(the result, the mean's denominator or None): the per-position losses reduced."""
+    """(the result, the mean's divisor or None): the per-position losses reduced. The divisor is
+    the one the mean divided by (NaN where nothing is averaged: ``_nothing_to_average``), so that a
+    backend's own backward (``losses_grad``) gives the gradients autograd gives through this."""
     if p.reduction == "none":  # .to() of the same dtype returns the tensor itself: skip the op
         return (losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)), None
     acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
@@ -62,7 +64,8 @@ def reduce_losses(losses: Tensor, p: Problem) -> tuple[Tensor, int | Tensor | No
     # A plain division reproduces torch in the degenerate cases too: 0/0 = NaN; ignored
     # positions get exactly zero gradient (the backends skip them), and zero-weight positions get
     # 0 * inf = NaN, as stock torch gives for a batch whose total weight is 0.
-    out = total / _nothing_to_average(denom, p)
+    denom = _nothing_to_average(denom, p)
+    out = total / denom
     return (out if out.dtype == p.out_dtype else out.to(p.out_dtype)), denom
 
 
