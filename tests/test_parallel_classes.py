@@ -668,25 +668,17 @@ BAD_ARGUMENTS = {
     "weight": dict(weight=[1.0] * 8), "target": dict(target=[0, 1]),
 }
 ENTRIES = ["vocab_parallel", "cross_entropy", "module", "patched-functional", "patched-module"]
-# The DTensor entries check these before the DTensor route (safeloss/ce/, outside this area).
-CE_CHECKS_FIRST = {"reduction", "label_smoothing", "backend", "softcap", "z_loss", "temperature"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("bad", BAD_ARGUMENTS)
-def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch: None,
-                                              request: pytest.FixtureRequest) -> None:
+def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch: None) -> None:
     """An argument wrong on one rank only must be raised after the first all-reduce (which tells
     every rank): raised before it, that rank leaves the others waiting in it. One process on a
     fake process group (its collectives return at once): counts the engine's all-reduces before
     the error."""
     if entry in ("module", "patched-module") and bad == "weight":
         pytest.skip("a list weight is refused when the module is built (torch's buffer check)")
-    if entry != "vocab_parallel" and bad in CE_CHECKS_FIRST:
-        # Runs, and must fail until the entry hands the raw argument to the parallel engine; then
-        # it passes, and strict=True makes that a failure too: remove this marker with that fix.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="the DTensor entries (safeloss/ce/, patch/) check this argument before the route"))
     import torch.distributed as dist
 
     from safeloss.parallel import vocab

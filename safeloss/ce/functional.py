@@ -91,7 +91,16 @@ def cross_entropy(
                     kwargs[name] = value
             return tracing.fx_call(tracing.fx_proxy(input, target, weight), cross_entropy, input,
                                    target, kwargs)
-        if not extras.defaults(softcap, temperature, z_loss, return_stats):
+        plain = extras.defaults(softcap, temperature, z_loss, return_stats)
+        if mode is Mode.DTENSOR and pipeline.parallel_dtensor.is_dtensor(input):
+            # Before any argument check: the parallel engine checks them after its first collective.
+            red = reduction if size_average is None and reduce is None else resolve_reduction(
+                size_average, reduce, reduction)
+            return pipeline.dtensor_logits(  # type: ignore[return-value]
+                input, target, weight, ignore_index, red, label_smoothing, strict=strict,
+                backend=backend, owner=None, inplace_backward=inplace_backward, fused_grad=fused_grad,
+                extras=None if plain else (softcap, temperature, z_loss, return_stats))
+        if not plain:
             return ce_extras.cross_entropy(
                 mode, input, target, weight, size_average, ignore_index, reduce, reduction,
                 label_smoothing, softcap, temperature, z_loss, return_stats, strict=strict,

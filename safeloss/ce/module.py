@@ -151,7 +151,15 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor, compilin
     if mode is Mode.FX:  # torch.fx.symbolic_trace
         return tracing.fx_module_call(self, cross_entropy, tracing.fx_proxy(input, target, weight),
                                       input, target)
-    if not extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
+    plain = extras.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats)
+    if mode is Mode.DTENSOR and pipeline.parallel_dtensor.is_dtensor(input):
+        # Before any argument check: the parallel engine checks them after its first collective.
+        return pipeline.dtensor_logits(  # type: ignore[return-value]
+            input, target, weight, self.ignore_index, self.reduction, self.label_smoothing,
+            strict=self.strict, backend=self.backend, owner=self, inplace_backward=self.inplace_backward,
+            fused_grad=self.fused_grad,
+            extras=None if plain else (self.softcap, self.temperature, self.z_loss, self.return_stats))
+    if not plain:
         return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
     return pipeline.run(
         mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),

@@ -234,6 +234,22 @@ def run(
                     fused_grad=fused_grad, owner=owner)
 
 
+def dtensor_logits(
+    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: object,
+    label_smoothing: object, *, strict: bool | None, backend: object, owner: object | None,
+    inplace_backward: bool = False, fused_grad: bool = False,
+    extras: tuple[object, object, object, object] | None = None,
+) -> object:
+    """A call with DTensor logits, its arguments unchecked: the entries route it before any
+    argument check, because the parallel engine checks them only after its first collective
+    (an argument wrong on one rank, raised there first, would leave the other ranks waiting in
+    that collective). ``extras``: the raw (softcap, temperature, z_loss, return_stats), or None."""
+    return parallel_dtensor.run(input, target, weight, ignore_index, reduction,  # type: ignore[arg-type]
+                                label_smoothing, strict=strict, backend=backend,  # type: ignore[arg-type]
+                                owner=owner, inplace_backward=inplace_backward,
+                                fused_grad=fused_grad, extras=extras)
+
+
 def _dense(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction_: str,
     label_smoothing: float, strict: bool | None, backend: str, inplace_backward: bool,

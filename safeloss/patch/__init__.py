@@ -233,6 +233,11 @@ def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tens
             if isinstance(key, Tensor):
                 return key
         mode = decide(input, target, weight)
+        if mode is Mode.DTENSOR and pipeline.parallel_dtensor.is_dtensor(input):
+            # Before any argument check: the parallel engine checks them after its first collective.
+            return pipeline.dtensor_logits(input, target, weight, self.ignore_index, self.reduction,
+                                           self.label_smoothing, strict=current.strict, backend="auto",
+                                           owner=self)  # type: ignore[return-value]
         return pipeline.run(
             mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
             check_label_smoothing(self.label_smoothing), strict=current.strict,
