@@ -369,6 +369,18 @@ def _ce_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tuple, mod
 
     _tn, eps, has_w, prob, dtarget = target
     _mn, grad, inplace, fused, reduction = mode
+    x, t, w = _ce_operands(shape, layout, dtype, grad, has_w, prob, dtarget)
+    out = pipeline.run(Mode.CAPTURE, x, t, w, ignore_index, reduction, eps, strict=None, backend="triton",
+                       inplace_backward=inplace, fused_grad=fused, owner=None)
+    if grad:
+        out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
+
+
+def _ce_operands(shape: tuple[int, ...], layout: str, dtype: Any, grad: bool, has_w: bool, prob: bool,
+                 dtarget: bool) -> tuple[Any, Any, Any]:
+    """Meta logits, targets (class indices or probabilities) and class weights of a case."""
+    import torch
+
     x = _logits(shape, layout, dtype, grad)
     C = shape[0] if len(shape) == 1 else shape[1]
     if prob:
@@ -377,10 +389,7 @@ def _ce_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tuple, mod
         pos = () if len(shape) == 1 else (shape[0], *shape[2:])
         t = torch.empty(pos, device="meta", dtype=torch.int64)
     w = torch.empty((C,), device="meta", dtype=torch.float32) if has_w else None
-    out = pipeline.run(Mode.CAPTURE, x, t, w, ignore_index, reduction, eps, strict=None, backend="triton",
-                       inplace_backward=inplace, fused_grad=fused, owner=None)
-    if grad:
-        out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
+    return x, t, w
 
 
 def _ce_extras_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tuple, mode: tuple, ignore_index: int,
@@ -393,14 +402,7 @@ def _ce_extras_case(shape: tuple[int, ...], layout: str, dtype: Any, target: tup
 
     _tn, eps, has_w, prob, dtarget = target
     _mn, grad, _inplace, _fused, reduction = mode
-    x = _logits(shape, layout, dtype, grad)
-    C = shape[0] if len(shape) == 1 else shape[1]
-    if prob:
-        t = torch.empty(x.shape, device="meta", dtype=dtype).requires_grad_(dtarget and grad)
-    else:
-        pos = () if len(shape) == 1 else (shape[0], *shape[2:])
-        t = torch.empty(pos, device="meta", dtype=torch.int64)
-    w = torch.empty((C,), device="meta", dtype=torch.float32) if has_w else None
+    x, t, w = _ce_operands(shape, layout, dtype, grad, has_w, prob, dtarget)
     out = ce_extras.run(Mode.CAPTURE, x, t, w, ignore_index, reduction, eps, X.check(**extras), strict=None,
                         owner=None, backend="triton")
     out = out[0] if isinstance(out, tuple) else out

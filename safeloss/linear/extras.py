@@ -455,6 +455,15 @@ class _LinearExtras(torch.autograd.Function):
         dq = torch.zeros(t.shape, dtype=sp.work, device=dev) if need_t else None
         wt = sp.weight
         w_sum: float | Tensor = float(C) if wt is None else wt.sum()
+
+        def add(dz: Tensor, s: int, e: int) -> None:  # a chunk's tile gradient into the inputs'
+            if dx is not None:
+                dx[s:e] = ops.dx(dz)
+            if dw is not None:
+                dw.add_(ops.dw(dz, s, e))
+            if db is not None:
+                db.add_(dz.sum(0))
+
         rows = chunked.chunk_rows(N, ops.x.shape[1], ops.w.shape[0], ops.x.dtype, dev)
         for s in range(0, N, rows):
             e = min(N, s + rows)
@@ -463,13 +472,7 @@ class _LinearExtras(torch.autograd.Function):
             tc, vc = _targets_of(t, s, e, sp), vflat[s * D : e * D]
             gc, gz = gce[s * D : e * D], gzl[s * D : e * D]
             if sp.kernel:  # one kernel pass: the tile's gradient through cap and temperature, in place
-                dz = _kernel_tile_grad(z, tc, sp, lse_saved[s:e], gc, gz)
-                if dx is not None:
-                    dx[s:e] = ops.dx(dz)
-                if dw is not None:
-                    dw += ops.dw(dz, s, e)
-                if db is not None:
-                    db += dz.sum(0)
+                add(_kernel_tile_grad(z, tc, sp, lse_saved[s:e], gc, gz), s, e)
                 continue
             zt, logp, lse, *_ = _forward_tile(z, tc, vc, sp, False)
             p = logp.exp()
@@ -481,12 +484,6 @@ class _LinearExtras(torch.autograd.Function):
                 y = torch.where(vc, tc, 0)
                 w_y = None if wt is None else wt.gather(0, y)
                 dzt = X.index_grad(p, y, vc, vc, w_y, wt, w_sum, sp.eps, C, gc, gz, lse, ex.z_loss)
-            dz = _tile_of(X.chain(dzt, zt, ex), r, sp)
-            if dx is not None:
-                dx[s:e] = ops.dx(dz)
-            if dw is not None:
-                dw += ops.dw(dz, s, e)
-            if db is not None:
-                db += dz.sum(0)
+            add(_tile_of(X.chain(dzt, zt, ex), r, sp), s, e)
         return (None if dx is None else dx.to(xdt), None if dw is None else dw.to(wdt),
                 None if db is None else db.to(bdt), None if dq is None else dq.to(tdt), None, None)
