@@ -813,6 +813,8 @@ def before_after(rows: list[dict[str, Any]], before: dict[str, Any]) -> list[str
     nb, na = narrow(before["configurations"]), narrow(rows)
 
     def worst(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "no narrow-row configuration"
         regs = [r["results"]["90"]["regs"] for r in rs]
         occ = min(r["h100_occupancy"] for r in rs)
         over = sum(x > NARROW_REGS for x in regs)

@@ -367,15 +367,19 @@ def _fwd_config(
     # columns spilled); 16 with smoothing or probability targets (their sums and weights beside
     # them: 16384 smoothed columns with int64 offsets spilled).
     single_max = 0 if dx is None else 8192 if prob or smooth else 16384
-    # More state per column: class weights or target values beside each logit, or smoothing with
-    # the fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled).
-    per_column = prob or need_w or (smooth and dx is not None)
-    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column,
-                               lean=ex != NO_EXTRAS and check_softmax)
-    n_pblocks, grid = _grid(sizes, bp)
     n = math.prod(_pos_shape(x))
     # The softmax check's sample arithmetic (positions * (SOFTMAX_SAMPLE + 1)) must fit the offset type too.
     i64 = n * (_flags.SOFTMAX_SAMPLE + 1) > _INT32_MAX or _index_past_int32(n, C) or _i64(x, target, dx)
+    # More state per column: class weights or target values beside each logit, smoothing with the
+    # fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled), the
+    # raw logits kept beside the scaled ones for the softmax check (a temperature or cap), or
+    # int64 addresses with the fused gradient: streamed [1, 4096] blocks at 4 warps spilled 4
+    # bytes on sm_90 there (benchmarks/aot_gate.py), 2048-column blocks at 8 warps do not.
+    per_column = (prob or need_w or (smooth and dx is not None) or (ex[0] > 0 and check_softmax)
+                  or (i64 and dx is not None))
+    bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column,
+                               lean=ex != NO_EXTRAS and check_softmax)
+    n_pblocks, grid = _grid(sizes, bp)
     args = (
         sizes[1], sizes[2], C, n_pblocks, n, _flags.SOFTMAX_SAMPLE, min(n, _flags.SOFTMAX_SAMPLE),
         *xs, *ts, *ds,

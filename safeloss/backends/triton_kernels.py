@@ -445,13 +445,6 @@ def ce_fwd_kernel(
     hits = hits | _hit(slots, OVERFLOW, active & finite & (tl.abs(tot) >= out_max))
     if not PROB:
         hits = hits | _hit(slots, BAD_TARGET, bad)
-    if HAS_WEIGHT:
-        if pid == 0:
-            # Negative class weights, read every call (C values): found however the weight changed.
-            for c0 in range(0, C, BLOCK_C):
-                wcols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
-                wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
-                _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
     if CHECK_SOFTMAX:
         if STATS and not EARLY_OUT:
             # One block per row: not needed in the loop, so not held across it (ptxas spilled
@@ -471,6 +464,14 @@ def ce_fwd_kernel(
         hits = hits | _hit(slots, PROB_BAD_SUM, pmask & ((tl.abs(ysum - 1.0) <= prob_tol) == 0))
     n = tl.sum(hits.to(tl.int32), axis=0)
     tl.atomic_add(flags_ptr + slots, n, mask=n > 0, sem="relaxed")
+    if HAS_WEIGHT:
+        if pid == 0:
+            # Negative class weights, read every call (C values): found however the weight changed.
+            # Last: nothing of the position is live across this loop of runtime trip count.
+            for c0 in range(0, C, BLOCK_C):
+                wcols = c0 + _offset(tl.arange(0, BLOCK_C), I64)
+                wv = tl.load(w_ptr + wcols, mask=wcols < C, other=0.0)
+                _count(flags_ptr, WEIGHT_NEGATIVE, wv < 0)
 
 
 
