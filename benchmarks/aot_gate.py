@@ -1044,7 +1044,14 @@ def main(argv: list[str] | None = None) -> int:
     results = [[got[x.key, cc] for cc in targets] for x in todo]
     meta["compile_seconds"] = round(time.perf_counter() - t1)
     rows = [row(x, r) for x, r in zip(todo, results)]
-    failures = [f"{describe(x)}: {f}" for x, r in zip(todo, rows) for f in r["failures"]]
+    # The quick form fails on what the committed table does not already record: a failure the
+    # full run recorded there (open work, listed in the table's markdown) is printed as KNOWN and
+    # does not fail CI again; a new one, or one the table no longer explains, fails.
+    failures, known_failures = [], []
+    for x, r in zip(todo, rows):
+        for f in r["failures"]:
+            recorded = a.quick and f in known.get(x.key, {}).get("failures", [])
+            (known_failures if recorded else failures).append(f"{describe(x)}: {f}")
     for x, r in zip(todo, rows):  # the same compiler must give the table's numbers
         old = known.get(x.key, {}).get("results", {})
         for cc, got in r["results"].items():
@@ -1058,11 +1065,14 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(a.out, "aot-gate.json")) else None
         write(a.out, rows, meta, before)
         print(f"wrote {a.out}/aot-gate.md and {a.out}/aot-gate.json")
+    for line in known_failures[:40]:
+        print("KNOWN", line)
     for line in failures[:40] + problems:
         print("FAIL", line)
     ok = not failures and not problems
+    recorded = f", {len(known_failures)} known (in the committed table)" if known_failures else ""
     print(f"{'PASS' if ok else 'FAIL'}: {len(todo)} of {len(launches)} configurations compiled for "
-          f"{len(targets)} targets, {len(failures)} budget failures, {len(problems)} table problems "
+          f"{len(targets)} targets, {len(failures)} budget failures{recorded}, {len(problems)} table problems "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0 if ok else 1
 
