@@ -364,9 +364,8 @@ def _prime_dynamo() -> None:
     with contextlib.suppress(Exception):  # Dynamo internals: a later torch may differ
         table = get()  # cached after the first build
         rule = table.pop(cross_entropy, None)
-        if rule is not None:
-            table.setdefault(_FUNCTIONAL.cross_entropy if _FUNCTIONAL.cross_entropy is not cross_entropy
-                             else _saved_function, rule)
+        if rule is not None:  # rebuilt under an earlier patch: the rule is that patch's saved function's
+            table.setdefault(_saved_function, rule)
 
 
 def _uninstall() -> None:
