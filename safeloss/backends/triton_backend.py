@@ -296,10 +296,6 @@ def _cached(key: tuple[Any, ...], make: Any) -> Any:
     return None if cfg is _EXOTIC else cfg
 
 
-def _hooks() -> tuple[int | None, ...]:
-    return FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES
-
-
 # The extras of a launch (``triton_extras``): (XFORM, cap_t, inv_cap, inv_t, tq, zcoef, STATS).
 # XFORM 0: logits as they are, 1: a temperature alone (x / T as x * (1 / T)), 2: a softcap s,
 # (s / T) tanh(x / s); tq = T / s^2 (d zt / d x from zt); zcoef > 0 turns on the z-loss term.
@@ -326,7 +322,7 @@ def _launch_fwd(
     has_weight = weight is not None
     key = ("fwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), target.dtype,
            None if dx is None else dx.stride(), has_weight, ignore_index, eps, prob, check_softmax,
-           out_max, ex, *_hooks())
+           out_max, ex, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
     cfg = _LAUNCHES.get(key)
     if cfg is None or cfg is _EXOTIC:
         cfg = _cached(key, lambda: _fwd_config(x, target, has_weight, dx, ignore_index, eps, prob,
@@ -408,7 +404,8 @@ def _launch_bwd(
     has_weight = weight is not None
     key = ("bwd", x.shape, x.stride(), x.dtype, target.shape, target.stride(), g.shape, g.stride(),
            None if dx is None else dx.stride(), None if dy is None else dy.stride(), has_weight,
-           ignore_index, eps, prob, ex, None if gz is None else (gz.shape, gz.stride()), *_hooks())
+           ignore_index, eps, prob, ex, None if gz is None else (gz.shape, gz.stride()),
+           FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
     cfg = _LAUNCHES.get(key)
     if cfg is None or cfg is _EXOTIC:
         cfg = _cached(key, lambda: _bwd_config(x, target, has_weight, g, dx, dy, ignore_index, eps, prob, ex, gz))
@@ -471,7 +468,7 @@ def _bwd_config(
 
 def _launch_scale(dx: Tensor, target: Tensor, g: Tensor, ignore_index: int, prob: bool) -> None:
     key = ("scale", dx.shape, dx.stride(), target.shape, target.stride(), g.shape, g.stride(),
-           ignore_index, prob, *_hooks())
+           ignore_index, prob, FORCE_BLOCK_C, FORCE_BLOCK_P, FORCE_NUM_WARPS, FORCE_NUM_STAGES)
     cfg = _cached(key, lambda: _scale_config(dx, target, g, ignore_index, prob))
     if cfg is None:  # exotic layout: a plain torch multiply (no early exit, still no sync)
         f = g.to(torch.float32)
