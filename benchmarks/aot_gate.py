@@ -58,11 +58,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/aot_gate.py` from anywhere imports this checkout
     sys.path.insert(0, ROOT)
 
-# Register budgets (per thread). Rows of up to NARROW_C classes are short: the kernel is all
-# latency, and 128 registers keep 16 of the 64 warp slots of an SM (25% occupancy) in flight.
-NARROW_C = 1024
-NARROW_REGS = 128
-MAX_REGS = 255  # the hardware limit; more is impossible (ptxas spills instead)
+# Register budgets (per thread), the limits every launch passes to ptxas (``maxnreg``): rows of
+# up to NARROW_C classes are short, the kernel is all latency, and 128 registers keep 16 of the
+# 64 warp slots of an SM (25% occupancy) in flight; longer rows the hardware limit, 255.
+from safeloss.core._flags import MAX_REGS, NARROW_REGS  # noqa: E402
+from safeloss.core._flags import NARROW_CLASSES as NARROW_C  # noqa: E402
 
 # Shared memory a block may use, per target (bytes): sm_80 163 KB, sm_90 / sm_100 227 KB.
 SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -943,12 +943,17 @@ def _resumable(path: str, meta: dict[str, Any], targets: list[int]) -> dict[str,
     Triton, same kernel code, no worker death (compile errors are kept: they are results). A
     target the earlier run did not compile is compiled now (targets can be added in stages)."""
     table = load_table(path)
-    if table is None or table["meta"].get("triton") != meta["triton"] \
-            or table["meta"].get("sources") != meta["sources"]:
-        print(f"--resume {path}: another Triton or other kernel code; compiling everything")
+    if table is None or table["meta"].get("triton") != meta["triton"]:
+        print(f"--resume {path}: another Triton; compiling everything")
         return {}
+    old = table["meta"].get("sources", {})
+    changed = sorted(m for m, h in meta["sources"].items() if old.get(m) != h)
+    if changed:  # per kernel module: the others' results stay valid
+        print(f"--resume {path}: other kernel code in {', '.join(changed)}; compiling its configurations")
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for r in table["configurations"]:
+        if r["module"] in changed:
+            continue
         res = {t: dict(r["results"][str(t)], cc=t) for t in targets if str(t) in r["results"]}
         res = {t: x for t, x in res.items() if "worker died" not in x.get("error", "")}
         if res:

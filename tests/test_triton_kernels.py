@@ -298,11 +298,12 @@ def test_int64_offsets_vocab_parallel_statistics(monkeypatch: pytest.MonkeyPatch
 
 def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/gpu_tune.py overrides warps and pipelining stages through these hooks."""
-    assert tb._launch_opts(8) == {"num_warps": 8}
+    assert tb._launch_opts(8, 128256) == {"num_warps": 8, "maxnreg": 255}
+    assert tb._launch_opts(4, 1000) == {"num_warps": 4, "maxnreg": 128}  # the narrow-row budget
     monkeypatch.setattr(tb, "FORCE_NUM_WARPS", 2)
     monkeypatch.setattr(tb, "FORCE_NUM_STAGES", 1)
     assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 2)
-    assert tb._launch_opts(2) == {"num_warps": 2, "num_stages": 1}
+    assert tb._launch_opts(2, 1025) == {"num_warps": 2, "maxnreg": 255, "num_stages": 1}
     _check(torch.randn(5, 300, device=DEV), torch.randint(0, 300, (5,), device=DEV))
 
 

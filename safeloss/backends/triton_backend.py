@@ -254,8 +254,8 @@ def _tiles(
     return bp, bc, num_warps
 
 
-def _launch_opts(num_warps: int) -> dict[str, int]:
-    opts = {"num_warps": num_warps}
+def _launch_opts(num_warps: int, C: int) -> dict[str, int]:
+    opts = {"num_warps": num_warps, "maxnreg": _flags.max_registers(C)}
     if FORCE_NUM_STAGES is not None:
         opts["num_stages"] = FORCE_NUM_STAGES
     return opts
@@ -369,10 +369,12 @@ def _fwd_config(
     # More state per column: class weights or target values beside each logit, smoothing with the
     # fused gradient (its streamed form reached 128-160 registers at 4 warps, and spilled), the
     # raw logits kept beside the scaled ones for the softmax check (a temperature or cap), or
-    # int64 addresses with the fused gradient: streamed [1, 4096] blocks at 4 warps spilled 4
-    # bytes on sm_90 there (benchmarks/aot_gate.py), 2048-column blocks at 8 warps do not.
+    # int64 addresses with the fused gradient, or the per-token statistics (entropy and argmax
+    # state beside the max and sum: [1, 4096] at 4 warps needed 169 registers on sm_80):
+    # streamed [1, 4096] blocks at 4 warps spilled there (benchmarks/aot_gate.py), 2048-column
+    # blocks at 8 warps do not.
     per_column = (prob or need_w or (smooth and dx is not None) or (ex[0] > 0 and check_softmax)
-                  or (i64 and dx is not None))
+                  or (i64 and dx is not None) or bool(ex[6]))
     bp, bc, num_warps = _tiles(sizes, C, xs, single_max, per_column=per_column,
                                lean=ex != NO_EXTRAS and check_softmax)
     n_pblocks, grid = _grid(sizes, bp)
@@ -389,7 +391,7 @@ def _fwd_config(
         CHECK_SOFTMAX=check_softmax, FUSED=dx is not None,
         Y_ACC=tl.float64 if target.dtype == torch.float64 else tl.float32,
         BLOCK_P=bp, BLOCK_C=bc, SINGLE=dx is not None and bc >= C, EARLY_OUT=bc < C, I64=i64,
-        XFORM=ex[0], ZLOSS=ex[5] > 0.0, STATS=ex[6], **_launch_opts(num_warps),
+        XFORM=ex[0], ZLOSS=ex[5] > 0.0, STATS=ex[6], **_launch_opts(num_warps, C),
     )  # fmt: skip
     return (grid,), args, kwargs
 
@@ -461,7 +463,7 @@ def _bwd_config(
         # int64 offsets when an index of a tensor read or written can pass int32.
         I64=_index_past_int32(math.prod(_pos_shape(x)), C) or _i64(x, target, g, dx, dy, gz),
         BLOCK_P=bp, BLOCK_C=bc, XFORM=ex[0], ZLOSS=gz is not None and ex[5] > 0.0,
-        **_launch_opts(num_warps),
+        **_launch_opts(num_warps, C),
     )  # fmt: skip
     return (grid,), args, kwargs
 
@@ -492,7 +494,7 @@ def _scale_config(
     n_pblocks, grid = _grid(sizes, bp)
     args = (sizes[1], sizes[2], C, n_pblocks, *ds, *ts[:3], *gs[:3], ignore_index)
     i64 = _index_past_int32(math.prod(_pos_shape(dx)), C) or _i64(dx, target, g)
-    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=i64, **_launch_opts(num_warps))
+    kwargs = dict(PROB=prob, BLOCK_P=bp, BLOCK_C=bc, I64=i64, **_launch_opts(num_warps, C))
     return (grid,), args, kwargs
 
 

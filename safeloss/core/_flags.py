@@ -36,6 +36,23 @@ def overflow_bound(dtype: object) -> float:
     return (2 - 2**-8) * 2.0**127 if name == "torch.bfloat16" else float("inf")
 
 
+# Register limit per thread of every Triton launch (ptxas ``.maxnreg``, Triton's ``maxnreg``). Without
+# one, ptxas picks its own target for occupancy and stores a few registers to local memory to
+# reach it (4-12 byte spills at 32-128 registers, benchmarks/results/aot-gate). With the limit
+# set it allocates what the kernel needs up to the limit: rows of at most NARROW_CLASSES classes
+# get NARROW_REGS (the kernel is all latency there: 128 registers keep 16 of an SM's 64 warp
+# slots, 25% occupancy), longer rows the hardware's 255 (ptxas still caps a block at 64K
+# registers: 128 a thread at 16 warps). benchmarks/aot_gate.py checks both budgets.
+NARROW_CLASSES = 1024
+NARROW_REGS = 128
+MAX_REGS = 255
+
+
+def max_registers(classes: int) -> int:
+    """The ``maxnreg`` of a launch whose rows have ``classes`` classes."""
+    return NARROW_REGS if classes <= NARROW_CLASSES else MAX_REGS
+
+
 # Tolerances shared by every backend, so all of them flag the same rows. Every backend sums a row
 # in fp32 (fp64 for fp64), whatever the dtype it is stored in: a half-precision sum of 300
 # values is off by more than these tolerances.

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import triton_backend
+from ..core import _flags
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _INT32_MAX = 2**31 - 1
@@ -95,6 +96,7 @@ def shard_stats(xr: Tensor, w_local: Tensor | None, smooth: bool) -> tuple[Tenso
             I64=max((R - 1) * xr.stride(0) + (C - 1) * xr.stride(1), triton.cdiv(R, block_p) * block_p - 1,
                     triton.cdiv(C, block_c) * block_c - 1) > _INT32_MAX,
             num_warps=4,  # 8 warps at 4096 columns spilled on sm_100 (benchmarks/aot_gate.py)
+            maxnreg=_flags.max_registers(C),
         )
     return lse, q
 
