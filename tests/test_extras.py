@@ -60,7 +60,7 @@ def reference(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
                              label_smoothing=eps)
         counted = target != ignore_index
     lse = torch.logsumexp(zt, cdim)
-    zl = torch.where(counted, z_loss * lse**2, torch.zeros_like(lse))
+    zl = torch.where(counted, z_loss * lse**2, torch.zeros_like(lse)) if z_loss else torch.zeros_like(lse)
     if reduction == "none":
         zr = zl
     elif reduction == "sum":
@@ -1158,7 +1158,13 @@ PCASES = [
     dict(name="sum-temperature", red="sum", weight=False, eps=0.2, ex=dict(temperature=0.5, return_stats=True)),
     dict(name="mean-zloss-only", red="mean", weight=True, eps=0.0, ex=dict(z_loss=0.3)),
     dict(name="tie-across-shards", red="mean", weight=False, eps=0.0, ex=dict(return_stats=True), tie=True),
+    # torch.argmax's answer with NaN and +inf across the shards (a NaN wins; the lowest column)
+    dict(name="nan-argmax", red="none", weight=False, eps=0.0, ex=dict(return_stats=True), nan=True),
 ]
+# The same through the Triton statistics kernel (the interpreter here): the extras and the
+# statistics inside its one pass over the slice (float32 logits: its accumulation is fp32).
+PCASES += [dict(c, name=f"{c['name']}-triton", backend="triton", dtype=torch.float32)
+           for c in PCASES if c["name"] != "mean-zloss-only"]
 
 
 def _pinputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -1174,8 +1180,14 @@ def _pinputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Non
     if case.get("tie"):  # the maximum on both ranks: the lowest index (rank 0's) wins
         x[0, 1] = x[0, 3] = x[1, 1] = x[1, 3] = 50.0
         t[0], t[1] = 1, 3
+    if case.get("nan"):  # SLICES: columns 0-1 on rank 0, 2-4 on rank 1
+        x[0, 3], t[0] = math.nan, 3  # a NaN wins: right
+        x[1, 0], x[1, 4], t[1] = math.inf, math.nan, 4  # a NaN beats +inf on a lower rank: right
+        x[2, 1], x[2, 2], t[2] = math.nan, math.nan, 2  # the first NaN wins: wrong
+        x[3, 0], x[3, 2], t[3] = math.inf, math.inf, 0  # +inf on both ranks: the lowest column, right
+        x[5, 2], x[5, 3], t[5] = math.inf, math.inf, 3  # two +inf on one rank: wrong
     w = torch.rand(C, generator=g, dtype=torch.float64) + 0.3 if case["weight"] else None
-    return x, t, w
+    return x.to(case.get("dtype", torch.float64)), t, w
 
 
 def _local(x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -1202,8 +1214,8 @@ def _pworker(rank: int, world: int, store: str, out: str) -> None:
         x, t, w = _pinputs(case)
         xl = _local(x, rank).clone().requires_grad_()
         with CommDebugMode() as comm:
-            r = safeloss.vocab_parallel_cross_entropy(xl, t, w, reduction=case["red"],
-                                                      label_smoothing=case["eps"], **case["ex"])
+            r = safeloss.vocab_parallel_cross_entropy(xl, t, w, reduction=case["red"], label_smoothing=case["eps"],
+                                                      backend=case.get("backend", "auto"), **case["ex"])
         out, stats = r if case["ex"].get("return_stats") else (r, None)
         g = upstream(out)
         (out * g).sum().backward()
@@ -1306,7 +1318,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.mark.parametrize("case", PCASES, ids=[c["name"] for c in PCASES])
 def test_parallel_matches_reference_on_gathered_logits(ranks: list[dict], case: dict) -> None:
     x, t, w = _pinputs(case)
-    xr = x.clone().requires_grad_()
+    dtype = x.dtype
+    xr = x.double().requires_grad_()
     ex = {k: v for k, v in case["ex"].items() if k != "return_stats"}
     ref, rs = reference(xr, t, w, reduction=case["red"], eps=case["eps"], **ex)
     (ref * upstream(ref)).sum().backward()
@@ -1314,8 +1327,8 @@ def test_parallel_matches_reference_on_gathered_logits(ranks: list[dict], case: 
         got = r[case["name"]]
         assert "ok" in got, got
         got = got["ok"]
-        close(got["out"], ref.detach(), torch.float64, f"loss, rank {rank}")
-        close(got["grad"], _local(xr.grad, rank), torch.float64, f"grad, rank {rank}")
+        close(got["out"], ref.detach(), dtype, f"loss, rank {rank}")
+        close(got["grad"], _local(xr.grad, rank), dtype, f"grad, rank {rank}")
         # the same three all-reduces as without extras, statistics or not
         assert got["comms"] == 3, got["comms"]
         if case["ex"].get("return_stats"):
@@ -1324,9 +1337,11 @@ def test_parallel_matches_reference_on_gathered_logits(ranks: list[dict], case: 
     if case["ex"].get("return_stats"):
         a, b = ranks[0][case["name"]]["ok"]["stats"], ranks[1][case["name"]]["ok"]["stats"]
         for u, v in zip(a, b):
-            assert torch.equal(u, v) or (u.isnan().all() and v.isnan().all())  # every rank alike
+            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)  # every rank alike, bit for bit
     if case.get("tie"):
         assert ranks[0][case["name"]]["ok"]["stats"].accuracy.item() == pytest.approx(1 / 5)
+    if case.get("nan"):  # rows 0, 1, 3 of the five counted
+        assert rs["accuracy"].item() == pytest.approx(3 / 5)
 
 
 def test_parallel_defaults_errors_and_dtensor(ranks: list[dict]) -> None:

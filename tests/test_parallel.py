@@ -803,13 +803,111 @@ def test_triton_shard_stats_match_torch(rows: int, cols: int) -> None:
     x = torch.randn(cols, rows, generator=gen).t() * 3  # column-major: strides (1, rows)
     x[0, 1] = -math.inf
     w = torch.rand(cols, generator=gen)
-    lse, q = triton_stats.shard_stats(x, w, True)
+    lse, q, _ = triton_stats.shard_stats(x, w, True)
     want = torch.logsumexp(x, 1)
     torch.testing.assert_close(lse, want)
     torch.testing.assert_close(q, (w * (want[:, None] - x)).sum(1))
-    lse2, q2 = triton_stats.shard_stats(x, None, False)
+    lse2, q2, _ = triton_stats.shard_stats(x, None, False)
     assert q2 is None
     torch.testing.assert_close(lse2, want)
+
+
+def _slice_plan(backend: str, ex: Any, w: torch.Tensor | None, eps: float) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(backend=backend, ex=ex, w_local=w, eps=eps, acc=torch.float32)
+
+
+@pytest.mark.parametrize("cols", [3, 40, 5000])  # several rows a program; one; several column blocks
+@pytest.mark.parametrize("extras", [dict(return_stats=True), dict(softcap=2.0, temperature=0.7, return_stats=True),
+                                    dict(temperature=1.5)])
+def test_slice_statistics_agree_across_backends_and_with_the_formulas(cols: int, extras: dict) -> None:
+    """The per-row slice quantities the vocab-parallel forward combines, from the Triton kernel
+    (extras and statistics in its one pass) and from torch: L and Q of the capped, scaled logits,
+    A = sum softmax(zt)(zt - L), and torch.argmax's (key, code) of the raw logits, with NaN,
+    +-inf, all -inf rows, ties across column blocks and strided input."""
+    from safeloss.core import extras as X
+    from safeloss.parallel import vocab
+
+    gen = torch.Generator().manual_seed(cols)
+    x = (torch.randn(cols, 9, generator=gen) * 3).t()  # strides (1, 9)
+    x[1] = -math.inf
+    x[2, cols // 2] = math.nan
+    x[3, 0] = math.inf
+    x[4, -1] = x[4, 0] = math.inf  # a tie: the lowest column
+    x[5, cols - 1] = math.nan
+    x[5, 0] = math.inf  # a NaN after +inf still wins
+    x[6, : max(1, cols - 2)] = -math.inf
+    x[7, -1] = x[7, cols // 3] = 9.0
+    w = torch.rand(cols, generator=gen) + 0.2
+    ex = X.check(extras.get("softcap"), extras.get("temperature", 1.0), 0.0, extras.get("return_stats", False),
+                 op="vocab_parallel_cross_entropy")
+    got = {b: vocab._local_stats(x, _slice_plan(b, ex, w, 0.1)) for b in ("torch", "triton")}
+    zt = X.transform(x.double(), ex)
+    lse = torch.logsumexp(zt, 1)
+    for b, (L, Q, st) in got.items():
+        fin = lse.isfinite()
+        torch.testing.assert_close(L[fin].double(), lse[fin], rtol=2e-6, atol=2e-6, msg=lambda m, b=b: f"{b} L: {m}")
+        if ex.softcap is None:  # a cap maps -inf to -s / T
+            assert L[1].item() == -math.inf, b
+        q = (w.double() * (lse[:, None] - zt)).sum(1)
+        torch.testing.assert_close(Q[fin].double(), q[fin], rtol=2e-5, atol=2e-5, msg=lambda m, b=b: f"{b} Q: {m}")
+        if not ex.return_stats:
+            assert st is None
+            continue
+        a, key, code = st
+        p = (zt - lse[:, None]).exp()
+        want_a = torch.where(lse.isneginf(), 0.0, (p * torch.where(p > 0, zt - lse[:, None], 0.0)).sum(1))
+        torch.testing.assert_close(a[fin].double(), want_a[fin], rtol=2e-5, atol=2e-5, msg=lambda m, b=b: f"{b} A: {m}")
+        if ex.softcap is None:
+            assert a[1].item() == 0.0
+        arg = x.argmax(1)  # torch.argmax: a NaN wins, then the lowest column of the max
+        hasnan = x.isnan().any(1)
+        col = torch.where(code < 0, code.long() + cols, code.long())
+        assert torch.equal(col, arg), (b, col, arg)
+        assert torch.equal(code < 0, hasnan), b
+        want_key = torch.where(x.isnan(), math.inf, x).amax(1)
+        assert torch.equal(key, want_key), b
+    for u, v in zip(got["torch"][2] or (), got["triton"][2] or ()):
+        if u.dtype == torch.int32:
+            assert torch.equal(u, v)
+
+
+def test_vocab_parallel_extras_make_no_pass_over_the_logits_besides_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="triton" with softcap, temperature, z-loss and statistics: the forward's only pass
+    over the (R, C_local) slice is the statistics kernel (launches stubbed here; every torch op
+    of the call is recorded: none but views makes a tensor of the slice's size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from safeloss.parallel import triton_stats, vocab
+
+    R, C = 100, 96  # more rows than the softmax check samples
+    x = torch.randn(R, C, requires_grad=True)
+    t = torch.randint(0, C, (R,))
+    views = {"expand.default", "detach.default", "view.default", "alias.default", "t.default",
+             "select.int", "slice.Tensor", "as_strided.default", "_unsafe_view.default"}
+    big: list[str] = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.numel() >= R * C and o.device.type != "meta":
+                    big.append(func.__name__)
+            return out
+
+    # One rank of a one-rank group: the collectives are the identity.
+    monkeypatch.setattr(vocab.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(vocab.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(vocab.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(vocab, "_all_reduce", lambda t, op, group: t)
+    for backend, want_pass in (("torch", True), ("triton", False)):
+        big.clear()
+        with triton_stats.stubbed_launches(), Sizes():
+            vocab.run(x, t, None, -100, "mean", 0.1, strict=None, backend=backend, owner=None,
+                      sharding=vocab.Sharding(object()), extras=(30.0, 0.7, 1e-3, True))
+        passes = set(big) - views
+        assert bool(passes) == want_pass, (backend, passes)  # torch: the recorder does see a pass
 
 
 def test_benchmark_report_counts_bytes_per_row(benchmark_script: Any) -> None:
@@ -831,7 +929,7 @@ def test_triton_shard_stats_of_an_all_masked_row_are_minus_inf(smooth: bool) -> 
         x = torch.randn(4, cols, generator=gen)
         x[2] = -math.inf
         w = torch.rand(cols, generator=gen)
-        lse, q = triton_stats.shard_stats(x, w if smooth else None, smooth)
+        lse, q, _ = triton_stats.shard_stats(x, w if smooth else None, smooth)
         assert lse[2].item() == -math.inf
         keep = [0, 1, 3]
         torch.testing.assert_close(lse[keep], torch.logsumexp(x[keep], 1))

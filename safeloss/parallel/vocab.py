@@ -19,6 +19,13 @@ every rank. Per call the ranks exchange, with all-reduces only (never the logits
    exponentials, the target logit (from the rank that owns it), the smoothing term, and the
    sampled rows' sums.
 
+With ``return_stats=True`` (2) also carries each slice's argmax key and a NaN flag (``2R``) and
+(3) each slice's entropy term and the argmax test (``2R``): no collective is added. Both come
+from per-row values of the slice (``_local_stats``: the Triton kernel's one pass, or torch):
+  sum_c exp(zt_c - M)(zt_c - M) = sum_r exp(L_r - M) (A_r + L_r - M),  A_r = sum_{c in r} softmax_r(zt)_c (zt_c - L_r)
+and the global argmax (``torch.argmax`` of the raw logits: a NaN wins, then the lowest column)
+is right iff no rank holds the winning key below the label and the label's owner holds it there.
+
 ``R`` is the number of positions. The loss of every position is then computed identically on every
 rank; the gradient of the local slice needs no communication (the saved log-sum-exp is global).
 After the loss one small int64 vector of counts is read on the host: what the value checks found,
@@ -262,19 +269,40 @@ def _unrows(d: Tensor, x: Tensor) -> Tensor:
     return d.reshape(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 
-def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
-    """(L_r, Q_r) per row over this slice: log-sum-exp, and the smoothing sum (or None)."""
-    if plan.backend == "triton" and xr.shape[1] > 0:
+def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, Tensor] | None]:
+    """Per row over this slice, of the capped, scaled logits zt: (L_r, Q_r, stats), the
+    log-sum-exp, the smoothing sum (or None), and with ``return_stats`` (A_r, key_r, code_r):
+    A_r = sum_c softmax(zt)_c (zt_c - L_r) (0 for an all -inf row) and the argmax of the raw
+    logits as (key: the max, NaN as +inf; code: its lowest column, minus C_local for a NaN), the
+    same quantities on both backends (the Triton kernel's, in one pass: see triton_stats)."""
+    ex = plan.ex
+    stats = ex is not None and ex.return_stats
+    C = xr.shape[1]
+    if plan.backend == "triton" and C > 0:
+        from ..backends.triton_backend import extras_params
         from . import triton_stats
 
-        return triton_stats.shard_stats(xr, plan.w_local, plan.eps > 0)
-    xf = xr if xr.dtype == plan.acc else xr.to(plan.acc)
-    lse = torch.logsumexp(xf, dim=1)
-    if plan.eps <= 0:
-        return lse, None
-    diff = lse[:, None] - xf
-    q = (diff * plan.w_local[None, :]).sum(1) if plan.w_local is not None else diff.sum(1)
-    return lse, q
+        xf = (0, 1.0, 1.0) if ex is None else extras_params(ex.softcap, ex.temperature, 0.0, False)[:3]
+        return triton_stats.shard_stats(xr, plan.w_local, plan.eps > 0, xf, stats)
+    z = xr if xr.dtype == plan.acc else xr.to(plan.acc)
+    zt = z if ex is None else X.transform(z, ex)
+    lse = torch.logsumexp(zt, dim=1)
+    q = None
+    if plan.eps > 0:
+        diff = lse[:, None] - zt
+        q = (diff * plan.w_local[None, :]).sum(1) if plan.w_local is not None else diff.sum(1)
+    if not stats:
+        return lse, q, None
+    d = zt - lse[:, None]
+    p = d.exp()
+    a = torch.where(torch.isneginf(lse), 0.0, (p * torch.where(p > 0, d, 0.0)).sum(1))
+    if not C:
+        return lse, q, (a, torch.full_like(lse, -math.inf), torch.zeros(lse.shape, dtype=torch.int32,
+                                                                         device=lse.device))
+    isn = torch.isnan(z)
+    keys = torch.where(isn, math.inf, z)
+    code = torch.where(isn.any(1), isn.to(torch.uint8).argmax(1) - C, keys.argmax(1))
+    return lse, q, (a, keys.amax(1), code.to(torch.int32))
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -299,14 +327,8 @@ class _VocabParallelCE(torch.autograd.Function):
         xr = _rows(x.detach())
         R, C_local = xr.shape
         dev = x.device
-        z = zt = None
-        if ex is not None:
-            z = xr if xr.dtype == acc else xr.to(acc)
-            zt = X.transform(z, ex)
-        src = xr if zt is None else zt  # the logits the loss is of
-        L, Q = _local_stats(src, plan)
+        L, Q, st = _local_stats(xr, plan)
         L = L.to(acc)
-        neg_inf = torch.full((R,), -math.inf, dtype=acc, device=dev)
 
         # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max (raw logits),
         # the raw row maximum (statistics), agreement.
@@ -322,9 +344,9 @@ class _VocabParallelCE(torch.autograd.Function):
                 lo = torch.full((k,), math.inf, dtype=acc, device=dev)
                 hi, ssum = -lo, torch.zeros(k, dtype=acc, device=dev)
             parts += [-lo, hi]
-        if stats:
-            assert z is not None  # internal invariant: stats imply extras
-            parts.append(z.amax(1) if C_local else neg_inf)
+        if stats:  # the argmax's key, and whether it is a NaN (a NaN wins over +inf)
+            assert st is not None  # internal invariant: computed with return_stats
+            parts += [st[1].to(acc), (st[2] < 0).to(acc)]
         parts.append(plan.agree.to(acc))
         red = _all_reduce(torch.cat(parts), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
@@ -336,7 +358,8 @@ class _VocabParallelCE(torch.autograd.Function):
         # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = src.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = xr.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = xy if ex is None else X.transform(xy, ex)  # R values: the label's zt
             term = torch.where(plan.owned, xy - M_ref, 0.0)
         else:
             term = torch.zeros(R, dtype=acc, device=dev)
@@ -352,17 +375,22 @@ class _VocabParallelCE(torch.autograd.Function):
         if plan.sample is not None:
             parts.append(ssum)
         if stats:
-            assert z is not None and zt is not None and plan.target is not None
-            zc = zt - M_ref[:, None]
-            e = torch.exp(zc)
-            parts.append((e * torch.where(e > 0, zc, 0.0)).sum(1))
-            gmax = red[R + 2 * k : 2 * R + 2 * k]
-            cls = torch.arange(C_local, device=dev) + plan.offset
-            lower = ((z == gmax[:, None]) & (cls[None, :] < plan.target[:, None])).sum(1)
-            if C_local:
-                hit = z.gather(1, plan.local_idx[:, None])[:, 0] == gmax
-                lower = lower + (plan.owned & ~hit)
-            parts.append(lower.to(acc))
+            assert st is not None and plan.target is not None
+            # Entropy: sum_c exp(zt_c - M)(zt_c - M) over the slice from its (L_r, A_r), no pass
+            # over the logits: exp(L_r - M) (A_r + L_r - M) (0 for an all -inf slice).
+            a = st[0].to(acc)
+            parts.append(torch.where(torch.isneginf(L), 0.0, sumexp * (a + (L - M_ref))))
+            # Argmax: the winning key is the max of the keys, a NaN first; the global argmax is
+            # the lowest column holding it over the ranks. Each rank counts its winner below the
+            # label, and the label's owner 1 unless the label is its winner: correct iff 0.
+            gkey, gnan = red[R + 2 * k : 2 * R + 2 * k], red[2 * R + 2 * k : 3 * R + 2 * k]
+            code = st[2].to(torch.int64)
+            nan = code < 0
+            col = torch.where(nan, code + C_local, code) + plan.offset
+            win = (st[1].to(acc) == gkey) & (nan == (gnan > 0))
+            lower = win & (col < plan.target)
+            lower = lower.to(acc) + (plan.owned & ~(win & (col == plan.target))).to(acc)
+            parts.append(lower)
         red2 = _all_reduce(torch.cat(parts), "sum", group)
         plan.bytes_sent += red2.numel() * red2.element_size()
 
@@ -399,6 +427,11 @@ class _VocabParallelCE(torch.autograd.Function):
         ctx.save_for_backward(x, lse)
         ctx.set_materialize_grads(False)
         lse_out = lse.detach().reshape(pos).clone()
+        if stats:
+            # torch.logsumexp's +inf for a row with a +inf logit: without a NaN logit in the row
+            # (the argmax's flag), a NaN lse can only come from inf - inf (the loss stays NaN).
+            gnan = red[2 * R + 2 * k : 3 * R + 2 * k] > 0
+            lse_out = torch.where(~gnan & lse.isnan(), math.inf, lse).reshape(pos)
         ctx.mark_non_differentiable(lse_out, ent, correct)
         return loss, zl, lse_out, ent, correct
 
@@ -437,7 +470,7 @@ def _idle_rounds(R: int, k: int, eps: float, acc: torch.dtype, device: torch.dev
                  agree: Tensor, group: object | None, stats: bool) -> int:
     """A rank whose label values failed a check still enters (2) and (3), with contributions that
     change nothing, so that every rank learns it after the loss, in the same call."""
-    n_max = R + 2 * k + (R if stats else 0)
+    n_max = R + 2 * k + (2 * R if stats else 0)
     red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device),
                                  agree.to(acc)]), "max", group)
     n_sum = (3 if eps > 0 else 2) * R + k + (2 * R if stats else 0)
@@ -556,7 +589,7 @@ def vocab_parallel_cross_entropy(
             ``safeloss.cross_entropy`` (logits become ``softcap * tanh(z / softcap) / temperature``;
             ``z_loss * lse^2`` per non-ignored position with the global lse; ``return_stats``
             returns ``(loss, safeloss.LossStats)``, the same on every rank). No extra collective:
-            the statistics ride on the loss's all-reduces (3R more values).
+            the statistics ride on the loss's all-reduces (4R more values).
 
     Returns, on every rank, the loss of the gathered logits (same value, dtype and shape as
     ``torch.nn.functional.cross_entropy`` on them); the gradient is this rank's slice of the full
