@@ -445,16 +445,19 @@ def _linear_extras_case(n: int, h: int, c: int, dtype: Any, eps: float, has_w: b
     out.backward(torch.ones(out.shape, device="meta", dtype=out.dtype))
 
 
-def _vocab_case(rows: int, c_local: int, dtype: Any, eps: float, has_w: bool) -> None:
+def _vocab_case(rows: int, c_local: int, dtype: Any, eps: float, has_w: bool,
+                extras: dict[str, Any] | None = None) -> None:
     import types
 
     import torch
 
+    from safeloss.core import extras as X
     from safeloss.parallel import vocab
 
     x = torch.empty((rows, c_local), device="meta", dtype=dtype)
     w = torch.empty((c_local,), device="meta", dtype=torch.float32) if has_w else None
-    plan = types.SimpleNamespace(backend="triton", w_local=w, eps=eps)
+    ex = None if extras is None else X.check(*(extras[k] for k in DEFAULT_EXTRAS), op="vocab_parallel_cross_entropy")
+    plan = types.SimpleNamespace(backend="triton", w_local=w, eps=eps, ex=ex, acc=torch.float32)
     vocab._local_stats(vocab._rows(x), plan)  # type: ignore[arg-type]
 
 
@@ -502,6 +505,11 @@ def cases() -> Iterator[tuple[str, int, Callable[[], None]]]:
         for eps, has_w in ((0.0, False), (0.0, True), (0.1, False), (0.1, True)):
             name = f"vocab-parallel {vname} {dt} eps={eps} weight={has_w}"
             yield name, c_local, functools.partial(_vocab_case, rows, c_local, getattr(torch, dt), eps, has_w)
+    for (vname, rows, c_local), dt, (eps, has_w), extras in itertools.product(
+            VOCAB, EXTRAS_DTYPES, ((0.0, False), (0.1, True)), EXTRAS):
+        opts = ",".join(f"{k}={v}" for k, v in extras.items() if v != DEFAULT_EXTRAS[k])
+        name = f"extras-vocab-parallel {vname} {dt} eps={eps} weight={has_w} {opts}"
+        yield name, c_local, functools.partial(_vocab_case, rows, c_local, getattr(torch, dt), eps, has_w, extras)
 
 
 def enumerate_launches(only: Callable[[str], bool] | None = None) -> tuple[list[Launch], int]:
