@@ -30,7 +30,10 @@ Sections:
    the outputs allocated with their real shapes. Target: (8, 10) and (4096, 10) host time
    <= 1.5x stock's whole CPU fwd+bwd at the same shape. Printed beside: Python function calls
    per fwd+bwd (``sys.setprofile`` "call" events: Python frames entered, generators' resumptions
-   included) of stock, the torch backend and the stubbed Triton path.
+   included) of stock, the torch backend and the stubbed Triton path. The ``floor`` row (no
+   target) times, in the same rounds, a minimal ``torch.autograd.Function`` doing only what any
+   Python-level node around the kernels must (the outputs, a mean, its derivative, the gradient
+   buffer): how much of the ratio is the Python autograd node itself.
 3. ``family``: linear + cross-entropy (``safeloss.linear_cross_entropy`` vs stock
    ``F.cross_entropy(F.linear(h, W), t)``) and vocab-parallel cross-entropy (one gloo rank,
    ``safeloss.vocab_parallel_cross_entropy`` vs stock ``F.cross_entropy`` plus the all-reduces of
@@ -288,6 +291,38 @@ def stubbed() -> Iterator[None]:
         checks.DEFER_ON_CPU = before
 
 
+class _Floor(torch.autograd.Function):
+    """The least a Python-level autograd node around a forward and a backward kernel does (the
+    ``floor`` row): the outputs the kernels would write (per-position losses, the findings
+    vector, the log-sum-exp), the mean (a sum and a division by the counted positions), and in
+    backward the mean's derivative and the gradient buffer. No checks, no plan, no findings read."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        n = x.shape[0]
+        losses, flags, lse = x.new_empty((n,)), x.new_zeros(8, dtype=torch.int32), x.new_empty((n,))
+        ctx.save_for_backward(x, t, lse)
+        denom = (t != -100).sum()
+        ctx.denom = denom
+        ctx.mark_non_differentiable(flags)
+        return losses.sum() / denom, flags
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _flags: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        x, _t, _lse = ctx.saved_tensors
+        (g / ctx.denom).expand(x.shape[0])
+        return torch.empty_like(x), None
+
+
+def _floor_step(pool: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+    k = len(pool)
+
+    def run(r: int) -> object:
+        x, t = pool[r % k]
+        return torch.autograd.grad(_Floor.apply(x, t)[0], (x,))
+    return run
+
+
 def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
 
     rows = []
@@ -295,6 +330,7 @@ def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
         for n, c, limit in STUB_CASES:
             pool = _pool(n, c, False, _copies(n, c))
             steps = _ce_steps(pool, backend="triton")
+            steps["floor"] = _floor_step(pool)
             with stubbed():
                 times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
                 calls = {
@@ -310,7 +346,11 @@ def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
                             f"safe-{api}", f"stock-{api}", r)
                 row.extra["python_calls"] = calls
                 rows.append(row)
-            _progress(rows[-2:])
+            # Context for the target, not a target: the same rounds' floor of any design that
+            # wraps the kernels in a Python autograd.Function (stock's nodes are C++).
+            rows.append(_fill(Row("stubbed", f"({n}, {c})", "floor", 1, "thread", None), times,
+                              "floor", "stock-module", r))
+            _progress(rows[-3:])
     return rows
 
 
