@@ -387,7 +387,7 @@ class _VocabParallelCE(torch.autograd.Function):
             code = st[2].to(torch.int64)
             nan = code < 0
             col = torch.where(nan, code + C_local, code) + plan.offset
-            win = (st[1].to(acc) == gkey) & (nan == (gnan > 0))
+            win = (st[1].to(acc) == gkey) & (nan == (gnan > 0)) & (C_local > 0)  # an empty slice holds nothing
             lower = win & (col < plan.target)
             lower = lower.to(acc) + (plan.owned & ~(win & (col == plan.target))).to(acc)
             parts.append(lower)
