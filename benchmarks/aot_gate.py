@@ -61,7 +61,7 @@ if ROOT not in sys.path:  # `python benchmarks/aot_gate.py` from anywhere import
 # Register budgets (per thread), the limits every launch passes to ptxas (``maxnreg``): rows of
 # up to NARROW_C classes are short, the kernel is all latency, and 128 registers keep 16 of the
 # 64 warp slots of an SM (25% occupancy) in flight; longer rows the hardware limit, 255.
-from safeloss.core._flags import MAX_REGS, NARROW_REGS  # noqa: E402
+from safeloss.core._flags import MAX_REGS, NARROW_REGS, max_registers  # noqa: E402
 from safeloss.core._flags import NARROW_CLASSES as NARROW_C  # noqa: E402
 
 # Shared memory a block may use, per target (bytes): sm_80 163 KB, sm_90 / sm_100 227 KB.
@@ -723,8 +723,9 @@ QUICK_NEW = 40  # and at most this many that the committed table does not know
 
 def budget(launch: Launch) -> int:
     """Register budget per thread: NARROW_REGS when a call with rows of at most NARROW_C classes
-    chose this configuration, else the hardware limit."""
-    return NARROW_REGS if launch.min_classes <= NARROW_C else MAX_REGS
+    chose this configuration, else the hardware limit; at most what a block of its warps can
+    hold in an SM's register file (the limit the launcher passes to ptxas, ``max_registers``)."""
+    return max_registers(launch.min_classes, launch.num_warps)
 
 
 def verdicts(launch: Launch, results: list[dict[str, Any]]) -> list[str]:
@@ -740,6 +741,9 @@ def verdicts(launch: Launch, results: list[dict[str, Any]]) -> list[str]:
         limit = SMEM_PER_BLOCK.get(cc)
         if limit is not None and r["shared"] > limit:
             bad.append(f"sm_{cc}: {r['shared']} bytes of shared memory, the target has {limit}")
+        if occupancy(r["regs"], launch.num_warps, r["shared"]) == 0:
+            bad.append(f"sm_{cc}: does not launch: {r['regs']} registers x {32 * launch.num_warps} threads "
+                       f"or {r['shared']} bytes of shared memory exceed an SM")
         if r["regs"] > budget(launch):
             bad.append(f"sm_{cc}: {r['regs']} registers per thread, budget {budget(launch)} "
                        f"(chosen for rows of {launch.min_classes} classes)")

@@ -300,6 +300,9 @@ def test_tuning_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/gpu_tune.py overrides warps and pipelining stages through these hooks."""
     assert tb._launch_opts(8, 128256) == {"num_warps": 8, "maxnreg": 255}
     assert tb._launch_opts(4, 1000) == {"num_warps": 4, "maxnreg": 128}  # the narrow-row budget
+    # no more than a block of its warps can hold in an SM's 65536 registers (it would not launch)
+    assert tb._launch_opts(16, 128256) == {"num_warps": 16, "maxnreg": 128}
+    assert tb._launch_opts(32, 128256) == {"num_warps": 32, "maxnreg": 64}
     monkeypatch.setattr(tb, "FORCE_NUM_WARPS", 2)
     monkeypatch.setattr(tb, "FORCE_NUM_STAGES", 1)
     assert tb._tiles([1, 1, 8], 128256, [0, 0, 128256, 1]) == (1, 4096, 2)

@@ -255,7 +255,7 @@ def _tiles(
 
 
 def _launch_opts(num_warps: int, C: int) -> dict[str, int]:
-    opts = {"num_warps": num_warps, "maxnreg": _flags.max_registers(C)}
+    opts = {"num_warps": num_warps, "maxnreg": _flags.max_registers(C, num_warps)}
     if FORCE_NUM_STAGES is not None:
         opts["num_stages"] = FORCE_NUM_STAGES
     return opts

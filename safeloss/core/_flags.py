@@ -41,16 +41,18 @@ def overflow_bound(dtype: object) -> float:
 # reach it (4-12 byte spills at 32-128 registers, benchmarks/results/aot-gate). With the limit
 # set it allocates what the kernel needs up to the limit: rows of at most NARROW_CLASSES classes
 # get NARROW_REGS (the kernel is all latency there: 128 registers keep 16 of an SM's 64 warp
-# slots, 25% occupancy), longer rows the hardware's 255 (ptxas still caps a block at 64K
-# registers: 128 a thread at 16 warps). benchmarks/aot_gate.py checks both budgets.
+# slots, 25% occupancy), longer rows the hardware's 255; never more than one block can hold in
+# an SM's 65536 registers (16 warps: 128 a thread): ptxas takes the limit as given, and a block
+# beyond the register file does not launch. benchmarks/aot_gate.py checks both budgets.
 NARROW_CLASSES = 1024
 NARROW_REGS = 128
 MAX_REGS = 255
+REGS_PER_SM = 65536  # sm_80, sm_90, sm_100
 
 
-def max_registers(classes: int) -> int:
-    """The ``maxnreg`` of a launch whose rows have ``classes`` classes."""
-    return NARROW_REGS if classes <= NARROW_CLASSES else MAX_REGS
+def max_registers(classes: int, num_warps: int) -> int:
+    """The ``maxnreg`` of a launch of ``num_warps`` warps whose rows have ``classes`` classes."""
+    return min(NARROW_REGS if classes <= NARROW_CLASSES else MAX_REGS, REGS_PER_SM // (32 * num_warps))
 
 
 # Tolerances shared by every backend, so all of them flag the same rows. Every backend sums a row
