@@ -870,7 +870,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], before: dict[str,
         "",
         f"**{'PASS' if not n_fail else 'FAIL'}**: {n_fail} configurations fail. Budgets: compiles, no spills, "
         f"shared memory within the target, at most {NARROW_REGS} registers per thread for every "
-        f"configuration chosen for rows of up to {NARROW_C} classes ({MAX_REGS} otherwise).",
+        f"configuration chosen for rows of up to {NARROW_C} classes ({MAX_REGS} otherwise, and never more "
+        "than a block of its warps can hold in an SM's 65536 registers: 128 at 16 warps); every "
+        "launch passes that budget to ptxas as its register limit (`maxnreg`).",
         "",
         "One line per kernel, constexprs and warps; `n` counts its compiled variants (`dtype`: of the "
         "logits, or of the gradient for ce_scale_kernel; "
