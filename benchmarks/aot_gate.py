@@ -1053,7 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {done}/{total} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
     reused = _resumable(a.resume, meta, targets) if a.resume else {}
-    got: dict[tuple[str, int], dict[str, Any]] = {(k, t): r for k, rs in reused.items() for t, r in rs.items()}
+    keys = {x.key for x in todo}
+    got: dict[tuple[str, int], dict[str, Any]] = {(k, t): r for k, rs in reused.items() if k in keys
+                                                  for t, r in rs.items()}
     if reused:
         print(f"reusing {len(got)} of {len(todo) * len(targets)} compiles from {a.resume}", flush=True)
     for cc in targets:  # per target: the configurations it still lacks
