@@ -199,7 +199,8 @@ def _tiles(
     per_column: bool = False, lean: bool = False,
 ) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for a [BLOCK_P, BLOCK_C] tile; ``kind`` is "fwd" or "bwd";
-    ``per_column``: the forward keeps more state per column (weights, targets: see _fwd_config).
+    ``per_column``: the kernel keeps more state per column (weights, targets, the target's gradient:
+    see _fwd_config, _bwd_config).
 
     Sizes are checked by the ahead-of-time compile gate (benchmarks/aot_gate.py: every
     configuration compiled for sm_80 / sm_90 / sm_100, registers and spills from ptxas):
@@ -449,7 +450,11 @@ def _bwd_config(
     ds = rest.pop(0) if dx is not None else [0, 0, 0, 0]
     es = rest.pop(0) if dy is not None else [0, 0, 0, 0]
     zs = rest.pop(0) if gz is not None else [0, 0, 0, 0]
-    bp, bc, num_warps = _tiles(sizes, C, xs, kind="bwd")
+    # The target's gradient beside the logits' (probability targets that require grad): a
+    # second value per column, written too; streamed [1, 8192] blocks at 16 warps (128
+    # registers at most there) spilled 4-16 bytes (benchmarks/aot_gate.py): 2048-column blocks
+    # at 8 warps, as the forward's per-column rows.
+    bp, bc, num_warps = _tiles(sizes, C, xs, kind="bwd", per_column=dy is not None)
     n_pblocks, grid = _grid(sizes, bp)
     smooth = (not prob) and eps > 0.0
     args = (
