@@ -168,8 +168,6 @@ def test_kernels_compile_for_gpus() -> None:
     assert not [f for r in rows for f in r["failures"] if "does not compile" in f]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 open: small spills (4-12 bytes, mostly sm_80) in the configurations "
-                   "benchmarks/results/aot-gate/aot-gate.md lists; remove this marker with the table that has none")
 def test_no_configuration_spills() -> None:
     import json
 
