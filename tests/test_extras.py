@@ -1446,3 +1446,72 @@ def test_zero_total_weight_mean_is_nan_with_the_true_diagnosis(
     assert math.isnan(out.item()), out
     texts = [str(r.message) for r in rec if issubclass(r.category, safeloss.SafeLossWarning)]
     assert len(texts) == 1 and "nothing to average" in texts[0] and "overflowed" not in texts[0], texts
+
+
+# 4 ranks, the first slice empty: the statistics (lse, entropy, argmax, z-loss) equal single-device
+# safeloss's on NaN, +-inf, all -inf rows and ties across ranks, on both backends.
+SLICES4 = [0, 3, 2, 4]
+
+
+def _inputs4() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    c = sum(SLICES4)
+    x = torch.randn(10, c, generator=g) * 3
+    t = torch.randint(0, c, (10,), generator=g)
+    x[0], t[0] = -math.inf, 0  # all -inf: torch.argmax says 0 (rank 1's first column), right
+    x[1], t[1] = -math.inf, 5  # wrong
+    x[2, 4] = x[2, 7] = 40.0
+    t[2] = 4  # a tie across ranks 1 and 2: the lower column wins, right
+    x[3, 6], t[3] = math.nan, 6  # a NaN wins, right
+    x[4, 3], x[4, 8], t[4] = math.inf, math.nan, 8  # a NaN beats +inf on a lower rank, right
+    t[5] = -100
+    x[6, 3:5] = 50.0
+    t[6] = 3  # a tie inside a slice, right
+    return x, t
+
+
+def _worker4(rank: int, world: int, store: str, outp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    x, t = _inputs4()
+    off = sum(SLICES4[:rank])
+    res: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend in ("torch", "triton") if _TRITON_REASON is None else ("torch",):
+            for name, ex in (("stats", dict(return_stats=True)),
+                             ("all", dict(return_stats=True, softcap=3.0, temperature=0.5, z_loss=0.1))):
+                xl = x[:, off:off + SLICES4[rank]].clone()
+                try:
+                    res[f"{backend}-{name}"] = safeloss.vocab_parallel_cross_entropy(
+                        xl, t, reduction="none", backend=backend, **ex)
+                except Exception as e:  # reported by the test
+                    res[f"{backend}-{name}"] = repr(e)
+    torch.save(res, f"{outp}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_parallel_statistics_with_an_empty_slice_match_single_device(tmp_path: Any) -> None:
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(_worker4, args=(len(SLICES4), str(tmp_path / "store"), str(tmp_path / "out")),
+                       nprocs=len(SLICES4), join=True, start_method="spawn")
+    x, t = _inputs4()
+    got = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(len(SLICES4))]
+    for key in got[0]:
+        ex = dict(return_stats=True) if key.endswith("-stats") else dict(return_stats=True, softcap=3.0,
+                                                                          temperature=0.5, z_loss=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want, wst = safeloss.cross_entropy(x, t, reduction="none", **ex)
+        assert wst.accuracy.item() == pytest.approx(5 / 9)  # rows 0, 2, 3, 4, 6 of the nine counted
+        for rank, r in enumerate(got):
+            assert not isinstance(r[key], str), (key, rank, r[key])
+            out, st = r[key]
+            close(out, want, torch.float32, f"{key} loss, rank {rank}")
+            for name in ("lse", "entropy", "z_loss", "accuracy"):
+                close(getattr(st, name), getattr(wst, name), torch.float32, f"{key} {name}, rank {rank}")
