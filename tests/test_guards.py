@@ -14,6 +14,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -777,3 +778,107 @@ def test_softmax_warning_needs_every_sampled_row_to_look_softmaxed(backend):
     p[1:, 0] -= 1e-3  # now every row sums to 1: reported
     with pytest.warns(SafeLossWarning, match="looks already softmaxed"):
         safeloss.cross_entropy(p.float(), t, backend=backend)
+
+
+# ------------------------------------------------------------------------- validation mutation proof
+# Tests for mutants of safeloss/core/validation.py and checks.py that the suite let through
+# (mutants-validation.md lists them).
+
+
+@pytest.mark.parametrize("eps", [0, 1, np.float64(0.0), np.int64(1), np.float32(1.0)], ids=repr)
+def test_label_smoothing_bounds_accepted_in_every_number_type(eps):
+    """Class: label_smoothing range. The ends of [0, 1] are valid however the number is spelled
+    (an int 0 or 1, a NumPy scalar), as stock torch takes them: the check of non-float values must
+    not exclude an end of the range."""
+    x, t = torch.randn(3, 4, generator=_g()), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = safeloss.cross_entropy(x, t, label_smoothing=eps, strict=True)
+        mod = safeloss.SafeCrossEntropyLoss(label_smoothing=eps)(x, t)
+    want = F.cross_entropy(x, t, label_smoothing=float(eps))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mod, want)
+
+
+@pytest.mark.parametrize("size_average, reduce", [(False, None), (None, False), (True, None), (None, True),
+                                                  (False, True), (True, False)])
+def test_legacy_size_average_and_reduce_alone_follow_torch(size_average, reduce):
+    """Class: reduction names (torch's legacy precedence). Either legacy argument on its own
+    overrides ``reduction``, exactly as torch.nn._reduction.legacy_get_string decides."""
+    x, t = torch.randn(4, 3, generator=_g()), torch.tensor([0, 2, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        got = safeloss.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        mod = safeloss.SafeCrossEntropyLoss(size_average=size_average, reduce=reduce)(x, t)
+    assert got.shape == want.shape == mod.shape
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mod, want)
+
+
+@pytest.mark.parametrize("ishape, tshape", [((1, 3), (1, 1)), ((1, 3, 2, 2), (1, 1, 2, 2)), ((2, 3, 1), (2, 1, 1))])
+def test_singleton_label_dim_squeezes_dim_1_only(ishape, tshape):
+    """Class: shape mismatch, (N, 1) targets. Only the label column (dim 1) is squeezed: a batch
+    of one or a spatial size of 1 keeps its dimension, so reduction="none" has stock's shape."""
+    x = torch.randn(*ishape, generator=_g())
+    t = torch.randint(0, 3, tshape, generator=_g(1))
+    want = F.cross_entropy(x, t.squeeze(1), reduction="none")
+    with pytest.warns(SafeLossWarning, match=r"squeezes the singleton dimension"):
+        got = safeloss.cross_entropy(x, t, reduction="none")
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_one_class_labels_of_the_input_shape_are_a_label_column(fill):
+    """Class: one-hot detection vs (N, 1) targets. With one class, an (N, 1) integer target has the
+    input's shape but is a column of labels (stock: "0D or 1D target tensor expected"), never a
+    one-hot matrix: default mode squeezes it, as for any C."""
+    x = torch.randn(4, 1, generator=_g())
+    t = torch.full((4, 1), fill)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            safeloss.cross_entropy(x, t)
+        except safeloss.TargetOutOfRangeError:
+            assert fill == 1  # label 1 of one class: out of range, as stock's IndexError
+        else:
+            assert fill == 0
+    texts = [str(w.message) for w in seen if issubclass(w.category, SafeLossWarning)]
+    assert any("squeezes the singleton dimension" in m for m in texts), texts
+    assert not any("one-hot" in m for m in texts), texts
+
+
+@pytest.mark.parametrize("rows", [4, 2048])  # the direct count, and the amin pass of large targets
+def test_probability_row_with_nan_and_a_negative_entry_counts_as_negative(rows):
+    """Class: probability-target rows. A row whose minimum is NaN hides its negative entry from
+    the amin pass of large targets; it is still counted as a row with negative entries, as the
+    direct count of small targets does."""
+    y = torch.full((rows, 5), 0.2)
+    y[1] = torch.tensor([float("nan"), -0.5, 0.5, 0.5, 0.5])
+    with pytest.raises(safeloss.ProbabilityTargetError,
+                       match=r"(?s)1 row with negative entries \(min -0\.5\) and 1 row with NaN or infinite entries"):
+        safeloss.cross_entropy(torch.randn(rows, 5, generator=_g()), y, strict=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softmax_output_with_exact_zeros_is_detected(backend):
+    """Class: softmaxed-input detection thresholds. A masked softmax (-inf logits) has entries of
+    exactly 0: they lie in [0, 1], so the rows are still softmax outputs."""
+    logits = torch.randn(8, 6, generator=_g())
+    logits[:, 4:] = float("-inf")
+    x = logits.softmax(1)
+    assert (x == 0).any()
+    with pytest.warns(SafeLossWarning, match="looks already softmaxed"):
+        safeloss.cross_entropy(x, torch.randint(0, 4, (8,), generator=_g(1)), backend=backend)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored_with_a_class_weight_is_still_all_ignored(weighted):
+    """Class: empty batch / all ignored. With every target ignored, a class weight plays no part:
+    the message names ignore_index and says the gradients are zero, not NaN."""
+    x = torch.randn(3, 4, generator=_g())
+    w = torch.ones(4) if weighted else None
+    with pytest.raises(safeloss.EmptyBatchError, match=r"(?s)all 3 targets equal ignore_index=-100.*Gradients are zero") as e:
+        safeloss.cross_entropy(x, torch.full((3,), -100), w, strict=True)
+    assert "class weight 0" not in str(e.value)

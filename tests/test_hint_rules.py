@@ -374,3 +374,46 @@ def test_mask_code_hint_names_exactly_the_usual_codes(code: int) -> None:
     usual = code in (250, 254, 255, 65535)
     assert (f"Every bad value is {code}, which looks like" in msg) == usual, msg
     assert (f"ignore_index={code})" in msg) == usual, msg
+
+
+# ------------------------------------------------------------------ mutation proof: boundaries
+
+
+def test_padding_needs_runs_longer_than_one():
+    """Class: padding hint. A value that ends three rows once each (runs of 1) is no padding
+    pattern: padding fills the end of a row with a run of at least 2 (or one row with 3)."""
+    C = 9
+    t = torch.tensor([[1, 2, 3, 4, 5, C], [2, 3, 4, 5, 6, C], [3, 4, 5, 6, 7, C]])
+    msg = oob(torch.randn(3, C, 6, generator=_g()), t)
+    assert "padding value" not in msg, msg
+    t[:, 4] = C  # now runs of 2 at the end of all three rows
+    assert "fills the end of 3 of 3 rows (runs of up to 2)" in oob(torch.randn(3, C, 6, generator=_g()), t)
+
+
+@pytest.mark.parametrize("label, corrupt", [(5000, True), (4999, False)])
+def test_far_label_boundary_is_1000_times_the_classes(label: int, corrupt: bool) -> None:
+    """Class: corrupt-label hint boundary. A label of 1000 * C or more is far enough to be called
+    corrupt (5 classes: 5000 is, 4999 is not), never one off."""
+    msg = oob(torch.randn(3, 5, generator=_g()), torch.tensor([0, 1, label]))
+    assert ("corrupt or uninitialized" in msg) == corrupt, msg
+    assert ("final layer is too small" in msg) == (not corrupt), msg
+
+
+@pytest.mark.parametrize("distinct, corrupt", [(1, True), (4, True), (5, False)])
+def test_corrupt_label_hint_up_to_four_distinct_far_values(distinct: int, corrupt: bool) -> None:
+    """Class: hint boundary (four distinct corrupt labels). Up to four distinct far labels are
+    called corrupt data; five or more distinct values are no longer a few stray words of memory."""
+    far = [10**6 + i for i in range(distinct)]
+    t = torch.tensor([0, 1, *far])
+    msg = oob(torch.randn(t.numel(), 5, generator=_g()), t)
+    assert ("corrupt or uninitialized" in msg) == corrupt, msg
+
+
+def test_2d_labels_with_some_zeros_and_ones_are_still_labels_per_position():
+    """Class: shape-mismatch messages (one-hot detection of a 2-D target). A target is one-hot
+    only if every entry is 0 or 1; per-position labels that include some 0s and 1s are labels."""
+    t = torch.tensor([[0, 3, 1, 4], [1, 0, 2, 0], [4, 4, 0, 1]])
+    with pytest.raises(safeloss.TargetShapeError) as e:
+        safeloss.cross_entropy(torch.randn(3, 5, generator=_g()), t)
+    msg = str(e.value)
+    assert "labels per position" in msg and "one-hot" not in msg, msg

@@ -348,11 +348,11 @@ def _agreed_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
     return x, t, w, kw
 
 
-def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
+def _bytes_per_call(rank: int, world: int) -> dict[str, Any]:
     """What one call sends, for the formula the docs state."""
     from safeloss.parallel import vocab
 
-    out = {}
+    out: dict[str, Any] = {}
     for eps in (0.0, 0.1):
         stats: dict[str, int] = {}
         x = torch.randn(100, SLICES[world][rank])
@@ -360,6 +360,21 @@ def _bytes_per_call(rank: int, world: int) -> dict[str, int]:
         vocab.run(x, t, None, -100, "mean", eps, group=None, strict=None,
                   backend="auto", owner=None, stats=stats)
         out[str(eps)] = stats["bytes"]
+    # The last rank's label values fail a check (a fraction): it idles through the loss's two
+    # all-reduces (_idle_rounds) with contributions of the clean call's sizes, and raises after.
+    for eps, with_stats in ((0.0, False), (0.1, False), (0.0, True), (0.1, True)):
+        stats = {}
+        x = torch.randn(100, SLICES[world][rank])
+        t = torch.randint(0, C, (100,), generator=torch.Generator().manual_seed(0)).double()
+        if rank == world - 1:
+            t[7] += 0.5
+        try:
+            vocab.run(x, t, None, -100, "mean", eps, group=None, strict=None, backend="auto", owner=None,
+                      stats=stats, extras=(None, 1.0, 0.0, True) if with_stats else None)
+            raised = None
+        except safeloss.SafeLossError as e:
+            raised = type(e).__name__
+        out[f"idle-{eps}-{with_stats}"] = (stats.get("bytes"), raised)
     return out
 
 
@@ -404,6 +419,42 @@ def _compiled(rank: int, world: int) -> dict[str, Any]:
     out = fn(xl, t)
     (out * g).sum().backward()
     return {"out": out.detach(), "grad": xl.grad, "collectives_traced": [n for n in traced if "c10d" in n]}
+
+
+def _mixed_softmax_inputs(world: int, softmaxed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows a rank; the first ``softmaxed`` rows softmaxed (the others raw logits, with
+    negative entries)."""
+    x, t, _, _ = _inputs(dict(seed=13, shape=(2 * world,), red="mean"))
+    x[:softmaxed] = x[:softmaxed].softmax(1)
+    return x, t
+
+
+def _dt_rows_softmax(mesh: Any, world: int, softmaxed: int) -> Any:
+    """Rows sharded over the mesh, the classes whole on each rank (no loss_parallel())."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, t = _mixed_softmax_inputs(world, softmaxed)
+    out = safeloss.cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), distribute_tensor(t, mesh, [Shard(0)]))
+    return out.full_tensor()
+
+
+def _rows_stats_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows a rank: the label is the argmax in the first shard's rows only (accuracy 1 there,
+    0 on every other shard, 1 / world over all)."""
+    x, _, _, _ = _inputs(dict(seed=14, shape=(2 * world,), red="mean"))
+    t = x.argmax(1)
+    t[2:] = (t[2:] + 1) % C
+    return x, t
+
+
+def _dt_rows_stats(mesh: Any, world: int) -> Any:
+    """Rows sharded over the mesh (the classes whole on each rank), with return_stats."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, t = _rows_stats_inputs(world)
+    out, st = safeloss.cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), distribute_tensor(t, mesh, [Shard(0)]),
+                                     reduction="none", return_stats=True)
+    return tuple(v.full_tensor() for v in (out, st.lse, st.entropy, st.accuracy))
 
 
 def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
@@ -564,6 +615,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         results["dt-bad-label"] = _call(lambda: _dt_bad_label(mesh))
         results["dt-outside-loss-parallel"] = _call(lambda: _dt_outside(mesh))
         results["stock-bad-label"] = _call(lambda: _stock_bad_label(mesh))
+        for softmaxed in (2, 2 * world):  # the first shard's rows only; every row
+            results[f"dt-rows-softmax-{softmaxed}"] = _call(lambda s=softmaxed: _dt_rows_softmax(mesh, world, s))
+        results["dt-rows-stats"] = _call(lambda: _dt_rows_stats(mesh, world))
         for api in ("safeloss", "patched", "patched-bad-label") if world == 2 else ():  # compiling costs
             results[f"dt-compiled-{api}"] = _call(lambda api=api: _dt_compiled(mesh, api))
         dist.barrier()  # nobody tears gloo down while another rank is still in a collective
@@ -736,6 +790,60 @@ def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:
         got = r["bytes"]["ok"]
         assert got["0.0"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (2 * n + 64)
         assert got["0.1"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (3 * n + 64)
+
+
+def test_bytes_per_call_are_the_same_where_one_rank_idles(ranks: tuple[int, list[dict]]) -> None:
+    """Class: the idle rounds' sizes and their bytes accounting (_idle_rounds). A rank whose label
+    values fail a check still enters the loss's two all-reduces, with contributions of the clean
+    call's sizes (smoothing and statistics included), and counts what it sent: every rank sends,
+    and reports, the documented bytes of a clean call, the idle one included."""
+    world, res = ranks
+    n = 100
+    for rank, r in enumerate(res):
+        got = r["bytes"]["ok"]
+        for eps in (0.0, 0.1):
+            for st in (False, True):
+                extra = 2 * n if st else 0  # statistics: the key and NaN flag (MAX), entropy and argmax (SUM)
+                want = 8 * (15 + world) + 4 * (n + 146 + extra) + 4 * ((3 if eps else 2) * n + 64 + extra)
+                assert got[f"idle-{eps}-{st}"] == (want, "TargetDtypeError"), (rank, eps, st, got)
+
+
+def test_row_sharded_dtensor_check_counts_add_up_over_the_shards(ranks: tuple[int, list[dict]]) -> None:
+    """Class: counts over mesh dims that shard the positions (_reduce_outer sums them). Rows
+    sharded over the mesh with only the first shard's rows softmaxed: the sampled rows that look
+    softmaxed are not all the sampled rows, so nothing is reported, as on the gathered logits (a
+    maximum over the shards would read the first shard's "2 of 2"); every row softmaxed warns."""
+    world, res = ranks
+    for softmaxed, warns in ((2, False), (2 * world, True)):
+        x, t = _mixed_softmax_inputs(world, softmaxed)
+        safeloss.reset_warnings()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ref = safeloss.cross_entropy(x, t)
+        want = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
+        assert bool(want) == warns and all("softmaxed" in w for w in want), want
+        for rank, r in enumerate(res):
+            got = r[f"dt-rows-softmax-{softmaxed}"]
+            assert "ok" in got, (rank, got)
+            assert got["warnings"] == want, (rank, softmaxed, got["warnings"])
+            torch.testing.assert_close(got["ok"], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_row_sharded_dtensor_statistics_are_global(ranks: tuple[int, list[dict]]) -> None:
+    """Class: statistics over mesh dims that shard the positions. Rows sharded over the mesh with
+    return_stats: the accuracy is the global one on every rank (the hits and the counted
+    positions summed over the shards), not each shard's own (1 on the first shard, 0 elsewhere),
+    and the per-position statistics are the single-device ones."""
+    world, res = ranks
+    x, t = _rows_stats_inputs(world)
+    loss, st = safeloss.cross_entropy(x, t, reduction="none", return_stats=True)
+    want = (loss, st.lse, st.entropy, st.accuracy)
+    assert st.accuracy.item() == pytest.approx(1 / world)
+    for rank, r in enumerate(res):
+        got = r["dt-rows-stats"]
+        assert "ok" in got, (rank, got)
+        for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy"), strict=True):
+            torch.testing.assert_close(a, b, msg=lambda m, what=what, rank=rank: f"{what}, rank {rank}: {m}")
 
 
 def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:
@@ -961,6 +1069,39 @@ def test_sampled_rows_stay_in_range(rows: int) -> None:
     pos = _sample_positions(torch.empty(0), rows)
     assert pos.numel() == K_SAMPLE and int(pos[0]) == 0 and int(pos[-1]) == rows - 1
     assert bool((pos[1:] > pos[:-1]).all())
+
+
+class _RecordedLaunch:
+    """Stands in for the statistics kernel: records the launch's I64 instead of running it."""
+
+    def __init__(self) -> None:
+        self.i64: list[bool] = []
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: self.i64.append(kwargs["I64"])
+
+
+@pytest.mark.parametrize("shape,stride,want", [
+    ((4, 40), (40, 1), False),  # a usual slice
+    ((1, 2**31 - 4096), (0, 1), False),  # every index below 2**31, the last block's padding included
+    ((2**16, 2**16), (1, 2**16), True),  # column-major: the column offsets pass int32
+    ((2, 2**31 + 1), (0, 0), True),  # expanded columns: only the last column block's padding passes
+    ((2**31 + 1, 3), (0, 1), True),  # expanded rows: the (R,) outputs' indices pass int32
+], ids=["small", "just-below", "column-major", "expanded-columns", "expanded-rows"])
+def test_triton_shard_stats_offsets_are_int64_where_an_index_can_pass_int32(
+        monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int], stride: tuple[int, int], want: bool) -> None:
+    """Class: the int64 offset (I64) condition of triton_stats.shard_stats: the largest offset of
+    the slice (both strides), the row padding of the last program and the column padding of the
+    last block. Slices of these sizes do not fit here: meta tensors of the shape and strides, and
+    the launch is recorded, not run."""
+    from safeloss.parallel import triton_stats
+
+    launch = _RecordedLaunch()
+    monkeypatch.setattr(triton_stats, "shard_stats_kernel", launch)
+    xr = torch.empty_strided(shape, stride, device="meta")
+    lse, _, _ = triton_stats.shard_stats(xr, None, False)
+    assert lse.shape == (shape[0],)
+    assert launch.i64 == [want]
 
 
 def test_needs_a_process_group() -> None:

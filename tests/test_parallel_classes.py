@@ -179,8 +179,8 @@ WEIGHT_PAIRS = ["permuted", "one-ulp", "sign-of-one"]
 ONE_RANK = ["weight-sparse", "weight-int", "weight-list", "weight-meta", "weight-grad", "weight-nan",
             "target-list", "target-none", "target-nested", "target-meta", "target-fraction", "target-0d",
             "target-n1", "target-float", "target-bad", "logits-int", "logits-meta", "logits-float32",
-            "logits-fewer-rows", "logits-3d", "ignore-index-float", "ignore-index-differs", "strict",
-            "stats"]
+            "logits-fewer-rows", "logits-3d", "ignore-index-float", "ignore-index-differs",
+            "ignore-index-differs-unused", "strict", "stats"]
 # The same through the plain entry only: arguments the DTensor entry (safeloss.cross_entropy)
 # checks before it reaches the parallel engine (tests below, on a fake process group).
 ONE_RANK_PLAIN = ["reduction-bad", "reduction-differs", "smoothing-bad", "smoothing-differs",
@@ -238,6 +238,8 @@ def _one_rank(name: str, x: Any, t: Any, w: Any, kw: dict[str, Any]) -> tuple[An
         kw["ignore_index"] = 1.5
     elif name == "ignore-index-differs":
         kw["ignore_index"] = 3
+    elif name == "ignore-index-differs-unused":  # no label is 100 (nor -100): only the argument differs
+        kw["ignore_index"] = 100
     elif name == "strict":
         kw["strict"] = True
     elif name == "stats":
@@ -336,6 +338,15 @@ def _masked_row() -> tuple[torch.Tensor, torch.Tensor, None]:
     t = t.clone()
     t[2] = -100
     return x, t, None
+
+
+def _negative_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every logit negative; the label is the argmax in rows 0-2 and not in rows 3-5 (accuracy 1/2)."""
+    x, _, _ = _data(7)
+    x = -(x.abs() + 1)
+    t = x.argmax(1)
+    t[3:] = (t[3:] + 1) % C
+    return x, t
 
 
 class _Ranks:
@@ -458,6 +469,9 @@ def _worker(rank: int, store: str, out: str) -> None:
                 x, t, _ = _masked_row()
                 results[f"stats/{layout}"] = _call(r.run, layout, x, t, None, dict(reduction="none", return_stats=True),
                                                    stats=True)
+                x, t = _negative_logits()
+                results[f"stats-negative/{layout}"] = _call(r.run, layout, x, t, None,
+                                                            dict(reduction="none", return_stats=True), stats=True)
         x, t, w = _data(3)
         for layout in ("2-0-5", DTENSOR):
             for name in ONE_RANK + (ONE_RANK_PLAIN if layout != DTENSOR else []):
@@ -611,6 +625,39 @@ def test_statistics_of_a_fully_masked_row(ranks: list[dict[str, Any]], layout: s
     assert got["ok"][1][2].item() == -math.inf
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_statistics_of_negative_logits(ranks: list[dict[str, Any]], layout: str) -> None:
+    """Class: empty and 1-wide slices in the argmax test (and the statistics' other terms). Every
+    logit negative: the single-device statistics on every split. An empty slice holds no maximum
+    (its key is -inf): a key of 0 would be the largest, win every row and read accuracy 0."""
+    got = _same_on_every_rank(ranks, f"stats-negative/{layout}", _members(layout))
+    assert "ok" in got, got
+    x, t = _negative_logits()
+    want = _value(safeloss.cross_entropy(x, t, reduction="none", return_stats=True), stats=True)
+    for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy"), strict=True):
+        torch.testing.assert_close(a, b, msg=what)
+    assert got["ok"][3].item() == 0.5
+
+
+AGREED_ARGUMENTS = ["ignore-index-differs", "ignore-index-differs-unused", "reduction-differs", "smoothing-differs"]
+
+
+@pytest.mark.parametrize("who", [0, WORLD - 1])
+@pytest.mark.parametrize("layout", ["2-0-5", DTENSOR])
+@pytest.mark.parametrize("name", AGREED_ARGUMENTS)
+def test_agreed_arguments_that_differ_are_named(ranks: list[dict[str, Any]], layout: str, name: str, who: int) -> None:
+    """Class: an agreed argument (ignore_index, reduction, label_smoothing) left out of the
+    config fingerprint. One rank passes another value: every rank raises ParallelMismatchError
+    naming the arguments, not the labels, whether or not a label equals either ignore_index (the
+    labels' hash maps ignored positions to C: it sees an ignore_index only where a label hits it)."""
+    if layout == DTENSOR and (name in ONE_RANK_PLAIN or who == 0):
+        pytest.skip("as test_one_rank_alone_ends_like_every_other")
+    got = _same_on_every_rank(ranks, f"one/{layout}/{name}/{who}", list(range(WORLD)))
+    assert got.get("error") == "ParallelMismatchError", got
+    assert "the ranks disagree on the logits' dtype, reduction, ignore_index, label_smoothing" in got["message"], got
+    assert "labels differ" not in got["message"], got
+
+
 def test_label_pairs_defeat_unsalted_fingerprints() -> None:
     """The pairs above are the hard ones (a test that cannot fail is a defect): each has equal
     counts, and most an equal sum, sum of squares or xor."""
@@ -640,8 +687,8 @@ def test_one_rank_alone_ends_like_every_other(ranks: list[dict[str, Any]], layou
     got = _same_on_every_rank(ranks, f"one/{layout}/{name}/{who}", list(range(WORLD)))
     if "error" in got:
         assert got["safeloss"], got
-        if name.endswith("-differs") or name in ("logits-float32", "target-float", "target-n1", "stats",
-                                                 "weight-nan"):
+        if name.endswith("-differs") or name in ("ignore-index-differs-unused", "logits-float32", "target-float",
+                                                 "target-n1", "stats", "weight-nan"):
             assert got["error"] == "ParallelMismatchError", got
         elif name != "target-bad":
             assert f"raised on rank {who} of the {WORLD} ranks" in got["message"], got["message"]
