@@ -882,3 +882,13 @@ def test_all_ignored_with_a_class_weight_is_still_all_ignored(weighted):
     with pytest.raises(safeloss.EmptyBatchError, match=r"(?s)all 3 targets equal ignore_index=-100.*Gradients are zero") as e:
         safeloss.cross_entropy(x, torch.full((3,), -100), w, strict=True)
     assert "class weight 0" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softmaxed_binary_logits_are_detected(backend):
+    """Class: softmaxed-input detection thresholds (the class count). Two classes are the
+    smallest softmax that can be checked (one class always sums to 1): a softmaxed (N, 2) input is
+    reported, and with C = 2 the message gives the loss floor log1p(1/e) = 0.31."""
+    x = torch.randn(8, 2, generator=_g()).softmax(1)
+    with pytest.warns(SafeLossWarning, match=r"(?s)looks already softmaxed.*can never go below 0\.31"):
+        safeloss.cross_entropy(x, torch.randint(0, 2, (8,), generator=_g(1)), backend=backend)

@@ -457,6 +457,29 @@ def _dt_rows_stats(mesh: Any, world: int) -> Any:
     return tuple(v.full_tensor() for v in (out, st.lse, st.entropy, st.accuracy))
 
 
+def _dt_whole_classes(mesh: Any, placement: str) -> Any:
+    """Logits whose classes are not split, on a 1-D mesh: replicated, or Partial (each rank holds
+    a share; their sum is the logits); the mean loss and the gradient of the logits."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    x, t, _, _ = _inputs(dict(seed=15, shape=(6,), red="mean"))
+    share = 0.25 if mesh.get_coordinate()[0] == 0 else 0.75 / (mesh.size() - 1)
+    leaf = (x * share if placement == "partial" else x).clone().requires_grad_()
+    dx = DTensor.from_local(leaf, mesh, [Partial() if placement == "partial" else Replicate()], run_check=False,
+                            shape=x.shape, stride=x.stride())
+    out = safeloss.cross_entropy(dx, t)
+    out.backward()
+    return {"out": out.full_tensor().detach(), "placements": [repr(p) for p in out.placements], "grad": leaf.grad}
+
+
+def _dt_plain_target_rows_sharded(mesh: Any) -> Any:
+    """A plain tensor target for row-sharded logits: refused on every rank (ambiguous)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, t, _, _ = _inputs(dict(seed=16, shape=(6,), red="mean"))
+    return safeloss.cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), t).full_tensor()
+
+
 def _dtensor_case(case: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
@@ -618,6 +641,9 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for softmaxed in (2, 2 * world):  # the first shard's rows only; every row
             results[f"dt-rows-softmax-{softmaxed}"] = _call(lambda s=softmaxed: _dt_rows_softmax(mesh, world, s))
         results["dt-rows-stats"] = _call(lambda: _dt_rows_stats(mesh, world))
+        for placement in ("replicate", "partial"):
+            results[f"dt-whole-{placement}"] = _call(lambda p=placement: _dt_whole_classes(mesh, p))
+        results["dt-plain-target-rows-sharded"] = _call(lambda: _dt_plain_target_rows_sharded(mesh))
         for api in ("safeloss", "patched", "patched-bad-label") if world == 2 else ():  # compiling costs
             results[f"dt-compiled-{api}"] = _call(lambda api=api: _dt_compiled(mesh, api))
         dist.barrier()  # nobody tears gloo down while another rank is still in a collective
@@ -844,6 +870,40 @@ def test_row_sharded_dtensor_statistics_are_global(ranks: tuple[int, list[dict]]
         assert "ok" in got, (rank, got)
         for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy"), strict=True):
             torch.testing.assert_close(a, b, msg=lambda m, what=what, rank=rank: f"{what}, rank {rank}: {m}")
+
+
+@pytest.mark.parametrize("placement", ["replicate", "partial"])
+def test_dtensor_whole_classes_count_each_position_once(ranks: tuple[int, list[dict]], placement: str) -> None:
+    """Class: DTensor layouts whose other mesh dims must replicate the positions (never sum them).
+    Logits replicated over the mesh, or Partial (summed first, as DTensor's own ops would): stock's
+    mean on the whole logits, replicated; a mesh dim that replicates the positions is reduced with a
+    maximum (replicas count once), and a Partial one is no per-shard loss (a rank's share of the
+    logits is not its logits). The gradient of a Partial leaf is the whole gradient on every rank."""
+    _, res = ranks
+    x, t, _, _ = _inputs(dict(seed=15, shape=(6,), red="mean"))
+    x = x.clone().requires_grad_()
+    ref = F.cross_entropy(x, t)
+    ref.backward()
+    for rank, r in enumerate(res):
+        got = r[f"dt-whole-{placement}"]
+        assert "ok" in got, (rank, got)
+        assert got["ok"]["placements"] == ["Replicate()"], got["ok"]["placements"]
+        assert_matches(got["ok"]["out"], ref.detach(), what=f"{placement} loss, rank {rank}")
+        assert_matches(got["ok"]["grad"], x.grad, what=f"{placement} grad, rank {rank}")
+        assert got["warnings"] == [], got["warnings"]
+
+
+def test_dtensor_plain_target_for_sharded_rows_is_a_value_error(ranks: tuple[int, list[dict]]) -> None:
+    """Class: an agreed error keeps its stock builtin class. A plain tensor target for row-sharded
+    DTensor logits: every rank raises the same TargetShapeError, which is also a ValueError (stock
+    raises a ValueError for a target of the wrong shape)."""
+    _, res = ranks
+    got = [r["dt-plain-target-rows-sharded"] for r in res]
+    for g in got:
+        assert g.get("error") == "TargetShapeError" and g["safeloss"], g
+        assert "ValueError" in g["builtins"], g["builtins"]
+        assert "plain tensor target" in g["message"], g["message"]
+    assert len({g["message"] for g in got}) == 1
 
 
 def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) -> None:

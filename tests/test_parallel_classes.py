@@ -349,6 +349,19 @@ def _negative_logits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, t
 
 
+def _nonfinite_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN and +inf logits across the slices, each row's label chosen against torch.argmax (a NaN
+    wins, then the lowest column): right in rows 0, 1, 3, 5, wrong in rows 2 and 4."""
+    x, _, _ = _data(8)
+    t = x.argmax(1)
+    x[0, 5], t[0] = math.nan, 5  # a NaN wins
+    x[1, 0], x[1, 6], t[1] = math.inf, math.nan, 6  # a NaN beats a +inf in a lower column (slice)
+    x[2, 1], x[2, 4], t[2] = math.nan, math.nan, 4  # the first NaN wins: wrong
+    x[3, 0], x[3, 6], t[3] = math.inf, math.inf, 0  # +inf in two slices: the lowest column
+    x[4, 2], x[4, 3], t[4] = math.inf, math.inf, 3  # the lowest column wins: wrong
+    return x, t
+
+
 class _Ranks:
     """This rank's view of one layout: its slice of the classes, and how to call the loss."""
 
@@ -472,6 +485,9 @@ def _worker(rank: int, store: str, out: str) -> None:
                 x, t = _negative_logits()
                 results[f"stats-negative/{layout}"] = _call(r.run, layout, x, t, None,
                                                             dict(reduction="none", return_stats=True), stats=True)
+                x, t = _nonfinite_logits()
+                results[f"stats-nonfinite/{layout}"] = _call(r.run, layout, x, t, None,
+                                                             dict(reduction="none", return_stats=True), stats=True)
         x, t, w = _data(3)
         for layout in ("2-0-5", DTENSOR):
             for name in ONE_RANK + (ONE_RANK_PLAIN if layout != DTENSOR else []):
@@ -637,6 +653,24 @@ def test_statistics_of_negative_logits(ranks: list[dict[str, Any]], layout: str)
     for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy"), strict=True):
         torch.testing.assert_close(a, b, msg=what)
     assert got["ok"][3].item() == 0.5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_statistics_of_nan_and_inf_logits(ranks: list[dict[str, Any]], layout: str) -> None:
+    """Class: the argmax test with (key, code) and the NaN flag, and the lse statistic's +inf
+    rule. NaN and +inf logits in different slices: torch.argmax's answer (a NaN wins over a +inf
+    of a lower column, then the lowest column of the maximum) and the single-device statistics,
+    lse +inf for a row with a +inf logit and no NaN (not the NaN of inf - inf), NaN for a row
+    with a NaN, on every split."""
+    got = _same_on_every_rank(ranks, f"stats-nonfinite/{layout}", _members(layout))
+    assert "ok" in got, got
+    x, t = _nonfinite_logits()
+    want = _value(safeloss.cross_entropy(x, t, reduction="none", return_stats=True), stats=True)
+    for a, b, what in zip(got["ok"], want, ("loss", "lse", "entropy", "accuracy"), strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, msg=what)
+    lse = got["ok"][1]
+    assert lse[:3].isnan().all() and (lse[3:5] == math.inf).all() and lse[5].isfinite(), lse
+    assert got["ok"][3].item() == pytest.approx(4 / 6)
 
 
 AGREED_ARGUMENTS = ["ignore-index-differs", "ignore-index-differs-unused", "reduction-differs", "smoothing-differs"]
