@@ -1071,7 +1071,9 @@ def test_vocab_parallel_extras_make_no_pass_over_the_logits_besides_the_kernel(m
     monkeypatch.setattr(vocab, "_all_reduce", lambda t, op, group: t)
     for backend, want_pass in (("torch", True), ("triton", False)):
         big.clear()
-        with triton_stats.stubbed_launches(), Sizes():
+        # The stubbed kernels leave their outputs unwritten: whatever the loss holds is not judged here.
+        with triton_stats.stubbed_launches(), Sizes(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", safeloss.SafeLossWarning)
             vocab.run(x, t, None, -100, "mean", 0.1, strict=None, backend=backend, owner=None,
                       sharding=vocab.Sharding(object()), extras=(30.0, 0.7, 1e-3, True))
         passes = set(big) - views
