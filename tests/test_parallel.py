@@ -1174,3 +1174,28 @@ def test_needs_a_process_group() -> None:
     with pytest.raises(safeloss.BackendError, match=r"initialized torch\.distributed process group"):
         safeloss.vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
 
+
+
+def test_each_call_draws_a_fresh_salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The salt of the label hash is fresh every call (a fixed salt would let one structured
+    difference pass every call): the head of two calls carries different 62-bit draws."""
+    from safeloss.parallel import vocab
+
+    heads: list[list[int]] = []
+
+    def record(t: torch.Tensor, op: str, group: object) -> torch.Tensor:
+        if t.dtype == torch.int64 and t.numel() == 1 + vocab._HEAD:  # the head of a one-rank group
+            heads.append(t.tolist())
+        return t
+
+    monkeypatch.setattr(vocab.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(vocab.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(vocab.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(vocab, "_all_reduce", record)
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        vocab.run(x, t, None, -100, "mean", 0.0, strict=None, backend="torch", owner=None,
+                  sharding=vocab.Sharding(object()))
+    salts = [h[1 + vocab._SALT] for h in heads]  # one rank: the head starts after its width
+    assert len(salts) == 3 and len(set(salts)) == 3, salts
+    assert all(0 <= s < 2**62 for s in salts), salts

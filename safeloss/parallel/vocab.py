@@ -51,7 +51,9 @@ import builtins
 import hashlib
 import math
 import operator
+import random
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -173,6 +175,21 @@ def _bit_values(w: Tensor) -> Tensor:
 
 def _chunks(h: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack([h >> 16, h & 0xFFFF], -1).reshape(-1).to(dtype)  # 4 values < 2**16
+
+
+_rng: random.Random | None = None
+_rng_lock = threading.Lock()
+
+
+def _salt_draw() -> int:
+    """This rank's 62-bit draw for the call's salt: a generator seeded once from the OS (a
+    syscall per call cost more than the hash itself). The salt only has to be unknown to the
+    labels' author and fresh per call; the ranks agree on the largest draw."""
+    global _rng
+    with _rng_lock:
+        if _rng is None:
+            _rng = random.Random(secrets.randbits(128))
+        return _rng.getrandbits(62)
 
 
 _LOCAL = object()  # "no group": every class on this rank (a DTensor whose classes are not split)
@@ -825,7 +842,7 @@ def run(
         vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
     vals[cworld + _ERROR] = int(local_error is not None)
     vals[cworld + _STRICT] = int(strict_local)
-    vals[cworld + _SALT] = secrets.randbits(62)
+    vals[cworld + _SALT] = _salt_draw()
     base = cworld + 7
     for i, key in enumerate(_AGREE):
         vals[base + 2 * i], vals[base + 2 * i + 1] = fp[key], -fp[key]
@@ -936,7 +953,7 @@ def run(
             hashes = [_salted_hash(_label_values(tl, ignore, C), h[cworld + _SALT], 0)]
             hashes.append(_salted_hash(_bit_values(weight), h[cworld + _SALT], 1) if isinstance(weight, Tensor)
                           and weight.numel() else torch.zeros(2, dtype=torch.int64, device=x.device))
-            v = torch.cat([_chunks(hh, acc) for hh in hashes])
+            v = _chunks(torch.cat(hashes), acc)
             agree = torch.cat([v, torch.zeros(1, dtype=acc, device=x.device), -v,
                                torch.zeros(1, dtype=acc, device=x.device)])
         else:
