@@ -474,6 +474,10 @@ def linear_reference(d: dict[str, Any], red: str, ex: dict) -> tuple[torch.Tenso
     z = torch.einsum("nh,c...h->nc...", x, W)
     if b is not None:
         z = z + b
+    if d["x"].dtype in (torch.float16, torch.bfloat16):
+        # Stock's half-precision linear rounds the logits to its dtype (the values safeloss
+        # computes from); the derivative is the identity's, as the chain rule through it.
+        z = z + (z.to(d["x"].dtype).double() - z).detach()
     t = d["t"]
     prob = t.is_floating_point()
     if prob:
@@ -509,8 +513,8 @@ def test_linear_matches_reference(small_chunks: None, option: str, kind: str, dt
     out, stats = res if ex.get("return_stats") else (res, None)
     ref, rs, leaves = linear_reference(d, red, ex)
     assert out.dtype == dtype
-    # bf16: the reference sees the bf16 operands exactly; safeloss rounds the logits tile's matmul
-    # in float32, then the result to bf16.
+    # bf16: the reference sees the bf16 operands exactly and rounds the logits to bf16 as stock's
+    # linear does; safeloss computes the tile's matmul in float32 and rounds it the same way.
     close(out, ref, dtype, "loss")
     g = upstream(out)
     ours = torch.autograd.grad((out * g).sum(), [v for v in (x, W, b, t) if v is not None and v.requires_grad])
@@ -739,11 +743,22 @@ BAD = [
     (dict(return_stats=1), safeloss.ArgumentTypeError, r"return_stats must be True or False, got 1 \(int\)"),
     (dict(return_stats="yes"), safeloss.ArgumentTypeError, r"return_stats must be True or False, got 'yes'"),
     (dict(return_stats=None), safeloss.ArgumentTypeError, r"return_stats must be True or False, got None"),
+    # Beyond float32, where the logits are capped and scaled: each derived scale, both sides.
+    (dict(temperature=1e45), safeloss.ExtrasError, r"temperature=1e\+45 puts 1/temperature = 1e-45 below float32's smallest normal value \(1\.18e-38\).*Fix: a temperature near 1"),
+    (dict(temperature=1e-39), safeloss.ExtrasError, r"temperature=1e-39 puts 1/temperature = 1e\+39 beyond float32's largest value \(3\.4e\+38\)"),
+    (dict(softcap=1e-20), safeloss.ExtrasError, r"temperature=1\.0, softcap=1e-20 puts temperature/softcap\*\*2 = 1e\+40 beyond"),
+    (dict(softcap=1e-300), safeloss.ExtrasError, r"temperature=1\.0, softcap=1e-300 puts softcap/temperature = 1e-300 below"),
+    (dict(softcap=1e38), safeloss.ExtrasError, r"temperature=1\.0, softcap=1e\+38 puts 1/softcap = 1e-38 below"),
+    (dict(softcap=30.0, temperature=1e-38), safeloss.ExtrasError, r"temperature=1e-38, softcap=30\.0 puts softcap/temperature = 3e\+39 beyond float32's largest value"),
+    (dict(softcap=10**400), safeloss.ExtrasError, r"softcap is an integer of 401 digits, too large for a float.*Fix: softcap=30\.0"),
+    (dict(temperature=-10**400), safeloss.ExtrasError, r"temperature is an integer of 401 digits"),
+    (dict(z_loss=10**400), safeloss.ExtrasError, r"z_loss is an integer of 401 digits.*Fix: z_loss=1e-4"),
 ]
 
 
 def _ids(case: tuple) -> str:
-    return ",".join(f"{k}={v!r}" for k, v in case[0].items())
+    return ",".join(f"{k}={v!r}" if len(repr(v)) < 24 else f"{k}={repr(v)[:5]}...({len(repr(v))} chars)"
+                    for k, v in case[0].items())
 
 
 @pytest.mark.parametrize("entry", ["cross_entropy", "SafeCrossEntropyLoss", "linear_cross_entropy",
@@ -1515,3 +1530,135 @@ def test_parallel_statistics_with_an_empty_slice_match_single_device(tmp_path: A
             close(out, want, torch.float32, f"{key} loss, rank {rank}")
             for name in ("lse", "entropy", "z_loss", "accuracy"):
                 close(getattr(st, name), getattr(wst, name), torch.float32, f"{key} {name}, rank {rank}")
+
+
+# ============================================================================ hostile-pass classes
+
+NO_Z_LOSS = {
+    "temperature": dict(temperature=0.7),
+    "softcap": dict(softcap=2.0),
+    "stats": dict(return_stats=True),
+    "softcap-temperature-stats": dict(softcap=3.0, temperature=1.3, return_stats=True),
+    "with-z-loss": dict(softcap=3.0, z_loss=0.05),
+}
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("option", list(NO_Z_LOSS))
+def test_double_backward_with_and_without_a_z_loss_term(op: str, option: str) -> None:
+    """Class: second derivatives on the extras path (a gradient penalty, Hessian-vector
+    products) whatever the options: without a z-loss its rows are constant zeros, which the
+    double backward must leave out, not differentiate (it raised)."""
+    ex = NO_Z_LOSS[option]
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 1, -100, 3])
+    x0 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    W0 = torch.randn(C, 3, generator=g, dtype=torch.float64)
+
+    def penalty(loss_of: Any, leaf: torch.Tensor) -> torch.Tensor:
+        v = leaf.clone().requires_grad_()
+        out = loss_of(v)
+        (gv,) = torch.autograd.grad(out[0] if isinstance(out, tuple) else out, v, create_graph=True)
+        (ggv,) = torch.autograd.grad(gv.square().sum(), v)
+        return ggv
+
+    ref_ex = {k: v for k, v in ex.items() if k != "return_stats"}
+    if op == "cross_entropy":
+        z0 = x0 @ W0.T
+        got = penalty(lambda z: safeloss.cross_entropy(z, t, **ex), z0)
+        want = penalty(lambda z: reference(z, t, **ref_ex)[0], z0)
+    else:
+        got = penalty(lambda x: safeloss.linear_cross_entropy(x, W0, t, **ex), x0)
+        want = penalty(lambda x: reference(x @ W0.T, t, **ref_ex)[0], x0)
+    close(got, want, torch.float64, f"{op} {option}")
+
+
+# Accepted scales at the edges of float32 (see core.extras._check_float32_range): finite
+# values and gradients, the reference's, on both backends.
+EDGE_SCALES = [dict(softcap=1e-19), dict(softcap=1e30), dict(temperature=1e37), dict(temperature=1e-3),
+               dict(softcap=1e19, temperature=100.0)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ex", EDGE_SCALES, ids=lambda e: ",".join(f"{k}={v:g}" for k, v in e.items()))
+def test_accepted_scales_at_the_edge_of_float32_compute(backend: str, ex: dict) -> None:
+    """Class: a softcap / temperature the argument check accepts computes in float32 on every
+    backend: forward and backward finite and equal to the float64 reference (the torch path's
+    gradient factor temperature/softcap**2 overflowed, Triton's 1/temperature underflowed)."""
+    x, t, _ = make("index-ignore", torch.float32)
+    z = x.clone().requires_grad_()
+    loss = safeloss.cross_entropy(z, t, backend=backend, **ex)
+    (gz,) = torch.autograd.grad(loss, z, torch.tensor(1.7))
+    zr = x.double().requires_grad_()
+    ref, _ = reference(zr, t, **ex)
+    (gr,) = torch.autograd.grad(ref, zr, torch.tensor(1.7, dtype=torch.float64))
+    assert loss.isfinite() and gz.isfinite().all(), (loss, gz)
+    close(loss, ref, torch.float32, "loss")
+    close(gz, gr, torch.float32, "gradient")
+
+
+NAN_IN_IGNORED = {"softcap": dict(softcap=3.0), "temperature": dict(temperature=2.0),
+                  "z_loss": dict(z_loss=0.1), "softcap-stats": dict(softcap=3.0, return_stats=True)}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("option", list(NAN_IN_IGNORED))
+@pytest.mark.parametrize("entry", ["cross_entropy", "vocab_parallel"])
+def test_an_ignored_row_with_a_nan_logit_gets_exactly_zero_gradient(
+        monkeypatch: pytest.MonkeyPatch, entry: str, option: str, backend: str) -> None:
+    """Class: the loss never reads an ignored row, so its gradient is exactly 0 even where its
+    logits hold NaN (padding positions of a sequence), with every extra and on every backend and
+    op alike (the softcap's chain rule multiplied that 0 by NaN on the torch paths); the
+    counted rows keep the reference's gradient."""
+    ex = NAN_IN_IGNORED[option]
+    x, t, _ = make("index-ignore", torch.float32)  # rows 2 and 5 ignored
+    x[2, 1] = math.nan
+    z = x.clone().requires_grad_()
+    if entry == "cross_entropy":
+        out = safeloss.cross_entropy(z, t, backend=backend, **ex)
+    else:
+        from safeloss.parallel import vocab
+
+        monkeypatch.setattr(vocab.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(vocab.dist, "get_rank", lambda group=None: 0)
+        monkeypatch.setattr(vocab.dist, "get_world_size", lambda group=None: 1)
+        monkeypatch.setattr(vocab, "_all_reduce", lambda v, op, group: v)
+        ex4 = (ex.get("softcap"), ex.get("temperature", 1.0), ex.get("z_loss", 0.0), ex.get("return_stats", False))
+        out = vocab.run(z, t, None, -100, "mean", 0.0, strict=None, backend=backend, owner=None,
+                        sharding=vocab.Sharding(object()), extras=ex4)
+    loss = out[0] if isinstance(out, tuple) else out
+    (gz,) = torch.autograd.grad(loss, z, torch.tensor(1.7))
+    assert torch.equal(gz[2], torch.zeros(C)), gz[2]
+    keep = [0, 1, 3, 4, 6]
+    zr = x.double()[keep].requires_grad_()
+    ref_ex = {k: v for k, v in ex.items() if k != "return_stats"}
+    ref, _ = reference(zr, t[keep], **ref_ex)
+    (gr,) = torch.autograd.grad(ref, zr, torch.tensor(1.7, dtype=torch.float64))
+    close(gz[keep], gr, torch.float32, "counted rows")
+
+
+@pytest.mark.parametrize("how", ["autocast", "half-inputs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("option", ["stats", "softcap-1e9"])
+def test_linear_extras_round_half_precision_logits_as_stock(how: str, dtype: torch.dtype, option: str) -> None:
+    """Class: a half-precision head on the CPU (autocast or half tensors) gives stock's logits,
+    rounded to the half dtype, with or without extras: an extra that leaves the loss unchanged
+    (statistics, a cap far above the logits) leaves the number unchanged (the CPU extras path
+    kept float32 logits: 4e-5 relative off at (256, 64) x (1000, 64))."""
+    g = torch.Generator().manual_seed(0)
+    N, Hd, V = 64, 32, 300
+    x = torch.randn(N, Hd, generator=g)
+    W = torch.randn(V, Hd, generator=g) * 0.3
+    t = torch.randint(0, V, (N,), generator=g)
+    ex = dict(return_stats=True) if option == "stats" else dict(softcap=1e9)
+    if how == "half-inputs":
+        x, W = x.to(dtype), W.to(dtype)
+    with torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+        plain = safeloss.linear_cross_entropy(x, W, t)
+        out = safeloss.linear_cross_entropy(x, W, t, **ex)
+        stock = F.cross_entropy(F.linear(x, W), t)
+    got = out[0] if isinstance(out, tuple) else out
+    # The same rounded logits: equal up to the float32 accumulation order of two loops.
+    torch.testing.assert_close(got.float(), plain.float(), rtol=3e-7, atol=0)
+    if how == "autocast":  # stock's loss runs in float32 there (half inputs: its own half math)
+        torch.testing.assert_close(got.float(), stock.float(), rtol=1e-5, atol=0)

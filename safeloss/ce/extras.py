@@ -286,8 +286,10 @@ class _RowsCE(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: the same formulas, differentiably
             wrt = [v for v, n in ((z, need_z), (t, need_t)) if n]
             ce, zl, *_ = _forward(z, t, valid, w, sp)
-            got = iter(torch.autograd.grad((ce, zl), wrt, (g_ce, g_zl), create_graph=True,
-                                           allow_unused=True))
+            # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
+            outs = [(o, go) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
+                                           create_graph=True, allow_unused=True))
             return (next(got) if need_z else None, next(got) if need_t else None, None, None, None)
         ex = sp.ex
         p = torch.sub(zt, lse.unsqueeze(1)).exp_()

@@ -107,11 +107,47 @@ def _number(name: str, value: object, op: str, fix: str) -> float:
         )
     try:
         return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float's range (10**400): no float, let alone float32
+        digits = len(str(abs(value)))  # type: ignore[arg-type]
+        raise ExtrasError(
+            f"{op}: {name} is an integer of {digits} digits, too large for a float (the loss "
+            f"computes in float32, whose largest value is {_F32_MAX:.2e}).\nFix: {fix}"
+        ) from None
     except (TypeError, ValueError):
         raise ArgumentTypeError(
             f"{op}: {name} must be a Python number, got {value!r} ({type(value).__name__}).\n"
             f"Fix: {fix}"
         ) from None
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
+
+
+def _check_float32_range(cap: float | None, temp: float, softcap: object, temperature: object,
+                         op: str) -> None:
+    """The kernels (and the torch path's hand-written gradient) take 1/temperature, and with a
+    cap softcap/temperature, 1/softcap and temperature/softcap**2, as float32 scalars: each must
+    be a normal float32 (a subnormal or zero scale collapses every logit to 0, one beyond the
+    range makes them inf and the gradient NaN), except that temperature/softcap**2 may underflow
+    (it weighs zt**2, which is then far below float32's range too). About 3e-39 < temperature <
+    8e37, and at temperature=1 5e-20 < softcap < 8e37."""
+    scales = [("1/temperature", 1.0 / temp, True)]
+    if cap is not None:
+        scales += [("softcap/temperature", cap / temp, True), ("1/softcap", 1.0 / cap, True),
+                   ("temperature/softcap**2", temp / cap / cap, False)]
+    for what, v, tiny_matters in scales:
+        if v > _F32_MAX or (tiny_matters and v < _F32_TINY):
+            given = f"temperature={temperature!r}" + ("" if cap is None else f", softcap={softcap!r}")
+            side = (f"beyond float32's largest value ({_F32_MAX:.3g})" if v > _F32_MAX else
+                    f"below float32's smallest normal value ({_F32_TINY:.3g})")
+            raise ExtrasError(
+                f"{op}: {given} puts {what} = {v:.3g} {side}: "
+                "the logits are capped and scaled in float32, where this scale turns them into "
+                "0, inf or NaN.\n"
+                "Fix: a temperature near 1 (e.g. 0.7 for sampling, 1.0 for none) and a softcap of "
+                "the logits' own scale (e.g. 30.0, Gemma 2's), or softcap=None"
+            )
 
 
 def check(softcap: object, temperature: object, z_loss: object, return_stats: object,
@@ -165,6 +201,7 @@ def check(softcap: object, temperature: object, z_loss: object, return_stats: ob
             "Fix: z_loss=1e-4 (PaLM's coefficient: z_loss * logsumexp(logits)^2 per token), or "
             "z_loss=0.0 to turn it off"
         )
+    _check_float32_range(cap, temp, softcap, temperature, op)
     if type(return_stats) is not bool:
         raise ArgumentTypeError(
             f"{op}: return_stats must be True or False, got {return_stats!r} "
@@ -203,7 +240,10 @@ def chain(dzt: Tensor, zt: Tensor, ex: Extras) -> Tensor:
         T, s = ex.temperature, ex.softcap
         f = torch.addcmul(torch.full((), 1.0 / T, dtype=zt.dtype, device=zt.device), zt, zt,
                           value=-T / (s * s))
-        return dzt.mul_(f)
+        # A NaN logit makes its factor NaN. Where the loss does not read the logit (an ignored
+        # row: dzt is exactly 0) the gradient stays exactly 0, as the kernels give it; where it
+        # does, dzt is NaN already and stays so.
+        return dzt.mul_(f.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf))
     if ex.temperature != 1.0:
         return dzt.div_(ex.temperature)
     return dzt

@@ -266,10 +266,13 @@ class _Spec:
 class _Mats:
     """The three matmuls of a tile. Half precision on CUDA: half operands (stock's linear rounds
     the logits to the half dtype too), fp32 accumulators; elsewhere the operands in the work
-    dtype (upcast once: CPU half matmuls are emulated and slow)."""
+    dtype (upcast once: CPU half matmuls are emulated and slow), and each tile of logits rounded
+    to the half dtype once, as stock's half-precision linear leaves it (the same numbers as
+    without the extras, and as on CUDA)."""
 
     def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, work: torch.dtype) -> None:
         self.half = x.dtype != work and x.is_cuda
+        self.round = x.dtype if x.dtype in (torch.float16, torch.bfloat16) and not self.half else None
         if x.dtype != work and not self.half:
             x, w, b = x.to(work), w.to(work), None if b is None else b.to(work)
         self.x, self.w, self.b, self.work = x, w, b, work
@@ -278,6 +281,8 @@ class _Mats:
         z = torch.mm(self.x[s:e], self.w.t())
         if self.b is not None:
             z = z + self.b
+        if self.round is not None:
+            z = z.to(self.round)
         return z.to(self.work)
 
     def dx(self, dz: Tensor) -> Tensor:
@@ -438,7 +443,9 @@ class _LinearExtras(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: the same chunks, differentiably
             wrt = [v for v, n in zip((x, w, b, t), (need_x, need_w, need_b, need_t)) if n]
             ce, zl, *_ = _differentiable(x, w, b, t, valid, sp)
-            got = iter(torch.autograd.grad((ce, zl), wrt, (g_ce.to(ce.dtype), g_zl.to(zl.dtype)),
+            # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
+            outs = [(o, go.to(o.dtype)) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
                                            create_graph=True, allow_unused=True))
             res = [next(got) if n else None for n in (need_x, need_w, need_b, need_t)]
             return (*res, None, None)
