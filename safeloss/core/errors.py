@@ -99,7 +99,7 @@ class LayoutError(SafeLossError, NotImplementedError):
 
 
 class ExtrasError(SafeLossError, ValueError):
-    """``softcap``, ``temperature`` or ``z_loss`` has a value with no meaning (<= 0, NaN, inf)."""
+    """``softcap``, ``temperature`` or ``z_loss`` has a value with no meaning (<= 0, NaN, inf), or one whose scales leave float32."""
 
 
 E = TypeVar("E", bound=SafeLossError)
