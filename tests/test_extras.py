@@ -1001,6 +1001,42 @@ def test_compile_fullgraph(case: str) -> None:
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+SCHEDULES = {
+    "temperature": lambda v: dict(temperature=v),
+    "softcap": lambda v: dict(softcap=30.0 * v),
+    "z_loss": lambda v: dict(z_loss=v / 100, return_stats=True),
+}
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy", "module"])
+@pytest.mark.parametrize("extra", list(SCHEDULES))
+def test_compile_fullgraph_follows_an_extra_that_changes_value(op: str, extra: str) -> None:
+    """Class: an extra whose value changes between compiled calls (a temperature schedule, a
+    z-loss warm-up, a module attribute set after compiling) compiles as stock's float arguments
+    do: Dynamo makes the float dynamic at its second value, and the argument checks must trace
+    on it (``math.isfinite`` broke the graph); every value gives the eager result."""
+    torch._dynamo.reset()
+    x, t, _ = make("index-ignore", torch.float32, 4)
+    h, W = torch.randn(7, H), torch.randn(C, H)
+    m = safeloss.SafeCrossEntropyLoss()
+
+    def step(v: float) -> Any:
+        ex = SCHEDULES[extra](v)
+        if op == "cross_entropy":
+            return safeloss.cross_entropy(x, t, **ex)
+        if op == "linear_cross_entropy":
+            return safeloss.linear_cross_entropy(h, W, t, **ex)
+        for k, val in ex.items():
+            setattr(m, k, val)
+        return m(x, t)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for v in (0.5, 0.7, 0.9):
+        got, want = compiled(v), step(v)
+        got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        torch.testing.assert_close(got, want, msg=lambda msg, v=v: f"value {v}: {msg}")
+
+
 @needs_triton
 def test_triton_compile_fullgraph(launches: dict[str, int]) -> None:
     """torch.compile sees the kernels' custom ops (no graph break); same values, gradients and

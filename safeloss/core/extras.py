@@ -120,6 +120,13 @@ def _number(name: str, value: object, op: str, fix: str) -> float:
         ) from None
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite`` in a form Dynamo traces on a float it made dynamic (a value that changes
+    between compiled calls, such as a temperature schedule, becomes a SymFloat): inf - inf and
+    NaN - NaN are NaN, which equals nothing."""
+    return v - v == 0
+
+
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _F32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32
 
@@ -158,7 +165,7 @@ def check(softcap: object, temperature: object, z_loss: object, return_stats: ob
     if softcap is not None:
         cap = _number("softcap", softcap, op, "softcap=30.0 (Gemma 2's final logit cap), or "
                       "softcap=None for no cap")
-        if not (math.isfinite(cap) and cap > 0):
+        if not (_finite(cap) and cap > 0):
             why = (
                 "an infinite cap is no cap at all" if cap == math.inf else
                 "NaN would make every logit NaN" if math.isnan(cap) else
@@ -172,7 +179,7 @@ def check(softcap: object, temperature: object, z_loss: object, return_stats: ob
             )
     temp = _number("temperature", temperature, op, "temperature=1.0 (no scaling), or the "
                    "sampler's temperature, e.g. temperature=0.7")
-    if not (math.isfinite(temp) and temp > 0):
+    if not (_finite(temp) and temp > 0):
         if temp == 0:
             why = ("0 means greedy decoding, whose distribution puts all mass on the argmax: "
                    "logits / 0 has no log-probabilities to train on")
@@ -189,7 +196,7 @@ def check(softcap: object, temperature: object, z_loss: object, return_stats: ob
         )
     coef = _number("z_loss", z_loss, op, "z_loss=1e-4 (PaLM's coefficient), or z_loss=0.0 to "
                    "turn it off")
-    if not (math.isfinite(coef) and coef >= 0):
+    if not (_finite(coef) and coef >= 0):
         why = (
             "a negative coefficient rewards large log-sum-exps, so the logits drift upward "
             "without bound" if coef < 0 else
