@@ -1698,3 +1698,29 @@ def test_linear_extras_round_half_precision_logits_as_stock(how: str, dtype: tor
     torch.testing.assert_close(got.float(), plain.float(), rtol=3e-7, atol=0)
     if how == "autocast":  # stock's loss runs in float32 there (half inputs: its own half math)
         torch.testing.assert_close(got.float(), stock.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("option,most", [("none", 1), ("z_loss", 1), ("stats", 1), ("temperature", 3),
+                                         ("softcap", 3)])
+def test_torch_backend_saves_no_work_copy_of_half_logits(option: str, most: int) -> None:
+    """Class: what the extras path keeps for backward, in units of the bfloat16 logits' bytes: the
+    logits as given (1), and the capped, scaled float32 logits where a cap or a temperature
+    made them (2 more); never the float32 copy of the logits besides (it kept 2 and 4)."""
+    ex = {"none": {}, "z_loss": dict(z_loss=1e-4), "stats": dict(return_stats=True),
+          "temperature": dict(temperature=0.7), "softcap": dict(softcap=30.0)}[option]
+    z = torch.randn(64, 300).bfloat16().requires_grad_()
+    t = torch.randint(0, 300, (64,))
+    saved: dict[int, int] = {}
+
+    def pack(v: torch.Tensor) -> torch.Tensor:
+        s = v.untyped_storage()
+        saved[s.data_ptr()] = s.nbytes()
+        return v
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        out = safeloss.cross_entropy(z, t, backend="torch", **ex)
+    unit = z.numel() * z.element_size()
+    assert sum(b for b in saved.values() if b >= unit) <= most * unit, (saved, unit)
+    loss = out[0] if isinstance(out, tuple) else out
+    (g,) = torch.autograd.grad(loss, z)
+    assert g.dtype == torch.bfloat16 and g.isfinite().all()

@@ -184,7 +184,8 @@ def _call(
         if plain:  # torch.func, forward-mode AD, a class weight to differentiate: plain torch ops
             ce, zl, lse, ent, zt = _differentiable(z2, t2, v2, w, sp)
         else:
-            ce, zl, lse, ent, zt = _RowsCE.apply(z2, t2, v2, w, sp)
+            x2 = x.unsqueeze(0) if one else x
+            ce, zl, lse, ent, zt = _RowsCE.apply(x2, t2, v2, w, sp, acc)
         ce, zl, lse, ent = ce.reshape(pos), zl.reshape(pos), lse.reshape(pos), ent.reshape(
             pos if ex.return_stats else (0,))
         zt = zt.reshape(x.shape)
@@ -252,14 +253,18 @@ def _differentiable(z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None
 
 
 class _RowsCE(torch.autograd.Function):
-    """(logits in the work dtype, target, valid, weight, spec) -> per-position (cross-entropy,
-    z-loss term, lse, entropy, capped scaled logits): the shared formulas, with the hand-written
-    gradient of ``core.extras`` (one saved logits-sized tensor, a few passes in backward)."""
+    """(logits, target, valid, weight, spec, work dtype) -> per-position (cross-entropy, z-loss
+    term, lse, entropy, capped scaled logits): the shared formulas, with the hand-written gradient
+    of ``core.extras``. Saved for backward: the logits as given, and the capped, scaled logits in
+    the work dtype where a cap or a temperature made them (else backward casts the logits
+    again): never the work-dtype copy of half-precision logits besides (a double backward
+    recomputes from the logits as given)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None,  # type: ignore[override]
-                sp: _Spec) -> tuple[Tensor, ...]:
+    def forward(ctx, x: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None,  # type: ignore[override]
+                sp: _Spec, acc: torch.dtype) -> tuple[Tensor, ...]:
         ex = sp.ex
+        z = x if x.dtype == acc else x.to(acc)
         zt = X.transform(z, ex, inplace=True)
         lse = torch.logsumexp(zt, 1)
         if sp.prob or sp.eps > 0 or ex.return_stats:
@@ -272,26 +277,29 @@ class _RowsCE(torch.autograd.Function):
             ce = X.nll_rows(zt, lse, t, valid, w, 1)
             ent = ce.new_empty(0)
         zl = X.z_loss_rows(lse, valid, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
-        zt_out = zt if zt is not z else zt.view_as(zt)
-        ctx.sp = sp
-        ctx.save_for_backward(z, t, valid, w, zt_out, lse)
+        zt_out = zt if zt is not x else zt.view_as(zt)
+        ctx.sp, ctx.acc = sp, acc
+        ctx.save_for_backward(x, t, valid, w, zt_out if zt is not z else None, lse)
         ctx.mark_non_differentiable(lse, ent, zt_out)
         return ce, zl, lse, ent, zt_out
 
     @staticmethod
     def backward(ctx, g_ce: Tensor, g_zl: Tensor, *_: object) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        z, t, valid, w, zt, lse = ctx.saved_tensors
+        x, t, valid, w, zt, lse = ctx.saved_tensors
         sp: _Spec = ctx.sp
+        acc: torch.dtype = ctx.acc
         need_z, need_t = ctx.needs_input_grad[0], sp.prob and ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # double backward: the same formulas, differentiably
-            wrt = [v for v, n in ((z, need_z), (t, need_t)) if n]
-            ce, zl, *_ = _forward(z, t, valid, w, sp)
+            wrt = [v for v, n in ((x, need_z), (t, need_t)) if n]
+            ce, zl, *_ = _forward(x.to(acc), t, valid, w, sp)
             # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
             outs = [(o, go) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
             got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
                                            create_graph=True, allow_unused=True))
-            return (next(got) if need_z else None, next(got) if need_t else None, None, None, None)
+            return (next(got) if need_z else None, next(got) if need_t else None, None, None, None, None)
         ex = sp.ex
+        if zt is None:  # no cap, no temperature: the logits themselves, in the work dtype
+            zt = x.to(acc)
         p = torch.sub(zt, lse.unsqueeze(1)).exp_()
         dq = None
         if sp.prob:
@@ -303,8 +311,8 @@ class _RowsCE(torch.autograd.Function):
             w_sum: float | Tensor = float(sp.num_classes) if w is None else w.sum()
             dzt = X.index_grad(p, y, valid, valid, w_y, w, w_sum, sp.eps, sp.num_classes, g_ce,
                                g_zl, lse, ex.z_loss)
-        dz = X.chain(dzt, zt, ex) if need_z else None
-        return dz, (None if dq is None else dq.to(t.dtype)), None, None, None
+        dz = X.chain(dzt, zt, ex).to(x.dtype) if need_z else None
+        return dz, (None if dq is None else dq.to(t.dtype)), None, None, None, None
 
 
 def _findings(
