@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import pickle
+import re
 import time
 import warnings
 import zlib
@@ -1724,3 +1725,38 @@ def test_torch_backend_saves_no_work_copy_of_half_logits(option: str, most: int)
     loss = out[0] if isinstance(out, tuple) else out
     (g,) = torch.autograd.grad(loss, z)
     assert g.dtype == torch.bfloat16 and g.isfinite().all()
+
+
+NOTE = r"\[softcap=30: NaN/inf and overflow are judged on the capped, scaled logits"
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("finding", ["nonfinite", "negative-probabilities", "empty-mean"])
+def test_only_findings_about_the_logits_carry_the_extras_note(
+        monkeypatch: pytest.MonkeyPatch, entry: str, finding: str, deferred: bool) -> None:
+    """Class: the extras' line says which logits the logits' checks judged; a finding about the
+    targets or an empty batch does not carry it (it headed every finding); a deferred finding
+    keeps its own line either way."""
+    monkeypatch.setattr(checks, "DEFER_ON_CPU", deferred)
+    g = torch.Generator().manual_seed(1)
+    n = 0 if finding == "empty-mean" else 4
+    h, W = torch.randn(n, H, generator=g), torch.randn(C, H, generator=g)
+    t: torch.Tensor = torch.randint(0, C, (n,), generator=g)
+    if finding == "negative-probabilities":
+        t = torch.full((n, C), 0.2)
+        t[1, 0], t[1, 1] = -0.2, 0.6
+    elif finding == "nonfinite":
+        h[2, 0] = math.nan
+    x = h @ W.T
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        if entry == "cross_entropy":
+            safeloss.cross_entropy(x, t, softcap=30.0)
+        else:
+            safeloss.linear_cross_entropy(h, W, t, softcap=30.0)
+        safeloss.check_pending()
+    msgs = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
+    assert len(msgs) == 1, msgs
+    assert bool(re.search(NOTE, msgs[0])) == (finding == "nonfinite"), msgs[0]
+    assert ("found by an earlier call" in msgs[0]) == (deferred and finding != "empty-mean"), msgs[0]

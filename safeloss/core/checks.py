@@ -784,6 +784,18 @@ class Scan:
 CLEAN = Scan((0,) * F.SIZE, nonfinite_from_output=True, out_finite=True)
 
 
+_NOTED = frozenset({"softmaxed-input", "nonfinite", "overflow"})  # findings judged on the logits
+
+
+def noted(note: str, kind: str) -> str:
+    """The part of a call's ``note`` that heads a finding of ``kind``: all of it for a finding
+    about the logits; else only the deferred line (an extras call's line says which logits the
+    logits' checks judged, nothing about labels, probability targets or empty batches)."""
+    if kind in _NOTED or not note:
+        return note
+    return DEFERRED_NOTE if note.startswith(DEFERRED_NOTE) else ""
+
+
 def resolve(
     scan: Scan,
     p: Problem,
@@ -806,12 +818,12 @@ def resolve(
     wording = WORDING.get(op) if op else None
     if note or wording:
         def report(f: Finding, strict: bool | LazyStrict, owner: object | None) -> None:
-            text = note + f.message
+            text = noted(note, f.kind) + f.message
             _report(replace(f, message=wording(text) if wording else text), strict, owner)
     else:
         report = _report
     if counts[F.BAD_TARGET]:
-        text = note + out_of_range_message(p.target, p.num_classes, p.ignore_index,
+        text = noted(note, "bad-target") + out_of_range_message(p.target, p.num_classes, p.ignore_index,
                                            device_type or p.input.device.type)
         raise TargetOutOfRangeError(wording(text) if wording else text) from None
     if p.num_classes == 0:
@@ -1163,7 +1175,7 @@ def _requeue(recs: Sequence[_Pending]) -> None:
 
 def _report_record(rec: _Pending, owner: object | None) -> None:
     for f in rec.findings:
-        _report(replace(f, message=rec.note + f.message), rec.strict, owner)
+        _report(replace(f, message=noted(rec.note, f.kind) + f.message), rec.strict, owner)
     if rec.event is not None:
         rec.event.synchronize()  # waits for that call's kernels only, normally long finished
     counts = rec.counts_host.tolist()

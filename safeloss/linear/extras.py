@@ -185,6 +185,7 @@ def _autocast_off(dev: torch.device) -> contextlib.AbstractContextManager[object
 
 
 def _noted(f: Finding, note: str) -> Finding:
+    note = checks.noted(note, f.kind)
     return replace(f, message=note + f.message) if note else f
 
 
