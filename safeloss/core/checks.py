@@ -787,13 +787,18 @@ CLEAN = Scan((0,) * F.SIZE, nonfinite_from_output=True, out_finite=True)
 _NOTED = frozenset({"softmaxed-input", "nonfinite", "overflow"})  # findings judged on the logits
 
 
+# In the line an extras call's findings start with (``core.extras.Extras.note``).
+LOGITS_NOTE_MARK = "are judged on the capped, scaled logits"
+
+
 def noted(note: str, kind: str) -> str:
     """The part of a call's ``note`` that heads a finding of ``kind``: all of it for a finding
-    about the logits; else only the deferred line (an extras call's line says which logits the
-    logits' checks judged, nothing about labels, probability targets or empty batches)."""
-    if kind in _NOTED or not note:
+    about the logits; else all but an extras call's line (it says which logits the logits'
+    checks judged, nothing about labels, probability targets or empty batches), so the lines
+    about when the finding was read (deferred, compiled) stay."""
+    if kind in _NOTED or LOGITS_NOTE_MARK not in note:
         return note
-    return DEFERRED_NOTE if note.startswith(DEFERRED_NOTE) else ""
+    return "".join(line for line in note.splitlines(keepends=True) if LOGITS_NOTE_MARK not in line)
 
 
 def resolve(
