@@ -8,6 +8,8 @@ interpreter on CPU (small shapes), or natively on a GPU machine.
 from __future__ import annotations
 
 import itertools
+import math
+import types
 import warnings
 
 import pytest
@@ -309,3 +311,93 @@ def test_softmax_check_samples_the_same_rows_on_every_backend(backend, rows, sof
     t = torch.randint(0, 6, (rows,), generator=g)
     with pytest.warns(safeloss.SafeLossWarning, match=rf"looks already softmaxed: all 64 sampled rows \(of {rows}\)"):
         safeloss.cross_entropy(x, t, backend=backend)
+
+
+# ---------------------------------------------------------------------------- the backend choice
+def _fake_problem(device: str, dtype: torch.dtype) -> types.SimpleNamespace:
+    """What dispatch.select reads of a Problem: asks about CUDA tensors on any machine."""
+    x = types.SimpleNamespace(device=torch.device(device), dtype=dtype, is_cuda=device == "cuda")
+    return types.SimpleNamespace(input=x, weight=None, num_classes=5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("usable", [True, False], ids=["triton-usable", "triton-missing"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_backend_choice(monkeypatch, backend, device, usable, dtype):
+    """The whole table: "auto" runs Triton for CUDA tensors where it can run, torch for CPU tensors,
+    and torch with a one-time notice on CUDA without a usable Triton; backend="triton" where Triton
+    cannot run is an error on every device; float64 always runs on torch (the kernel is fp32)."""
+    reason = None if usable else 'the triton package is not installed (pip install "safeloss[gpu]")'
+    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device: reason)
+    monkeypatch.setattr(dispatch, "in_functorch_transform", lambda x: False)
+    monkeypatch.setattr(dispatch, "_NOTICED", [])
+    p = _fake_problem(device, dtype)
+    fp32 = dtype == torch.float32
+    if backend == "triton" and fp32 and not usable:
+        with pytest.raises(safeloss.BackendError, match=rf'backend="triton" cannot run on {device} tensors here: '
+                           "the triton package is not installed"):
+            dispatch.select(backend, p)
+        return
+    if backend == "auto" and device == "cuda" and fp32 and not usable:
+        with pytest.warns(UserWarning, match="runs CUDA tensors on the pure-torch backend because the triton "
+                          "package is not installed"):
+            assert dispatch.select(backend, p) == "torch"
+        return
+    want = "triton" if fp32 and (backend == "triton" or (backend == "auto" and device == "cuda")) else "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select(backend, p) == want
+
+
+# ------------------------------------------------------------------- findings of small batches
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("C", [2, 6, 50])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("end", ["low", "high"])
+def test_softmaxed_input_is_found_at_both_ends_of_the_mean_band(backend, C, rows, end):
+    """Up to 64 positions the torch backend skips reading the logits when the mean loss is outside
+    the band softmaxed input can give (the Triton kernel always reads them). Sharp softmax outputs
+    with the likeliest (lowest loss) or least likely (highest loss) class as target sit at the two
+    ends of that band: both must still be reported, on every backend."""
+    g = torch.Generator().manual_seed(C * 1000 + rows)
+    x = (torch.randn(rows, C, generator=g) * 8).softmax(1)
+    t = x.argmax(1) if end == "low" else x.argmin(1)
+    with pytest.warns(safeloss.SafeLossWarning, match=rf"looks already softmaxed: all {rows} rows lie in \[0, 1\]"):
+        safeloss.cross_entropy(x, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf at the target"])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_nonfinite_mean_of_a_small_batch_is_reported(backend, bad, rows):
+    """A NaN or infinite mean is reported whatever the batch size (the torch backend's mean-band
+    shortcut, used up to 64 positions, must not take a non-finite mean for a clean one)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 5, generator=g)
+    t = torch.randint(0, 5, (rows,), generator=g)
+    i = rows // 2
+    if bad == "nan":
+        x[i, 1] = math.nan
+    elif bad == "inf":
+        x[i, 1] = math.inf
+    else:
+        x[i, t[i]] = -math.inf
+    with pytest.warns(safeloss.SafeLossWarning, match=rf"the loss is NaN or infinite at 1 of {rows} positions? \(first at \[{i}\]\)"):
+        out = safeloss.cross_entropy(x, t, backend=backend)
+    assert not math.isfinite(out.item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16], ids=["f16"])
+def test_half_precision_loss_overflow_is_reported_on_every_backend(backend, reduction, dtype):
+    """Finite logits whose loss passes the output dtype's range (65504 for float16): the Triton
+    kernel computes in fp32, where the loss is finite, and must count it against the output
+    dtype's bound; the torch backend sees the inf."""
+    x = torch.zeros(4, 5, dtype=dtype)
+    x[1, 0], x[1, 2] = 60000.0, -60000.0
+    t = torch.tensor([0, 2, 1, 1])
+    with pytest.warns(safeloss.SafeLossWarning, match=r"the float16 loss overflowed at 1 of 4 positions \(first at \[1\]\)"):
+        out = safeloss.cross_entropy(x, t, reduction=reduction, backend=backend)
+    assert torch.isinf(out).any()

@@ -6,9 +6,11 @@ Shapes are kept small, and ``FORCE_BLOCK_C`` makes C=300 span several column blo
 reference is torch in float64 on CPU; gradients use a random, non-trivial upstream gradient.
 """
 
+import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -905,3 +907,182 @@ def test_gpu_no_host_sync_and_inductor() -> None:
     xr = x.detach().double().requires_grad_()
     F.cross_entropy(xr, t, weight=w.double(), label_smoothing=0.1, reduction="sum").div(64).backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: what the launches are given
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["row_losses", "cross_entropy", "planned"])
+@pytest.mark.parametrize("setting", ["grad", "no_grad", "inference_mode", "no_requires_grad"])
+def test_fused_gradient_only_where_a_backward_can_follow(
+    monkeypatch: pytest.MonkeyPatch, entry: str, setting: str
+) -> None:
+    """fused_grad=True writes the gradient in the forward only when one can be asked for (grad
+    mode on, logits that require grad): under no_grad / inference_mode it would be a logits-sized
+    write for nothing. Every entry: the seam, the functional call, and a planned signature's
+    call (the deferred path, as on CUDA)."""
+    import safeloss
+    from safeloss.core import checks
+
+    seen = []
+    real = tb._launch_fwd
+
+    def spy(x, target, weight, losses, lse, wy, dx, *args, **kwargs):
+        seen.append(dx is not None)
+        return real(x, target, weight, losses, lse, wy, dx, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "_launch_fwd", spy)
+    x = torch.randn(4, 30, device=DEV)
+    t = torch.randint(0, 30, (4,), device=DEV)
+    h = x.clone().requires_grad_(setting != "no_requires_grad")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(setting, torch.enable_grad)
+    if entry == "row_losses":
+        with ctx():
+            out, _ = tb.row_losses(h, t, weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=False,
+                                   fused_grad=True)  # fmt: skip
+    else:
+        if entry == "planned":
+            monkeypatch.setattr(checks, "DEFER_ON_CPU", True)
+            for _ in range(2):  # the plan of this signature is made, then used
+                safeloss.cross_entropy(h, t, reduction="none", backend="triton", fused_grad=True)
+            seen.clear()
+        with ctx():
+            out = safeloss.cross_entropy(h, t, reduction="none", backend="triton", fused_grad=True)
+        checks._pending.clear()
+    torch.testing.assert_close(out.detach(), F.cross_entropy(x, t, reduction="none"))
+    assert seen == [setting == "grad"]
+
+
+class _Recorder:
+    """Stands in for a jit kernel: records (grid, arguments) instead of launching."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def _fwd_args(dtype=torch.float32, tdtype=torch.int64, ignore_index=-100, eps=0.0, weight=False, prob=False,
+              check_softmax=True, out_max=math.inf, fused=False):  # fmt: skip
+    x = torch.randn(6, 30).to(dtype)
+    t = _probs((6, 30)).to(dtype) if prob else torch.randint(0, 30, (6,)).to(tdtype)
+    e = torch.empty(6)
+    dx = torch.empty_like(x) if fused else None
+    w = torch.rand(30) if weight else None
+    return (x, t, w, e, e, e, dx, torch.zeros(_flags.SIZE, dtype=torch.int32), ignore_index, eps, prob,
+            check_softmax, out_max)  # fmt: skip
+
+
+def _bwd_args(dtype=torch.float32, ignore_index=-100, eps=0.0, weight=False, prob=False, g_stride=1,
+              dy=False):  # fmt: skip
+    x = torch.randn(6, 30).to(dtype)
+    t = _probs((6, 30)).to(dtype) if prob else torch.randint(0, 30, (6,))
+    e = torch.empty(6)
+    g = torch.randn(6 * g_stride)[::g_stride] if g_stride else torch.tensor(0.5).expand(6)
+    w = torch.rand(30) if weight else None
+    return (x, t, w, e, e, g, torch.empty_like(x), torch.empty_like(t) if dy else None, ignore_index, eps, prob)
+
+
+FWD_CHANGES = [dict(dtype=torch.float16), dict(dtype=torch.bfloat16), dict(tdtype=torch.int32), dict(ignore_index=3),
+               dict(eps=0.1), dict(weight=True), dict(prob=True), dict(check_softmax=False), dict(out_max=65504.0),
+               dict(fused=True)]  # fmt: skip
+BWD_CHANGES = [dict(dtype=torch.float16), dict(ignore_index=3), dict(eps=0.1), dict(weight=True), dict(prob=True),
+               dict(prob=True, dy=True), dict(g_stride=2), dict(g_stride=0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "change"),
+    [("fwd", c) for c in FWD_CHANGES] + [("bwd", c) for c in BWD_CHANGES],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v}" for k, v in v.items()),
+)
+def test_launch_configuration_cache_keys_every_input(monkeypatch: pytest.MonkeyPatch, kind: str, change: dict) -> None:
+    """Launch configurations are cached per signature: a call that differs from a cached one in a
+    single input the configuration is computed from (a dtype, ignore_index, label smoothing, the
+    weight, the softmax check, the overflow bound, a stride) gets its own configuration, never
+    the cached one of the other call."""
+    rec = _Recorder()
+    monkeypatch.setattr(tb, "_kernels", lambda: types.SimpleNamespace(ce_fwd_kernel=rec, ce_bwd_kernel=rec))
+    monkeypatch.setattr(tb, "_LAUNCHES", {})
+    if kind == "fwd":
+        tb._launch_fwd(*_fwd_args())
+        a = _fwd_args(**change)
+        tb._launch_fwd(*a)
+        want = tb._fwd_config(a[0], a[1], a[2] is not None, a[6], *a[8:])
+        grid, args, kwargs = rec.calls[-1]
+        assert (grid, args[11:], kwargs) == want
+    else:
+        tb._launch_bwd(*_bwd_args())
+        a = _bwd_args(**change)
+        tb._launch_bwd(*a)
+        x, t, w, _lse, _wy, g, dx, dy, ignore_index, eps, prob = a
+        want = tb._bwd_config(x, t, w is not None, g, dx, dy, ignore_index, eps, prob)
+        grid, args, kwargs = rec.calls[-1]
+        assert (grid, args[10:], kwargs) == want
+    assert len(rec.calls) == 2
+
+
+_LIM = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("what", "shape", "stride", "wide"),
+    [
+        # the softmax check's sample arithmetic: position * (SOFTMAX_SAMPLE + 1) must fit int32
+        ("fwd", (_LIM // (_flags.SOFTMAX_SAMPLE + 1), 2), None, False),
+        ("fwd", (_LIM // (_flags.SOFTMAX_SAMPLE + 1) + 1, 2), None, True),
+        # expanded logits: few elements, but flat positions past int32
+        ("fwd", (2**31 + 5, 4), (0, 1), True),
+        ("bwd", (2**31 + 5, 4), (0, 1), True),
+        ("scale", (2**31 + 5, 4), (0, 1), True),
+        ("bwd", (2**31 - 1, 4), (0, 1), False),
+        ("scale", (2**31 - 1, 4), (0, 1), False),
+    ],
+)
+def test_int64_offsets_chosen_by_every_launch_configuration(what, shape, stride, wide) -> None:
+    """The launch configurations' I64 flag (meta tensors: shapes and strides only), for what
+    ``_i64`` of the tensors' extents alone does not see: the softmax sample's arithmetic, and
+    position / class indices of expanded logits."""
+    x = torch.empty_strided(shape, stride or (shape[1], 1), device="meta")
+    # targets and upstream gradients expanded like the logits: only the indices can pass int32
+    t = torch.empty(1, dtype=torch.long, device="meta").expand(shape[0])
+    g = torch.empty(1, device="meta").expand(shape[0])
+    if what == "fwd":
+        cfg = tb._fwd_config(x, t, False, None, -100, 0.0, False, True, math.inf)
+    elif what == "bwd":
+        cfg = tb._bwd_config(x, t, False, g, None, None, -100, 0.0, False)
+    else:
+        cfg = tb._scale_config(x, t, g, -100, False)
+    assert cfg[2]["I64"] is wide
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_overflow_bound_counts_a_loss_exactly_at_it(prob: bool) -> None:
+    """``out_max`` is the smallest magnitude that rounds to inf in the output dtype: a loss equal
+    to it is counted in OVERFLOW, one just below it is not."""
+    x = torch.randn(5, 30, device=DEV) * 3
+    t = _probs((5, 30)) if prob else torch.randint(0, 30, (5,), device=DEV)
+    kw = dict(weight=None, ignore_index=-100, label_smoothing=0.0, prob_target=prob)
+    losses, flags = tb.row_losses(x, t, **kw)
+    assert flags[_flags.OVERFLOW] == 0
+    top = losses.max()
+    _, flags = tb.row_losses(x, t, out_max=float(top), **kw)
+    assert flags[_flags.OVERFLOW] == int((losses == top).sum())
+    above = torch.nextafter(top, torch.tensor(math.inf))
+    _, flags = tb.row_losses(x, t, out_max=float(above), **kw)
+    assert flags[_flags.OVERFLOW] == 0
+
+
+def test_tile_choice_with_per_column_state_and_lean_tiles() -> None:
+    """Streamed rows whose kernels keep a second value per column (weights, targets, the target's
+    gradient) take 2048-column blocks at 8 warps (4096 at 4 warps spilled); the extras' forward
+    with the softmax check packs half as many elements per tile of several positions."""
+    lm = ([1, 1, 8], 128256, [0, 0, 128256, 1])
+    assert tb._tiles(*lm, per_column=True) == (1, 2048, 8)
+    assert tb._tiles(*lm, kind="bwd", per_column=True) == (1, 2048, 8)
+    assert tb._tiles([1, 1, 500], 10, [0, 0, 10, 1], lean=True) == (16, 16, 4)
+    assert tb._tiles([1, 1, 500], 100, [0, 0, 100, 1], lean=True) == (2, 128, 4)
+    # and what the configurations pass: probability targets stream in 2048-column blocks
+    x = torch.empty(8, 128256, device="meta")
+    kw = tb._fwd_config(x, torch.empty(8, 128256, device="meta"), False, None, -100, 0.0, True, True, math.inf)[2]
+    assert (kw["BLOCK_C"], kw["num_warps"]) == (2048, 8)
