@@ -24,6 +24,7 @@ from safeloss import SafeLossWarning
 from safeloss.backends import dispatch
 from safeloss.core import config
 from tests.test_differential import CPU_BACKENDS
+from tests.tolerances import assert_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton_cpu = pytest.mark.skipif(
@@ -892,3 +893,152 @@ def test_softmaxed_binary_logits_are_detected(backend):
     x = torch.randn(8, 2, generator=_g()).softmax(1)
     with pytest.warns(SafeLossWarning, match=r"(?s)looks already softmaxed.*can never go below 0\.31"):
         safeloss.cross_entropy(x, torch.randint(0, 2, (8,), generator=_g(1)), backend=backend)
+
+
+# ------------------------------------------------------------- mutation pass 7 (validation area)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32])
+@pytest.mark.parametrize("row", ["multi-hot", "empty"])
+def test_integer_target_of_the_input_shape_needs_exactly_one_1_per_row(shape, dtype, row):
+    """Class: target normalization (one-hot). An integer target of the input's shape is accepted
+    only as a true one-hot: a row with two 1s (multi-label data) or none is an error naming the
+    row, never converted into probabilities that sum to 2 or 0."""
+    labels = torch.randint(0, 4, (shape[0], *shape[2:]), generator=_g(1))
+    t = F.one_hot(labels, 4).movedim(-1, 1).to(dtype).contiguous()
+    first_row = (0, slice(None)) + (0,) * (len(shape) - 2)  # sample 0, first position
+    t[first_row] = torch.tensor([1, 1, 0, 0] if row == "multi-hot" else [0, 0, 0, 0], dtype=dtype)
+    x = torch.randn(*shape, generator=_g())
+    with pytest.raises(safeloss.TargetDtypeError, match=r"not one-hot: 1 row without exactly one 1 \(first at \(0,"):
+        safeloss.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 3)])
+@pytest.mark.parametrize("ignore_index", [-100, -1, 7])
+def test_single_class_is_reported_when_the_other_labels_are_ignored(shape, ignore_index):
+    """Class: findings (a mask dropped). With one output, labels that are all 0 or ignore_index
+    raise no out-of-range error, so the single-class finding is the one report: ignored labels
+    must not count as "labels other than 0"."""
+    x = torch.randn(shape[0], 1, *shape[1:], generator=_g())
+    t = torch.zeros(shape, dtype=torch.long)
+    t.view(-1)[1::2] = ignore_index
+    with pytest.warns(SafeLossWarning, match=r"logits with a single class"):
+        got = safeloss.cross_entropy(x, t, ignore_index=ignore_index)
+    torch.testing.assert_close(got, F.cross_entropy(x, t, ignore_index=ignore_index))
+    with pytest.raises(safeloss.InputError, match=r"logits with a single class"):
+        safeloss.cross_entropy(x, t, ignore_index=ignore_index, strict=True)
+
+
+def _finding_case(kind: str) -> tuple[torch.Tensor, torch.Tensor, type[Exception]]:
+    """(logits, target, strict-mode error) of a call whose finding is read from the backend's counts."""
+    x = torch.randn(4, 3, generator=_g())
+    t = torch.randint(0, 3, (4,), generator=_g(1))
+    if kind == "softmaxed-input":
+        return x.softmax(1), t, safeloss.InputError
+    if kind == "bad-probabilities":
+        return x, torch.rand(4, 3, generator=_g(2)) * 3, safeloss.ProbabilityTargetError
+    if kind == "nonfinite":
+        x[1, 2] = float("nan")
+        return x, t, safeloss.NonFiniteError
+    return x, torch.full((4,), -100), safeloss.EmptyBatchError  # empty-mean
+
+
+@pytest.mark.parametrize("api", ["functional", "module"])
+@pytest.mark.parametrize("kind", ["softmaxed-input", "bad-probabilities", "nonfinite", "empty-mean"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strict_mode_raises_a_finding_already_shown_as_a_warning(backend, kind, api):
+    """Class: strict mode raising vs warning. A warning is shown once per loss (or call site) and
+    later repeats skip building their message; a strict call must still raise each time, also
+    after the same finding was shown as a warning by this loss or at this line."""
+    x, t, error = _finding_case(kind)
+    loss = safeloss.SafeCrossEntropyLoss(backend=backend)
+    seen = []
+    for strict in (False, True, True):
+        with warnings.catch_warnings(record=True) as w, safeloss.strict_mode(strict):
+            warnings.simplefilter("always")
+            try:
+                loss(x, t) if api == "module" else safeloss.cross_entropy(x, t, backend=backend)
+            except error:
+                seen.append("raised")
+            else:
+                seen.append("warned" if any(issubclass(m.category, SafeLossWarning) for m in w) else "silent")
+    assert seen == ["warned", "raised", "raised"], seen
+
+
+def _loss_and_grad(fn, x: torch.Tensor, *args, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SafeLossWarning)
+        out = fn(x, *args, **kw)
+    out.backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("ignore_index", [0, 2, 255])
+@pytest.mark.parametrize("positions", [(6,), (2, 3)])
+def test_mean_divides_by_the_targets_not_ignored_for_any_ignore_index(backend, weighted, ignore_index, positions):
+    """Class: the reduction's divisor. The mean divides by the (weighted) count of the targets
+    other than ignore_index, whatever its value: 0 and 2 are classes the ignored positions would
+    otherwise count as, 255 a mask code; none may enter the divisor."""
+    C = 4
+    x = torch.randn(positions[0], C, *positions[1:], generator=_g())
+    t = torch.randint(0, C, positions, generator=_g(1))
+    t.view(-1)[::2] = ignore_index
+    w = torch.rand(C, generator=_g(2)) + 0.5 if weighted else None
+    got = _loss_and_grad(safeloss.cross_entropy, x, t, w, ignore_index=ignore_index, backend=backend)
+    want = _loss_and_grad(F.cross_entropy, x, t, w, ignore_index=ignore_index)
+    for ours, stock, what in zip(got, want, ("loss", "grad")):
+        assert_matches(ours, stock, what=what)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_mean_with_zero_total_weight_is_nan_with_stocks_gradients(backend, label_smoothing, ignored):
+    """Class: the reduction's divisor (total weight 0). Every counted target has class weight 0:
+    the mean is 0/0 = NaN with NaN gradients at the counted positions, as stock gives, also with
+    label smoothing (whose own term alone would give finite/0 = inf)."""
+    x = torch.randn(4, 3, generator=_g())
+    t = torch.tensor([0, 1, 0, -100 if ignored else 1])
+    w = torch.tensor([0.0, 0.0, 1.0])
+    got = _loss_and_grad(safeloss.cross_entropy, x, t, w, label_smoothing=label_smoothing, backend=backend)
+    want = _loss_and_grad(F.cross_entropy, x, t, w, label_smoothing=label_smoothing)
+    assert want[0].isnan()
+    for ours, stock, what in zip(got, want, ("loss", "grad")):
+        assert_matches(ours, stock, what=what)
+
+
+def _safeloss_warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        call()
+    return [str(m.message) for m in w if issubclass(m.category, SafeLossWarning)]
+
+
+KINDS = ["softmaxed-input", "bad-probabilities", "nonfinite", "empty-mean"]
+
+
+@pytest.mark.parametrize("first, second", [(a, b) for a in KINDS for b in KINDS if a != b])
+def test_a_loss_warns_once_per_kind_of_finding(first, second):
+    """Class: once-per-loss warning semantics. "Once" is per kind of finding and per loss: a
+    repeat of the same kind is silent, a different kind is shown, and another loss instance
+    shows its own."""
+    loss, other = safeloss.SafeCrossEntropyLoss(), safeloss.SafeCrossEntropyLoss()
+    a, b = _finding_case(first)[:2], _finding_case(second)[:2]
+    counts = [len(_safeloss_warnings(lambda: loss(*a))), len(_safeloss_warnings(lambda: loss(*a))),
+              len(_safeloss_warnings(lambda: loss(*b))), len(_safeloss_warnings(lambda: loss(*b))),
+              len(_safeloss_warnings(lambda: other(*a)))]
+    assert counts == [1, 0, 1, 0, 1], counts
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_functional_api_warns_once_per_call_site(kind):
+    """Class: once-per-loss warning semantics, functional API: once per call site (file and
+    line), so a loop warns once, and a second line of the same file warns on its own."""
+    x, t, _ = _finding_case(kind)
+    loop = [len(_safeloss_warnings(lambda: safeloss.cross_entropy(x, t))) for _ in range(3)]
+    other_line = len(_safeloss_warnings(lambda: safeloss.cross_entropy(x, t)))
+    assert loop + [other_line] == [1, 0, 0, 1], loop + [other_line]
