@@ -29,6 +29,8 @@ def _targets(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         (5, 0, math.inf),
         (6, 0, -1e-30),  # tiny negative, sum unchanged
         (7, 0, 2.0),  # bad sum only
+        (8, 0, -math.nan),  # a NaN with its sign bit set: not negative (its sum is bad)
+        (9, 0, -0.0), (9, 1, -0.0),  # only negative zeros: not negative
     ]
     for r, c, v in special:
         if r < shape[0]:
@@ -47,12 +49,19 @@ def test_host_prob_scan_counts_as_the_device_counts(dtype: torch.dtype, shape: t
         assert int(neg) == (3 if dtype == torch.float16 else 4)
 
 
-def test_host_prob_scan_takes_the_amin_path_above_the_threshold() -> None:
-    y = _targets(torch.float32, (2000, 7))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_prob_scan_takes_the_sign_bit_path_above_the_threshold(dtype: torch.dtype) -> None:
+    y = _targets(dtype, (2000, 7))
     assert y.numel() > checks.PROB_SCAN_AMIN_NUMEL
-    # negative: rows 0, 3, 4, 6; bad sums: 0, 1, 4, 5, 6, 7 and the two NaN-sum rows (a NaN sum
-    # is "not summing to 1", as in the kernel)
-    assert checks.scan_prob_target(y, 1) == (4, 8)
+    # negative: rows 0, 3, 4, 6 (-1e-30 is -0.0 in float16); bad sums: 0, 1, 4, 5, 6, 7 and the
+    # three NaN-sum rows (a NaN sum is "not summing to 1", as in the kernel), and row 9, whose
+    # -0.0 entries replaced mass but are not negative
+    neg = 3 if dtype == torch.float16 else 4
+    assert checks.scan_prob_target(y, 1) == (neg, 10)
+    # Clean rows with their sign bits clear take no exact pass.
+    clean = y[10:]
+    assert checks.scan_prob_target(clean, 1) == (0, 0)
+    assert checks.scan_prob_target(clean.transpose(0, 1).contiguous().transpose(0, 1), 1) == (0, 0)
 
 
 @pytest.mark.parametrize("C", [2, 3, 10, 1000, 128256])
