@@ -64,6 +64,29 @@ def test_host_prob_scan_takes_the_sign_bit_path_above_the_threshold(dtype: torch
     assert checks.scan_prob_target(clean.transpose(0, 1).contiguous().transpose(0, 1), 1) == (0, 0)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "negative-view", "3d", "1d"])
+def test_host_prob_scan_counts_any_layout_above_the_threshold(layout: str) -> None:
+    """Strided, expanded and negative-bit views (``z.conj().imag``, whose bits are not its
+    values) give the device counts too."""
+    y = _targets(torch.float32, (2000, 7))
+    cdim = 1
+    if layout == "transposed":
+        y = y.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "expanded":
+        y = y[:1].expand(2000, 7)
+    elif layout == "negative-view":
+        y = torch.complex(torch.zeros_like(y), -y).conj().imag
+        assert y.is_neg()
+    elif layout == "3d":
+        y = y.reshape(1000, 2, 7).transpose(1, 2)
+    else:
+        y, cdim = y.reshape(-1), 0
+    assert y.numel() > checks.PROB_SCAN_AMIN_NUMEL
+    neg, badsum = checks.prob_target_counts(y, cdim)
+    assert checks.scan_prob_target(y, cdim) == (int(neg), int(badsum))
+    assert int(neg) > 0
+
+
 @pytest.mark.parametrize("C", [2, 3, 10, 1000, 128256])
 def test_softmax_band_matches_the_formula(C: int) -> None:
     from safeloss.core.validation import normalize

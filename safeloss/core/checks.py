@@ -153,13 +153,14 @@ def scan_prob_target(target: Tensor, cdim: int) -> tuple[int, int]:
     vectorized pass with no NaN handling (half the time of a float ``amin``, which also
     propagates NaN). Only rows whose sign bits say "maybe" (-0.0, a NaN with its sign bit set,
     or a real negative) are then judged the exact way, ``y < 0``. Small targets keep the direct
-    form, which is fewer ops.
+    form, which is fewer ops, and so do tensors whose bits are not their values (a negative
+    view, such as ``z.conj().imag``: torch refuses to view them as another dtype).
     """
     n = target.numel()
     if n == 0:
         return 0, 0
     ints = _SIGN_VIEW.get(target.dtype)
-    if n <= PROB_SCAN_AMIN_NUMEL or ints is None or target.dim() == 0:
+    if n <= PROB_SCAN_AMIN_NUMEL or ints is None or target.dim() == 0 or target.is_neg():
         neg, badsum = prob_target_counts(target, cdim)
         return int(neg), int(badsum)
     y = target.detach()
