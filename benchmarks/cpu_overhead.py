@@ -33,7 +33,10 @@ Sections:
    included) of stock, the torch backend and the stubbed Triton path. The ``floor`` row (no
    target) times, in the same rounds, a minimal ``torch.autograd.Function`` doing only what any
    Python-level node around the kernels must (the outputs, a mean, its derivative, the gradient
-   buffer): how much of the ratio is the Python autograd node itself.
+   buffer): how much of the ratio is the Python autograd node itself; the ``node`` row times
+   safeloss's own node as a planned call runs it (its buffers, launch configurations, the shared
+   reduction), without the entry and the deferred findings record: the rows between ``node``
+   and ``safe`` are the price of the checks' machinery around the kernels.
 3. ``family``: linear + cross-entropy (``safeloss.linear_cross_entropy`` vs stock
    ``F.cross_entropy(F.linear(h, W), t)``) and vocab-parallel cross-entropy (one gloo rank,
    ``safeloss.vocab_parallel_cross_entropy`` vs stock ``F.cross_entropy`` plus the all-reduces of
@@ -59,6 +62,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -314,6 +318,26 @@ class _Floor(torch.autograd.Function):
         return torch.empty_like(x), None
 
 
+def _node_step(pool: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+    """The ``node`` row: safeloss's own autograd node around the (stubbed) kernels, as a planned
+    call runs it (the output buffers, the launch configurations, the shared reduction and its
+    derivative, the gradient buffer), without the entry (signature lookup, mode) and without the
+    findings record (the deferred copies and the next call's read of them): how much of the
+    ``safe`` rows' time is the node itself and how much the safety machinery around it."""
+    from safeloss.backends import triton_backend
+    from safeloss.core.plan import Skeleton
+    from safeloss.core.validation import normalize
+
+    k = len(pool)
+    p0 = normalize(pool[0][0], pool[0][1], None, -100, "mean", 0.0)
+    skeleton, node = Skeleton(p0), triton_backend.Planned(p0, False, False, math.inf)
+
+    def run(r: int) -> object:
+        x, t = pool[r % k]
+        return torch.autograd.grad(node(x, t, None, skeleton.problem(x, t, None))[2], (x,))
+    return run
+
+
 def _floor_step(pool: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
     k = len(pool)
 
@@ -331,6 +355,7 @@ def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
             pool = _pool(n, c, False, _copies(n, c))
             steps = _ce_steps(pool, backend="triton")
             steps["floor"] = _floor_step(pool)
+            steps["node"] = _node_step(pool)
             with stubbed():
                 times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
                 calls = {
@@ -350,7 +375,9 @@ def stub_rows(seconds: float, min_rounds: int) -> list[Row]:
             # wraps the kernels in a Python autograd.Function (stock's nodes are C++).
             rows.append(_fill(Row("stubbed", f"({n}, {c})", "floor", 1, "thread", None), times,
                               "floor", "stock-module", r))
-            _progress(rows[-3:])
+            rows.append(_fill(Row("stubbed", f"({n}, {c})", "node", 1, "thread", None), times,
+                              "node", "stock-module", r))
+            _progress(rows[-4:])
     return rows
 
 

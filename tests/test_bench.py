@@ -342,6 +342,10 @@ def test_cpu_overhead_script_runs(capsys: pytest.CaptureFixture[str], benchmark_
     for row in ("torch    (8, 10)", "(16, 8) prob", "stubbed  (8, 10)", "linear_cross_entropy",
                 "vocab_parallel", "Python calls per fwd+bwd: stock"):
         assert row in out, row
+    # the stubbed section's context rows: the bare autograd node and safeloss's own node
+    stub_lines = [line for line in out.splitlines() if line.startswith("stubbed")]
+    for api in ("floor", "node"):
+        assert any(f" {api} " in line for line in stub_lines), api
     assert " thread " in out and " wall " in out  # 1 thread: the thread clock; 2 threads: wall
     # every targeted torch / stubbed row has a verdict; the family rows are judged against the
     # cross-entropy row of the same rounds (noise at 3 rounds: either verdict)
