@@ -925,8 +925,8 @@ class _Pending:
     clean record, the common case, is read and recycled without it."""
 
     __slots__ = ("_problem", "bufs", "counts_host", "device_type", "event", "event_device",
-                 "findings", "key", "losses", "nbytes", "nonfinite_from_output", "note", "op",
-                 "out_host", "owner_ref", "p", "strict", "target")
+                 "findings", "key", "losses", "losses_version", "nbytes", "nonfinite_from_output",
+                 "note", "op", "out_host", "owner_ref", "p", "strict", "target")
 
     def __init__(
         self, p: Problem, target: Tensor | None, losses: Tensor | None, bufs: tuple[Tensor, Tensor | None],
@@ -944,6 +944,17 @@ class _Pending:
         self._problem: Problem | None = None
         self.target = target  # the label copy; None for probability targets (meta stand-in)
         self.losses = losses
+        # reduction="none" hands these very losses to the caller, who may edit them in place
+        # (mask them, nan_to_num_) before the report: their version then differs, and the report
+        # keeps to the counts instead of naming positions from values this call never had.
+        # (A Python attribute, no op; None: not the caller's tensor, or an inference tensor,
+        # which has no version to compare.)
+        self.losses_version: int | None = None
+        if losses is not None and p.reduction == "none":
+            try:
+                self.losses_version = losses._version
+            except RuntimeError:  # inference tensors have no version counter
+                pass
         self.bufs = bufs
         self.counts_host, self.out_host = bufs
         self.nonfinite_from_output = nonfinite_from_output
@@ -1155,10 +1166,23 @@ def flush(key: int | None, owner: object | None, wait: bool = True) -> None:
                         del _pending[k]
     for i, rec in enumerate(recs):
         try:
-            _report_record(rec, owner if key is None or rec.key == key else None)
+            _report_record(rec, _owner(rec, key, owner))
         except BaseException:
             _requeue(recs[i + 1 :])
             raise
+
+
+def _owner(rec: _Pending, key: int | None, owner: object | None) -> object | None:
+    """Whose warn-once state a record's findings count against: the loss that made it, wherever
+    it is reported (its own later call, ``check_pending()``, another loss's call); a loss that is
+    gone, or the functional API, per call site (``report``). Never the calling loss for a record
+    of a dead loss whose id it reuses: that would silence the caller's own first warning."""
+    if rec.owner_ref is not None:
+        return rec.owner_ref()  # None once garbage-collected
+    if key is not None and rec.key == key:
+        return owner
+    # Compiled graphs record no module, only its id (the owner their report op uses).
+    return None if rec.key == FUNCTIONAL_KEY else rec.key
 
 
 def _clean_single(key: int) -> bool:
@@ -1195,15 +1219,18 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
         rec.event.synchronize()  # waits for that call's kernels only, normally long finished
     counts = rec.counts_host.tolist()
     out_finite = None
+    losses = rec.losses
+    if rec.losses_version is not None and losses is not None and losses._version != rec.losses_version:
+        losses = None  # edited by the caller since: the counts alone tell what the call found
     if rec.out_host is not None:
         out_finite = math.isfinite(rec.out_host.item())
         if out_finite and not any(counts) and rec.p[8]:  # (the number of classes)
             _release(rec)  # the clean record: what resolve() would conclude
             return
-    elif rec.losses is not None:
-        out_finite = bool(torch.isfinite(rec.losses).all())
+    elif losses is not None:
+        out_finite = bool(torch.isfinite(losses).all())
     try:
-        resolve(Scan(counts, rec.nonfinite_from_output), rec.problem, rec.losses,
+        resolve(Scan(counts, rec.nonfinite_from_output), rec.problem, losses,
                 rec.out_host, out_finite, rec.strict, owner, have_logits=False,
                 device_type=rec.device_type, note=rec.note, op=rec.op)
     finally:
