@@ -6,6 +6,7 @@ it, with what that call saw, whatever the caller does in between."""
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
 import warnings
 
@@ -146,3 +147,83 @@ def test_nonfinite_count_survives_caller_editing_unreduced_losses(overwrite):
         getattr(out, overwrite)()
     shown = recorded(loss, x, t)
     assert len(shown) == 1 and "NaN or infinite at 1 of 8 positions" in shown[0], shown
+
+
+def _linear_none_nan(loss_kind: str):
+    """A linear_cross_entropy call whose losses are NaN (a NaN in the head's weight), then clean."""
+    g = torch.Generator().manual_seed(1)
+    h, t = torch.randn(8, 4, generator=g), torch.randint(0, 5, (8,), generator=g)
+    lm = safeloss.SafeLinearCrossEntropyLoss(4, 5, reduction="none")
+    with torch.no_grad():
+        lm.linear.weight[1, 1] = float("nan")
+        out = lm(h, t)
+        lm.linear.weight[1, 1] = 0.0
+    return lm, h, t, out
+
+
+def test_linear_nonfinite_count_survives_caller_editing_unreduced_losses():
+    lm, h, t, out = _linear_none_nan("module")
+    n = int(torch.isnan(out).sum())
+    out.nan_to_num_()
+    shown = recorded(lm, h, t)
+    assert len(shown) == 1 and f"NaN or infinite at {n} of 8 positions" in shown[0], shown
+
+
+# ---------------------------------------------------------------- each loss reports its own
+
+
+def _bad_labels(c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    x, t = data(c=c)
+    t[2] = 11
+    return x, t
+
+
+def _linear_functional_bad():
+    h, t = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    t[2] = 11
+    safeloss.linear_cross_entropy(h, torch.randn(5, 4), t)
+    return lambda: safeloss.linear_cross_entropy(h, torch.randn(5, 4), t.clamp(0, 4))
+
+
+def _ce_functional_bad():
+    x, t = _bad_labels()
+    safeloss.cross_entropy(x, t)
+    return lambda: safeloss.cross_entropy(x, t.clamp(0, 4))
+
+
+def _module_bad():
+    x, t = _bad_labels()
+    m = SafeCrossEntropyLoss()
+    m(x, t)
+    return lambda: m(x, t.clamp(0, 4))
+
+
+def _linear_module_bad():
+    h, t = torch.randn(8, 4), torch.randint(0, 5, (8,))
+    t[2] = 11
+    m = safeloss.SafeLinearCrossEntropyLoss(4, 5)
+    m(h, t)
+    return lambda: m(h, t.clamp(0, 4))
+
+
+LOSSES = {"ce-functional": _ce_functional_bad, "linear-functional": _linear_functional_bad,
+          "ce-module": _module_bad, "linear-module": _linear_module_bad}
+
+
+@pytest.mark.parametrize(("culprit", "bystander"), list(itertools.permutations(sorted(LOSSES), 2)))
+@pytest.mark.parametrize("strict", [False, True])
+def test_each_loss_reports_its_own_bad_call(culprit, bystander, strict):
+    """A bad call of one loss, then calls of another (default mode or strict, which waits for
+    its own earlier findings): the other loss never raises the first one's error; the first
+    loss's next call does, once."""
+    culprit_again = LOSSES[culprit]()
+    bystander_clean = LOSSES[bystander]()  # its own (bad) call: reported by its own next call
+    with pytest.raises(safeloss.TargetOutOfRangeError):
+        bystander_clean()
+    with safeloss.strict_mode(strict):
+        for _ in range(2):
+            bystander_clean()
+        with pytest.raises(safeloss.TargetOutOfRangeError, match="earlier call"):
+            culprit_again()
+        culprit_again()
+    safeloss.check_pending()

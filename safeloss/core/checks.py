@@ -907,7 +907,12 @@ def _wanted(kind: str, strict: bool | LazyStrict, owner: object | None) -> bool:
 
 # ------------------------------------------------------------------------ deferral
 
-FUNCTIONAL_KEY = 0  # pending-check key of the functional API; loss instances use id(module)
+# Pending-check keys of the functional APIs, one per op (a linear_cross_entropy call's finding is
+# never reported by a cross_entropy call, nor the reverse); loss instances use id(module), which
+# is an address, never 0 or 1.
+FUNCTIONAL_KEY = 0  # cross_entropy
+LINEAR_FUNCTIONAL_KEY = 1  # linear_cross_entropy
+FUNCTIONAL_KEYS = (FUNCTIONAL_KEY, LINEAR_FUNCTIONAL_KEY)
 
 # When True, CPU calls defer their checks like CUDA calls do (lets CI test the deferred model).
 DEFER_ON_CPU = False
@@ -1182,7 +1187,7 @@ def _owner(rec: _Pending, key: int | None, owner: object | None) -> object | Non
     if key is not None and rec.key == key:
         return owner
     # Compiled graphs record no module, only its id (the owner their report op uses).
-    return None if rec.key == FUNCTIONAL_KEY else rec.key
+    return None if rec.key in FUNCTIONAL_KEYS else rec.key
 
 
 def _clean_single(key: int) -> bool:

@@ -82,7 +82,7 @@ def note_findings(
     found = _decode(static_findings)
     rows_losses = losses.clone() if losses.numel() or reduction == "none" else None
     scan = checks.Scan(counts)
-    owner = None if key == checks.FUNCTIONAL_KEY else key  # warn once per loss instance, as eager
+    owner = None if key in checks.FUNCTIONAL_KEYS else key  # warn once per loss instance, as eager
     if checks.reads_at_once(device_type) or strict_:
         checks.flush(key, owner)  # earlier calls' findings first (this call syncs anyway)
         for f in found:

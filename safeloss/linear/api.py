@@ -596,7 +596,7 @@ def _dense(
     transforms (bad labels masked, NaN loss, findings not reported)."""
     no_host = mode is not Mode.EAGER
     transform = mode is Mode.TRANSFORM
-    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    key = checks.LINEAR_FUNCTIONAL_KEY if owner is None else id(owner)
     strict_ = LazyStrict(strict)
     if checks._pending and not no_host:
         checks.flush(key, owner, wait=bool(strict_))
@@ -773,7 +773,7 @@ def _graph(
         out = reduction.reduce(Rows(losses, Scan([0] * F.SIZE)), p)
     counts = _device_counts(lp, losses if losses.numel() else out.reshape(1),
                             valid if losses.numel() else valid.new_ones(1), bad, neg, badsum)
-    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    key = checks.LINEAR_FUNCTIONAL_KEY if owner is None else id(owner)
     compiled.note(p, Rows(losses if losses.numel() else None, Scan(counts)), out, key, strict,
                   static, op=_OP)
     return out

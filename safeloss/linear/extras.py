@@ -91,7 +91,7 @@ def run(
     ex: X.Extras, *, strict: bool | None, owner: object | None, backend: str = "auto",
 ) -> Result:
     no_host = mode in NO_HOST_READS
-    key = checks.FUNCTIONAL_KEY if owner is None else id(owner)
+    key = checks.LINEAR_FUNCTIONAL_KEY if owner is None else id(owner)
     strict_ = LazyStrict(strict)
     if checks._pending and not no_host:
         checks.flush(key, owner, wait=bool(strict_))
