@@ -227,3 +227,125 @@ def test_each_loss_reports_its_own_bad_call(culprit, bystander, strict):
             culprit_again()
         culprit_again()
     safeloss.check_pending()
+
+
+# ---------------------------------------------------------------- a report that raises
+
+
+@pytest.mark.parametrize("how", ["check_pending", "next-calls"])
+def test_records_after_a_raising_report_are_reported_later_once(how):
+    """Warnings turned into errors: the report that raises stops the flush, and the records not
+    reported yet are requeued: each of the three is reported exactly once over later flushes."""
+    x, t = data()
+    bad = t.clone()
+    bad[0] = 7
+    a, b = SafeCrossEntropyLoss(), SafeCrossEntropyLoss()
+    a(x.softmax(1), t)
+    b(x, bad)
+    safeloss.cross_entropy(x, torch.full_like(t, -100))
+    flushes = ([safeloss.check_pending] * 4 if how == "check_pending" else
+               [lambda: a(x, t), lambda: b(x, t), lambda: safeloss.cross_entropy(x, t)] * 2)
+    raised = []
+    for flush in flushes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SafeLossWarning)
+            try:
+                flush()
+            except (SafeLossWarning, safeloss.TargetOutOfRangeError) as e:
+                raised.append(type(e).__name__ + ": " + str(e).splitlines()[1])
+    assert len(raised) == 3, raised
+    assert sum("softmaxed" in r for r in raised) == 1
+    assert sum("TargetOutOfRange" in r for r in raised) == 1
+    assert sum("nothing to average" in r for r in raised) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SafeLossWarning)
+        safeloss.check_pending()  # only clean records left
+
+
+def test_strict_call_raises_an_earlier_default_mode_finding_first():
+    """strict toggled on after a default-mode bad call: the strict call raises the earlier
+    error (it waits for it) before anything of its own, once."""
+    x, t = _bad_labels()
+    loss = SafeCrossEntropyLoss()
+    loss(x, t)
+    loss.strict = True
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)earlier call.*11 at \[2\]"):
+        loss(x.softmax(1), t.clamp(0, 4))
+    with pytest.raises(safeloss.InputError, match="already softmaxed"):  # its own, at once
+        loss(x.softmax(1), t.clamp(0, 4))
+    assert not checks._pending
+
+
+# ---------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_threads_report_each_bad_call_once(shared):
+    """Two threads, each with its own loss or both on one: one bad call in thread 0. Its error is
+    raised once, by a later call of that same loss (in either thread when they share it), and
+    never by the other thread's own loss."""
+    x, t = data()
+    bad = t.clone()
+    bad[5] = 13
+    losses = [SafeCrossEntropyLoss()] * 2 if shared else [SafeCrossEntropyLoss(), SafeCrossEntropyLoss()]
+    raised: list[tuple[int, str]] = []
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        for step in range(40):
+            try:
+                losses[i](x, bad if (i == 0 and step == 10) else t)
+            except safeloss.TargetOutOfRangeError as e:
+                raised.append((i, str(e)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    safeloss.check_pending()  # nothing left over either
+    assert len(raised) == 1 and "13 at [5]" in raised[0][1], raised
+    assert shared or raised[0][0] == 0
+
+
+# ---------------------------------------------------------------- losses that are gone
+
+
+@pytest.mark.parametrize("reuse_id", [False, True])
+@pytest.mark.parametrize("kind", ["bad-label", *sorted(WARNING_CALLS)])
+def test_dead_loss_record_reported_once_and_said_to_be_of_a_dead_loss(kind, reuse_id):
+    """A loss garbage-collected with a pending record (built inline every step): the record is
+    reported once, at the next call of any loss (one at another id, or one reusing the dead
+    loss's id), and the message does not claim it came from "this loss"."""
+    x, t = data()
+    old = SafeCrossEntropyLoss()
+    if kind == "bad-label":
+        bad = t.clone()
+        bad[4] = 17
+        old(x, bad)
+    else:
+        old(*WARNING_CALLS[kind][0](x, t))
+    old_id = id(old)
+    del old
+    gc.collect()
+    new = SafeCrossEntropyLoss()
+    keep = []
+    while (id(new) == old_id) != reuse_id:  # pick an instance at (or away from) the dead id
+        keep.append(new)
+        new = SafeCrossEntropyLoss()
+        if len(keep) > 50:
+            rec = checks._pending.pop(old_id)  # the allocator will not: re-key as reuse would
+            for r in rec:
+                r.key = id(new)
+            checks._pending[id(new)] = rec
+            break
+    if kind == "bad-label":
+        with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)a loss that no longer exists.*17 at \[4\]"):
+            new(x, t)
+    else:
+        shown = recorded(new, x, t)
+        assert len(shown) == 1 and "a loss that no longer exists" in shown[0]
+        assert WARNING_CALLS[kind][1] in shown[0]
+    assert recorded(new, x, t) == []
+    assert recorded(safeloss.check_pending) == []

@@ -778,6 +778,13 @@ DEFERRED_NOTE = (
     "[found by an earlier call of this loss; GPU checks are read back without blocking and "
     "reported at a later call, or by safeloss.check_pending()]\n"
 )
+# The same, for a record whose loss module was garbage-collected before the report (a loss built
+# inline every step): reported by whichever call comes next, which is not "this loss".
+GONE_NOTE = (
+    "[found by an earlier call of a loss that no longer exists (garbage-collected before its "
+    "findings were read); GPU checks are read back without blocking and reported at a later "
+    "call, or by safeloss.check_pending()]\n"
+)
 
 
 @dataclass
@@ -1218,8 +1225,11 @@ def _requeue(recs: Sequence[_Pending]) -> None:
 
 
 def _report_record(rec: _Pending, owner: object | None) -> None:
+    note = rec.note
+    if _orphaned(rec) and note.startswith(DEFERRED_NOTE):
+        note = GONE_NOTE + note[len(DEFERRED_NOTE):]
     for f in rec.findings:
-        _report(replace(f, message=noted(rec.note, f.kind) + f.message), rec.strict, owner)
+        _report(replace(f, message=noted(note, f.kind) + f.message), rec.strict, owner)
     if rec.event is not None:
         rec.event.synchronize()  # waits for that call's kernels only, normally long finished
     counts = rec.counts_host.tolist()
@@ -1237,6 +1247,6 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
     try:
         resolve(Scan(counts, rec.nonfinite_from_output), rec.problem, losses,
                 rec.out_host, out_finite, rec.strict, owner, have_logits=False,
-                device_type=rec.device_type, note=rec.note, op=rec.op)
+                device_type=rec.device_type, note=note, op=rec.op)
     finally:
         _release(rec)
