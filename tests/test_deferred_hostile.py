@@ -349,3 +349,66 @@ def test_dead_loss_record_reported_once_and_said_to_be_of_a_dead_loss(kind, reus
         assert WARNING_CALLS[kind][1] in shown[0]
     assert recorded(new, x, t) == []
     assert recorded(safeloss.check_pending) == []
+
+
+# ---------------------------------------------------------------- host buffers and in-flight caps
+
+
+class _Unfinished:
+    """A CUDA event whose work has not finished until waited for (the GPU still running)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_pooled_host_buffers_never_shared_by_unreported_records(monkeypatch, cap):
+    """Records in flight (GPU unfinished), clean ones reported and their host buffers recycled
+    around an unreported bad one, beyond the in-flight cap: the bad record's counts are never
+    overwritten by a later call, no two records share a buffer, and the error names the bad
+    call's values, once."""
+    real_defer = checks.defer
+
+    def defer(*args, **kwargs):
+        real_defer(*args, **kwargs)
+        rec = checks._pending[checks.FUNCTIONAL_KEY][-1]
+        rec.event = _Unfinished()
+
+    monkeypatch.setattr(checks, "defer", defer)
+    monkeypatch.setattr(checks, "MAX_IN_FLIGHT", cap)
+    monkeypatch.setattr(checks, "_release", _release_eventless)
+    x, t = data()
+    bad = t.clone()
+    bad[6] = 21
+    raised = []
+    for step in range(12):
+        try:
+            safeloss.cross_entropy(x, bad if step == 3 else t)
+        except safeloss.TargetOutOfRangeError as e:
+            raised.append((step, str(e)))
+        queue = checks._pending.get(checks.FUNCTIONAL_KEY, [])
+        held = [id(r.bufs[0]) for r in queue]
+        pooled = [id(b[0]) for free in checks._free_host.values() for b in free]
+        assert len(set(held)) == len(held) and not set(held) & set(pooled)
+        if step == 7:
+            queue[-1].event.done = True  # the GPU finishes one late record: nothing jumps the queue
+    for rec in checks._pending.get(checks.FUNCTIONAL_KEY, []):
+        rec.event.done = True
+    safeloss.check_pending()
+    assert len(raised) == 1 and "21 at [6]" in raised[0][1], raised
+    assert raised[0][0] > 3
+
+
+_REAL_RELEASE = checks._release
+
+
+def _release_eventless(rec):
+    """The fake events are no CUDA events: recycle the host buffers only (as _release does)."""
+    rec.event = None
+    _REAL_RELEASE(rec)

@@ -962,11 +962,8 @@ class _Pending:
         # (A Python attribute, no op; None: not the caller's tensor, or an inference tensor,
         # which has no version to compare.)
         self.losses_version: int | None = None
-        if losses is not None and p.reduction == "none":
-            try:
-                self.losses_version = losses._version
-            except RuntimeError:  # inference tensors have no version counter
-                pass
+        if losses is not None and p.reduction == "none" and not losses.is_inference():
+            self.losses_version = losses._version
         self.bufs = bufs
         self.counts_host, self.out_host = bufs
         self.nonfinite_from_output = nonfinite_from_output
