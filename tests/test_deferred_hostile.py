@@ -9,6 +9,7 @@ import gc
 import itertools
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -412,3 +413,37 @@ def _release_eventless(rec):
     """The fake events are no CUDA events: recycle the host buffers only (as _release does)."""
     rec.event = None
     _REAL_RELEASE(rec)
+
+
+# ---------------------------------------------------------------- known gaps (xfail, strict)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "inference tensors have no version counter: an in-place edit of reduction='none' losses "
+    "under torch.inference_mode cannot be told from the call's own values, so the report names "
+    "positions from the edited losses"))
+def test_inference_mode_nonfinite_count_survives_caller_editing_losses():
+    x, t = data()
+    bad, _ = _nan_logits(x, t)
+    loss = SafeCrossEntropyLoss(reduction="none")
+    with torch.inference_mode():
+        loss(bad, t).nan_to_num_()
+        shown = recorded(loss, x, t)
+    assert len(shown) == 1 and "NaN or infinite at 1 of 8 positions" in shown[0], shown
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the compiled graph's report op knows a loss only by id(module) and registers no finalizer: "
+    "its warn-once state outlives the module, and a new loss at the reused id stays silent"))
+def test_compiled_loss_warn_once_state_dies_with_the_loss():
+    torch._dynamo.reset()
+    x, t = data()
+    loss = SafeCrossEntropyLoss()
+    step = torch.compile(lambda a, b: loss(a, b), backend="aot_eager", fullgraph=True)
+    assert len(recorded(lambda: (step(x.softmax(1), t), step(x, t)))) == 1
+    dead, ref = id(loss), weakref.ref(loss)
+    del step, loss
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None  # the loss is gone (the test's premise)
+    assert not [k for k in report._seen if k[1] == "loss" and k[2] == dead]
