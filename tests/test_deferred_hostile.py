@@ -438,11 +438,14 @@ def test_inference_mode_nonfinite_count_survives_caller_editing_losses():
 def test_compiled_loss_warn_once_state_dies_with_the_loss():
     torch._dynamo.reset()
     x, t = data()
-    loss = SafeCrossEntropyLoss()
-    step = torch.compile(lambda a, b: loss(a, b), backend="aot_eager", fullgraph=True)
-    assert len(recorded(lambda: (step(x.softmax(1), t), step(x, t)))) == 1
-    dead, ref = id(loss), weakref.ref(loss)
-    del step, loss
+
+    def warn_once_compiled() -> tuple[int, weakref.ref]:
+        loss = SafeCrossEntropyLoss()
+        step = torch.compile(lambda a, b: loss(a, b), backend="aot_eager", fullgraph=True)
+        assert len(recorded(lambda: (step(x.softmax(1), t), step(x, t)))) == 1
+        return id(loss), weakref.ref(loss)
+
+    dead, ref = warn_once_compiled()
     torch._dynamo.reset()
     gc.collect()
     assert ref() is None  # the loss is gone (the test's premise)
