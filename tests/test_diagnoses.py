@@ -125,7 +125,7 @@ def _nan_targets():
 
 def test_nan_probability_target_is_named(backend):
     x, y = _nan_targets()
-    with pytest.raises(safeloss.ProbabilityTargetError, match=r"(?s)not probability distributions: 1 row with NaN or infinite entries of 2\.\nNaN or inf entries make the loss of their rows NaN.*torch.isfinite\(target\)"):
+    with pytest.raises(safeloss.ProbabilityTargetError, match=r"(?s)not probability distributions: 1 row with NaN or infinite entries of 2\.\n  first rows: with NaN or inf \[1\]\nNaN or inf entries make the loss of their rows NaN.*torch.isfinite\(target\)"):
         safeloss.cross_entropy(x, y, backend=backend, strict=True)
     out, msgs = warned(safeloss.cross_entropy, x, y, backend=backend)
     assert torch.isnan(out)
@@ -147,7 +147,7 @@ def test_nan_probability_target_deferred(deferred, backend):
 def test_nan_and_unnormalized_targets_are_told_apart():
     x = torch.randn(3, 3)
     y = torch.tensor([[0.5, 0.5, 0.0], [float("nan"), 0.5, 0.5], [2.0, 1.0, 1.0]])
-    with pytest.raises(safeloss.ProbabilityTargetError, match=r"1 row with NaN or infinite entries and 1 row not summing to 1 \(row sums from 1 to 4\) of 3"):
+    with pytest.raises(safeloss.ProbabilityTargetError, match=r"1 row with NaN or infinite entries and 1 row not summing to 1 \(row sum 4\) of 3\.\n  first rows: with NaN or inf \[1\]; not summing to 1 \[2\]\n"):
         safeloss.cross_entropy(x, y, strict=True)
 
 

@@ -715,26 +715,44 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
     n = max(1, math.prod(p.positions_shape))
     known = _known(y) and y.numel() > 0
     bits = []
+    where = []  # the first positions of each kind (read here, on the finding's path only)
     nonfinite = 0
     if known:
         bad_rows = (~torch.isfinite(y)).any(cdim)
         nonfinite = int(bad_rows.sum())
-        finite = y[torch.isfinite(y)]
     if negative:
-        low = f" (min {float(finite.min()):.4g})" if known and finite.numel() else ""
+        # The minimum over every entry but NaN: a -inf entry is the most negative one (the finite
+        # minimum of such a row can be 0 or positive).
+        ordered = y[~torch.isnan(y)] if known else y.new_empty(0)
+        low = f" (min {float(ordered.min()):.4g})" if ordered.numel() else ""
         bits.append(f"{plural(negative, 'row')} with negative entries{low}")
+        if known:
+            where.append(("with negative entries", (y < 0).any(cdim)))
     if nonfinite:
         bits.append(f"{plural(nonfinite, 'row')} with NaN or infinite entries")
+        where.append(("with NaN or inf", bad_rows))
     if known:
         badsum = max(0, badsum - nonfinite)  # a non-finite row never sums to 1: counted above
         if badsum:
-            sums = y.sum(cdim, dtype=torch.float64)[~bad_rows] if y.dim() > 1 else y.sum(dtype=torch.float64)
-            bits.append(
-                f"{plural(badsum, 'row')} not summing to 1 (row sums from {float(sums.min()):.4g} "
-                f"to {float(sums.max()):.4g})"
-            )
+            # The sums of the rows that fail the check (the check's own rule and tolerance).
+            tol = F.PROB_SUM_TOL.get(str(y.dtype).removeprefix("torch."), 1e-4)
+            sums = y.sum(cdim, dtype=torch.float64)
+            off = ~((y.sum(cdim, dtype=_acc_dtype(y.dtype)) - 1).abs() <= tol) & ~bad_rows
+            shown_sums = sums[off] if off.any() else sums[~bad_rows]
+            lo, hi = float(shown_sums.min()), float(shown_sums.max())
+            quoted = f"row sum {lo:.4g}" if f"{lo:.4g}" == f"{hi:.4g}" else f"row sums from {lo:.4g} to {hi:.4g}"
+            bits.append(f"{plural(badsum, 'row')} not summing to 1 ({quoted})")
+            where.append(("not summing to 1", off))
     elif badsum:
         bits.append(f"{plural(badsum, 'row')} not summing to 1 (or holding NaN or inf)")
+    located = ""
+    if y.dim() > 1 and where:  # a 1-D target is a single row: nothing to locate
+        parts = []
+        for what, mask in where:
+            count, pos = _positions(mask, 3)
+            if count:
+                parts.append(f"{what} {fmt_list(pos, limit=3, total=count)}")
+        located = "\n  first rows: " + "; ".join(parts) if parts else ""
     nan_text = (
         "NaN or inf entries make the loss of their rows NaN; they usually come from the data "
         "pipeline (a division by a zero count, the log of 0) or from a teacher model's overflowed "
@@ -763,7 +781,7 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
     return Finding(
         "bad-probabilities", ProbabilityTargetError,
         f"the probability targets (shape {fmt_shape(y.shape)}, same as the input) are not "
-        f"probability distributions: {' and '.join(bits)} of {n}.\n" + body,
+        f"probability distributions: {' and '.join(bits)} of {n}.{located}\n" + body,
     )
 
 

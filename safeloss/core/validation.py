@@ -589,7 +589,7 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
             f"{plural(nbad_vals, 'entry', 'entries')} other than 0/1"
             if nbad_vals else
             f"{plural(bad_rows.shape[0], 'row')} without exactly one 1 "
-            f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()])})"
+            f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
         )
         raise TargetDtypeError(
             f"cross_entropy got an integer target with the input's shape {fmt_shape(input.shape)} "

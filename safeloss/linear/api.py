@@ -884,6 +884,7 @@ def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
         _rows_with(lp.w, "linear_weight holds NaN/inf", "class row"),
         _rows_with(lp.b, "linear_bias holds NaN/inf", "entry"),
         _rows_with(lp.p.weight, "the class weight holds NaN/inf", "class"),
+        _rows_with(lp.target if lp.p.prob else None, "the probability targets hold NaN/inf", "row"),
     ) if s]
     cause = "; ".join(sources) if sources else (
         "every operand is finite, so the logits overflowed (huge input or weights: a diverged run)")

@@ -229,6 +229,7 @@ def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
         _nonfinite_rows(lp.w, "linear_weight holds NaN/inf", "class row"),
         _nonfinite_rows(lp.b, "linear_bias holds NaN/inf", "entry"),
         _nonfinite_rows(lp.p.weight, "the class weight holds NaN/inf", "class"),
+        _nonfinite_rows(lp.target if lp.p.prob else None, "the probability targets hold NaN/inf", "row"),
     ) if s]
     cause = "; ".join(sources) if sources else (
         "every operand is finite, so the capped, scaled logits or the z-loss term overflowed "
