@@ -612,6 +612,31 @@ def _stock_bad_label(mesh: Any) -> Any:
         return F.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), t).to_local()
 
 
+DT_DIRECT = [("input", "shard1"), ("input", "replicate"), ("input", "shard0"), ("target", "replicate"),
+             ("weight", "replicate")]
+
+
+def _dt_direct_api(mesh: Any, which: str, placement: str) -> Any:
+    """``vocab_parallel_cross_entropy`` (the plain-slice API) given a DTensor: one clear error on
+    every rank (was DTensor's "got mixed torch.Tensor and DTensor" RuntimeError, deep inside)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    x, t, _, _ = _inputs(dict(seed=5, shape=(6,), red="mean"))
+    place = {"shard1": Shard(1), "replicate": Replicate(), "shard0": Shard(0)}[placement]
+    args: dict[str, Any] = {"input": x, "target": t, "weight": torch.ones(C)}
+    args[which] = distribute_tensor(args[which], mesh, [place])
+    return safeloss.vocab_parallel_cross_entropy(args["input"], args["target"], args["weight"])
+
+
+def _dt_direct_fix(mesh: Any) -> Any:
+    """The error's fix: the DTensor's local slice and the mesh's group (stock's loss)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x, t, _, _ = _inputs(dict(seed=5, shape=(6,), red="mean"))
+    dx = distribute_tensor(x, mesh, [Shard(1)])
+    return safeloss.vocab_parallel_cross_entropy(dx.to_local(), t, group=mesh.get_group())
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -644,6 +669,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         for placement in ("replicate", "partial"):
             results[f"dt-whole-{placement}"] = _call(lambda p=placement: _dt_whole_classes(mesh, p))
         results["dt-plain-target-rows-sharded"] = _call(lambda: _dt_plain_target_rows_sharded(mesh))
+        for which, placement in DT_DIRECT:
+            results[f"dt-direct-{which}-{placement}"] = _call(
+                lambda w=which, p=placement: _dt_direct_api(mesh, w, p))
+        results["dt-direct-fix"] = _call(lambda: _dt_direct_fix(mesh))
         for api in ("safeloss", "patched", "patched-bad-label") if world == 2 else ():  # compiling costs
             results[f"dt-compiled-{api}"] = _call(lambda api=api: _dt_compiled(mesh, api))
         dist.barrier()  # nobody tears gloo down while another rank is still in a collective
@@ -910,6 +939,26 @@ def test_stock_loss_parallel_accepts_a_bad_label(ranks: tuple[int, list[dict]]) 
     """The motivation, kept honest: stock returns a number where safeloss raises."""
     _, res = ranks
     assert "ok" in res[0]["stock-bad-label"] and math.isfinite(float(res[0]["stock-bad-label"]["ok"]))
+
+
+@pytest.mark.parametrize("which,placement", DT_DIRECT)
+def test_dtensor_given_to_the_slice_api_is_one_clear_error(
+    ranks: tuple[int, list[dict]], which: str, placement: str,
+) -> None:
+    _, res = ranks
+    got = [r[f"dt-direct-{which}-{placement}"] for r in res]
+    for g in got:
+        assert g.get("error") == "ArgumentTypeError" and g["safeloss"] and "TypeError" in g["builtins"], g
+    assert len({g["message"] for g in got}) == 1, "ranks raised different messages"
+    msg = got[0]["message"]
+    shape = "(6, 7)" if which == "input" else "(6,)" if which == "target" else "(7,)"
+    assert f"got a DTensor as {which} (global shape {shape}, placements (" in msg, msg
+    assert "safeloss.cross_entropy, of any placement" in msg and "logits.to_local()" in msg, msg
+    # the fix it names gives stock's loss of the gathered logits
+    x, t, _, _ = _inputs(dict(seed=5, shape=(6,), red="mean"))
+    for r in res:
+        assert "ok" in r["dt-direct-fix"], r["dt-direct-fix"]
+        assert_matches(r["dt-direct-fix"]["ok"], F.cross_entropy(x, t), what="to_local() slices")
 
 
 def test_dtensor_outside_loss_parallel_keeps_the_single_device_path(ranks: tuple[int, list[dict]]) -> None:

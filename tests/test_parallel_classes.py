@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import time
 import warnings
 from typing import Any
@@ -741,6 +742,48 @@ def _fake_group() -> None:
     if dist.is_initialized():
         pytest.skip("a process group exists in this process")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("which", ["input", "target", "weight"])
+def test_dtensor_given_to_the_slice_api_raises_after_the_first_collective(which: str) -> None:
+    """``vocab_parallel_cross_entropy`` takes plain slices: a DTensor argument is an
+    ArgumentTypeError naming it and its placements, raised (like every local error) only after
+    the first all-reduce has told every rank. Was DTensor's raw "got mixed torch.Tensor and
+    DTensor" RuntimeError."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from safeloss.parallel import vocab
+
+    _fake_group()
+    try:
+        calls: list[str] = []
+        real = vocab._all_reduce
+
+        def spy(t: torch.Tensor, op: str, group: object) -> torch.Tensor:
+            calls.append(op)
+            return real(t, op, group)
+
+        x, t, _ = _data()
+        mesh = init_device_mesh("cpu", (2,))
+        args: dict[str, object] = {"input": x[:, :4], "target": t, "weight": torch.ones(x.shape[1])}
+        v = args[which]
+        assert isinstance(v, torch.Tensor)
+        args[which] = (DTensor.from_local(v, mesh, [Shard(1)], run_check=False, shape=x.shape, stride=x.stride())
+                       if which == "input" else DTensor.from_local(v, mesh, [Replicate()], run_check=False))
+        shape = tuple(x.shape) if which == "input" else tuple(v.shape)
+        place = "Shard(dim=1)" if which == "input" else "Replicate()"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(vocab, "_all_reduce", spy)
+            with pytest.raises(safeloss.ArgumentTypeError,
+                               match=(rf"got a DTensor as {which} \(global shape {re.escape(str(shape))}, "
+                                      rf"placements \({re.escape(place)},\)\)(?s:.*)Fix: give DTensor logits "
+                                      r"to safeloss.cross_entropy(?s:.*)logits.to_local\(\)")):
+                safeloss.vocab_parallel_cross_entropy(args["input"], args["target"], args["weight"])
+        assert calls[:1] == ["max"], f"raised before the first all-reduce: {calls}"
+    finally:
+        dist.destroy_process_group()
 
 
 BAD_ARGUMENTS = {

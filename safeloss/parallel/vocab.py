@@ -53,6 +53,7 @@ import math
 import operator
 import random
 import secrets
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -70,6 +71,7 @@ from ..core import reduction as _reduction
 from ..core._traceback import trim
 from ..core.config import LazyStrict
 from ..core.errors import (
+    ArgumentTypeError,
     BackendError,
     InputDtypeError,
     ParallelMismatchError,
@@ -693,6 +695,27 @@ def _as_index(ignore_index: object) -> int | None:
         return None
 
 
+def _refuse_dtensors(input: object, target: object, weight: object) -> None:
+    """The direct API takes this rank's plain slices: DTensors (whose ops would mix with the
+    plain tensors of the agreement and fail in DTensor's dispatch) go through the op that reads
+    their placements. Raised in phase A, so the ranks agree on it like on any local error."""
+    mod = sys.modules.get("torch.distributed.tensor")  # a DTensor argument implies the module
+    if mod is None:
+        return
+    for name, v in (("input", input), ("target", target), ("weight", weight)):
+        if isinstance(v, mod.DTensor):
+            raise ArgumentTypeError(
+                f"vocab_parallel_cross_entropy got a DTensor as {name} (global shape "
+                f"{fmt_shape(v.shape)}, placements {tuple(v.placements)}); it takes this rank's "
+                "slice of the classes and the full target and weight as plain tensors.\n"
+                "Fix: give DTensor logits to safeloss.cross_entropy, of any placement (inside "
+                "torch.distributed.tensor.parallel.loss_parallel() for logits sharded on the "
+                "classes: the same vocab-parallel loss and checks); or, for logits sharded on "
+                "the classes over a 1-D mesh, pass plain tensors: vocab_parallel_cross_entropy("
+                "logits.to_local(), target.full_tensor(), group=mesh.get_group())"
+            )
+
+
 def _precheck(input: object, target: object, weight: object, ignore_index: object, reduction: str,
               eps: float) -> tuple[Tensor, Tensor, int]:
     """The checks of a call that need no class count: types, dtypes, layouts, devices."""
@@ -778,6 +801,8 @@ def run(
         backend_ = check_backend(backend)
         if sh.pre_error is not None:
             raise sh.pre_error
+        if sharding is None:
+            _refuse_dtensors(input, target, weight)
         x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
         one_d = x.dim() == 1
         if sh.num_classes is not None:
