@@ -112,6 +112,25 @@ def test_positions_of_bad_rows_are_named(op: str) -> None:
                      r"not summing to 1 \[3\] and \[5\]\n", msg), msg
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", ["multi-hot", "no-class", "counts"])
+def test_the_kind_of_target_named_is_what_the_values_show(op: str, kind: str) -> None:
+    """Float rows of 0s and 1s marking several classes (or none) are a multi-label target: the
+    hint names BCEWithLogitsLoss, as it does for integer multi-hot targets (it said "counts or
+    unnormalized scores"); a row with a 2 keeps the counts hint."""
+    onehot = [0.0, 1.0, 0.0, 0.0]
+    bad = {"multi-hot": [1.0, 0.0, 1.0, 1.0], "no-class": [0.0, 0.0, 0.0, 0.0],
+           "counts": [2.0, 0.0, 1.0, 0.0]}[kind]
+    _, msgs = warned(OPS[op], _rows(onehot, bad, onehot), torch.randn(3, 4))
+    msg = _prob_msg(msgs)
+    if kind == "counts":
+        assert "look like counts or unnormalized scores" in msg and "multi-hot" not in msg, msg
+    else:
+        assert re.search(r"Every entry is 0 or 1, and some rows mark several classes \(or none\): a "
+                         r"multi-hot, multi-label target(?s:.*)\nFix: torch\.nn\.BCEWithLogitsLoss\(\)", msg), msg
+        assert "counts" not in msg, msg
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_positions_of_bad_rows_in_kd_targets(backend: str) -> None:
     """(N, C, d1, d2) targets: a position is [n, i, j] (the class dim left out)."""

@@ -763,6 +763,18 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
             "Fix: check the targets where they are made, torch.isfinite(target).all(), and "
             "renormalize the rows after replacing the bad entries"
         )
+    elif not negative and known and y.dim() > 1 and bool(((y == 0) | (y == 1)).all()):
+        # Only 0s and 1s, some row not summing to 1: several classes (or none) marked per row,
+        # which a softmax over classes cannot express.
+        body = (
+            "Every entry is 0 or 1, and some rows mark several classes (or none): a multi-hot, "
+            "multi-label target, where each class is its own yes/no (a guess from the values). "
+            "Cross-entropy is then not a loss between distributions: its minimum is not at the "
+            "target.\n"
+            "Fix: torch.nn.BCEWithLogitsLoss()(logits, target) for multi-label data, or "
+            f"target / target.sum(dim={cdim}, keepdim=True) to train on each row's classes as one "
+            "distribution (rows with no class need removing first)"
+        )
     else:
         body = (
             (nan_text if nonfinite else "")
