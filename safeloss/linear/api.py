@@ -40,12 +40,9 @@ from ..core.checks import Scan, bad_target_mask, prob_target_counts, scan_prob_t
 from ..core.config import LazyStrict
 from ..core.errors import (
     LabelSmoothingError,
-    NonFiniteError,
     SafeLossError,
     TargetOutOfRangeError,
     fmt_list,
-    fmt_shape,
-    plural,
     stock_class,
 )
 from ..core.mode import Mode, decide
@@ -61,6 +58,7 @@ from .validation import (
     check_layouts,
     check_options,
     named,
+    nonfinite_finding,
     reworded,
     tile_plan,
     validate,
@@ -859,43 +857,3 @@ def _resolve(lp: LinearProblem, losses: Tensor, valid: Tensor, out: Tensor, neg:
             report(reworded(checks.reduction_overflow_finding(p, losses)), strict, owner)
 
 
-def _rows_with(t: Tensor | None, what: str, per: str) -> str | None:
-    if t is None:
-        return None
-    bad = ~torch.isfinite(t.detach())
-    if t.dim() > 1:
-        bad = bad.flatten(1).any(1)
-    idx = bad.nonzero().flatten()
-    if not idx.numel():
-        return None
-    shown = [str(i) for i in idx[:5].tolist()]
-    return f"{what} ({plural(idx.numel(), per)}: {fmt_list(shown, total=idx.numel())})"
-
-
-def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
-    """Non-finite losses, traced back to the operand that holds NaN/inf (read on this path only)."""
-    n = max(1, mask.numel())
-    count = int(mask.sum())
-    idx = mask.nonzero()
-    first = [str(list(r)) if mask.dim() > 1 else f"[{r[0]}]" for r in idx[:5].tolist()] if mask.dim() else []
-    where = f" (first at {fmt_list(first, total=count)})" if first else ""
-    sources = [s for s in (
-        _rows_with(lp.x, "the input holds NaN/inf", "row"),
-        _rows_with(lp.w, "linear_weight holds NaN/inf", "class row"),
-        _rows_with(lp.b, "linear_bias holds NaN/inf", "entry"),
-        _rows_with(lp.p.weight, "the class weight holds NaN/inf", "class"),
-        _rows_with(lp.target if lp.p.prob else None, "the probability targets hold NaN/inf", "row"),
-    ) if s]
-    cause = "; ".join(sources) if sources else (
-        "every operand is finite, so the logits overflowed (huge input or weights: a diverged run)")
-    return Finding(
-        "nonfinite", NonFiniteError,
-        f"linear_cross_entropy: the loss is NaN or infinite at {count} of "
-        f"{plural(n, 'position')}{where}: {cause}.\n"
-        f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
-        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
-        "division by zero earlier in the model, NaN in the input data.\n"
-        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
-        "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
-        "first op that produces NaN",
-    )

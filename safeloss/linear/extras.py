@@ -33,13 +33,21 @@ from ..core import extras as X
 from ..core._traceback import trim
 from ..core.checks import Scan, bad_target_mask, prob_target_counts, target_bounds
 from ..core.config import LazyStrict
-from ..core.errors import NonFiniteError, SafeLossError, TargetOutOfRangeError, fmt_shape, plural
+from ..core.errors import SafeLossError, TargetOutOfRangeError
 from ..core.mode import NO_HOST_READS, Mode, decide
 from ..core.report import Finding, report
 from ..core.rows import Rows
 from ..core.validation import check_label_smoothing, check_reduction
 from . import chunked
-from .validation import LinearProblem, autocast_enabled, check_options, reword, reworded, validate
+from .validation import (
+    LinearProblem,
+    autocast_enabled,
+    check_options,
+    nonfinite_finding,
+    reword,
+    reworded,
+    validate,
+)
 
 Result = Tensor | tuple[Tensor, X.LossStats]
 _OP = "linear_cross_entropy"
@@ -203,48 +211,14 @@ def _resolve(lp: LinearProblem, rows: Tensor, valid: Tensor, out: Tensor, strict
         return
     mask = ~torch.isfinite(rows.detach()) & valid
     if bool(mask.any()):
-        report(_noted(nonfinite_finding(lp, mask), note), strict, owner)
+        report(_noted(nonfinite_finding(lp, mask, _OVERFLOW), note), strict, owner)
     elif p.reduction == "mean" and math.prod(p.positions_shape) > 0:
         report(_noted(reworded(checks.empty_mean_finding(p)), note), strict, owner)
 
 
-def _nonfinite_rows(t: Tensor | None, what: str, per: str) -> str | None:
-    if t is None:
-        return None
-    bad = ~torch.isfinite(t.detach())
-    if t.dim() > 1:
-        bad = bad.flatten(1).any(1)
-    n = int(bad.sum())
-    return f"{what} ({plural(n, per)})" if n else None
-
-
-def nonfinite_finding(lp: LinearProblem, mask: Tensor) -> Finding:
-    """Non-finite losses of an extras call, traced back to the operand that holds NaN/inf."""
-    count = int(mask.sum())
-    idx = mask.nonzero()
-    first = [str(list(r)) if mask.dim() > 1 else f"[{r[0]}]" for r in idx[:5].tolist()] if mask.dim() else []
-    where = f" (first at {', '.join(first)}{', ...' if count > 5 else ''})" if first else ""
-    sources = [s for s in (
-        _nonfinite_rows(lp.x, "the input holds NaN/inf", "row"),
-        _nonfinite_rows(lp.w, "linear_weight holds NaN/inf", "class row"),
-        _nonfinite_rows(lp.b, "linear_bias holds NaN/inf", "entry"),
-        _nonfinite_rows(lp.p.weight, "the class weight holds NaN/inf", "class"),
-        _nonfinite_rows(lp.target if lp.p.prob else None, "the probability targets hold NaN/inf", "row"),
-    ) if s]
-    cause = "; ".join(sources) if sources else (
-        "every operand is finite, so the capped, scaled logits or the z-loss term overflowed "
-        "(huge input or weights: a diverged run; or a tiny temperature)")
-    return Finding(
-        "nonfinite", NonFiniteError,
-        f"linear_cross_entropy: the loss is NaN or infinite at {count} of "
-        f"{plural(max(1, mask.numel()), 'position')}{where}: {cause}.\n"
-        f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
-        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
-        "division by zero earlier in the model, NaN in the input data.\n"
-        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
-        "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
-        "first op that produces NaN",
-    )
+# What overflows when every operand is finite, with the extras.
+_OVERFLOW = ("every operand is finite, so the capped, scaled logits or the z-loss term overflowed "
+             "(huge input or weights: a diverged run; or a tiny temperature)")
 
 
 # ------------------------------------------------------------------------------ the chunks

@@ -27,10 +27,12 @@ from ..core.errors import (
     InputDtypeError,
     InputError,
     LayoutError,
+    NonFiniteError,
     OptionsError,
     SafeLossError,
     TargetShapeError,
     WeightError,
+    fmt_list,
     fmt_shape,
     plural,
     stock_class,
@@ -555,4 +557,54 @@ def validate(
         b=None if b is None else b.reshape(-1),
         target=target_b, p=p, num_classes=C, out_features=out, batched=batched,
         compute_dtype=compute_dtype,
+    )
+
+
+# ------------------------------------------------------------------------------ non-finite losses
+
+
+def _rows_with(t: Tensor | None, what: str, per: str) -> str | None:
+    """``what`` with the count and first indices of ``t``'s rows holding NaN/inf, or None."""
+    if t is None:
+        return None
+    bad = ~torch.isfinite(t.detach())
+    if t.dim() > 1:
+        bad = bad.flatten(1).any(1)
+    idx = bad.nonzero().flatten()
+    if not idx.numel():
+        return None
+    shown = [str(i) for i in idx[:5].tolist()]
+    return f"{what} ({plural(idx.numel(), per)}: {fmt_list(shown, total=idx.numel())})"
+
+
+OVERFLOW_CAUSE = "every operand is finite, so the logits overflowed (huge input or weights: a diverged run)"
+
+
+def nonfinite_finding(lp: LinearProblem, mask: Tensor, overflow: str = OVERFLOW_CAUSE) -> Finding:
+    """Non-finite losses, traced back to the operand that holds NaN/inf (read on this path only);
+    ``overflow``: the cause named when every operand is finite (what can overflow differs with
+    the extras)."""
+    n = max(1, mask.numel())
+    count = int(mask.sum())
+    idx = mask.nonzero()
+    first = [str(list(r)) if mask.dim() > 1 else f"[{r[0]}]" for r in idx[:5].tolist()] if mask.dim() else []
+    where = f" (first at {fmt_list(first, total=count)})" if first else ""
+    sources = [s for s in (
+        _rows_with(lp.x, "the input holds NaN/inf", "row"),
+        _rows_with(lp.w, "linear_weight holds NaN/inf", "class row"),
+        _rows_with(lp.b, "linear_bias holds NaN/inf", "entry"),
+        _rows_with(lp.p.weight, "the class weight holds NaN/inf", "class"),
+        _rows_with(lp.target if lp.p.prob else None, "the probability targets hold NaN/inf", "row"),
+    ) if s]
+    cause = "; ".join(sources) if sources else overflow
+    return Finding(
+        "nonfinite", NonFiniteError,
+        f"linear_cross_entropy: the loss is NaN or infinite at {count} of "
+        f"{plural(n, 'position')}{where}: {cause}.\n"
+        f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
+        "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
+        "division by zero earlier in the model, NaN in the input data.\n"
+        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
+        "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
+        "first op that produces NaN",
     )
