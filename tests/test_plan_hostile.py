@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -169,3 +170,32 @@ def test_ce_under_a_function_mode_is_stocks() -> None:
         got = [safeloss.cross_entropy(x, t) for _ in range(3)]
     for g in got:
         torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- autocast
+
+def test_linear_plan_made_under_another_devices_autocast_is_not_taken_under_cpu_autocast() -> None:
+    """Autocast on for a device other than the tensors' (XPU here: it needs no such device to be
+    entered) changes nothing for a CPU call, which may store a plan; the CPU's own autocast
+    changes the compute dtype, which the planned path (plain float32 ops) must not run under:
+    the same call with no plan runs the chunk loop in bfloat16, as the full path decides."""
+    x, w, t = _head()
+    x.requires_grad_()
+
+    def call(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = {"dtype": torch.bfloat16} if device == "cpu" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note that no XPU is present
+            with torch.autocast(device, **kw):  # type: ignore[arg-type]
+                if not torch._C._is_any_autocast_enabled():
+                    pytest.skip(f"this torch build cannot enter {device} autocast")
+                out = safeloss.linear_cross_entropy(x, w, t)
+        return out, torch.autograd.grad(out, x)[0]
+
+    call("xpu")
+    call("xpu")
+    planned = call("cpu")
+    plans.clear()
+    cleared = call("cpu")
+    torch.testing.assert_close(planned[0], cleared[0], rtol=0, atol=0)
+    torch.testing.assert_close(planned[1], cleared[1], rtol=0, atol=0)
