@@ -10,6 +10,7 @@ with the same call made without a plan.
 
 from __future__ import annotations
 
+import builtins
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,34 @@ def test_linear_plan_made_under_another_devices_autocast_is_not_taken_under_cpu_
     cleared = call("cpu")
     torch.testing.assert_close(planned[0], cleared[0], rtol=0, atol=0)
     torch.testing.assert_close(planned[1], cleared[1], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ threads
+
+def _evicted_by_another_thread(it):  # type: ignore[no-untyped-def]
+    """``next`` as seen by ``plan.store`` when another thread evicts the same oldest plan
+    between this thread's ``next(iter(...))`` and its ``pop``."""
+    key = builtins.next(it)
+    plans._plans.pop(key)
+    return key
+
+
+def _changed_by_another_thread(it):  # type: ignore[no-untyped-def]
+    """``next`` when another thread stores a plan between ``iter(...)`` and ``next``."""
+    raise RuntimeError("dictionary changed size during iteration")
+
+
+@pytest.mark.parametrize("race", [_evicted_by_another_thread, _changed_by_another_thread],
+                         ids=["evicted", "changed"])
+def test_a_full_store_raced_by_another_thread_never_fails_the_call(monkeypatch, race) -> None:  # type: ignore[no-untyped-def]
+    """Seen with 6 threads calling the loss on ever-new shapes (``MAX_PLANS`` small): a KeyError
+    out of a clean call. Reproduced here deterministically at the two points where the eviction
+    of the oldest plan can interleave with another thread's."""
+    monkeypatch.setattr(plans, "MAX_PLANS", 2)
+    for n in (1, 2):
+        safeloss.cross_entropy(torch.randn(n, C), torch.zeros(n, dtype=torch.long))
+    assert plans.size() == 2
+    monkeypatch.setattr(plans, "next", race, raising=False)
+    x, t = _logits()
+    torch.testing.assert_close(safeloss.cross_entropy(x, t), F.cross_entropy(x, t), rtol=0, atol=0)
+    assert plans.size() <= 3

@@ -77,7 +77,13 @@ def store(key: tuple[Any, ...], plan: Any) -> None:
     except TypeError:
         return
     if len(_plans) >= MAX_PLANS:
-        _plans.pop(next(iter(_plans)))  # dicts keep insertion order: the oldest first
+        try:
+            _plans.pop(next(iter(_plans)))  # dicts keep insertion order: the oldest first
+        except (KeyError, RuntimeError, StopIteration):
+            # Another thread evicted that plan first, or stored one between iter() and next():
+            # the call that stores must never fail for it (a store or two past the bound, evicted
+            # by the next ones).
+            pass
     _plans[key] = plan
     stats["stored"] += 1
 
