@@ -36,6 +36,7 @@ The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -77,13 +78,11 @@ def store(key: tuple[Any, ...], plan: Any) -> None:
     except TypeError:
         return
     if len(_plans) >= MAX_PLANS:
-        try:
+        # Suppressed: another thread evicted that plan first, or stored one between iter() and
+        # next(); the call that stores must never fail for it (a store or two past the bound,
+        # evicted by the next ones).
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
             _plans.pop(next(iter(_plans)))  # dicts keep insertion order: the oldest first
-        except (KeyError, RuntimeError, StopIteration):
-            # Another thread evicted that plan first, or stored one between iter() and next():
-            # the call that stores must never fail for it (a store or two past the bound, evicted
-            # by the next ones).
-            pass
     _plans[key] = plan
     stats["stored"] += 1
 
