@@ -246,9 +246,9 @@ class HostPlan:
                     # _row0_softmaxed's first test, inline (the common call): a negative entry,
                     # first the position's first logit alone (at data_ptr whatever the strides;
                     # half the rows of raw logits settle here), then the short row read raw.
+                    # (ptr 0: no memory behind the tensor, a ZeroTensor: torch's sum below.)
                     first = self.first
-                    if first is not None and not x.is_neg():
-                        ptr = x.data_ptr()
+                    if first is not None and not x.is_neg() and (ptr := x.data_ptr()):
                         if first.from_address(ptr).value < 0.0:
                             return result
                         raw = self.raw

@@ -26,7 +26,9 @@ value (or its type: ``ignore_index=True`` is not ``1``), weight requiring grad, 
 or TorchFunctionMode gives another key, and so another plan (or none). Strides are not in it
 (the Triton launch configurations key them themselves; the CPU host path tests what it reads). Calls that carry state a key
 cannot see never use plans: non-eager modes (compile, tracers, transforms, DTensor, ...), legacy
-``size_average`` / ``reduce`` arguments, and calls with a finding from shapes or dtypes.
+``size_average`` / ``reduce`` arguments, calls with a finding from shapes or dtypes, calls
+under a TorchFunctionMode (the mode must see the functions the full path calls), and options
+held in objects whose value can change in place (a 0-d tensor as ``ignore_index``).
 
 The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor, and
 :func:`clear` empties it (tests, or after monkeypatching safeloss internals).
@@ -34,6 +36,7 @@ The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -62,14 +65,38 @@ def get(key: tuple[Any, ...]) -> Any:
 
 
 def store(key: tuple[Any, ...], plan: Any) -> None:
+    """Keep ``plan`` under ``key``, unless the key holds an object whose value can change while
+    it stays the same key (a 0-d tensor passed as ``ignore_index``: it hashes by identity, so
+    after ``fill_`` the key would still match and replay the old value), or unless a
+    TorchFunctionMode is active (a planned call skips stock's Python layer that hands calls to
+    the mode, so the mode would see other functions than without a plan). Such calls run the
+    full path every time. (Cold: once per signature.)"""
+    if _C._is_torch_function_mode_enabled() or not _frozen(key):
+        return
     try:
         hash(key)
     except TypeError:
         return
     if len(_plans) >= MAX_PLANS:
-        _plans.pop(next(iter(_plans)))  # dicts keep insertion order: the oldest first
+        # Suppressed: another thread evicted that plan first, or stored one between iter() and
+        # next(); the call that stores must never fail for it (a store or two past the bound,
+        # evicted by the next ones).
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+            _plans.pop(next(iter(_plans)))  # dicts keep insertion order: the oldest first
     _plans[key] = plan
     stats["stored"] += 1
+
+
+# Values a key may hold: immutable, compared by value. (NumPy scalars are immutable too; NumPy
+# is not imported for them: their types' module says it.)
+_FROZEN = frozenset({int, float, bool, str, type(None), type, torch.Size, torch.dtype, torch.layout,
+                     torch.device})
+
+
+def _frozen(part: object) -> bool:
+    if type(part) is tuple:
+        return all(_frozen(p) for p in part)  # type: ignore[union-attr]
+    return type(part) in _FROZEN or (type(part).__module__ == "numpy" and type(part).__name__ != "ndarray")
 
 
 def clear() -> None:

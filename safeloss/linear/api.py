@@ -392,7 +392,10 @@ def _fast(
             _DEFAULTS if (reduction is _DEFAULT_OPTIONS[0] and ignore_index is _DEFAULT_OPTIONS[1]
                           and label_smoothing is _DEFAULT_OPTIONS[2] and backend is _DEFAULT_OPTIONS[3])
             else (reduction, ignore_index, type(ignore_index), label_smoothing, type(label_smoothing), backend),
-            _C._is_any_autocast_enabled(), _C._is_torch_function_mode_enabled(),
+            # Autocast for these tensors' device (one on for another device changes nothing
+            # here; the CPU's own changes the compute dtype, which no plan is made for).
+            _C._is_any_autocast_enabled() and plans.autocast_key(x.device.type),
+            _C._is_torch_function_mode_enabled(),
         )
         plan = plans._plans.get(key)
     except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
