@@ -167,6 +167,18 @@ def _non_overlapping_and_dense(t: Tensor) -> bool:
     return True
 
 
+def _may_take_gradient(x: Tensor) -> bool:
+    """Whether ``inplace_backward`` may write the gradient over x's storage: a dense tensor that
+    is neither a leaf requiring grad nor a view of one. Such a leaf is the caller's own tensor
+    (a Parameter, or logits they keep): torch refuses in-place ops on it, and overwriting it in
+    backward would hand the optimizer the gradient in place of the values. Those take a new
+    buffer, as the torch backend always does."""
+    if not _non_overlapping_and_dense(x):
+        return False
+    base = x if x._base is None else x._base
+    return not (base.is_leaf and base.requires_grad)
+
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -604,7 +616,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     # Fused mode already holds the gradient: keep the logits alive only if d/dtarget needs them.
     keep_x = not fused or (prob and target.requires_grad)
     ctx.save_for_backward(x if keep_x else None, target, weight, lse, wy, dx if fused else None)
-    ctx.cfg = (ignore_index, eps, prob, fused, inplace and _non_overlapping_and_dense(x))
+    ctx.cfg = (ignore_index, eps, prob, fused, inplace and _may_take_gradient(x))
 
 
 def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
@@ -740,7 +752,7 @@ class _EagerCE(torch.autograd.Function):
         # Fused mode already holds the gradient: keep the logits alive only if d/dtarget needs them.
         keep_x = not fused or (prob and target.requires_grad)
         ctx.save_for_backward(x if keep_x else None, target, weight, lse, wy, dx)
-        ctx.cfg = (ignore_index, eps, prob, fused, inplace and _non_overlapping_and_dense(x))
+        ctx.cfg = (ignore_index, eps, prob, fused, inplace and _may_take_gradient(x))
         if p is None:
             ctx.reduced = None
             ctx.mark_non_differentiable(flags)
@@ -808,7 +820,8 @@ def row_losses(
 
     ``inplace_backward``: the backward writes the gradient into the logits' storage and returns
     it (saves one logits-sized allocation; the logits are destroyed, so only for logits nothing
-    else needs; other autograd users of them then fail loudly on the version counter).
+    else needs; other autograd users of them then fail loudly on the version counter). Not for
+    a leaf requiring grad or a view of one (``_may_take_gradient``): the caller's own tensor.
     ``fused_grad``: the forward also writes the unscaled gradient (row read once when C <= 16384,
     8192 with probability targets or label smoothing);
     the backward only rescales rows whose upstream gradient is not exactly 1. Pays for
@@ -837,7 +850,7 @@ def row_losses(
         return (out if losses is None else losses), flags, out
     losses, flags, _lse, _wy, _dx = torch.ops.safeloss.triton_ce_fwd(
         input, target, weight, int(ignore_index), float(label_smoothing), bool(prob_target),
-        bool(check_softmax), fused, bool(inplace_backward), float(out_max),
+        bool(check_softmax), fused, bool(inplace_backward) and _may_take_gradient(input), float(out_max),
     )  # fmt: skip
     return (losses, flags) if reduce is None else (losses, flags, None)
 

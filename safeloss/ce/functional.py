@@ -47,7 +47,8 @@ def cross_entropy(
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
         inplace_backward: Triton backend only: write the gradient into the logits' storage in
             backward to save memory. The logits are overwritten, so only use it when nothing else
-            reads them after the loss.
+            reads them after the loss. A leaf that requires grad (a Parameter) or a view of
+            one is never overwritten: it gets a new gradient buffer.
         fused_grad: Triton backend only: compute the gradient in the same pass as the loss
             (read the logits once, write the gradient once) and scale it by the upstream
             gradient in backward, skipping rows whose upstream gradient is exactly 1 without a
