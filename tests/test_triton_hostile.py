@@ -347,3 +347,40 @@ def test_gradcheck_probability_targets(kw: dict) -> None:
     x = torch.randn(3, 5, device=DEV, dtype=torch.float64, requires_grad=True)
     y = torch.softmax(torch.randn(3, 5, device=DEV, dtype=torch.float64), 1).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, y: safeloss.cross_entropy(x, y, backend="triton", **kw), (x, y))
+
+
+# ---------------------------------------------------------------------------------- deferred findings
+@pytest.mark.parametrize("case", ["label-out-of-range", "negative-label", "softmaxed-input", "nan-logit", "prob-bad-sum"])
+def test_deferred_findings_same_as_torch_backend(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU findings model on CPU (DEFER_ON_CPU): the call returns, check_pending() reports;
+    the Triton kernel's counts give the same report as the torch backend's."""
+    from safeloss.core import checks
+
+    monkeypatch.setattr(checks, "DEFER_ON_CPU", True)
+    x, t = torch.randn(4, 5, device=DEV), _t((4,), 5)
+    if case == "label-out-of-range":
+        t[2] = 7
+    elif case == "negative-label":
+        t[2] = -3
+    elif case == "softmaxed-input":
+        x = torch.softmax(x, 1)
+    elif case == "nan-logit":
+        x[1, 1] = float("nan")
+    else:
+        t = torch.rand(4, 5, device=DEV)
+
+    def outcome(backend: str) -> list[str]:
+        safeloss.reset_warnings()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            safeloss.cross_entropy(x, t, backend=backend)
+            try:
+                safeloss.check_pending()
+                seen = ["no error"]
+            except Exception as exc:
+                seen = [f"{type(exc).__name__}: {exc}"]
+        return seen + [str(w.message) for w in caught if not issubclass(w.category, RuntimeWarning)]
+
+    ref, ours = outcome("torch"), outcome("triton")
+    assert ours == ref
+    assert len(ref) > 1 or ref[0] != "no error"  # the finding was reported at all
