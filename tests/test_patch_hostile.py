@@ -324,3 +324,92 @@ def test_reach_of_references_captured_before_patching() -> None:
         for name, call in reached.items():
             assert _outcome(call) is safeloss.TargetOutOfRangeError, name
         assert _outcome(lambda: alias(x, bad)) is IndexError
+
+
+# ------------------------------------------------------------ fidelity: inputs stock accepts
+
+
+def _inputs(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g)
+    t = torch.randint(0, 5, (6,), generator=g)
+    w = torch.rand(5, generator=g) + 0.1
+    p = torch.softmax(torch.randn(6, 5, generator=g), dim=1)
+    if kind == "all ignored, weight, smoothing":
+        return x, torch.full((6,), -100), {"weight": w, "label_smoothing": 0.2}
+    if kind == "ignore_index a real class":
+        return x, t, {"ignore_index": int(t[0]), "weight": w, "label_smoothing": 0.1}
+    if kind == "negative ignore_index other than -100":
+        return x, torch.where(t == 0, -7, t), {"ignore_index": -7}
+    if kind == "probabilities, weight, smoothing":
+        return x, p, {"weight": w, "label_smoothing": 0.3}
+    if kind == "4-d, weight, smoothing":
+        x4 = torch.randn(2, 5, 3, 4, generator=g).to(memory_format=torch.channels_last)
+        t4 = torch.randint(0, 5, (2, 3, 4), generator=g)
+        t4[0, 0, 0] = -100
+        return x4, t4, {"weight": w, "label_smoothing": 0.1}
+    if kind == "4-d probabilities":
+        return torch.randn(2, 5, 3, generator=g), torch.softmax(torch.randn(2, 5, 3, generator=g), 1), {}
+    if kind == "unbatched":
+        return x[0], t[0], {"weight": w}
+    if kind == "empty batch":
+        return x[:0], t[:0], {}
+    if kind == "legacy size_average=False, probabilities":
+        return x, p, {"size_average": False}
+    if kind == "float16, weight":
+        return x.half(), t, {"weight": w.half(), "label_smoothing": 0.1}
+    if kind == "bfloat16 probabilities":
+        return x.bfloat16(), p.bfloat16(), {}
+    if kind == "float64 probabilities, float32 logits":
+        return x, p.double(), {}
+    raise AssertionError(kind)
+
+
+_KINDS = ["all ignored, weight, smoothing", "ignore_index a real class",
+          "negative ignore_index other than -100", "probabilities, weight, smoothing",
+          "4-d, weight, smoothing", "4-d probabilities", "unbatched", "empty batch",
+          "legacy size_average=False, probabilities", "float16, weight", "bfloat16 probabilities",
+          "float64 probabilities, float32 logits"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("api", ["functional", "module"])
+def test_patched_values_gradients_and_dtypes_are_stock(api: str, kind: str, reduction: str) -> None:
+    x, t, kwargs = _inputs(kind)
+    if "size_average" in kwargs and reduction != "mean":
+        pytest.skip("legacy arguments override reduction")
+
+    def run(fp64: bool = False) -> tuple[torch.Tensor, ...]:
+        def cast(v: torch.Tensor) -> torch.Tensor:
+            return v.double() if fp64 and v.is_floating_point() else v
+
+        xi = cast(x.detach().clone()).requires_grad_()
+        ti = cast(t.detach().clone()).requires_grad_() if t.is_floating_point() else t
+        kw = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's legacy-argument warning
+            if api == "functional":
+                out = F.cross_entropy(xi, ti, reduction=reduction, **kw)  # type: ignore[arg-type]
+            else:
+                out = torch.nn.CrossEntropyLoss(reduction=reduction, **kw)(xi, ti)  # type: ignore[arg-type]
+        inputs = (xi, ti) if ti.requires_grad else (xi,)
+        grads = torch.autograd.grad(out.float().sum(), inputs, allow_unused=True)
+        return (out.detach(), *grads)
+
+    want, truth = run(), run(fp64=True)
+    with patch():
+        got = run()
+    for ours, stock, exact in zip(got, want, truth):
+        assert_matches(ours, stock, exact, what=f"{api} {kind} {reduction}", precision=x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_patched_call_under_autocast_is_stock(dtype: torch.dtype) -> None:
+    x, t = torch.randn(6, 5), torch.tensor([0, 1, -100, 3, 4, 2])
+    truth = F.cross_entropy(x.to(dtype).double(), t, label_smoothing=0.1)
+    with torch.autocast("cpu", dtype=dtype):
+        want = F.cross_entropy(x.to(dtype), t, label_smoothing=0.1)
+        with patch():
+            got = F.cross_entropy(x.to(dtype), t, label_smoothing=0.1)
+    assert_matches(got, want, truth, what=f"autocast {dtype}")
