@@ -62,7 +62,7 @@ def linear_cross_entropy(
     return _safe_linear_cross_entropy(
         input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
-        strict=current.strict,
+        strict=core.strictness(current),
     )
 
 
@@ -82,7 +82,7 @@ def _forward(self: Any, input: Tensor, target: Tensor) -> Tensor:
     lin = self.linear
     if current is None or not core._plain(input, target, lin.weight, lin.bias, self.weight):
         return _saved_forward(self, input, target)
-    return module_forward(self, input, target, current.strict, "auto")
+    return module_forward(self, input, target, core.strictness(current), "auto")
 
 
 _forward.__name__ = "forward"

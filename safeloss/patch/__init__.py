@@ -67,6 +67,11 @@ _FUNCTIONAL = torch.nn.functional
 _lock = threading.RLock()
 _stack: list[_Patch] = []  # active patch() calls, innermost last
 _current: _Patch | None = None  # _stack[-1] or None: read once per call, so unpatch() cannot race it
+# Thread id -> the innermost active handle that thread's patch() returned, only while handles of two
+# or more threads are active (empty otherwise, so a call pays one truthiness test): a thread's own
+# ``with patch(strict=...)`` applies in it even when another thread patched after it. Threads with
+# no handle of their own (DataParallel's workers, say) follow the innermost handle, ``_current``.
+_per_thread: dict[int, _Patch] = {}
 _saved_function: Callable[..., Tensor] = _FUNCTIONAL.cross_entropy  # what patch() replaced
 _saved_forward: Callable[..., Tensor] = _CLS.forward
 _saved_call: Callable[..., Any] | None = None  # the class's own __call__ before patch(), if any
@@ -194,7 +199,7 @@ def _functional(
     try:
         return _safe_cross_entropy(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-            strict=current.strict,
+            strict=strictness(current),
         )
     finally:
         _depth -= 1
@@ -223,6 +228,8 @@ def _module_forward(self: torch.nn.CrossEntropyLoss, input: Tensor, target: Tens
         weight = self.weight
     if current is None or not _routed(input, target, weight):
         return _saved_forward(self, input, target)
+    if _per_thread and not torch.compiler.is_compiling():  # see strictness()
+        current = _per_thread.get(threading.get_ident(), current)
     _depth += 1
     try:
         key = None
@@ -252,12 +259,21 @@ _forward.__qualname__ = "CrossEntropyLoss.forward"
 
 
 class _Patch:
-    """The handle ``patch()`` returns; as a context manager it undoes its own ``patch()``."""
+    """The handle ``patch()`` returns; as a context manager it undoes its own ``patch()``, and
+    entered again after that it patches again (``p = patch()``, then ``with p:`` each step)."""
 
     def __init__(self, strict: bool | None) -> None:
         self.strict = strict
+        self.thread = threading.get_ident()  # the thread that called patch() (or entered it again)
 
     def __enter__(self) -> _Patch:
+        if self not in _stack:
+            # A handle kept and entered again (``p = patch()`` ... ``with p:`` in a loop) after its
+            # block or unpatch() removed it: patch again, or the block would run unpatched, silently.
+            with _lock:
+                if self not in _stack:
+                    self.thread = threading.get_ident()
+                    _push(self)
         return self
 
     def __exit__(
@@ -291,11 +307,16 @@ def patch(strict: bool | None = None) -> _Patch:
         )
     handle = _Patch(strict)
     with _lock:
-        if not _stack:
-            _install()
-        _stack.append(handle)
-        _settle()
+        _push(handle)
     return handle
+
+
+def _push(handle: _Patch) -> None:
+    """Activate ``handle`` (lock held): install on the first, innermost strict applies."""
+    if not _stack:
+        _install()
+    _stack.append(handle)
+    _settle()
 
 
 def unpatch() -> None:
@@ -307,12 +328,24 @@ def unpatch() -> None:
 
 def _settle() -> None:
     """After a change of ``_stack`` (lock held): innermost strict applies; uninstall when empty."""
-    global _current
+    global _current, _per_thread
+    blocks: dict[int, _Patch] = {}
+    for h in _stack:  # innermost last: it wins
+        blocks[h.thread] = h
+    _per_thread = blocks if len(blocks) > 1 else {}
     if _stack:
         _current = _stack[-1]
     elif _current is not None:
         _current = None
         _uninstall()
+
+
+def strictness(current: _Patch) -> bool | None:
+    """The ``strict`` a patched call runs with, given the active ``_current`` (not None): that of
+    the calling thread's own innermost handle where handles of several threads are active."""
+    if _per_thread and not torch.compiler.is_compiling():
+        current = _per_thread.get(threading.get_ident(), current)
+    return current.strict
 
 
 def is_patched() -> bool:
@@ -386,5 +419,47 @@ def _uninstall() -> None:
         if d.get(_NAME) is cross_entropy:
             d[_NAME] = _saved_function
     _rebound.clear()
+    pairs = [(cross_entropy, _saved_function)]
+    if _linear_patch._saved_function is not None:
+        pairs.append((_linear_patch.linear_cross_entropy, _linear_patch._saved_function))
     _linear_patch.uninstall(holders)
     _thirdparty.uninstall()
+    _give_back_names(pairs)
+
+
+def _give_back_names(pairs: list[tuple[Callable[..., Tensor], Callable[..., Tensor]]]) -> None:
+    """Put stock's functions back in torch's cached tables that a walk while patched filled in.
+
+    Dynamo's table of torch functions (see ``_prime_dynamo``) and ``torch.overrides``' walks of
+    ``torch.nn.functional`` (``get_overridable_functions``, ``resolve_name``,
+    ``get_testing_overrides``) are built once and cached; built while patched (a first use, or a
+    rebuild after ``init_process_group`` cleared them), they hold our functions under stock's
+    names and lack stock's, and kept that after unpatch(). Only tables already built are looked
+    at, each a few dict operations: this runs at every unpatch (about 1.5 us).
+    """
+    overrides = torch.overrides
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    try:  # torch internals: a later torch may differ (one try: each costs, at every unpatch)
+        get = getattr(rules, "get_torch_obj_rule_map", None)
+        if get is not None and get.cache_info().currsize:
+            table = get()
+            for ours, stock in pairs:
+                if ours in table:
+                    table.setdefault(stock, table.pop(ours))
+        walk = overrides._get_overridable_functions
+        if walk.cache_info().currsize:
+            by_namespace, names = walk()
+            listed = by_namespace.get(_FUNCTIONAL, ())
+            for ours, stock in pairs:
+                if ours in names:  # then listed too (one walk fills both); a list scan costs us
+                    names.setdefault(stock, names.pop(ours))
+                    if ours in listed:
+                        listed[listed.index(ours)] = stock
+        testing = overrides.get_testing_overrides
+        if testing.cache_info().currsize:
+            lambdas = testing()
+            for ours, stock in pairs:
+                if ours in lambdas:
+                    lambdas.setdefault(stock, lambdas.pop(ours))
+    except Exception:
+        pass

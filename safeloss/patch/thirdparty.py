@@ -225,7 +225,7 @@ def _label_smoother_call(route: Route, original: Callable[..., Any]) -> Callable
         current = _current()
         if current is not None:
             try:
-                out = _label_smoother_loss(self, model_output, labels, shift_labels, n, current.strict)
+                out = _label_smoother_loss(self, model_output, labels, shift_labels, n, _core().strictness(current))
             except SafeLossError as e:
                 raise route.noted(e) from None
             if out is not None:
@@ -306,7 +306,7 @@ def _timm_forward(compute: Callable[..., Tensor | None], scripted: str) -> Calla
             current = _current()
             if current is not None:
                 try:
-                    out = compute(self, x, target, current.strict)
+                    out = compute(self, x, target, _core().strictness(current))
                 except SafeLossError as e:
                     raise route.noted(e) from None
                 if out is not None:
