@@ -9,6 +9,7 @@ keep catching safeloss's).
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -68,12 +69,13 @@ def _lce(safe: bool) -> Callable[..., torch.Tensor]:
 
 
 def _patched(safe: bool) -> Callable[..., torch.Tensor]:
-    def f(x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if not safe:
-            return F.cross_entropy(x, t, weight=weight)
-        with safeloss.patch():
-            return F.cross_entropy(x, t, weight=weight)
-    return f
+    """Stock's name, looked up when called: inside ``_context("patch")`` that is safeloss."""
+    return lambda x, t, weight=None: F.cross_entropy(x, t, weight=weight)
+
+
+def _context(op: str, safe: bool = True) -> contextlib.AbstractContextManager:
+    """patch() is entered around the whole setting, as a user does (never inside compiled code)."""
+    return safeloss.patch() if op == "patch" and safe else contextlib.nullcontext()
 
 
 CE_OPS = {"cross_entropy": _ce, "SafeCrossEntropyLoss": _module_ce, "patch": _patched}
@@ -104,9 +106,74 @@ def test_bad_label_in_torch_func_raises_stocks_class(op: str, make: Callable, tr
                                                      run: Callable) -> None:
     d = _bad_inputs()
     stock = _raised(lambda: run(make(False), d))
-    ours = _raised(lambda: run(make(True), d))
+    with _context(op):
+        ours = _raised(lambda: run(make(True), d))
     assert isinstance(ours, safeloss.TargetOutOfRangeError), f"{op} {transform}: {ours!r}"
     assert isinstance(ours, _builtin(stock)), (
         f"{op} under {transform}: stock raises {_builtin(stock).__name__}, safeloss "
         f"{type(ours).__mro__}")
     assert issubclass(_builtin(stock), (IndexError, RuntimeError)) and builtins  # stock's own check
+
+
+# -------------------------------------------------------------------------------------------
+# Targets stock rejects and eager safeloss converts after reading them (float labels holding
+# whole numbers, an integer one-hot of the logits' shape): where no value may be read, safeloss
+# raised torch's internals ("Could not guard on data-dependent expression", "Tensor.item() cannot
+# be called on meta tensors", vmap's "data-dependent control flow"). Stock raises a
+# RuntimeError there; safeloss must too, with its own message naming the fix.
+
+def _convertible_targets() -> dict[str, Callable[[str], torch.Tensor]]:
+    return {
+        "float labels": lambda device: torch.tensor([0.0, 3.0, 1.0, 4.0], device=device),
+        "int one-hot": lambda device: F.one_hot(torch.tensor([0, 3, 1, 4]), C).to(device),
+    }
+
+
+def _traced(setting: str, f: Callable[..., torch.Tensor], make_t: Callable[[str], torch.Tensor]) -> object:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(N, C)
+    t = make_t("cpu")
+    if setting == "vmap":
+        return vmap(f)(x.expand(2, N, C), t.expand(2, *t.shape))
+    if setting in ("make_fx fake", "make_fx symbolic"):
+        return make_fx(lambda a, b: f(a, b), tracing_mode=setting.split()[1])(x, t)
+    if setting == "export":
+        class M(torch.nn.Module):
+            def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                return f(a, b)
+        return torch.export.export(M(), (x, t))
+    if setting == "FakeTensorMode":
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return f(torch.randn(N, C), make_t("cpu"))
+    if setting == "meta":
+        return f(x.to("meta"), make_t("meta"))
+    assert setting == "compile fullgraph"
+    torch._dynamo.reset()
+    return torch.compile(f, backend="eager", fullgraph=True)(x, t)
+
+
+NO_READ_SETTINGS = ("vmap", "make_fx fake", "make_fx symbolic", "export", "FakeTensorMode", "meta",
+                    "compile fullgraph")
+
+
+@pytest.mark.filterwarnings("ignore::safeloss.SafeLossWarning")
+@pytest.mark.parametrize("setting", NO_READ_SETTINGS)
+@pytest.mark.parametrize("kind", list(_convertible_targets()))
+@pytest.mark.parametrize("op", ["cross_entropy", "SafeCrossEntropyLoss", "patch"])
+def test_convertible_target_where_nothing_is_read_raises_safelosss_error(op: str, kind: str,
+                                                                         setting: str) -> None:
+    make_t = _convertible_targets()[kind]
+    stock = _raised(lambda: _traced(setting, F.cross_entropy, make_t))
+    with _context(op):
+        ours = _raised(lambda: _traced(setting, CE_OPS[op](True), make_t))
+    cause = ours
+    while not isinstance(cause, safeloss.SafeLossError) and cause.__cause__ is not None:
+        cause = cause.__cause__  # Dynamo and export wrap what the traced code raised
+    if setting == "compile fullgraph":  # as every error at build: its text in Dynamo's Unsupported
+        assert "TargetDtypeError" in str(ours), f"{op} {kind} under {setting}: {ours!r}"
+    else:
+        assert isinstance(cause, safeloss.TargetDtypeError), f"{op} {kind} under {setting}: {ours!r}"
+    assert isinstance(ours, _builtin(stock)), f"stock raises {_builtin(stock).__name__}: {ours!r}"
+    assert "cannot read tensor values" in str(cause) and "Fix:" in str(cause)
