@@ -36,7 +36,7 @@ from ..core.checks import (
     softmax_like,
     target_bounds,
 )
-from ..core.errors import TargetOutOfRangeError
+from ..core.errors import TargetOutOfRangeError, stock_class
 from ..core.plan import Skeleton
 from ..core.rows import Rows
 from ..core.validation import Problem
@@ -58,7 +58,8 @@ def transform_guard(p: Problem) -> None:
     except (IndexError, RuntimeError) as e:
         if "out of bounds" not in str(e):
             raise
-        raise TargetOutOfRangeError(
+        # stock's own class there: IndexError, RuntimeError under vmap (its batched gather)
+        raise stock_class(TargetOutOfRangeError, IndexError if isinstance(e, IndexError) else RuntimeError)(
             f"a class-index target is outside the class range 0..{p.num_classes - 1} "
             f"({p.num_classes} classes) inside a torch.func transform (vmap, grad, ...), where "
             f"safeloss cannot read the labels to name them. Stock torch reports: {e}\n"

@@ -151,6 +151,15 @@ def _slow(tensors: tuple[object, ...]) -> Mode:
     return Mode.EAGER  # other tensor subclasses run through their own __torch_function__
 
 
+def under_vmap() -> bool:
+    """A ``torch.func.vmap`` level is active (stock's errors there are RuntimeErrors). Error paths
+    only: it walks the interpreter stack."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    vmap = _C._functorch.TransformType.Vmap
+    return any(i.key() == vmap for i in retrieve_all_functorch_interpreters())
+
+
 def _is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 

@@ -544,8 +544,24 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
     )
 
 
-def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]:
+# Where a call may not read values (torch.compile, torch.func, make_fx / export, fake and meta
+# tensors), a target stock rejects cannot be checked before it is converted: it is rejected as
+# stock rejects it (a RuntimeError), with safeloss's message, instead of torch's own complaint
+# about a data-dependent branch.
+_NO_READ = ("inside a setting where safeloss cannot read tensor values (torch.compile, torch.func, "
+            "make_fx / torch.export, fake or meta tensors)")
+
+
+def _float_index_target(target: Tensor, input: Tensor, read_values: bool = True) -> tuple[Tensor, Finding]:
     """Float labels of index shape: fine when they hold whole numbers (convert), else an error."""
+    if not read_values:
+        raise TargetDtypeError(
+            f"cross_entropy got class-index targets stored as {target.dtype} (shape "
+            f"{fmt_shape(target.shape)}) {_NO_READ}, so it cannot check that they hold whole "
+            "class numbers; stock torch rejects them (\"expected target dtype to be Long or "
+            "Byte\").\nFix: convert the labels before the loss, once in the dataset or collate "
+            "function: target.long()"
+        )
     finite = torch.isfinite(target)
     whole = finite & (target == target.round())
     if not bool(whole.all()):
@@ -572,8 +588,17 @@ def _float_index_target(target: Tensor, input: Tensor) -> tuple[Tensor, Finding]
     )
 
 
-def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False) -> tuple[Tensor, Finding]:
+def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False,
+                   read_values: bool = True) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
+    if not read_values:
+        raise TargetDtypeError(
+            f"cross_entropy got an integer target ({target.dtype}) with the input's shape "
+            f"{fmt_shape(input.shape)} {_NO_READ}, so it cannot check that it is one-hot; stock "
+            "torch rejects it (\"Expected floating point type for target with class "
+            "probabilities\").\nFix: class indices target.argmax(dim=1), or probabilities "
+            "target.float(), before the loss"
+        )
     if target.dtype == torch.uint64:
         t = target.view(torch.int64)  # values >= 2**63 turn negative: not one-hot, never wrapped to 0/1
     elif target.dtype in (torch.bool, torch.uint16, torch.uint32):
@@ -664,7 +689,7 @@ def _index_target(
             _shape_error(input, target, expected)
 
     if target.is_floating_point():
-        target, finding = _float_index_target(target, input)
+        target, finding = _float_index_target(target, input, read_values)
         findings.append(finding)
     elif target.dtype in _UNSIGNED_WIDE:
         target = _unsigned_index_target(target, input, ignore_index, read_values)
@@ -771,7 +796,8 @@ def normalize(
                     f"cross_entropy got complex targets (dtype {target.dtype}); probabilities "
                     "must be real.\nFix: pass target.real"
                 )
-            target, finding = _onehot_target(target, x, cdim, weighted=weight is not None)
+            target, finding = _onehot_target(target, x, cdim, weighted=weight is not None,
+                                             read_values=read_values)
             findings.append(finding)
         if ignore_index >= 0:
             raise IgnoreIndexError(

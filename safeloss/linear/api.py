@@ -45,7 +45,7 @@ from ..core.errors import (
     fmt_list,
     stock_class,
 )
-from ..core.mode import Mode, decide
+from ..core.mode import Mode, decide, under_vmap
 from ..core.report import Finding, _user_frame, report
 from ..core.rows import Rows
 from ..core.tools import densify_result, fx_proxy, paused_tracer
@@ -564,8 +564,10 @@ def _transform_guard(t: Tensor, num_classes: int, ignore_index: int) -> None:
     except (IndexError, RuntimeError) as e:
         if "out of range" not in str(e) and "out of bounds" not in str(e):
             raise
-        # The class stock's own check raises here: IndexError, RuntimeError from vmap's batched gather
-        raise stock_class(TargetOutOfRangeError, IndexError if isinstance(e, IndexError) else RuntimeError)(
+        # The class stock's own check raises: a RuntimeError under any vmap level (its batched
+        # gather, whichever argument is batched), else an IndexError. This gather's own class
+        # follows what this call batches, not what stock's logits would be, so it cannot tell.
+        raise stock_class(TargetOutOfRangeError, RuntimeError if under_vmap() else IndexError)(
             f"linear_cross_entropy: a class-index target is outside the class range "
             f"0..{num_classes - 1} ({num_classes} classes) inside a torch.func transform (vmap, "
             f"grad, ...), where safeloss cannot read the labels to name them. Stock torch raises "
