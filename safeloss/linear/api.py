@@ -335,13 +335,15 @@ def run(
 class _Plan:
     """A planned signature of linear + cross-entropy (``core.plan``): stock's op's arguments."""
 
-    __slots__ = ("args", "prob", "scalar")
+    __slots__ = ("args", "logits_bytes", "prob", "scalar")
 
     def __init__(self, lp: LinearProblem) -> None:
         p = lp.p
         self.prob = p.prob
         self.scalar = p.reduction != "none"
         self.args = (_REDUCTION_ENUM[p.reduction], p.ignore_index, p.label_smoothing)
+        # What the planned call holds (the whole logits): re-checked against the budget per call.
+        self.logits_bytes = lp.x.shape[0] * lp.num_classes * lp.x.element_size()
 
 
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
@@ -362,9 +364,16 @@ def _plannable(lp: LinearProblem, x: Tensor, w: Tensor, t: Tensor, b: Tensor | N
         and x.is_cpu and x.dtype in (torch.float32, torch.float64) and lp.compute_dtype == x.dtype
         and lp.x is x and lp.w is w and lp.b is b and lp.target is t and lp.p.weight is weight
         and all(type(v) in _PLAIN for v in (x, w, t, b, weight) if v is not None)
-        and not chunked.HALF_OPERANDS_ON_CPU and chunked.FORCE_ROWS is None
+        and not _hooked()
         and N * C <= (N + C) * H and N * C * x.element_size() <= chunked.BUDGET_BYTES["cpu"]
     )
+
+
+def _hooked() -> bool:
+    """A chunk-loop test hook is set: such calls must run the loop itself (read per call, also by
+    a planned call: a hook set after a signature was planned must still reach the loop)."""
+    return (chunked.FORCE_ROWS is not None or chunked.FORCE_VOCAB_TILE is not None
+            or chunked.HALF_OPERANDS_ON_CPU)
 
 
 def _fast(
@@ -404,6 +413,9 @@ def _fast(
         return key if reduction in REDUCTIONS else None  # a deprecated name warns per call: no plan
     if checks._pending or checks.DEFER_ON_CPU:
         return key  # earlier findings to report first / the deferred model: the full path
+    if (chunked.FORCE_ROWS is not None or chunked.FORCE_VOCAB_TILE is not None  # as _hooked()
+            or chunked.HALF_OPERANDS_ON_CPU or plan.logits_bytes > chunked.BUDGET_BYTES["cpu"]):
+        return key  # the chunk loop's hooks, or a budget lowered since the plan was stored
     if weight is not None and _negative_classes(weight):
         return key  # a finding of the argument checks, read per call
     try:
