@@ -358,3 +358,65 @@ def test_extras_match_the_logits_composition(ex, red, rows):
         return out[0] if isinstance(out, tuple) else out
 
     _same(*_both(make, ours, ref, hooks=dict(FORCE_ROWS=rows)), "extras")
+
+
+# ------------------------------------------------------------------ aliasing, checkpointing, precision
+
+
+@pytest.mark.parametrize("red", REDUCTIONS)
+@pytest.mark.parametrize("cut", [{}, dict(FORCE_ROWS=2), dict(FORCE_ROWS=2, FORCE_VOCAB_TILE=3)],
+                         ids=["whole", "rows", "rows+tiles"])
+def test_hidden_and_bias_are_views_of_the_head(red, cut):
+    """h = W[1:6] and b = W[:, 2]: three uses of one leaf, every gradient summed into W.grad."""
+    w0 = torch.randn(7, 4, generator=torch.Generator().manual_seed(6), dtype=FP64)
+    t = torch.tensor([-100, 3, 0, 6, 2])
+    ours, stock = _pair(t, reduction=red, label_smoothing=0.1)
+    _same(*_both(lambda: (w0.clone().requires_grad_(),), lambda w: ours(w[1:6], w, w[:, 2]),
+                 lambda w: stock(w[1:6], w, w[:, 2]), hooks=cut), "aliased")
+
+
+@pytest.mark.parametrize("red", REDUCTIONS)
+def test_activation_checkpointing(red):
+    """torch.utils.checkpoint reruns the forward in backward; the chunk loop must give the same.
+    (use_reentrant=True cannot take autograd.grad, which this harness uses.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    make, t = _problem(6, 4, 7)
+    ours, stock = _pair(t, reduction=red)
+    _same(*_both(make, lambda x, w, b: checkpoint(lambda *a: ours(torch.tanh(a[0]), *a[1:]), x, w, b,
+                                                  use_reentrant=False),
+                 lambda x, w, b: stock(torch.tanh(x), w, b), hooks=dict(FORCE_ROWS=2)), "checkpoint")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("red", REDUCTIONS)
+@pytest.mark.parametrize("rows", [None, 2])
+def test_half_precision_against_the_truth(dtype, red, rows):
+    """bf16 / fp16 on the CPU: as close to the float64 truth as stock's own composition."""
+    make, t = _problem(6, 16, 9)
+    ours, stock = _pair(t, reduction=red, label_smoothing=0.1)
+
+    def half() -> tuple[torch.Tensor, ...]:
+        return tuple(v.detach().to(dtype).requires_grad_() for v in make())
+
+    got, want = _both(half, ours, stock, hooks=dict(FORCE_ROWS=rows))
+    truth = _both(make, stock, stock)[1]
+    for i, (a, s, tr) in enumerate(zip(got, want, truth)):
+        assert_matches(a, s, tr, what=f"{dtype}[{i}]")
+
+
+@pytest.mark.parametrize("red", REDUCTIONS)
+def test_triton_backend_interpreted(red):
+    """backend="triton" (the interpreter on CPU tensors), tiles cut across chunks and classes."""
+    from safeloss.backends import dispatch
+
+    if dispatch.triton_unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("Triton cannot run on CPU tensors here (TRITON_INTERPRET unset before import)")
+    make, t = _problem(5, 4, 7, dtype=torch.float32)
+    kw = dict(reduction=red, label_smoothing=0.1)
+
+    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return safeloss.linear_cross_entropy(x, w, t, linear_bias=b, backend="triton", **kw)
+
+    for cut in (dict(FORCE_ROWS=2), dict(FORCE_ROWS=2, FORCE_VOCAB_TILE=3)):
+        _same(*_both(make, ours, _pair(t, **kw)[1], hooks=cut), f"triton {cut}")

@@ -18,7 +18,8 @@ What a plan never holds, and a call therefore always does again:
   are bad raises or warns as it would have;
 * strictness (``strict=``, ``strict_mode()``, ``set_strict()``, ``SAFELOSS_STRICT``): read per
   call where it matters, as before;
-* test hooks read per call (``checks.DEFER_ON_CPU``), and, for the Triton backend on CPU tensors
+* test hooks read per call (``checks.DEFER_ON_CPU``; the linear chunk loop's ``FORCE_ROWS``,
+  ``FORCE_VOCAB_TILE``, ``HALF_OPERANDS_ON_CPU`` and CPU ``BUDGET_BYTES``), and, for the Triton backend on CPU tensors
   (the interpreter), whether Triton can run there (``TRITON_INTERPRET``).
 
 What invalidates a plan is whatever changes its key: a new shape, layout, dtype, device, option
