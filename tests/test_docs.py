@@ -50,3 +50,30 @@ def test_demo_filter_and_unknown_case(capsys):
     assert cli.main(["demo", "--only", "one-based"]) == 0
     assert "Labels that start at 1" in capsys.readouterr().out
     assert cli.main(["demo", "--only", "nope"]) == 2
+
+
+def test_readme_counts_of_demo_cases_are_current():
+    from safeloss import demo
+
+    readme = (ROOT / "README.md").read_text()
+    tour, every = len(demo.CASES), len(demo.CASES + demo.MORE_CASES + demo.LINEAR_CASES)
+    assert f"a tour of {tour} classic mistakes" in readme and f"shows {tour} cases" in readme
+    assert f"runs all {every} cases" in readme and f"(from all {every})" in readme
+
+
+def test_readme_table_quotes_messages_the_code_prints():
+    """The "What it catches" table quotes stock torch's messages (column 2) and safeloss's
+    (column 3, `...excerpt...`): each must appear in the generated catalogue."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## What it catches", 1)[1].split("\n\n", 2)[1]
+    catalogue = (ROOT / "docs" / "errors.md").read_text()
+    quoted = []
+    for row in table.splitlines()[2:]:
+        cells = row.split("|")[1:-1]
+        quoted += [q for q in re.findall(r"`([^`]+)`", cells[1]) if " " in q]
+        quoted += [q.strip(".") for q in re.findall(r"`(\.\.\.[^`]+\.\.\.)`", cells[2])]
+    assert len(quoted) >= 8
+    missing = [q for q in quoted if q not in catalogue]
+    assert not missing, missing

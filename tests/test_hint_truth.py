@@ -61,3 +61,29 @@ def test_the_minus_inf_advice_comes_only_with_minus_inf_logits(bad, advised):
     msg = str(w[0].message)
     assert ("A -inf logit is fine" in msg) == advised
     assert "Common causes" in msg and "detect_anomaly" in msg
+
+
+_HALF_X = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16)
+_HALF_W = torch.tensor([[40000.0, 0.0], [-40000.0, 0.0], [0.0, 0.0]], dtype=torch.float16)
+
+
+@pytest.mark.parametrize("reduction, x, target, what", [
+    ("none", _HALF_X, [1, 2], "overflowed at 1 of 2"),  # row 0's loss is 80000
+    ("sum", _HALF_X[[0, 0]], [2, 2], "each of the 2 per-position losses is finite"),  # 40000 + 40000
+])
+def test_linear_overflow_fix_names_the_operands_this_op_takes(reduction, x, target, what):
+    # linear_cross_entropy never hands the caller logits: "pass logits.float()" is no fix there.
+    with pytest.raises(safeloss.NonFiniteError, match=what) as exc:
+        safeloss.linear_cross_entropy(x, _HALF_W, torch.tensor(target), reduction=reduction, strict=True)
+    msg = str(exc.value)
+    assert "logits.float()" not in msg
+    assert "input.float()" in msg and "linear_weight.float()" in msg
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float64, torch.float32), (torch.float16, torch.float32)])
+def test_linear_dtype_mismatch_cause_is_marked_as_a_guess(x_dtype, w_dtype):
+    # Which side was cast is not in the inputs: the hint may name it only as a guess.
+    with pytest.raises(safeloss.InputDtypeError, match="narrower dtype") as exc:
+        safeloss.linear_cross_entropy(torch.randn(6, 8, dtype=x_dtype), torch.randn(5, 8, dtype=w_dtype),
+                                      torch.randint(0, 5, (6,)))
+    assert "a likely cause (a guess)" in str(exc.value)

@@ -56,8 +56,9 @@ def reword(message: str) -> str:
     message = _CLASS.sub("LinearCrossEntropyLoss", message)
     message = _UNSEEN.sub(lambda m: "because the input, linear_weight or linear_bias"
                           + (m.group(1) or "") + m.group(2), message)
-    message = message.replace("loss_fn(logits.float(), target)",
-                              "linear_cross_entropy(input.float(), linear_weight.float(), target)")
+    # The shared overflow fixes say "pass logits.float() to the loss"; this op takes no logits.
+    message = message.replace("pass logits.float() to the loss",
+                              "pass input.float(), linear_weight.float() and any linear_bias.float()")
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
 
 
@@ -364,11 +365,12 @@ def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> Non
                 f"linear_cross_entropy got an input of dtype {x.dtype} but a {name} of dtype "
                 f"{t.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
                 "to have the same dtype\").\n"
-                + ("The hidden states are in the narrower dtype: the model body was cast "
-                   "(model.half(), model.to(torch.bfloat16)) and the head was not.\n"
+                # Which side was cast is not in the inputs: named as a guess.
+                + ("The hidden states are in the narrower dtype; a likely cause (a guess): the model "
+                   "body was cast (model.half(), model.to(torch.bfloat16)) and the head was not.\n"
                    if x.dtype.itemsize < t.dtype.itemsize else
-                   f"The {name} is in the narrower dtype: the head was cast and the hidden states "
-                   "were not.\n" if x.dtype.itemsize > t.dtype.itemsize else "")
+                   f"The {name} is in the narrower dtype; a likely cause (a guess): the head was cast "
+                   "and the hidden states were not.\n" if x.dtype.itemsize > t.dtype.itemsize else "")
                 +
                 f"Fix: input.to({name}.dtype), or run the step under torch.autocast"
             )
