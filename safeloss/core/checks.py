@@ -262,8 +262,8 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
     more = f"; ... ({vals.numel()} distinct bad values)" if vals.numel() > 4 else ""
     lines = [
         f"{nbad} of {plural(t.numel(), 'target')} {'is' if nbad == 1 else 'are'} outside the "
-        f"class range 0..{C - 1} "
-        f"({plural(C, 'class', 'classes')}).",
+        + (f"class range 0..{C - 1} ({plural(C, 'class', 'classes')})." if C else
+           "class range: the logits have 0 classes, so no label is in range."),
         f"  bad values: {'; '.join(parts)}{more}",
         f"  target shape {fmt_shape(t.shape)}, ignore_index={ignore_index}",
     ]
