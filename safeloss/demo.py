@@ -407,14 +407,18 @@ def main(only: str | None = None, color: bool = False, all_cases: bool = False) 
         for line in _wrap(text, width):
             print(bold(line) if strong else line)
 
-    say(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs", True)
-    say("Each case runs both calls for real. "
-        + ("Left: torch.nn.functional.cross_entropy. Right: safeloss.cross_entropy." if side else
-           "First torch.nn.functional.cross_entropy, then safeloss.cross_entropy."))
-    print()
     # --only searches every case: a name from docs/errors.md or --all must be found without --all.
     pool = CASES + MORE_CASES + LINEAR_CASES if all_cases or only is not None else CASES
     cases = [c for c in pool if only is None or only in c.name]
+    ops = sorted({c.op for c in cases}) or ["cross_entropy"]
+    # The functions the columns run, as the cases chosen call them (each case's title says which
+    # op it runs when they differ).
+    names = " / ".join(ops)
+    say(f"safeloss {safeloss.__version__} demo: stock torch {torch.__version__} vs safeloss, same inputs", True)
+    say("Each case runs both calls for real. "
+        + (f"Left: torch.nn.functional.{names}. Right: safeloss.{names}." if side else
+           f"First torch.nn.functional.{names}, then safeloss.{names}."))
+    print()
     if not cases:
         print(f"no demo case matches {only!r}; cases: {', '.join(c.name for c in pool)}")
         return 2

@@ -86,6 +86,18 @@ def test_demo_only_finds_every_case_without_all(capsys):
         assert f"({case.name})" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("only,ops", [("lce-vocab-too-small", "linear_cross_entropy"),
+                                      ("article-onehot", "cross_entropy"), (None, "cross_entropy")])
+def test_demo_header_names_the_functions_its_cases_run(capsys, monkeypatch, only, ops):
+    """The header says which stock and safeloss functions the columns run: the linear op's
+    cases alone are not announced as cross_entropy."""
+    monkeypatch.setenv("COLUMNS", "160")
+    argv = ["demo", "--no-color"] + ([] if only is None else ["--only", only])
+    assert cli.main(argv) == 0
+    head = capsys.readouterr().out.splitlines()[1]
+    assert head.endswith(f"Left: torch.nn.functional.{ops}. Right: safeloss.{ops}."), head
+
+
 def test_demo_unknown_case_lists_every_case(capsys):
     assert cli.main(["demo", "--only", "no-such-case"]) == 2
     out = capsys.readouterr().out
