@@ -554,6 +554,41 @@ def _raise_agreed(local: BaseException | None, sh: Sharding, default: SafeLossEr
     raise cls(text) from (local if local is not None else None)
 
 
+def _check_group(group: object | None) -> None:
+    """``group`` must be a process group this rank belongs to. Raised on this rank alone, before
+    any collective: no collective can run on such a group (torch's own errors for it read
+    "Unsupported group type: <class 'int'>, -100" or "unhashable type: 'list'")."""
+    if group is None:
+        return
+    # new_group returns this int on the ranks outside the group
+    outside = type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
+    if not outside and isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0:
+        outside = True
+    if outside:
+        members = ("new_group returned GroupMember.NON_GROUP_MEMBER here" if isinstance(group, int)
+                   else f"global ranks {dist.get_process_group_ranks(group)}")  # type: ignore[arg-type]
+        raise BackendError(
+            f"vocab_parallel_cross_entropy: this rank (global rank {dist.get_rank()}) is not a member "
+            f"of the group passed as group= ({members}); only the ranks that hold a slice of the "
+            "classes take part in the call.\n"
+            "Fix: call it on the group's ranks only (if torch.distributed.get_rank(group) >= 0: ...), "
+            "or pass this rank's own tensor-parallel group"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        kind = type(group).__name__
+        if kind == "DeviceMesh":
+            fix = ("group=mesh.get_group() (a 1-D mesh; on an N-D mesh, mesh.get_group(\"tp\") for its "
+                   "tensor-parallel dim)")
+        elif isinstance(group, (list, tuple)):
+            fix = f"group=torch.distributed.new_group({list(group)!r}) once on every rank, then pass that group"
+        else:
+            fix = "group=None (every rank) or a group from torch.distributed.new_group(ranks)"
+        raise ArgumentTypeError(
+            f"vocab_parallel_cross_entropy: group= takes a ProcessGroup, got a {kind} ({group!r:.80}).\n"
+            f"Fix: {fix}"
+        )
+
+
 def _global_input_error(err: BaseException | None, input: object, sizes: list[int],
                         sh: Sharding) -> BaseException | None:
     """Integer (or complex) logits: the error names the global logits' shape, not this rank's slice
@@ -771,6 +806,8 @@ def run(
             "Fix: torch.distributed.init_process_group(...) first (torchrun sets it up), or call "
             "safeloss.cross_entropy on the full logits"
         )
+    if sharding is None:
+        _check_group(group)
     sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
     crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
     device = _comm_device(input, sh.group)
