@@ -514,6 +514,28 @@ def test_errors_are_one_error_on_every_rank(ranks: tuple[int, list[dict]], name:
     assert got[0]["safeloss"], got[0]  # safeloss's message, never torch's internals
 
 
+# Messages that must name the likely cause of the parallel setting, not the single-device one.
+MESSAGES = {
+    # was the single-device hint "computed from the labels present (torch.bincount ...)"
+    "weight-local-slice": r"weight has shape \(3,\): the width of this rank's slice of the classes \(rank 0 "
+                          r"holds classes 0\.\.2 of 6\)(?s:.*)full \(C,\) class weight(?s:.*)"
+                          r"Fix: pass the full weight \(6 entries\) on every rank",
+}
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_messages_name_the_parallel_cause(ranks: tuple[int, list[dict]], name: str) -> None:
+    import re
+
+    world, res = ranks
+    if name == "weight-local-slice" and world == 3:
+        pattern = MESSAGES[name].replace("3,", "2,").replace("0\\.\\.2", "0\\.\\.1")
+    else:
+        pattern = MESSAGES[name]
+    for rank in range(world):
+        assert re.search(pattern, res[rank][name].get("message", "")), res[rank][name]
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_no_grad_and_inference_mode(ranks: tuple[int, list[dict]], mode: str) -> None:
     world, res = ranks

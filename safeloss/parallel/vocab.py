@@ -589,6 +589,24 @@ def _check_group(group: object | None) -> None:
         )
 
 
+def _slice_weight_error(err: BaseException, weight: object, sizes: list[int], crank: int,
+                        C: int) -> BaseException:
+    """A weight as wide as this rank's slice is the Megatron habit of sharding it with the logits:
+    say so (the single-device hint guesses weights computed from the labels present)."""
+    if (not isinstance(err, WeightError) or not isinstance(weight, Tensor) or weight.dim() != 1
+            or weight.shape[0] != sizes[crank] or sizes[crank] in (0, C)):
+        return err
+    lo = sum(sizes[:crank])
+    return WeightError(
+        f"weight has shape {fmt_shape(weight.shape)}: the width of this rank's slice of the classes "
+        f"(rank {crank} holds classes {lo}..{lo + sizes[crank] - 1} of {C}), but "
+        "vocab_parallel_cross_entropy takes the full (C,) class weight, the same on every rank (the "
+        "smoothing term and the mean's denominator need every class's weight).\n"
+        f"Fix: pass the full weight ({C} entries) on every rank, not its slice "
+        "weight[offset:offset + C_local]"
+    )
+
+
 def _global_input_error(err: BaseException | None, input: object, sizes: list[int],
                         sh: Sharding) -> BaseException | None:
     """Integer (or complex) logits: the error names the global logits' shape, not this rank's slice
@@ -981,7 +999,7 @@ def run(
             except Exception:
                 # A failure of shapes or dtypes, agreed, so every rank is here: the message of the
                 # real target (its hints read the labels), the lowest rank's on every rank.
-                _raise_agreed(e, sh)
+                _raise_agreed(_slice_weight_error(e, weight, sizes, crank, C), sh)
             b_error = e
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
