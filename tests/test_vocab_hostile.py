@@ -520,6 +520,17 @@ MESSAGES = {
     "weight-local-slice": r"weight has shape \(3,\): the width of this rank's slice of the classes \(rank 0 "
                           r"holds classes 0\.\.2 of 6\)(?s:.*)full \(C,\) class weight(?s:.*)"
                           r"Fix: pass the full weight \(6 entries\) on every rank",
+    # The mismatches name what differs and each rank's value (was one sentence listing every
+    # argument the fingerprint covers, and the data-loader fix for a wrong reduction or dtype).
+    "reduction-one-rank": r"reduction: 'mean' on ranks? 0[^;]*; 'sum' on rank L(?s:.*)Fix: pass the same "
+                          r"arguments on every rank",
+    "dtype-differs": r"logits dtype: torch.float64 on ranks? 0[^;]*; torch.float32 on rank L",
+    "grad-mode-one-rank": r"grad mode: enabled on ranks? 0[^;]*; disabled on rank L(?s:.*)torch.no_grad",
+    "batch-differs": r"positions shape: \(4,\) on ranks? 0[^;]*; \(3,\) on rank L(?s:.*)data loader",
+    "target-dtype-differs": r"target: \(4,\) torch.int64 on ranks? 0[^;]*; \(4,\) torch.int32 on rank L",
+    "label-ignore-on-one-rank": r"ignore_index: -100 on ranks? 0[^;]*; -1 on rank L",
+    "weight-dtype-one-rank": r"weight: \(6,\) torch.float64 on ranks? 0[^;]*; \(6,\) torch.float32 on rank L",
+    "weight-one-rank-only": r"weight: None on ranks? 0[^;]*; \(6,\) torch.float64 on rank L",
 }
 
 
@@ -532,6 +543,7 @@ def test_messages_name_the_parallel_cause(ranks: tuple[int, list[dict]], name: s
         pattern = MESSAGES[name].replace("3,", "2,").replace("0\\.\\.2", "0\\.\\.1")
     else:
         pattern = MESSAGES[name]
+    pattern = pattern.replace("rank L", f"rank {world - 1}")
     for rank in range(world):
         assert re.search(pattern, res[rank][name].get("message", "")), res[rank][name]
 

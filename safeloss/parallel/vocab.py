@@ -979,7 +979,16 @@ def run(
             except Exception as e:
                 err = e
         what = "positions" if pos_differ else "findings" if tgt_differ else "config"
-        _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh)))
+        w_desc = "None" if not isinstance(weight, Tensor) else f"{fmt_shape(weight.shape)} {weight.dtype}"
+        lines = _differences({
+            "logits dtype": str(x.dtype), "reduction": repr(reduction_), "ignore_index": str(ignore),
+            "label_smoothing": str(eps), "weight": w_desc,
+            "grad mode": "enabled" if torch.is_grad_enabled() else "disabled",
+            "autocast": (str(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type)
+                         else "off"),
+            "positions shape": fmt_shape(_positions_shape(x)), "target": f"{fmt_shape(t.shape)} {t.dtype}",
+        }, sh)
+        _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh, lines)))
     tmax_, tmin_ = h[cworld + _TMAX], -h[cworld + _TMIN]
     if (tmax_ != _NONE and tmax_ >= C) or (h[cworld + _TMIN] != _NONE and tmin_ < 0):
         _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
@@ -1168,7 +1177,26 @@ def checks_single_class(meta: Tensor) -> Finding:
     )
 
 
-def _mismatch_message(what: str, world: int, sh: Sharding | None = None) -> str:
+def _differences(mine: dict[str, str], sh: Sharding) -> list[str]:
+    """Lines naming each metadata field the ranks of the class group disagree on, with every
+    rank's value (an all-gather: called where the agreed head says they differ, so on every rank).
+    Empty for DTensor calls over several mesh dims (the fingerprints span other groups there)."""
+    if sh.outer or not sh.split:
+        return []
+    got: list[dict[str, str]] = [{} for _ in range(dist.get_world_size(sh.group))]
+    dist.all_gather_object(got, mine, group=sh.group)  # type: ignore[arg-type]
+    lines = []
+    for key in mine:
+        ranks_of: dict[str, list[int]] = {}
+        for r, d in enumerate(got):
+            ranks_of.setdefault(d.get(key, "?"), []).append(r)
+        if len(ranks_of) > 1:
+            lines.append(f"  {key}: " + "; ".join(
+                f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in ranks_of.items()))
+    return lines
+
+
+def _mismatch_message(what: str, world: int, sh: Sharding | None = None, lines: list[str] | None = None) -> str:
     detail = {
         "positions": "the shapes of the positions (every dim of the logits but the classes) differ "
                      "between ranks",
@@ -1181,8 +1209,17 @@ def _mismatch_message(what: str, world: int, sh: Sharding | None = None) -> str:
                    "they index the global classes)",
     }[what]
     where = sh.where if sh is not None else "vocab-parallel group"
+    named = "".join(f"{line}\n" for line in lines or ())
+    if what == "config":
+        return (
+            f"vocab_parallel_cross_entropy: {detail}.\n{named}"
+            f"Every rank of the {where} ({world} ranks) computes one loss of the gathered logits, "
+            "so every rank must pass the same arguments and run in the same mode.\n"
+            "Fix: pass the same arguments on every rank (from the shared config, not a per-rank "
+            "value), and wrap the call in torch.no_grad() / autocast on every rank or on none"
+        )
     return (
-        f"vocab_parallel_cross_entropy: {detail}.\n"
+        f"vocab_parallel_cross_entropy: {detail}.\n{named}"
         f"Every rank of the {where} ({world} ranks) must see the same rows, labels and "
         "arguments; only the classes are sharded. Different values usually mean the data loader is "
         "sharded over the tensor-parallel ranks as if they were data-parallel.\n"
