@@ -591,10 +591,12 @@ def _check_group(group: object | None) -> None:
 
 def _slice_weight_error(err: BaseException, weight: object, sizes: list[int], crank: int,
                         C: int) -> BaseException:
-    """A weight as wide as this rank's slice is the Megatron habit of sharding it with the logits:
-    say so (the single-device hint guesses weights computed from the labels present)."""
+    """A weight as wide as every rank's slice is the Megatron habit of sharding it with the logits:
+    say so (the single-device hint guesses weights computed from the labels present). Judged on
+    the agreed widths and weight shape only, so every rank rewrites alike (uneven slices of the
+    weight differ in shape: the config mismatch names them first)."""
     if (not isinstance(err, WeightError) or not isinstance(weight, Tensor) or weight.dim() != 1
-            or weight.shape[0] != sizes[crank] or sizes[crank] in (0, C)):
+            or len(set(sizes)) != 1 or weight.shape[0] != sizes[crank] or sizes[crank] in (0, C)):
         return err
     lo = sum(sizes[:crank])
     return WeightError(
@@ -656,7 +658,8 @@ def vocab_parallel_cross_entropy(
             may be uneven (or empty).
         target: class indices into the *global* classes, the same on every rank.
         weight: the full ``(C,)`` class weights (not a slice), the same on every rank.
-        group: the tensor-parallel process group (``None``: the default group).
+        group: the tensor-parallel process group (``None``: the default group); this rank must
+            be a member (a ``DeviceMesh`` or a rank list is refused: pass ``mesh.get_group()``).
         softcap, temperature, z_loss, return_stats: the LLM and RL extras, as on
             ``safeloss.cross_entropy`` (logits become ``softcap * tanh(z / softcap) / temperature``;
             ``z_loss * lse^2`` per non-ignored position with the global lse; ``return_stats``
