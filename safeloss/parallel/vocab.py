@@ -554,6 +554,61 @@ def _raise_agreed(local: BaseException | None, sh: Sharding, default: SafeLossEr
     raise cls(text) from (local if local is not None else None)
 
 
+def _check_group(group: object | None) -> None:
+    """``group`` must be a process group this rank belongs to. Raised on this rank alone, before
+    any collective: no collective can run on such a group (torch's own errors for it read
+    "Unsupported group type: <class 'int'>, -100" or "unhashable type: 'list'")."""
+    if group is None:
+        return
+    # new_group returns this int on the ranks outside the group
+    outside = type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
+    if not outside and isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0:
+        outside = True
+    if outside:
+        members = ("new_group returned GroupMember.NON_GROUP_MEMBER here" if isinstance(group, int)
+                   else f"global ranks {dist.get_process_group_ranks(group)}")  # type: ignore[arg-type]
+        raise BackendError(
+            f"vocab_parallel_cross_entropy: this rank (global rank {dist.get_rank()}) is not a member "
+            f"of the group passed as group= ({members}); only the ranks that hold a slice of the "
+            "classes take part in the call.\n"
+            "Fix: call it on the group's ranks only (if torch.distributed.get_rank(group) >= 0: ...), "
+            "or pass this rank's own tensor-parallel group"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        kind = type(group).__name__
+        if kind == "DeviceMesh":
+            fix = ("group=mesh.get_group() (a 1-D mesh; on an N-D mesh, mesh.get_group(\"tp\") for its "
+                   "tensor-parallel dim)")
+        elif isinstance(group, (list, tuple)):
+            fix = f"group=torch.distributed.new_group({list(group)!r}) once on every rank, then pass that group"
+        else:
+            fix = "group=None (every rank) or a group from torch.distributed.new_group(ranks)"
+        raise ArgumentTypeError(
+            f"vocab_parallel_cross_entropy: group= takes a ProcessGroup, got a {kind} ({group!r:.80}).\n"
+            f"Fix: {fix}"
+        )
+
+
+def _slice_weight_error(err: BaseException, weight: object, sizes: list[int], crank: int,
+                        C: int) -> BaseException:
+    """A weight as wide as every rank's slice is the Megatron habit of sharding it with the logits:
+    say so (the single-device hint guesses weights computed from the labels present). Judged on
+    the agreed widths and weight shape only, so every rank rewrites alike (uneven slices of the
+    weight differ in shape: the config mismatch names them first)."""
+    if (not isinstance(err, WeightError) or not isinstance(weight, Tensor) or weight.dim() != 1
+            or len(set(sizes)) != 1 or weight.shape[0] != sizes[crank] or sizes[crank] in (0, C)):
+        return err
+    lo = sum(sizes[:crank])
+    return WeightError(
+        f"weight has shape {fmt_shape(weight.shape)}: the width of this rank's slice of the classes "
+        f"(rank {crank} holds classes {lo}..{lo + sizes[crank] - 1} of {C}), but "
+        "vocab_parallel_cross_entropy takes the full (C,) class weight, the same on every rank (the "
+        "smoothing term and the mean's denominator need every class's weight).\n"
+        f"Fix: pass the full weight ({C} entries) on every rank, not its slice "
+        "weight[offset:offset + C_local]"
+    )
+
+
 def _global_input_error(err: BaseException | None, input: object, sizes: list[int],
                         sh: Sharding) -> BaseException | None:
     """Integer (or complex) logits: the error names the global logits' shape, not this rank's slice
@@ -603,7 +658,8 @@ def vocab_parallel_cross_entropy(
             may be uneven (or empty).
         target: class indices into the *global* classes, the same on every rank.
         weight: the full ``(C,)`` class weights (not a slice), the same on every rank.
-        group: the tensor-parallel process group (``None``: the default group).
+        group: the tensor-parallel process group (``None``: the default group); this rank must
+            be a member (a ``DeviceMesh`` or a rank list is refused: pass ``mesh.get_group()``).
         softcap, temperature, z_loss, return_stats: the LLM and RL extras, as on
             ``safeloss.cross_entropy`` (logits become ``softcap * tanh(z / softcap) / temperature``;
             ``z_loss * lse^2`` per non-ignored position with the global lse; ``return_stats``
@@ -771,6 +827,8 @@ def run(
             "Fix: torch.distributed.init_process_group(...) first (torchrun sets it up), or call "
             "safeloss.cross_entropy on the full logits"
         )
+    if sharding is None:
+        _check_group(group)
     sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
     crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
     device = _comm_device(input, sh.group)
@@ -924,7 +982,16 @@ def run(
             except Exception as e:
                 err = e
         what = "positions" if pos_differ else "findings" if tgt_differ else "config"
-        _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh)))
+        w_desc = "None" if not isinstance(weight, Tensor) else f"{fmt_shape(weight.shape)} {weight.dtype}"
+        lines = _differences({
+            "logits dtype": str(x.dtype), "reduction": repr(reduction_), "ignore_index": str(ignore),
+            "label_smoothing": str(eps), "weight": w_desc,
+            "grad mode": "enabled" if torch.is_grad_enabled() else "disabled",
+            "autocast": (str(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type)
+                         else "off"),
+            "positions shape": fmt_shape(_positions_shape(x)), "target": f"{fmt_shape(t.shape)} {t.dtype}",
+        }, sh)
+        _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh, lines)))
     tmax_, tmin_ = h[cworld + _TMAX], -h[cworld + _TMIN]
     if (tmax_ != _NONE and tmax_ >= C) or (h[cworld + _TMIN] != _NONE and tmin_ < 0):
         _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
@@ -944,7 +1011,7 @@ def run(
             except Exception:
                 # A failure of shapes or dtypes, agreed, so every rank is here: the message of the
                 # real target (its hints read the labels), the lowest rank's on every rank.
-                _raise_agreed(e, sh)
+                _raise_agreed(_slice_weight_error(e, weight, sizes, crank, C), sh)
             b_error = e
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -1113,7 +1180,26 @@ def checks_single_class(meta: Tensor) -> Finding:
     )
 
 
-def _mismatch_message(what: str, world: int, sh: Sharding | None = None) -> str:
+def _differences(mine: dict[str, str], sh: Sharding) -> list[str]:
+    """Lines naming each metadata field the ranks of the class group disagree on, with every
+    rank's value (an all-gather: called where the agreed head says they differ, so on every rank).
+    Empty for DTensor calls over several mesh dims (the fingerprints span other groups there)."""
+    if sh.outer or not sh.split:
+        return []
+    got: list[dict[str, str]] = [{} for _ in range(dist.get_world_size(sh.group))]
+    dist.all_gather_object(got, mine, group=sh.group)  # type: ignore[arg-type]
+    lines = []
+    for key in mine:
+        ranks_of: dict[str, list[int]] = {}
+        for r, d in enumerate(got):
+            ranks_of.setdefault(d.get(key, "?"), []).append(r)
+        if len(ranks_of) > 1:
+            lines.append(f"  {key}: " + "; ".join(
+                f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}" for v, rs in ranks_of.items()))
+    return lines
+
+
+def _mismatch_message(what: str, world: int, sh: Sharding | None = None, lines: list[str] | None = None) -> str:
     detail = {
         "positions": "the shapes of the positions (every dim of the logits but the classes) differ "
                      "between ranks",
@@ -1126,8 +1212,17 @@ def _mismatch_message(what: str, world: int, sh: Sharding | None = None) -> str:
                    "they index the global classes)",
     }[what]
     where = sh.where if sh is not None else "vocab-parallel group"
+    named = "".join(f"{line}\n" for line in lines or ())
+    if what == "config":
+        return (
+            f"vocab_parallel_cross_entropy: {detail}.\n{named}"
+            f"Every rank of the {where} ({world} ranks) computes one loss of the gathered logits, "
+            "so every rank must pass the same arguments and run in the same mode.\n"
+            "Fix: pass the same arguments on every rank (from the shared config, not a per-rank "
+            "value), and wrap the call in torch.no_grad() / autocast on every rank or on none"
+        )
     return (
-        f"vocab_parallel_cross_entropy: {detail}.\n"
+        f"vocab_parallel_cross_entropy: {detail}.\n{named}"
         f"Every rank of the {where} ({world} ranks) must see the same rows, labels and "
         "arguments; only the classes are sharded. Different values usually mean the data loader is "
         "sharded over the tensor-parallel ranks as if they were data-parallel.\n"
