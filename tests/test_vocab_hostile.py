@@ -642,14 +642,32 @@ def test_wrong_group_is_a_clear_error(ranks: tuple[int, list[dict]], name: str) 
         assert "TypeError" in got["builtins"] or cls != "ArgumentTypeError"
 
 
-@pytest.mark.xfail(strict=True, reason="single-device safeloss.cross_entropy with return_stats=True (or any "
-                   "extra) returns +inf for a row with a +inf logit; stock and vocab_parallel give NaN")
-def test_single_device_return_stats_keeps_stocks_nan_for_a_posinf_row() -> None:
-    x = torch.zeros(2, 4, dtype=torch.float64)
-    x[1, 0] = math.inf
-    t = torch.tensor([1, 2])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("extra", [dict(return_stats=True), dict(temperature=2.0), dict(z_loss=1e-4),
+                                   dict(temperature=0.5, label_smoothing=0.1)], ids=str)
+@pytest.mark.parametrize("row", ["posinf", "all-neginf"])
+def test_single_device_extras_keep_stocks_nan_for_a_nonfinite_row(op: str, extra: dict, row: str) -> None:
+    """A row holding +inf (or only -inf) is NaN for stock (log_softmax's inf - inf), and for
+    the vocab-parallel loss; the single-device extras paths gave +inf (lse - z_y with lse = inf).
+    The finite rows keep their values bit for bit."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if row == "posinf":
+        x[1, 0] = math.inf
+    else:
+        x[1] = -math.inf
+    t = torch.tensor([1, 2, 3])
+    kw = dict(extra)
+    eps = kw.pop("label_smoothing", 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = F.cross_entropy(x, t, reduction="none")
-        got = safeloss.cross_entropy(x, t, reduction="none", return_stats=True)[0]
-    assert torch.equal(got.isnan(), ref.isnan()), (got, ref)
+        ref = F.cross_entropy(x / kw.get("temperature", 1.0), t, reduction="none", label_smoothing=eps)
+        if op == "cross_entropy":
+            got = safeloss.cross_entropy(x, t, reduction="none", label_smoothing=eps, **kw)
+        else:  # the logits as a head: the identity over 4 classes
+            got = safeloss.linear_cross_entropy(x, torch.eye(4, dtype=x.dtype), t, reduction="none",
+                                                label_smoothing=eps, **kw)
+    got = got[0] if isinstance(got, tuple) else got
+    assert torch.equal(got.isnan(), ref.isnan()) and bool(got[1].isnan()), (got, ref)
+    if "z_loss" not in kw:
+        finite = ~ref.isnan()
+        torch.testing.assert_close(got[finite], ref[finite])

@@ -239,7 +239,7 @@ def _forward(z: Tensor, t: Tensor, valid: Tensor | None, w: Tensor | None, sp: _
     ex = sp.ex
     zt = X.transform(z, ex)
     lse = torch.logsumexp(zt, 1)
-    logp = zt - lse.unsqueeze(1)
+    logp = zt - X.loss_lse(lse).unsqueeze(1)
     ce = X.ce_rows(logp, t, valid, w, sp.eps, sp.prob, 1) if sp.num_classes else logp.sum(1)
     zl = X.z_loss_rows(lse, valid, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
     ent = X.entropy(logp.detach(), 1) if ex.return_stats else ce.new_empty(0)
@@ -267,19 +267,20 @@ class _RowsCE(torch.autograd.Function):
         z = x if x.dtype == acc else x.to(acc)
         zt = X.transform(z, ex, inplace=True)
         lse = torch.logsumexp(zt, 1)
+        lse_ce = X.loss_lse(lse)  # NaN for the rows stock's loss is NaN (its gradient too)
         if sp.prob or sp.eps > 0 or ex.return_stats:
-            logp = zt - lse.unsqueeze(1)
+            logp = zt - lse_ce.unsqueeze(1)
             ce = X.ce_rows(logp, t, valid, w, sp.eps, sp.prob, 1)
             ent = X.entropy(logp, 1) if ex.return_stats else ce.new_empty(0)
             del logp
         else:  # the LLM case: no logits-sized intermediate besides the capped, scaled logits
             assert valid is not None
-            ce = X.nll_rows(zt, lse, t, valid, w, 1)
+            ce = X.nll_rows(zt, lse_ce, t, valid, w, 1)
             ent = ce.new_empty(0)
         zl = X.z_loss_rows(lse, valid, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
         zt_out = zt if zt is not x else zt.view_as(zt)
         ctx.sp, ctx.acc = sp, acc
-        ctx.save_for_backward(x, t, valid, w, zt_out if zt is not z else None, lse)
+        ctx.save_for_backward(x, t, valid, w, zt_out if zt is not z else None, lse_ce)
         ctx.mark_non_differentiable(lse, ent, zt_out)
         return ce, zl, lse, ent, zt_out
 

@@ -298,6 +298,15 @@ def nll_rows(zt: Tensor, lse: Tensor, target: Tensor, valid: Tensor, weight: Ten
     return torch.where(valid, loss, 0.0)
 
 
+def loss_lse(lse: Tensor) -> Tensor:
+    """The log-sum-exp the loss is computed from: NaN for a row holding +inf or only -inf, where
+    stock's log_softmax is NaN (its ``x - max`` is inf - inf), so that such a row's loss is NaN
+    as stock's, not +inf (``lse - z_y``). The statistics and the z-loss keep ``lse`` itself
+    (+-inf: the log-sum-exp is what it is). ``lse - lse`` is 0 for a finite lse: finite rows keep
+    every bit."""
+    return lse + (lse - lse)
+
+
 def z_loss_rows(lse: Tensor, valid: Tensor | None, coef: float) -> Tensor:
     """``coef * lse^2`` per position, 0 where not ``valid`` (gradient 0 there too)."""
     if valid is None:

@@ -298,7 +298,7 @@ def _forward_tile(z: Tensor, tc: Tensor, vc: Tensor, sp: _Spec, stats: bool
     ex = sp.ex
     zt = X.transform(z, ex)
     lse = torch.logsumexp(zt, 1)
-    logp = zt - lse.unsqueeze(1)
+    logp = zt - X.loss_lse(lse).unsqueeze(1)
     ce = X.ce_rows(logp, tc, None if sp.prob else vc, sp.weight, sp.eps, sp.prob)
     zl = X.z_loss_rows(lse, None if sp.prob else vc, ex.z_loss) if ex.z_loss else torch.zeros_like(ce)
     ent = pred = None
