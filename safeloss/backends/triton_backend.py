@@ -863,9 +863,11 @@ class Planned:
 
     __slots__ = ("cfg", "cfg_fused", "fused_grad")
 
-    def __init__(self, p: Problem, inplace_backward: bool, fused_grad: bool, out_max: float) -> None:
+    def __init__(self, p: Problem, inplace_backward: bool, fused_grad: bool, out_max: float,
+                 check_softmax: bool = True) -> None:
+        # check_softmax: False only for the benchmark's checks-compiled-out provider
         pos = tuple(_pos_shape(p.input))
-        head = (int(p.ignore_index), float(p.label_smoothing), bool(p.prob), True)
+        head = (int(p.ignore_index), float(p.label_smoothing), bool(p.prob), bool(check_softmax))
         tail = (bool(inplace_backward), float(out_max), pos, math.prod(pos))
         self.cfg, self.cfg_fused = (*head, False, *tail), (*head, True, *tail)
         self.fused_grad = bool(fused_grad)

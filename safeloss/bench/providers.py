@@ -53,21 +53,29 @@ def _safeloss(backend: str, inplace: bool = False) -> Callable[[Workload, torch.
 def _softmax_check_off() -> Iterator[None]:
     """The Triton kernel with its one optional check (the softmaxed-input scan) compiled out.
 
-    The backend takes ``check_softmax=`` at its seam, ``triton_backend.row_losses``, which the
-    public API does not expose; dispatch looks that function up at call time, so a partial with
-    the flag off measures exactly the same pipeline minus the check. The other findings (bad
+    The backend takes ``check_softmax=`` at its two seams, which the public API does not
+    expose: ``triton_backend.row_losses`` (a signature's first calls) and
+    ``triton_backend.Planned`` (the planned eager call that every later call of the signature
+    takes, without ``row_losses``). Both are looked up at call / plan time, so partials with the
+    flag off measure exactly the same pipeline minus the check. The plans are dropped on entry
+    and on exit: a plan made with the check on (by ``safeloss-triton`` on the same shape) would
+    keep it on inside, and one made inside would keep it off after. The other findings (bad
     targets, non-finite rows) are counted by the kernel unconditionally and cannot be turned off.
     """
     from ..backends import triton_backend as tb
+    from ..core import plan
 
-    orig = tb.row_losses
-    if "check_softmax" not in inspect.signature(orig).parameters:
+    orig, orig_planned = tb.row_losses, tb.Planned
+    if any("check_softmax" not in inspect.signature(f).parameters for f in (orig, orig_planned)):
         raise Skip("the Triton backend exposes no way to compile its checks out")
+    plan.clear()
     tb.row_losses = functools.partial(orig, check_softmax=False)
+    tb.Planned = functools.partial(orig_planned, check_softmax=False)
     try:
         yield
     finally:
-        tb.row_losses = orig
+        tb.row_losses, tb.Planned = orig, orig_planned
+        plan.clear()
 
 
 def _stock_fn(w: Workload) -> LossFn:

@@ -91,15 +91,37 @@ def _measure(p: Provider, w: Workload, dev: torch.device, s: Settings, k: int, r
         del clean
         del pool
         x, t = make_inputs(w, dev, 1)[0]
-        row["peak_mem_bytes"], row["saved_mem_bytes"] = cuda_memory(fn, x, t)
+        vals, bad = _memory_reading(*cuda_memory(fn, x, t), w.logits_bytes(), p.inplace)
+        row.update(vals)
+        row["note"] = bad
         if w.logits_bytes() <= GRAPH_MAX_LOGITS and p.not_capturable:
             row["note"] = f"no CUDA graph time: {p.not_capturable}"
         elif w.logits_bytes() <= GRAPH_MAX_LOGITS:
             try:
                 row["graph_fwdbwd_ms"] = cuda_graph_time(fn, x, t, s, p.inplace).median_ms
             except Exception as e:  # e.g. a host sync inside the provider: not capturable
-                row["note"] = f"not capturable in a CUDA graph ({_error_note(e)})"[:300]
+                row["note"] = "; ".join(filter(None, [
+                    row["note"], f"not capturable in a CUDA graph ({_error_note(e)})"]))[:300]
     return None
+
+
+def _memory_reading(peak: int, saved: int, grad_bytes: int, inplace: bool) -> tuple[dict[str, int], str]:
+    """The memory columns of a row, or none and a note when the reading is impossible: memory
+    held from forward to backward below zero, or a peak below the gradient an out-of-place
+    provider returns, means something allocated before the call was freed inside it (run 2 on
+    the H200: earlier calls' deferred records), and the numbers would understate the provider."""
+    if saved < 0 or (not inplace and peak < grad_bytes):
+        return {}, (f"memory not valid: held {saved} B, peak {peak} B above the inputs"
+                    f"{'' if inplace else f' (the gradient alone is {grad_bytes} B)'}: memory "
+                    "allocated before the call was freed during it")
+    return {"peak_mem_bytes": peak, "saved_mem_bytes": saved}, ""
+
+
+def _loss_tolerance(dtype: str) -> float:
+    """Largest relative error of a mean loss against the fp64 reference (same inputs) that is
+    still a right answer: 8 ulps of a half-precision result (the loss is returned in the logits'
+    dtype: stock bf16 is 1.6e-3 off), 1e-4 in fp32 (fp32 accumulation over millions of terms)."""
+    return {"bf16": 8 * 2.0**-8, "fp16": 8 * 2.0**-11}.get(dtype, 1e-4)
 
 
 def _checks_ratio(w: Workload, dev: torch.device, s: Settings, k: int, rounds: int = 3) -> float:
@@ -171,7 +193,17 @@ def run_workload(w: Workload, providers: list[Provider], dev: torch.device, s: S
 
 
 def _finish(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
-    """Flatten timings, add speedups against the baseline and bandwidth."""
+    """Flatten timings, add speedups against the baseline and bandwidth. A row whose loss is
+    off the fp64 reference is ``wrong``: its times stay in the JSON, but it gets no speedup and
+    no target verdict (a fast wrong answer is not a result)."""
+    err = row.get("loss_rel_err")
+    if row["status"] == "ok" and isinstance(err, float) and not err <= _loss_tolerance(row["dtype"]):
+        row["status"] = "wrong"
+        row["note"] = "; ".join(filter(None, [
+            row.get("note", ""), f"loss {err:.1e} off the fp64 reference (relative; tolerance "
+            f"{_loss_tolerance(row['dtype']):.0e} in {row['dtype']}): not a result"]))
+    if base is not None and base.get("status") == "wrong":
+        base = None  # no speedups against a wrong baseline
     for key in ("fwd", "fwdbwd"):
         tm = row.pop(key, None)
         if not isinstance(tm, Timing):
@@ -181,11 +213,11 @@ def _finish(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
         row[f"gbps_{key}"] = row[f"bytes_{key}"] / (tm.median_ms * 1e-3) / 1e9
     if "fwdbwd_ms" in row:
         row["gbps_fwdbwd_streamed"] = row["bytes_fwdbwd_streamed"] / (row["fwdbwd_ms"] * 1e-3) / 1e9
-    if base is not None and row.get("graph_fwdbwd_ms") and base.get("graph_fwdbwd_ms"):
+    if base is not None and row["status"] == "ok" and row.get("graph_fwdbwd_ms") and base.get("graph_fwdbwd_ms"):
         row["speedup_graph_fwdbwd"] = base["graph_fwdbwd_ms"] / row["graph_fwdbwd_ms"]
     if "peak_mem_bytes" in row and not row["inplace"]:
         row["peak_minus_grad_bytes"] = row["peak_mem_bytes"] - row["grad_bytes"]
-    if base is not None:
+    if base is not None and row["status"] == "ok":
         for key in ("fwd", "fwdbwd"):
             b = base.get(f"{key}_ms") if isinstance(base.get(f"{key}_ms"), float) else None
             if b is None and isinstance(base.get(key), Timing):

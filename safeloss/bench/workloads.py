@@ -98,12 +98,19 @@ def _seed(w: Workload) -> int:
 
 
 def make_inputs(w: Workload, dev: torch.device, k: int) -> list[tuple[Tensor, Tensor]]:
-    """``k`` (logits, target) pairs; the same values for every provider (seeded by the name)."""
+    """``k`` (logits, target) pairs; the same values for every provider (seeded by the name).
+
+    The logits are an intermediate of an autograd graph, as a model's output is in a training
+    step, not a leaf: safeloss's ``inplace_backward`` never overwrites a leaf requiring grad (the
+    caller's own tensor), so leaf logits would time its out-of-place path. The graph's leaf is
+    a 0-d zero added once here, so no second logits-sized tensor stays alive; the timed
+    ``torch.autograd.grad(loss, (x,))`` stops at ``x``."""
     g = torch.Generator(device=dev).manual_seed(_seed(w))
+    anchor = torch.zeros((), device=dev, dtype=w.torch_dtype, requires_grad=True)
     out = []
     for _ in range(k):
         x = torch.randn(w.shape, generator=g, device=dev, dtype=torch.float32)
-        x = x.to(w.torch_dtype).requires_grad_()
+        x = x.to(w.torch_dtype).add(anchor)
         if w.prob:  # valid distributions, so safeloss's probability check stays quiet
             t = torch.randn(w.shape, generator=g, device=dev).softmax(1).to(w.torch_dtype)
         else:
