@@ -459,3 +459,23 @@ def test_a_wrong_loss_is_not_a_result() -> None:
     assert any("safeloss-triton vs torch-eager" in ln and "n/a" in ln for ln in md), md
     ok = next(r for r in rows if r["workload"] == "llm-N8192-V128256-bf16" and r["provider"] == "torch-eager")
     assert ok["status"] == "ok"  # bf16 rounding of the scalar (1.6e-3 on the H200) is no error
+
+
+def test_linear_cuda_peak_flushes_deferred_records_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up call's deferred check records, released by a later call, were freed inside
+    the linear section's memory measurement (the bug of H200 run 2 in the cross-entropy one)."""
+    import torch
+
+    import safeloss
+    from safeloss.bench import linear
+
+    order: list[str] = []
+    monkeypatch.setattr(safeloss, "check_pending", lambda *a, **k: order.append("flush"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: order.append("base") or 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(linear, "_step", lambda *a: lambda: order.append("call"))
+    x, w = torch.zeros(2, 3, requires_grad=True), torch.zeros(4, 3, requires_grad=True)
+    linear._cuda_peak(None, x, w, torch.zeros(2, dtype=torch.long))
+    assert order == ["call", "flush", "base", "call"], order

@@ -235,8 +235,13 @@ def _cpu_peak(provider: str, hd: Head) -> tuple[dict[str, int] | None, str]:
 
 
 def _cuda_peak(fn: LossFn, x: Tensor, w: Tensor, t: Tensor) -> dict[str, int]:
+    import safeloss
+
     _step(fn, x, w, t)()  # warm-up: kernels compiled, caches built
     x.grad = w.grad = None
+    # The warm-up's deferred check records are released by a later call once the GPU is done
+    # with them: flush them now, or they are freed inside the measurement (peak understated).
+    safeloss.check_pending()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
