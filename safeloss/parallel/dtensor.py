@@ -19,8 +19,8 @@ What is redistributed first, because no per-shard loss exists for it: ``Partial`
 sum is taken, as DTensor's own ops would), ``_StridedShard`` and a second mesh dim sharding the
 classes (gathered), and, for probability targets given as a DTensor, a class-sharded dim (gathered,
 as stock does outside ``loss_parallel()``). Targets follow the logits' layout (a DTensor target is
-redistributed to it, gathered first when it lives on another mesh; a plain tensor target is taken as the whole target where no mesh dim shards the
-positions, and is refused where one does, as stock ``loss_parallel()`` refuses it); a DTensor weight
+redistributed to it, gathered first when it lives on another mesh; a plain tensor target is taken
+as the whole target where no mesh dim shards the positions, and is refused where one does, as stock ``loss_parallel()`` refuses it); a DTensor weight
 is gathered (C values). The result is a DTensor: ``reduction="none"`` sharded like the positions,
 ``sum`` / ``mean`` replicated (the global value: the mean divides by the global count or weight).
 """
