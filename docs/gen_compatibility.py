@@ -107,6 +107,7 @@ them: they need several processes).
 | eager | every check; findings reported in the call (two small host reads per call, the first carries the ranks' agreement) |
 | `torch.compile` (any backend) | the DTensor call runs eagerly between compiled parts (a graph break, every check); `fullgraph=True` therefore raises Dynamo's `Unsupported` where stock compiles |
 | `torch.compile` of stock under `patch()` | the same route (was: stock's, unchecked) |
+| a DTensor target on another mesh (e.g. the same ranks with named dims) | gathered, then laid out like the logits' positions (one all-gather of the labels) |
 | a plain tensor target while the positions are sharded | `TargetShapeError` (a `ValueError`, as stock `loss_parallel()`): a plain tensor could be the whole target or this rank's part |
 | a DTensor given to `vocab_parallel_cross_entropy` (the API of plain slices) | `ArgumentTypeError` (a `TypeError`) naming the argument and its placements, on every rank after the first all-reduce; the fix: `safeloss.cross_entropy` on the DTensor, or `to_local()` slices with the mesh's group (was DTensor's "got mixed torch.Tensor and DTensor") |
 | `reduction="none"` | a DTensor sharded like the positions (replicated over the class dim) |

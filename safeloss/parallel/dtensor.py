@@ -19,8 +19,8 @@ What is redistributed first, because no per-shard loss exists for it: ``Partial`
 sum is taken, as DTensor's own ops would), ``_StridedShard`` and a second mesh dim sharding the
 classes (gathered), and, for probability targets given as a DTensor, a class-sharded dim (gathered,
 as stock does outside ``loss_parallel()``). Targets follow the logits' layout (a DTensor target is
-redistributed to it; a plain tensor target is taken as the whole target where no mesh dim shards the
-positions, and is refused where one does, as stock ``loss_parallel()`` refuses it); a DTensor weight
+redistributed to it, gathered first when it lives on another mesh; a plain tensor target is taken
+as the whole target where no mesh dim shards the positions, and is refused where one does, as stock ``loss_parallel()`` refuses it); a DTensor weight
 is gathered (C values). The result is a DTensor: ``reduction="none"`` sharded like the positions,
 ``sum`` / ``mean`` replicated (the global value: the mean divides by the global count or weight).
 """
@@ -153,21 +153,23 @@ def _run(
     tshape = tuple(target.shape) if plain_target else ()
     if isinstance(target, DTensor):
         if target.device_mesh != mesh:
-            t_local: object = target.full_tensor()
+            # Another mesh (decided from the meshes, alike on every rank): the whole target, taken
+            # as replicated on the logits' mesh so that the layout below slices it like the
+            # positions (a local slice, no collective; was: the whole target beside local rows).
+            target = DTensor.from_local(target.full_tensor(), mesh, [Replicate()] * mesh.ndim, run_check=False)
+        if prob_like:
+            tpl = new
+        elif tshape == positions:
+            tpl = pos_pl
+        elif len(tshape) == len(shape) and ndim >= 2 and tshape[1] == 1 and tshape[:1] + tshape[2:] == positions:
+            tpl = [Shard(pl.dim) if isinstance(pl, Shard) and pl.dim != cdim else Replicate() for pl in new]
         else:
-            if prob_like:
-                tpl = new
-            elif tshape == positions:
-                tpl = pos_pl
-            elif len(tshape) == len(shape) and ndim >= 2 and tshape[1] == 1 and tshape[:1] + tshape[2:] == positions:
-                tpl = [Shard(pl.dim) if isinstance(pl, Shard) and pl.dim != cdim else Replicate() for pl in new]
-            else:
-                tpl = [Replicate()] * mesh.ndim  # a shape validation rejects: its message needs all of it
-            t_local = target.redistribute(mesh, tpl).to_local()
-            if tpl == [Replicate()] * mesh.ndim and not all(isinstance(p, Replicate) for p in pos_pl):
-                # The whole target with sharded logits: validation sees the global shapes first
-                # and rejects it; the local one must not disagree with the shards.
-                t_local = target.full_tensor()
+            tpl = [Replicate()] * mesh.ndim  # a shape validation rejects: its message needs all of it
+        t_local = target.redistribute(mesh, tpl).to_local()
+        if tpl == [Replicate()] * mesh.ndim and not all(isinstance(p, Replicate) for p in pos_pl):
+            # The whole target with sharded logits: validation sees the global shapes first
+            # and rejects it; the local one must not disagree with the shards.
+            t_local = target.full_tensor()
     else:
         t_local = target
         if any(not isinstance(p, Replicate) for p in pos_pl) and plain_target:
