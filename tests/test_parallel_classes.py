@@ -786,6 +786,33 @@ def test_dtensor_given_to_the_slice_api_raises_after_the_first_collective(which:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("case", ["probability-target", "bad-extra"])
+def test_dtensor_messages_name_the_function_called(case: str) -> None:
+    """On DTensor logits the user called cross_entropy: the engine's messages say so (they were
+    headed "vocab_parallel_cross_entropy", a function the caller never called)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    _fake_group()
+    try:
+        x, t, _ = _data()
+        mesh = init_device_mesh("cpu", (2,))
+        dx = DTensor.from_local(x[:, :4], mesh, [Shard(1)], run_check=False, shape=x.shape, stride=x.stride())
+        if case == "probability-target":
+            cls, match = safeloss.TargetShapeError, r"^cross_entropy got a target of the logits' global shape"
+            call = lambda: safeloss.cross_entropy(dx, x.softmax(1))  # noqa: E731
+        else:
+            cls, match = safeloss.ExtrasError, r"cross_entropy"
+            call = lambda: safeloss.cross_entropy(dx, t, temperature=0.0)  # noqa: E731
+        with loss_parallel(), pytest.raises(cls, match=match) as info:
+            call()
+        assert "vocab_parallel" not in str(info.value), str(info.value)
+    finally:
+        dist.destroy_process_group()
+
+
 BAD_ARGUMENTS = {
     "reduction": dict(reduction="avg"), "label_smoothing": dict(label_smoothing=1.5),
     "backend": dict(backend="cuda"), "softcap": dict(softcap=-1.0), "z_loss": dict(z_loss=math.nan),

@@ -795,12 +795,13 @@ def _precheck(input: object, target: object, weight: object, ignore_index: objec
 
 
 def _split_normalize(x_standin: Tensor, target: Tensor, weight: Tensor | None, ignore: int,
-                     reduction: str, eps: float) -> Problem:
-    """Validation against the global class count, for logits split over the classes."""
+                     reduction: str, eps: float, op: str = "vocab_parallel_cross_entropy") -> Problem:
+    """Validation against the global class count, for logits split over the classes; ``op``:
+    the function the caller called (``cross_entropy`` on DTensor logits)."""
     p = normalize(x_standin, target, weight, ignore, reduction, eps)
     if p.prob:
         raise TargetShapeError(
-            f"vocab_parallel_cross_entropy got a target of the logits' global shape "
+            f"{op} got a target of the logits' global shape "
             f"{fmt_shape(x_standin.shape)}, i.e. class probabilities; only class indices are "
             "supported while the classes are split over ranks.\n"
             "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or gather the "
@@ -852,7 +853,7 @@ def run(
             width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
         strict_local = bool(LazyStrict(strict))
         if extras is not None:
-            ex = X.check(*extras, op="vocab_parallel_cross_entropy")
+            ex = X.check(*extras, op="vocab_parallel_cross_entropy" if sharding is None else "cross_entropy")
             ex = ex if ex.active else None
         reduction_ = check_reduction(reduction)
         eps = check_label_smoothing(label_smoothing)
@@ -879,7 +880,8 @@ def run(
             findings = g.findings
             if sh.split:
                 p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
-                                              x.dtype, x.device), t, weight, ignore, reduction_, eps)
+                                              x.dtype, x.device), t, weight, ignore, reduction_, eps,
+                                     op="cross_entropy")
             else:
                 p = normalize(x, t, weight, ignore, reduction_, eps)
         if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
