@@ -12,11 +12,7 @@ A gloo timeout of 30 s turns a hang into an error on every rank; a kill deadline
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -26,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
+from tests.ranks import init_gloo, record, spawn
 from tests.tolerances import assert_matches
 
 DEADLINE_S = 240
@@ -199,25 +196,14 @@ def _cases(world: int) -> dict[str, Callable[[Any, int], Any]]:
 # =============================================================================== the ranks
 
 
-def _record(fn: Callable[[], Any]) -> dict[str, Any]:
-    safeloss.reset_warnings()
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        try:
-            res: dict[str, Any] = {"ok": fn()}
-        except Exception as e:
-            res = {"error": type(e).__name__, "message": str(e)}
-    res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
-    return res
+_record = record
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, world, store)
     results: dict[str, Any] = {}
     try:
         mesh = init_device_mesh("cpu", (world,) if world == 2 else (2, 2))
@@ -230,18 +216,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def _spawn(tmp: Any, world: int) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the workers
-    ctx = mp.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp / "out")),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DTensor workers ({world} ranks) did not finish in {DEADLINE_S} s (a hang)")
-    return [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world)]
+    return spawn(_worker, world, tmp, DEADLINE_S, "DTensor workers")
 
 
 _RESULTS: dict[int, list[dict[str, Any]]] = {}

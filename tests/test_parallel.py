@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
-import time
 import warnings
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
+from tests.ranks import record, spawn
 from tests.tolerances import assert_matches
 
 C = 7  # classes: uneven over 2 and 3 ranks
@@ -177,19 +176,7 @@ def _slice(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
 # =============================================================================== the ranks
 
 
-def _call(fn: Any) -> dict[str, Any]:
-    """Run fn, recording its result or error and the SafeLossWarnings it emitted."""
-    safeloss.reset_warnings()
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        try:
-            res: dict[str, Any] = {"ok": fn()}
-        except Exception as e:
-            res = {"error": type(e).__name__, "message": str(e),
-                   "safeloss": isinstance(e, safeloss.SafeLossError),
-                   "builtins": [c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins"]}
-    res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
-    return res
+_call = record
 
 
 def _plain_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
@@ -683,20 +670,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
-    import torch.multiprocessing as mp
-
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"tp{world}")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the workers
-    ctx = mp.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp / "out")),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"vocab-parallel workers ({world} ranks) did not finish in {DEADLINE_S} s")
-    return world, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world)]
+    return world, spawn(_worker, world, tmp_path_factory.mktemp(f"tp{world}"), DEADLINE_S, "vocab-parallel workers")
 
 
 # =============================================================================== judged here

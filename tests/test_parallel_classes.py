@@ -735,6 +735,17 @@ def test_one_rank_alone_ends_like_every_other(ranks: list[dict[str, Any]], layou
 # =============================================================================== one process
 
 
+def _all_reduce_spy(real: Any) -> tuple[list[str], Any]:
+    """(the ops of the engine's all-reduces, in order; a stand-in for ``vocab._all_reduce`` that
+    records them and calls ``real``)."""
+    calls: list[str] = []
+
+    def spy(t: torch.Tensor, op: str, group: object) -> torch.Tensor:
+        calls.append(op)
+        return real(t, op, group)
+    return calls, spy
+
+
 def _fake_group() -> None:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -758,13 +769,7 @@ def test_dtensor_given_to_the_slice_api_raises_after_the_first_collective(which:
 
     _fake_group()
     try:
-        calls: list[str] = []
-        real = vocab._all_reduce
-
-        def spy(t: torch.Tensor, op: str, group: object) -> torch.Tensor:
-            calls.append(op)
-            return real(t, op, group)
-
+        calls, spy = _all_reduce_spy(vocab._all_reduce)
         x, t, _ = _data()
         mesh = init_device_mesh("cpu", (2,))
         args: dict[str, object] = {"input": x[:, :4], "target": t, "weight": torch.ones(x.shape[1])}
@@ -837,13 +842,7 @@ def test_no_error_before_the_first_collective(entry: str, bad: str, clean_patch:
 
     _fake_group()
     try:
-        calls: list[str] = []
-        real = vocab._all_reduce
-
-        def spy(t: torch.Tensor, op: str, group: object) -> torch.Tensor:
-            calls.append(op)
-            return real(t, op, group)
-
+        calls, spy = _all_reduce_spy(vocab._all_reduce)
         x, t, _ = _data()
         kw = dict(BAD_ARGUMENTS[bad])
         t = kw.pop("target", t)

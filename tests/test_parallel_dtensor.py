@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
-import time
-import warnings
 from typing import Any
 
 import pytest
@@ -28,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
+from tests.ranks import record, spawn
 from tests.tolerances import assert_matches
 
 WORLD = 4
@@ -109,17 +107,7 @@ def _logits(x: torch.Tensor, mesh: Any, names: tuple[str, ...]) -> tuple[Any, to
     return DTensor.from_local(leaf, mesh, _placements(names), run_check=False, shape=x.shape, stride=x.stride()), leaf
 
 
-def _record(fn: Any) -> dict[str, Any]:
-    safeloss.reset_warnings()
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        try:
-            res: dict[str, Any] = {"ok": fn()}
-        except Exception as e:
-            res = {"error": type(e).__name__, "message": str(e), "safeloss": isinstance(e, safeloss.SafeLossError),
-                   "builtins": [c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins"]}
-    res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
-    return res
+_record = record
 
 
 def _case(mesh: Any, layout: str, option: str, variant: str = "") -> dict[str, Any]:
@@ -218,19 +206,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("dtensor")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the workers
-    ctx = mp.start_processes(_worker, args=(WORLD, str(tmp / "store"), str(tmp / "out")),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DTensor workers ({WORLD} ranks) did not finish in {DEADLINE_S} s")
-    return [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(WORLD)]
+    return spawn(_worker, WORLD, tmp_path_factory.mktemp("dtensor"), DEADLINE_S, "DTensor workers")
 
 
 # =============================================================================== judged here

@@ -8,10 +8,7 @@ rank. A gloo timeout turns a hang into an error, and the fixture kills the worke
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import time
 import warnings
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import safeloss
+from tests.ranks import init_gloo, record, spawn
 from tests.tolerances import assert_matches
 
 DEADLINE_S = 240
@@ -207,19 +205,7 @@ def _layout_back(g: torch.Tensor, how: str) -> torch.Tensor:
     return g.movedim(-1, 1)
 
 
-def _call(fn: Any) -> dict[str, Any]:
-    safeloss.reset_warnings()
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        t0 = time.monotonic()
-        try:
-            res: dict[str, Any] = {"ok": fn()}
-        except Exception as e:
-            res = {"error": type(e).__name__, "message": str(e), "safeloss": isinstance(e, safeloss.SafeLossError),
-                   "builtins": [c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins"]}
-        res["seconds"] = time.monotonic() - t0
-    res["warnings"] = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
-    return res
+_call = record
 
 
 # Calls every rank must refuse with one error (class and text), in the same call.
@@ -402,9 +388,7 @@ def _tiny_C(rank: int, world: int, C: int) -> dict[str, Any]:
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, world, store)
     results: dict[str, Any] = {}
     try:
         for case in MATCH:
@@ -432,23 +416,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
-    import torch.multiprocessing as mp
-
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"vh{world}")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp / "out")),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers ({world} ranks) did not finish in {DEADLINE_S} s: a hang")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return world, [torch.load(tmp / f"out.{r}", weights_only=False) for r in range(world)]
+    return world, spawn(_worker, world, tmp_path_factory.mktemp(f"vh{world}"), DEADLINE_S, "workers")
 
 
 # =============================================================================== judged here
