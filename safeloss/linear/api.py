@@ -246,13 +246,18 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
         return ", ".join([super().extra_repr(), *extra])
 
 
+_NO_BUFFER: Any = object()  # a module whose class weight is not a buffer
+
+
 def module_forward(m: Any, input: Tensor, target: Tensor,
                    strict: bool | None, backend: str) -> Tensor:
     """The stock module's forward (its flat Linear reshaped to (C, *out_features, H)), through
     safeloss: the entry of the module and of the stock module under ``patch()``."""
     lin = m._modules["linear"]
     # The tensors as stored (a plain read: under torch.fx, attribute access records graph nodes).
-    lw, lb, cw = lin._parameters.get("weight"), lin._parameters.get("bias"), m._buffers.get("weight")
+    lw, lb, cw = lin._parameters.get("weight"), lin._parameters.get("bias"), m._buffers.get("weight", _NO_BUFFER)
+    if cw is _NO_BUFFER:  # the class weight reassigned as a Parameter (nn.Module moves it there)
+        cw = m._parameters.get("weight")
     key = None
     if not m.out_features and m.options is None and not _is_compiling():
         # A plain head (its weight is (C, H) as stored): see _fast.
