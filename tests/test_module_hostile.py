@@ -153,3 +153,11 @@ def test_patched_stock_linear_module_keeps_a_parameter_class_weight() -> None:
         got = [m(h, y) for _ in range(3)]
     for i, v in enumerate(got):
         assert_matches(v, want, what=f"call {i}")
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["ce", "linear"])
+def test_invalid_reduction_raises_at_construction(linear: bool) -> None:
+    # documented difference (docs/migration.md): stock accepts it here, fails at the first forward
+    with pytest.raises(safeloss.ReductionError, match="'avg' is not a valid reduction") as info:
+        SafeLinearCrossEntropyLoss(H, C, reduction="avg") if linear else SafeCrossEntropyLoss(reduction="avg")
+    assert isinstance(info.value, ValueError)
