@@ -142,8 +142,9 @@ def check_stats(stats: safeloss.LossStats, ref: dict, loss: torch.Tensor, pos: t
     close(stats.lse, ref["lse"], torch.float32, "lse")
     close(stats.entropy, ref["entropy"], torch.float32, "entropy")
     close(stats.z_loss, ref["z_loss"], torch.float32, "z_loss term")
-    if ref["accuracy"] is None:
-        assert stats.accuracy is None
+    if ref["accuracy"] is None:  # probability targets: no position has a class label
+        assert stats.accuracy.shape == () and stats.accuracy.dtype == torch.float32
+        assert math.isnan(stats.accuracy.item())
     else:
         assert stats.accuracy.shape == () and stats.accuracy.dtype == torch.float32
         close(stats.accuracy, ref["accuracy"], torch.float32, "accuracy")
@@ -834,7 +835,7 @@ def test_accuracy_semantics(backend: str) -> None:
                                           backend=backend)
     assert math.isnan(st.accuracy.item()) and math.isnan(loss.item())
     _, st = safeloss.cross_entropy(x, x.softmax(1), return_stats=True, backend=backend)
-    assert st.accuracy is None
+    assert st.accuracy.shape == () and math.isnan(st.accuracy.item())  # no class labels: none counts
     if backend == "triton":
         return
     # the linear and parallel ops share the definition (the latter in the gloo test below)

@@ -69,8 +69,9 @@ def check_stats(st: safeloss.LossStats, rs: dict[str, Any], scale: float = 1.0) 
         got = getattr(st, k)
         assert got.dtype == torch.float32 and not got.requires_grad, k
         close(got, rs[k], k, scale)
-    if rs["accuracy"] is None:
-        assert st.accuracy is None
+    if rs["accuracy"] is None:  # probability targets: NaN, a tensor (torch.func takes no None)
+        assert st.accuracy.dtype == torch.float32 and st.accuracy.shape == ()
+        assert math.isnan(st.accuracy.item())
     else:
         assert st.accuracy is not None and st.accuracy.dtype == torch.float32
         assert st.accuracy.shape == ()
@@ -274,11 +275,8 @@ def test_compile_fullgraph_stats_across_sizes(dynamic: bool) -> None:
         check_stats(st, rs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LossStats.accuracy is None for probability targets (documented), and torch.func rejects a "
-    "None leaf in outputs: grad(has_aux=True) and vmap of a function returning (loss, stats) "
-    "fail for probability targets only; class-index targets work. Changing it (e.g. a NaN "
-    "0-d tensor) is a public-API decision for the lead"))
+# torch.func takes only tensors in outputs: LossStats.accuracy of probability targets is a NaN
+# tensor (no position has a class label), not None (which grad(has_aux=True) and vmap refused).
 @pytest.mark.parametrize("transform", ["grad-has-aux", "vmap"])
 def test_functorch_returns_stats_of_probability_targets(transform: str) -> None:
     q = torch.softmax(torch.randn(6, C, generator=_gen(9)), 1)
@@ -292,6 +290,24 @@ def test_functorch_returns_stats_of_probability_targets(transform: str) -> None:
     else:
         _, st = torch.vmap(f)(z.expand(2, 6, C))
     assert st.lse.shape[-1] == 6
+    assert st.accuracy.dtype == torch.float32 and torch.isnan(st.accuracy).all()
+
+
+@pytest.mark.parametrize("transform", ["grad-has-aux", "vmap"])
+def test_functorch_returns_linear_stats_of_probability_targets(transform: str) -> None:
+    q = torch.softmax(torch.randn(6, C, generator=_gen(12)), 1)
+    w = torch.randn(C, 4, generator=_gen(13))
+
+    def f(h: torch.Tensor) -> Any:
+        return safeloss.linear_cross_entropy(h, w, q, softcap=3.0, return_stats=True)
+
+    h = torch.randn(6, 4, generator=_gen(14))
+    if transform == "grad-has-aux":
+        _, st = torch.func.grad(f, has_aux=True)(h)
+    else:
+        _, st = torch.vmap(f)(h.expand(2, 6, 4))
+    assert st.lse.shape[-1] == 6
+    assert st.accuracy.dtype == torch.float32 and torch.isnan(st.accuracy).all()
 
 
 def test_functorch_returns_stats_of_class_indices() -> None:

@@ -200,7 +200,7 @@ def _call(
 
     stats = None
     if ex.return_stats:
-        acc_ = None
+        acc_ = X.no_accuracy(x.device)
         if not p.prob:
             assert valid is not None
             if hit is not None:

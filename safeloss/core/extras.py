@@ -38,14 +38,15 @@ class LossStats(NamedTuple):
     * ``z_loss``: the z-loss term as added to the loss (float32, the loss's shape; zeros when
       ``z_loss=0``).
     * ``accuracy``: 0-d float32, the share of non-ignored positions whose argmax (ties to the
-      lowest index, as ``torch.argmax``) is the target; NaN when no position counts; ``None`` for
-      probability targets.
+      lowest index, as ``torch.argmax``) is the target; NaN when no position counts, which is
+      always the case for probability targets (no position has a class label). Always a tensor,
+      never None: ``torch.func`` transforms and ``vmap`` take only tensors in their outputs.
     """
 
     lse: Tensor
     entropy: Tensor
     z_loss: Tensor
-    accuracy: Tensor | None
+    accuracy: Tensor
 
 
 LossStats.__module__ = "safeloss"  # as the errors: the public name in reprs and pickles
@@ -332,6 +333,12 @@ def accuracy(correct: Tensor, valid: Tensor) -> Tensor:
     """0-d float32: correct positions / counted positions (0 / 0 = NaN when none counts)."""
     c = (correct & valid).sum(dtype=torch.float32)
     return c / valid.sum(dtype=torch.float32)
+
+
+def no_accuracy(device: torch.device) -> Tensor:
+    """The accuracy of probability targets: no position has a class label, so none counts (NaN,
+    as for an all-ignored batch)."""
+    return torch.full((), math.nan, dtype=torch.float32, device=device)
 
 
 def reduce_z_loss(zl: Tensor | None, valid: Tensor | None, reduction: str, shape: tuple[int, ...],

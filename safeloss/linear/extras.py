@@ -166,7 +166,7 @@ def run(
     stats = None
     if ex.return_stats:
         stats = X.LossStats(lse.reshape(pos).float(), ent.reshape(pos).float(), zl_red.detach().float(),
-                            None if p.prob else X.accuracy(correct, valid.reshape(-1)))
+                            X.no_accuracy(dev) if p.prob else X.accuracy(correct, valid.reshape(-1)))
 
     if not no_host:
         note = ex.note()

@@ -216,5 +216,5 @@ def _run(
     if isinstance(out, tuple):
         loss, st = out
         return wrap(loss), type(st)(per_position(st.lse), per_position(st.entropy), wrap(st.z_loss),
-                                    None if st.accuracy is None else replicated(st.accuracy))
+                                    replicated(st.accuracy))
     return wrap(out)
