@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..backends.dispatch import check_backend
-from ..core import extras
+from ..core import extras, report
 from ..core import tools as tracing
 from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
@@ -79,6 +79,11 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.fused_grad = fused_grad
         self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
         self.return_stats = return_stats
+        report.watch(self)  # its warn-once state dies with it, compiled calls' included
+
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: a new instance
+        super().__setstate__(state)
+        report.watch(self)
 
     # A SafeLossError ends at the caller's line, above torch's nn.Module.__call__ frames too.
     __call__ = module_call

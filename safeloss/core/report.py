@@ -45,6 +45,22 @@ def _forget(oid: int) -> None:
 _lock = threading.Lock()
 
 
+def watch(owner: object) -> None:
+    """Forget ``owner``'s warn-once state when it dies. The loss modules call it when made (and
+    unpickled or copied): a compiled graph's report op knows a loss only by its id, which a
+    later object may reuse, and holds no reference to register this from."""
+    oid = id(owner)
+    with _lock:
+        if oid in _watched:
+            return
+        _watched.add(oid)
+    try:
+        weakref.finalize(owner, _forget, oid)
+    except TypeError:  # not weak-referenceable: its id stays taken while it lives anyway
+        with _lock:
+            _watched.discard(oid)
+
+
 def _user_frame() -> tuple[str, int, int]:
     """(filename, lineno, stacklevel) of the first frame outside safeloss and torch (module
     call glue, and the runtime of compiled graphs, which reports after the graph ran)."""
@@ -70,10 +86,12 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
     if owner is not None:
         # By identity, the same key in eager calls and in the compiled graph's report op (which
         # only knows id(module)); forgotten when the instance dies, so ids are never confused.
-        oid = owner if isinstance(owner, int) else id(owner)
-        if not isinstance(owner, int) and oid not in _watched:
-            _watched.add(oid)
-            weakref.finalize(owner, _forget, oid)
+        if isinstance(owner, int):
+            oid = owner
+        else:
+            oid = id(owner)
+            if oid not in _watched:
+                watch(owner)
         key: tuple[object, ...] = (finding.kind, "loss", oid)
     else:
         key = (finding.kind, fname, lineno)

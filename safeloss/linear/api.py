@@ -46,7 +46,7 @@ from ..core.errors import (
     stock_class,
 )
 from ..core.mode import Mode, decide, under_vmap
-from ..core.report import Finding, _user_frame, report
+from ..core.report import Finding, _user_frame, report, watch
 from ..core.rows import Rows
 from ..core.tools import densify_result, fx_proxy, paused_tracer
 from ..core.validation import REDUCTIONS, _negative_classes, check_label_smoothing, check_reduction
@@ -229,6 +229,11 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
         self.backend = dispatch.check_backend(backend)
         self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
         self.return_stats = return_stats
+        watch(self)  # its warn-once state dies with it, compiled calls' included
+
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: a new instance
+        super().__setstate__(state)
+        watch(self)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if not X.defaults(self.softcap, self.temperature, self.z_loss, self.return_stats):
