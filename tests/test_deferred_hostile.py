@@ -419,10 +419,8 @@ def _release_eventless(rec):
 # ---------------------------------------------------------------- known gaps (xfail, strict)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inference tensors have no version counter: an in-place edit of reduction='none' losses "
-    "under torch.inference_mode cannot be told from the call's own values, so the report names "
-    "positions from the edited losses"))
+# Inference tensors have no version counter: the record keeps a copy of reduction='none' losses
+# made under torch.inference_mode, so an in-place edit by the caller cannot change the report.
 def test_inference_mode_nonfinite_count_survives_caller_editing_losses():
     x, t = data()
     bad, _ = _nan_logits(x, t)

@@ -990,7 +990,7 @@ class _Pending:
         # (mask them, nan_to_num_) before the report: their version then differs, and the report
         # keeps to the counts instead of naming positions from values this call never had.
         # (A Python attribute, no op; None: not the caller's tensor, or an inference tensor,
-        # which has no version to compare.)
+        # which has no version to compare: ``defer`` keeps a copy of those.)
         self.losses_version: int | None = None
         if losses is not None and p.reduction == "none" and not losses.is_inference():
             self.losses_version = losses._version
@@ -1049,6 +1049,10 @@ def defer(
     # (detach() only where autograd tracks the tensor: an op per call otherwise.)
     t = None if p.prob else (p.target.detach() if p.target.requires_grad else p.target).clone()
     kept = None if losses is None else losses.detach() if losses.requires_grad else losses
+    if kept is not None and p.reduction == "none" and kept.is_inference():
+        # The caller gets these very losses and may edit them before the report; an inference
+        # tensor has no version counter to tell (see _Pending.losses_version): keep a copy.
+        kept = kept.clone()
     # Device bytes the record keeps alive: the label copy and the losses.
     nbytes = (0 if t is None else t.numel() * t.element_size()) + (
         0 if kept is None else kept.numel() * kept.element_size())
