@@ -529,11 +529,26 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
             )
 
     if input.dim() == 1:
+        # The fix follows from what the target holds: one label or one row of probabilities in
+        # another shape (reshape it), or labels of several samples (a batch of logits is missing;
+        # logits.unsqueeze(0) would give a batch of one, another mismatch).
+        if target.numel() == 1 and not target.is_floating_point():
+            fix = "Fix: loss_fn(logits, target.reshape(()))   # one sample, one class index"
+        elif target.numel() == C and target.is_floating_point():
+            fix = f"Fix: loss_fn(logits, target.reshape({C}))   # one sample's class probabilities"
+        elif target.dim() == 1:
+            n = tshape[0]
+            fix = (f"{n} labels are {n} samples, whose logits were not passed (or were reduced to one "
+                   "sample's, e.g. by indexing or a squeeze).\n"
+                   f"Fix: pass the logits of all {n} samples, shape ({n}, {C}), or this sample's one "
+                   "label as a 0-d class index")
+        else:
+            fix = (f"Fix: logits of shape (N, {C}) with class indices of shape (N,), or this sample's "
+                   "one label as a 0-d class index")
         raise shape_error(
             f"cross_entropy got 1-D logits (one sample, {C} classes) and a target of shape "
             f"{fmt_shape(tshape)}.\n" + head
-            + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n"
-            "Fix: add the batch dimension to the logits: loss_fn(logits.unsqueeze(0), target)"
+            + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n" + fix
         )
     raise shape_error(
         "cross_entropy cannot pair this target with these logits.\n" + head
@@ -588,15 +603,24 @@ def _float_index_target(target: Tensor, input: Tensor, read_values: bool = True)
     )
 
 
+def argmax_code(dtype: torch.dtype, cdim: int) -> str:
+    """``target.argmax(dim=cdim)`` in a form that runs for a target of ``dtype``: argmax has no
+    kernel for bool and uint16/32/64 (RuntimeError / NotImplementedError), so those go through
+    ``.long()`` first; ``cdim`` is 0 for the (C,) one-hot of a single sample."""
+    cast = ".long()" if dtype == torch.bool or dtype in _UNSIGNED_WIDE else ""
+    return f"target{cast}.argmax(dim={cdim})"
+
+
 def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False,
                    read_values: bool = True) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
+    argmax = argmax_code(target.dtype, cdim)
     if not read_values:
         raise TargetDtypeError(
             f"cross_entropy got an integer target ({target.dtype}) with the input's shape "
             f"{fmt_shape(input.shape)} {_NO_READ}, so it cannot check that it is one-hot; stock "
             "torch rejects it (\"Expected floating point type for target with class "
-            "probabilities\").\nFix: class indices target.argmax(dim=1), or probabilities "
+            f"probabilities\").\nFix: class indices {argmax}, or probabilities "
             "target.float(), before the loss"
         )
     if target.dtype == torch.uint64:
@@ -606,7 +630,8 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
     else:
         t = target
     ok_vals = (t == 0) | (t == 1)
-    rows_ok = t.sum(cdim) == 1
+    sums = t.sum(cdim)
+    rows_ok = sums == 1
     if not (bool(ok_vals.all()) and bool(rows_ok.all())):
         nbad_vals = int((~ok_vals).sum())
         bad_rows = (~rows_ok).nonzero()
@@ -616,14 +641,24 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
             f"{plural(bad_rows.shape[0], 'row')} without exactly one 1 "
             f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
         )
+        # A row with no 1 at all has no class: argmax reads it as class 0, and dividing it by its
+        # sum gives 0/0 = NaN. Such rows go first.
+        empty = (sums == 0).nonzero() if t.dim() > 1 else sums.reshape(1)[sums.reshape(1) == 0]
+        n_empty = empty.shape[0]
+        drop = ""
+        if n_empty:
+            where = fmt_list([str(tuple(p)) for p in empty[:3].tolist()], total=n_empty) if t.dim() > 1 else "the one row"
+            what += f"; {plural(n_empty, 'row')} with no 1 (at {where})"
+            drop = (f"drop the rows with no class first (keep = target.sum(dim={cdim}) > 0; input[keep], "
+                    "target[keep]), then ")
         raise TargetDtypeError(
             f"cross_entropy got an integer target with the input's shape {fmt_shape(input.shape)} "
             f"that is not one-hot: {what}.\n"
             f"  target dtype {target.dtype}\n"
             "A target of the input's shape means class probabilities, which must be floating "
             "point; a multi-hot (multi-label) target needs BCEWithLogitsLoss instead.\n"
-            "Fix: class indices target.argmax(dim=1), or probabilities target.float() / "
-            "target.sum(dim=1, keepdim=True), or torch.nn.BCEWithLogitsLoss for multi-label data"
+            f"Fix: {drop}class indices {argmax}, or probabilities target.float() / "
+            f"target.sum(dim={cdim}, keepdim=True), or torch.nn.BCEWithLogitsLoss for multi-label data"
         )
     return t.to(input.dtype), Finding(
         "integer-onehot", TargetDtypeError,
@@ -634,7 +669,7 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
         # The one difference, named only when this call has class weights.
         + (" except that the mean ignores class weights in its denominator" if weighted else "")
         + ".\n"
-        "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
+        f"Fix: pass class indices, {argmax} (faster, and what you most likely meant), "
         "or target.float() to keep torch's probability semantics",
     )
 
@@ -790,6 +825,7 @@ def normalize(
     # dim() first: index targets, the common case, differ there, in half the time of a shape test.
     if (target.dim() == x.dim() and target.shape == x.shape
             and (target.is_floating_point() or C > 1 or x.dim() == 1)):
+        given_dtype = target.dtype
         if not target.is_floating_point():
             if target.is_complex():
                 raise TargetDtypeError(
@@ -805,8 +841,8 @@ def normalize(
                 f"has the input's shape {fmt_shape(x.shape)}, so each entry is a class "
                 "probability, not a label that could be skipped).\n"
                 "Fix: drop ignore_index; to skip rows, leave them out (input[keep], "
-                "target[keep]), or pass class indices (target.argmax(dim=1) for one-hot rows) "
-                "and keep ignore_index"
+                f"target[keep]), or pass class indices ({argmax_code(given_dtype, cdim)} for one-hot "
+                "rows) and keep ignore_index"
             )
         prob = True
         out_dtype = torch.promote_types(_autocast_dtype(x.dtype, x), _autocast_dtype(target.dtype, x))
