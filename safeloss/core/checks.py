@@ -280,6 +280,17 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "flattened (and shifted) the labels you gave it"
         )
     bad_vals = vals.tolist()
+    # Positions the target already skips with ignore_index: a fix that changes ignore_index (or
+    # shifts every label) would turn them into bad labels, so the fixes keep them.
+    n_ignored = int((t == ignore_index).sum())
+
+    def skip(v: int) -> str:
+        if not n_ignored:
+            return f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})"
+        return (f"Fix: target.masked_fill(target == {v}, {ignore_index}), since the target already "
+                f"marks {plural(n_ignored, 'position')} with ignore_index={ignore_index}, which "
+                f"ignore_index={v} would no longer skip")
+
     lo = int(valid.min()) if valid.numel() else 0
     hi = int(valid.max()) if valid.numel() else 0
     # Sequences to look for padding in (a negative value is never a class: it needs no evidence):
@@ -349,17 +360,14 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             + (" (e.g. a pad token id equal to the vocabulary size)" if v == C else " (a pad id)")
             + f", not a class. ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(
-            f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v}); "
-            f"or set the padded labels to {ignore_index} where the batch is built"
-        )
+        lines.append(f"{skip(v)}; or set the padded labels to {ignore_index} where the batch is built")
     elif len(bad_vals) == 1 and bad_vals[0] < 0:
         v = bad_vals[0]
         lines.append(
             f"Every bad value is {v}, which looks like padding/unknown labels (a label is never "
             f"negative), not a class; ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+        lines.append(skip(v))
     elif len(bad_vals) == 1 and bad_vals[0] in (255, 250, 254, 65535):
         v = bad_vals[0]
         spatial = t.dim() >= 2
@@ -372,13 +380,16 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             f"Every bad value is {v}, which looks like {what}, not a class; "
             f"ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+        lines.append(skip(v))
     elif one_based:
         lines.append(
             f"The labels look 1-based: they run from {lo} to {hi}, {covered} of the {C} values "
             f"1..{C} occur, and 0 never does."
         )
-        lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
+        shifted = (f"torch.where(target == {ignore_index}, target, target - 1) (target - 1 would also "
+                   f"move the ignore_index={ignore_index} positions to {ignore_index - 1})"
+                   if n_ignored else "target - 1")
+        lines.append(f"Fix: pass {shifted}, or give the model {C + 1} outputs if class {C} is real.")
     elif hi >= C and (hi >= 2**31 or hi >= 1000 * C) and len(bad_vals) <= 4:
         lines.append(
             f"The bad labels are far beyond the model's {C} outputs (up to {hi}): corrupt or "
