@@ -232,7 +232,7 @@ def test_batch_multiples_quote_the_k_dim_shapes():
 def test_an_empty_target_is_not_blamed_on_a_hard_coded_batch_size():
     text = _message(lambda: safeloss.cross_entropy(torch.randn(4, 5), torch.zeros(0, dtype=torch.long)))
     assert "hard-coded" not in text and "last, smaller batch" not in text
-    assert "the target is empty" in text
+    assert "The target is empty" in text
 
 
 def test_per_position_labels_for_pooled_logits_fix_is_not_a_no_op():

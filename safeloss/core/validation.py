@@ -411,7 +411,16 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 f"  input  (logits) shape {fmt_shape(ishape)}: batch {n_in}, {C} classes",
                 f"  target (labels) shape {fmt_shape(tshape)}: batch {n_t}",
             ]
-            if n_t and n_in > n_t and n_in % n_t == 0:
+            rest = tshape[1:]  # the positions of K-d logits: every shape below carries them
+            if n_t == 0:
+                lines.append(
+                    "The target is empty: the labels were lost before the loss (an empty selection "
+                    "such as labels[mask], a wrong dataset column or slice), or the batch was cut "
+                    "to nothing on the label side only."
+                )
+                lines.append(f"Fix: pass the {n_in} labels of this batch, one per prediction "
+                             f"(target shape {fmt_shape((n_in, *rest))})")
+            elif n_in > n_t and n_in % n_t == 0:
                 k = n_in // n_t
                 # Only the ratio is known: which dimension was folded, the shapes do not say.
                 lines.append(
@@ -423,20 +432,25 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 lines.append(
                     "Fix: flatten per sample with x.flatten(1) or x.view(x.size(0), -1) before the "
                     f"final layer; if the model really predicts {k} positions per sample, pass "
-                    f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)."
+                    + (f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)." if not rest else
+                       f"labels of shape {fmt_shape((n_t, k, *rest))} flattened with .flatten(0, 1).")
                 )
             elif n_in and n_t > n_in and n_t % n_in == 0:
                 k = n_t // n_in
                 lines.append(
                     f"The target batch is exactly {k}x the input batch ({n_t} = {k} x {n_in}). "
                     f"Possible causes (the shapes do not tell which): labels flattened from shape "
-                    f"({n_in}, {k}) (per-step or per-pixel labels), a model that reduced a "
-                    f"dimension it should have kept, or a hard-coded batch size in the model "
+                    f"{fmt_shape((n_in, k, *rest))} (per-step or per-pixel labels), a model that "
+                    f"reduced a dimension it should have kept, or a hard-coded batch size in the model "
                     f"(x.view({n_in}, -1)) that cut the batch."
                 )
+                # One prediction per label: the logits these labels need, whichever cause it is
+                # (reshaping the given logits cannot make more rows).
                 lines.append(
                     "Fix: keep one prediction per label: x.view(x.size(0), ...) instead of a fixed "
-                    "batch size, or logits.reshape(-1, C) together with labels.reshape(-1)."
+                    f"batch size; for {k} labels per sample, the model must predict {k} positions "
+                    f"per sample too, logits of shape {fmt_shape((n_t, C, *rest))} (e.g. "
+                    f"{fmt_shape((n_in, k, C, *rest))} flattened with .flatten(0, 1))."
                 )
             else:
                 hint = (
@@ -497,8 +511,9 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                     f"The target holds integer labels other than 0/1 ({tshape[1]} per sample): labels "
                     f"per position (time steps, tokens) for logits with one prediction per sample; "
                     "the model lost (or pooled away) the position dimension.\n"
-                    f"Fix: logits of shape (N, C, {tshape[1]}) (classes in dim 1), or "
-                    f"logits.reshape(-1, C) with target.reshape(-1) if the model predicts every position"
+                    f"Fix: a model that predicts every position: logits of shape (N, C, {tshape[1]}) "
+                    f"(classes in dim 1), or (N, {tshape[1]}, C) logits flattened with "
+                    ".reshape(-1, C) together with target.reshape(-1)"
                 )
             raise shape_error(
                 f"cross_entropy got a 2-D target for 2-D logits, but with {tshape[1]} columns where "
