@@ -67,7 +67,7 @@ def _code(text: str, start: str) -> str:
         depth += fix[j] == "("
         depth -= fix[j] == ")"
         seen |= fix[j] == "("
-        if seen and depth == 0 and fix[j + 1 : j + 2] != "(":  # a call of a call: go on
+        if seen and depth == 0 and fix[j + 1 : j + 2] not in ("(", "."):  # chained calls: go on
             return fix[i : j + 1]
     raise AssertionError(f"unbalanced code in the fix: {fix}")
 

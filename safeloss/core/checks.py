@@ -787,8 +787,22 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
             "distribution (rows with no class need removing first)"
         )
     else:
+        # All-zero rows (no class at all: what a masked or padded position leaves) divide by 0 in
+        # the counts fix: they keep their zeros through a clamped denominator.
+        zero = (y == 0).all(cdim) if known and badsum else None
+        n_zero = int(zero.sum()) if zero is not None else 0
+        zeros = ""
+        counts_fix = f"target / target.sum(dim={cdim}, keepdim=True) for counts"
+        if n_zero:
+            _, zpos = _positions(zero, 3)
+            zeros = (f"{plural(n_zero, 'row')} {'is' if n_zero == 1 else 'are'} all zeros (at "
+                     f"{fmt_list(zpos, limit=3, total=n_zero)}): no class at all, as a masked or padded "
+                     "position leaves. ")
+            counts_fix = (f"target / target.sum(dim={cdim}, keepdim=True).clamp_min(1e-12) for counts "
+                          "(all-zero rows stay zero; divided by their sum of 0 they would be NaN)")
         body = (
             (nan_text if nonfinite else "")
+            + zeros
             + "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
             "distributions: its minimum is no longer at the target distribution, and negative "
             "entries can drive it below zero. "
@@ -798,8 +812,8 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
                if negative else
                f"Every {'finite ' if nonfinite else ''}entry is at least 0, so these look like "
                "counts or unnormalized scores (a guess from the values).\n")
-            + f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
-            "for counts, or class indices of shape " + fmt_shape(p.positions_shape)
+            + f"Fix: target.softmax(dim={cdim}) for logits, {counts_fix}, or class indices of shape "
+            + fmt_shape(p.positions_shape)
         )
     return Finding(
         "bad-probabilities", ProbabilityTargetError,
