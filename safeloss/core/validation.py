@@ -355,6 +355,13 @@ def _check_weight(
     return weight, findings
 
 
+def weight_grad_quote(input_dim: int) -> str:
+    """Stock torch's words for a class weight that requires grad, quoted: its nll_loss kernel
+    names itself, nll_loss2d_forward for K-d logits (which it runs as 2-d)."""
+    fn = "nll_loss2d_forward" if input_dim >= 3 else "nll_loss_forward"
+    return f"\"The function '{fn}' is not differentiable with respect to argument 'weight'\""
+
+
 def _weight_dtype_cause(weight_dtype: torch.dtype, dtype: torch.dtype) -> str:
     """The likely cause of a weight/logits dtype mismatch, only as far as the two dtypes show it:
     a float64 weight points at NumPy, half-precision logits with a wider weight at a converted
@@ -881,8 +888,8 @@ def normalize(
     if w is not None and w.requires_grad and not prob and torch.is_grad_enabled():
         raise WeightError(
             f"weight requires grad, but cross_entropy with class-index targets is not "
-            f"differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
-            f"is not differentiable wrt weight\").\n  weight shape {fmt_shape(w.shape)}, "
+            f"differentiable with respect to the class weights (stock torch: "
+            f"{weight_grad_quote(x.dim())}).\n  weight shape {fmt_shape(w.shape)}, "
             f"target shape {fmt_shape(target.shape)}\n"
             "Fix: pass weight.detach() (class weights are usually constants), or use probability "
             "targets, for which the gradient with respect to the weights exists"

@@ -91,6 +91,7 @@ from ..core.validation import (
     check_label_smoothing,
     check_reduction,
     normalize,
+    weight_grad_quote,
 )
 
 K_SAMPLE = 64  # rows sampled for the softmaxed-input check (as checks.sample_rows)
@@ -788,8 +789,8 @@ def _precheck(input: object, target: object, weight: object, ignore_index: objec
     if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
         raise WeightError(
             "weight requires grad, but cross_entropy with class-index targets is not "
-            "differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
-            "is not differentiable wrt weight\").\nFix: pass weight.detach()"
+            f"differentiable with respect to the class weights (stock torch on the gathered logits: "
+            f"{weight_grad_quote(x.dim())}).\nFix: pass weight.detach()"
         )
     return x, target, ignore
 
