@@ -37,6 +37,7 @@ import importlib.abc
 import importlib.machinery
 import inspect
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -145,7 +146,16 @@ class Route:
         """The error to raise instead of ``e``: its message naming this route, and for a bad label
         also the ``RuntimeError`` that the original's ``torch.gather`` raises for it."""
         n = str(NO_IGNORE)  # the stand-in for "no ignore_index", never shown as a number
-        text = (str(e).replace(f"ignore_index={n}", "no ignore_index")
+        text = str(e)
+        if n in text:
+            # A route without ignore_index: a fix that sets one names an argument this loss does
+            # not have (its note says so). Drop those positions, or the stock loss that has it.
+            text = _NO_IGNORE_FIX.sub(
+                lambda m: (f"Fix: leave those positions out (keep = target != {m.group(1)}; x[keep], "
+                           f"target[keep]), or use torch.nn.CrossEntropyLoss(ignore_index={m.group(1)}, "
+                           "label_smoothing=...) with the same smoothing, which has an ignore_index"),
+                text)
+        text = (text.replace(f"ignore_index={n}", "no ignore_index")
                 .replace(f"ignore_index is {n}", "there is no ignore_index")
                 .replace(f"ignore_index ({n})", "ignore_index (there is none)").replace(n, "none"))
         cls = type(e)
@@ -153,6 +163,12 @@ class Route:
             cls = stock_class(TargetOutOfRangeError, RuntimeError)
         return cls(f"{text}\n({self.label}, reached through safeloss.patch(): {self.note})")
 
+
+# The bad-label fixes that set ignore_index (checks.out_of_range_message), with the padding
+# variant's tail ("or set the padded labels to <ignore_index> ...").
+_NO_IGNORE_FIX = re.compile(
+    r"Fix: cross_entropy\(\.\.\., ignore_index=(-?\d+)\)  or  CrossEntropyLoss\(ignore_index=-?\d+\)"
+    r"(; or set the padded labels to -?\d+ where the batch is built)?")
 
 _warned: set[str] = set()
 
