@@ -61,12 +61,11 @@ def _code(text: str, start: str) -> str:
     fix = _fix(text)
     assert start in fix, f"{start!r} not in the fix: {fix}"
     i = fix.index(start)
-    depth, seen = 0, False
+    depth = 0
     for j in range(i, len(fix)):
         depth += fix[j] == "("
         depth -= fix[j] == ")"
-        seen |= fix[j] == "("
-        if seen and depth == 0 and fix[j + 1 : j + 2] not in ("(", "."):  # chained calls: go on
+        if fix[j] == ")" and depth == 0 and fix[j + 1 : j + 2] not in ("(", "."):  # chained calls: go on
             return fix[i : j + 1]
     raise AssertionError(f"unbalanced code in the fix: {fix}")
 
@@ -154,13 +153,23 @@ def test_probability_targets_with_all_zero_rows_get_a_fix_that_keeps_them_finite
     target = torch.tensor([[2.0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 0, 5]])
     logits = torch.randn(4, 3)
     text = _message(lambda: safeloss.cross_entropy(logits, target))
-    assert "1 row is all zeros" in text, text
-    code = _code(text, "target / target.sum(dim=1, keepdim=True).clamp_min(")
-    fixed = _run(code, target=target)
-    assert torch.isfinite(fixed).all() and torch.equal(fixed[1], torch.zeros(3))
-    assert_matches(_quiet(lambda: safeloss.cross_entropy(logits[[0, 2, 3]], fixed[[0, 2, 3]])),
-                   F.cross_entropy(logits[[0, 2, 3]], fixed[[0, 2, 3]]))
-    assert torch.isfinite(safeloss.cross_entropy(logits, fixed))
+    assert "1 row is all zeros (at [1])" in text, text
+    assert "keep = target.sum(dim=1) > 0; input[keep], target[keep]" in _fix(text)
+    keep = target.sum(dim=1) > 0
+    fixed = _run("target / target.sum(dim=1, keepdim=True)", target=target[keep])
+    assert_matches(_quiet(lambda: safeloss.cross_entropy(logits[keep], fixed)), F.cross_entropy(logits[keep], fixed))
+
+
+def test_k_dim_probability_targets_with_all_zero_positions_fix_indexes_positions():
+    target = torch.rand(2, 3, 4)
+    target[0, :, 1] = 0
+    logits = torch.randn(2, 3, 4)
+    text = _message(lambda: safeloss.cross_entropy(logits, target))
+    assert "input.movedim(1, -1)[keep], target.movedim(1, -1)[keep]" in _fix(text)
+    keep = target.sum(dim=1) > 0
+    x2, t2 = logits.movedim(1, -1)[keep], target.movedim(1, -1)[keep]
+    t2 = t2 / t2.sum(dim=1, keepdim=True)
+    assert_matches(_quiet(lambda: safeloss.cross_entropy(x2, t2)), F.cross_entropy(x2, t2))
 
 
 # ---------------------------------------------------------------- ignore_index that is already in use

@@ -788,7 +788,7 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
         )
     else:
         # All-zero rows (no class at all: what a masked or padded position leaves) divide by 0 in
-        # the counts fix: they keep their zeros through a clamped denominator.
+        # the counts fix (NaN): they go first, which also keeps them out of the mean's count.
         zero = (y == 0).all(cdim) if known and badsum else None
         n_zero = int(zero.sum()) if zero is not None else 0
         zeros = ""
@@ -798,8 +798,10 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
             zeros = (f"{plural(n_zero, 'row')} {'is' if n_zero == 1 else 'are'} all zeros (at "
                      f"{fmt_list(zpos, limit=3, total=n_zero)}): no class at all, as a masked or padded "
                      "position leaves. ")
-            counts_fix = (f"target / target.sum(dim={cdim}, keepdim=True).clamp_min(1e-12) for counts "
-                          "(all-zero rows stay zero; divided by their sum of 0 they would be NaN)")
+            pick = "[keep]" if y.dim() <= 2 else ".movedim(1, -1)[keep]"
+            counts_fix = (f"target / target.sum(dim={cdim}, keepdim=True) for counts, after leaving out "
+                          f"the all-zero rows, which would divide by 0 (keep = target.sum(dim={cdim}) > 0; "
+                          f"input{pick}, target{pick})")
         body = (
             (nan_text if nonfinite else "")
             + zeros
