@@ -97,7 +97,8 @@ def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction:
     return check_reduction(reduction)
 
 
-def check_reduction(reduction: object) -> str:
+def check_reduction(reduction: object, op: str = "cross_entropy") -> str:
+    """``op``: the function (or module) the caller called, which the message names."""
     if reduction in REDUCTIONS:
         return reduction  # type: ignore[return-value]
     if reduction == "elementwise_mean":
@@ -106,7 +107,7 @@ def check_reduction(reduction: object) -> str:
                       stacklevel=2)
         return "mean"
     raise ReductionError(
-        f"reduction={reduction!r} is not a valid reduction for cross_entropy.\n"
+        f"reduction={reduction!r} is not a valid reduction for {op}.\n"
         f'Valid values are "mean" (the default: average over the targets), "sum" and "none" '
         f"(one loss per target).\n"
         f'Fix: reduction="mean"' + (
