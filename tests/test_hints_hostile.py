@@ -478,3 +478,41 @@ def test_readme_message_blocks_are_what_the_code_prints():
         for line in block.strip().splitlines():
             for part in line.split("..."):
                 assert part.strip(" ;").removeprefix("safeloss.") in printed, part
+
+
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-4}])
+def test_linear_reduction_error_names_linear_cross_entropy(extras):
+    """It read "reduction='avg' is not a valid reduction for cross_entropy"."""
+    with pytest.raises(safeloss.ReductionError, match="not a valid reduction for linear_cross_entropy") as e:
+        safeloss.linear_cross_entropy(torch.randn(6, 8), torch.randn(5, 8), torch.randint(0, 5, (6,)),
+                                      reduction="avg", **extras)
+    assert not re.search(r"(?<![\w.])cross_entropy\b", str(e.value))
+    with pytest.raises(safeloss.ReductionError, match="for SafeLinearCrossEntropyLoss"):
+        safeloss.SafeLinearCrossEntropyLoss(8, 5, reduction="avg")
+
+
+def test_masked_logits_with_label_smoothing_get_a_fix_that_keeps_the_loss_sane():
+    """-inf masks with label smoothing: the fix was a finite mask, torch.finfo(dtype).min / 2,
+    which gives a loss of ~5.7e36 there (smoothing puts label_smoothing / C on the masked class)."""
+    x = torch.tensor([[-math.inf, 1.0, 2.0], [0.5, 1.0, -math.inf]])
+    t = torch.tensor([1, 0])
+    text = _message(lambda: safeloss.cross_entropy(x, t, label_smoothing=0.1))
+    assert "probability targets that are 0 on the masked classes" in _fix(text) or \
+        "probability targets that are 0 on the masked classes" in text
+    # What it asks for: smoothing over the allowed classes, a finite mask.
+    allowed = torch.isfinite(x)
+    probs = 0.9 * F.one_hot(t, 3) + 0.1 * allowed / allowed.sum(1, keepdim=True)
+    masked = x.masked_fill(~allowed, torch.finfo(x.dtype).min / 2)
+    out = _quiet(lambda: safeloss.cross_entropy(masked, probs))
+    assert out.item() < 10
+    assert_matches(out, F.cross_entropy(masked, probs))
+
+
+def test_masked_logits_with_probability_targets_say_nan_where_the_target_is_zero():
+    x = torch.tensor([[-math.inf, 1.0, 2.0]])
+    target = torch.tensor([[0.0, 0.5, 0.5]])
+    assert math.isnan(F.cross_entropy(x, target).item())
+    text = _message(lambda: safeloss.cross_entropy(x, target))
+    assert "NaN where the probability target is 0 on that class" in text
+    fixed = x.masked_fill(torch.isinf(x), torch.finfo(x.dtype).min / 2)
+    assert_matches(_quiet(lambda: safeloss.cross_entropy(fixed, target)), F.cross_entropy(fixed, target))

@@ -548,8 +548,21 @@ def nonfinite_finding(
                 "never on the target class"
                 + (
                     "; with label smoothing or probability targets every class enters the loss, so "
-                    "any -inf makes it infinite (mask with a large finite value, e.g. "
-                    "torch.finfo(dtype).min / 2)"
+                    "any -inf makes it infinite"
+                    + (
+                        # A finite mask fixes probability targets that are 0 there; smoothing puts
+                        # label_smoothing / C on every class, masked ones too: a finite mask then
+                        # gives a loss of ~1e36 (min / 2 times that share), no fix at all.
+                        " (NaN where the probability target is 0 on that class: 0 x -inf); mask with a "
+                        "large finite value instead, e.g. torch.finfo(dtype).min / 2, with the "
+                        "target 0 on the masked classes"
+                        if p.prob else
+                        " (and a large finite mask only makes it huge: label smoothing gives every "
+                        "class, masked ones too, label_smoothing / C of the target); to smooth over "
+                        "the allowed classes only, pass probability targets that are 0 on the masked "
+                        "classes, and mask with a large finite value (torch.finfo(dtype).min / 2) "
+                        "instead of -inf"
+                    )
                     if spread else ""
                 )
                 if neg_inf else ""
