@@ -606,7 +606,7 @@ def _float_index_target(target: Tensor, input: Tensor, read_values: bool = True)
         bad_pos = (~whole).nonzero()
         vals = target[~whole]
         k = bad_pos.shape[0]
-        shown = [f"{float(v):g} at {tuple(p)}" for v, p in zip(vals[:5].tolist(), bad_pos[:5].tolist())]
+        shown = [f"{float(v):g} at {list(p)}" for v, p in zip(vals[:5].tolist(), bad_pos[:5].tolist())]
         raise TargetDtypeError(
             f"cross_entropy got float targets of shape {fmt_shape(target.shape)} that are not whole "
             f"class numbers: {plural(k, 'value')} with a fraction or NaN/inf: "
@@ -662,7 +662,7 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
             f"{plural(nbad_vals, 'entry', 'entries')} other than 0/1"
             if nbad_vals else
             f"{plural(bad_rows.shape[0], 'row')} without exactly one 1 "
-            f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
+            f"(first at {fmt_list([str(list(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
         )
         # A row with no 1 at all has no class: argmax reads it as class 0, and dividing it by its
         # sum gives 0/0 = NaN. Such rows go first.
@@ -670,7 +670,7 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
         n_empty = empty.shape[0]
         drop = ""
         if n_empty:
-            where = fmt_list([str(tuple(p)) for p in empty[:3].tolist()], total=n_empty) if t.dim() > 1 else "the one row"
+            where = fmt_list([str(list(p)) for p in empty[:3].tolist()], total=n_empty) if t.dim() > 1 else "the one row"
             what += f"; {plural(n_empty, 'row')} with no 1 (at {where})"
             drop = (f"drop the rows with no class first (keep = target.sum(dim={cdim}) > 0; input[keep], "
                     "target[keep]), then ")
