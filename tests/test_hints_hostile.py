@@ -525,3 +525,23 @@ def test_masked_logits_with_probability_targets_say_nan_where_the_target_is_zero
 def test_positions_are_written_as_every_other_message_writes_them(call, where):
     """Positions read "[1]" everywhere (bad labels, NaN rows); these two wrote tuples, "(1,)"."""
     assert where in _message(call)
+
+
+@pytest.mark.usefixtures("clean_patch")
+def test_label_smoother_route_fix_changes_the_labels_it_can_reach():
+    """transformers' LabelSmoother (built by the Trainer): its fix said
+    "cross_entropy(..., ignore_index=-1)", a call its users never write."""
+    pytest.importorskip("transformers")
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    logits = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 1, -1, -1], [1, 2, -1, -1]])
+    smoother = LabelSmoother(epsilon=0.1)
+    with safeloss.patch():
+        text = _message(lambda: smoother({"logits": logits}, labels))
+    fix = _fix(text).split("\n(transformers", 1)[0]
+    assert "cross_entropy(..., ignore_index" not in fix, fix
+    fixed = _run(_code(text, "labels.masked_fill("), labels=labels)
+    want = smoother({"logits": logits}, fixed)  # transformers' own code, unpatched
+    with safeloss.patch():
+        assert_matches(smoother({"logits": logits}, fixed), want)

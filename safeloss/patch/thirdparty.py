@@ -82,6 +82,9 @@ class Route:
     replacement: Callable[[Route, Callable[..., Any]], Callable[..., Any]]  # builds the method
     selftest: Callable[[Route, type, Callable[..., Any]], str | None]  # None: same values
     note: str = ""  # appended to a SafeLossError raised through this route
+    # How a bad-label fix reads for this route, in place of "cross_entropy(..., ignore_index=v)"
+    # (whose arguments its callers do not write); called with v and the ignore_index in use.
+    skip_fix: Callable[[str, str], str] | None = None
     installed: tuple[type, Callable[..., Any], Callable[..., Any]] | None = None  # (cls, original, ours)
     # Per original (by id, the original kept to check identity): the verdict, and our method.
     verdicts: dict[int, tuple[Callable[..., Any], str | None]] = field(default_factory=dict)
@@ -155,6 +158,11 @@ class Route:
                            f"target[keep]), or use torch.nn.CrossEntropyLoss(ignore_index={m.group(1)}, "
                            "label_smoothing=...) with the same smoothing, which has an ignore_index"),
                 text)
+        elif self.skip_fix is not None:
+            in_use = _IGNORE_IN_USE.search(text)
+            if in_use is not None:
+                # (the padding variant's "or set the padded labels to ..." says the same: dropped)
+                text = _NO_IGNORE_FIX.sub(lambda m: "Fix: " + self.skip_fix(m.group(1), in_use.group(1)), text)
         text = (text.replace(f"ignore_index={n}", "no ignore_index")
                 .replace(f"ignore_index is {n}", "there is no ignore_index")
                 .replace(f"ignore_index ({n})", "ignore_index (there is none)").replace(n, "none"))
@@ -169,6 +177,8 @@ class Route:
 _NO_IGNORE_FIX = re.compile(
     r"Fix: cross_entropy\(\.\.\., ignore_index=(-?\d+)\)  or  CrossEntropyLoss\(ignore_index=-?\d+\)"
     r"(; or set the padded labels to -?\d+ where the batch is built)?")
+
+_IGNORE_IN_USE = re.compile(r"target shape [^\n]*, ignore_index=(-?\d+)")
 
 _warned: set[str] = set()
 
@@ -389,6 +399,10 @@ ROUTES: list[Route] = [
         note="its loss is cross_entropy(logits, labels, ignore_index, label_smoothing=epsilon, "
         "reduction='sum') divided by the number of non-ignored labels (or num_items_in_batch); "
         "positions count its labels flattened, after its shift by one when shift_labels=True",
+        # The Trainer builds the smoother itself (ignore_index=-100): the labels are what to change.
+        skip_fix=lambda v, ii: (f"labels.masked_fill(labels == {v}, {ii}) where the batch is built "
+                                f"(the smoother's ignore_index is {ii}), or LabelSmoother(epsilon, "
+                                f"ignore_index={v}) where you build the smoother yourself"),
     ),
     Route(
         "timm.loss.cross_entropy", "LabelSmoothingCrossEntropy", "forward",
