@@ -545,3 +545,23 @@ def test_label_smoother_route_fix_changes_the_labels_it_can_reach():
     want = smoother({"logits": logits}, fixed)  # transformers' own code, unpatched
     with safeloss.patch():
         assert_matches(smoother({"logits": logits}, fixed), want)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_linear_bad_label_under_a_transform_names_the_class_stock_raises(transform):
+    """Under vmap stock raises a RuntimeError (its batched gather), and so does this call: the
+    message said "Stock torch raises IndexError there too"."""
+    w = torch.randn(5, 8)
+    x, t = torch.randn(3, 6, 8), torch.tensor([[0, 1, 7, 1, 1, 1]] * 3)
+    if transform == "vmap":
+        def run(f):
+            return torch.func.vmap(lambda a, b: f(a, w, b))(x, t)
+    else:
+        def run(f):
+            return torch.func.grad(lambda a: f(a, w, t[0]))(x[0])
+    with pytest.raises(Exception) as stock:
+        run(F.linear_cross_entropy)
+    with pytest.raises(safeloss.TargetOutOfRangeError) as ours:
+        run(safeloss.linear_cross_entropy)
+    assert isinstance(ours.value, type(stock.value))
+    assert f"Stock torch raises {type(stock.value).__name__} there too" in str(ours.value)

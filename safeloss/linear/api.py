@@ -584,11 +584,12 @@ def _transform_guard(t: Tensor, num_classes: int, ignore_index: int) -> None:
         # The class stock's own check raises: a RuntimeError under any vmap level (its batched
         # gather, whichever argument is batched), else an IndexError. This gather's own class
         # follows what this call batches, not what stock's logits would be, so it cannot tell.
-        raise stock_class(TargetOutOfRangeError, RuntimeError if under_vmap() else IndexError)(
+        builtin = RuntimeError if under_vmap() else IndexError
+        raise stock_class(TargetOutOfRangeError, builtin)(
             f"linear_cross_entropy: a class-index target is outside the class range "
             f"0..{num_classes - 1} ({num_classes} classes) inside a torch.func transform (vmap, "
             f"grad, ...), where safeloss cannot read the labels to name them. Stock torch raises "
-            f"IndexError there too ({e}).\n"
+            f"{builtin.__name__} there too (this call's bounds check: {e}).\n"
             "Fix: check the labels outside the transform (e.g. call the loss once eagerly on a "
             "batch), or set ignore_index to the value used for 'no label'"
         ) from None
