@@ -59,7 +59,7 @@ def test_batch_mismatch_folded_view():
 
 
 def test_batch_mismatch_target_multiple():
-    with pytest.raises(ValueError, match=r"(?s)got 2 predictions but 6 targets.*3x the input batch.*reshape\(-1, C\)"):
+    with pytest.raises(ValueError, match=r"(?s)got 2 predictions but 6 targets.*3x the input batch.*logits of shape \(6, 5\)"):
         ce(logits(2, 5), labels(5, 6))
 
 
@@ -116,7 +116,7 @@ def test_onehot_with_wrong_class_count():
 
 
 def test_one_sample_target_shape():
-    with pytest.raises(safeloss.TargetShapeError, match=r"(?s)1-D logits \(one sample, 5 classes\).*unsqueeze\(0\)"):
+    with pytest.raises(safeloss.TargetShapeError, match=r"(?s)1-D logits \(one sample, 5 classes\).*logits of all 3 samples, shape \(3, 5\)"):
         ce(logits(5), labels(5, 3))
 
 
@@ -159,7 +159,7 @@ def test_float_whole_number_targets_are_converted(strict):
 
 def test_float_fractional_targets_error():
     t = torch.tensor([0.0, 1.5, 2.0, float("nan")])
-    with pytest.raises(safeloss.TargetDtypeError, match=r"(?s)2 values with a fraction or NaN/inf: 1.5 at \(1,\) and nan at \(3,\)"):
+    with pytest.raises(safeloss.TargetDtypeError, match=r"(?s)2 values with a fraction or NaN/inf: 1.5 at \[1\] and nan at \[3\]"):
         ce(logits(4, 5), t)
 
 

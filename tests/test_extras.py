@@ -806,9 +806,12 @@ def test_existing_checks_still_apply_on_the_extras_path() -> None:
     bad[1] = 9
     with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)1 of 7 targets is outside.*9 at \[1\]"):
         safeloss.cross_entropy(x, bad, z_loss=1e-4)
-    bad[1] = -1  # the hint names this API (linear_cross_entropy), as the plain op's does
-    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)-1 at \[1\].*linear_cross_entropy\(\.\.\., ignore_index=-1\)"):
+    bad[1] = -1  # beside positions at ignore_index=-100: the fix maps -1 to it (h13)
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)-1 at \[1\].*target\.masked_fill\(target == -1, -100\)"):
         safeloss.linear_cross_entropy(torch.randn(7, H), torch.randn(C, H), bad, z_loss=1e-4)
+    alone = bad.masked_fill(bad == -100, 0)  # the hint names this API (linear_cross_entropy), as the plain op's does
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=r"(?s)-1 at \[1\].*linear_cross_entropy\(\.\.\., ignore_index=-1\)"):
+        safeloss.linear_cross_entropy(torch.randn(7, H), torch.randn(C, H), alone, z_loss=1e-4)
     with pytest.raises(safeloss.ReductionError, match="reduction='avg' is not a valid reduction"):
         safeloss.cross_entropy(x, t, reduction="avg", softcap=30.0)
     with pytest.warns(safeloss.SafeLossWarning, match="squeezes the singleton dimension"):

@@ -636,7 +636,7 @@ def test_negative_ignore_index_with_probability_targets_is_fine(ignore_index):
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), 1.5, -0.5])
 def test_non_whole_float_labels_raise(bad):
     t = torch.tensor([0.0, 2.0, bad, 1.0])
-    with pytest.raises(safeloss.TargetDtypeError, match=r"not whole class numbers: 1 value with a fraction or NaN/inf: \S+ at \(2,\)"):
+    with pytest.raises(safeloss.TargetDtypeError, match=r"not whole class numbers: 1 value with a fraction or NaN/inf: \S+ at \[2\]"):
         safeloss.cross_entropy(torch.randn(4, 3, generator=_g()), t)
 
 
@@ -910,7 +910,7 @@ def test_integer_target_of_the_input_shape_needs_exactly_one_1_per_row(shape, dt
     first_row = (0, slice(None)) + (0,) * (len(shape) - 2)  # sample 0, first position
     t[first_row] = torch.tensor([1, 1, 0, 0] if row == "multi-hot" else [0, 0, 0, 0], dtype=dtype)
     x = torch.randn(*shape, generator=_g())
-    with pytest.raises(safeloss.TargetDtypeError, match=r"not one-hot: 1 row without exactly one 1 \(first at \(0,"):
+    with pytest.raises(safeloss.TargetDtypeError, match=r"not one-hot: 1 row without exactly one 1 \(first at \[0,?"):
         safeloss.cross_entropy(x, t)
 
 

@@ -266,10 +266,10 @@ def test_values_and_gradients_match_stock(backend: str, dtype: torch.dtype, case
 @pytest.mark.parametrize("rows", [2, 4, 7])
 def test_integer_multihot_names_how_many_rows(rows: int) -> None:
     """An integer multi-hot target: the row count and the list of first rows agree (the list of 3
-    read "(0,), (1,) and (2,)" for 4 bad rows, as if those were all)."""
+    read "[0], [1] and [2]" for 4 bad rows, as if those were all)."""
     y = torch.zeros(rows, 5, dtype=torch.int64)
     y[:, :2] = 1
-    first = f"(0,), (1,), (2,), ... ({rows} in all)" if rows > 3 else "(0,) and (1,)"
+    first = f"[0], [1], [2], ... ({rows} in all)" if rows > 3 else "[0] and [1]"
     with pytest.raises(safeloss.TargetDtypeError,
                        match=re.escape(f"not one-hot: {rows} rows without exactly one 1 (first at {first}).")):
         safeloss.cross_entropy(torch.randn(rows, 5), y)

@@ -280,6 +280,17 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             "flattened (and shifted) the labels you gave it"
         )
     bad_vals = vals.tolist()
+    # Positions the target already skips with ignore_index: a fix that changes ignore_index (or
+    # shifts every label) would turn them into bad labels, so the fixes keep them.
+    n_ignored = int((t == ignore_index).sum())
+
+    def skip(v: int) -> str:
+        if not n_ignored:
+            return f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})"
+        return (f"Fix: target.masked_fill(target == {v}, {ignore_index}), since the target already "
+                f"marks {plural(n_ignored, 'position')} with ignore_index={ignore_index}, which "
+                f"ignore_index={v} would no longer skip")
+
     lo = int(valid.min()) if valid.numel() else 0
     hi = int(valid.max()) if valid.numel() else 0
     # Sequences to look for padding in (a negative value is never a class: it needs no evidence):
@@ -349,17 +360,14 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             + (" (e.g. a pad token id equal to the vocabulary size)" if v == C else " (a pad id)")
             + f", not a class. ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(
-            f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v}); "
-            f"or set the padded labels to {ignore_index} where the batch is built"
-        )
+        lines.append(f"{skip(v)}; or set the padded labels to {ignore_index} where the batch is built")
     elif len(bad_vals) == 1 and bad_vals[0] < 0:
         v = bad_vals[0]
         lines.append(
             f"Every bad value is {v}, which looks like padding/unknown labels (a label is never "
             f"negative), not a class; ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+        lines.append(skip(v))
     elif len(bad_vals) == 1 and bad_vals[0] in (255, 250, 254, 65535):
         v = bad_vals[0]
         spatial = t.dim() >= 2
@@ -372,13 +380,16 @@ def out_of_range_message(target: Tensor, num_classes: int, ignore_index: int, de
             f"Every bad value is {v}, which looks like {what}, not a class; "
             f"ignore_index is {ignore_index}, so these positions are not skipped."
         )
-        lines.append(f"Fix: cross_entropy(..., ignore_index={v})  or  CrossEntropyLoss(ignore_index={v})")
+        lines.append(skip(v))
     elif one_based:
         lines.append(
             f"The labels look 1-based: they run from {lo} to {hi}, {covered} of the {C} values "
             f"1..{C} occur, and 0 never does."
         )
-        lines.append(f"Fix: pass target - 1, or give the model {C + 1} outputs if class {C} is real.")
+        shifted = (f"torch.where(target == {ignore_index}, target, target - 1) (target - 1 would also "
+                   f"move the ignore_index={ignore_index} positions to {ignore_index - 1})"
+                   if n_ignored else "target - 1")
+        lines.append(f"Fix: pass {shifted}, or give the model {C + 1} outputs if class {C} is real.")
     elif hi >= C and (hi >= 2**31 or hi >= 1000 * C) and len(bad_vals) <= 4:
         lines.append(
             f"The bad labels are far beyond the model's {C} outputs (up to {hi}): corrupt or "
@@ -537,8 +548,21 @@ def nonfinite_finding(
                 "never on the target class"
                 + (
                     "; with label smoothing or probability targets every class enters the loss, so "
-                    "any -inf makes it infinite (mask with a large finite value, e.g. "
-                    "torch.finfo(dtype).min / 2)"
+                    "any -inf makes it infinite"
+                    + (
+                        # A finite mask fixes probability targets that are 0 there; smoothing puts
+                        # label_smoothing / C on every class, masked ones too: a finite mask then
+                        # gives a loss of ~1e36 (min / 2 times that share), no fix at all.
+                        " (NaN where the probability target is 0 on that class: 0 x -inf); mask with a "
+                        "large finite value instead, e.g. torch.finfo(dtype).min / 2, with the "
+                        "target 0 on the masked classes"
+                        if p.prob else
+                        " (and a large finite mask only makes it huge: label smoothing gives every "
+                        "class, masked ones too, label_smoothing / C of the target); to smooth over "
+                        "the allowed classes only, pass probability targets that are 0 on the masked "
+                        "classes, and mask with a large finite value (torch.finfo(dtype).min / 2) "
+                        "instead of -inf"
+                    )
                     if spread else ""
                 )
                 if neg_inf else ""
@@ -776,8 +800,24 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
             "distribution (rows with no class need removing first)"
         )
     else:
+        # All-zero rows (no class at all: what a masked or padded position leaves) divide by 0 in
+        # the counts fix (NaN): they go first, which also keeps them out of the mean's count.
+        zero = (y == 0).all(cdim) if known and badsum else None
+        n_zero = int(zero.sum()) if zero is not None else 0
+        zeros = ""
+        counts_fix = f"target / target.sum(dim={cdim}, keepdim=True) for counts"
+        if n_zero:
+            _, zpos = _positions(zero, 3)
+            zeros = (f"{plural(n_zero, 'row')} {'is' if n_zero == 1 else 'are'} all zeros (at "
+                     f"{fmt_list(zpos, limit=3, total=n_zero)}): no class at all, as a masked or padded "
+                     "position leaves. ")
+            pick = "[keep]" if y.dim() <= 2 else ".movedim(1, -1)[keep]"
+            counts_fix = (f"target / target.sum(dim={cdim}, keepdim=True) for counts, after leaving out "
+                          f"the all-zero rows, which would divide by 0 (keep = target.sum(dim={cdim}) > 0; "
+                          f"input{pick}, target{pick})")
         body = (
             (nan_text if nonfinite else "")
+            + zeros
             + "The loss is computed as stock torch does, but it is no longer a cross-entropy between "
             "distributions: its minimum is no longer at the target distribution, and negative "
             "entries can drive it below zero. "
@@ -787,8 +827,8 @@ def prob_target_finding(p: Problem, negative: int, badsum: int) -> Finding:
                if negative else
                f"Every {'finite ' if nonfinite else ''}entry is at least 0, so these look like "
                "counts or unnormalized scores (a guess from the values).\n")
-            + f"Fix: target.softmax(dim={cdim}) for logits, target / target.sum(dim={cdim}, keepdim=True) "
-            "for counts, or class indices of shape " + fmt_shape(p.positions_shape)
+            + f"Fix: target.softmax(dim={cdim}) for logits, {counts_fix}, or class indices of shape "
+            + fmt_shape(p.positions_shape)
         )
     return Finding(
         "bad-probabilities", ProbabilityTargetError,

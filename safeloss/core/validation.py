@@ -97,7 +97,8 @@ def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction:
     return check_reduction(reduction)
 
 
-def check_reduction(reduction: object) -> str:
+def check_reduction(reduction: object, op: str = "cross_entropy") -> str:
+    """``op``: the function (or module) the caller called, which the message names."""
     if reduction in REDUCTIONS:
         return reduction  # type: ignore[return-value]
     if reduction == "elementwise_mean":
@@ -106,7 +107,7 @@ def check_reduction(reduction: object) -> str:
                       stacklevel=2)
         return "mean"
     raise ReductionError(
-        f"reduction={reduction!r} is not a valid reduction for cross_entropy.\n"
+        f"reduction={reduction!r} is not a valid reduction for {op}.\n"
         f'Valid values are "mean" (the default: average over the targets), "sum" and "none" '
         f"(one loss per target).\n"
         f'Fix: reduction="mean"' + (
@@ -355,6 +356,13 @@ def _check_weight(
     return weight, findings
 
 
+def weight_grad_quote(input_dim: int) -> str:
+    """Stock torch's words for a class weight that requires grad, quoted: its nll_loss kernel
+    names itself, nll_loss2d_forward for K-d logits (which it runs as 2-d)."""
+    fn = "nll_loss2d_forward" if input_dim >= 3 else "nll_loss_forward"
+    return f"\"The function '{fn}' is not differentiable with respect to argument 'weight'\""
+
+
 def _weight_dtype_cause(weight_dtype: torch.dtype, dtype: torch.dtype) -> str:
     """The likely cause of a weight/logits dtype mismatch, only as far as the two dtypes show it:
     a float64 weight points at NumPy, half-precision logits with a wider weight at a converted
@@ -411,7 +419,16 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 f"  input  (logits) shape {fmt_shape(ishape)}: batch {n_in}, {C} classes",
                 f"  target (labels) shape {fmt_shape(tshape)}: batch {n_t}",
             ]
-            if n_t and n_in > n_t and n_in % n_t == 0:
+            rest = tshape[1:]  # the positions of K-d logits: every shape below carries them
+            if n_t == 0:
+                lines.append(
+                    "The target is empty: the labels were lost before the loss (an empty selection "
+                    "such as labels[mask], a wrong dataset column or slice), or the batch was cut "
+                    "to nothing on the label side only."
+                )
+                lines.append(f"Fix: pass the {n_in} labels of this batch, one per prediction "
+                             f"(target shape {fmt_shape((n_in, *rest))})")
+            elif n_in > n_t and n_in % n_t == 0:
                 k = n_in // n_t
                 # Only the ratio is known: which dimension was folded, the shapes do not say.
                 lines.append(
@@ -423,20 +440,25 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                 lines.append(
                     "Fix: flatten per sample with x.flatten(1) or x.view(x.size(0), -1) before the "
                     f"final layer; if the model really predicts {k} positions per sample, pass "
-                    f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)."
+                    + (f"labels of shape ({n_t}, {k}) flattened with .reshape(-1)." if not rest else
+                       f"labels of shape {fmt_shape((n_t, k, *rest))} flattened with .flatten(0, 1).")
                 )
             elif n_in and n_t > n_in and n_t % n_in == 0:
                 k = n_t // n_in
                 lines.append(
                     f"The target batch is exactly {k}x the input batch ({n_t} = {k} x {n_in}). "
                     f"Possible causes (the shapes do not tell which): labels flattened from shape "
-                    f"({n_in}, {k}) (per-step or per-pixel labels), a model that reduced a "
-                    f"dimension it should have kept, or a hard-coded batch size in the model "
+                    f"{fmt_shape((n_in, k, *rest))} (per-step or per-pixel labels), a model that "
+                    f"reduced a dimension it should have kept, or a hard-coded batch size in the model "
                     f"(x.view({n_in}, -1)) that cut the batch."
                 )
+                # One prediction per label: the logits these labels need, whichever cause it is
+                # (reshaping the given logits cannot make more rows).
                 lines.append(
                     "Fix: keep one prediction per label: x.view(x.size(0), ...) instead of a fixed "
-                    "batch size, or logits.reshape(-1, C) together with labels.reshape(-1)."
+                    f"batch size; for {k} labels per sample, the model must predict {k} positions "
+                    f"per sample too, logits of shape {fmt_shape((n_t, C, *rest))} (e.g. "
+                    f"{fmt_shape((n_in, k, C, *rest))} flattened with .flatten(0, 1))."
                 )
             else:
                 hint = (
@@ -497,8 +519,9 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
                     f"The target holds integer labels other than 0/1 ({tshape[1]} per sample): labels "
                     f"per position (time steps, tokens) for logits with one prediction per sample; "
                     "the model lost (or pooled away) the position dimension.\n"
-                    f"Fix: logits of shape (N, C, {tshape[1]}) (classes in dim 1), or "
-                    f"logits.reshape(-1, C) with target.reshape(-1) if the model predicts every position"
+                    f"Fix: a model that predicts every position: logits of shape (N, C, {tshape[1]}) "
+                    f"(classes in dim 1), or (N, {tshape[1]}, C) logits flattened with "
+                    ".reshape(-1, C) together with target.reshape(-1)"
                 )
             raise shape_error(
                 f"cross_entropy got a 2-D target for 2-D logits, but with {tshape[1]} columns where "
@@ -529,11 +552,26 @@ def _shape_error(input: Tensor, target: Tensor, expected: tuple[int, ...]) -> No
             )
 
     if input.dim() == 1:
+        # The fix follows from what the target holds: one label or one row of probabilities in
+        # another shape (reshape it), or labels of several samples (a batch of logits is missing;
+        # logits.unsqueeze(0) would give a batch of one, another mismatch).
+        if target.numel() == 1 and not target.is_floating_point():
+            fix = "Fix: loss_fn(logits, target.reshape(()))   # one sample, one class index"
+        elif target.numel() == C and target.is_floating_point():
+            fix = f"Fix: loss_fn(logits, target.reshape({C}))   # one sample's class probabilities"
+        elif target.dim() == 1:
+            n = tshape[0]
+            fix = (f"{n} labels are {n} samples, whose logits were not passed (or were reduced to one "
+                   "sample's, e.g. by indexing or a squeeze).\n"
+                   f"Fix: pass the logits of all {n} samples, shape ({n}, {C}), or this sample's one "
+                   "label as a 0-d class index")
+        else:
+            fix = (f"Fix: logits of shape (N, {C}) with class indices of shape (N,), or this sample's "
+                   "one label as a 0-d class index")
         raise shape_error(
             f"cross_entropy got 1-D logits (one sample, {C} classes) and a target of shape "
             f"{fmt_shape(tshape)}.\n" + head
-            + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n"
-            "Fix: add the batch dimension to the logits: loss_fn(logits.unsqueeze(0), target)"
+            + "For a single sample the target is a 0-d class index, e.g. torch.tensor(3).\n" + fix
         )
     raise shape_error(
         "cross_entropy cannot pair this target with these logits.\n" + head
@@ -568,7 +606,7 @@ def _float_index_target(target: Tensor, input: Tensor, read_values: bool = True)
         bad_pos = (~whole).nonzero()
         vals = target[~whole]
         k = bad_pos.shape[0]
-        shown = [f"{float(v):g} at {tuple(p)}" for v, p in zip(vals[:5].tolist(), bad_pos[:5].tolist())]
+        shown = [f"{float(v):g} at {list(p)}" for v, p in zip(vals[:5].tolist(), bad_pos[:5].tolist())]
         raise TargetDtypeError(
             f"cross_entropy got float targets of shape {fmt_shape(target.shape)} that are not whole "
             f"class numbers: {plural(k, 'value')} with a fraction or NaN/inf: "
@@ -588,15 +626,24 @@ def _float_index_target(target: Tensor, input: Tensor, read_values: bool = True)
     )
 
 
+def argmax_code(dtype: torch.dtype, cdim: int) -> str:
+    """``target.argmax(dim=cdim)`` in a form that runs for a target of ``dtype``: argmax has no
+    kernel for bool and uint16/32/64 (RuntimeError / NotImplementedError), so those go through
+    ``.long()`` first; ``cdim`` is 0 for the (C,) one-hot of a single sample."""
+    cast = ".long()" if dtype == torch.bool or dtype in _UNSIGNED_WIDE else ""
+    return f"target{cast}.argmax(dim={cdim})"
+
+
 def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = False,
                    read_values: bool = True) -> tuple[Tensor, Finding]:
     """An integer target with the input's shape: accept a true one-hot (convert to float)."""
+    argmax = argmax_code(target.dtype, cdim)
     if not read_values:
         raise TargetDtypeError(
             f"cross_entropy got an integer target ({target.dtype}) with the input's shape "
             f"{fmt_shape(input.shape)} {_NO_READ}, so it cannot check that it is one-hot; stock "
             "torch rejects it (\"Expected floating point type for target with class "
-            "probabilities\").\nFix: class indices target.argmax(dim=1), or probabilities "
+            f"probabilities\").\nFix: class indices {argmax}, or probabilities "
             "target.float(), before the loss"
         )
     if target.dtype == torch.uint64:
@@ -606,7 +653,8 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
     else:
         t = target
     ok_vals = (t == 0) | (t == 1)
-    rows_ok = t.sum(cdim) == 1
+    sums = t.sum(cdim)
+    rows_ok = sums == 1
     if not (bool(ok_vals.all()) and bool(rows_ok.all())):
         nbad_vals = int((~ok_vals).sum())
         bad_rows = (~rows_ok).nonzero()
@@ -614,16 +662,26 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
             f"{plural(nbad_vals, 'entry', 'entries')} other than 0/1"
             if nbad_vals else
             f"{plural(bad_rows.shape[0], 'row')} without exactly one 1 "
-            f"(first at {fmt_list([str(tuple(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
+            f"(first at {fmt_list([str(list(p)) for p in bad_rows[:3].tolist()], total=bad_rows.shape[0])})"
         )
+        # A row with no 1 at all has no class: argmax reads it as class 0, and dividing it by its
+        # sum gives 0/0 = NaN. Such rows go first.
+        empty = (sums == 0).nonzero() if t.dim() > 1 else sums.reshape(1)[sums.reshape(1) == 0]
+        n_empty = empty.shape[0]
+        drop = ""
+        if n_empty:
+            where = fmt_list([str(list(p)) for p in empty[:3].tolist()], total=n_empty) if t.dim() > 1 else "the one row"
+            what += f"; {plural(n_empty, 'row')} with no 1 (at {where})"
+            drop = (f"drop the rows with no class first (keep = target.sum(dim={cdim}) > 0; input[keep], "
+                    "target[keep]), then ")
         raise TargetDtypeError(
             f"cross_entropy got an integer target with the input's shape {fmt_shape(input.shape)} "
             f"that is not one-hot: {what}.\n"
             f"  target dtype {target.dtype}\n"
             "A target of the input's shape means class probabilities, which must be floating "
             "point; a multi-hot (multi-label) target needs BCEWithLogitsLoss instead.\n"
-            "Fix: class indices target.argmax(dim=1), or probabilities target.float() / "
-            "target.sum(dim=1, keepdim=True), or torch.nn.BCEWithLogitsLoss for multi-label data"
+            f"Fix: {drop}class indices {argmax}, or probabilities target.float() / "
+            f"target.sum(dim={cdim}, keepdim=True), or torch.nn.BCEWithLogitsLoss for multi-label data"
         )
     return t.to(input.dtype), Finding(
         "integer-onehot", TargetDtypeError,
@@ -634,7 +692,7 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
         # The one difference, named only when this call has class weights.
         + (" except that the mean ignores class weights in its denominator" if weighted else "")
         + ".\n"
-        "Fix: pass class indices, target.argmax(dim=1) (faster, and what you most likely meant), "
+        f"Fix: pass class indices, {argmax} (faster, and what you most likely meant), "
         "or target.float() to keep torch's probability semantics",
     )
 
@@ -790,6 +848,7 @@ def normalize(
     # dim() first: index targets, the common case, differ there, in half the time of a shape test.
     if (target.dim() == x.dim() and target.shape == x.shape
             and (target.is_floating_point() or C > 1 or x.dim() == 1)):
+        given_dtype = target.dtype
         if not target.is_floating_point():
             if target.is_complex():
                 raise TargetDtypeError(
@@ -805,8 +864,8 @@ def normalize(
                 f"has the input's shape {fmt_shape(x.shape)}, so each entry is a class "
                 "probability, not a label that could be skipped).\n"
                 "Fix: drop ignore_index; to skip rows, leave them out (input[keep], "
-                "target[keep]), or pass class indices (target.argmax(dim=1) for one-hot rows) "
-                "and keep ignore_index"
+                f"target[keep]), or pass class indices ({argmax_code(given_dtype, cdim)} for one-hot "
+                "rows) and keep ignore_index"
             )
         prob = True
         out_dtype = torch.promote_types(_autocast_dtype(x.dtype, x), _autocast_dtype(target.dtype, x))
@@ -830,8 +889,8 @@ def normalize(
     if w is not None and w.requires_grad and not prob and torch.is_grad_enabled():
         raise WeightError(
             f"weight requires grad, but cross_entropy with class-index targets is not "
-            f"differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
-            f"is not differentiable wrt weight\").\n  weight shape {fmt_shape(w.shape)}, "
+            f"differentiable with respect to the class weights (stock torch: "
+            f"{weight_grad_quote(x.dim())}).\n  weight shape {fmt_shape(w.shape)}, "
             f"target shape {fmt_shape(target.shape)}\n"
             "Fix: pass weight.detach() (class weights are usually constants), or use probability "
             "targets, for which the gradient with respect to the weights exists"

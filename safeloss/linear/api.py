@@ -131,7 +131,7 @@ def linear_cross_entropy(
     try:
         check_options(options)
         return run(
-            mode, input, linear_weight, target, linear_bias, weight, check_reduction(reduction),
+            mode, input, linear_weight, target, linear_bias, weight, check_reduction(reduction, "linear_cross_entropy"),
             ignore_index, check_label_smoothing(label_smoothing), strict=strict,
             backend=dispatch.check_backend(backend), owner=None, options=options,
             key=key if mode is Mode.EAGER else None,
@@ -218,7 +218,7 @@ class SafeLinearCrossEntropyLoss(_Base):  # type: ignore[misc,valid-type]
             raise LabelSmoothingError(
                 f"{e}\n(stock torch: expected label_smoothing to be in range [0, 1], got "
                 f"{label_smoothing})") from None
-        check_reduction(reduction)
+        check_reduction(reduction, "SafeLinearCrossEntropyLoss")
         check_options(options)
         super().__init__(
             in_features, num_classes, out_features=out_features, bias=bias, device=device,
@@ -278,7 +278,7 @@ def module_forward(m: Any, input: Tensor, target: Tensor,
         b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
         check_options(m.options)
         return run(
-            mode, input, w, target, b, m.weight, check_reduction(m.reduction), m.ignore_index,
+            mode, input, w, target, b, m.weight, check_reduction(m.reduction, "SafeLinearCrossEntropyLoss"), m.ignore_index,
             check_label_smoothing(m.label_smoothing), strict=strict, backend=backend, owner=m,
             options=m.options, key=key if mode is Mode.EAGER else None,
         )
@@ -589,11 +589,12 @@ def _transform_guard(t: Tensor, num_classes: int, ignore_index: int) -> None:
         # The class stock's own check raises: a RuntimeError under any vmap level (its batched
         # gather, whichever argument is batched), else an IndexError. This gather's own class
         # follows what this call batches, not what stock's logits would be, so it cannot tell.
-        raise stock_class(TargetOutOfRangeError, RuntimeError if under_vmap() else IndexError)(
+        builtin = RuntimeError if under_vmap() else IndexError
+        raise stock_class(TargetOutOfRangeError, builtin)(
             f"linear_cross_entropy: a class-index target is outside the class range "
             f"0..{num_classes - 1} ({num_classes} classes) inside a torch.func transform (vmap, "
             f"grad, ...), where safeloss cannot read the labels to name them. Stock torch raises "
-            f"IndexError there too ({e}).\n"
+            f"{builtin.__name__} there too (this call's bounds check: {e}).\n"
             "Fix: check the labels outside the transform (e.g. call the loss once eagerly on a "
             "batch), or set ignore_index to the value used for 'no label'"
         ) from None

@@ -64,7 +64,7 @@ def linear_cross_entropy(
         check_options(options)
         ex = X.check(softcap, temperature, z_loss, return_stats, op=_OP)
         return run(decide(input, linear_weight, target, linear_bias, weight), input, linear_weight,
-                   target, linear_bias, weight, check_reduction(reduction), ignore_index,
+                   target, linear_bias, weight, check_reduction(reduction, "linear_cross_entropy"), ignore_index,
                    check_label_smoothing(label_smoothing), ex, strict=strict, owner=None,
                    backend=check_backend(backend))
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
@@ -80,7 +80,7 @@ def module_forward(m: Any, input: Tensor, target: Tensor) -> Result:
     w = lin.weight.reshape((m.num_classes, *m.out_features, lin.in_features))
     b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
     return run(decide(input, w, target, b, m.weight), input, w, target, b, m.weight,
-               check_reduction(m.reduction), m.ignore_index, check_label_smoothing(m.label_smoothing),
+               check_reduction(m.reduction, "SafeLinearCrossEntropyLoss"), m.ignore_index, check_label_smoothing(m.label_smoothing),
                ex, strict=m.strict, owner=m, backend=backend)
 
 

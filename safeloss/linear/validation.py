@@ -59,6 +59,9 @@ def reword(message: str) -> str:
     # The shared overflow fixes say "pass logits.float() to the loss"; this op takes no logits.
     message = message.replace("pass logits.float() to the loss",
                               "pass input.float(), linear_weight.float() and any linear_bias.float()")
+    message = message.replace("BCEWithLogitsLoss()(logits, target)",
+                              "BCEWithLogitsLoss()(torch.nn.functional.linear(input, linear_weight, "
+                              "linear_bias), target)")
     return message.replace("input shape", "logits shape").replace("same as the input", "the logits' shape")
 
 
@@ -357,23 +360,36 @@ def _check_devices(x: Tensor, others: list[tuple[str, Tensor | None]]) -> None:
 
 
 def _check_dtypes(x: Tensor, w: Tensor, b: Tensor | None, autocast: bool) -> None:
-    if autocast and torch.float64 not in (x.dtype, w.dtype, None if b is None else b.dtype):
+    wide = torch.float64 in (x.dtype, w.dtype, None if b is None else b.dtype)
+    if autocast and not wide:
         return  # stock's linear casts both to the autocast dtype (never float64 ones)
-    for name, t in (("linear_weight", w), ("linear_bias", b)):
-        if t is not None and t.dtype != x.dtype:
-            raise InputDtypeError(
-                f"linear_cross_entropy got an input of dtype {x.dtype} but a {name} of dtype "
-                f"{t.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
-                "to have the same dtype\").\n"
-                # Which side was cast is not in the inputs: named as a guess.
-                + ("The hidden states are in the narrower dtype; a likely cause (a guess): the model "
-                   "body was cast (model.half(), model.to(torch.bfloat16)) and the head was not.\n"
-                   if x.dtype.itemsize < t.dtype.itemsize else
-                   f"The {name} is in the narrower dtype; a likely cause (a guess): the head was cast "
-                   "and the hidden states were not.\n" if x.dtype.itemsize > t.dtype.itemsize else "")
-                +
-                f"Fix: input.to({name}.dtype), or run the step under torch.autocast"
-            )
+    # Autocast leaves float64 operands as they are (stock raises under it too): offered only
+    # where no operand is float64.
+    autocast_fix = "" if wide else ", or run the step under torch.autocast"
+    if w.dtype != x.dtype:
+        raise InputDtypeError(
+            f"linear_cross_entropy got an input of dtype {x.dtype} but a linear_weight of dtype "
+            f"{w.dtype}; the matrix product needs one dtype (stock torch: \"expected m1 and m2 "
+            "to have the same dtype\").\n"
+            # Which side was cast is not in the inputs: named as a guess.
+            + ("The hidden states are in the narrower dtype; a likely cause (a guess): the model "
+               "body was cast (model.half(), model.to(torch.bfloat16)) and the head was not.\n"
+               if x.dtype.itemsize < w.dtype.itemsize else
+               "The linear_weight is in the narrower dtype; a likely cause (a guess): the head was "
+               "cast and the hidden states were not.\n" if x.dtype.itemsize > w.dtype.itemsize else "")
+            + f"Fix: input.to(linear_weight.dtype){autocast_fix}"
+        )
+    if b is not None and b.dtype != x.dtype:
+        # The input and the weight agree: the bias alone is off, and it is the one to convert
+        # (converting the input would set it against the weight).
+        raise InputDtypeError(
+            f"linear_cross_entropy got linear_bias of dtype {b.dtype}, but the input and "
+            f"linear_weight are {x.dtype}; the bias is added to their product and needs its dtype "
+            "(stock torch: \"self and mat2 must have the same dtype\").\n"
+            "A likely cause (a guess): the bias was not converted with the weight (built or loaded "
+            "apart from the layer, or .to(dtype) applied to the weight alone).\n"
+            f"Fix: linear_bias.to(input.dtype){autocast_fix}"
+        )
 
 
 def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ...],
@@ -440,6 +456,16 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
             "flattened (reshape(-1, H)) and the labels were not.\n"
             f"Fix: linear_cross_entropy(x, linear_weight, target.reshape{fmt_shape(expected)})"
         )
+    if batched and target.dim() == 2 and tshape[0] == N and len(expected) == 1 and _labels_per_position(target):
+        T = tshape[1]
+        raise shape_error(
+            f"linear_cross_entropy got a 2-D target of integer labels other than 0/1 ({T} per input "
+            "row).\n" + head
+            + f"These read as labels per position (time steps, tokens), {T} for each row of hidden "
+            "states: the hidden states were pooled (or cut) to one row per sequence.\n"
+            f"Fix: one input row per label: hidden states of shape ({N}, {T}, {h}) flattened with "
+            ".reshape(-1, H), together with target.reshape(-1)"
+        )
     if batched and target.dim() == 2 and tshape[0] == N and len(expected) == 1:
         raise shape_error(
             f"linear_cross_entropy got a 2-D target with {tshape[1]} columns, but the layer has "
@@ -464,6 +490,17 @@ def _target_error(x2: Tensor, w: Tensor, target: Tensor, expected: tuple[int, ..
         + f"The would-be logits have shape {fmt_shape(logits_shape)}; the target must be {want}.\n"
         f"Fix: reshape the target to {fmt_shape(expected)}"
     )
+
+
+def _labels_per_position(target: Tensor) -> bool:
+    """An integer 2-D target holding values other than 0/1: labels per position, not one-hot
+    rows. Read on the error path only, where values can be read (not meta, not traced)."""
+    if target.is_floating_point() or target.is_complex() or target.numel() == 0:
+        return False
+    if target.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    t = target.to(torch.int64) if target.dtype in (torch.uint16, torch.uint32, torch.uint64) else target
+    return not bool(((t == 0) | (t == 1)).all())
 
 
 def _ignore_index(ignore_index: object) -> int | None:
@@ -579,6 +616,18 @@ def _rows_with(t: Tensor | None, what: str, per: str) -> str | None:
     return f"{what} ({plural(idx.numel(), per)}: {fmt_list(shown, total=idx.numel())})"
 
 
+_OPERANDS = (("the input", "input"), ("linear_weight", "linear_weight"), ("linear_bias", "linear_bias"),
+             ("the class weight", "weight"), ("the probability targets", "target"))
+
+
+def _isfinite_code(sources: list[str]) -> str:
+    """``torch.isfinite(...).all()`` of the operands found to hold NaN/inf (every operand of the
+    call where none does), in the argument names of this op."""
+    names = [name for what, name in _OPERANDS if any(s.startswith(what + " ") for s in sources)]
+    names = names or ["input", "linear_weight"]
+    return " and ".join(f"torch.isfinite({n}).all()" for n in names)
+
+
 OVERFLOW_CAUSE = "every operand is finite, so the logits overflowed (huge input or weights: a diverged run)"
 
 
@@ -606,7 +655,7 @@ def nonfinite_finding(lp: LinearProblem, mask: Tensor, overflow: str = OVERFLOW_
         f"  input {fmt_shape(lp.x.shape)} {lp.x.dtype}, linear_weight {fmt_shape(lp.w.shape)}\n"
         "Common causes: a learning rate that is too high (the weights blew up), a log/sqrt/"
         "division by zero earlier in the model, NaN in the input data.\n"
-        "Fix: check with torch.isfinite(t).all(), lower the learning rate or clip gradients "
+        f"Fix: check with {_isfinite_code(sources)}, lower the learning rate or clip gradients "
         "(torch.nn.utils.clip_grad_norm_), and use torch.autograd.detect_anomaly() to find the "
         "first op that produces NaN",
     )

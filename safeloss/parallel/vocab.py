@@ -52,6 +52,7 @@ import hashlib
 import math
 import operator
 import random
+import re
 import secrets
 import sys
 import threading
@@ -91,7 +92,25 @@ from ..core.validation import (
     check_label_smoothing,
     check_reduction,
     normalize,
+    weight_grad_quote,
 )
+
+_OP = "vocab_parallel_cross_entropy"
+_WORD = re.compile(r"(?<![\w.])cross_entropy\b")
+# Alternatives that name a loss module: this function has none.
+_MODULE_ONLY = re.compile(r"  or  CrossEntropyLoss\(ignore_index=[^)]*\)"
+                          r"| \(for a loss module: loss_fn\.to\([^)]*\)\)"
+                          r"|  \(or loss_fn\.to\(device\) for a module's weight\)")
+
+
+def reword(message: str) -> str:
+    """A shared cross-entropy message as this function's: its name where the caller called
+    ``vocab_parallel_cross_entropy`` (not ``cross_entropy``), without module-only fixes.
+    (DTensor logits reach the same engine through ``cross_entropy``: their messages stay.)"""
+    return _WORD.sub(_OP, _MODULE_ONLY.sub("", message))
+
+
+checks.WORDING[_OP] = reword
 
 K_SAMPLE = 64  # rows sampled for the softmaxed-input check (as checks.sample_rows)
 _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on this rank)
@@ -688,6 +707,8 @@ def vocab_parallel_cross_entropy(
                   strict=strict, backend=backend, owner=None, extras=extras)
     except SafeLossError as e:  # the traceback ends at the caller's line; fixes name this call
         trim(e, "safeloss.vocab_parallel_cross_entropy")
+        if e.args and isinstance(e.args[0], str):
+            e.args = (reword(e.args[0]), *e.args[1:])
         raise
 
 
@@ -788,8 +809,8 @@ def _precheck(input: object, target: object, weight: object, ignore_index: objec
     if isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled():
         raise WeightError(
             "weight requires grad, but cross_entropy with class-index targets is not "
-            "differentiable with respect to the class weights (stock torch: \"nll_loss_forward "
-            "is not differentiable wrt weight\").\nFix: pass weight.detach()"
+            f"differentiable with respect to the class weights (stock torch on the gathered logits: "
+            f"{weight_grad_quote(x.dim())}).\nFix: pass weight.detach()"
         )
     return x, target, ignore
 
@@ -1076,7 +1097,14 @@ def run(
                 losses_all = losses + zl_rows
             else:
                 losses_all, zl_rows = losses, None
-            counts[F.NONFINITE_ROW] = (~torch.isfinite(losses_all.detach()).reshape(-1) & plan.valid).sum()
+            la = losses_all.detach().reshape(-1)
+            counts[F.NONFINITE_ROW] = (~torch.isfinite(la) & plan.valid).sum()
+            bound = F.overflow_bound(p.out_dtype)
+            if bound != math.inf:
+                # Each position's loss is computed in float32: one beyond the half dtype's range is
+                # inf in the result (and in stock torch's, which computes it in that dtype). Counted
+                # as such, not as a reduction that overflowed.
+                counts[F.OVERFLOW] = (torch.isfinite(la) & (la.abs() >= bound) & plan.valid).sum()
 
     sharded = tuple(g for g, s in sh.outer if s)
     across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
@@ -1119,8 +1147,9 @@ def run(
     if host[_X_WEIGHT]:
         raise ParallelMismatchError(_mismatch_message("weight", _world(sh), sh))
     assert p is not None  # b_error raised above
+    own = sharding is None  # called as vocab_parallel_cross_entropy (else: DTensor logits)
     for f in findings:
-        report(f, strict_, owner)
+        report(replace(f, message=reword(f.message)) if own else f, strict_, owner)
     softmaxed = host[F.SOFTMAX_CHECKED] and host[F.SOFTMAX_LIKE] == host[F.SOFTMAX_CHECKED]
     rowwise = any(host[i] for i in _ROW_COUNTS) or host[_X_OUT_BAD]
     result = out if loss_stats is None else (out, loss_stats)
@@ -1137,7 +1166,7 @@ def run(
                  out_dtype=p.out_dtype, findings=findings)
     scan = checks.Scan(host[: F.SIZE], out_finite=not host[_X_OUT_BAD])
     checks.resolve(scan, gp, lg, out, not host[_X_OUT_BAD], strict_, owner, have_logits=False,
-                   device_type=x.device.type, note="" if ex is None else ex.note())
+                   device_type=x.device.type, note="" if ex is None else ex.note(), op=_OP if own else "")
     return result
 
 

@@ -37,6 +37,7 @@ import importlib.abc
 import importlib.machinery
 import inspect
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -81,6 +82,9 @@ class Route:
     replacement: Callable[[Route, Callable[..., Any]], Callable[..., Any]]  # builds the method
     selftest: Callable[[Route, type, Callable[..., Any]], str | None]  # None: same values
     note: str = ""  # appended to a SafeLossError raised through this route
+    # How a bad-label fix reads for this route, in place of "cross_entropy(..., ignore_index=v)"
+    # (whose arguments its callers do not write); called with v and the ignore_index in use.
+    skip_fix: Callable[[str, str], str] | None = None
     installed: tuple[type, Callable[..., Any], Callable[..., Any]] | None = None  # (cls, original, ours)
     # Per original (by id, the original kept to check identity): the verdict, and our method.
     verdicts: dict[int, tuple[Callable[..., Any], str | None]] = field(default_factory=dict)
@@ -145,7 +149,21 @@ class Route:
         """The error to raise instead of ``e``: its message naming this route, and for a bad label
         also the ``RuntimeError`` that the original's ``torch.gather`` raises for it."""
         n = str(NO_IGNORE)  # the stand-in for "no ignore_index", never shown as a number
-        text = (str(e).replace(f"ignore_index={n}", "no ignore_index")
+        text = str(e)
+        if n in text:
+            # A route without ignore_index: a fix that sets one names an argument this loss does
+            # not have (its note says so). Drop those positions, or the stock loss that has it.
+            text = _NO_IGNORE_FIX.sub(
+                lambda m: (f"Fix: leave those positions out (keep = target != {m.group(1)}; x[keep], "
+                           f"target[keep]), or use torch.nn.CrossEntropyLoss(ignore_index={m.group(1)}, "
+                           "label_smoothing=...) with the same smoothing, which has an ignore_index"),
+                text)
+        elif self.skip_fix is not None:
+            in_use = _IGNORE_IN_USE.search(text)
+            if in_use is not None:
+                # (the padding variant's "or set the padded labels to ..." says the same: dropped)
+                text = _NO_IGNORE_FIX.sub(lambda m: "Fix: " + self.skip_fix(m.group(1), in_use.group(1)), text)
+        text = (text.replace(f"ignore_index={n}", "no ignore_index")
                 .replace(f"ignore_index is {n}", "there is no ignore_index")
                 .replace(f"ignore_index ({n})", "ignore_index (there is none)").replace(n, "none"))
         cls = type(e)
@@ -153,6 +171,14 @@ class Route:
             cls = stock_class(TargetOutOfRangeError, RuntimeError)
         return cls(f"{text}\n({self.label}, reached through safeloss.patch(): {self.note})")
 
+
+# The bad-label fixes that set ignore_index (checks.out_of_range_message), with the padding
+# variant's tail ("or set the padded labels to <ignore_index> ...").
+_NO_IGNORE_FIX = re.compile(
+    r"Fix: cross_entropy\(\.\.\., ignore_index=(-?\d+)\)  or  CrossEntropyLoss\(ignore_index=-?\d+\)"
+    r"(; or set the padded labels to -?\d+ where the batch is built)?")
+
+_IGNORE_IN_USE = re.compile(r"target shape [^\n]*, ignore_index=(-?\d+)")
 
 _warned: set[str] = set()
 
@@ -373,6 +399,10 @@ ROUTES: list[Route] = [
         note="its loss is cross_entropy(logits, labels, ignore_index, label_smoothing=epsilon, "
         "reduction='sum') divided by the number of non-ignored labels (or num_items_in_batch); "
         "positions count its labels flattened, after its shift by one when shift_labels=True",
+        # The Trainer builds the smoother itself (ignore_index=-100): the labels are what to change.
+        skip_fix=lambda v, ii: (f"labels.masked_fill(labels == {v}, {ii}) where the batch is built "
+                                f"(the smoother's ignore_index is {ii}), or LabelSmoother(epsilon, "
+                                f"ignore_index={v}) where you build the smoother yourself"),
     ),
     Route(
         "timm.loss.cross_entropy", "LabelSmoothingCrossEntropy", "forward",
