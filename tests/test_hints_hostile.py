@@ -565,3 +565,15 @@ def test_linear_bad_label_under_a_transform_names_the_class_stock_raises(transfo
         run(safeloss.linear_cross_entropy)
     assert isinstance(ours.value, type(stock.value))
     assert f"Stock torch raises {type(stock.value).__name__} there too" in str(ours.value)
+
+
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-4}])
+def test_module_reduction_error_names_the_module(extras):
+    """SafeCrossEntropyLoss(reduction='avg') said "not a valid reduction for cross_entropy", a
+    function the user did not call; so did a reduction reassigned on the module later."""
+    with pytest.raises(safeloss.ReductionError, match="not a valid reduction for SafeCrossEntropyLoss"):
+        safeloss.SafeCrossEntropyLoss(reduction="avg", **extras)
+    m = safeloss.SafeCrossEntropyLoss(**extras)
+    m.reduction = "Mean"
+    with pytest.raises(safeloss.ReductionError, match=r"for SafeCrossEntropyLoss\.[\s\S]*lower-case"):
+        m(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))

@@ -71,7 +71,7 @@ def module_forward(m: torch.nn.CrossEntropyLoss, input: Tensor, target: Tensor) 
     ex = X.check(m.softcap, m.temperature, m.z_loss, m.return_stats,  # type: ignore[attr-defined]
                  op="SafeCrossEntropyLoss")
     mode = decide(input, target, m.weight)
-    red, eps = check_reduction(m.reduction), check_label_smoothing(m.label_smoothing)
+    red, eps = check_reduction(m.reduction, "SafeCrossEntropyLoss"), check_label_smoothing(m.label_smoothing)
     if not ex.active:
         return pipeline.run(mode, input, target, m.weight, m.ignore_index, red, eps,
                             strict=m.strict, backend=check_backend(m.backend),  # type: ignore[attr-defined]

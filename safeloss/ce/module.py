@@ -67,7 +67,7 @@ class SafeCrossEntropyLoss(torch.nn.CrossEntropyLoss):
                     f"{type(weight).__name__}.\nFix: weight=torch.tensor([...], dtype=torch.float32)"
                 )
             if size_average is None and reduce is None:
-                check_reduction(reduction)
+                check_reduction(reduction, "SafeCrossEntropyLoss")
             backend = check_backend(backend)
         except SafeLossError as e:  # the traceback ends at the caller's line (safeloss._traceback)
             trim(e)
@@ -167,7 +167,7 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor, compilin
     if not plain:
         return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
     return pipeline.run(
-        mode, input, target, weight, self.ignore_index, check_reduction(self.reduction),
+        mode, input, target, weight, self.ignore_index, check_reduction(self.reduction, "SafeCrossEntropyLoss"),
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
         fused_grad=self.fused_grad, owner=self, key=key if mode is Mode.EAGER else None,
