@@ -347,6 +347,15 @@ def _bytes_per_call(rank: int, world: int) -> dict[str, Any]:
         vocab.run(x, t, None, -100, "mean", eps, group=None, strict=None,
                   backend="auto", owner=None, stats=stats)
         out[str(eps)] = stats["bytes"]
+    # Every sampled logit in [0, 1] on every rank (the head says so): the sampled rows' sums
+    # follow in the SUM round (otherwise no row can look softmaxed, and none are sent).
+    stats = {}
+    x = torch.randn(100, C).softmax(1).narrow(1, sum(SLICES[world][:rank]), SLICES[world][rank])
+    t = torch.randint(0, C, (100,), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the softmaxed-input finding
+        vocab.run(x, t, None, -100, "mean", 0.0, group=None, strict=None, backend="auto", owner=None, stats=stats)
+    out["softmaxed"] = stats["bytes"]
     # The last rank's label values fail a check (a fraction): it idles through the loss's two
     # all-reduces (_idle_rounds) with contributions of the clean call's sizes, and raises after.
     for eps, with_stats in ((0.0, False), (0.1, False), (0.0, True), (0.1, True)):
@@ -813,13 +822,15 @@ def test_compiled_dtensor_loss_is_checked(ranks: tuple[int, list[dict]]) -> None
 
 
 def test_bytes_per_call_as_documented(ranks: tuple[int, list[dict]]) -> None:
-    """docs/migration.md: (15 + p) int64, N + 146 floats (MAX), 2N + 64 (3N + 64 smoothing) (SUM)."""
+    """docs/migration.md: (16 + p) int64, N + 16 floats (MAX), 2N (3N smoothing) (SUM), plus the
+    64 sampled rows' sums where every sampled logit lies in [0, 1]."""
     world, res = ranks
     n = 100
     for r in res:
         got = r["bytes"]["ok"]
-        assert got["0.0"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (2 * n + 64)
-        assert got["0.1"] == 8 * (15 + world) + 4 * (n + 146) + 4 * (3 * n + 64)
+        assert got["0.0"] == 8 * (16 + world) + 4 * (n + 16) + 4 * (2 * n)
+        assert got["0.1"] == 8 * (16 + world) + 4 * (n + 16) + 4 * (3 * n)
+        assert got["softmaxed"] == 8 * (16 + world) + 4 * (n + 16) + 4 * (2 * n + 64)
 
 
 def test_bytes_per_call_are_the_same_where_one_rank_idles(ranks: tuple[int, list[dict]]) -> None:
@@ -834,7 +845,7 @@ def test_bytes_per_call_are_the_same_where_one_rank_idles(ranks: tuple[int, list
         for eps in (0.0, 0.1):
             for st in (False, True):
                 extra = 2 * n if st else 0  # statistics: the key and NaN flag (MAX), entropy and argmax (SUM)
-                want = 8 * (15 + world) + 4 * (n + 146 + extra) + 4 * ((3 if eps else 2) * n + 64 + extra)
+                want = 8 * (16 + world) + 4 * (n + 16 + extra) + 4 * ((3 if eps else 2) * n + extra)
                 assert got[f"idle-{eps}-{st}"] == (want, "TargetDtypeError"), (rank, eps, st, got)
 
 

@@ -97,16 +97,24 @@ K_SAMPLE = 64  # rows sampled for the softmaxed-input check (as checks.sample_ro
 _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on this rank)
 
 # head layout after the ``world`` slice widths: single values, then (name, +v, -v) pairs whose MAX
-# gives max and -min; a pair whose max and min differ names what the ranks disagree on.
-_ERROR, _STRICT, _TMAX, _TMIN, _SALT, _POS_DIFFER, _TGT_DIFFER = range(7)
+# gives max and -min (a pair whose max and min differ names what the ranks disagree on), then the
+# values computed on the device, last, so that one cat appends them to the part built on the
+# host: the label range (the largest label and the largest ~label = -1 - the smallest label; ~
+# never overflows, where -(-2**63) would) and whether a sampled logit lies outside [0, 1].
+_ERROR, _STRICT, _SALT, _POS_DIFFER, _TGT_DIFFER = range(5)
 _AGREE = ("config", "positions", "target", "extras")  # config, extras: every rank of the mesh;
 # positions, target: the class group
-_HEAD = 7 + 2 * len(_AGREE)
+_FP = 5  # the first fingerprint pair
+_TMAX = _FP + 2 * len(_AGREE)
+_TMIN = _TMAX + 1  # max of ~label
+_SAMPLE_OUT = _TMIN + 1
+_HEAD = _SAMPLE_OUT + 1
 
-# The salted hashes (see _salted_hash): two values below _P per hashed tensor, sent in (2) as
-# four 16-bit chunks each way (exact in float32).
-_P = 2**31 - 1  # a Mersenne prime
-_AGREE_FLOATS = 2 * (4 + 4 + 1)  # labels, weight, the "label values failed" flag; + and - each
+# The salted hashes (see _salted_hash): four values below _P per hashed tensor (labels, weight),
+# exact in float32, sent in (2) as +h and -h (MAX of both: max and -min).
+_P = 2**24 - 3  # the largest prime below 2**24
+_NHASH = 4
+_AGREE_FLOATS = 2 * 2 * _NHASH  # labels, weight; + and - each
 
 # Counts read after the loss: safeloss's findings layout, then flags of this engine.
 _X_BERROR, _X_LABELS, _X_WEIGHT, _X_OUT_BAD = range(F.SIZE, F.SIZE + 4)
@@ -144,39 +152,52 @@ def _meta_hash(*parts: object) -> int:
 
 
 def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
-    """Two hashes in [0, P) of ``values`` (int64, each in [0, P)): h_j = sum_i m_ji v_i mod P.
+    """Four hashes in [0, P) of ``values`` (int64, each in [0, P)): h_j = sum_i m_ji v_i mod P.
 
     The multipliers m_ji are drawn uniformly from [1, P) by a generator seeded with this call's
     salt (the same on every rank, fresh every call, never derived from the data): for any two
     different sequences of the same length, some v_i - v'_i is nonzero mod P, and the m_ji that
     multiplies it takes the one value that would cancel the rest with probability 1/(P - 1). So
-    two different label tensors pass with probability at most (P - 1)**-2 < 2**-61, whatever the
+    two different label tensors pass with probability at most (P - 1)**-4 < 2**-95, whatever the
     pattern of the difference (reordered, shifted, permuted, equal sums ...), as far as torch's
-    generator is indistinguishable from uniform draws.
+    generator is indistinguishable from uniform draws. Each hash is below 2**24: exact in float32.
     """
     flat = values.reshape(-1)
-    gen = torch.Generator(device=flat.device)
+    gen = _generator(flat.device)
     gen.manual_seed((salt * 2 + stream) % (2**63 - 1))
-    m = torch.randint(1, _P, (2, flat.numel()), generator=gen, device=flat.device, dtype=torch.int64)
-    return ((m * flat) % _P).sum(1) % _P  # each product < 2**62; n sums of values < 2**31
+    m = torch.randint(1, _P, (_NHASH, flat.numel()), generator=gen, device=flat.device, dtype=torch.int64)
+    return ((m * flat) % _P).sum(1) % _P  # each product < 2**48; n sums of values < 2**24
 
 
-def _label_values(t: Tensor, ignore_index: int, C: int) -> Tensor:
-    """The labels as hash inputs below P: ignore_index -> C (labels are in range here)."""
-    v = torch.where(t == ignore_index, C, t)
+_gens = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """This thread's generator for ``device`` (reseeded at every use: creating one per call cost
+    ~12 us on the CPU)."""
+    cache = getattr(_gens, "by_device", None)
+    if cache is None:
+        cache = _gens.by_device = {}
+    gen = cache.get(device)
+    if gen is None:
+        gen = cache[device] = torch.Generator(device=device)
+    return gen
+
+
+def _label_values(t: Tensor, ignore_index: int, C: int, ignored: Tensor | None = None) -> Tensor:
+    """The labels as hash inputs below P: ignored positions (``ignored``, else ``t ==
+    ignore_index``) -> C (labels are in range here)."""
+    v = t.masked_fill(t == ignore_index if ignored is None else ignored, C)
     if C + 1 < _P:
         return v
-    return torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF, v >> 32], -1)  # 2**31 classes or more
+    # 2**24 - 4 classes or more: 16-bit pieces
+    return torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF, (v >> 32) & 0xFFFF, v >> 48], -1)
 
 
 def _bit_values(w: Tensor) -> Tensor:
     """The weight's bits as 16-bit pieces (so that equal hashes mean equal bits)."""
     w = w.detach().contiguous().reshape(-1)
     return w.view(torch.int16).to(torch.int64) & 0xFFFF
-
-
-def _chunks(h: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.stack([h >> 16, h & 0xFFFF], -1).reshape(-1).to(dtype)  # 4 values < 2**16
 
 
 _rng: random.Random | None = None
@@ -284,12 +305,16 @@ class _Plan:
     eps: float
     num_classes: int
     acc: torch.dtype
-    sample: Tensor | None  # (k,) flat positions sampled for the softmax check, or None
+    sums_k: int  # sampled rows whose sums the softmax check adds to (3) (0: none)
     backend: str  # "torch" or "triton"
-    agree: Tensor  # (_AGREE_FLOATS,) hashes and flag, compared in the MAX all-reduce
+    agree: list[Tensor]  # the hashes, +h then -h (_AGREE_FLOATS values), compared in the MAX all-reduce
     ex: X.Extras | None = None  # the LLM/RL extras (None: all at their defaults)
     target: Tensor | None = None  # (R,) global labels (int64), for the argmax test of the statistics
     offset: int = 0  # global index of the slice's first class
+    ignored: Tensor | None = None  # (R,) bool: ~valid
+    not_owned: Tensor | None = None  # (R,) bool: ~owned
+    rows: Tensor | None = None  # the logits as (R, C_local) rows, detached (None: from the input)
+    tol: float = 0.0  # the softmax check's tolerance on a row's sum
     softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
     agreed: Tensor | None = None  # filled by forward: the reduced ``agree``
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
@@ -350,9 +375,9 @@ def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None, tuple[
 class _VocabParallelCE(torch.autograd.Function):
     """Per-position losses of the gathered logits from this rank's slice (collectives inside).
 
-    Outputs: the cross-entropy per position, the z-loss term per position (empty without
-    z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax test
-    (the last two empty without ``return_stats``). With extras the slice is capped and scaled
+    Outputs: the cross-entropy per position; with extras also the z-loss term per position (empty
+    without z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax
+    test (the last two empty without ``return_stats``). With extras the slice is capped and scaled
     first (elementwise, local: zt = softcap tanh(z / softcap) / temperature); the statistics ride
     on the two all-reduces the loss makes anyway: the row's raw maximum (MAX, R values), the
     entropy's sum and the argmax test (SUM, 2R values). The argmax test needs no index exchange:
@@ -363,46 +388,37 @@ class _VocabParallelCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: _Plan) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, x: Tensor, plan: _Plan) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         group, acc, ex = plan.group, plan.acc, plan.ex
         stats = ex is not None and ex.return_stats
-        xr = _rows(x.detach())
+        xr = plan.rows if plan.rows is not None else _rows(x.detach())
         R, C_local = xr.shape
         dev = x.device
         L, Q, st = _local_stats(xr, plan)
         L = L.to(acc)
 
-        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max (raw logits),
-        # the raw row maximum (statistics), agreement.
+        # (2) MAX: per-row max of the slices' log-sum-exps, the raw row maximum (statistics),
+        # the agreement hashes.
         parts = [L]
-        k = 0
-        if plan.sample is not None:
-            rows = xr[plan.sample]
-            k = rows.shape[0]
-            if C_local:
-                lo, hi = torch.aminmax(rows.to(acc), dim=1)
-                ssum = rows.sum(1, dtype=acc)
-            else:
-                lo = torch.full((k,), math.inf, dtype=acc, device=dev)
-                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=dev)
-            parts += [-lo, hi]
         if stats:  # the argmax's key, and whether it is a NaN (a NaN wins over +inf)
             assert st is not None  # internal invariant: computed with return_stats
             parts += [st[1].to(acc), (st[2] < 0).to(acc)]
-        parts.append(plan.agree.to(acc))
-        red = _all_reduce(torch.cat(parts), "max", group)
+        red = _all_reduce(torch.cat(parts + plan.agree), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
         plan.agreed = red[-_AGREE_FLOATS:]
         M = red[:R]
-        M_ref = torch.where(torch.isneginf(M), 0.0, M)  # +inf or NaN: NaN everywhere in the row, as stock
+        # A finite stand-in for a row whose logits are all -inf (M = -inf), where exp(L - M)
+        # would be NaN; +inf and NaN stay (NaN everywhere in the row, as stock). Every use of
+        # it gives what 0 would: exp(-inf - M_ref) = 0, M_ref + log(0) = -inf.
+        M_ref = M.clamp_min(torch.finfo(acc).min)
 
         # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums,
         # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = xr.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = xr.gather(1, plan.local_idx.unsqueeze(1)).view(R).to(acc)
             xy = xy if ex is None else X.transform(xy, ex)  # R values: the label's zt
-            term = torch.where(plan.owned, xy - M_ref, 0.0)
+            term = (xy - M_ref).masked_fill_(plan.not_owned, 0.0)  # type: ignore[arg-type]
         else:
             term = torch.zeros(R, dtype=acc, device=dev)
         parts = [sumexp, term]
@@ -414,8 +430,10 @@ class _VocabParallelCE(torch.autograd.Function):
             q_inf = (plan.w_local * math.inf).sum() if plan.w_local is not None else (math.inf if C_local else 0.0)
             zs = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=dev), zs)
             parts.append(zs)
-        if plan.sample is not None:
-            parts.append(ssum)
+        k = plan.sums_k
+        if k:  # no rank's sample has a logit outside [0, 1] (the head): the rows' sums decide
+            rows = xr if R <= K_SAMPLE else xr[_sample_positions(xr, R)]
+            parts.append(rows.sum(1, dtype=acc))
         if stats:
             assert st is not None and plan.target is not None
             # Entropy: sum_c exp(zt_c - M)(zt_c - M) over the slice from its (L_r, A_r), no pass
@@ -425,7 +443,7 @@ class _VocabParallelCE(torch.autograd.Function):
             # Argmax: the winning key is the max of the keys, a NaN first; the global argmax is
             # the lowest column holding it over the ranks. Each rank counts its winner below the
             # label, and the label's owner 1 unless the label is its winner: correct iff 0.
-            gkey, gnan = red[R + 2 * k : 2 * R + 2 * k], red[2 * R + 2 * k : 3 * R + 2 * k]
+            gkey, gnan = red[R : 2 * R], red[2 * R : 3 * R]
             code = st[2].to(torch.int64)
             nan = code < 0
             col = torch.where(nan, code + C_local, code) + plan.offset
@@ -449,36 +467,37 @@ class _VocabParallelCE(torch.autograd.Function):
             loss = loss + (plan.eps / plan.num_classes) * smooth
             i += R
         pos = _positions_shape(x)
-        loss = torch.where(plan.valid, loss, 0.0).reshape(pos)
+        loss = loss.masked_fill_(plan.ignored, 0.0)  # type: ignore[arg-type]
+        if loss.shape != pos:
+            loss = loss.reshape(pos)
 
-        if plan.sample is not None:
-            glo, ghi = -red[R : R + k], red[R + k : R + 2 * k]
-            gsum = red2[i : i + k]
+        if k:
+            # The head said every sampled logit lies in [0, 1]: a row looks softmaxed iff it sums to 1.
+            plan.softmax_like = ((red2[i : i + k] - 1).abs() <= plan.tol).sum()  # read with the counts
             i += k
-            tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
-            like = (glo >= 0) & (ghi <= 1) & ((gsum - 1).abs() <= tol)
-            plan.softmax_like = like.sum()  # read on the host with the other counts
+        ctx.plan = plan
+        ctx.save_for_backward(x, lse)
+        ctx.set_materialize_grads(False)
+        if ex is None:
+            return loss
         empty = loss.new_empty(0)
-        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex is not None and ex.z_loss else empty
+        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex.z_loss else empty
         if stats:
             ent = (log_s - red2[i : i + R] / S).reshape(pos)
             correct = (plan.valid & (red2[i + R : i + 2 * R] == 0)).reshape(pos)
         else:
             ent, correct = empty, plan.valid.new_empty(0)
-        ctx.plan = plan
-        ctx.save_for_backward(x, lse)
-        ctx.set_materialize_grads(False)
         lse_out = lse.detach().reshape(pos).clone()
         if stats:
             # torch.logsumexp's +inf for a row with a +inf logit: without a NaN logit in the row
             # (the argmax's flag), a NaN lse can only come from inf - inf (the loss stays NaN).
-            gnan = red[2 * R + 2 * k : 3 * R + 2 * k] > 0
+            gnan = red[2 * R : 3 * R] > 0
             lse_out = torch.where(~gnan & lse.isnan(), math.inf, lse).reshape(pos)
         ctx.mark_non_differentiable(lse_out, ent, correct)
         return loss, zl, lse_out, ent, correct
 
     @staticmethod
-    def backward(ctx, g: Tensor | None, g_zl: Tensor | None, *_: object):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, *rest: Tensor | None):  # type: ignore[override]
         # Grad mode is on in backward only for create_graph=True: a second derivative through the
         # detached global lse would be silently missing (once_differentiable only refuses it when
         # the upstream gradient itself requires grad), so refuse it outright.
@@ -494,30 +513,44 @@ class _VocabParallelCE(torch.autograd.Function):
         plan: _Plan = ctx.plan
         ex, acc = plan.ex, plan.acc
         xr = _rows(x)
-        z = xr.to(acc)
+        z = xr if xr.dtype == acc else xr.to(acc)
         zt = z if ex is None else X.transform(z, ex)
         # d loss / d zt = g (A p - (1 - eps) w_y e_y - (eps / C) w) + g_zl 2 coef lse p (see
         # core.extras.index_grad), then through the transform; ignored rows exactly 0.
-        gce = torch.zeros_like(lse) if g is None else g.reshape(-1).to(acc)
+        if g is None:
+            gce = torch.zeros_like(lse)
+        else:
+            gce = g if g.dim() == 1 else g.reshape(-1)
+            gce = gce if gce.dtype == acc else gce.to(acc)
+        g_zl = rest[0] if rest else None
         gzl = None if g_zl is None or not g_zl.numel() else g_zl.reshape(-1).to(acc)
         p = torch.sub(zt, lse[:, None]).exp_()
-        d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
-                         plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
+        if ex is None and plan.eps == 0 and plan.w_y is None:
+            # index_grad's plain case, op for op on every counted row (the others are zeroed
+            # last there too): p g, minus g at the owned label.
+            d = p.mul_(gce[:, None])
+            if d.shape[1]:
+                d.scatter_add_(1, plan.local_idx.unsqueeze(1), (gce * plan.owned).neg_().unsqueeze(1))
+            d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
+        else:
+            d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
+                             plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
         if ex is not None:
             d = X.chain(d, zt, ex)
-        return _unrows(d.to(x.dtype), x), None
+        return _unrows(d if d.dtype == x.dtype else d.to(x.dtype), x), None
 
 
-def _idle_rounds(R: int, k: int, eps: float, acc: torch.dtype, device: torch.device,
-                 agree: Tensor, group: object | None, stats: bool) -> int:
+def _idle_rounds(R: int, sums_k: int, eps: float, acc: torch.dtype, device: torch.device,
+                 agree: list[Tensor], group: object | None, stats: bool) -> tuple[int, Tensor]:
     """A rank whose label values failed a check still enters (2) and (3), with contributions that
-    change nothing, so that every rank learns it after the loss, in the same call."""
-    n_max = R + 2 * k + (2 * R if stats else 0)
-    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device),
-                                 agree.to(acc)]), "max", group)
-    n_sum = (3 if eps > 0 else 2) * R + k + (2 * R if stats else 0)
+    change nothing, so that every rank learns it after the loss, in the same call. Returns the
+    bytes sent and the agreed hashes."""
+    n_max = R + (2 * R if stats else 0)
+    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device), *agree]),
+                      "max", group)
+    n_sum = (3 if eps > 0 else 2) * R + sums_k + (2 * R if stats else 0)
     red2 = _all_reduce(torch.zeros(n_sum, dtype=acc, device=device), "sum", group)
-    return red.numel() * red.element_size() + red2.numel() * red2.element_size()
+    return red.numel() * red.element_size() + red2.numel() * red2.element_size(), red[-_AGREE_FLOATS:]
 
 
 def _positions_shape(x: Tensor) -> tuple[int, ...]:
@@ -743,24 +776,50 @@ def _with_classes(positions: tuple[int, ...], C: int, one_d: bool) -> tuple[int,
     return (C,) if one_d else positions[:1] + (C,) + positions[1:]
 
 
-def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(max, -min) of the labels that are not ignore_index, as int64 (``_NONE`` when there are
-    none), without a host read. Float labels count where they are whole numbers (the others are
-    validation's error); uint64 labels of 2**63 or more turn negative (out of range)."""
+def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor | None]:
+    """([max, max of ~label] of the labels that are not ignore_index, as a (2,) int64 tensor
+    (``_NONE`` where there are none), and the mask of ``t == ignore_index`` (None where ``t`` is
+    not int64: the call compares its converted target again)), without a host read. ~label =
+    -1 - label never overflows (-(-2**63) would wrap). Float labels count where they are whole
+    numbers (the others are validation's error); uint64 labels of 2**63 or more turn negative
+    (out of range)."""
     if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
-        none = torch.full((), _NONE, dtype=torch.int64, device=t.device)
-        return none, none
+        return torch.full((2,), _NONE, dtype=torch.int64, device=t.device), None
+    mask_of_t = t.dtype == torch.int64
     if t.is_floating_point():
         whole = torch.isfinite(t) & (t == t.round()) & (t.abs() < 2.0**62)
         t = torch.where(whole, t, float(ignore_index) if abs(ignore_index) < 2**62 else 0.0).long()
     elif t.dtype == torch.uint64:
         t = t.view(torch.int64)
-    else:
+    elif not mask_of_t:
         t = t.long()
-    keep = t != ignore_index
-    tmax = torch.where(keep, t, _NONE).max()
-    tmin = torch.where(keep, -t.clamp(min=-(2**63 - 1)), _NONE).max()  # -(-2**63) wraps
-    return tmax, tmin
+    ignored = t == ignore_index
+    both = torch.stack([t, ~t]).masked_fill_(ignored, _NONE)
+    return (both.amax(tuple(range(1, both.dim()))) if t.dim() else both), (ignored if mask_of_t else None)
+
+
+def _sample_outside(xr: Tensor) -> Tensor:
+    """(1,) bool: whether a logit of the softmax check's sampled rows lies outside [0, 1] (or is
+    NaN). Reduced (MAX) in the head: where any rank's does, no sampled row can look softmaxed,
+    and the check ends there; only where none does, the rows' sums follow in (3)."""
+    rows = xr if xr.shape[0] <= K_SAMPLE else xr[_sample_positions(xr, xr.shape[0])]
+    return (rows.clamp(0, 1) != rows).any().view(1)
+
+
+def _head(vals: list[int], cworld: int, device: torch.device, rng: Tensor | None,
+          sample_out: Tensor | None) -> Tensor:
+    """The head: ``vals`` built on the host, with the device's label range and sample flag in
+    their slots (the last three) where given."""
+    tail = [v for v in (rng, sample_out) if v is not None]
+    cut = len(vals) if not tail else cworld + (_TMAX if rng is not None else _SAMPLE_OUT)
+    head = torch.tensor(vals[:cut], dtype=torch.int64)
+    if device.type != "cpu":
+        head = head.to(device, non_blocking=True)
+    if not tail:
+        return head
+    if rng is not None and sample_out is None:
+        tail.append(torch.zeros(1, dtype=torch.int64, device=device))
+    return torch.cat([head, *tail])
 
 
 def _as_index(ignore_index: object) -> int | None:
@@ -867,7 +926,8 @@ def run(
     p: Problem | None = None  # the validated local problem (known here for DTensor calls)
     findings: list[Finding] = []
     fp = dict.fromkeys(_AGREE, 0)
-    tmax = tmin = None
+    rng = ignored = rng_of = None  # the label range (device), the mask of rng_of == ignore_index
+    xr = sample_out = None  # the logits as rows; whether a sampled value lies outside [0, 1]
     width = -1  # this slice's width, -1 where the input has none (not a tensor, 0-d)
     name = "torch"
     ex: X.Extras | None = None
@@ -928,7 +988,12 @@ def run(
                 "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
             )
         if p is None or not p.prob:
-            tmax, tmin = _label_range(p.target if p is not None else t, ignore)
+            rng_of = p.target if p is not None else t
+            rng, ignored = _label_range(rng_of, ignore)
+        if sh.split or ex is not None:  # the engine's loss: the softmax check's first half
+            xr = _rows(x.detach())
+            if xr.numel():
+                sample_out = _sample_outside(xr)
         w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
         fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
                                   str(torch.get_autocast_dtype(x.device.type))
@@ -940,25 +1005,22 @@ def run(
         local_error = e
         p = None
 
-    # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata.
-    # Built on the host and sent in one copy (a copy from pageable memory without a stream
-    # sync: the driver stages the few bytes before returning); only the label range comes from
-    # the device, and stays there: one fill per value cost ~40 small ops per call.
+    # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata,
+    # whether a sampled logit lies outside [0, 1]. Built on the host and sent in one copy (a copy
+    # from pageable memory without a stream sync: the driver stages the few bytes before
+    # returning); the label range and the sample's flag come from the device and stay there,
+    # appended by one cat (their slots are last): one fill per value cost ~40 small ops per call.
     vals = [0] * (cworld + _HEAD)
     vals[crank] = width + 1  # 0: unknown
-    if local_error is None and tmax is None:
-        vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
+    vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
     vals[cworld + _ERROR] = int(local_error is not None)
     vals[cworld + _STRICT] = int(strict_local)
     vals[cworld + _SALT] = _salt_draw()
-    base = cworld + 7
+    base = cworld + _FP
     for i, key in enumerate(_AGREE):
         vals[base + 2 * i], vals[base + 2 * i + 1] = fp[key], -fp[key]
-    head = torch.tensor(vals, dtype=torch.int64)
-    if device.type != "cpu":
-        head = head.to(device, non_blocking=True)
-    if local_error is None and tmax is not None:
-        head[cworld + _TMAX : cworld + _TMIN + 1] = torch.stack([tmax, tmin])  # _TMIN follows _TMAX
+    head = _head(vals, cworld, device, None if local_error is not None else rng,
+                 None if local_error is not None else sample_out)
     nbytes = 0
     if sh.split:
         head = _all_reduce(head, "max", sh.group)
@@ -1017,8 +1079,8 @@ def run(
             "positions shape": fmt_shape(_positions_shape(x)), "target": f"{fmt_shape(t.shape)} {t.dtype}",
         }, sh)
         _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh, lines)))
-    tmax_, tmin_ = h[cworld + _TMAX], -h[cworld + _TMIN]
-    if (tmax_ != _NONE and tmax_ >= C) or (h[cworld + _TMIN] != _NONE and tmin_ < 0):
+    tmax_, tnot = h[cworld + _TMAX], h[cworld + _TMIN]
+    if (tmax_ != _NONE and tmax_ >= C) or (tnot != _NONE and ~tnot < 0):
         _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
 
     b_error: BaseException | None = None
@@ -1050,56 +1112,61 @@ def run(
             Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
 
     # Phase C: the loss.
-    counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
+    counts: Tensor | None = None  # the check counts on the device (the counts path below)
     zl_rows = lse = ent = correct = None
+    plan: _Plan | None = None
+    k = 0  # rows of the softmax check
+    sums_k = 0  # rows whose sums ride in (3): where no rank's sample has a logit outside [0, 1]
+    agreed: Tensor | None = None
     if not sh.split and ex is None:
         assert p is not None  # validated in phase A (DTensor calls)
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         losses = rows.losses
         assert losses is not None  # the deferred path always returns per-position losses
+        counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
         counts[: F.SIZE] = torch.as_tensor(rows.scan.counts, device=x.device).to(torch.int64)
         counts[F.BAD_TARGET] = 0  # the head's label range decided bad labels, before the loss
         if any(dist.get_rank(g) for g, s in sh.outer if s):
             counts[F.WEIGHT_NEGATIVE] = 0  # the weight is the same everywhere: counted once
     else:
         R = math.prod(positions)
-        sample = _sample_positions(x, R) if C >= 2 and R else None
-        agree = torch.zeros(_AGREE_FLOATS, dtype=acc, device=x.device)
-        if p is not None:
-            tl = p.target.long()
-            hashes = [_salted_hash(_label_values(tl, ignore, C), h[cworld + _SALT], 0)]
-            hashes.append(_salted_hash(_bit_values(weight), h[cworld + _SALT], 1) if isinstance(weight, Tensor)
-                          and weight.numel() else torch.zeros(2, dtype=torch.int64, device=x.device))
-            v = _chunks(torch.cat(hashes), acc)
-            agree = torch.cat([v, torch.zeros(1, dtype=acc, device=x.device), -v,
-                               torch.zeros(1, dtype=acc, device=x.device)])
-        else:
-            agree[_AGREE_FLOATS // 2 - 1] = 1  # this rank's label values failed a check
+        k = min(R, K_SAMPLE) if C >= 2 else 0
+        sums_k = k if not h[cworld + _SAMPLE_OUT] else 0
+        group_ = sh.group if sh.split else _LOCAL
         if p is None:
-            nbytes += _idle_rounds(R, 0 if sample is None else sample.numel(), eps, acc, x.device, agree,
-                                   sh.group if sh.split else _LOCAL, ex is not None and ex.return_stats)
+            # This rank's label values failed a check: its hashes say so (-1, a value no hash
+            # takes: the others' minimum shows it), and it idles through (2) and (3).
+            flag = torch.zeros(2 * _NHASH, dtype=acc, device=x.device)
+            flag[0] = -1
+            sent, agreed = _idle_rounds(R, sums_k, eps, acc, x.device, [flag, -flag], group_,
+                                        ex is not None and ex.return_stats)
+            nbytes += sent
             losses = torch.zeros(positions, dtype=acc, device=x.device)
-            counts[_X_BERROR] = 1
         else:
-            plan = _make_plan(p, sh.group if sh.split else _LOCAL, crank, sizes, C, acc, sample, name,
-                              agree, ex)
-            losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
-            nbytes += plan.bytes_sent
-            assert plan.agreed is not None  # filled by forward
-            half = _AGREE_FLOATS // 2
-            # MAX of (+v, -v): the ranks agree where max(v) == min(v), i.e. where the two halves
-            # cancel; the flag's negative half is 0, so it shows as itself. One vector, three
-            # verdicts in the counts' order (_X_BERROR, _X_LABELS, _X_WEIGHT).
-            differ = (plan.agreed[:half] + plan.agreed[half:]) != 0
-            counts[_X_BERROR : _X_WEIGHT + 1] = torch.cat([differ[half - 1 :], differ[:8].view(2, 4).any(1)])
-            if sample is not None:
-                counts[F.SOFTMAX_LIKE] = plan.softmax_like
-                counts[F.SOFTMAX_CHECKED] = sample.numel()
-            if ex is not None and ex.z_loss:
-                losses_all = losses + zl_rows
+            tl = p.target if p.target.dtype == torch.int64 else p.target.long()
+            ign = ignored if ignored is not None and p.target is rng_of else tl == ignore
+            tf = tl if tl.dim() == 1 else tl.reshape(-1)
+            ignf = ign if ign.dim() == 1 else ign.reshape(-1)
+            salt = h[cworld + _SALT]
+            hl = _salted_hash(_label_values(tf, ignore, C, ignf), salt, 0).to(acc)
+            if isinstance(weight, Tensor) and weight.numel():
+                hw = _salted_hash(_bit_values(weight), salt, 1).to(acc)
+                both = torch.cat([hl, hw])
+                agree = [both, -both]
             else:
-                losses_all, zl_rows = losses, None
-            counts[F.NONFINITE_ROW] = (~torch.isfinite(losses_all.detach()).reshape(-1) & plan.valid).sum()
+                # No weight on any rank (agreed with the config): the label hashes stand in for
+                # the weight's, so the weight's verdict is the labels' (raised after them).
+                neg = -hl
+                agree = [hl, hl, neg, neg]
+            plan = _make_plan(p, group_, crank, sizes, C, acc, sums_k, name, agree, ex, xr, tf, ignf)
+            if ex is None:
+                losses = _VocabParallelCE.apply(x, plan)
+            else:
+                losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
+                if not ex.z_loss:
+                    zl_rows = None
+            nbytes += plan.bytes_sent
+            agreed = plan.agreed
 
     sharded = tuple(g for g, s in sh.outer if s)
     across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
@@ -1107,7 +1174,7 @@ def run(
     if p is None:
         out = losses.sum().to(out_dtype) if reduction_ != "none" else losses.to(out_dtype)
     elif ex is None:
-        out = _reduction.reduce_across(losses, p, across)
+        out = _reduction.reduce_across(losses, p, across, None if plan is None else plan.valid)
     else:
         # The z-loss term is reduced over the counted positions, never by the class weights:
         # a "mean" divides by the number of non-ignored positions.
@@ -1129,12 +1196,49 @@ def run(
     if stats is not None:
         stats["bytes"] = nbytes
 
-    # Phase D: what the loss found, the same on every rank: the counts and whether the output is
-    # finite are read on the host in one go (with the head: two reads per call).
-    counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
-    if sh.outer:
-        counts = _reduce_outer(counts, sh, "sum")
-    host = counts.tolist()
+    # Phase D: what the loss found, the same on every rank, read on the host in one go (with the
+    # head: two reads per call).
+    lossd = losses.detach()
+    if counts is None and not sh.outer:
+        # One rank group: the agreed hashes, whether the output is finite (NaN or inf in a sum
+        # of it; for "sum" and "mean" a nonfinite position's loss makes the output nonfinite
+        # too) and the sampled rows that look softmaxed, as floats (exact: hashes below 2**24,
+        # at most 64 rows); the per-position counts are taken only where the output is not
+        # finite (a finding follows: one more read).
+        assert agreed is not None  # filled by the loss's MAX round
+        outd = out.detach()
+        parts = [agreed, (outd if outd.dim() == 0 else outd.sum(dtype=acc)).view(1)]
+        if sums_k and plan is not None:
+            parts.append(plan.softmax_like.view(1))
+        a = torch.cat(parts).tolist()
+        host = [0] * _COUNTS
+        host[_X_BERROR], host[_X_LABELS], host[_X_WEIGHT] = _verdicts(a)
+        if k:
+            host[F.SOFTMAX_CHECKED] = k
+            host[F.SOFTMAX_LIKE] = int(a[_AGREE_FLOATS + 1]) if sums_k else 0
+        if p is not None and plan is not None and not math.isfinite(a[_AGREE_FLOATS]) and not any(
+                host[_X_BERROR : _X_WEIGHT + 1]):
+            host[F.NONFINITE_ROW], host[_X_OUT_BAD] = torch.stack([
+                (~torch.isfinite(lossd).reshape(-1) & plan.valid).sum(), (~torch.isfinite(outd)).any()]).tolist()
+    else:
+        if counts is None:
+            # Over several mesh dims: each rank's verdicts, summed over the other dims.
+            assert agreed is not None
+            counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
+            half = _AGREE_FLOATS // 2
+            differ = (agreed[:half] + agreed[half:]) != 0
+            counts[_X_BERROR : _X_WEIGHT + 1] = torch.cat([agreed[half : half + 1] > 0,
+                                                           differ.view(2, _NHASH).any(1)])
+            if k:
+                counts[F.SOFTMAX_CHECKED] = k
+                if sums_k and plan is not None:
+                    counts[F.SOFTMAX_LIKE] = plan.softmax_like
+            if plan is not None:
+                counts[F.NONFINITE_ROW] = (~torch.isfinite(lossd).reshape(-1) & plan.valid).sum()
+        counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
+        if sh.outer:
+            counts = _reduce_outer(counts, sh, "sum")
+        host = counts.tolist()
     if host[_X_BERROR]:
         _raise_agreed(b_error, sh)
     if host[_X_LABELS]:
@@ -1149,7 +1253,7 @@ def run(
     result = out if loss_stats is None else (out, loss_stats)
     if not (rowwise or softmaxed or host[F.WEIGHT_NEGATIVE]):
         return result  # the clean call
-    tg, lg = p.target, losses.detach()
+    tg, lg = p.target, lossd
     if rowwise and sh.gather is not None and sharded:
         # Messages name global positions: sharded rows are gathered first (every rank is here:
         # the counts are agreed).
@@ -1164,15 +1268,35 @@ def run(
     return result
 
 
+def _verdicts(a: list[float]) -> tuple[int, int, int]:
+    """(a rank's label values failed a check, the labels differ, the weights differ) from the
+    agreed hashes: MAX of (+h, -h) gives max(h) and -min(h); the ranks agree where they cancel.
+    A rank whose label values failed sends -1 as its first label hash (a hash is never
+    negative): the first -h slot then holds a positive value."""
+    half = _AGREE_FLOATS // 2
+    differ = [a[j] + a[half + j] != 0 for j in range(half)]
+    return int(a[half] > 0), int(any(differ[:_NHASH])), int(any(differ[_NHASH:]))
+
+
 def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C: int, acc: torch.dtype,
-               sample: Tensor | None, name: str, agree: Tensor, ex: X.Extras | None) -> _Plan:
+               sums_k: int, name: str, agree: list[Tensor], ex: X.Extras | None, rows: Tensor | None,
+               tf: Tensor, ignored: Tensor) -> _Plan:
+    """``tf``: the labels, flat, int64; ``ignored``: ``tf == ignore_index``."""
     offset = sum(sizes[:crank])
     C_local = sizes[crank]
-    tf = p.target.long().reshape(-1)
-    valid = tf != p.ignore_index
-    li = tf - offset
-    owned = valid & (li >= 0) & (li < C_local)
-    local_idx = li.clamp(0, max(C_local - 1, 0))
+    valid = ~ignored
+    if C_local == C:  # every class on this rank (offset 0): every valid label is owned here
+        local_idx = tf.clamp(0, max(C - 1, 0))
+        owned, not_owned = valid, ignored
+    elif C_local == 0:
+        local_idx = tf.clamp(0, 0)
+        owned = torch.zeros_like(valid)
+        not_owned = ~owned
+    else:
+        li = tf - offset if offset else tf
+        local_idx = li.clamp(0, C_local - 1)
+        owned = (local_idx == li) & valid  # 0 <= label - offset < C_local
+        not_owned = ~owned
     w_y = w_local = None
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
@@ -1182,7 +1306,9 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
     return _Plan(group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
-                 p.label_smoothing, C, acc, sample, name, agree, ex, tf if ex is not None else None, offset)
+                 p.label_smoothing, C, acc, sums_k, name, agree, ex, tf if ex is not None else None, offset,
+                 ignored=ignored, not_owned=not_owned, rows=rows,
+                 tol=F.SOFTMAX_SUM_TOL[str(p.input.dtype).removeprefix("torch.")] if sums_k else 0.0)
 
 
 def _sample_positions(x: Tensor, R: int) -> Tensor:
