@@ -97,7 +97,11 @@ _FROZEN = frozenset({int, float, bool, str, type(None), type, torch.Size, torch.
 def _frozen(part: object) -> bool:
     if type(part) is tuple:
         return all(_frozen(p) for p in part)  # type: ignore[union-attr]
-    return type(part) in _FROZEN or (type(part).__module__ == "numpy" and type(part).__name__ != "ndarray")
+    kind = type(part)
+    return kind in _FROZEN or (kind.__module__ == "numpy" and kind.__name__ != "ndarray") or (
+        # A process group (the vocab-parallel op's): compared by identity, and no value of it
+        # that a plan depends on (its ranks) ever changes.
+        kind.__name__ == "ProcessGroup" and kind.__module__.startswith("torch."))
 
 
 def clear() -> None:

@@ -67,6 +67,7 @@ from ..backends.dispatch import check_backend, triton_unavailable_reason
 from ..core import _flags as F
 from ..core import checks, errors
 from ..core import extras as X
+from ..core import plan as plans
 from ..core import reduction as _reduction
 from ..core._traceback import trim
 from ..core.config import LazyStrict
@@ -88,6 +89,7 @@ from ..core.validation import (
     _check_devices,
     _check_input,
     _check_weight,
+    _negative_classes,
     check_label_smoothing,
     check_reduction,
     normalize,
@@ -162,11 +164,14 @@ def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
     pattern of the difference (reordered, shifted, permuted, equal sums ...), as far as torch's
     generator is indistinguishable from uniform draws. Each hash is below 2**24: exact in float32.
     """
-    flat = values.reshape(-1)
+    flat = values if values.dim() == 1 else values.reshape(-1)
+    n = flat.numel()
     gen = _generator(flat.device)
     gen.manual_seed((salt * 2 + stream) % (2**63 - 1))
-    m = torch.randint(1, _P, (_NHASH, flat.numel()), generator=gen, device=flat.device, dtype=torch.int64)
-    return ((m * flat) % _P).sum(1) % _P  # each product < 2**48; n sums of values < 2**24
+    m = torch.randint(1, _P, (_NHASH, n), generator=gen, device=flat.device, dtype=torch.int64)
+    prod = m * flat  # each product < 2**48
+    # Below 2**15 values their sum stays below 2**63: reduced once (the same hash).
+    return (prod if n < 2**15 else prod % _P).sum(1) % _P
 
 
 _gens = threading.local()
@@ -297,7 +302,7 @@ class _Plan:
     group: object | None
     valid: Tensor  # (R,) bool: label not ignored
     owned: Tensor  # (R,) bool: label valid and inside this rank's slice
-    local_idx: Tensor  # (R,) int64: label - offset, clamped into the slice (0 on an empty slice)
+    local_idx: Tensor  # (R, 1) int64: label - offset, clamped into the slice (0 on an empty slice)
     w_y: Tensor | None  # (R,) weight of the label (None: 1)
     w_local: Tensor | None  # (C_local,) this slice's weights (None: 1)
     w_sum: float | Tensor  # W, the sum of all weights (C without weight)
@@ -332,7 +337,7 @@ def _rows(x: Tensor) -> Tensor:
 
 def _unrows(d: Tensor, x: Tensor) -> Tensor:
     if x.dim() <= 2:
-        return d.reshape(x.shape)
+        return d if d.shape == x.shape else d.reshape(x.shape)
     return d.reshape(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 
@@ -416,7 +421,7 @@ class _VocabParallelCE(torch.autograd.Function):
         # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = xr.gather(1, plan.local_idx.unsqueeze(1)).view(R).to(acc)
+            xy = xr.gather(1, plan.local_idx).view(R).to(acc)
             xy = xy if ex is None else X.transform(xy, ex)  # R values: the label's zt
             term = (xy - M_ref).masked_fill_(plan.not_owned, 0.0)  # type: ignore[arg-type]
         else:
@@ -530,10 +535,10 @@ class _VocabParallelCE(torch.autograd.Function):
             # last there too): p g, minus g at the owned label.
             d = p.mul_(gce[:, None])
             if d.shape[1]:
-                d.scatter_add_(1, plan.local_idx.unsqueeze(1), (gce * plan.owned).neg_().unsqueeze(1))
+                d.scatter_add_(1, plan.local_idx, (gce * plan.owned).neg_().unsqueeze(1))
             d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
         else:
-            d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
+            d = X.index_grad(p, plan.local_idx.view(-1), plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
                              plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
         if ex is not None:
             d = X.chain(d, zt, ex)
@@ -893,6 +898,144 @@ def _split_normalize(x_standin: Tensor, target: Tensor, weight: Tensor | None, i
     return p
 
 
+class _Sig:
+    """A planned signature of the direct API (see ``core.plan``): what its argument checks
+    settled (phase A) and, for the slice widths of the ranks it was made with, what validation
+    settled (phase B). Holds no tensor of the caller's and nothing read from values; the
+    collectives a planned call makes are a full call's, so a rank with a plan and a rank without
+    one meet in the same all-reduces."""
+
+    __slots__ = ("backend", "crank", "cworld", "device", "eps", "ex", "gshape", "name", "out_dtype", "positions",
+                 "reduction", "sh", "sizes", "vals", "width", "x_standin")
+
+    def __init__(self, sh: Sharding, crank: int, cworld: int, device: torch.device, width: int, name: str,
+                 reduction: str, eps: float, backend: str, ex: X.Extras | None, vals: list[int], sizes: list[int],
+                 positions: tuple[int, ...], x_standin: Tensor, gshape: tuple[int, ...], out_dtype: torch.dtype) -> None:
+        self.sh, self.crank, self.cworld, self.device, self.width, self.name = sh, crank, cworld, device, width, name
+        self.reduction, self.eps, self.backend, self.ex = reduction, eps, backend, ex
+        self.vals = list(vals)  # the head's host part: slice width, fingerprints (error, strict, salt: per call)
+        self.sizes, self.positions, self.x_standin = list(sizes), positions, x_standin  # x_standin: no memory
+        self.gshape, self.out_dtype = gshape, out_dtype
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_C = torch._C
+_get_plan = plans._plans.get  # the store itself (a dict never rebound: plan.clear() empties it)
+
+
+def _sig_key(input: object, target: object, weight: object, ignore_index: object, reduction: object,
+             label_smoothing: object, group: object, backend: object, extras: object) -> tuple | None:
+    """The plan key of a direct call, or None (not plannable): the shapes, dtypes, layouts and
+    devices of plain tensors, the options with their types, the group (the process group object
+    itself: a new default group is another key), grad mode and autocast (both in the agreed
+    config), and no TorchFunctionMode (it must see the functions a full call calls), tracer or
+    functorch transform. (Dispatch modes see the same ops either way: a plan saves Python only.)"""
+    if (type(input) not in _PLAIN or type(target) not in _PLAIN or (weight is not None and type(weight) not in _PLAIN)
+            or type(ignore_index) is not int or type(reduction) is not str or type(backend) is not str):
+        return None
+    if _C._is_torch_function_mode_enabled() or _C._is_tracing() or _C._are_functorch_transforms_active():
+        return None
+    try:
+        key = (
+            "vocab_parallel_cross_entropy",
+            input.shape, input.dtype, input.layout, input.is_cpu or input.device,  # type: ignore[union-attr]
+            target.shape, target.dtype, target.layout, target.is_cpu or target.device,  # type: ignore[union-attr]
+            None if weight is None else (weight.shape, weight.dtype, weight.layout,  # type: ignore[union-attr]
+                                         weight.is_cpu or weight.device, weight.requires_grad),  # type: ignore[union-attr]
+            ignore_index, reduction, label_smoothing, type(label_smoothing), backend,
+            dist.group.WORLD if group is None else group,
+            None if extras is None else (*extras, *map(type, extras)),  # type: ignore[misc]
+            _C.is_grad_enabled(),
+            _C._is_any_autocast_enabled() and _autocast_key(input),
+        )
+        hash(key)
+    except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
+        return None
+    return key
+
+
+def _autocast_key(x: Tensor) -> object:
+    dt = x.device.type
+    return torch.is_autocast_enabled(dt) and str(torch.get_autocast_dtype(dt))
+
+
+def _store_plan(key: tuple, sig: _Sig) -> None:
+    plans.store(key, sig)
+
+
+def _checks(input: object, target: object, weight: object, ignore_index: object, reduction: object,
+            label_smoothing: object, strict: bool | None, backend: object, extras: object, sh: Sharding,
+            direct: bool, fp: dict[str, int]) -> tuple:
+    """Phase A's argument checks (see ``run``): (x, t, ignore, backend name, reduction,
+    label_smoothing, backend, extras, strict, the validated problem where known (DTensor calls),
+    findings); fills ``fp`` with the fingerprints of the metadata. Raises what it finds."""
+    strict_local = bool(LazyStrict(strict))
+    ex = None
+    name = "torch"
+    p: Problem | None = None
+    findings: list[Finding] = []
+    if extras is not None:
+        ex = X.check(*extras, op="vocab_parallel_cross_entropy" if direct else "cross_entropy")  # type: ignore[misc]
+        ex = ex if ex.active else None
+    reduction_ = check_reduction(reduction)
+    eps = check_label_smoothing(label_smoothing)
+    backend_ = check_backend(backend)
+    if sh.pre_error is not None:
+        raise sh.pre_error
+    if direct:
+        _refuse_dtensors(input, target, weight)
+    x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
+    one_d = x.dim() == 1
+    if sh.num_classes is not None:
+        # DTensor: the global shapes are known on every rank, so shapes are judged globally
+        # now (every rank the same message), then this rank's values locally.
+        assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
+        gx = _standin(sh.input_shape, x.dtype, x.device)
+        try:
+            g = normalize(gx, _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
+                          weight, ignore, reduction_, eps)
+        except Exception:
+            if tuple(t.shape) == tuple(sh.target_shape):
+                # this rank holds the whole target: the message of its values (the hints read them)
+                normalize(gx, t, weight, ignore, reduction_, eps)
+            raise
+        findings = g.findings
+        if sh.split:
+            p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
+                                          x.dtype, x.device), t, weight, ignore, reduction_, eps,
+                                 op="cross_entropy")
+        else:
+            p = normalize(x, t, weight, ignore, reduction_, eps)
+    if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
+        # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
+        # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
+        reason = triton_unavailable_reason(x.device)
+        if reason is None and x.dtype != torch.float64:
+            name = "triton"
+        elif backend_ == "triton":
+            raise BackendError(
+                f'backend="triton" cannot run the vocab-parallel statistics here: '
+                f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
+            )
+    elif not sh.split and p is not None:
+        name = dispatch.select(backend_, p)
+    if ex is not None and p is not None and p.prob:
+        raise BackendError(
+            f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
+            "probability targets: the extras run on class-index targets for DTensor logits.\n"
+            "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
+            "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
+        )
+    w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
+    fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
+                              str(torch.get_autocast_dtype(x.device.type))
+                              if torch.is_autocast_enabled(x.device.type) else None)
+    fp["positions"] = _meta_hash(_positions_shape(x))
+    fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
+    fp["extras"] = _meta_hash(ex)
+    return x, t, ignore, name, reduction_, eps, backend_, ex, strict_local, p, findings
+
+
 def run(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
     label_smoothing: float, *, group: object | None = None, strict: bool | None, backend: str,
@@ -910,11 +1053,18 @@ def run(
             "Fix: torch.distributed.init_process_group(...) first (torchrun sets it up), or call "
             "safeloss.cross_entropy on the full logits"
         )
+    key = sig = None
     if sharding is None:
-        _check_group(group)
-    sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
-    crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
-    device = _comm_device(input, sh.group)
+        key = _sig_key(input, target, weight, ignore_index, reduction, label_smoothing, group, backend, extras)
+        sig = None if key is None else _get_plan(key)
+    if sig is not None:
+        sh, crank, cworld, device = sig.sh, sig.crank, sig.cworld, sig.device
+    else:
+        if sharding is None:
+            _check_group(group)
+        sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
+        crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
+        device = _comm_device(input, sh.group)
 
     # Phase A, local: every check that needs no other rank. Nothing is raised yet: a rank that
     # failed alone would leave the others waiting in the first all-reduce. Nothing below the try
@@ -932,61 +1082,18 @@ def run(
     name = "torch"
     ex: X.Extras | None = None
     try:
-        if isinstance(input, Tensor) and not input.is_nested and input.dim() >= 1:
-            width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
-        strict_local = bool(LazyStrict(strict))
-        if extras is not None:
-            ex = X.check(*extras, op="vocab_parallel_cross_entropy" if sharding is None else "cross_entropy")
-            ex = ex if ex.active else None
-        reduction_ = check_reduction(reduction)
-        eps = check_label_smoothing(label_smoothing)
-        backend_ = check_backend(backend)
-        if sh.pre_error is not None:
-            raise sh.pre_error
-        if sharding is None:
-            _refuse_dtensors(input, target, weight)
-        x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
-        one_d = x.dim() == 1
-        if sh.num_classes is not None:
-            # DTensor: the global shapes are known on every rank, so shapes are judged globally
-            # now (every rank the same message), then this rank's values locally.
-            assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
-            gx = _standin(sh.input_shape, x.dtype, x.device)
-            try:
-                g = normalize(gx, _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
-                              weight, ignore, reduction_, eps)
-            except Exception:
-                if tuple(t.shape) == tuple(sh.target_shape):
-                    # this rank holds the whole target: the message of its values (the hints read them)
-                    normalize(gx, t, weight, ignore, reduction_, eps)
-                raise
-            findings = g.findings
-            if sh.split:
-                p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
-                                              x.dtype, x.device), t, weight, ignore, reduction_, eps,
-                                     op="cross_entropy")
-            else:
-                p = normalize(x, t, weight, ignore, reduction_, eps)
-        if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
-            # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
-            # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
-            reason = triton_unavailable_reason(x.device)
-            if reason is None and x.dtype != torch.float64:
-                name = "triton"
-            elif backend_ == "triton":
-                raise BackendError(
-                    f'backend="triton" cannot run the vocab-parallel statistics here: '
-                    f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
-                )
-        elif not sh.split and p is not None:
-            name = dispatch.select(backend_, p)
-        if ex is not None and p is not None and p.prob:
-            raise BackendError(
-                f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
-                "probability targets: the extras run on class-index targets for DTensor logits.\n"
-                "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
-                "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
-            )
+        if sig is not None:
+            # A planned signature: its argument checks passed for these shapes, dtypes, devices
+            # and options (the key holds them); strictness and every value check are this call's.
+            x, t, ignore, width, name = input, target, ignore_index, sig.width, sig.name
+            reduction_, eps, backend_, ex = sig.reduction, sig.eps, sig.backend, sig.ex
+            strict_local = bool(LazyStrict(strict))
+        else:
+            if isinstance(input, Tensor) and not input.is_nested and input.dim() >= 1:
+                width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
+            x, t, ignore, name, reduction_, eps, backend_, ex, strict_local, p, findings = _checks(
+                input, target, weight, ignore_index, reduction, label_smoothing, strict, backend, extras, sh,
+                sharding is None, fp)
         if p is None or not p.prob:
             rng_of = p.target if p is not None else t
             rng, ignored = _label_range(rng_of, ignore)
@@ -994,13 +1101,6 @@ def run(
             xr = _rows(x.detach())
             if xr.numel():
                 sample_out = _sample_outside(xr)
-        w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
-        fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
-                                  str(torch.get_autocast_dtype(x.device.type))
-                                  if torch.is_autocast_enabled(x.device.type) else None)
-        fp["positions"] = _meta_hash(_positions_shape(x))
-        fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
-        fp["extras"] = _meta_hash(ex)
     except Exception as e:  # every local failure must reach the other ranks
         local_error = e
         p = None
@@ -1010,15 +1110,18 @@ def run(
     # from pageable memory without a stream sync: the driver stages the few bytes before
     # returning); the label range and the sample's flag come from the device and stay there,
     # appended by one cat (their slots are last): one fill per value cost ~40 small ops per call.
-    vals = [0] * (cworld + _HEAD)
-    vals[crank] = width + 1  # 0: unknown
-    vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
+    base = cworld + _FP
+    if sig is not None:
+        vals = sig.vals.copy()  # the width and the fingerprints of the signature
+    else:
+        vals = [0] * (cworld + _HEAD)
+        vals[crank] = width + 1  # 0: unknown
+        vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
+        for i, field_ in enumerate(_AGREE):
+            vals[base + 2 * i], vals[base + 2 * i + 1] = fp[field_], -fp[field_]
     vals[cworld + _ERROR] = int(local_error is not None)
     vals[cworld + _STRICT] = int(strict_local)
     vals[cworld + _SALT] = _salt_draw()
-    base = cworld + _FP
-    for i, key in enumerate(_AGREE):
-        vals[base + 2 * i], vals[base + 2 * i + 1] = fp[key], -fp[key]
     head = _head(vals, cworld, device, None if local_error is not None else rng,
                  None if local_error is not None else sample_out)
     nbytes = 0
@@ -1041,9 +1144,13 @@ def run(
     assert x is not None and t is not None  # no rank failed, this one included
     strict_ = bool(h[cworld + _STRICT])  # strict anywhere: strict everywhere
     C = sum(sizes) if sh.split else width
+    after = sig if sig is not None and sig.sizes == sizes else None  # planned for these widths
     one_d = x.dim() == 1
-    positions = _positions_shape(x)
-    x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
+    if after is not None:
+        positions, x_standin = after.positions, after.x_standin
+    else:
+        positions = _positions_shape(x)
+        x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
 
     def differ(key: str) -> bool:
         i = base + 2 * _AGREE.index(key)
@@ -1084,7 +1191,11 @@ def run(
         _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
 
     b_error: BaseException | None = None
-    if p is None:
+    if after is not None and (weight is None or not _negative_classes(weight)):  # type: ignore[arg-type]
+        # Planned: validation of these shapes, dtypes and options found nothing and converted
+        # nothing; the one value it reads, negative weight entries, is read here as it reads it.
+        p = Problem(x_standin, t, False, weight, ignore, eps, reduction_, C, after.out_dtype, [])
+    elif p is None:
         # Plain shards: the class count is known now. Shapes and dtypes are agreed, so validation
         # fails on every rank or on none, except where it reads this rank's label values (float
         # labels with a fraction, ...): such an error waits for the agreement after the loss.
@@ -1102,14 +1213,17 @@ def run(
             b_error = e
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if C == 1:
-        findings = [f for f in findings if f.kind != "single-class"] + [checks_single_class(x_standin)]
-    gshape = tuple(sh.input_shape) if sh.input_shape is not None else tuple(x_standin.shape)
-    g_positions = _positions_shape(torch.empty(gshape, device="meta"))
-    out_dtype = p.out_dtype if p is not None else x.dtype
-    if reduction_ == "mean" and math.prod(g_positions) == 0:
-        findings = [*findings, checks.empty_mean_finding(
-            Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
+    if after is not None:
+        gshape, out_dtype = after.gshape, after.out_dtype
+    else:
+        if C == 1:
+            findings = [f for f in findings if f.kind != "single-class"] + [checks_single_class(x_standin)]
+        gshape = tuple(sh.input_shape) if sh.input_shape is not None else tuple(x_standin.shape)
+        g_positions = gshape[1:] if len(gshape) == 1 else gshape[:1] + gshape[2:]
+        out_dtype = p.out_dtype if p is not None else x.dtype
+        if reduction_ == "mean" and math.prod(g_positions) == 0:
+            findings = [*findings, checks.empty_mean_finding(
+                Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
 
     # Phase C: the loss.
     counts: Tensor | None = None  # the check counts on the device (the counts path below)
@@ -1148,9 +1262,10 @@ def run(
             tf = tl if tl.dim() == 1 else tl.reshape(-1)
             ignf = ign if ign.dim() == 1 else ign.reshape(-1)
             salt = h[cworld + _SALT]
-            hl = _salted_hash(_label_values(tf, ignore, C, ignf), salt, 0).to(acc)
+            # int64: the MAX round's cat makes them floats, exactly (each hash is below 2**24).
+            hl = _salted_hash(_label_values(tf, ignore, C, ignf), salt, 0)
             if isinstance(weight, Tensor) and weight.numel():
-                hw = _salted_hash(_bit_values(weight), salt, 1).to(acc)
+                hw = _salted_hash(_bit_values(weight), salt, 1)
                 both = torch.cat([hl, hw])
                 agree = [both, -both]
             else:
@@ -1198,7 +1313,6 @@ def run(
 
     # Phase D: what the loss found, the same on every rank, read on the host in one go (with the
     # head: two reads per call).
-    lossd = losses.detach()
     if counts is None and not sh.outer:
         # One rank group: the agreed hashes, whether the output is finite (NaN or inf in a sum
         # of it; for "sum" and "mean" a nonfinite position's loss makes the output nonfinite
@@ -1219,7 +1333,8 @@ def run(
         if p is not None and plan is not None and not math.isfinite(a[_AGREE_FLOATS]) and not any(
                 host[_X_BERROR : _X_WEIGHT + 1]):
             host[F.NONFINITE_ROW], host[_X_OUT_BAD] = torch.stack([
-                (~torch.isfinite(lossd).reshape(-1) & plan.valid).sum(), (~torch.isfinite(outd)).any()]).tolist()
+                (~torch.isfinite(losses.detach()).reshape(-1) & plan.valid).sum(),
+                (~torch.isfinite(outd)).any()]).tolist()
     else:
         if counts is None:
             # Over several mesh dims: each rank's verdicts, summed over the other dims.
@@ -1234,7 +1349,7 @@ def run(
                 if sums_k and plan is not None:
                     counts[F.SOFTMAX_LIKE] = plan.softmax_like
             if plan is not None:
-                counts[F.NONFINITE_ROW] = (~torch.isfinite(lossd).reshape(-1) & plan.valid).sum()
+                counts[F.NONFINITE_ROW] = (~torch.isfinite(losses.detach()).reshape(-1) & plan.valid).sum()
         counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
         if sh.outer:
             counts = _reduce_outer(counts, sh, "sum")
@@ -1252,8 +1367,13 @@ def run(
     rowwise = any(host[i] for i in _ROW_COUNTS) or host[_X_OUT_BAD]
     result = out if loss_stats is None else (out, loss_stats)
     if not (rowwise or softmaxed or host[F.WEIGHT_NEGATIVE]):
+        if key is not None and after is None and not findings and p.target is t and p.weight is weight and (
+                name == "torch" or x.is_cuda):
+            # The signature's first clean call (or its first with these widths): plan it.
+            _store_plan(key, _Sig(sh, crank, cworld, device, width, name, reduction_, eps, backend_, ex, vals,
+                                  sizes, positions, x_standin, gshape, out_dtype))
         return result  # the clean call
-    tg, lg = p.target, lossd
+    tg, lg = p.target, losses.detach()
     if rowwise and sh.gather is not None and sharded:
         # Messages name global positions: sharded rows are gathered first (every rank is here:
         # the counts are agreed).
@@ -1286,17 +1406,18 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
     C_local = sizes[crank]
     valid = ~ignored
     if C_local == C:  # every class on this rank (offset 0): every valid label is owned here
-        local_idx = tf.clamp(0, max(C - 1, 0))
+        local_idx = tf.unsqueeze(1).clamp(0, max(C - 1, 0))
         owned, not_owned = valid, ignored
     elif C_local == 0:
-        local_idx = tf.clamp(0, 0)
+        local_idx = tf.unsqueeze(1).clamp(0, 0)
         owned = torch.zeros_like(valid)
         not_owned = ~owned
     else:
         li = tf - offset if offset else tf
-        local_idx = li.clamp(0, C_local - 1)
-        owned = (local_idx == li) & valid  # 0 <= label - offset < C_local
+        idx = li.clamp(0, C_local - 1)
+        owned = (idx == li) & valid  # 0 <= label - offset < C_local
         not_owned = ~owned
+        local_idx = idx.unsqueeze(1)
     w_y = w_local = None
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
