@@ -47,6 +47,7 @@ so nothing of the size of |lse| * W cancels.
 
 from __future__ import annotations
 
+import array
 import builtins
 import hashlib
 import math
@@ -154,7 +155,8 @@ def _meta_hash(*parts: object) -> int:
 
 
 def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
-    """Four hashes in [0, P) of ``values`` (int64, each in [0, P)): h_j = sum_i m_ji v_i mod P.
+    """Four hashes in [0, P) of ``values`` (int64, each in (-P, P), distinct values with distinct
+    residues mod P): h_j = sum_i m_ji v_i mod P.
 
     The multipliers m_ji are drawn uniformly from [1, P) by a generator seeded with this call's
     salt (the same on every rank, fresh every call, never derived from the data): for any two
@@ -163,6 +165,7 @@ def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
     two different label tensors pass with probability at most (P - 1)**-4 < 2**-95, whatever the
     pattern of the difference (reordered, shifted, permuted, equal sums ...), as far as torch's
     generator is indistinguishable from uniform draws. Each hash is below 2**24: exact in float32.
+    (The remainder takes the sign of P: a negative sum has its residue in [0, P) too.)
     """
     flat = values if values.dim() == 1 else values.reshape(-1)
     n = flat.numel()
@@ -817,7 +820,9 @@ def _head(vals: list[int], cworld: int, device: torch.device, rng: Tensor | None
     their slots (the last three) where given."""
     tail = [v for v in (rng, sample_out) if v is not None]
     cut = len(vals) if not tail else cworld + (_TMAX if rng is not None else _SAMPLE_OUT)
-    head = torch.tensor(vals[:cut], dtype=torch.int64)
+    # frombuffer: a third of torch.tensor's cost for a list (the cat below, or the all-reduce,
+    # copies it; the copy to another device stages the bytes before returning).
+    head = torch.frombuffer(array.array("q", vals[:cut]), dtype=torch.int64)
     if device.type != "cpu":
         head = head.to(device, non_blocking=True)
     if not tail:
@@ -1263,7 +1268,10 @@ def run(
             ignf = ign if ign.dim() == 1 else ign.reshape(-1)
             salt = h[cworld + _SALT]
             # int64: the MAX round's cat makes them floats, exactly (each hash is below 2**24).
-            hl = _salted_hash(_label_values(tf, ignore, C, ignf), salt, 0)
+            # The labels hash as they are where ignore_index's residue mod P is no label's (or
+            # it is a label): equal residues mean equal values. Else ignored positions become C.
+            raw = C + 1 < _P and C - _P <= ignore < C
+            hl = _salted_hash(tf if raw else _label_values(tf, ignore, C, ignf), salt, 0)
             if isinstance(weight, Tensor) and weight.numel():
                 hw = _salted_hash(_bit_values(weight), salt, 1)
                 both = torch.cat([hl, hw])
