@@ -304,7 +304,7 @@ class _Plan:
 
     group: object | None
     valid: Tensor  # (R,) bool: label not ignored
-    owned: Tensor  # (R,) bool: label valid and inside this rank's slice
+    owned: Tensor  # (R,) bool: label inside this rank's slice (any value at ignored positions: masked)
     local_idx: Tensor  # (R, 1) int64: label - offset, clamped into the slice (0 on an empty slice)
     w_y: Tensor | None  # (R,) weight of the label (None: 1)
     w_local: Tensor | None  # (C_local,) this slice's weights (None: 1)
@@ -323,6 +323,8 @@ class _Plan:
     not_owned: Tensor | None = None  # (R,) bool: ~owned
     rows: Tensor | None = None  # the logits as (R, C_local) rows, detached (None: from the input)
     tol: float = 0.0  # the softmax check's tolerance on a row's sum
+    problem: Problem | None = None  # set: the node reduces the losses itself (core.reduction) and returns that
+    losses: Tensor | None = None  # filled by forward where it reduces: the per-position losses
     softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
     agreed: Tensor | None = None  # filled by forward: the reduced ``agree``
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
@@ -487,7 +489,13 @@ class _VocabParallelCE(torch.autograd.Function):
         ctx.save_for_backward(x, lse)
         ctx.set_materialize_grads(False)
         if ex is None:
-            return loss
+            if plan.problem is None:
+                return loss
+            # The reduction in this node: no autograd nodes of its own (a sum, a division, their
+            # derivatives), its gradient taken in backward (core.reduction.rows_grad).
+            plan.losses = loss
+            out, ctx.denom = _reduction.reduce_with_divisor(loss, plan.problem, None, plan.valid)
+            return out
         empty = loss.new_empty(0)
         zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex.z_loss else empty
         if stats:
@@ -527,6 +535,9 @@ class _VocabParallelCE(torch.autograd.Function):
         # core.extras.index_grad), then through the transform; ignored rows exactly 0.
         if g is None:
             gce = torch.zeros_like(lse)
+        elif plan.problem is not None:  # the gradient of this node's reduction: 0-d for sum and mean
+            gce = _reduction.rows_grad(g, plan.problem.reduction, plan.problem.out_dtype, ctx.denom, acc)
+            gce = gce if gce.dim() <= 1 else gce.reshape(-1)
         else:
             gce = g if g.dim() == 1 else g.reshape(-1)
             gce = gce if gce.dtype == acc else gce.to(acc)
@@ -536,13 +547,14 @@ class _VocabParallelCE(torch.autograd.Function):
         if ex is None and plan.eps == 0 and plan.w_y is None:
             # index_grad's plain case, op for op on every counted row (the others are zeroed
             # last there too): p g, minus g at the owned label.
-            d = p.mul_(gce[:, None])
+            d = p.mul_(gce[:, None] if gce.dim() else gce)
             if d.shape[1]:
                 d.scatter_add_(1, plan.local_idx, (gce * plan.owned).neg_().unsqueeze(1))
             d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
         else:
             d = X.index_grad(p, plan.local_idx.view(-1), plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
-                             plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
+                             plan.eps, plan.num_classes, gce.expand(lse.shape), gzl, lse,
+                             0.0 if ex is None else ex.z_loss)
         if ex is not None:
             d = X.chain(d, zt, ex)
         return _unrows(d if d.dtype == x.dtype else d.to(x.dtype), x), None
@@ -1231,6 +1243,8 @@ def run(
                 Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
 
     # Phase C: the loss.
+    sharded = tuple(g for g, s in sh.outer if s)
+    out: Tensor | None = None  # the result, where the loss's node reduces itself
     counts: Tensor | None = None  # the check counts on the device (the counts path below)
     zl_rows = lse = ent = correct = None
     plan: _Plan | None = None
@@ -1283,7 +1297,12 @@ def run(
                 agree = [hl, hl, neg, neg]
             plan = _make_plan(p, group_, crank, sizes, C, acc, sums_k, name, agree, ex, xr, tf, ignf)
             if ex is None:
+                # The node reduces its losses itself, except where other mesh dims hold other
+                # positions (a reduction across them follows).
+                plan.problem = None if sharded else p
                 losses = _VocabParallelCE.apply(x, plan)
+                if plan.problem is not None:
+                    out, losses = losses, plan.losses
             else:
                 losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
                 if not ex.z_loss:
@@ -1291,11 +1310,12 @@ def run(
             nbytes += plan.bytes_sent
             agreed = plan.agreed
 
-    sharded = tuple(g for g, s in sh.outer if s)
     across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
     loss_stats = None
     if p is None:
         out = losses.sum().to(out_dtype) if reduction_ != "none" else losses.to(out_dtype)
+    elif out is not None:
+        pass  # reduced in the loss's node
     elif ex is None:
         out = _reduction.reduce_across(losses, p, across, None if plan is None else plan.valid)
     else:
@@ -1423,7 +1443,9 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
     else:
         li = tf - offset if offset else tf
         idx = li.clamp(0, C_local - 1)
-        owned = (idx == li) & valid  # 0 <= label - offset < C_local
+        # 0 <= label - offset < C_local; at ignored positions it may hold either way: every use
+        # of it there is masked (their loss, gradient and statistics are zeroed after).
+        owned = idx == li
         not_owned = ~owned
         local_idx = idx.unsqueeze(1)
     w_y = w_local = None
