@@ -819,11 +819,12 @@ def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor | None]:
 
 
 def _sample_outside(xr: Tensor) -> Tensor:
-    """(1,) bool: whether a logit of the softmax check's sampled rows lies outside [0, 1] (or is
-    NaN). Reduced (MAX) in the head: where any rank's does, no sampled row can look softmaxed,
-    and the check ends there; only where none does, the rows' sums follow in (3)."""
+    """(1,) int64: how many logits of the softmax check's sampled rows lie outside [0, 1] (or are
+    NaN). Reduced (MAX) in the head: where any rank's are, no sampled row can look softmaxed,
+    and the check ends there; only where none are, the rows' sums follow in (3). (A count, not
+    a flag: int64 like the head, whose cat of mixed dtypes cost twice a cat of one.)"""
     rows = xr if xr.shape[0] <= K_SAMPLE else xr[_sample_positions(xr, xr.shape[0])]
-    return (rows.clamp(0, 1) != rows).any().view(1)
+    return torch.count_nonzero(rows.clamp(0, 1) != rows).view(1)
 
 
 def _head(vals: list[int], cworld: int, device: torch.device, rng: Tensor | None,
@@ -1281,14 +1282,13 @@ def run(
             tf = tl if tl.dim() == 1 else tl.reshape(-1)
             ignf = ign if ign.dim() == 1 else ign.reshape(-1)
             salt = h[cworld + _SALT]
-            # int64: the MAX round's cat makes them floats, exactly (each hash is below 2**24).
             # The labels hash as they are where ignore_index's residue mod P is no label's (or
             # it is a label): equal residues mean equal values. Else ignored positions become C.
+            # In the MAX round's dtype, exactly (each hash is below 2**24): a cat of one dtype.
             raw = C + 1 < _P and C - _P <= ignore < C
-            hl = _salted_hash(tf if raw else _label_values(tf, ignore, C, ignf), salt, 0)
+            hl = _salted_hash(tf if raw else _label_values(tf, ignore, C, ignf), salt, 0).to(acc)
             if isinstance(weight, Tensor) and weight.numel():
-                hw = _salted_hash(_bit_values(weight), salt, 1)
-                both = torch.cat([hl, hw])
+                both = torch.cat([hl, _salted_hash(_bit_values(weight), salt, 1).to(acc)])
                 agree = [both, -both]
             else:
                 # No weight on any rank (agreed with the config): the label hashes stand in for
