@@ -39,12 +39,14 @@ Sections:
    and ``safe`` are the price of the checks' machinery around the kernels.
 3. ``family``: linear + cross-entropy (``safeloss.linear_cross_entropy`` vs stock
    ``F.cross_entropy(F.linear(h, W), t)``) and vocab-parallel cross-entropy (one gloo rank,
-   ``safeloss.vocab_parallel_cross_entropy`` vs stock ``F.cross_entropy`` plus the all-reduces of
-   the same payloads safeloss makes) at a small shape, each interleaved with the cross-entropy
-   pair at the same logits shape. Target: each op's extra time over its stock counterpart (the
-   median of safeloss minus the median of stock: its overhead on top of its own matmuls /
-   collectives) no more than the cross-entropy path's extra time in the same rounds. (A ratio
-   would favour the ops, whose stock side includes the matmuls or collectives.)
+   ``safeloss.vocab_parallel_cross_entropy`` against two baselines: stock ``F.cross_entropy``
+   plus the very all-reduces safeloss makes, a lower bound; and ``plain_vocab_parallel_ce``, a
+   plain unchecked vocab-parallel cross-entropy with its own three all-reduces, the op's own
+   math and collectives) at a small shape, each interleaved with the cross-entropy pair at the
+   same logits shape. Target: each op's extra time over its baseline (the median of safeloss
+   minus the median of the baseline: its overhead on top of its own matmuls / collectives) no
+   more than the cross-entropy path's extra time in the same rounds. (A ratio would favour the
+   ops, whose baseline includes the matmuls or collectives.)
 
     python benchmarks/cpu_overhead.py                    # everything, 1 thread (+ the 2-thread row)
     python benchmarks/cpu_overhead.py --seconds 2        # shorter

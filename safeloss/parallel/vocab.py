@@ -4,20 +4,21 @@ Each rank of ``group`` holds a contiguous slice of the classes, ordered by rank 
 empty slices allowed); rows (positions) are not sharded, so targets and positions are the same on
 every rank. Per call the ranks exchange, with all-reduces only (never the logits):
 
-1. ``head`` (int64, MAX, ``world + 15`` values): every rank's slice width, whether a local check
+1. ``head`` (int64, MAX, ``world + 16`` values): every rank's slice width, whether a local check
    failed, strict mode, the range of the labels, a random salt (the largest of the ranks' draws:
-   the same on every rank, and fresh every call), and fingerprints of the metadata that must agree
-   (positions shape, the target's shape and dtype, dtype and arguments). Read on the host: every
-   decision between here and the read after the loss is taken on these numbers, the same on every
-   rank, so all ranks raise the same error, or none does (no rank continues alone into a
-   collective the others left).
-2. row statistics (MAX, ``R + 2k + 18`` floats): each rank's log-sum-exp over its slice, min/max
-   of ``k <= 64`` sampled rows for the softmaxed-input check, and the salted hashes of the labels
-   and the class weight (see :func:`_salted_hash`) plus a flag for a check that failed on this
-   rank's label values.
-3. row sums (SUM, ``2R`` floats, ``3R`` with label smoothing, plus ``k``): the rescaled sums of
-   exponentials, the target logit (from the rank that owns it), the smoothing term, and the
-   sampled rows' sums.
+   the same on every rank, and fresh every call), fingerprints of the metadata that must agree
+   (positions shape, the target's shape and dtype, dtype and arguments), and how many logits of
+   ``k <= 64`` sampled rows lie outside [0, 1] (the softmaxed-input check's first half). Read on
+   the host: every decision between here and the read after the loss is taken on these numbers,
+   the same on every rank, so all ranks raise the same error, or none does (no rank continues
+   alone into a collective the others left).
+2. row statistics (MAX, ``R + 16`` floats): each rank's log-sum-exp over its slice, and the
+   salted hashes of the labels and the class weight (see :func:`_salted_hash`), +h and -h (a
+   rank whose label values failed a check sends -1, a value no hash takes).
+3. row sums (SUM, ``2R`` floats, ``3R`` with label smoothing, plus ``k`` where no rank's sample
+   has a logit outside [0, 1]): the rescaled sums of exponentials, the target logit (from the
+   rank that owns it), the smoothing term, and the sampled rows' sums (a row looks softmaxed iff
+   it sums to 1; with a logit outside [0, 1] anywhere in the sample, none can).
 
 With ``return_stats=True`` (2) also carries each slice's argmax key and a NaN flag (``2R``) and
 (3) each slice's entropy term and the argmax test (``2R``): no collective is added. Both come
@@ -28,9 +29,16 @@ is right iff no rank holds the winning key below the label and the label's owner
 
 ``R`` is the number of positions. The loss of every position is then computed identically on every
 rank; the gradient of the local slice needs no communication (the saved log-sum-exp is global).
-After the loss one small int64 vector of counts is read on the host: what the value checks found,
-and whether the ranks' labels or weights differ (the hashes) or a rank's label values failed a
-check: those raise there, on every rank alike.
+After the loss one small vector is read on the host: the agreed hashes (whether the ranks' labels
+or weights differ, or a rank's label values failed a check: those raise there, on every rank
+alike), whether the result is finite (the per-position counts of the value checks are taken only
+where it is not) and the sampled rows that look softmaxed.
+
+Per call signature (shapes, dtypes, devices, options, group, grad mode, autocast) the direct API
+keeps a plan (``core.plan``'s store): what the argument checks settled, and, for the slice widths
+of the ranks it was made with, what validation settled. A planned call skips that Python work
+only: it reads every value a full call reads and makes the very same collectives, so a rank with
+a plan and one without meet in the same all-reduces.
 
 The same engine runs DTensor logits of any layout (``safeloss.parallel.dtensor``): the classes
 split over one mesh dim (``Sharding.group``) or not split at all, and the other mesh dims sharding
