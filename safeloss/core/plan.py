@@ -31,7 +31,8 @@ cannot see never use plans: non-eager modes (compile, tracers, transforms, DTens
 under a TorchFunctionMode (the mode must see the functions the full path calls), and options
 held in objects whose value can change in place (a 0-d tensor as ``ignore_index``).
 
-The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor, and
+The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor with memory (a
+vocab-parallel plan's stand-in for the global logits is a meta tensor), and
 :func:`clear` empties it (tests, or after monkeypatching safeloss internals).
 """
 

@@ -927,9 +927,10 @@ def _split_normalize(x_standin: Tensor, target: Tensor, weight: Tensor | None, i
 class _Sig:
     """A planned signature of the direct API (see ``core.plan``): what its argument checks
     settled (phase A) and, for the slice widths of the ranks it was made with, what validation
-    settled (phase B). Holds no tensor of the caller's and nothing read from values; the
-    collectives a planned call makes are a full call's, so a rank with a plan and a rank without
-    one meet in the same all-reduces."""
+    settled (phase B). Holds nothing read from values, and no tensor with memory (the global
+    logits' stand-in is a meta tensor: a planned call's problem reads its shape and dtype only);
+    the collectives a planned call makes are a full call's, so a rank with a plan and a rank
+    without one meet in the same all-reduces."""
 
     __slots__ = ("backend", "crank", "cworld", "device", "eps", "ex", "gshape", "name", "out_dtype", "positions",
                  "reduction", "sh", "sizes", "vals", "width", "x_standin")
@@ -940,7 +941,9 @@ class _Sig:
         self.sh, self.crank, self.cworld, self.device, self.width, self.name = sh, crank, cworld, device, width, name
         self.reduction, self.eps, self.backend, self.ex = reduction, eps, backend, ex
         self.vals = list(vals)  # the head's host part: slice width, fingerprints (error, strict, salt: per call)
-        self.sizes, self.positions, self.x_standin = list(sizes), positions, x_standin  # x_standin: no memory
+        # The stand-in for the global logits that validation saw, on the meta device: no memory.
+        self.sizes, self.positions = list(sizes), positions
+        self.x_standin = torch.empty(x_standin.shape, dtype=x_standin.dtype, device="meta")
         self.gshape, self.out_dtype = gshape, out_dtype
 
 
@@ -1172,11 +1175,10 @@ def run(
     C = sum(sizes) if sh.split else width
     after = sig if sig is not None and sig.sizes == sizes else None  # planned for these widths
     one_d = x.dim() == 1
-    if after is not None:
-        positions, x_standin = after.positions, after.x_standin
-    else:
-        positions = _positions_shape(x)
-        x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
+    positions = after.positions if after is not None else _positions_shape(x)
+    # The global logits' stand-in for validation (a plan's is on the meta device: made here
+    # wherever validation runs after all).
+    x_standin = None if after is not None else _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
 
     def differ(key: str) -> bool:
         i = base + 2 * _AGREE.index(key)
@@ -1197,6 +1199,8 @@ def run(
         # A rank whose own shapes fail validation says why (e.g. its target has the wrong batch size).
         err = None
         if p is None:
+            if x_standin is None:
+                x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
             try:
                 _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
             except Exception as e:
@@ -1220,11 +1224,13 @@ def run(
     if after is not None and (weight is None or not _negative_classes(weight)):  # type: ignore[arg-type]
         # Planned: validation of these shapes, dtypes and options found nothing and converted
         # nothing; the one value it reads, negative weight entries, is read here as it reads it.
-        p = Problem(x_standin, t, False, weight, ignore, eps, reduction_, C, after.out_dtype, [])
+        p = Problem(after.x_standin, t, False, weight, ignore, eps, reduction_, C, after.out_dtype, [])
     elif p is None:
         # Plain shards: the class count is known now. Shapes and dtypes are agreed, so validation
         # fails on every rank or on none, except where it reads this rank's label values (float
         # labels with a fraction, ...): such an error waits for the agreement after the loss.
+        if x_standin is None:
+            x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
         try:
             p = _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
             findings = p.findings
