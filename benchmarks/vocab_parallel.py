@@ -40,15 +40,18 @@ SHAPES = [(1024, 32000), (4096, 8192), (256, 128256)]
 
 
 class _Counter:
-    """Sums the bytes of every all-reduce entered (both the c10d and the functional API)."""
+    """Sums the bytes of every all-reduce entered: the c10d and the functional API (stock
+    ``loss_parallel()``), and safeloss's engine, which calls the functional op itself."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
         import torch.distributed._functional_collectives as funcol
 
+        from safeloss.parallel import vocab
+
         self.bytes = 0
         self.calls = 0
-        orig, forig = dist.all_reduce, funcol.all_reduce
+        orig, forig, vorig = dist.all_reduce, funcol.all_reduce, vocab._all_reduce
 
         def all_reduce(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
             self.bytes += tensor.numel() * tensor.element_size()
@@ -60,8 +63,15 @@ class _Counter:
             self.calls += 1
             return forig(tensor, *a, **k)
 
+        def v_all_reduce(tensor: torch.Tensor, op: str, group: Any) -> Any:
+            if group is not vocab._LOCAL:  # no collective: every class on this rank
+                self.bytes += tensor.numel() * tensor.element_size()
+                self.calls += 1
+            return vorig(tensor, op, group)
+
         dist.all_reduce = all_reduce
         funcol.all_reduce = f_all_reduce
+        vocab._all_reduce = v_all_reduce
 
     def take(self) -> tuple[int, int]:
         out = (self.bytes, self.calls)

@@ -31,7 +31,8 @@ cannot see never use plans: non-eager modes (compile, tracers, transforms, DTens
 under a TorchFunctionMode (the mode must see the functions the full path calls), and options
 held in objects whose value can change in place (a 0-d tensor as ``ignore_index``).
 
-The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor, and
+The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor with memory (a
+vocab-parallel plan's stand-in for the global logits is a meta tensor), and
 :func:`clear` empties it (tests, or after monkeypatching safeloss internals).
 """
 
@@ -97,7 +98,11 @@ _FROZEN = frozenset({int, float, bool, str, type(None), type, torch.Size, torch.
 def _frozen(part: object) -> bool:
     if type(part) is tuple:
         return all(_frozen(p) for p in part)  # type: ignore[union-attr]
-    return type(part) in _FROZEN or (type(part).__module__ == "numpy" and type(part).__name__ != "ndarray")
+    kind = type(part)
+    return kind in _FROZEN or (kind.__module__ == "numpy" and kind.__name__ != "ndarray") or (
+        # A process group (the vocab-parallel op's): compared by identity, and no value of it
+        # that a plan depends on (its ranks) ever changes.
+        kind.__name__ == "ProcessGroup" and kind.__module__.startswith("torch."))
 
 
 def clear() -> None:

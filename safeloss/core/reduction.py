@@ -22,16 +22,17 @@ from .rows import Rows
 from .validation import Problem
 
 
-def denominator(p: Problem) -> int | Tensor:
+def denominator(p: Problem, valid: Tensor | None = None) -> int | Tensor:
+    """``valid``: ``p.target != p.ignore_index`` where the caller has it (any shape)."""
     if p.prob:
         # Stock torch divides by input.numel() / C: 0/0 = NaN without classes.
         return math.prod(p.positions_shape) if p.num_classes else 0
     t = p.target
-    # Out-of-range targets need no masking here: their loss is NaN, so the mean is NaN whatever
-    # the denominator, and every op saved is a launch saved at small shapes on the GPU.
-    valid = t != p.ignore_index
     if p.weight is None:
-        return valid.sum()
+        # Out-of-range targets need no masking here: their loss is NaN, so the mean is NaN
+        # whatever the denominator, and every op saved is a launch saved at small shapes on the GPU.
+        return (t != p.ignore_index if valid is None else valid).sum()
+    valid = t != p.ignore_index
     acc = torch.float64 if p.weight.dtype == torch.float64 else torch.float32
     # gather, not advanced indexing: it also works for 0-d targets inside torch.func.vmap
     idx = t.long().clamp(0, p.num_classes - 1).reshape(-1)
@@ -79,24 +80,52 @@ def _nothing_to_average(denom: int | Tensor, p: Problem) -> int | Tensor:
     return denom
 
 
-def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None) -> Tensor:
+def reduce_across(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None,
+                  valid: Tensor | None = None) -> Tensor:
     """``reduce`` of per-position losses whose positions are split over ranks (a DTensor sharded on
     the batch): ``across`` sums a local partial over the ranks (differentiably); ``None`` when
-    this rank holds every position. ``p`` is this rank's problem (its targets and the weight)."""
+    this rank holds every position. ``p`` is this rank's problem (its targets and the weight);
+    ``valid``: ``p.target != p.ignore_index`` where the caller has it."""
+    return reduce_with_divisor(losses, p, across, valid)[0]
+
+
+def reduce_with_divisor(losses: Tensor, p: Problem, across: Callable[[Tensor], Tensor] | None = None,
+                        valid: Tensor | None = None) -> tuple[Tensor, int | Tensor | None]:
+    """:func:`reduce_across`, and the divisor the mean divided by (None for "none" and "sum"), for
+    a node that runs this reduction inside its own forward (:func:`rows_grad` is its gradient)."""
     if p.reduction == "none":
-        return losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)
+        return (losses if losses.dtype == p.out_dtype else losses.to(p.out_dtype)), None
     acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
     total = losses.sum(dtype=acc)
     if across is not None:
         total = across(total)
     if p.reduction == "sum":
-        return total.to(p.out_dtype)
-    denom = torch.as_tensor(denominator(p), dtype=acc, device=losses.device)
+        return (total if total.dtype == p.out_dtype else total.to(p.out_dtype)), None
+    denom = denominator(p, valid)
+    if across is not None or not isinstance(denom, Tensor):
+        # (A count tensor divides as it is: the division casts it to the sum's dtype, as this
+        # cast would. A Python int is cast here, once.)
+        denom = torch.as_tensor(denom, dtype=acc, device=losses.device)
     if across is not None:
         denom = across(denom)
     if p.out_dtype == torch.float16:
         total = total.to(torch.float16).to(acc)  # as reduce: stock's float16 sum before dividing
-    return (total / _nothing_to_average(denom, p)).to(p.out_dtype)
+    denom = _nothing_to_average(denom, p)
+    return (total / denom).to(p.out_dtype), denom
+
+
+def rows_grad(grad: Tensor, reduction: str, out_dtype: torch.dtype, denom: int | Tensor | None,
+              acc: torch.dtype) -> Tensor:
+    """The gradient of :func:`reduce_with_divisor`'s result (no ``across``) with respect to each
+    per-position loss (in ``acc``), for an upstream ``grad``: what autograd computes through its
+    ops, op for op (the casts, the division, the float16 round trip), without the sum's
+    expansion: 0-d for "sum" and "mean" (it broadcasts), per position for "none"."""
+    g = grad if grad.dtype == acc else grad.to(acc)
+    if reduction == "mean":
+        g = g / denom  # type: ignore[operator]
+        if out_dtype == torch.float16:  # the float16 round trip of the sum, backwards
+            g = g.to(torch.float16).to(acc)
+    return g
 
 
 def losses_grad(

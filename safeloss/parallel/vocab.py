@@ -4,20 +4,21 @@ Each rank of ``group`` holds a contiguous slice of the classes, ordered by rank 
 empty slices allowed); rows (positions) are not sharded, so targets and positions are the same on
 every rank. Per call the ranks exchange, with all-reduces only (never the logits):
 
-1. ``head`` (int64, MAX, ``world + 15`` values): every rank's slice width, whether a local check
+1. ``head`` (int64, MAX, ``world + 16`` values): every rank's slice width, whether a local check
    failed, strict mode, the range of the labels, a random salt (the largest of the ranks' draws:
-   the same on every rank, and fresh every call), and fingerprints of the metadata that must agree
-   (positions shape, the target's shape and dtype, dtype and arguments). Read on the host: every
-   decision between here and the read after the loss is taken on these numbers, the same on every
-   rank, so all ranks raise the same error, or none does (no rank continues alone into a
-   collective the others left).
-2. row statistics (MAX, ``R + 2k + 18`` floats): each rank's log-sum-exp over its slice, min/max
-   of ``k <= 64`` sampled rows for the softmaxed-input check, and the salted hashes of the labels
-   and the class weight (see :func:`_salted_hash`) plus a flag for a check that failed on this
-   rank's label values.
-3. row sums (SUM, ``2R`` floats, ``3R`` with label smoothing, plus ``k``): the rescaled sums of
-   exponentials, the target logit (from the rank that owns it), the smoothing term, and the
-   sampled rows' sums.
+   the same on every rank, and fresh every call), fingerprints of the metadata that must agree
+   (positions shape, the target's shape and dtype, dtype and arguments), and how many logits of
+   ``k <= 64`` sampled rows lie outside [0, 1] (the softmaxed-input check's first half). Read on
+   the host: every decision between here and the read after the loss is taken on these numbers,
+   the same on every rank, so all ranks raise the same error, or none does (no rank continues
+   alone into a collective the others left).
+2. row statistics (MAX, ``R + 16`` floats): each rank's log-sum-exp over its slice, and the
+   salted hashes of the labels and the class weight (see :func:`_salted_hash`), +h and -h (a
+   rank whose label values failed a check sends -1, a value no hash takes).
+3. row sums (SUM, ``2R`` floats, ``3R`` with label smoothing, plus ``k`` where no rank's sample
+   has a logit outside [0, 1]): the rescaled sums of exponentials, the target logit (from the
+   rank that owns it), the smoothing term, and the sampled rows' sums (a row looks softmaxed iff
+   it sums to 1; with a logit outside [0, 1] anywhere in the sample, none can).
 
 With ``return_stats=True`` (2) also carries each slice's argmax key and a NaN flag (``2R``) and
 (3) each slice's entropy term and the argmax test (``2R``): no collective is added. Both come
@@ -28,9 +29,16 @@ is right iff no rank holds the winning key below the label and the label's owner
 
 ``R`` is the number of positions. The loss of every position is then computed identically on every
 rank; the gradient of the local slice needs no communication (the saved log-sum-exp is global).
-After the loss one small int64 vector of counts is read on the host: what the value checks found,
-and whether the ranks' labels or weights differ (the hashes) or a rank's label values failed a
-check: those raise there, on every rank alike.
+After the loss one small vector is read on the host: the agreed hashes (whether the ranks' labels
+or weights differ, or a rank's label values failed a check: those raise there, on every rank
+alike), whether the result is finite (the per-position counts of the value checks are taken only
+where it is not) and the sampled rows that look softmaxed.
+
+Per call signature (shapes, dtypes, devices, options, group, grad mode, autocast) the direct API
+keeps a plan (``core.plan``'s store): what the argument checks settled, and, for the slice widths
+of the ranks it was made with, what validation settled. A planned call skips that Python work
+only: it reads every value a full call reads and makes the very same collectives, so a rank with
+a plan and one without meet in the same all-reduces.
 
 The same engine runs DTensor logits of any layout (``safeloss.parallel.dtensor``): the classes
 split over one mesh dim (``Sharding.group``) or not split at all, and the other mesh dims sharding
@@ -47,6 +55,7 @@ so nothing of the size of |lse| * W cancels.
 
 from __future__ import annotations
 
+import array
 import builtins
 import hashlib
 import math
@@ -68,6 +77,7 @@ from ..backends.dispatch import check_backend, triton_unavailable_reason
 from ..core import _flags as F
 from ..core import checks, errors
 from ..core import extras as X
+from ..core import plan as plans
 from ..core import reduction as _reduction
 from ..core._traceback import trim
 from ..core.config import LazyStrict
@@ -89,6 +99,7 @@ from ..core.validation import (
     _check_devices,
     _check_input,
     _check_weight,
+    _negative_classes,
     check_label_smoothing,
     check_reduction,
     normalize,
@@ -116,16 +127,24 @@ K_SAMPLE = 64  # rows sampled for the softmaxed-input check (as checks.sample_ro
 _NONE = -(1 << 62)  # "no value" in a MAX all-reduce (no non-ignored label on this rank)
 
 # head layout after the ``world`` slice widths: single values, then (name, +v, -v) pairs whose MAX
-# gives max and -min; a pair whose max and min differ names what the ranks disagree on.
-_ERROR, _STRICT, _TMAX, _TMIN, _SALT, _POS_DIFFER, _TGT_DIFFER = range(7)
+# gives max and -min (a pair whose max and min differ names what the ranks disagree on), then the
+# values computed on the device, last, so that one cat appends them to the part built on the
+# host: the label range (the largest label and the largest ~label = -1 - the smallest label; ~
+# never overflows, where -(-2**63) would) and whether a sampled logit lies outside [0, 1].
+_ERROR, _STRICT, _SALT, _POS_DIFFER, _TGT_DIFFER = range(5)
 _AGREE = ("config", "positions", "target", "extras")  # config, extras: every rank of the mesh;
 # positions, target: the class group
-_HEAD = 7 + 2 * len(_AGREE)
+_FP = 5  # the first fingerprint pair
+_TMAX = _FP + 2 * len(_AGREE)
+_TMIN = _TMAX + 1  # max of ~label
+_SAMPLE_OUT = _TMIN + 1
+_HEAD = _SAMPLE_OUT + 1
 
-# The salted hashes (see _salted_hash): two values below _P per hashed tensor, sent in (2) as
-# four 16-bit chunks each way (exact in float32).
-_P = 2**31 - 1  # a Mersenne prime
-_AGREE_FLOATS = 2 * (4 + 4 + 1)  # labels, weight, the "label values failed" flag; + and - each
+# The salted hashes (see _salted_hash): four values below _P per hashed tensor (labels, weight),
+# exact in float32, sent in (2) as +h and -h (MAX of both: max and -min).
+_P = 2**24 - 3  # the largest prime below 2**24
+_NHASH = 4
+_AGREE_FLOATS = 2 * 2 * _NHASH  # labels, weight; + and - each
 
 # Counts read after the loss: safeloss's findings layout, then flags of this engine.
 _X_BERROR, _X_LABELS, _X_WEIGHT, _X_OUT_BAD = range(F.SIZE, F.SIZE + 4)
@@ -163,39 +182,57 @@ def _meta_hash(*parts: object) -> int:
 
 
 def _salted_hash(values: Tensor, salt: int, stream: int) -> Tensor:
-    """Two hashes in [0, P) of ``values`` (int64, each in [0, P)): h_j = sum_i m_ji v_i mod P.
+    """Four hashes in [0, P) of ``values`` (int64, each in (-P, P), distinct values with distinct
+    residues mod P): h_j = sum_i m_ji v_i mod P.
 
     The multipliers m_ji are drawn uniformly from [1, P) by a generator seeded with this call's
     salt (the same on every rank, fresh every call, never derived from the data): for any two
     different sequences of the same length, some v_i - v'_i is nonzero mod P, and the m_ji that
     multiplies it takes the one value that would cancel the rest with probability 1/(P - 1). So
-    two different label tensors pass with probability at most (P - 1)**-2 < 2**-61, whatever the
+    two different label tensors pass with probability at most (P - 1)**-4 < 2**-95, whatever the
     pattern of the difference (reordered, shifted, permuted, equal sums ...), as far as torch's
-    generator is indistinguishable from uniform draws.
+    generator is indistinguishable from uniform draws. Each hash is below 2**24: exact in float32.
+    (The remainder takes the sign of P: a negative sum has its residue in [0, P) too.)
     """
-    flat = values.reshape(-1)
-    gen = torch.Generator(device=flat.device)
+    flat = values if values.dim() == 1 else values.reshape(-1)
+    n = flat.numel()
+    gen = _generator(flat.device)
     gen.manual_seed((salt * 2 + stream) % (2**63 - 1))
-    m = torch.randint(1, _P, (2, flat.numel()), generator=gen, device=flat.device, dtype=torch.int64)
-    return ((m * flat) % _P).sum(1) % _P  # each product < 2**62; n sums of values < 2**31
+    m = torch.randint(1, _P, (_NHASH, n), generator=gen, device=flat.device, dtype=torch.int64)
+    prod = m * flat  # each product < 2**48
+    # Below 2**15 values their sum stays below 2**63: reduced once (the same hash).
+    return (prod if n < 2**15 else prod % _P).sum(1) % _P
 
 
-def _label_values(t: Tensor, ignore_index: int, C: int) -> Tensor:
-    """The labels as hash inputs below P: ignore_index -> C (labels are in range here)."""
-    v = torch.where(t == ignore_index, C, t)
+_gens = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """This thread's generator for ``device`` (reseeded at every use: creating one per call cost
+    ~12 us on the CPU)."""
+    cache = getattr(_gens, "by_device", None)
+    if cache is None:
+        cache = _gens.by_device = {}
+    gen = cache.get(device)
+    if gen is None:
+        gen = cache[device] = torch.Generator(device=device)
+    return gen
+
+
+def _label_values(t: Tensor, ignore_index: int, C: int, ignored: Tensor | None = None) -> Tensor:
+    """The labels as hash inputs below P: ignored positions (``ignored``, else ``t ==
+    ignore_index``) -> C (labels are in range here)."""
+    v = t.masked_fill(t == ignore_index if ignored is None else ignored, C)
     if C + 1 < _P:
         return v
-    return torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF, v >> 32], -1)  # 2**31 classes or more
+    # 2**24 - 4 classes or more: 16-bit pieces
+    return torch.stack([v & 0xFFFF, (v >> 16) & 0xFFFF, (v >> 32) & 0xFFFF, v >> 48], -1)
 
 
 def _bit_values(w: Tensor) -> Tensor:
     """The weight's bits as 16-bit pieces (so that equal hashes mean equal bits)."""
     w = w.detach().contiguous().reshape(-1)
     return w.view(torch.int16).to(torch.int64) & 0xFFFF
-
-
-def _chunks(h: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.stack([h >> 16, h & 0xFFFF], -1).reshape(-1).to(dtype)  # 4 values < 2**16
 
 
 _rng: random.Random | None = None
@@ -216,15 +253,38 @@ def _salt_draw() -> int:
 _LOCAL = object()  # "no group": every class on this rank (a DTensor whose classes are not split)
 
 
-def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
-    """The functional all-reduce stock loss_parallel uses too (so CommDebugMode and tracing tools
-    count the same ops for both); the input is left unmodified."""
-    import torch.distributed._functional_collectives as funcol  # lazily: builds without distributed
+_collective: tuple[object, object, Callable[[], object]] | None = None
 
+
+def _ops() -> tuple[object, object, Callable[[], object]]:
+    """(all_reduce, wait_tensor, below-autograd guard), looked up once (lazily: no import-time
+    work, and builds without distributed have no such ops)."""
+    global _collective
+    if _collective is None:
+        ops = torch.ops._c10d_functional
+        _collective = (ops.all_reduce.default, ops.wait_tensor.default, torch._C._AutoDispatchBelowAutograd)
+    return _collective
+
+
+def _all_reduce(t: Tensor, op: str, group: object | None) -> Tensor:
+    """The functional all-reduce stock loss_parallel issues too (``_c10d_functional.all_reduce``
+    and its ``wait_tensor``: CommDebugMode, dispatch modes and tracing tools see the same ops for
+    both); the input is left unmodified. Called as the op itself, below autograd (no input needs
+    a gradient): ``funcol.all_reduce`` wraps the result in an ``AsyncCollectiveTensor`` and runs
+    the Python autograd kernels funcol registers for both ops, ~120 us of host work per call on
+    the CPU against ~15 us for the op."""
     if group is _LOCAL:
         return t
     g = dist.group.WORLD if group is None else group
-    return funcol.wait_tensor(funcol.all_reduce(t, op, g))  # type: ignore[arg-type]
+    if isinstance(g, dist.ProcessGroup):
+        name: object = g.group_name
+    else:  # what funcol accepts besides a group (a DeviceMesh, a rank list, a name)
+        import torch.distributed._functional_collectives as funcol
+
+        name = funcol._group_or_group_name(funcol._resolve_group(g))  # type: ignore[arg-type]
+    reduce, wait, below = _collective if _collective is not None else _ops()
+    with below():  # type: ignore[operator]
+        return wait(reduce(t, op, name))  # type: ignore[operator]
 
 
 def _reduce_outer(t: Tensor, sh: Sharding, sharded_op: str) -> Tensor:
@@ -271,8 +331,8 @@ class _Plan:
 
     group: object | None
     valid: Tensor  # (R,) bool: label not ignored
-    owned: Tensor  # (R,) bool: label valid and inside this rank's slice
-    local_idx: Tensor  # (R,) int64: label - offset, clamped into the slice (0 on an empty slice)
+    owned: Tensor  # (R,) bool: label inside this rank's slice (any value at ignored positions: masked)
+    local_idx: Tensor  # (R, 1) int64: label - offset, clamped into the slice (0 on an empty slice)
     w_y: Tensor | None  # (R,) weight of the label (None: 1)
     w_local: Tensor | None  # (C_local,) this slice's weights (None: 1)
     w_sum: float | Tensor  # W, the sum of all weights (C without weight)
@@ -280,12 +340,18 @@ class _Plan:
     eps: float
     num_classes: int
     acc: torch.dtype
-    sample: Tensor | None  # (k,) flat positions sampled for the softmax check, or None
+    sums_k: int  # sampled rows whose sums the softmax check adds to (3) (0: none)
     backend: str  # "torch" or "triton"
-    agree: Tensor  # (_AGREE_FLOATS,) hashes and flag, compared in the MAX all-reduce
+    agree: list[Tensor]  # the hashes, +h then -h (_AGREE_FLOATS values), compared in the MAX all-reduce
     ex: X.Extras | None = None  # the LLM/RL extras (None: all at their defaults)
     target: Tensor | None = None  # (R,) global labels (int64), for the argmax test of the statistics
     offset: int = 0  # global index of the slice's first class
+    ignored: Tensor | None = None  # (R,) bool: ~valid
+    not_owned: Tensor | None = None  # (R,) bool: ~owned
+    rows: Tensor | None = None  # the logits as (R, C_local) rows, detached (None: from the input)
+    tol: float = 0.0  # the softmax check's tolerance on a row's sum
+    problem: Problem | None = None  # set: the node reduces the losses itself (core.reduction) and returns that
+    losses: Tensor | None = None  # filled by forward where it reduces: the per-position losses
     softmax_like: Tensor | None = None  # filled by forward: sampled rows that look softmaxed (0-d)
     agreed: Tensor | None = None  # filled by forward: the reduced ``agree``
     bytes_sent: int = 0  # filled by forward: bytes this rank contributed to the all-reduces
@@ -303,7 +369,7 @@ def _rows(x: Tensor) -> Tensor:
 
 def _unrows(d: Tensor, x: Tensor) -> Tensor:
     if x.dim() <= 2:
-        return d.reshape(x.shape)
+        return d if d.shape == x.shape else d.reshape(x.shape)
     return d.reshape(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 
@@ -346,9 +412,9 @@ def _local_stats(xr: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None, tuple[
 class _VocabParallelCE(torch.autograd.Function):
     """Per-position losses of the gathered logits from this rank's slice (collectives inside).
 
-    Outputs: the cross-entropy per position, the z-loss term per position (empty without
-    z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax test
-    (the last two empty without ``return_stats``). With extras the slice is capped and scaled
+    Outputs: the cross-entropy per position; with extras also the z-loss term per position (empty
+    without z-loss), and, not differentiable, the global log-sum-exp, the entropy and the argmax
+    test (the last two empty without ``return_stats``). With extras the slice is capped and scaled
     first (elementwise, local: zt = softcap tanh(z / softcap) / temperature); the statistics ride
     on the two all-reduces the loss makes anyway: the row's raw maximum (MAX, R values), the
     entropy's sum and the argmax test (SUM, 2R values). The argmax test needs no index exchange:
@@ -359,46 +425,37 @@ class _VocabParallelCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, plan: _Plan) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, x: Tensor, plan: _Plan) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         group, acc, ex = plan.group, plan.acc, plan.ex
         stats = ex is not None and ex.return_stats
-        xr = _rows(x.detach())
+        xr = plan.rows if plan.rows is not None else _rows(x.detach())
         R, C_local = xr.shape
         dev = x.device
         L, Q, st = _local_stats(xr, plan)
         L = L.to(acc)
 
-        # (2) MAX: per-row max of the slices' log-sum-exps, sampled-row min/max (raw logits),
-        # the raw row maximum (statistics), agreement.
+        # (2) MAX: per-row max of the slices' log-sum-exps, the raw row maximum (statistics),
+        # the agreement hashes.
         parts = [L]
-        k = 0
-        if plan.sample is not None:
-            rows = xr[plan.sample]
-            k = rows.shape[0]
-            if C_local:
-                lo, hi = torch.aminmax(rows.to(acc), dim=1)
-                ssum = rows.sum(1, dtype=acc)
-            else:
-                lo = torch.full((k,), math.inf, dtype=acc, device=dev)
-                hi, ssum = -lo, torch.zeros(k, dtype=acc, device=dev)
-            parts += [-lo, hi]
         if stats:  # the argmax's key, and whether it is a NaN (a NaN wins over +inf)
             assert st is not None  # internal invariant: computed with return_stats
             parts += [st[1].to(acc), (st[2] < 0).to(acc)]
-        parts.append(plan.agree.to(acc))
-        red = _all_reduce(torch.cat(parts), "max", group)
+        red = _all_reduce(torch.cat(parts + plan.agree), "max", group)
         plan.bytes_sent = red.numel() * red.element_size()
         plan.agreed = red[-_AGREE_FLOATS:]
         M = red[:R]
-        M_ref = torch.where(torch.isneginf(M), 0.0, M)  # +inf or NaN: NaN everywhere in the row, as stock
+        # A finite stand-in for a row whose logits are all -inf (M = -inf), where exp(L - M)
+        # would be NaN; +inf and NaN stay (NaN everywhere in the row, as stock). Every use of
+        # it gives what 0 would: exp(-inf - M_ref) = 0, M_ref + log(0) = -inf.
+        M_ref = M.clamp_min(torch.finfo(acc).min)
 
         # (3) SUM: rescaled sums of exponentials, target logit, smoothing term, sampled-row sums,
         # and with statistics the entropy's sum and the argmax test.
         sumexp = torch.exp(L - M_ref)
         if C_local:
-            xy = xr.gather(1, plan.local_idx[:, None])[:, 0].to(acc)
+            xy = xr.gather(1, plan.local_idx).view(R).to(acc)
             xy = xy if ex is None else X.transform(xy, ex)  # R values: the label's zt
-            term = torch.where(plan.owned, xy - M_ref, 0.0)
+            term = (xy - M_ref).masked_fill_(plan.not_owned, 0.0)  # type: ignore[arg-type]
         else:
             term = torch.zeros(R, dtype=acc, device=dev)
         parts = [sumexp, term]
@@ -410,8 +467,10 @@ class _VocabParallelCE(torch.autograd.Function):
             q_inf = (plan.w_local * math.inf).sum() if plan.w_local is not None else (math.inf if C_local else 0.0)
             zs = torch.where(torch.isneginf(L), -torch.as_tensor(q_inf, dtype=acc, device=dev), zs)
             parts.append(zs)
-        if plan.sample is not None:
-            parts.append(ssum)
+        k = plan.sums_k
+        if k:  # no rank's sample has a logit outside [0, 1] (the head): the rows' sums decide
+            rows = xr if R <= K_SAMPLE else xr[_sample_positions(xr, R)]
+            parts.append(rows.sum(1, dtype=acc))
         if stats:
             assert st is not None and plan.target is not None
             # Entropy: sum_c exp(zt_c - M)(zt_c - M) over the slice from its (L_r, A_r), no pass
@@ -421,7 +480,7 @@ class _VocabParallelCE(torch.autograd.Function):
             # Argmax: the winning key is the max of the keys, a NaN first; the global argmax is
             # the lowest column holding it over the ranks. Each rank counts its winner below the
             # label, and the label's owner 1 unless the label is its winner: correct iff 0.
-            gkey, gnan = red[R + 2 * k : 2 * R + 2 * k], red[2 * R + 2 * k : 3 * R + 2 * k]
+            gkey, gnan = red[R : 2 * R], red[2 * R : 3 * R]
             code = st[2].to(torch.int64)
             nan = code < 0
             col = torch.where(nan, code + C_local, code) + plan.offset
@@ -445,36 +504,43 @@ class _VocabParallelCE(torch.autograd.Function):
             loss = loss + (plan.eps / plan.num_classes) * smooth
             i += R
         pos = _positions_shape(x)
-        loss = torch.where(plan.valid, loss, 0.0).reshape(pos)
+        loss = loss.masked_fill_(plan.ignored, 0.0)  # type: ignore[arg-type]
+        if loss.shape != pos:
+            loss = loss.reshape(pos)
 
-        if plan.sample is not None:
-            glo, ghi = -red[R : R + k], red[R + k : R + 2 * k]
-            gsum = red2[i : i + k]
+        if k:
+            # The head said every sampled logit lies in [0, 1]: a row looks softmaxed iff it sums to 1.
+            plan.softmax_like = ((red2[i : i + k] - 1).abs() <= plan.tol).sum()  # read with the counts
             i += k
-            tol = F.SOFTMAX_SUM_TOL[str(x.dtype).removeprefix("torch.")]
-            like = (glo >= 0) & (ghi <= 1) & ((gsum - 1).abs() <= tol)
-            plan.softmax_like = like.sum()  # read on the host with the other counts
+        ctx.plan = plan
+        ctx.save_for_backward(x, lse)
+        ctx.set_materialize_grads(False)
+        if ex is None:
+            if plan.problem is None:
+                return loss
+            # The reduction in this node: no autograd nodes of its own (a sum, a division, their
+            # derivatives), its gradient taken in backward (core.reduction.rows_grad).
+            plan.losses = loss
+            out, ctx.denom = _reduction.reduce_with_divisor(loss, plan.problem, None, plan.valid)
+            return out
         empty = loss.new_empty(0)
-        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex is not None and ex.z_loss else empty
+        zl = X.z_loss_rows(lse, plan.valid, ex.z_loss).reshape(pos) if ex.z_loss else empty
         if stats:
             ent = (log_s - red2[i : i + R] / S).reshape(pos)
             correct = (plan.valid & (red2[i + R : i + 2 * R] == 0)).reshape(pos)
         else:
             ent, correct = empty, plan.valid.new_empty(0)
-        ctx.plan = plan
-        ctx.save_for_backward(x, lse)
-        ctx.set_materialize_grads(False)
         lse_out = lse.detach().reshape(pos).clone()
         if stats:
             # torch.logsumexp's +inf for a row with a +inf logit: without a NaN logit in the row
             # (the argmax's flag), a NaN lse can only come from inf - inf (the loss stays NaN).
-            gnan = red[2 * R + 2 * k : 3 * R + 2 * k] > 0
+            gnan = red[2 * R : 3 * R] > 0
             lse_out = torch.where(~gnan & lse.isnan(), math.inf, lse).reshape(pos)
         ctx.mark_non_differentiable(lse_out, ent, correct)
         return loss, zl, lse_out, ent, correct
 
     @staticmethod
-    def backward(ctx, g: Tensor | None, g_zl: Tensor | None, *_: object):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, *rest: Tensor | None):  # type: ignore[override]
         # Grad mode is on in backward only for create_graph=True: a second derivative through the
         # detached global lse would be silently missing (once_differentiable only refuses it when
         # the upstream gradient itself requires grad), so refuse it outright.
@@ -490,30 +556,48 @@ class _VocabParallelCE(torch.autograd.Function):
         plan: _Plan = ctx.plan
         ex, acc = plan.ex, plan.acc
         xr = _rows(x)
-        z = xr.to(acc)
+        z = xr if xr.dtype == acc else xr.to(acc)
         zt = z if ex is None else X.transform(z, ex)
         # d loss / d zt = g (A p - (1 - eps) w_y e_y - (eps / C) w) + g_zl 2 coef lse p (see
         # core.extras.index_grad), then through the transform; ignored rows exactly 0.
-        gce = torch.zeros_like(lse) if g is None else g.reshape(-1).to(acc)
+        if g is None:
+            gce = torch.zeros_like(lse)
+        elif plan.problem is not None:  # the gradient of this node's reduction: 0-d for sum and mean
+            gce = _reduction.rows_grad(g, plan.problem.reduction, plan.problem.out_dtype, ctx.denom, acc)
+            gce = gce if gce.dim() <= 1 else gce.reshape(-1)
+        else:
+            gce = g if g.dim() == 1 else g.reshape(-1)
+            gce = gce if gce.dtype == acc else gce.to(acc)
+        g_zl = rest[0] if rest else None
         gzl = None if g_zl is None or not g_zl.numel() else g_zl.reshape(-1).to(acc)
         p = torch.sub(zt, lse[:, None]).exp_()
-        d = X.index_grad(p, plan.local_idx, plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
-                         plan.eps, plan.num_classes, gce, gzl, lse, 0.0 if ex is None else ex.z_loss)
+        if ex is None and plan.eps == 0 and plan.w_y is None:
+            # index_grad's plain case, op for op on every counted row (the others are zeroed
+            # last there too): p g, minus g at the owned label.
+            d = p.mul_(gce[:, None] if gce.dim() else gce)
+            if d.shape[1]:
+                d.scatter_add_(1, plan.local_idx, (gce * plan.owned).neg_().unsqueeze(1))
+            d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
+        else:
+            d = X.index_grad(p, plan.local_idx.view(-1), plan.owned, plan.valid, plan.w_y, plan.w_local, plan.w_sum,
+                             plan.eps, plan.num_classes, gce.expand(lse.shape), gzl, lse,
+                             0.0 if ex is None else ex.z_loss)
         if ex is not None:
             d = X.chain(d, zt, ex)
-        return _unrows(d.to(x.dtype), x), None
+        return _unrows(d if d.dtype == x.dtype else d.to(x.dtype), x), None
 
 
-def _idle_rounds(R: int, k: int, eps: float, acc: torch.dtype, device: torch.device,
-                 agree: Tensor, group: object | None, stats: bool) -> int:
+def _idle_rounds(R: int, sums_k: int, eps: float, acc: torch.dtype, device: torch.device,
+                 agree: list[Tensor], group: object | None, stats: bool) -> tuple[int, Tensor]:
     """A rank whose label values failed a check still enters (2) and (3), with contributions that
-    change nothing, so that every rank learns it after the loss, in the same call."""
-    n_max = R + 2 * k + (2 * R if stats else 0)
-    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device),
-                                 agree.to(acc)]), "max", group)
-    n_sum = (3 if eps > 0 else 2) * R + k + (2 * R if stats else 0)
+    change nothing, so that every rank learns it after the loss, in the same call. Returns the
+    bytes sent and the agreed hashes."""
+    n_max = R + (2 * R if stats else 0)
+    red = _all_reduce(torch.cat([torch.full((n_max,), -math.inf, dtype=acc, device=device), *agree]),
+                      "max", group)
+    n_sum = (3 if eps > 0 else 2) * R + sums_k + (2 * R if stats else 0)
     red2 = _all_reduce(torch.zeros(n_sum, dtype=acc, device=device), "sum", group)
-    return red.numel() * red.element_size() + red2.numel() * red2.element_size()
+    return red.numel() * red.element_size() + red2.numel() * red2.element_size(), red[-_AGREE_FLOATS:]
 
 
 def _positions_shape(x: Tensor) -> tuple[int, ...]:
@@ -741,24 +825,53 @@ def _with_classes(positions: tuple[int, ...], C: int, one_d: bool) -> tuple[int,
     return (C,) if one_d else positions[:1] + (C,) + positions[1:]
 
 
-def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(max, -min) of the labels that are not ignore_index, as int64 (``_NONE`` when there are
-    none), without a host read. Float labels count where they are whole numbers (the others are
-    validation's error); uint64 labels of 2**63 or more turn negative (out of range)."""
+def _label_range(t: Tensor, ignore_index: int) -> tuple[Tensor, Tensor | None]:
+    """([max, max of ~label] of the labels that are not ignore_index, as a (2,) int64 tensor
+    (``_NONE`` where there are none), and the mask of ``t == ignore_index`` (None where ``t`` is
+    not int64: the call compares its converted target again)), without a host read. ~label =
+    -1 - label never overflows (-(-2**63) would wrap). Float labels count where they are whole
+    numbers (the others are validation's error); uint64 labels of 2**63 or more turn negative
+    (out of range)."""
     if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
-        none = torch.full((), _NONE, dtype=torch.int64, device=t.device)
-        return none, none
+        return torch.full((2,), _NONE, dtype=torch.int64, device=t.device), None
+    mask_of_t = t.dtype == torch.int64
     if t.is_floating_point():
         whole = torch.isfinite(t) & (t == t.round()) & (t.abs() < 2.0**62)
         t = torch.where(whole, t, float(ignore_index) if abs(ignore_index) < 2**62 else 0.0).long()
     elif t.dtype == torch.uint64:
         t = t.view(torch.int64)
-    else:
+    elif not mask_of_t:
         t = t.long()
-    keep = t != ignore_index
-    tmax = torch.where(keep, t, _NONE).max()
-    tmin = torch.where(keep, -t.clamp(min=-(2**63 - 1)), _NONE).max()  # -(-2**63) wraps
-    return tmax, tmin
+    ignored = t == ignore_index
+    both = torch.stack([t, ~t]).masked_fill_(ignored, _NONE)
+    return (both.amax(tuple(range(1, both.dim()))) if t.dim() else both), (ignored if mask_of_t else None)
+
+
+def _sample_outside(xr: Tensor) -> Tensor:
+    """(1,) int64: how many logits of the softmax check's sampled rows lie outside [0, 1] (or are
+    NaN). Reduced (MAX) in the head: where any rank's are, no sampled row can look softmaxed,
+    and the check ends there; only where none are, the rows' sums follow in (3). (A count, not
+    a flag: int64 like the head, whose cat of mixed dtypes cost twice a cat of one.)"""
+    rows = xr if xr.shape[0] <= K_SAMPLE else xr[_sample_positions(xr, xr.shape[0])]
+    return torch.count_nonzero(rows.clamp(0, 1) != rows).view(1)
+
+
+def _head(vals: list[int], cworld: int, device: torch.device, rng: Tensor | None,
+          sample_out: Tensor | None) -> Tensor:
+    """The head: ``vals`` built on the host, with the device's label range and sample flag in
+    their slots (the last three) where given."""
+    tail = [v for v in (rng, sample_out) if v is not None]
+    cut = len(vals) if not tail else cworld + (_TMAX if rng is not None else _SAMPLE_OUT)
+    # frombuffer: a third of torch.tensor's cost for a list (the cat below, or the all-reduce,
+    # copies it; the copy to another device stages the bytes before returning).
+    head = torch.frombuffer(array.array("q", vals[:cut]), dtype=torch.int64)
+    if device.type != "cpu":
+        head = head.to(device, non_blocking=True)
+    if not tail:
+        return head
+    if rng is not None and sample_out is None:
+        tail.append(torch.zeros(1, dtype=torch.int64, device=device))
+    return torch.cat([head, *tail])
 
 
 def _as_index(ignore_index: object) -> int | None:
@@ -832,6 +945,147 @@ def _split_normalize(x_standin: Tensor, target: Tensor, weight: Tensor | None, i
     return p
 
 
+class _Sig:
+    """A planned signature of the direct API (see ``core.plan``): what its argument checks
+    settled (phase A) and, for the slice widths of the ranks it was made with, what validation
+    settled (phase B). Holds nothing read from values, and no tensor with memory (the global
+    logits' stand-in is a meta tensor: a planned call's problem reads its shape and dtype only);
+    the collectives a planned call makes are a full call's, so a rank with a plan and a rank
+    without one meet in the same all-reduces."""
+
+    __slots__ = ("backend", "crank", "cworld", "device", "eps", "ex", "gshape", "name", "out_dtype", "positions",
+                 "reduction", "sh", "sizes", "vals", "width", "x_standin")
+
+    def __init__(self, sh: Sharding, crank: int, cworld: int, device: torch.device, width: int, name: str,
+                 reduction: str, eps: float, backend: str, ex: X.Extras | None, vals: list[int], sizes: list[int],
+                 positions: tuple[int, ...], x_standin: Tensor, gshape: tuple[int, ...], out_dtype: torch.dtype) -> None:
+        self.sh, self.crank, self.cworld, self.device, self.width, self.name = sh, crank, cworld, device, width, name
+        self.reduction, self.eps, self.backend, self.ex = reduction, eps, backend, ex
+        self.vals = list(vals)  # the head's host part: slice width, fingerprints (error, strict, salt: per call)
+        # The stand-in for the global logits that validation saw, on the meta device: no memory.
+        self.sizes, self.positions = list(sizes), positions
+        self.x_standin = torch.empty(x_standin.shape, dtype=x_standin.dtype, device="meta")
+        self.gshape, self.out_dtype = gshape, out_dtype
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_C = torch._C
+_get_plan = plans._plans.get  # the store itself (a dict never rebound: plan.clear() empties it)
+
+
+def _sig_key(input: object, target: object, weight: object, ignore_index: object, reduction: object,
+             label_smoothing: object, group: object, backend: object, extras: object) -> tuple | None:
+    """The plan key of a direct call, or None (not plannable): the shapes, dtypes, layouts and
+    devices of plain tensors, the options with their types, the group (the process group object
+    itself: a new default group is another key), grad mode and autocast (both in the agreed
+    config), and no TorchFunctionMode (it must see the functions a full call calls), tracer or
+    functorch transform. (Dispatch modes see the same ops either way: a plan saves Python only.)"""
+    if (type(input) not in _PLAIN or type(target) not in _PLAIN or (weight is not None and type(weight) not in _PLAIN)
+            or type(ignore_index) is not int or type(reduction) is not str or type(backend) is not str):
+        return None
+    if _C._is_torch_function_mode_enabled() or _C._is_tracing() or _C._are_functorch_transforms_active():
+        return None
+    try:
+        key = (
+            "vocab_parallel_cross_entropy",
+            input.shape, input.dtype, input.layout, input.is_cpu or input.device,  # type: ignore[union-attr]
+            target.shape, target.dtype, target.layout, target.is_cpu or target.device,  # type: ignore[union-attr]
+            None if weight is None else (weight.shape, weight.dtype, weight.layout,  # type: ignore[union-attr]
+                                         weight.is_cpu or weight.device, weight.requires_grad),  # type: ignore[union-attr]
+            ignore_index, reduction, label_smoothing, type(label_smoothing), backend,
+            dist.group.WORLD if group is None else group,
+            None if extras is None else (*extras, *map(type, extras)),  # type: ignore[misc]
+            _C.is_grad_enabled(),
+            _C._is_any_autocast_enabled() and _autocast_key(input),
+        )
+        hash(key)
+    except (AttributeError, RuntimeError, TypeError):  # no sizes (nested), unhashable options
+        return None
+    return key
+
+
+def _autocast_key(x: Tensor) -> object:
+    dt = x.device.type
+    return torch.is_autocast_enabled(dt) and str(torch.get_autocast_dtype(dt))
+
+
+def _store_plan(key: tuple, sig: _Sig) -> None:
+    plans.store(key, sig)
+
+
+def _checks(input: object, target: object, weight: object, ignore_index: object, reduction: object,
+            label_smoothing: object, strict: bool | None, backend: object, extras: object, sh: Sharding,
+            direct: bool, fp: dict[str, int]) -> tuple:
+    """Phase A's argument checks (see ``run``): (x, t, ignore, backend name, reduction,
+    label_smoothing, backend, extras, strict, the validated problem where known (DTensor calls),
+    findings); fills ``fp`` with the fingerprints of the metadata. Raises what it finds."""
+    strict_local = bool(LazyStrict(strict))
+    ex = None
+    name = "torch"
+    p: Problem | None = None
+    findings: list[Finding] = []
+    if extras is not None:
+        ex = X.check(*extras, op="vocab_parallel_cross_entropy" if direct else "cross_entropy")  # type: ignore[misc]
+        ex = ex if ex.active else None
+    reduction_ = check_reduction(reduction)
+    eps = check_label_smoothing(label_smoothing)
+    backend_ = check_backend(backend)
+    if sh.pre_error is not None:
+        raise sh.pre_error
+    if direct:
+        _refuse_dtensors(input, target, weight)
+    x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
+    one_d = x.dim() == 1
+    if sh.num_classes is not None:
+        # DTensor: the global shapes are known on every rank, so shapes are judged globally
+        # now (every rank the same message), then this rank's values locally.
+        assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
+        gx = _standin(sh.input_shape, x.dtype, x.device)
+        try:
+            g = normalize(gx, _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
+                          weight, ignore, reduction_, eps)
+        except Exception:
+            if tuple(t.shape) == tuple(sh.target_shape):
+                # this rank holds the whole target: the message of its values (the hints read them)
+                normalize(gx, t, weight, ignore, reduction_, eps)
+            raise
+        findings = g.findings
+        if sh.split:
+            p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
+                                          x.dtype, x.device), t, weight, ignore, reduction_, eps,
+                                 op="cross_entropy")
+        else:
+            p = normalize(x, t, weight, ignore, reduction_, eps)
+    if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
+        # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
+        # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
+        reason = triton_unavailable_reason(x.device)
+        if reason is None and x.dtype != torch.float64:
+            name = "triton"
+        elif backend_ == "triton":
+            raise BackendError(
+                f'backend="triton" cannot run the vocab-parallel statistics here: '
+                f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
+            )
+    elif not sh.split and p is not None:
+        name = dispatch.select(backend_, p)
+    if ex is not None and p is not None and p.prob:
+        raise BackendError(
+            f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
+            "probability targets: the extras run on class-index targets for DTensor logits.\n"
+            "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
+            "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
+        )
+    w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
+    fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
+                              str(torch.get_autocast_dtype(x.device.type))
+                              if torch.is_autocast_enabled(x.device.type) else None)
+    fp["positions"] = _meta_hash(_positions_shape(x))
+    fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
+    fp["extras"] = _meta_hash(ex)
+    return x, t, ignore, name, reduction_, eps, backend_, ex, strict_local, p, findings
+
+
 def run(
     input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
     label_smoothing: float, *, group: object | None = None, strict: bool | None, backend: str,
@@ -849,11 +1103,18 @@ def run(
             "Fix: torch.distributed.init_process_group(...) first (torchrun sets it up), or call "
             "safeloss.cross_entropy on the full logits"
         )
+    key = sig = None
     if sharding is None:
-        _check_group(group)
-    sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
-    crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
-    device = _comm_device(input, sh.group)
+        key = _sig_key(input, target, weight, ignore_index, reduction, label_smoothing, group, backend, extras)
+        sig = None if key is None else _get_plan(key)
+    if sig is not None:
+        sh, crank, cworld, device = sig.sh, sig.crank, sig.cworld, sig.device
+    else:
+        if sharding is None:
+            _check_group(group)
+        sh = sharding if sharding is not None else Sharding(dist.group.WORLD if group is None else group)
+        crank, cworld = (dist.get_rank(sh.group), dist.get_world_size(sh.group)) if sh.split else (0, 1)
+        device = _comm_device(input, sh.group)
 
     # Phase A, local: every check that needs no other rank. Nothing is raised yet: a rank that
     # failed alone would leave the others waiting in the first all-reduce. Nothing below the try
@@ -865,98 +1126,54 @@ def run(
     p: Problem | None = None  # the validated local problem (known here for DTensor calls)
     findings: list[Finding] = []
     fp = dict.fromkeys(_AGREE, 0)
-    tmax = tmin = None
+    rng = ignored = rng_of = None  # the label range (device), the mask of rng_of == ignore_index
+    xr = sample_out = None  # the logits as rows; whether a sampled value lies outside [0, 1]
     width = -1  # this slice's width, -1 where the input has none (not a tensor, 0-d)
     name = "torch"
     ex: X.Extras | None = None
     try:
-        if isinstance(input, Tensor) and not input.is_nested and input.dim() >= 1:
-            width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
-        strict_local = bool(LazyStrict(strict))
-        if extras is not None:
-            ex = X.check(*extras, op="vocab_parallel_cross_entropy" if sharding is None else "cross_entropy")
-            ex = ex if ex.active else None
-        reduction_ = check_reduction(reduction)
-        eps = check_label_smoothing(label_smoothing)
-        backend_ = check_backend(backend)
-        if sh.pre_error is not None:
-            raise sh.pre_error
-        if sharding is None:
-            _refuse_dtensors(input, target, weight)
-        x, t, ignore = _precheck(input, target, weight, ignore_index, reduction_, eps)
-        one_d = x.dim() == 1
-        if sh.num_classes is not None:
-            # DTensor: the global shapes are known on every rank, so shapes are judged globally
-            # now (every rank the same message), then this rank's values locally.
-            assert sh.input_shape is not None and sh.target_shape is not None  # given with num_classes
-            gx = _standin(sh.input_shape, x.dtype, x.device)
-            try:
-                g = normalize(gx, _standin_target(sh.target_shape, t.dtype, t.device, sh.input_shape),
-                              weight, ignore, reduction_, eps)
-            except Exception:
-                if tuple(t.shape) == tuple(sh.target_shape):
-                    # this rank holds the whole target: the message of its values (the hints read them)
-                    normalize(gx, t, weight, ignore, reduction_, eps)
-                raise
-            findings = g.findings
-            if sh.split:
-                p = _split_normalize(_standin(_with_classes(_positions_shape(x), sh.num_classes, one_d),
-                                              x.dtype, x.device), t, weight, ignore, reduction_, eps,
-                                     op="cross_entropy")
-            else:
-                p = normalize(x, t, weight, ignore, reduction_, eps)
-        if sh.split and (backend_ == "triton" or (backend_ == "auto" and x.device.type == "cuda")):
-            # As safeloss.dispatch: Triton for CUDA tensors when it can run (float64 stays on torch);
-            # backend="triton" where it cannot is an error (the interpreter counts, for CPU tests).
-            reason = triton_unavailable_reason(x.device)
-            if reason is None and x.dtype != torch.float64:
-                name = "triton"
-            elif backend_ == "triton":
-                raise BackendError(
-                    f'backend="triton" cannot run the vocab-parallel statistics here: '
-                    f'{reason or "float64 logits run on torch"}.\nFix: backend="auto"'
-                )
-        elif not sh.split and p is not None:
-            name = dispatch.select(backend_, p)
-        if ex is not None and p is not None and p.prob:
-            raise BackendError(
-                f"cross_entropy with {ex.describe() or 'return_stats=True'} got DTensor logits with "
-                "probability targets: the extras run on class-index targets for DTensor logits.\n"
-                "Fix: pass class indices (target.argmax(dim=1) for one-hot rows), or call "
-                "safeloss.cross_entropy on input.full_tensor() and target.full_tensor()"
-            )
+        if sig is not None:
+            # A planned signature: its argument checks passed for these shapes, dtypes, devices
+            # and options (the key holds them); strictness and every value check are this call's.
+            x, t, ignore, width, name = input, target, ignore_index, sig.width, sig.name
+            reduction_, eps, backend_, ex = sig.reduction, sig.eps, sig.backend, sig.ex
+            strict_local = bool(LazyStrict(strict))
+        else:
+            if isinstance(input, Tensor) and not input.is_nested and input.dim() >= 1:
+                width = input.shape[0 if input.dim() == 1 else 1]  # before its checks: see _global_input_error
+            x, t, ignore, name, reduction_, eps, backend_, ex, strict_local, p, findings = _checks(
+                input, target, weight, ignore_index, reduction, label_smoothing, strict, backend, extras, sh,
+                sharding is None, fp)
         if p is None or not p.prob:
-            tmax, tmin = _label_range(p.target if p is not None else t, ignore)
-        w_meta = None if not isinstance(weight, Tensor) else (str(weight.dtype), tuple(weight.shape))
-        fp["config"] = _meta_hash(str(x.dtype), reduction_, ignore, eps, w_meta, torch.is_grad_enabled(),
-                                  str(torch.get_autocast_dtype(x.device.type))
-                                  if torch.is_autocast_enabled(x.device.type) else None)
-        fp["positions"] = _meta_hash(_positions_shape(x))
-        fp["target"] = _meta_hash(tuple(t.shape), str(t.dtype))
-        fp["extras"] = _meta_hash(ex)
+            rng_of = p.target if p is not None else t
+            rng, ignored = _label_range(rng_of, ignore)
+        if sh.split or ex is not None:  # the engine's loss: the softmax check's first half
+            xr = _rows(x.detach())
+            if xr.numel():
+                sample_out = _sample_outside(xr)
     except Exception as e:  # every local failure must reach the other ranks
         local_error = e
         p = None
 
-    # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata.
-    # Built on the host and sent in one copy (a copy from pageable memory without a stream
-    # sync: the driver stages the few bytes before returning); only the label range comes from
-    # the device, and stays there: one fill per value cost ~40 small ops per call.
-    vals = [0] * (cworld + _HEAD)
-    vals[crank] = width + 1  # 0: unknown
-    if local_error is None and tmax is None:
+    # (1) the head: who failed, slice widths, label range, salt, fingerprints of the metadata,
+    # whether a sampled logit lies outside [0, 1]. Built on the host and sent in one copy (a copy
+    # from pageable memory without a stream sync: the driver stages the few bytes before
+    # returning); the label range and the sample's flag come from the device and stay there,
+    # appended by one cat (their slots are last): one fill per value cost ~40 small ops per call.
+    base = cworld + _FP
+    if sig is not None:
+        vals = sig.vals.copy()  # the width and the fingerprints of the signature
+    else:
+        vals = [0] * (cworld + _HEAD)
+        vals[crank] = width + 1  # 0: unknown
         vals[cworld + _TMAX] = vals[cworld + _TMIN] = _NONE
+        for i, field_ in enumerate(_AGREE):
+            vals[base + 2 * i], vals[base + 2 * i + 1] = fp[field_], -fp[field_]
     vals[cworld + _ERROR] = int(local_error is not None)
     vals[cworld + _STRICT] = int(strict_local)
     vals[cworld + _SALT] = _salt_draw()
-    base = cworld + 7
-    for i, key in enumerate(_AGREE):
-        vals[base + 2 * i], vals[base + 2 * i + 1] = fp[key], -fp[key]
-    head = torch.tensor(vals, dtype=torch.int64)
-    if device.type != "cpu":
-        head = head.to(device, non_blocking=True)
-    if local_error is None and tmax is not None:
-        head[cworld + _TMAX : cworld + _TMIN + 1] = torch.stack([tmax, tmin])  # _TMIN follows _TMAX
+    head = _head(vals, cworld, device, None if local_error is not None else rng,
+                 None if local_error is not None else sample_out)
     nbytes = 0
     if sh.split:
         head = _all_reduce(head, "max", sh.group)
@@ -977,9 +1194,12 @@ def run(
     assert x is not None and t is not None  # no rank failed, this one included
     strict_ = bool(h[cworld + _STRICT])  # strict anywhere: strict everywhere
     C = sum(sizes) if sh.split else width
+    after = sig if sig is not None and sig.sizes == sizes else None  # planned for these widths
     one_d = x.dim() == 1
-    positions = _positions_shape(x)
-    x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
+    positions = after.positions if after is not None else _positions_shape(x)
+    # The global logits' stand-in for validation (a plan's is on the meta device: made here
+    # wherever validation runs after all).
+    x_standin = None if after is not None else _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
 
     def differ(key: str) -> bool:
         i = base + 2 * _AGREE.index(key)
@@ -1000,6 +1220,8 @@ def run(
         # A rank whose own shapes fail validation says why (e.g. its target has the wrong batch size).
         err = None
         if p is None:
+            if x_standin is None:
+                x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
             try:
                 _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
             except Exception as e:
@@ -1015,15 +1237,21 @@ def run(
             "positions shape": fmt_shape(_positions_shape(x)), "target": f"{fmt_shape(t.shape)} {t.dtype}",
         }, sh)
         _raise_agreed(err, sh, ParallelMismatchError(_mismatch_message(what, _world(sh), sh, lines)))
-    tmax_, tmin_ = h[cworld + _TMAX], -h[cworld + _TMIN]
-    if (tmax_ != _NONE and tmax_ >= C) or (h[cworld + _TMIN] != _NONE and tmin_ < 0):
+    tmax_, tnot = h[cworld + _TMAX], h[cworld + _TMIN]
+    if (tmax_ != _NONE and tmax_ >= C) or (tnot != _NONE and ~tnot < 0):
         _raise_bad_labels(p.target if p is not None else t, C, ignore, sh)
 
     b_error: BaseException | None = None
-    if p is None:
+    if after is not None and (weight is None or not _negative_classes(weight)):  # type: ignore[arg-type]
+        # Planned: validation of these shapes, dtypes and options found nothing and converted
+        # nothing; the one value it reads, negative weight entries, is read here as it reads it.
+        p = Problem(after.x_standin, t, False, weight, ignore, eps, reduction_, C, after.out_dtype, [])
+    elif p is None:
         # Plain shards: the class count is known now. Shapes and dtypes are agreed, so validation
         # fails on every rank or on none, except where it reads this rank's label values (float
         # labels with a fraction, ...): such an error waits for the agreement after the loss.
+        if x_standin is None:
+            x_standin = _standin(_with_classes(positions, C, one_d), x.dtype, x.device)
         try:
             p = _split_normalize(x_standin, t, weight, ignore, reduction_, eps)
             findings = p.findings
@@ -1038,81 +1266,93 @@ def run(
             b_error = e
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if C == 1:
-        findings = [f for f in findings if f.kind != "single-class"] + [checks_single_class(x_standin)]
-    gshape = tuple(sh.input_shape) if sh.input_shape is not None else tuple(x_standin.shape)
-    g_positions = _positions_shape(torch.empty(gshape, device="meta"))
-    out_dtype = p.out_dtype if p is not None else x.dtype
-    if reduction_ == "mean" and math.prod(g_positions) == 0:
-        findings = [*findings, checks.empty_mean_finding(
-            Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
+    if after is not None:
+        gshape, out_dtype = after.gshape, after.out_dtype
+    else:
+        if C == 1:
+            findings = [f for f in findings if f.kind != "single-class"] + [checks_single_class(x_standin)]
+        gshape = tuple(sh.input_shape) if sh.input_shape is not None else tuple(x_standin.shape)
+        g_positions = gshape[1:] if len(gshape) == 1 else gshape[:1] + gshape[2:]
+        out_dtype = p.out_dtype if p is not None else x.dtype
+        if reduction_ == "mean" and math.prod(g_positions) == 0:
+            findings = [*findings, checks.empty_mean_finding(
+                Problem(_standin(gshape, x.dtype, x.device), t, False, None, ignore, eps, reduction_, C, out_dtype))]
 
     # Phase C: the loss.
-    counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
+    sharded = tuple(g for g, s in sh.outer if s)
+    out: Tensor | None = None  # the result, where the loss's node reduces itself
+    counts: Tensor | None = None  # the check counts on the device (the counts path below)
     zl_rows = lse = ent = correct = None
+    plan: _Plan | None = None
+    k = 0  # rows of the softmax check
+    sums_k = 0  # rows whose sums ride in (3): where no rank's sample has a logit outside [0, 1]
+    agreed: Tensor | None = None
     if not sh.split and ex is None:
         assert p is not None  # validated in phase A (DTensor calls)
         rows = dispatch.row_losses(name, p, False, inplace_backward, fused_grad)
         losses = rows.losses
         assert losses is not None  # the deferred path always returns per-position losses
+        counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
         counts[: F.SIZE] = torch.as_tensor(rows.scan.counts, device=x.device).to(torch.int64)
         counts[F.BAD_TARGET] = 0  # the head's label range decided bad labels, before the loss
         if any(dist.get_rank(g) for g, s in sh.outer if s):
             counts[F.WEIGHT_NEGATIVE] = 0  # the weight is the same everywhere: counted once
     else:
         R = math.prod(positions)
-        sample = _sample_positions(x, R) if C >= 2 and R else None
-        agree = torch.zeros(_AGREE_FLOATS, dtype=acc, device=x.device)
-        if p is not None:
-            tl = p.target.long()
-            hashes = [_salted_hash(_label_values(tl, ignore, C), h[cworld + _SALT], 0)]
-            hashes.append(_salted_hash(_bit_values(weight), h[cworld + _SALT], 1) if isinstance(weight, Tensor)
-                          and weight.numel() else torch.zeros(2, dtype=torch.int64, device=x.device))
-            v = _chunks(torch.cat(hashes), acc)
-            agree = torch.cat([v, torch.zeros(1, dtype=acc, device=x.device), -v,
-                               torch.zeros(1, dtype=acc, device=x.device)])
-        else:
-            agree[_AGREE_FLOATS // 2 - 1] = 1  # this rank's label values failed a check
+        k = min(R, K_SAMPLE) if C >= 2 else 0
+        sums_k = k if not h[cworld + _SAMPLE_OUT] else 0
+        group_ = sh.group if sh.split else _LOCAL
         if p is None:
-            nbytes += _idle_rounds(R, 0 if sample is None else sample.numel(), eps, acc, x.device, agree,
-                                   sh.group if sh.split else _LOCAL, ex is not None and ex.return_stats)
+            # This rank's label values failed a check: its hashes say so (-1, a value no hash
+            # takes: the others' minimum shows it), and it idles through (2) and (3).
+            flag = torch.zeros(2 * _NHASH, dtype=acc, device=x.device)
+            flag[0] = -1
+            sent, agreed = _idle_rounds(R, sums_k, eps, acc, x.device, [flag, -flag], group_,
+                                        ex is not None and ex.return_stats)
+            nbytes += sent
             losses = torch.zeros(positions, dtype=acc, device=x.device)
-            counts[_X_BERROR] = 1
         else:
-            plan = _make_plan(p, sh.group if sh.split else _LOCAL, crank, sizes, C, acc, sample, name,
-                              agree, ex)
-            losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
-            nbytes += plan.bytes_sent
-            assert plan.agreed is not None  # filled by forward
-            half = _AGREE_FLOATS // 2
-            # MAX of (+v, -v): the ranks agree where max(v) == min(v), i.e. where the two halves
-            # cancel; the flag's negative half is 0, so it shows as itself. One vector, three
-            # verdicts in the counts' order (_X_BERROR, _X_LABELS, _X_WEIGHT).
-            differ = (plan.agreed[:half] + plan.agreed[half:]) != 0
-            counts[_X_BERROR : _X_WEIGHT + 1] = torch.cat([differ[half - 1 :], differ[:8].view(2, 4).any(1)])
-            if sample is not None:
-                counts[F.SOFTMAX_LIKE] = plan.softmax_like
-                counts[F.SOFTMAX_CHECKED] = sample.numel()
-            if ex is not None and ex.z_loss:
-                losses_all = losses + zl_rows
+            tl = p.target if p.target.dtype == torch.int64 else p.target.long()
+            ign = ignored if ignored is not None and p.target is rng_of else tl == ignore
+            tf = tl if tl.dim() == 1 else tl.reshape(-1)
+            ignf = ign if ign.dim() == 1 else ign.reshape(-1)
+            salt = h[cworld + _SALT]
+            # The labels hash as they are where ignore_index's residue mod P is no label's (or
+            # it is a label): equal residues mean equal values. Else ignored positions become C.
+            # In the MAX round's dtype, exactly (each hash is below 2**24): a cat of one dtype.
+            raw = C + 1 < _P and C - _P <= ignore < C
+            hl = _salted_hash(tf if raw else _label_values(tf, ignore, C, ignf), salt, 0).to(acc)
+            if isinstance(weight, Tensor) and weight.numel():
+                both = torch.cat([hl, _salted_hash(_bit_values(weight), salt, 1).to(acc)])
+                agree = [both, -both]
             else:
-                losses_all, zl_rows = losses, None
-            la = losses_all.detach().reshape(-1)
-            counts[F.NONFINITE_ROW] = (~torch.isfinite(la) & plan.valid).sum()
-            bound = F.overflow_bound(p.out_dtype)
-            if bound != math.inf:
-                # Each position's loss is computed in float32: one beyond the half dtype's range is
-                # inf in the result (and in stock torch's, which computes it in that dtype). Counted
-                # as such, not as a reduction that overflowed.
-                counts[F.OVERFLOW] = (torch.isfinite(la) & (la.abs() >= bound) & plan.valid).sum()
+                # No weight on any rank (agreed with the config): the label hashes stand in for
+                # the weight's, so the weight's verdict is the labels' (raised after them).
+                neg = -hl
+                agree = [hl, hl, neg, neg]
+            plan = _make_plan(p, group_, crank, sizes, C, acc, sums_k, name, agree, ex, xr, tf, ignf)
+            if ex is None:
+                # The node reduces its losses itself, except where other mesh dims hold other
+                # positions (a reduction across them follows).
+                plan.problem = None if sharded else p
+                losses = _VocabParallelCE.apply(x, plan)
+                if plan.problem is not None:
+                    out, losses = losses, plan.losses
+            else:
+                losses, zl_rows, lse, ent, correct = _VocabParallelCE.apply(x, plan)
+                if not ex.z_loss:
+                    zl_rows = None
+            nbytes += plan.bytes_sent
+            agreed = plan.agreed
 
-    sharded = tuple(g for g, s in sh.outer if s)
     across = (lambda v: _SumAcross.apply(v, sharded)) if sharded else None
     loss_stats = None
     if p is None:
         out = losses.sum().to(out_dtype) if reduction_ != "none" else losses.to(out_dtype)
+    elif out is not None:
+        pass  # reduced in the loss's node
     elif ex is None:
-        out = _reduction.reduce_across(losses, p, across)
+        out = _reduction.reduce_across(losses, p, across, None if plan is None else plan.valid)
     else:
         # The z-loss term is reduced over the counted positions, never by the class weights:
         # a "mean" divides by the number of non-ignored positions.
@@ -1134,12 +1374,57 @@ def run(
     if stats is not None:
         stats["bytes"] = nbytes
 
-    # Phase D: what the loss found, the same on every rank: the counts and whether the output is
-    # finite are read on the host in one go (with the head: two reads per call).
-    counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
-    if sh.outer:
-        counts = _reduce_outer(counts, sh, "sum")
-    host = counts.tolist()
+    # Phase D: what the loss found, the same on every rank, read on the host in one go (with the
+    # head: two reads per call).
+    overflow = None if p is None or (bound := F.overflow_bound(p.out_dtype)) == math.inf else bound
+    if counts is None and not sh.outer:
+        # One rank group: the agreed hashes, whether the output is finite (NaN or inf in a sum
+        # of it; for "sum" and "mean" a nonfinite position's loss makes the output nonfinite
+        # too) and the sampled rows that look softmaxed, as floats (exact: hashes below 2**24,
+        # at most 64 rows); the per-position counts are taken only where the output is not
+        # finite (a finding follows: one more read).
+        assert agreed is not None  # filled by the loss's MAX round
+        outd = out.detach()
+        parts = [agreed, (outd if outd.dim() == 0 else outd.sum(dtype=acc)).view(1)]
+        if sums_k and plan is not None:
+            parts.append(plan.softmax_like.view(1))
+        over = overflow is not None and plan is not None
+        if over:  # half-precision results: positions beyond the dtype's range (see _overflowed)
+            parts.append(_overflowed(losses, plan.valid, overflow).to(acc).view(1))
+        a = torch.cat(parts).tolist()
+        host = [0] * _COUNTS
+        host[_X_BERROR], host[_X_LABELS], host[_X_WEIGHT] = _verdicts(a)
+        if k:
+            host[F.SOFTMAX_CHECKED] = k
+            host[F.SOFTMAX_LIKE] = int(a[_AGREE_FLOATS + 1]) if sums_k else 0
+        if over:
+            host[F.OVERFLOW] = int(a[-1])
+        if p is not None and plan is not None and not math.isfinite(a[_AGREE_FLOATS]) and not any(
+                host[_X_BERROR : _X_WEIGHT + 1]):
+            host[F.NONFINITE_ROW], host[_X_OUT_BAD] = torch.stack([
+                (~torch.isfinite(losses.detach()).reshape(-1) & plan.valid).sum(),
+                (~torch.isfinite(outd)).any()]).tolist()
+    else:
+        if counts is None:
+            # Over several mesh dims: each rank's verdicts, summed over the other dims.
+            assert agreed is not None
+            counts = torch.zeros(_COUNTS, dtype=torch.int64, device=x.device)
+            half = _AGREE_FLOATS // 2
+            differ = (agreed[:half] + agreed[half:]) != 0
+            counts[_X_BERROR : _X_WEIGHT + 1] = torch.cat([agreed[half : half + 1] > 0,
+                                                           differ.view(2, _NHASH).any(1)])
+            if k:
+                counts[F.SOFTMAX_CHECKED] = k
+                if sums_k and plan is not None:
+                    counts[F.SOFTMAX_LIKE] = plan.softmax_like
+            if plan is not None:
+                counts[F.NONFINITE_ROW] = (~torch.isfinite(losses.detach()).reshape(-1) & plan.valid).sum()
+                if overflow is not None:
+                    counts[F.OVERFLOW] = _overflowed(losses, plan.valid, overflow)
+        counts[_X_OUT_BAD] = (~torch.isfinite(out.detach())).any()
+        if sh.outer:
+            counts = _reduce_outer(counts, sh, "sum")
+        host = counts.tolist()
     if host[_X_BERROR]:
         _raise_agreed(b_error, sh)
     if host[_X_LABELS]:
@@ -1154,6 +1439,11 @@ def run(
     rowwise = any(host[i] for i in _ROW_COUNTS) or host[_X_OUT_BAD]
     result = out if loss_stats is None else (out, loss_stats)
     if not (rowwise or softmaxed or host[F.WEIGHT_NEGATIVE]):
+        if key is not None and after is None and not findings and p.target is t and p.weight is weight and (
+                name == "torch" or x.is_cuda):
+            # The signature's first clean call (or its first with these widths): plan it.
+            _store_plan(key, _Sig(sh, crank, cworld, device, width, name, reduction_, eps, backend_, ex, vals,
+                                  sizes, positions, x_standin, gshape, out_dtype))
         return result  # the clean call
     tg, lg = p.target, losses.detach()
     if rowwise and sh.gather is not None and sharded:
@@ -1170,15 +1460,46 @@ def run(
     return result
 
 
+def _verdicts(a: list[float]) -> tuple[int, int, int]:
+    """(a rank's label values failed a check, the labels differ, the weights differ) from the
+    agreed hashes: MAX of (+h, -h) gives max(h) and -min(h); the ranks agree where they cancel.
+    A rank whose label values failed sends -1 as its first label hash (a hash is never
+    negative): the first -h slot then holds a positive value."""
+    half = _AGREE_FLOATS // 2
+    differ = [a[j] + a[half + j] != 0 for j in range(half)]
+    return int(a[half] > 0), int(any(differ[:_NHASH])), int(any(differ[_NHASH:]))
+
+
+def _overflowed(losses: Tensor, valid: Tensor, bound: float) -> Tensor:
+    """Counted positions whose float32 loss is finite but beyond the half-precision result's
+    range: inf in the result (and in stock torch's, which computes it in that dtype), a finding of
+    its own, not a reduction that overflowed."""
+    la = losses.detach().reshape(-1)
+    return (torch.isfinite(la) & (la.abs() >= bound) & valid).sum()
+
+
 def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C: int, acc: torch.dtype,
-               sample: Tensor | None, name: str, agree: Tensor, ex: X.Extras | None) -> _Plan:
+               sums_k: int, name: str, agree: list[Tensor], ex: X.Extras | None, rows: Tensor | None,
+               tf: Tensor, ignored: Tensor) -> _Plan:
+    """``tf``: the labels, flat, int64; ``ignored``: ``tf == ignore_index``."""
     offset = sum(sizes[:crank])
     C_local = sizes[crank]
-    tf = p.target.long().reshape(-1)
-    valid = tf != p.ignore_index
-    li = tf - offset
-    owned = valid & (li >= 0) & (li < C_local)
-    local_idx = li.clamp(0, max(C_local - 1, 0))
+    valid = ~ignored
+    if C_local == C:  # every class on this rank (offset 0): every valid label is owned here
+        local_idx = tf.unsqueeze(1).clamp(0, max(C - 1, 0))
+        owned, not_owned = valid, ignored
+    elif C_local == 0:
+        local_idx = tf.unsqueeze(1).clamp(0, 0)
+        owned = torch.zeros_like(valid)
+        not_owned = ~owned
+    else:
+        li = tf - offset if offset else tf
+        idx = li.clamp(0, C_local - 1)
+        # 0 <= label - offset < C_local; at ignored positions it may hold either way: every use
+        # of it there is masked (their loss, gradient and statistics are zeroed after).
+        owned = idx == li
+        not_owned = ~owned
+        local_idx = idx.unsqueeze(1)
     w_y = w_local = None
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
@@ -1188,7 +1509,9 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
     return _Plan(group, valid, owned, local_idx, w_y, w_local, w_sum, w_local_sum,
-                 p.label_smoothing, C, acc, sample, name, agree, ex, tf if ex is not None else None, offset)
+                 p.label_smoothing, C, acc, sums_k, name, agree, ex, tf if ex is not None else None, offset,
+                 ignored=ignored, not_owned=not_owned, rows=rows,
+                 tol=F.SOFTMAX_SUM_TOL[str(p.input.dtype).removeprefix("torch.")] if sums_k else 0.0)
 
 
 def _sample_positions(x: Tensor, R: int) -> Tensor:
