@@ -398,14 +398,22 @@ CPU_VALUE_PROBES: dict[str, tuple[Callable[[], object], Callable[[], object]]] =
     "empty-batch-sum": (lambda: ce(_x(0), _t(0), reduction="sum"), lambda: ce(_x(0), _t(0), reduction="sum")),
     "weighted-negative": (lambda: ce(_x(), _t(), W), lambda: ce(_x(), _t(), -W)),
     "weighted-nan": (lambda: ce(_x(), _t(), W), lambda: ce(_nan(_x()), _t(), W)),
+    "uint64-labels": (lambda: ce(_x(), _t().to(torch.uint64)),
+                      lambda: ce(_x(), torch.tensor([0, 1, 2, 2**63 + 1, 4, 0], dtype=torch.uint64))),
+    "unbatched-label-of-shape-1": (lambda: ce(_x()[0], _t()[:1], reduction="none"),
+                                   lambda: ce(_x()[1].softmax(0), _t()[1:2], reduction="none")),
+    "weight-of-shape-1-by-C": (lambda: ce(_x(), _t(), W.reshape(1, C)), lambda: ce(_x(seed=4), _t(), W.reshape(1, C))),
     "prob-negative": (lambda: ce(_x(), _probs()), lambda: ce(_x(), _probs() * 2 - _probs(seed=2))),
     "prob-bad-sum": (lambda: ce(_x(), _probs()), lambda: ce(_x(), _probs() * 1.5)),
     "prob-nan": (lambda: ce(_x(), _probs()), lambda: ce(_x(), _nan(_probs()))),
 }
 
 
-# No plan for these: one class (a finding that depends on the labels), no positions.
-UNPLANNABLE = {"one-class", "empty-batch-sum"}
+# No plan for these: one class (a finding that depends on the labels), no positions, and the
+# calls whose tensors the checks replace without a finding (uint64 labels read as int64, a (1,)
+# label of unbatched logits, a (1, C) weight): a plan would hand stock's op the tensors as given.
+UNPLANNABLE = {"one-class", "empty-batch-sum", "uint64-labels", "unbatched-label-of-shape-1",
+               "weight-of-shape-1-by-C"}
 
 
 @pytest.mark.parametrize("case", sorted(CPU_VALUE_PROBES))
