@@ -268,6 +268,21 @@ def test_a_plan_made_outside_autocast_does_not_serve_calls_under_it() -> None:
     _planned_as_fresh(lambda: ce(_x(dtype=torch.bfloat16), _t(), backend="triton"), probe)
 
 
+def test_a_plan_made_under_another_devices_autocast_does_not_serve_cpu_autocast() -> None:
+    """Autocast for XPU changes nothing for CPU tensors (the plan made there is a plain one);
+    the CPU's own autocast is another signature (the Triton path's result dtype follows it)."""
+    def call(device: str) -> object:
+        kw = {"dtype": torch.bfloat16} if device == "cpu" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note that no XPU is present
+            with torch.autocast(device, **kw):  # type: ignore[arg-type]
+                if not torch._C._is_any_autocast_enabled():
+                    pytest.skip(f"this torch build cannot enter {device} autocast")
+                return ce(_x(dtype=torch.bfloat16), _t(), backend="triton")
+
+    _planned_as_fresh(lambda: call("xpu"), lambda: call("cpu"))
+
+
 def test_a_plan_is_not_taken_under_a_fake_tensor_mode() -> None:
     """Real tensors under a FakeTensorMode that admits them (what export-style tracers do with
     constants): the abstract result, as without a plan, never the host path's value read."""
@@ -901,3 +916,62 @@ def test_the_raw_row_read_defers_to_torchs_sum_at_the_tolerance() -> None:
     with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
         ce(x, _t(N, c))  # the full path: torch's sums say every row sums to 1
     _planned_as_fresh(lambda: ce(_x(N, c), _t(N, c)), lambda: ce(x, _t(N, c)))
+
+
+def test_a_clean_looking_record_of_a_call_without_classes_is_reported(deferred) -> None:  # type: ignore[no-untyped-def]
+    """No classes, every label ignored, reduction="sum": nothing counted and a finite 0, yet
+    the record has a finding to report (no loss to compute)."""
+    x, ignored = _x(N, 0), torch.full((N,), -100)
+    ce(x, ignored, reduction="sum")
+    with pytest.warns(safeloss.SafeLossWarning, match="no classes"):
+        ce(x, ignored, reduction="sum")
+
+
+def test_a_compiled_calls_shape_finding_is_reported_by_the_next_call(deferred) -> None:  # type: ignore[no-untyped-def]
+    """A torch.compile'd call defers the findings known from shapes with its record: the next
+    call reports them, also where the record counted nothing and holds a finite loss (an empty
+    batch summed: no row sampled for the softmax check)."""
+    column = _t(0).unsqueeze(1)
+    f = torch.compile(lambda a, b: ce(a, b, reduction="sum"), backend="eager")
+    f(_x(0), column)
+    with pytest.warns(safeloss.SafeLossWarning, match="squeezes the singleton"):
+        f(_x(0), column)
+
+
+# ---------------------------------------- reductions of per-row losses (core/reduction.py)
+
+def _reduction_case(case: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    t = _t()
+    t[1] = -100
+    if case == "weighted-ignored":
+        return _x(), t, {"weight": W}
+    if case == "weighted-smoothed-zero-total-weight":  # the labels' classes weigh 0, the others not
+        return _x(), torch.zeros(N, dtype=torch.long), {"weight": torch.tensor([0.0, 1, 1, 1, 1]),
+                                                        "label_smoothing": 0.1}
+    # float16: stock holds the sum in float16 before dividing (inf past 65504)
+    n = 1024
+    return (_x(n) * 30).half(), _t(n), {}
+
+
+@pytest.mark.parametrize("path", ["deferred", "triton"])
+@pytest.mark.parametrize("case", ["weighted-ignored", "weighted-smoothed-zero-total-weight", "float16-sum-overflow"])
+def test_means_reduced_by_safeloss_are_stocks(case: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paths whose per-row losses safeloss reduces itself (the deferred model, the Triton
+    backend): stock's denominator, its NaN where nothing is averaged, its float16 overflow."""
+    x, t, kw = _reduction_case(case)
+    x.requires_grad_()
+    want = F.cross_entropy(x, t, **kw)  # type: ignore[arg-type]
+    assert case != "float16-sum-overflow" or torch.isinf(want)
+    want_grad = torch.autograd.grad(want, x)[0] if x.dtype != torch.float16 else None
+    monkeypatch.setattr(checks, "DEFER_ON_CPU", path == "deferred")
+    backend = "triton" if path == "triton" else "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", safeloss.SafeLossWarning)  # NaN / inf means are findings
+        for _ in range(2):
+            got = ce(x, t, backend=backend, **kw)  # type: ignore[arg-type]
+            tol = (0.0, 0.0) if want.dtype == torch.float16 else TIGHT[want.dtype]
+            torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1], equal_nan=True)
+            if want_grad is not None:  # NaN at every counted position where nothing is averaged
+                torch.testing.assert_close(torch.autograd.grad(got, x)[0], want_grad, rtol=tol[0], atol=tol[1],
+                                           equal_nan=True)
+        checks._pending.clear()
