@@ -360,6 +360,15 @@ def _rows_sum_to(s: float, n: int = N, c: int = C) -> torch.Tensor:
     return (p * s).float()
 
 
+def _f16_rows() -> torch.Tensor:
+    """float16 rows summing (in float32) to 0.98010254, within the float16 softmax tolerance of
+    1, whose sum rounded to float16 (0.97998) is not: every backend sums rows in float32."""
+    row = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0426], dtype=torch.float16)
+    assert abs(float(row.sum(dtype=torch.float32)) - 1) <= _flags.SOFTMAX_SUM_TOL["float16"]
+    assert abs(float(row.sum(dtype=torch.float16)) - 1) > _flags.SOFTMAX_SUM_TOL["float16"]
+    return row.repeat(N, 1)
+
+
 def _odd_rows_negative_first(n: int = 128, c: int = C) -> torch.Tensor:
     """Transposed storage: the first C values in memory are the first logits of rows 0..C-1,
     and rows 1, 3, ... (never sampled at 128 positions) start with a negative logit."""
@@ -398,6 +407,7 @@ CPU_VALUE_PROBES: dict[str, tuple[Callable[[], object], Callable[[], object]]] =
     "one-hot-as-logits-many-rows": (lambda: ce(_x(200), _t(200)), lambda: ce(_one_hot_input(200), _t(200))),
     "rows-at-the-tolerance": (lambda: ce(_x(200), _t(200)), lambda: ce(_rows_sum_to(1 + 6e-5, 200), _t(200))),
     "rows-past-the-tolerance": (lambda: ce(_x(200), _t(200)), lambda: ce(_rows_sum_to(1 + 3e-4, 200), _t(200))),
+    "float16-rows-near-the-tolerance": (lambda: ce(_x(dtype=torch.float16), _t()), lambda: ce(_f16_rows(), _t())),
     "transposed-storage": (lambda: ce(_x(128), _t(128)), lambda: ce(_odd_rows_negative_first(), _t(128))),
     "k-dim-softmaxed": (lambda: ce(_x(2 * 64, C).reshape(2, C, 64), _t(128).reshape(2, 64)),
                         lambda: ce(_kd_sampled_softmax(), _t(128).reshape(2, 64))),
@@ -439,7 +449,7 @@ def test_bad_values_under_a_planned_signature_are_judged_as_without_a_plan(case:
 
 def test_the_one_hot_and_negative_view_probes_are_findings() -> None:
     """The probes above must be findings without a plan (else comparing proves nothing)."""
-    for x, t in ((_one_hot_input(), _t()), (_neg_view(_x().softmax(1)), _t()),
+    for x, t in ((_one_hot_input(), _t()), (_neg_view(_x().softmax(1)), _t()), (_f16_rows(), _t()),
                  (_rows_sum_to(1 + 6e-5, 200), _t(200)), (_odd_rows_negative_first(), _t(128)),
                  (_kd_sampled_softmax(), _t(128).reshape(2, 64)), (_sampled_softmax(200), _t(200))):
         with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
