@@ -985,3 +985,29 @@ def test_means_reduced_by_safeloss_are_stocks(case: str, path: str, monkeypatch:
                 torch.testing.assert_close(torch.autograd.grad(got, x)[0], want_grad, rtol=tol[0], atol=tol[1],
                                            equal_nan=True)
         checks._pending.clear()
+
+
+@pytest.mark.parametrize("reader", ["next-call", "module-next-call", "check_pending"])
+def test_clean_deferred_records_are_recycled_without_resolving(deferred, reader: str) -> None:  # type: ignore[no-untyped-def]
+    """The steady state of a CUDA training loop: each call finds the previous call's record
+    finished and clean and recycles it (``checks._clean_single``; ``check_pending()``'s clean
+    record), never building its problem nor resolving it. A record's softmax-check sample size
+    is a count like the others, but never a finding by itself."""
+    loss = safeloss.SafeCrossEntropyLoss()
+    call = (lambda s: loss(_x(seed=s), _t())) if reader == "module-next-call" else (lambda s: ce(_x(seed=s), _t()))
+    call(0)
+    resolved: list[object] = []
+    real = checks.resolve
+    deferred.setattr(checks, "resolve", lambda *a, **k: resolved.append(a) or real(*a, **k))
+    for seed in range(1, 4):
+        if reader == "check_pending":
+            safeloss.check_pending()
+        call(seed)
+    safeloss.check_pending()
+    assert resolved == []
+    # and a record with a finding still reaches it
+    call_bad = lambda: ce(_x().softmax(1), _t()) if reader != "module-next-call" else loss(_x().softmax(1), _t())  # noqa: E731
+    call_bad()
+    with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
+        call(5)
+    assert resolved
