@@ -721,6 +721,7 @@ LINEAR_SIGNATURE = {
                         _l(label_smoothing=0.1, options=torch.nn.LinearCrossEntropyOptions())),
     "values-label-smoothing": (_l(label_smoothing=0.2), _l(label_smoothing=0.2, seed=4)),
     "values-reduction-none": (_l(reduction="none"), _l(reduction="none", seed=4)),
+    "values-nan-mean": (_l(), lambda: lce(_nan(_head()[0]), _head()[1], _t())),
     "values-nan-none": (_l(reduction="none"),
                         lambda: lce(_nan(_head()[0]), _head()[1], _t(), reduction="none")),
     "values-prob-bad-sum": (_l(target=lambda: _probs()), _l(target=lambda: _probs() * 1.5)),
@@ -737,6 +738,39 @@ LINEAR_UNPLANNABLE = {"values-one-class", "bias-broadcast"}
 def test_linear_probes_under_a_planned_signature_are_judged_as_without_a_plan(case: str) -> None:
     plan, probe = LINEAR_SIGNATURE[case]
     _planned_as_fresh(plan, probe, plannable=case not in LINEAR_UNPLANNABLE, exact=False)
+
+
+def _half_head(dtype: torch.dtype, autocast: bool) -> Callable[[], object]:
+    """A head the planned path would take in float32 ((N, C) logits within the loop's budget)."""
+    def call() -> object:
+        g = torch.Generator().manual_seed(3)
+        h = torch.randn(32, 64, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(50, 64, generator=g) * 0.3).to(dtype).requires_grad_()
+        t = torch.randint(0, 50, (32,), generator=g)
+        if not autocast:
+            return lce(h, w, t)
+        with torch.autocast("cpu", dtype=dtype):
+            return lce(h.float(), w.float(), t)
+    return call
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["half-inputs", "cpu-autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_half_precision_heads_are_never_planned(dtype: torch.dtype, autocast: bool) -> None:
+    """The planned path is stock's linear and cross-entropy in the operands' dtype; half-precision
+    heads (inputs, or float32 ones under CPU autocast) keep the chunk loop's float32 accumulation:
+    a repeated call gives bitwise the result of the first."""
+    _planned_as_fresh(_half_head(torch.float32, False), lambda: None)  # planned in float32
+    call = _half_head(dtype, autocast)
+    _planned_as_fresh(call, call, plannable=False)
+
+
+def test_linear_heads_too_big_for_the_planned_path_never_make_the_logits(whole_logits: list[int]) -> None:
+    """(N, C) logits larger than what the chunk loop keeps for backward: no call makes them."""
+    h, w, t = _head(64, 100)
+    for _ in range(3):
+        torch.testing.assert_close(lce(h, w, t), F.cross_entropy(F.linear(h, w), t))
+    assert whole_logits == []
 
 
 def test_linear_module_options_are_not_served_by_a_plan() -> None:
@@ -1005,9 +1039,11 @@ def test_clean_deferred_records_are_recycled_without_resolving(deferred, reader:
         call(seed)
     safeloss.check_pending()
     assert resolved == []
-    # and a record with a finding still reaches it
-    call_bad = lambda: ce(_x().softmax(1), _t()) if reader != "module-next-call" else loss(_x().softmax(1), _t())  # noqa: E731
-    call_bad()
-    with pytest.warns(safeloss.SafeLossWarning, match="looks already softmaxed"):
-        call(5)
+    # and a record with a finding still reaches it: a count before or after the sample size
+    f = loss if reader == "module-next-call" else ce
+    for bad, match in ((lambda: f(_x().softmax(1), _t()), "looks already softmaxed"),
+                       (lambda: f(_x(), _probs() * 1.5), "not probability distributions")):
+        bad()
+        with pytest.warns(safeloss.SafeLossWarning, match=match):
+            call(5)
     assert resolved
