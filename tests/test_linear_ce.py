@@ -760,6 +760,49 @@ def test_empty_batch_of_a_kdim_head_matches_stock(red, prob):
         torch.testing.assert_close(a, c, equal_nan=True)
 
 
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("out_features", [(1,), (1, 1)])
+@pytest.mark.parametrize("path", ["loop", "vmap"])
+def test_out_features_of_one_position_match_stock(red, prob, out_features, path):
+    """out_features whose product is 1 ((1,), (1, 1)): one position per row, as a plain head, but
+    with the target's extra singleton dims (stock computes them; the chunk loop indexed the
+    (N, 1) labels as if they were (N,))."""
+    res = []
+    for fn in (STOCK, safeloss.linear_cross_entropy):
+        x = torch.randn(N, H, generator=_gen(0), dtype=torch.float64, requires_grad=True)
+        W = torch.randn((C, *out_features, H), generator=_gen(1), dtype=torch.float64, requires_grad=True)
+        if prob:
+            t = torch.rand((N, C, *out_features), generator=_gen(2), dtype=torch.float64).softmax(1)
+        else:
+            t = torch.randint(0, C, (N, *out_features), generator=_gen(2))
+        if path == "vmap":  # torch.func: the plain chunked ops (one row per example)
+            loss = torch.func.vmap(lambda a, b, f=fn, w=W: f(a, w, b, reduction=red))(x.unsqueeze(1), t.unsqueeze(1))
+        else:
+            loss = fn(x, W, t, reduction=red)
+        res.append([loss, *torch.autograd.grad(loss.sum(), [x, W])])
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c)
+
+
+def test_out_features_of_one_position_deferred_and_compiled(monkeypatch):
+    """The same shapes where bad labels are masked in the loop (the deferred model) and in the
+    compiled graph's custom op: NaN there, the label named at the next call."""
+    from safeloss.core import checks
+
+    x = torch.randn(N, H, generator=_gen(0))
+    W = torch.randn(C, 1, H, generator=_gen(1))
+    t = torch.randint(0, C, (N, 1), generator=_gen(2))
+    compiled = torch.compile(lambda a, b: safeloss.linear_cross_entropy(a, W, b), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, t), STOCK(x, W, t))
+    bad = t.clone()
+    bad[2, 0] = C + 4
+    monkeypatch.setattr(checks, "DEFER_ON_CPU", True)
+    assert torch.isnan(safeloss.linear_cross_entropy(x, W, bad))
+    with pytest.raises(safeloss.TargetOutOfRangeError, match=rf"{C + 4} at \[2, 0\]"):
+        safeloss.linear_cross_entropy(x, W, t)
+
+
 def test_head_changed_in_place_after_the_forward_of_a_frozen_input():
     """Stock's d/dlinear_weight saves only the input, so an in-place update of the weight between
     forward and backward (input without grad) is accepted there; it must be here too."""

@@ -1279,7 +1279,7 @@ def _clean_single(key: int) -> bool:
     if rec.findings or rec.out_host is None or not rec.p[8] or not (
             rec.event is None or rec.event.query()):  # type: ignore[attr-defined]
         return False
-    if any(rec.counts_host.tolist()) or not math.isfinite(rec.out_host.item()):
+    if not _nothing_counted(rec.counts_host.tolist()) or not math.isfinite(rec.out_host.item()):
         return False
     with _pending_lock:
         if _pending.get(key) is not queue or len(queue) != 1 or queue[0] is not rec:
@@ -1287,6 +1287,14 @@ def _clean_single(key: int) -> bool:
         del _pending[key]
     _release(rec)
     return True
+
+
+def _nothing_counted(counts: list[int]) -> bool:
+    """A record's counts report nothing: every count 0 but the softmax check's sample size
+    (``SOFTMAX_CHECKED``, the rows it looked at, never a finding by itself: every call with
+    classes and positions samples some), which is what ``resolve`` concludes from them given a
+    finite result."""
+    return not any(counts[:F.SOFTMAX_CHECKED]) and not any(counts[F.SOFTMAX_CHECKED + 1:])
 
 
 def _requeue(recs: Sequence[_Pending]) -> None:
@@ -1310,7 +1318,7 @@ def _report_record(rec: _Pending, owner: object | None) -> None:
         losses = None  # edited by the caller since: the counts alone tell what the call found
     if rec.out_host is not None:
         out_finite = math.isfinite(rec.out_host.item())
-        if out_finite and not any(counts) and rec.p[8]:  # (the number of classes)
+        if out_finite and _nothing_counted(counts) and rec.p[8]:  # (the number of classes)
             _release(rec)  # the clean record: what resolve() would conclude
             return
     elif losses is not None:

@@ -792,10 +792,10 @@ def _graph(
     else:
         sp = _spec(lp, _select(backend, lp), tile_dtype, max_rows, False)
         x, w, b = _operands(lp)
-        losses = graph.losses(x, w, b, t, valid, sp)
+        # (in the positions' shape first: the loop's (N,) or (N, D) is not bad's (N, *out_features))
+        losses = graph.losses(x, w, b, t, valid, sp).reshape(p.positions_shape)
         if bad is not None:
             losses = losses.masked_fill(bad, math.nan)
-        losses = losses.reshape(p.positions_shape)
         out = reduction.reduce(Rows(losses, Scan([0] * F.SIZE)), p)
     counts = _device_counts(lp, losses if losses.numel() else out.reshape(1),
                             valid if losses.numel() else valid.new_ones(1), bad, neg, badsum)

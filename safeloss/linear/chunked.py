@@ -494,6 +494,9 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     if sp.positions > 1:  # K-dim: one flat positions dim, as the (r, C, D) view of a tile has
         target = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
         scale = None if scale is None else scale.reshape(N, sp.positions)
+    elif target.dim() != (2 if sp.prob else 1):  # out_features of product 1, (1,): a plain head's rows
+        target, valid = _one_position(target, N, sp), valid.reshape(N)
+        scale = None if scale is None else scale.reshape(N)
     dev = x.device
     need_dx, need_dw, need_db, need_dq = need
     want_grad = need_dx or need_dw or need_db
@@ -597,6 +600,13 @@ def run_loop(ops: _Operands, target: Tensor, valid: Tensor, sp: Spec, need: tupl
     return losses, g
 
 
+def _one_position(target: Tensor, N: int, sp: Spec) -> Tensor:
+    """The target of out_features whose product is 1 ((1,), (1, 1)), (N, 1..) labels or
+    (N, C, 1..) probabilities, as the plain head's (N,) / (N, C) the loop indexes (its losses
+    are reshaped back to (N, *out_features) by the caller)."""
+    return target.reshape(N, sp.num_classes) if sp.prob else target.reshape(N)
+
+
 def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, bad: Tensor | None,
                           sp: Spec) -> Tensor:
     """The same chunks in plain differentiable torch ops, for torch.func transforms (vmap, grad,
@@ -607,6 +617,8 @@ def differentiable_losses(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor
     tgt = target
     if sp.positions > 1:
         tgt = target.reshape(N, sp.num_classes, sp.positions) if sp.prob else target.reshape(N, sp.positions)
+    elif target.dim() != (2 if sp.prob else 1):
+        tgt = _one_position(target, N, sp)
     parts = []
     rows = plan(N, ops.x.shape[1], ops.w.shape[0], dtype=ops.x_dtype, device_type=ops.x.device.type,
                 fast=False, half_operands=ops.half).rows
@@ -647,7 +659,7 @@ class LinearCE(torch.autograd.Function):
         losses, g = run_loop(ops, target, valid, sp, need if pre else (False,) * 4, None, True)
         assert losses is not None
         if bad is not None:
-            losses = losses.masked_fill(bad, math.nan)  # bad labels: NaN, zero gradient
+            losses = losses.masked_fill(bad.reshape(losses.shape), math.nan)  # bad labels: NaN, zero gradient
         ctx.sp, ctx.need, ctx.shapes = sp, need, (x.dtype, w.dtype)
         # The shortcut reads no saved tensor, so (as stock, whose gradient for W saves only x)
         # an operand changed in place after the forward fails only where it is needed.
