@@ -48,7 +48,11 @@ _lock = threading.Lock()
 def watch(owner: object) -> None:
     """Forget ``owner``'s warn-once state when it dies. The loss modules call it when made (and
     unpickled or copied): a compiled graph's report op knows a loss only by its id, which a
-    later object may reuse, and holds no reference to register this from."""
+    later object may reuse, and holds no reference to register this from. Not while Dynamo
+    traces (a loss made inside a compiled function): it cannot trace the lock or the finalizer;
+    such a loss registers at its first eager finding, as before."""
+    if torch.compiler.is_compiling():
+        return
     oid = id(owner)
     with _lock:
         if oid in _watched:
