@@ -1,4 +1,5 @@
 import os
+from collections.abc import Iterator
 
 # Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be set
 # before triton is first imported, and importing torch may import triton: so before torch.
@@ -76,3 +77,18 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    """A one-rank gloo group in this process (direct calls of the parallel ops, their plans and
+    per-call cost); skipped where a process group already exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

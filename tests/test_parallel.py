@@ -16,7 +16,6 @@ import collections
 import datetime
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -1304,20 +1303,6 @@ def test_each_call_draws_a_fresh_salt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # =============================================================================== one rank, in process
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    """A one-rank gloo group in this process: the per-call cost and the plan of a direct call."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class _Ops(TorchDispatchMode):

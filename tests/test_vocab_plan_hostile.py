@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,6 @@ from tests.ranks import init_gloo, record, spawn
 from tests.tolerances import assert_matches
 
 C = 10
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _base() -> dict[str, torch.Tensor]:
