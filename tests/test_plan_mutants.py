@@ -289,8 +289,9 @@ def test_a_plan_is_not_taken_under_a_fake_tensor_mode() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def probe() -> object:
+        x, t = _x(), _t()  # real tensors, made before the mode
         with FakeTensorMode(allow_non_fake_inputs=True):
-            out = ce(_x(), _t())
+            out = ce(x, t)
         return type(out).__name__, out.shape, out.dtype
 
     _planned_as_fresh(lambda: ce(_x(), _t()), probe)
@@ -342,10 +343,12 @@ def _nan(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _neg_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a tensor with the negative bit: its memory holds -x."""
-    v = torch.complex(torch.zeros_like(x), -x).conj().imag
-    assert v.is_neg() and torch.equal(v, x)
+def _neg_view(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """``x`` as a tensor with the negative bit: its memory holds -x. ``z.conj().imag`` (public,
+    every other float in memory), or contiguous (``torch._neg_view``: what a host read of a
+    row at ``data_ptr`` with unit stride would misread)."""
+    v = torch._neg_view(-x) if contiguous else torch.complex(torch.zeros_like(x), -x).conj().imag
+    assert v.is_neg() and torch.equal(v, x) and (v.stride(-1) == 1) == contiguous
     return v
 
 
@@ -401,6 +404,7 @@ CPU_VALUE_PROBES: dict[str, tuple[Callable[[], object], Callable[[], object]]] =
     "softmaxed-f64": (lambda: ce(_x(dtype=torch.float64), _t()),
                       lambda: ce(_x(dtype=torch.float64).softmax(1), _t())),
     "softmaxed-neg-view": (lambda: ce(_x(), _t()), lambda: ce(_neg_view(_x().softmax(1)), _t())),
+    "softmaxed-neg-view-contiguous": (lambda: ce(_x(), _t()), lambda: ce(_neg_view(_x().softmax(1), True), _t())),
     "softmaxed-neg-view-many-rows": (lambda: ce(_x(200), _t(200)),
                                      lambda: ce(_neg_view(_sampled_softmax(200)), _t(200))),
     "one-hot-as-logits": (lambda: ce(_x(), _t()), lambda: ce(_one_hot_input(), _t())),
