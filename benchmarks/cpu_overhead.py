@@ -473,15 +473,17 @@ def plain_vocab_parallel_ce(logits: torch.Tensor, target: torch.Tensor, group: A
     return (sumexp.log() - zy).mean()
 
 
-def _vocab_rows(seconds: float, min_rounds: int) -> list[Row]:
+@contextlib.contextmanager
+def _vocab_steps(pool: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[dict[str, Step], int, int]]:
+    """Inside one gloo rank: the vocab-parallel steps (``stock-vocab``: stock plus the very
+    all-reduces safeloss issues; ``plain-vocab``; ``safe-vocab``), the number of all-reduces
+    and the world size."""
     import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import safeloss
 
-    n, c = VOCAB_SHAPE
     with _one_rank():
-        pool = _pool(n, c, False, 8)
         # The all-reduces safeloss's call makes (payload and op, seen as the ops it dispatches),
         # replayed on the stock side as the same op issued the same way, so that the first
         # baseline is stock's loss plus the very same collectives: a lower bound.
@@ -518,23 +520,150 @@ def _vocab_rows(seconds: float, min_rounds: int) -> list[Row]:
             x, t = pool[r % len(pool)]
             return torch.autograd.grad(safeloss.vocab_parallel_cross_entropy(x, t), (x,))
 
-        steps = {**_ce_steps(pool, prefix="ce-"), "stock-vocab": stock, "plain-vocab": plain, "safe-vocab": safe}
+        yield {"stock-vocab": stock, "plain-vocab": plain, "safe-vocab": safe}, len(payloads), dist.get_world_size()
+
+
+def _vocab_rows(seconds: float, min_rounds: int) -> list[Row]:
+    n, c = VOCAB_SHAPE
+    pool = _pool(n, c, False, 8)
+    with _vocab_steps(pool) as (vocab, n_reduces, world):
+        steps = {**_ce_steps(pool, prefix="ce-"), **vocab}
         del steps["ce-stock-module"], steps["ce-safe-module"]
         with _threads(1):
             times, _, r = interleave(steps, ("thread", "wall"), seconds, min_rounds)
-        world = dist.get_world_size()
     ce = _fill(Row("family", f"({n}, {c}) logits", "cross_entropy", 1, "thread", None), times,
                "ce-safe-functional", "ce-stock-functional", r)
     # Baseline 1 (a lower bound): stock's cross-entropy on the full logits plus the same
     # all-reduces. Baseline 2: a plain vocab-parallel cross-entropy, its own 3 all-reduces
     # (torch.distributed.all_reduce, in place, as Megatron's) and autograd's backward: what the
     # op costs without its checks. Each judged on its extra time against the cross-entropy's.
-    vp = _fill(Row("family", f"({n}, {c}), {world} gloo rank, {len(payloads)} all-reduces", "vocab_parallel",
+    vp = _fill(Row("family", f"({n}, {c}), {world} gloo rank, {n_reduces} all-reduces", "vocab_parallel",
                    1, "thread", ce.extra_us, versus="cross_entropy"), times, "safe-vocab", "stock-vocab", r)
     plain_row = _fill(Row("family", f"({n}, {c}), {world} gloo rank, vs plain", "vocab_parallel (plain)",
                           1, "thread", ce.extra_us, versus="cross_entropy"), times, "safe-vocab", "plain-vocab", r)
-    vp.extra["all_reduces"] = plain_row.extra["all_reduces"] = len(payloads)
+    vp.extra["all_reduces"] = plain_row.extra["all_reduces"] = n_reduces
     rows = [ce, vp, plain_row]
+    _progress(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- instructions
+
+# (section, case, safe step, stock step, target as in the timed rows, versus): the timed rows'
+# pairs, counted in executed instructions instead of time (``--instructions``).
+ICOUNT_ROWS: list[tuple[str, str, str, str, float | None, str | None]] = [
+    ("torch", "(8, 10)", "torch/safe-module", "torch/stock-module", 1.20, None),
+    ("torch", "(8, 10)", "torch/safe-functional", "torch/stock-functional", 1.20, None),
+    ("stubbed", "(8, 10)", "stubbed/safe-module", "stubbed/stock-module", 1.5, None),
+    ("stubbed", "(8, 10)", "stubbed/floor", "stubbed/stock-module", None, None),
+    ("stubbed", "(8, 10)", "stubbed/node", "stubbed/stock-module", None, None),
+    ("family", "(8, 16) x (10, 16)", "linear/safe-linear", "linear/stock-linear", None, "cross_entropy"),
+    ("family", "(8, 10), 1 gloo rank", "vocab/safe-vocab", "vocab/stock-vocab", None, "cross_entropy"),
+    ("family", "(8, 10), 1 gloo rank, vs plain", "vocab/safe-vocab", "vocab/plain-vocab", None, "cross_entropy"),
+]
+ICOUNT_CALLS = 300
+
+
+@contextlib.contextmanager
+def _icount_step(name: str) -> Iterator[Step]:
+    """The step ``name`` ("section/step") of :data:`ICOUNT_ROWS`, inside its setting."""
+    section, step = name.split("/")
+    with _threads(1):
+        if section == "torch":
+            yield _ce_steps(_pool(8, 10, False, 4))[step]
+        elif section == "stubbed":
+            pool = _pool(8, 10, False, 4)
+            steps = {**_ce_steps(pool, backend="triton"), "floor": _floor_step(pool), "node": _node_step(pool)}
+            with stubbed():
+                yield steps[step]
+        elif section == "linear":
+            yield _linear_steps(*LINEAR_SHAPE)[step]
+        else:
+            with _vocab_steps(_pool(*VOCAB_SHAPE, False, 4)) as (steps, _, _):
+                yield steps[step]
+
+
+# Valgrind client requests (callgrind.h), called from Python through ctypes: instrument and count
+# only the measured calls (imports and warm-up run uninstrumented, ~5x faster), and dump the count
+# of each stretch of calls (a dump zeroes the counters).
+_CALLGRIND_C = """
+#include <valgrind/callgrind.h>
+void safeloss_start(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS; }
+void safeloss_dump(void) { CALLGRIND_DUMP_STATS; }
+"""
+
+
+def _icount_child(name: str, calls: int, lib: str | None = None) -> None:
+    """One step's process under callgrind: warm-up, then two stretches of ``calls`` calls, each
+    dumped (the first absorbs the instrumentation's start; the second is the one read)."""
+    import ctypes
+
+    requests = ctypes.CDLL(lib) if lib else None
+    with _icount_step(name) as step:
+        for r in range(30):  # first calls: plans, caches, lazy imports
+            step(r)
+        for stretch in range(2):
+            if requests is not None and stretch == 0:
+                requests.safeloss_start()
+            for r in range(calls):
+                step(r)
+            if requests is not None:
+                requests.safeloss_dump()
+
+
+def _instructions(name: str, calls: int, workdir: Path, lib: str) -> float:
+    """Instructions per fwd+bwd of step ``name``, counted by valgrind's callgrind in a process of
+    its own. Deterministic (the same count on a busy machine), so small differences are real;
+    but it weighs every instruction alike (no cache misses, no memory traffic): a measure of
+    host work at small shapes only."""
+    import subprocess
+
+    prefix = workdir / name.replace("/", "_")
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={prefix}.%p",
+         sys.executable, str(Path(__file__).resolve()), "--icount-child", name, str(calls), lib],
+        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True)
+    (dump,) = workdir.glob(f"{prefix.name}.*.2")  # the second stretch's dump
+    total = next(ln for ln in dump.read_text().splitlines() if ln.startswith("totals:"))
+    return int(total.split()[1]) / calls
+
+
+def _callgrind_requests(workdir: Path) -> str:
+    """The client-request library, compiled here (needs a C compiler and valgrind's headers)."""
+    import subprocess
+
+    src, lib = workdir / "requests.c", workdir / "requests.so"
+    src.write_text(_CALLGRIND_C)
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)],
+                   check=True, capture_output=True, text=True)
+    return str(lib)
+
+
+def instruction_rows(calls: int = ICOUNT_CALLS) -> list[Row]:
+    """The ``instr`` rows: :data:`ICOUNT_ROWS` counted by valgrind (one process pair per step,
+    as many at once as there are cores). Rows print thousands of instructions in the ``us``
+    columns; family rows are judged on their extra instructions against the cross-entropy
+    path's (``torch/safe-functional`` minus ``torch/stock-functional``)."""
+    import concurrent.futures
+    import tempfile
+
+    names = sorted({n for row in ICOUNT_ROWS for n in row[2:4]})
+    with tempfile.TemporaryDirectory() as tmp, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        lib = _callgrind_requests(Path(tmp))
+        counts = dict(zip(names, pool.map(lambda n: _instructions(n, calls, Path(tmp), lib), names), strict=True))
+    ce_extra = (counts["torch/safe-functional"] - counts["torch/stock-functional"]) / 1e3
+    rows = []
+    for section, case, safe, stock, limit, versus in ICOUNT_ROWS:
+        step = safe.split("/")[1]
+        api = {"linear": "linear_cross_entropy", "vocab": "vocab_parallel"}.get(safe.split("/")[0],
+                                                                               step.removeprefix("safe-"))
+        if stock.endswith("plain-vocab"):
+            api = "vocab_parallel (plain)"
+        row = Row(section, case, api, 1, "instr", ce_extra if versus else limit, versus=versus)
+        row.safe_us, row.stock_us = counts[safe] / 1e3, counts[stock] / 1e3
+        row.paired, row.extra_us, row.rounds = row.safe_us / row.stock_us, row.safe_us - row.stock_us, calls
+        rows.append(row)
     _progress(rows)
     return rows
 
@@ -648,7 +777,8 @@ def _limit(row: Row) -> str:
     if row.limit is None:
         return "-"
     if row.versus:
-        return f"+{row.extra_us:.1f} <= +{row.limit:.1f} us"
+        unit = "Ki" if row.clock == "instr" else "us"  # instr rows: thousands of instructions
+        return f"+{row.extra_us:.1f} <= +{row.limit:.1f} {unit}"
     return f"<= {row.limit:.2f}x"
 
 
@@ -709,7 +839,9 @@ def write(out: Path, rows: list[Row], meta: dict[str, Any]) -> None:
         "safeloss / stock, interleaved in one process; extra = median of safeloss minus median "
         "of stock (the family rows are judged on it, against the cross-entropy row of the same "
         "rounds); `thread` = `time.thread_time_ns` (one torch "
-        "thread), `wall` = `time.perf_counter_ns`, `proc` = `time.process_time_ns`.",
+        "thread), `wall` = `time.perf_counter_ns`, `proc` = `time.process_time_ns`; `instr` = "
+        "instructions executed per fwd+bwd counted by valgrind (`--instructions`; thousands in the "
+        "us columns; deterministic, blind to cache misses and memory traffic).",
         "",
         "| section | case | api | threads | clock | stock us | safeloss us | paired | extra us | target | verdict |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---|---|",
@@ -733,16 +865,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="timing budget per case")
     ap.add_argument("--min-rounds", type=int, default=30, help="rounds per case at least")
-    ap.add_argument("--only", choices=("torch", "stubbed", "family", "gradcheck"), action="append",
-                    help="run only these sections (repeatable; gradcheck: the autograd checks alone)")
+    ap.add_argument("--only", choices=("torch", "stubbed", "family", "gradcheck", "instructions"), action="append",
+                    help="run only these sections (repeatable; gradcheck: the autograd checks alone; "
+                         "instructions: the valgrind counts alone)")
     ap.add_argument("--profile", action="store_true", help="cProfile the safeloss side of the small rows")
     ap.add_argument("--gradcheck", action="store_true", help="also time the small-input autograd checks")
     ap.add_argument("--gradcheck-rounds", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions per call of the small rows under valgrind (deterministic)")
+    ap.add_argument("--icount-child", nargs=3, metavar=("STEP", "CALLS", "LIB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    if args.icount_child:
+        _icount_child(args.icount_child[0], int(args.icount_child[1]), args.icount_child[2])
+        return 0
     sections = args.only or ["torch", "stubbed", "family"]
     if "gradcheck" in sections:
         args.gradcheck = True
+    if "instructions" in sections:
+        args.instructions = True
     print(f"torch {torch.__version__}; fwd+bwd, mean reduction, fp32; paired = median of per-round "
           "ratios safeloss / stock; clock: thread = thread CPU time (1 torch thread), wall, "
           "proc = process CPU time")
@@ -754,6 +895,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += stub_rows(args.seconds, args.min_rounds)
     if "family" in sections:
         rows += family_rows(args.seconds, args.min_rounds)
+    if args.instructions:
+        rows += instruction_rows()
     ok = all(row.ok for row in rows)
     missed = [f"{r.section} {r.case} {r.api} ({r.threads} thr)" for r in rows if not r.ok]
     print("\nall targets met" if ok else "\nMISSED: " + "; ".join(missed))
@@ -765,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what:>46} {a / 1e3:10.3f} {b / 1e3:12.3f} {b / a:6.2f}x")
     if args.profile:
         for s in sections:
-            if s != "gradcheck":
+            if s not in ("gradcheck", "instructions"):
                 profile(s)
     if args.out is not None:
         write(args.out, rows, {**_machine(), "argv": list(argv if argv is not None else sys.argv[1:])})

@@ -363,6 +363,32 @@ def test_cpu_overhead_script_runs(capsys: pytest.CaptureFixture[str], benchmark_
     assert not __import__("safeloss").is_patched()
 
 
+def test_cpu_overhead_instruction_counts(benchmark_script, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--instructions``: every step the valgrind children run exists and runs (here without
+    valgrind, two calls each), and the rows are the counts' ratios and differences, the family
+    rows judged on their extra instructions against the cross-entropy path's."""
+    tool = benchmark_script("cpu_overhead")
+    names = sorted({n for row in tool.ICOUNT_ROWS for n in row[2:4]})
+    for name in names:
+        tool._icount_child(name, 2)
+    counts = {name: 100_000.0 for name in names}
+    counts.update({"torch/safe-functional": 110_000.0, "linear/safe-linear": 109_000.0,
+                   "stubbed/safe-module": 300_000.0, "vocab/safe-vocab": 150_000.0})
+    monkeypatch.setattr(tool, "_instructions", lambda name, calls, workdir, lib: counts[name])
+    monkeypatch.setattr(tool, "_callgrind_requests", lambda workdir: "")
+    rows = {(r.section, r.api, r.case): r for r in tool.instruction_rows(calls=10)}
+    assert all(r.clock == "instr" for r in rows.values())
+    ce = rows[("torch", "functional", "(8, 10)")]
+    assert ce.paired == pytest.approx(1.1) and ce.extra_us == pytest.approx(10.0) and ce.ok
+    lin = rows[("family", "linear_cross_entropy", "(8, 16) x (10, 16)")]
+    assert lin.limit == pytest.approx(10.0) and lin.extra_us == pytest.approx(9.0) and lin.ok
+    vocab = rows[("family", "vocab_parallel", "(8, 10), 1 gloo rank")]
+    assert vocab.extra_us == pytest.approx(50.0) and not vocab.ok
+    assert not rows[("stubbed", "module", "(8, 10)")].ok  # 3x against 1.5x
+    counts["linear/safe-linear"] = 111_000.0  # one instruction per call (in thousands) too many
+    assert not next(r for r in tool.instruction_rows(calls=10) if r.api == "linear_cross_entropy").ok
+
+
 def test_a_skipped_row_is_not_flagged_for_the_baselines_noise() -> None:
     w = bench._cls(4096, 1000, "fp32")
     base = bench._base_row(w, next(p for p in bench.PROVIDERS if p.name == bench.BASELINE))
