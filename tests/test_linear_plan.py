@@ -145,6 +145,22 @@ CASES = {
 }
 
 
+def _cpu_half_mm_scratch(rows: int, tile: int, h: int, dt: torch.dtype) -> int:
+    """Bytes the CPU's half-precision matmuls of one tile (the chunk loop's three: logits,
+    d/dinput, d/dweight) allocate beyond their outputs, the largest of the three (they run one
+    at a time)."""
+    a, w, g = torch.ones(rows, h, dtype=dt), torch.ones(tile, h, dtype=dt), torch.ones(rows, tile, dtype=dt)
+    dw = torch.zeros(tile, h, dtype=dt)
+    size = torch.tensor([], dtype=dt).element_size()
+    calls = [(lambda: torch.mm(a, w.t()), rows * tile * size), (lambda: torch.mm(g, w), rows * h * size),
+             (lambda: dw.addmm_(g.t(), a), 0)]
+    scratch = 0
+    for call, out in calls:
+        call()  # warm-up
+        scratch = max(scratch, allocator_peak(call) - out)
+    return scratch
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_measured_peak_is_within_the_plan(monkeypatch, case):
     """The allocator's records of one forward + backward (after a warm-up): bytes above inputs
@@ -180,8 +196,10 @@ def test_measured_peak_is_within_the_plan(monkeypatch, case):
     assert p.passes == (2 if o["budget"] == TWO else 1) and (p.rows < n or p.passes == 2), p
     extra = peak - grads
     # CPU emulation of the half-operand path: torch.mm has no fp32-output kernel for half
-    # operands on CPU, so each tile is also materialized once in the half dtype there.
-    emulation = p.rows * p.vocab_tile * 2 if o["half"] else 0
+    # operands on CPU, so each tile is also materialized once in the half dtype there, and the
+    # CPU's own half matmuls may allocate scratch beyond their outputs (none on AVX2 machines;
+    # ~3x the tile on AVX-512 ones without bf16 units): measured here, on top of the plan.
+    emulation = p.rows * p.vocab_tile * 2 + _cpu_half_mm_scratch(p.rows, p.vocab_tile, h, dt) if o["half"] else 0
     assert 0 < extra <= p.peak_extra + emulation, (extra, p)
     if not o["half"]:
         assert extra >= p.tile_bytes // 2, (extra, p)  # the plan's tile is what the loop allocates
