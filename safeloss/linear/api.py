@@ -360,6 +360,7 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 _PLAIN = (Tensor, torch.nn.Parameter)
 _linear = torch._C._nn.linear
 _ce_loss = torch._C._nn.cross_entropy_loss
+_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _plannable(lp: LinearProblem, x: Tensor, w: Tensor, t: Tensor, b: Tensor | None,
@@ -397,7 +398,11 @@ def _fast(
     if (type(x) not in _PLAIN or type(w) not in _PLAIN or type(t) not in _PLAIN
             or (b is not None and type(b) not in _PLAIN) or (weight is not None and type(weight) not in _PLAIN)):
         return None  # first: reading a Proxy's attributes would record nodes in an fx graph
-    if _C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active():
+    if (_C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
+            or _saved_hooks(False) is not None):
+        # Saved-tensor hooks (non-reentrant checkpoint, save_on_cpu): the planned call saves
+        # other tensors than the chunk loop, and checkpoint's recompute must save what its
+        # forward saved (a first call plans, its recompute would take the plan): the full path.
         return None
     try:
         key = (
