@@ -50,3 +50,75 @@ def test_linear_checkpoint_non_reentrant_first_call(reduction: str, prob: bool) 
         _same(out, ref)
         _same(a[0].grad, b[0].grad)
         _same(a[1].grad, b[1].grad)
+
+
+# ---------------------------------------------------------------- warnings filters
+
+
+def _nan_logits() -> torch.Tensor:
+    x = torch.randn(4, 3)
+    x[0, 0] = float("nan")
+    return x
+
+
+def _functional_site(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return safeloss.cross_entropy(x, t)  # one call site for every call of the test
+
+
+def _linear_site(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return safeloss.linear_cross_entropy(h, torch.randn(3, 2), t)
+
+
+@pytest.mark.parametrize("action", ["ignore", "error"])
+@pytest.mark.parametrize("who", ["functional", "module", "linear"])
+def test_warning_not_lost_after_a_filter(action: str, who: str) -> None:
+    # A warning that a filter ignored (an eval pass under catch_warnings) or turned into an
+    # error was never shown: the next call must still show it (Python's own once-registry
+    # records neither), not count it as shown.
+    m = safeloss.SafeCrossEntropyLoss()
+    t = torch.tensor([0, 1, 2, 0])
+    if who == "linear":
+        h = torch.randn(4, 2)
+        h[0, 0] = float("nan")
+
+        def call() -> object:
+            return _linear_site(h, t)
+    else:
+        x = _nan_logits()
+
+        def call() -> object:
+            return _functional_site(x, t) if who == "functional" else m(x, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter(action)
+        if action == "error":
+            with pytest.raises(safeloss.SafeLossWarning, match="NaN or infinite"):
+                call()
+        else:
+            call()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        call()
+        call()  # shown once, then once-only as before
+    msgs = [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
+    assert len(msgs) == 1 and "NaN or infinite" in msgs[0]
+
+
+@pytest.mark.parametrize("filt", [
+    dict(category=safeloss.SafeLossWarning), dict(message="the loss is NaN"), dict(module=__name__),
+    dict(message="looks already softmaxed"), dict(category=DeprecationWarning),
+])
+def test_warning_filters_matched_as_python_does(filt: dict) -> None:
+    # Only a filter that matches this warning (category, message, module) hides it; one that
+    # does not leaves it shown then, and once-only after.
+    m = safeloss.SafeCrossEntropyLoss()
+    x, t = _nan_logits(), torch.tensor([0, 1, 2, 0])
+    matches = "softmaxed" not in filt.get("message", "") and filt.get("category") is not DeprecationWarning
+    with warnings.catch_warnings(record=True) as inside:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", **filt)
+        m(x, t)
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        m(x, t)
+    assert (len(inside), len(after)) == ((0, 1) if matches else (1, 0))

@@ -99,12 +99,38 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         key: tuple[object, ...] = (finding.kind, "loss", oid)
     else:
         key = (finding.kind, fname, lineno)
+    if _ignored(finding.message, fname, lineno, level):
+        return  # not shown, so not "once" yet (Python's own once-registry records none either)
     with _lock:
         if key in seen:
             return
         seen.add(key)
     # stacklevel counts from report() itself, as _user_frame() does: the warning names the user's line.
-    warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
+    try:
+        warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
+    except BaseException:  # a filter made it an error: raised, not shown; the next call shows it
+        with _lock:
+            seen.discard(key)
+        raise
+
+
+def _ignored(text: str, fname: str, lineno: int, level: int) -> bool:
+    """Whether the warnings filters drop a SafeLossWarning with this text at the user's frame
+    (``level`` frames above ``report``), matched as ``warnings.warn_explicit`` matches them.
+    Cold: only a warning about to be shown asks."""
+    try:
+        frame = sys._getframe(level)  # report() is level 1, as for warnings.warn's stacklevel
+        module = frame.f_globals.get("__name__", "<string>") if fname != "<unknown>" else "<string>"
+    except ValueError:
+        module = "<string>"
+    if not isinstance(module, str):
+        module = "<string>"
+    get_filters = getattr(warnings, "_get_filters", None)  # context-aware warnings (3.14)
+    for action, msg, category, mod, ln in (get_filters() if get_filters else warnings.filters):
+        if ((msg is None or msg.match(text)) and issubclass(SafeLossWarning, category)
+                and (mod is None or mod.match(module)) and (ln == 0 or lineno == ln)):
+            return action == "ignore"
+    return warnings.defaultaction == "ignore"
 
 
 def shown(kind: str, owner: object | None) -> bool:
