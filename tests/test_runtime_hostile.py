@@ -122,3 +122,29 @@ def test_warning_filters_matched_as_python_does(filt: dict) -> None:
         warnings.simplefilter("always")
         m(x, t)
     assert (len(inside), len(after)) == ((0, 1) if matches else (1, 0))
+
+
+# ---------------------------------------------------------------- backward twice
+
+
+@pytest.mark.parametrize("prob", [False, True])
+def test_fused_grad_second_backward_says_why(prob: bool) -> None:
+    # fused_grad scales the gradient it computed in forward in place: a second backward of a
+    # retained graph cannot reuse it. It failed with autograd's "modified by an inplace
+    # operation ... enable anomaly detection" (nothing the caller modified); now it says so.
+    torch.manual_seed(0)
+    t = torch.softmax(torch.randn(6, 5), 1) if prob else torch.randint(0, 5, (6,))
+    for _ in range(2):  # the planning call, then a planned one
+        x = torch.randn(6, 5, requires_grad=True)
+        out = safeloss.cross_entropy(x * 2, t, backend="triton", fused_grad=True, reduction="sum")
+        out.backward(retain_graph=True)
+        ref = torch.randn(6, 5).copy_(x.grad)
+        with pytest.raises(safeloss.BackendError, match=r"retain_graph=True.*\n.*Fix: fused_grad=False"):
+            out.backward()
+        torch.testing.assert_close(x.grad, ref)  # the failed backward added nothing
+        # Without fused_grad both backward passes work, as stock's do.
+        x.grad = None
+        out = safeloss.cross_entropy(x * 2, t, backend="triton", reduction="sum")
+        out.backward(retain_graph=True)
+        out.backward()
+        torch.testing.assert_close(x.grad, 2 * ref)

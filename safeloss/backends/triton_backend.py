@@ -620,10 +620,27 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
 
 
 def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
+    _reused(ctx)
     x, target, weight, lse, wy, dx = ctx.saved_tensors
     gx, gy = _grads(torch.ops.safeloss, x, target, weight, lse, wy, dx, g, ctx.cfg,
                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    ctx.scaled = gx is dx is not None
     return gx, gy, None, None, None, None, None, None, None, None
+
+
+def _reused(ctx: Any) -> None:
+    """A second backward through a fused_grad node whose stored gradient the first one scaled
+    in place (``retain_graph=True``): say so, before autograd's saved-tensor version check
+    blames "an inplace operation" the caller never made."""
+    if getattr(ctx, "scaled", False):
+        from ..core.errors import BackendError
+
+        raise BackendError(
+            "fused_grad=True computes the gradient in the forward pass and scales it in place in "
+            "backward, so a second backward through the same graph (retain_graph=True) cannot "
+            "reuse it; stock torch, and safeloss without fused_grad, allow it.\nFix: "
+            "fused_grad=False for a graph that is backpropagated more than once"
+        )
 
 
 def _grads(
@@ -641,8 +658,8 @@ def _grads(
         return _differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy)
     if fused:
         if need_dx:
-            # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
-            # check instead of rescaling the stored gradient twice.
+            # The op bumps dx's version: a second backward (retain_graph) is refused (_reused;
+            # else the saved-tensor check) instead of rescaling the stored gradient twice.
             ops.triton_ce_scale_(dx, target, g, ignore_index, prob)
             gx = dx
         if need_dy:
@@ -771,9 +788,11 @@ class _EagerCE(torch.autograd.Function):
             return None, None, None, None, None
         if ctx.reduced is not None:
             g = reduction.losses_grad(g, *ctx.reduced)
+        _reused(ctx)
         x, target, weight, lse, wy, dx = ctx.saved_tensors
         gx, gy = _grads(_EagerOps, x, target, weight, lse, wy, dx, g, ctx.cfg,
                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.scaled = gx is dx is not None
         return gx, gy, None, None, None
 
 
