@@ -148,3 +148,59 @@ def test_fused_grad_second_backward_says_why(prob: bool) -> None:
         out.backward(retain_graph=True)
         out.backward()
         torch.testing.assert_close(x.grad, 2 * ref)
+
+
+# ---------------------------------------------------------------- threads
+
+_FIRST_USE_RACE = r"""
+import sys, threading, time
+import torch, triton, safeloss
+
+# Thread A's first Triton call imports the kernels module; hold that import at its first
+# @triton.jit, after the module entered sys.modules (what another thread then sees).
+entered, release, jit = threading.Event(), threading.Event(), triton.jit
+def held_jit(*args, **kwargs):
+    entered.set()
+    release.wait(30)
+    return jit(*args, **kwargs)
+triton.jit = held_jit
+x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+results = {}
+def call(name):
+    try:
+        results[name] = float(safeloss.cross_entropy(x, t, backend="triton"))
+    except Exception as e:
+        results[name] = f"{type(e).__name__}: {e}"
+a = threading.Thread(target=call, args=("a",))
+a.start()
+assert entered.wait(30)
+def ask():  # what B's call asks first: may the Triton backend run on CPU tensors here?
+    from safeloss.backends import triton_backend
+    try:
+        results["b"] = triton_backend.unavailable_reason(torch.device("cpu"))
+    except Exception as e:
+        results["b"] = f"{type(e).__name__}: {e}"
+b = threading.Thread(target=ask)
+b.start()
+b.join(1.0)  # B waits for A's import (or, the bug, fails at once on the half-made module)
+triton.jit = jit
+release.set()
+a.join(30)
+b.join(30)
+ref = float(torch.nn.functional.cross_entropy(x, t))
+print(abs(results["a"] - ref) < 1e-5, results["b"] is None, results)
+"""
+
+
+def test_triton_first_use_from_two_threads() -> None:
+    # The first Triton call in two threads at once: the second read the kernels module while
+    # the first was still importing it (AttributeError: partially initialized module).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _FIRST_USE_RACE], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.stdout.split()[:2] == ["True", "True"], out.stdout + out.stderr

@@ -78,7 +78,11 @@ def _kernels() -> Any:
 def _kernels_interpreted() -> bool | None:
     """How the kernels module was decorated, or None if it is not imported yet."""
     mod = sys.modules.get("safeloss.backends.triton_kernels")
-    return None if mod is None else type(mod.ce_fwd_kernel).__name__ == "InterpretedFunction"
+    if mod is None:
+        return None
+    if not hasattr(mod, "ce_fwd_kernel"):
+        mod = _kernels()  # another thread is importing it: wait for the import to finish
+    return type(mod.ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
