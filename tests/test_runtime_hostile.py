@@ -204,3 +204,24 @@ def test_triton_first_use_from_two_threads() -> None:
     out = subprocess.run([sys.executable, "-c", _FIRST_USE_RACE], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.stdout.split()[:2] == ["True", "True"], out.stdout + out.stderr
+
+
+def test_warnings_silenced_by_a_filter_build_no_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A warning a filter drops is not marked shown, so a loss whose every call has the finding
+    # (NaN logits under `simplefilter("ignore")`) must still not pay for its message per call.
+    from safeloss.core import checks
+
+    built = []
+    real = checks.nonfinite_finding
+    monkeypatch.setattr(checks, "nonfinite_finding", lambda *a, **k: built.append(1) or real(*a, **k))
+    m = safeloss.SafeCrossEntropyLoss()
+    x, t = _nan_logits(), torch.tensor([0, 1, 2, 0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=safeloss.SafeLossWarning)
+        for _ in range(3):
+            m(x, t)
+            _functional_site(x, t)
+    assert built == []
+    with pytest.warns(safeloss.SafeLossWarning, match="NaN or infinite"):
+        m(x, t)
+    assert built == [1]

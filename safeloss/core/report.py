@@ -114,10 +114,11 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         raise
 
 
-def _ignored(text: str, fname: str, lineno: int, level: int) -> bool:
+def _ignored(text: str | None, fname: str, lineno: int, level: int) -> bool:
     """Whether the warnings filters drop a SafeLossWarning with this text at the user's frame
-    (``level`` frames above ``report``), matched as ``warnings.warn_explicit`` matches them.
-    Cold: only a warning about to be shown asks."""
+    (``level`` frames above the caller, ``report`` or ``shown``), matched as
+    ``warnings.warn_explicit`` matches them; ``text`` None: whatever its text (a filter on the
+    text first leaves it undecided: False). Cold: only calls with a finding ask."""
     try:
         frame = sys._getframe(level)  # report() is level 1, as for warnings.warn's stacklevel
         module = frame.f_globals.get("__name__", "<string>") if fname != "<unknown>" else "<string>"
@@ -127,23 +128,32 @@ def _ignored(text: str, fname: str, lineno: int, level: int) -> bool:
         module = "<string>"
     get_filters = getattr(warnings, "_get_filters", None)  # context-aware warnings (3.14)
     for action, msg, category, mod, ln in (get_filters() if get_filters else warnings.filters):
-        if ((msg is None or msg.match(text)) and issubclass(SafeLossWarning, category)
-                and (mod is None or mod.match(module)) and (ln == 0 or lineno == ln)):
-            return action == "ignore"
+        if (issubclass(SafeLossWarning, category) and (mod is None or mod.match(module))
+                and (ln == 0 or lineno == ln)):
+            if msg is None:
+                return action == "ignore"
+            if text is None:
+                return False
+            if msg.match(text):
+                return action == "ignore"
     return warnings.defaultaction == "ignore"
 
 
 def shown(kind: str, owner: object | None) -> bool:
-    """Whether ``report()`` would now drop a warning of this ``kind`` as already shown: for
+    """Whether ``report()`` would now drop a warning of this ``kind``: shown already for
     ``owner`` (a loss instance, or its id) or, with ``owner=None``, for this call site (found as
-    ``report()`` finds it). Lets a caller skip building a message, and the reads of tensor data
-    behind it, that nobody would see; strict mode raises every time, so check that first."""
+    ``report()`` finds it), or dropped by a warnings filter whatever its text. Lets a caller skip
+    building a message, and the reads of tensor data behind it, that nobody would see; strict
+    mode raises every time, so check that first."""
     if owner is not None:
-        key: tuple[object, ...] = (kind, "loss", owner if isinstance(owner, int) else id(owner))
+        if (kind, "loss", owner if isinstance(owner, int) else id(owner)) in _seen:
+            return True
+        fname, lineno, level = _user_frame()
     else:
-        fname, lineno, _ = _user_frame()
-        key = (kind, fname, lineno)
-    return key in _seen
+        fname, lineno, level = _user_frame()
+        if (kind, fname, lineno) in _seen:
+            return True
+    return _ignored(None, fname, lineno, level)
 
 
 def reset_warnings() -> None:
