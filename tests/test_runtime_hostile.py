@@ -7,6 +7,7 @@ call served by a plan must still check what the first did), each against stock t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -225,3 +226,83 @@ def test_warnings_silenced_by_a_filter_build_no_message(monkeypatch: pytest.Monk
     with pytest.warns(safeloss.SafeLossWarning, match="NaN or infinite"):
         m(x, t)
     assert built == [1]
+
+
+# ---------------------------------------------------------------- a planned call in each setting
+#
+# A clean call of a signature, twice (the second served by its plan), then one with a bad value:
+# the same value, error and warnings as that bad call made fresh (no plan, nothing shown yet),
+# inside each runtime setting. (Guards: no setting below broke this in the pass.)
+
+
+@contextlib.contextmanager
+def _global(setter, on, off):  # type: ignore[no-untyped-def]
+    setter(on)
+    try:
+        yield
+    finally:
+        setter(off)
+
+
+_SETTINGS = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "anomaly": lambda: torch.autograd.set_detect_anomaly(True),
+    "save_on_cpu": torch.autograd.graph.save_on_cpu,
+    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "deterministic": lambda: _global(torch.use_deterministic_algorithms, True, False),
+    "default_float64": lambda: _global(torch.set_default_dtype, torch.float64, torch.float32),
+    "checkpoint": contextlib.nullcontext,  # the call inside a non-reentrant checkpoint, then backward
+    "checkpoint_reentrant": contextlib.nullcontext,
+}
+
+
+def _planned_case(op: str, bad: str | None, setting: str, m: torch.nn.Module) -> tuple[object, list[str]]:
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    h, W = torch.randn(6, 3, generator=g), torch.randn(5, 3, generator=g)
+    if bad == "nan":
+        x[0, 0] = h[0, 0] = float("nan")
+    elif bad == "label":
+        t[0] = 7
+
+    def f(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if op == "functional":
+            return safeloss.cross_entropy(x, t, label_smoothing=0.1)
+        if op == "module":
+            return m(x, t)
+        return safeloss.linear_cross_entropy(h, W, t)
+
+    x.requires_grad_()
+    h.requires_grad_()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            with _SETTINGS[setting]():
+                if setting.startswith("checkpoint"):
+                    out = checkpoint(f, x, h, use_reentrant=setting.endswith("reentrant"))
+                    out.backward()
+                else:
+                    out = f(x, h)
+            result: object = round(float(out.detach().float()), 4) if bool(out == out) else "nan"
+        except safeloss.SafeLossError as e:
+            result = (type(e).__name__, str(e))
+    return result, [str(w.message) for w in rec if issubclass(w.category, safeloss.SafeLossWarning)]
+
+
+@pytest.mark.parametrize("bad", ["nan", "label"])
+@pytest.mark.parametrize("setting", list(_SETTINGS))
+@pytest.mark.parametrize("op", ["functional", "module", "linear"])
+def test_planned_call_in_each_setting(op: str, bad: str, setting: str) -> None:
+    fresh = _planned_case(op, bad, setting, safeloss.SafeCrossEntropyLoss())
+    assert fresh[0] != "nan" or fresh[1], "a bad value with neither an error nor a warning"
+    plan.clear()
+    safeloss.reset_warnings()
+    m = safeloss.SafeCrossEntropyLoss()
+    clean = [_planned_case(op, None, setting, m) for _ in range(2)]
+    assert clean[0] == clean[1] and clean[0][1] == []
+    # Linear calls plan neither under saved-tensor hooks (save_on_cpu, non-reentrant checkpoint)
+    # nor where autocast changes the compute dtype; every other case served the second call.
+    unplanned = op == "linear" and setting in ("save_on_cpu", "checkpoint", "autocast")
+    assert plan.size() == (0 if unplanned else 1)
+    assert _planned_case(op, bad, setting, m) == fresh
