@@ -99,8 +99,8 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         key: tuple[object, ...] = (finding.kind, "loss", oid)
     else:
         key = (finding.kind, fname, lineno)
-    if _ignored(finding.message, fname, lineno, level):
-        return  # not shown, so not "once" yet (Python's own once-registry records none either)
+    if key in seen or _ignored(finding.message, fname, lineno, level):
+        return  # ignored: not shown, so not "once" yet (Python's own once-registry records none either)
     with _lock:
         if key in seen:
             return
