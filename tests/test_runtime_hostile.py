@@ -306,3 +306,125 @@ def test_planned_call_in_each_setting(op: str, bad: str, setting: str) -> None:
     unplanned = op == "linear" and setting in ("save_on_cpu", "checkpoint", "autocast")
     assert plan.size() == (0 if unplanned else 1)
     assert _planned_case(op, bad, setting, m) == fresh
+
+
+# ---------------------------------------------------------------- batched backward
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_triton_backward_with_batched_gradients(prob: bool, reduction: str, fused: bool) -> None:
+    # torch.autograd.grad(..., is_grads_batched=True) (and so jacobian / hessian with
+    # vectorize=True) runs backward on batched upstream gradients, which have no storage for
+    # the kernels to read: NotImplementedError "Cannot access storage of BatchedTensorImpl".
+    torch.manual_seed(0)
+    t = torch.softmax(torch.randn(4, 5), 1) if prob else torch.tensor([0, -100, 4, 2])
+    w = torch.rand(5) + 0.1
+    x0 = torch.randn(4, 5)
+
+    def jac(fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        x = x0.clone().requires_grad_()
+        out = fn(x * 1.0).reshape(-1)
+        eye = torch.eye(out.numel())
+        return torch.autograd.grad(out, x, eye, is_grads_batched=True)[0]
+
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
+    for _ in range(2):  # the planning call, then a planned one
+        got = jac(lambda x: safeloss.cross_entropy(x, t, backend="triton", fused_grad=fused, **kw))
+        _same(got, jac(lambda x: F.cross_entropy(x, t, **kw)))
+    # What jacobian(vectorize=True) computes: the same rows.
+    ref = torch.autograd.functional.jacobian(lambda x: F.cross_entropy(x, t, **kw), x0, vectorize=True)
+    got = torch.autograd.functional.jacobian(
+        lambda x: safeloss.cross_entropy(x, t, backend="triton", fused_grad=fused, **kw), x0, vectorize=True)
+    _same(got, ref)
+
+
+def _batched_jacobian(fn, x0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    x = x0.clone().requires_grad_()
+    out = fn(x * 1.0).reshape(-1)
+    return torch.autograd.grad(out, x, torch.eye(out.numel()), is_grads_batched=True)[0]
+
+
+def _looped_jacobian(fn, x0: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    x = x0.clone().requires_grad_()
+    out = fn(x * 1.0).reshape(-1)
+    return torch.stack([torch.autograd.grad(out, x, e, retain_graph=True)[0] for e in torch.eye(out.numel())])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("op", ["triton", "torch", "linear"])
+def test_extras_backward_with_batched_gradients(op: str, reduction: str) -> None:
+    # The extras' backward functions scaled their buffers in place by the upstream gradient:
+    # vmap refused a batched one ("aten::mul_ ... is not possible", or the kernels' "Cannot
+    # access storage"). Checked against one backward per row (each compared with stock's
+    # formulas elsewhere).
+    torch.manual_seed(0)
+    t = torch.tensor([0, -100, 4, 2])
+    kw = dict(z_loss=1e-3, softcap=4.0, label_smoothing=0.1, reduction=reduction)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if op == "linear":
+            return safeloss.linear_cross_entropy(x, torch.eye(5), t, ignore_index=-100, **kw)
+        return safeloss.cross_entropy(x, t, backend=op, **kw)
+
+    x0 = torch.randn(4, 5)
+    _same(_batched_jacobian(fn, x0), _looped_jacobian(fn, x0))
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_vocab_parallel_backward_with_batched_gradients(one_rank: None, reduction: str, z_loss: float) -> None:
+    t = torch.tensor([0, -100, 4, 2])
+    x0 = torch.randn(4, 5)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return safeloss.vocab_parallel_cross_entropy(x, t, reduction=reduction, z_loss=z_loss)
+
+    got = _batched_jacobian(fn, x0)
+    _same(got, _looped_jacobian(fn, x0))
+    if not z_loss:
+        _same(got, _batched_jacobian(lambda x: F.cross_entropy(x, t, reduction=reduction), x0))
+
+
+# ---------------------------------------------------------------- selective activation checkpointing
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):  # type: ignore[no-untyped-def]
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    mm = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    return CheckpointPolicy.MUST_SAVE if op in mm else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("case", ["plain", "sum", "smoothing-weight", "bias", "prob"])
+def test_linear_under_selective_checkpointing(case: str) -> None:
+    # A policy that saves the matmuls (torchtitan's): the chunk loop scaled its own matmuls'
+    # outputs in place, which the checkpoint had cached ("Tensor cached during selective
+    # activation checkpoint has been mutated"; probability targets: "backward an extra time").
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    torch.manual_seed(0)
+    h0, W0, b = torch.randn(6, 3), torch.randn(5, 3), torch.randn(5)
+    t = torch.softmax(torch.randn(6, 5), 1) if case == "prob" else torch.tensor([0, 4, -100, 2, 1, 3])
+    kw: dict = {"sum": dict(reduction="sum"), "smoothing-weight": dict(label_smoothing=0.1, weight=torch.rand(5)),
+                "bias": dict(linear_bias=b)}.get(case, {})
+    stock_kw = {k: v for k, v in kw.items() if k != "linear_bias"}
+    context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+
+    def run(safe: bool) -> tuple[torch.Tensor, ...]:
+        h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+
+        def block(h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+            if safe:
+                return safeloss.linear_cross_entropy(h, W, t, ignore_index=None if case == "prob" else -100, **kw)
+            return F.cross_entropy(F.linear(h, W, kw.get("linear_bias")), t, **stock_kw)
+
+        out = checkpoint(block, h, W, use_reentrant=False, context_fn=context)
+        out.backward()
+        return out.detach(), h.grad, W.grad
+
+    for got, ref in zip(run(True), run(False)):
+        _same(got, ref)

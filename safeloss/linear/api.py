@@ -644,10 +644,11 @@ def _dense(
     # Index targets with such a weight were refused by validate (as stock does); probability
     # targets: stock differentiates the class weight, which the chunk loop does not, so those
     # calls take the plain chunked ops (reference-path memory, exact gradients); so do dual
-    # tensors of forward-mode AD.
+    # tensors of forward-mode AD, and eager calls under a dispatch mode (selective activation
+    # checkpointing caches the loop's matmul outputs, which the loop scales in place).
     weight_grad = p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled()
-    plain_ops = transform or weight_grad or (
-        not no_host and _forward_ad(input, linear_weight, linear_bias, target))
+    plain_ops = transform or weight_grad or (not no_host and (
+        _forward_ad(input, linear_weight, linear_bias, target) or _C._len_torch_dispatch_stack() > 0))
     # A class weight with a tangent (forward-mode AD, torch.func.jvp) or a batch dim (vmap over
     # it): stock's own ops on the whole call, so the result and its tangent are stock's exactly
     # (stock's nll_loss treats the weight as non-differentiable, its label smoothing does not).

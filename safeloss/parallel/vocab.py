@@ -574,7 +574,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if ex is None and plan.eps == 0 and plan.w_y is None:
             # index_grad's plain case, op for op on every counted row (the others are zeroed
             # last there too): p g, minus g at the owned label.
-            d = p.mul_(gce[:, None] if gce.dim() else gce)
+            d = X.scaled(p, gce[:, None] if gce.dim() else gce)
             if d.shape[1]:
                 d.scatter_add_(1, plan.local_idx, (gce * plan.owned).neg_().unsqueeze(1))
             d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
