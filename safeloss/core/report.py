@@ -2,6 +2,8 @@
 
 "Once" means once per kind of finding per ``SafeCrossEntropyLoss`` instance, or per call site of
 the functional API: a training loop that hits the same problem every step prints it one time.
+Only a warning that was shown counts: one that a ``warnings`` filter ignored or turned into an
+error is shown by the next call that finds it (as Python's own once-registry records neither).
 """
 
 from __future__ import annotations
