@@ -457,6 +457,20 @@ def _forward_ad(*vs: object) -> bool:
     return any(isinstance(v, Tensor) and forward_ad.unpack_dual(v).tangent is not None for v in vs)
 
 
+def _selective_checkpoint() -> bool:
+    """Selective activation checkpointing's dispatch modes are active
+    (``create_selective_checkpoint_contexts``): they cache the outputs of the ops a policy saves,
+    matmuls among them, and the chunk loop scales its matmuls' outputs in place ("Tensor cached
+    during selective activation checkpoint has been mutated"). Other dispatch modes (memory and
+    flop counters) keep the chunk loop, whose memory they measure. (Eager tensors: a C call.)"""
+    if not _C._len_torch_dispatch_stack():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(type(m).__name__ in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+               and type(m).__module__ == "torch.utils.checkpoint" for m in _get_current_dispatch_mode_stack())
+
+
 def _stock_options_warning(options: object, lp: LinearProblem, target: Tensor) -> None:
     """Stock's own warning when ``options`` cannot take its chunked path, same text and
     condition: code (and tests) that watch for it keep seeing it."""
@@ -644,11 +658,11 @@ def _dense(
     # Index targets with such a weight were refused by validate (as stock does); probability
     # targets: stock differentiates the class weight, which the chunk loop does not, so those
     # calls take the plain chunked ops (reference-path memory, exact gradients); so do dual
-    # tensors of forward-mode AD, and eager calls under a dispatch mode (selective activation
-    # checkpointing caches the loop's matmul outputs, which the loop scales in place).
+    # tensors of forward-mode AD, and calls under selective activation checkpointing (see
+    # _selective_checkpoint).
     weight_grad = p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled()
     plain_ops = transform or weight_grad or (not no_host and (
-        _forward_ad(input, linear_weight, linear_bias, target) or _C._len_torch_dispatch_stack() > 0))
+        _forward_ad(input, linear_weight, linear_bias, target) or _selective_checkpoint()))
     # A class weight with a tangent (forward-mode AD, torch.func.jvp) or a batch dim (vmap over
     # it): stock's own ops on the whole call, so the result and its tangent are stock's exactly
     # (stock's nll_loss treats the weight as non-differentiable, its label smoothing does not).
