@@ -475,3 +475,25 @@ def test_cross_entropy_under_selective_checkpointing(op: str, bad: bool) -> None
         _same(out.detach(), ref.detach())
         _same(a.grad, h.grad)
         _same(b.grad, W.grad)
+
+
+# ---------------------------------------------------------------- caller's tensors edited before backward
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_vocab_parallel_weight_edited_before_backward(one_rank: None, eps: float) -> None:
+    # An optimizer or a schedule updating the class weight in place between forward and
+    # backward: stock refuses (its backward saved the weight); vocab-parallel's backward read
+    # the live weight for the smoothing term, a silently different gradient. It keeps what
+    # forward used now (as it already did without smoothing).
+    torch.manual_seed(0)
+    x0, t, w = torch.randn(6, 5), torch.tensor([0, 4, -100, 2, 1, 3]), torch.rand(5) + 0.1
+    ref = x0.clone().requires_grad_()
+    F.cross_entropy(ref, t, weight=w, label_smoothing=eps).backward()
+    for _ in range(2):  # the planning call, then a planned one
+        weight = w.clone()
+        x = x0.clone().requires_grad_()
+        out = safeloss.vocab_parallel_cross_entropy(x, t, weight=weight, label_smoothing=eps)
+        weight.mul_(3.0)
+        out.backward()
+        _same(x.grad, ref.grad)

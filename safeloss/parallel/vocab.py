@@ -1504,7 +1504,9 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
     if p.weight is not None:
-        wa = p.weight.to(acc)
+        # A copy: backward reads w_local, and the caller may update its weight in place before
+        # backward (forward's values then stay; stock refuses that backward, nothing silent).
+        wa = p.weight.to(acc, copy=True)
         w_y = torch.where(valid, wa.gather(0, tf.clamp(0, C - 1)), 0.0)
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
