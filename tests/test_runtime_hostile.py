@@ -1,8 +1,10 @@
 """Hostile pass: the runtime settings a training loop puts a loss in (h14).
 
-Activation checkpointing, saved-tensor hooks, anomaly mode, double backward, grad modes, module
-hooks and mutation, threads and global state changed between calls of one signature (the second
-call served by a plan must still check what the first did), each against stock torch.
+Activation checkpointing (plain and selective), saved-tensor hooks, anomaly mode, double,
+batched and repeated backward, grad modes, module hooks and mutation, the caller's tensors
+edited before backward, warnings filters, threads and global state changed between calls of one
+signature (the second call served by a plan must still check what the first did), each against
+stock torch. Probes that found nothing are kept as guards where cheap.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def test_linear_checkpoint_non_reentrant_first_call(reduction: str, prob: bool) 
             return safeloss.linear_cross_entropy(x, W, t, reduction=reduction)
         return F.cross_entropy(x @ W.T, t, reduction=reduction)
 
-    for _ in range(2):  # the planning call, then a planned one
+    for _ in range(2):  # a signature's first call, then a second (no plan under the hooks)
         a = [v.clone().requires_grad_() for v in (x, W)]
         b = [v.clone().requires_grad_() for v in (x, W)]
         out = checkpoint(block, *a, True, use_reentrant=False)
