@@ -78,7 +78,11 @@ def _kernels() -> Any:
 def _kernels_interpreted() -> bool | None:
     """How the kernels module was decorated, or None if it is not imported yet."""
     mod = sys.modules.get("safeloss.backends.triton_kernels")
-    return None if mod is None else type(mod.ce_fwd_kernel).__name__ == "InterpretedFunction"
+    if mod is None:
+        return None
+    if not hasattr(mod, "ce_fwd_kernel"):
+        mod = _kernels()  # another thread is importing it: wait for the import to finish
+    return type(mod.ce_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -620,10 +624,27 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
 
 
 def _backward(ctx: Any, g: Tensor, *_unused: Any) -> tuple[Any, ...]:
+    _reused(ctx)
     x, target, weight, lse, wy, dx = ctx.saved_tensors
     gx, gy = _grads(torch.ops.safeloss, x, target, weight, lse, wy, dx, g, ctx.cfg,
                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    ctx.scaled = gx is dx is not None
     return gx, gy, None, None, None, None, None, None, None, None
+
+
+def _reused(ctx: Any) -> None:
+    """A second backward through a fused_grad node whose stored gradient the first one scaled
+    in place (``retain_graph=True``): say so, before autograd's saved-tensor version check
+    blames "an inplace operation" the caller never made."""
+    if getattr(ctx, "scaled", False):
+        from ..core.errors import BackendError
+
+        raise BackendError(
+            "fused_grad=True computes the gradient in the forward pass and scales it in place in "
+            "backward, so a second backward through the same graph (retain_graph=True) cannot "
+            "reuse it; stock torch, and safeloss without fused_grad, allow it.\nFix: "
+            "fused_grad=False for a graph that is backpropagated more than once"
+        )
 
 
 def _grads(
@@ -639,10 +660,13 @@ def _grads(
         # create_graph=True (double backward, gradient penalties, Hessian-vector products): the
         # kernels' outputs carry no graph, so differentiate torch's formula instead.
         return _differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx, need_dy)
+    if (need_dx or need_dy) and not torch.compiler.is_compiling() and (
+            _legacy_batched(g) or _functorch_wrapped(g)):
+        return _batched_grads(x, target, weight, dx, g, cfg, need_dx, need_dy)
     if fused:
         if need_dx:
-            # The op bumps dx's version: a second backward (retain_graph) fails on the saved-tensor
-            # check instead of rescaling the stored gradient twice.
+            # The op bumps dx's version: a second backward (retain_graph) is refused (_reused;
+            # else the saved-tensor check) instead of rescaling the stored gradient twice.
             ops.triton_ce_scale_(dx, target, g, ignore_index, prob)
             gx = dx
         if need_dy:
@@ -658,11 +682,41 @@ def _grads(
     return gx, gy
 
 
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _batched_grads(
+    x: Tensor | None, target: Tensor, weight: Tensor | None, dx: Tensor | None, g: Tensor,
+    cfg: tuple[Any, ...], need_dx: bool, need_dy: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Backward on a batched upstream gradient (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian`` / ``hessian`` with ``vectorize=True``, a vmap over ``autograd.grad``): the
+    kernels read storage, which a batched tensor has none of, so torch's ops, out of place."""
+    ignore_index, eps, prob, fused, _inplace = cfg
+    gx = gy = None
+    if fused and need_dx and dx is not None:  # the stored gradient, scaled (as _launch_scale's fallback)
+        f = g.to(_F32)
+        if not prob:
+            f = torch.where(target == ignore_index, 1.0, f)
+        gx = (dx * f.unsqueeze(_class_dim(dx))).to(dx.dtype)
+        need_dx = False
+    need_dy = prob and need_dy
+    if need_dx or need_dy:
+        with torch.enable_grad():  # (backward runs without grad mode: the formula needs it)
+            ax, ay = _differentiable_grads(x, target, weight, g, ignore_index, eps, prob, need_dx,
+                                           need_dy, create_graph=False)
+        gx = gx if ax is None else ax
+        gy = ay
+    return gx, gy
+
+
 def _differentiable_grads(
     x: Tensor | None, target: Tensor, weight: Tensor | None, g: Tensor, ignore_index: int,
-    eps: float, prob: bool, need_dx: bool, need_dy: bool,
+    eps: float, prob: bool, need_dx: bool, need_dy: bool, create_graph: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """First derivatives as differentiable torch ops (the same values as the kernels)."""
+    """First derivatives as differentiable torch ops (the same values as the kernels); as plain
+    values with ``create_graph=False``."""
     from ..core.checks import bad_target_mask
     from ..core.errors import BackendError
     from .torch_backend import _stock_cross_entropy
@@ -682,7 +736,7 @@ def _differentiable_grads(
         loss = _stock_cross_entropy(xf, t.masked_fill(bad, ignore_index), weight,
                                     ignore_index=ignore_index, label_smoothing=eps, reduction="none")
     wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
-    grads = list(torch.autograd.grad(loss, wrt, g.to(loss.dtype), create_graph=True))
+    grads = list(torch.autograd.grad(loss, wrt, g.to(loss.dtype), create_graph=create_graph))
     gx = grads.pop(0).to(x.dtype) if need_dx else None
     gy = grads.pop(0).to(target.dtype) if need_dy else None
     return gx, gy
@@ -771,9 +825,11 @@ class _EagerCE(torch.autograd.Function):
             return None, None, None, None, None
         if ctx.reduced is not None:
             g = reduction.losses_grad(g, *ctx.reduced)
+        _reused(ctx)
         x, target, weight, lse, wy, dx = ctx.saved_tensors
         gx, gy = _grads(_EagerOps, x, target, weight, lse, wy, dx, g, ctx.cfg,
                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.scaled = gx is dx is not None
         return gx, gy, None, None, None
 
 

@@ -124,6 +124,9 @@ def _grads(
     if torch.is_grad_enabled():
         # create_graph=True (double backward, gradient penalties): differentiate the formulas.
         return _differentiable_grads(x, target, weight, g, gz, cfg, need_dx, need_dy)
+    if X.batched(g, gz):  # the kernels cannot read a batched gradient: the formulas, no graph
+        with torch.enable_grad():
+            return _differentiable_grads(x, target, weight, g, gz, cfg, need_dx, need_dy, False)
     if ops:
         dx, dy = torch.ops.safeloss.triton_cex_bwd(x, target, weight, lse, wy, g, gz, ignore_index, eps,
                                                    prob, softcap, temperature, z_loss, need_dx, need_dy)
@@ -137,9 +140,10 @@ def _grads(
 
 def _differentiable_grads(
     x: Tensor, target: Tensor, weight: Tensor | None, g: Tensor, gz: Tensor | None,
-    cfg: tuple[Any, ...], need_dx: bool, need_dy: bool,
+    cfg: tuple[Any, ...], need_dx: bool, need_dy: bool, create_graph: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """First derivatives as differentiable torch ops (``core.extras``'s formulas, the kernels' values)."""
+    """First derivatives as differentiable torch ops (``core.extras``'s formulas, the kernels'
+    values); plain values with ``create_graph=False``."""
     ignore_index, eps, prob, _check, _out_max, softcap, temperature, z_loss, _stats = cfg
     ex = X.Extras(softcap or None, temperature, z_loss, False)
     one = x.dim() == 1
@@ -160,7 +164,7 @@ def _differentiable_grads(
         outs.append(X.z_loss_rows(lse, valid, z_loss))
         grads_out.append(gz.reshape(ce.shape).to(ce.dtype))
     wrt = [v for v, need in ((x, need_dx), (target, need_dy)) if need]
-    got = iter(torch.autograd.grad(outs, wrt, grads_out, create_graph=True, allow_unused=True))
+    got = iter(torch.autograd.grad(outs, wrt, grads_out, create_graph=create_graph, allow_unused=True))
     gx = next(got) if need_dx else None
     gy = next(got) if need_dy else None
     return (None if gx is None else gx.to(x.dtype)), (None if gy is None else gy.to(target.dtype))

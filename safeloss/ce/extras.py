@@ -290,13 +290,17 @@ class _RowsCE(torch.autograd.Function):
         sp: _Spec = ctx.sp
         acc: torch.dtype = ctx.acc
         need_z, need_t = ctx.needs_input_grad[0], sp.prob and ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():  # double backward: the same formulas, differentiably
-            wrt = [v for v, n in ((x, need_z), (t, need_t)) if n]
-            ce, zl, *_ = _forward(x.to(acc), t, valid, w, sp)
-            # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
-            outs = [(o, go) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
-                                           create_graph=True, allow_unused=True))
+        create = torch.is_grad_enabled()
+        if create or X.batched(g_ce, g_zl):
+            # Double backward: the same formulas, differentiably; a batched backward
+            # (is_grads_batched): the same, without a graph (the formulas below scale in place).
+            with torch.enable_grad():
+                wrt = [v for v, n in ((x, need_z), (t, need_t)) if n]
+                ce, zl, *_ = _forward(x.to(acc), t, valid, w, sp)
+                # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
+                outs = [(o, go) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
+                got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
+                                               create_graph=create, allow_unused=True))
             return (next(got) if need_z else None, next(got) if need_t else None, None, None, None, None)
         ex = sp.ex
         if zt is None:  # no cap, no temperature: the logits themselves, in the work dtype

@@ -376,6 +376,24 @@ def loss_bound(ex: Extras, num_classes: int, prob: bool, weighted: bool) -> floa
 # ------------------------------------------------------------------ hand-written gradients
 
 
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def batched(*grads: Tensor | None) -> bool:
+    """An upstream gradient of a batched backward (``torch.autograd.grad(...,
+    is_grads_batched=True)``, ``jacobian`` / ``hessian`` with ``vectorize=True``): the backward
+    formulas cannot multiply it into their own buffers in place, so the backward functions take
+    their differentiable formulas instead (without a graph)."""
+    if torch.compiler.is_compiling():  # (Dynamo cannot trace the test; no legacy vmap there)
+        return False
+    return any(g is not None and _legacy_batched(g) for g in grads)
+
+
+def scaled(p: Tensor, f: Tensor) -> Tensor:
+    """``p.mul_(f)``, out of place where ``f`` is batched (``p`` is not: vmap cannot write into it)."""
+    return p * f if not torch.compiler.is_compiling() and _legacy_batched(f) else p.mul_(f)
+
+
 def index_grad(p: Tensor, y_local: Tensor, owned: Tensor, valid: Tensor, w_y: Tensor | None,
                w_local: Tensor | None, w_sum: float | Tensor, eps: float, num_classes: int,
                g_ce: Tensor, g_zl: Tensor | None, lse: Tensor, coef: float) -> Tensor:
@@ -392,7 +410,7 @@ def index_grad(p: Tensor, y_local: Tensor, owned: Tensor, valid: Tensor, w_y: Te
     row = gv * (hot + (eps / num_classes) * w_sum)
     if g_zl is not None and coef:
         row = row + torch.where(valid, g_zl * (2 * coef) * lse, 0.0)
-    d = p.mul_(row.unsqueeze(1))
+    d = scaled(p, row.unsqueeze(1))
     if eps > 0:
         smooth = (gv * (eps / num_classes)).unsqueeze(1)
         d.sub_(smooth * _along(w_local, 1, d.dim()) if w_local is not None else smooth)
@@ -418,7 +436,7 @@ def prob_grad(p: Tensor, logp: Tensor, q: Tensor, weight: Tensor | None, eps: fl
     scale = wq.sum(1, keepdim=True) * row
     if g_zl is not None and coef:
         scale = scale + (g_zl * (2 * coef) * lse).unsqueeze(1)
-    d = p.mul_(scale).sub_(wq * row)
+    d = scaled(p, scale).sub_(wq * row)
     dq = None
     if need_dq:
         lw = logp if wb is None else logp * wb

@@ -29,7 +29,10 @@ or TorchFunctionMode gives another key, and so another plan (or none). Strides a
 cannot see never use plans: non-eager modes (compile, tracers, transforms, DTensor, ...), legacy
 ``size_average`` / ``reduce`` arguments, calls with a finding from shapes or dtypes, calls
 under a TorchFunctionMode (the mode must see the functions the full path calls), and options
-held in objects whose value can change in place (a 0-d tensor as ``ignore_index``).
+held in objects whose value can change in place (a 0-d tensor as ``ignore_index``). Linear
+cross-entropy also takes no plan under saved-tensor hooks (``save_on_cpu``, a non-reentrant
+checkpoint): its planned call saves other tensors than its full path, and a checkpoint's
+recompute must save what its forward saved.
 
 The store is bounded (:data:`MAX_PLANS`, oldest dropped first), holds no tensor with memory (a
 vocab-parallel plan's stand-in for the global logits is a meta tensor), and

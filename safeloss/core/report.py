@@ -2,6 +2,8 @@
 
 "Once" means once per kind of finding per ``SafeCrossEntropyLoss`` instance, or per call site of
 the functional API: a training loop that hits the same problem every step prints it one time.
+Only a warning that was shown counts: one that a ``warnings`` filter ignored or turned into an
+error is shown by the next call that finds it (as Python's own once-registry records neither).
 """
 
 from __future__ import annotations
@@ -99,25 +101,61 @@ def report(finding: Finding, strict: bool | LazyStrict, owner: object | None) ->
         key: tuple[object, ...] = (finding.kind, "loss", oid)
     else:
         key = (finding.kind, fname, lineno)
+    if key in seen or _ignored(finding.message, fname, lineno, level):
+        return  # ignored: not shown, so not "once" yet (Python's own once-registry records none either)
     with _lock:
         if key in seen:
             return
         seen.add(key)
     # stacklevel counts from report() itself, as _user_frame() does: the warning names the user's line.
-    warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
+    try:
+        warnings.warn(finding.message, SafeLossWarning, stacklevel=level)
+    except BaseException:  # a filter made it an error: raised, not shown; the next call shows it
+        with _lock:
+            seen.discard(key)
+        raise
+
+
+def _ignored(text: str | None, fname: str, lineno: int, level: int) -> bool:
+    """Whether the warnings filters drop a SafeLossWarning with this text at the user's frame
+    (``level`` frames above the caller, ``report`` or ``shown``), matched as
+    ``warnings.warn_explicit`` matches them; ``text`` None: whatever its text (a filter on the
+    text first leaves it undecided: False). Cold: only calls with a finding ask."""
+    try:
+        frame = sys._getframe(level)  # report() is level 1, as for warnings.warn's stacklevel
+        module = frame.f_globals.get("__name__", "<string>") if fname != "<unknown>" else "<string>"
+    except ValueError:
+        module = "<string>"
+    if not isinstance(module, str):
+        module = "<string>"
+    get_filters = getattr(warnings, "_get_filters", None)  # context-aware warnings (3.14)
+    for action, msg, category, mod, ln in (get_filters() if get_filters else warnings.filters):
+        if (issubclass(SafeLossWarning, category) and (mod is None or mod.match(module))
+                and (ln == 0 or lineno == ln)):
+            if msg is None:
+                return action == "ignore"
+            if text is None:
+                return False
+            if msg.match(text):
+                return action == "ignore"
+    return warnings.defaultaction == "ignore"
 
 
 def shown(kind: str, owner: object | None) -> bool:
-    """Whether ``report()`` would now drop a warning of this ``kind`` as already shown: for
+    """Whether ``report()`` would now drop a warning of this ``kind``: shown already for
     ``owner`` (a loss instance, or its id) or, with ``owner=None``, for this call site (found as
-    ``report()`` finds it). Lets a caller skip building a message, and the reads of tensor data
-    behind it, that nobody would see; strict mode raises every time, so check that first."""
+    ``report()`` finds it), or dropped by a warnings filter whatever its text. Lets a caller skip
+    building a message, and the reads of tensor data behind it, that nobody would see; strict
+    mode raises every time, so check that first."""
     if owner is not None:
-        key: tuple[object, ...] = (kind, "loss", owner if isinstance(owner, int) else id(owner))
+        if (kind, "loss", owner if isinstance(owner, int) else id(owner)) in _seen:
+            return True
+        fname, lineno, level = _user_frame()
     else:
-        fname, lineno, _ = _user_frame()
-        key = (kind, fname, lineno)
-    return key in _seen
+        fname, lineno, level = _user_frame()
+        if (kind, fname, lineno) in _seen:
+            return True
+    return _ignored(None, fname, lineno, level)
 
 
 def reset_warnings() -> None:

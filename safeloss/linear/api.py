@@ -360,6 +360,7 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 _PLAIN = (Tensor, torch.nn.Parameter)
 _linear = torch._C._nn.linear
 _ce_loss = torch._C._nn.cross_entropy_loss
+_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _plannable(lp: LinearProblem, x: Tensor, w: Tensor, t: Tensor, b: Tensor | None,
@@ -397,7 +398,11 @@ def _fast(
     if (type(x) not in _PLAIN or type(w) not in _PLAIN or type(t) not in _PLAIN
             or (b is not None and type(b) not in _PLAIN) or (weight is not None and type(weight) not in _PLAIN)):
         return None  # first: reading a Proxy's attributes would record nodes in an fx graph
-    if _C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active():
+    if (_C._is_tracing() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
+            or _saved_hooks(False) is not None):
+        # Saved-tensor hooks (non-reentrant checkpoint, save_on_cpu): the planned call saves
+        # other tensors than the chunk loop, and checkpoint's recompute must save what its
+        # forward saved (a first call plans, its recompute would take the plan): the full path.
         return None
     try:
         key = (
@@ -450,6 +455,20 @@ def _forward_ad(*vs: object) -> bool:
     if forward_ad._current_level < 0:
         return False
     return any(isinstance(v, Tensor) and forward_ad.unpack_dual(v).tangent is not None for v in vs)
+
+
+def _selective_checkpoint() -> bool:
+    """Selective activation checkpointing's dispatch modes are active
+    (``create_selective_checkpoint_contexts``): they cache the outputs of the ops a policy saves,
+    matmuls among them, and the chunk loop scales its matmuls' outputs in place ("Tensor cached
+    during selective activation checkpoint has been mutated"). Other dispatch modes (memory and
+    flop counters) keep the chunk loop, whose memory they measure. (Eager tensors: a C call.)"""
+    if not _C._len_torch_dispatch_stack():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(type(m).__name__ in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+               and type(m).__module__ == "torch.utils.checkpoint" for m in _get_current_dispatch_mode_stack())
 
 
 def _stock_options_warning(options: object, lp: LinearProblem, target: Tensor) -> None:
@@ -639,10 +658,11 @@ def _dense(
     # Index targets with such a weight were refused by validate (as stock does); probability
     # targets: stock differentiates the class weight, which the chunk loop does not, so those
     # calls take the plain chunked ops (reference-path memory, exact gradients); so do dual
-    # tensors of forward-mode AD.
+    # tensors of forward-mode AD, and calls under selective activation checkpointing (see
+    # _selective_checkpoint).
     weight_grad = p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled()
-    plain_ops = transform or weight_grad or (
-        not no_host and _forward_ad(input, linear_weight, linear_bias, target))
+    plain_ops = transform or weight_grad or (not no_host and (
+        _forward_ad(input, linear_weight, linear_bias, target) or _selective_checkpoint()))
     # A class weight with a tangent (forward-mode AD, torch.func.jvp) or a batch dim (vmap over
     # it): stock's own ops on the whole call, so the result and its tangent are stock's exactly
     # (stock's nll_loss treats the weight as non-differentiable, its label smoothing does not).

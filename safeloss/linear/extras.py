@@ -416,13 +416,17 @@ class _LinearExtras(torch.autograd.Function):
         xdt, wdt, bdt, tdt = ctx.dtypes
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         need_t = need_t and sp.prob
-        if torch.is_grad_enabled():  # double backward: the same chunks, differentiably
-            wrt = [v for v, n in zip((x, w, b, t), (need_x, need_w, need_b, need_t)) if n]
-            ce, zl, *_ = _differentiable(x, w, b, t, valid, sp)
-            # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
-            outs = [(o, go.to(o.dtype)) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
-                                           create_graph=True, allow_unused=True))
+        create = torch.is_grad_enabled()
+        if create or X.batched(g_ce, g_zl):
+            # Double backward: the same chunks, differentiably; a batched backward
+            # (is_grads_batched): the same, without a graph (the chunks below scale in place).
+            with torch.enable_grad():
+                wrt = [v for v, n in zip((x, w, b, t), (need_x, need_w, need_b, need_t)) if n]
+                ce, zl, *_ = _differentiable(x, w, b, t, valid, sp)
+                # Without a z-loss term its rows are constant zeros, which autograd cannot differentiate.
+                outs = [(o, go.to(o.dtype)) for o, go in ((ce, g_ce), (zl, g_zl)) if o.requires_grad]
+                got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [go for _, go in outs],
+                                               create_graph=create, allow_unused=True))
             res = [next(got) if n else None for n in (need_x, need_w, need_b, need_t)]
             return (*res, None, None)
         ops = _Mats(x, w, b, sp.work)

@@ -574,7 +574,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if ex is None and plan.eps == 0 and plan.w_y is None:
             # index_grad's plain case, op for op on every counted row (the others are zeroed
             # last there too): p g, minus g at the owned label.
-            d = p.mul_(gce[:, None] if gce.dim() else gce)
+            d = X.scaled(p, gce[:, None] if gce.dim() else gce)
             if d.shape[1]:
                 d.scatter_add_(1, plan.local_idx, (gce * plan.owned).neg_().unsqueeze(1))
             d = d.masked_fill_(plan.ignored.unsqueeze(1), 0.0)  # type: ignore[union-attr]
@@ -1504,7 +1504,9 @@ def _make_plan(p: Problem, group: object | None, crank: int, sizes: list[int], C
     w_sum: float | Tensor = float(C)
     w_local_sum: float | Tensor = float(C_local)
     if p.weight is not None:
-        wa = p.weight.to(acc)
+        # A copy: backward reads w_local, and the caller may update its weight in place before
+        # backward (forward's values then stay; stock refuses that backward, nothing silent).
+        wa = p.weight.to(acc, copy=True)
         w_y = torch.where(valid, wa.gather(0, tf.clamp(0, C - 1)), 0.0)
         w_local = wa[offset : offset + C_local]
         w_sum, w_local_sum = wa.sum(), w_local.sum()  # 0-d tensors: no host read
