@@ -645,8 +645,13 @@ def instruction_rows(calls: int = ICOUNT_CALLS) -> list[Row]:
     columns; family rows are judged on their extra instructions against the cross-entropy
     path's (``torch/safe-functional`` minus ``torch/stock-functional``)."""
     import concurrent.futures
+    import shutil
     import tempfile
 
+    missing = [tool for tool in ("valgrind", os.environ.get("CC", "cc")) if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"--instructions needs valgrind (with its headers) and a C compiler; not found: "
+                         f"{', '.join(missing)} (Debian: apt-get install valgrind gcc)")
     names = sorted({n for row in ICOUNT_ROWS for n in row[2:4]})
     with tempfile.TemporaryDirectory() as tmp, \
             concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

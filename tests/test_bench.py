@@ -389,6 +389,15 @@ def test_cpu_overhead_instruction_counts(benchmark_script, monkeypatch: pytest.M
     assert not next(r for r in tool.instruction_rows(calls=10) if r.api == "linear_cross_entropy").ok
 
 
+def test_cpu_overhead_instruction_counts_need_valgrind(benchmark_script, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    tool = benchmark_script("cpu_overhead")
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "valgrind" else f"/usr/bin/{name}")
+    with pytest.raises(SystemExit, match=r"needs valgrind .* not found: valgrind \(Debian"):
+        tool.instruction_rows(calls=1)
+
+
 def test_a_skipped_row_is_not_flagged_for_the_baselines_noise() -> None:
     w = bench._cls(4096, 1000, "fp32")
     base = bench._base_row(w, next(p for p in bench.PROVIDERS if p.name == bench.BASELINE))
