@@ -53,6 +53,19 @@ def _fits(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
+def check_ignore_index_range(ignore_index: int, op: str = "cross_entropy") -> None:
+    """Stock's argument parser takes ``ignore_index`` as an int64 and rejects any other int
+    ("Overflow when unpacking long long", a ValueError), before it looks at anything else."""
+    if not _INT64_MIN <= ignore_index < 2**63:
+        raise stock_class(IgnoreIndexError, ValueError)(
+            f"{op}: ignore_index={ignore_index} does not fit int64 ({_INT64_MIN} .. {2**63 - 1}), "
+            "the type labels are compared in (stock torch: \"Overflow when unpacking long long\"), "
+            "so no label could ever equal it.\n"
+            "Fix: ignore_index=-100 (the default) or the label value to skip, e.g. 255 for "
+            "segmentation masks; a -1 stored as uint64 (2**64 - 1) is ignore_index=-1"
+        )
+
+
 # torch's ScalarType names, as its dtype-mismatch errors print them.
 _SCALAR_NAME = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
                 torch.bfloat16: "BFloat16"}
@@ -829,7 +842,6 @@ def normalize(
             f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
             "Fix: torch.as_tensor(labels, device=logits.device)"
         )
-    x = _check_input(input, target)
     if type(ignore_index) is not int:
         try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
             if isinstance(ignore_index, bool):
@@ -840,6 +852,9 @@ def normalize(
                 f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
                 "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
             ) from None
+    if not _INT64_MIN <= ignore_index < 2**63:
+        check_ignore_index_range(ignore_index)
+    x = _check_input(input, target)
     _check_devices(x, target, weight if isinstance(weight, Tensor) else None)
     cdim = _class_dim(x)
     C = x.shape[cdim]
