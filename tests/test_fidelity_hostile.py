@@ -10,6 +10,9 @@ applies to them.
 
 from __future__ import annotations
 
+import decimal
+import fractions
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +74,80 @@ def test_ignore_index_at_the_int64_bounds_is_stock(ii: int) -> None:
     for backend in ("torch", "triton"):
         torch.testing.assert_close(safeloss.cross_entropy(x, t, ignore_index=ii, backend=backend),
                                    F.cross_entropy(x, t, ignore_index=ii))
+
+
+# ------------------------------------------------------------ label_smoothing of odd Python types
+# Stock's argument parser takes a float, an int, a NumPy scalar or a 0-d tensor that does not
+# require grad, and raises a TypeError for anything else. safeloss took whatever float() accepts:
+# a Fraction, a Decimal, a 1-element 1-D tensor, a 0-d NumPy array, a tensor requiring grad (its
+# gradient silently dropped).
+class _Float(float):
+    pass
+
+
+REJECTED_SMOOTHING = {
+    "fraction": lambda: fractions.Fraction(1, 10),
+    "decimal": lambda: decimal.Decimal("0.1"),
+    "1-d-tensor": lambda: torch.tensor([0.1]),
+    "requires-grad": lambda: torch.tensor(0.1, requires_grad=True),
+    "numpy-0-d-array": lambda: np.array(0.1),
+}
+ACCEPTED_SMOOTHING = {
+    "numpy-float32": lambda: np.float32(0.25),
+    "numpy-int": lambda: np.int64(0),
+    "0-d-tensor": lambda: torch.tensor(0.25),
+    "0-d-float64-tensor": lambda: torch.tensor(0.25, dtype=torch.float64),
+    "float-subclass": lambda: _Float(0.25),
+    "int": lambda: 1,
+}
+
+
+@pytest.mark.parametrize("make", REJECTED_SMOOTHING.values(), ids=REJECTED_SMOOTHING.keys())
+def test_label_smoothing_stock_rejects_is_an_argument_type_error(make) -> None:
+    x, t = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    h, w = torch.randn(3, 2), torch.randn(4, 2)
+    assert type(_stock_error(lambda: F.cross_entropy(x, t, label_smoothing=make()))) is TypeError
+    assert type(_stock_error(lambda: F.linear_cross_entropy(h, w, t, label_smoothing=make()))) is TypeError
+    calls = {
+        "cross_entropy": lambda: safeloss.cross_entropy(x, t, label_smoothing=make()),
+        "triton": lambda: safeloss.cross_entropy(x, t, label_smoothing=make(), backend="triton"),
+        "extras": lambda: safeloss.cross_entropy(x, t, label_smoothing=make(), z_loss=1e-4),
+        "module": lambda: safeloss.SafeCrossEntropyLoss(label_smoothing=make()),
+        "linear_cross_entropy": lambda: safeloss.linear_cross_entropy(h, w, t, label_smoothing=make()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(safeloss.ArgumentTypeError, match=r"label_smoothing must be a number between 0\.0 and 1\.0, got .*\(of type \w+"):
+            call()
+        assert isinstance(_stock_error(call), TypeError), name
+
+
+@pytest.mark.parametrize("make", ACCEPTED_SMOOTHING.values(), ids=ACCEPTED_SMOOTHING.keys())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_label_smoothing_stock_accepts_is_stock(make, backend: str) -> None:
+    x, t = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 1])
+    want = F.cross_entropy(x, t, label_smoothing=make())
+    torch.testing.assert_close(safeloss.cross_entropy(x, t, label_smoothing=make(), backend=backend), want)
+    torch.testing.assert_close(safeloss.SafeCrossEntropyLoss(label_smoothing=make(), backend=backend)(x, t), want)
+
+
+# ------------------------------------------------------------------ ignore_index as a bool tensor
+# Stock fails on a bool tensor as ignore_index (an internal assert, a RuntimeError); safeloss read
+# it as 0 or 1 (operator.index) and ignored that class. A Python bool is already rejected (a
+# TypeError, as stock's parser).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignore_index_bool_tensor_raises_stock_class(backend: str) -> None:
+    x, t = torch.randn(3, 3), torch.tensor([0, 2, 1])
+    h, w = torch.randn(3, 2), torch.randn(3, 2)
+    ii = torch.tensor(True)
+    assert isinstance(_stock_error(lambda: F.cross_entropy(x, t, ignore_index=ii)), RuntimeError)
+    assert isinstance(_stock_error(lambda: F.linear_cross_entropy(h, w, t, ignore_index=ii)), RuntimeError)
+    calls = {
+        "cross_entropy": lambda: safeloss.cross_entropy(x, t, ignore_index=ii, backend=backend),
+        "extras": lambda: safeloss.cross_entropy(x, t, ignore_index=ii, backend=backend, z_loss=1e-4),
+        "module": lambda: safeloss.SafeCrossEntropyLoss(ignore_index=ii, backend=backend)(x, t),
+        "linear_cross_entropy": lambda: safeloss.linear_cross_entropy(h, w, t, ignore_index=ii, backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(safeloss.ArgumentTypeError, match=r"ignore_index must be an int.*got tensor\(True\) \(a bool tensor"):
+            call()
+        assert isinstance(_stock_error(call), RuntimeError), name

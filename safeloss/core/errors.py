@@ -186,6 +186,8 @@ for _cls, _builtin in [
     (TargetOutOfRangeError, RuntimeError),
     # an ignore_index outside int64: stock's argument parser raises a ValueError
     (IgnoreIndexError, ValueError),
+    # a bool tensor as ignore_index: stock fails on an internal assert, a RuntimeError
+    (ArgumentTypeError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
 del _cls, _builtin

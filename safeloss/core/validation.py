@@ -53,6 +53,17 @@ def _fits(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
+def reject_bool_tensor_index(ignore_index: object, op: str = "cross_entropy") -> None:
+    """A bool tensor as ``ignore_index``: stock fails on it (an internal assert, a RuntimeError);
+    ``operator.index`` would read it as 0 or 1."""
+    if isinstance(ignore_index, Tensor) and ignore_index.dtype == torch.bool:
+        raise stock_class(ArgumentTypeError, RuntimeError)(
+            f"{op}: ignore_index must be an int, got {ignore_index!r} (a bool tensor; stock torch "
+            "fails on it with an internal assert).\n"
+            "Fix: ignore_index=-100 (the default) or the label value to skip, as a Python int"
+        )
+
+
 def check_ignore_index_range(ignore_index: int, op: str = "cross_entropy") -> None:
     """Stock's argument parser takes ``ignore_index`` as an int64 and rejects any other int
     ("Overflow when unpacking long long", a ValueError), before it looks at anything else."""
@@ -138,6 +149,13 @@ def check_label_smoothing(label_smoothing: object) -> float:
             f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
             "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
         )
+    if not _stock_float(label_smoothing):
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r} (of type "
+            f"{type(label_smoothing).__name__}); stock torch takes a Python float or int, a NumPy "
+            "scalar or a 0-d tensor that does not require grad (no gradient flows into it).\n"
+            "Fix: label_smoothing=float(value), e.g. label_smoothing=0.1"
+        )
     try:
         eps = float(label_smoothing)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -160,6 +178,17 @@ def check_label_smoothing(label_smoothing: object) -> float:
             "values are 0.05 to 0.2.\nFix: label_smoothing=0.1 (or 0.0 to turn it off)"
         )
     return eps
+
+
+def _stock_float(value: object) -> bool:
+    """Whether stock's argument parser takes ``value`` for a float argument: a float or int (or a
+    subclass), a NumPy scalar, a 0-d tensor that does not require grad, or a symbolic number."""
+    kind = type(value)
+    if isinstance(value, (float, int)) or (kind.__module__ == "numpy" and kind.__name__ != "ndarray"):
+        return True
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    return isinstance(value, (torch.SymFloat, torch.SymInt))
 
 
 # --------------------------------------------------------------------------------- the logits
@@ -843,6 +872,7 @@ def normalize(
             "Fix: torch.as_tensor(labels, device=logits.device)"
         )
     if type(ignore_index) is not int:
+        reject_bool_tensor_index(ignore_index)
         try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
             if isinstance(ignore_index, bool):
                 raise TypeError

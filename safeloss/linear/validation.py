@@ -38,7 +38,7 @@ from ..core.errors import (
     stock_class,
 )
 from ..core.report import Finding
-from ..core.validation import Problem, check_ignore_index_range, normalize
+from ..core.validation import Problem, check_ignore_index_range, normalize, reject_bool_tensor_index
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WORD = re.compile(r"(?<![\w.])cross_entropy\b")
@@ -507,6 +507,7 @@ def _ignore_index(ignore_index: object) -> int | None:
     if ignore_index is None:
         return None
     if type(ignore_index) is not int:
+        reject_bool_tensor_index(ignore_index, "linear_cross_entropy")
         try:
             if isinstance(ignore_index, bool):
                 raise TypeError
