@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import decimal
 import fractions
+import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import safeloss
+from safeloss.core import plan as plans
 from tests.test_differential import CPU_BACKENDS
 
 
@@ -151,3 +156,235 @@ def test_ignore_index_bool_tensor_raises_stock_class(backend: str) -> None:
         with pytest.raises(safeloss.ArgumentTypeError, match=r"ignore_index must be an int.*got tensor\(True\) \(a bool tensor"):
             call()
         assert isinstance(_stock_error(call), RuntimeError), name
+
+
+# ---------------------------------------------------- K-dimensional logits with no classes (C = 0)
+# Stock runs 3-D and 5-D+ logits as 4-D, a reshape that cannot keep the positions of an empty
+# class dimension: any class-index target with positions fails with a RuntimeError ("size
+# mismatch"). safeloss let stock's bare RuntimeError through (all targets ignored) or raised
+# TargetOutOfRangeError, an IndexError (any other label).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 0, 1), (1, 0, 2, 1, 2)], ids=str)
+@pytest.mark.parametrize("fill", [0, -100])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_kd_logits_without_classes_raise_stocks_class(shape, fill, label_smoothing, backend) -> None:
+    x = torch.randn(shape)
+    t = torch.full(shape[:1] + shape[2:], fill)
+    stock = _stock_error(lambda: F.cross_entropy(x, t, label_smoothing=label_smoothing))
+    assert type(stock) is RuntimeError
+    with pytest.raises(safeloss.InputError, match=rf"logits with no classes \(input shape {re.escape(str(shape))}.*"
+                       r"stock torch fails on \d-D logits with an empty class dimension") as e:
+        safeloss.cross_entropy(x, t, label_smoothing=label_smoothing, backend=backend)
+    assert isinstance(e.value, RuntimeError)
+    if len(shape) == 3 and label_smoothing == 0.0:
+        # linear_cross_entropy with a K-dimensional head of no classes: stock's reference path
+        h, w = torch.randn(shape[0], 2), torch.randn(0, shape[2], 2)
+        assert type(_stock_error(lambda: F.linear_cross_entropy(h, w, t))) is RuntimeError
+        with pytest.raises(safeloss.InputError, match=r"linear_cross_entropy got logits with no classes") as e:
+            safeloss.linear_cross_entropy(h, w, t, backend=backend)
+        assert isinstance(e.value, RuntimeError)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0, 4, 3), (0, 0, 3), (2, 0, 0), (2, 3, 0, 2, 0)], ids=str)
+def test_kd_logits_with_empty_classes_or_positions_stock_accepts(shape, backend) -> None:
+    """4-D logits run as they are, and no positions at all pass stock's reshape: stock's values."""
+    x = torch.randn(shape)
+    t = torch.full(shape[:1] + shape[2:], -100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", safeloss.SafeLossWarning)  # no classes / nothing to average
+        for reduction in ("mean", "sum", "none"):
+            want = F.cross_entropy(x, t, reduction=reduction)
+            got = safeloss.cross_entropy(x, t, reduction=reduction, backend=backend)
+            torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# ------------------------------------------- a (1,) target for unbatched logits, with smoothing
+# Stock takes a (1,) target for (C,) logits as the 0-d target (safeloss too), except with label
+# smoothing, where it raises "output with shape [] doesn't match the broadcast shape [1]" (a
+# RuntimeError); safeloss returned a value there. (Without smoothing stock's own backward fails
+# with "size mismatch"; safeloss gives the 0-d target's gradient: documented, not changed.)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_element_target_for_unbatched_logits_with_smoothing(backend: str, reduction: str) -> None:
+    x, t = torch.randn(4), torch.tensor([1])
+    assert type(_stock_error(lambda: F.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction))) is RuntimeError
+    with pytest.raises(safeloss.TargetShapeError, match=r"(?s)target of shape \(1,\) for unbatched logits of shape \(4,\) "
+                       r"with label_smoothing=0\.1.*Fix: target\.reshape\(\(\)\)") as e:
+        safeloss.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction, backend=backend)
+    assert isinstance(e.value, RuntimeError)
+    h, w = torch.randn(3), torch.randn(4, 3)
+    assert type(_stock_error(lambda: F.linear_cross_entropy(h, w, t, label_smoothing=0.1))) is RuntimeError
+    with pytest.raises(safeloss.TargetShapeError, match=r"target of shape \(1,\) for unbatched") as e:
+        safeloss.linear_cross_entropy(h, w, t, label_smoothing=0.1, backend=backend)
+    assert isinstance(e.value, RuntimeError)
+    # Without smoothing: stock's forward value, silently (and a gradient, where stock's backward fails).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = safeloss.cross_entropy(x, t, reduction=reduction, backend=backend)
+    torch.testing.assert_close(got, F.cross_entropy(x, t, reduction=reduction))
+
+
+# ------------------------------------------------------- odd layouts and the planned call, fuzzed
+# No bug found by these (h15 ran each for thousands of examples); they keep the classes covered:
+# strided, transposed, expanded (stride 0), storage-offset and channels-last logits, targets and
+# weights, K-dimensional shapes with dims of 0 and 1, N = 0, C = 1, half dtypes.
+def _relayout(t: torch.Tensor, kind: str, d: int) -> torch.Tensor:
+    """The same values (``expand``: the first slice repeated) in another memory layout."""
+    if t.dim() == 0 or kind == "contiguous":
+        return t
+    shape = t.shape
+    if kind == "permuted" and t.dim() >= 2:
+        p = list(range(t.dim()))[::-1]
+        return t.permute(p).contiguous().permute(p)
+    if kind == "step":
+        big = torch.zeros(*shape[:-1], shape[-1] * 2, dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if kind == "offset":
+        flat = torch.zeros(t.numel() + 3, dtype=t.dtype)
+        flat[3:] = t.flatten()
+        return flat[3:].view(shape)
+    if kind == "expand" and shape[d % t.dim()] > 0:
+        return t.narrow(d % t.dim(), 0, 1).expand(shape)
+    if kind == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+LAYOUTS = ["contiguous", "permuted", "step", "offset", "expand", "channels_last"]
+
+
+@st.composite
+def _odd_calls(draw):
+    ndim = draw(st.integers(1, 4))
+    C = draw(st.integers(1, 4))
+    shape = (C,) if ndim == 1 else (draw(st.integers(0, 3)), C, *[draw(st.integers(0, 2)) for _ in range(ndim - 2)])
+    pos = () if ndim == 1 else shape[:1] + shape[2:]
+    dt = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dt)
+    kw: dict = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+                "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0]))}
+    if draw(st.booleans()):
+        t = torch.rand(shape, generator=g, dtype=torch.float64).softmax(0 if ndim == 1 else 1)
+        t = t.to(draw(st.sampled_from([dt, torch.float32])))
+    else:
+        ii = draw(st.sampled_from([-100, -1, 0, C - 1]))
+        kw["ignore_index"] = ii
+        t = torch.randint(0, C, pos, generator=g)
+        if t.numel() and draw(st.booleans()):
+            t[(0,) * t.dim()] = ii
+        if ndim == 2 and bool((t >= 0).all()):
+            t = t.to(draw(st.sampled_from([torch.int64, torch.uint8])))
+    if draw(st.booleans()):
+        w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dt)
+        kw["weight"] = _relayout(w, draw(st.sampled_from(["contiguous", "step", "offset", "expand"])), 0)
+    x = _relayout(x, draw(st.sampled_from(LAYOUTS)), draw(st.integers(0, 3)))
+    t = _relayout(t, draw(st.sampled_from(LAYOUTS)), draw(st.integers(0, 3)))
+    backend = draw(st.sampled_from(["torch", "triton"])) if dt != torch.float64 and _TRITON else "torch"
+    return x, t, kw, backend
+
+
+_TRITON = any(p.values[0] == "triton" and not p.marks for p in CPU_BACKENDS)
+
+
+def _run(fn, x: torch.Tensor, t: torch.Tensor, kw: dict):
+    """(result or the exception, grad of x, grad of t), on fresh leaves."""
+    x = x.detach().requires_grad_()
+    t = t.detach().requires_grad_() if t.is_floating_point() else t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = fn(x, t, **kw)
+        except Exception as e:  # compared with stock's
+            return e, None, None
+        if out.requires_grad:
+            out.float().sum().backward()
+    return out.detach(), x.grad, t.grad if t.is_floating_point() else None
+
+
+def _same(a, b, dtype: torch.dtype) -> None:
+    tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    if a is None or b is None:
+        assert a is b, (a, b)
+        return
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_odd_calls())
+def test_odd_layouts_and_shapes_are_stock(call) -> None:
+    x, t, kw, backend = call
+    want = _run(F.cross_entropy, x, t, kw)
+    got = _run(lambda *a, **k: safeloss.cross_entropy(*a, backend=backend, **k), x, t, kw)
+    if isinstance(want[0], Exception):
+        if t.dtype == torch.uint8 and "weight" in kw and kw["label_smoothing"] and not isinstance(got[0], Exception):
+            # lossless uint8 labels stock's weighted smoothing cannot gather with (README)
+            assert "gather(): Expected dtype int32/int64 for index" in str(want[0])
+            return
+        assert isinstance(got[0], Exception), (want[0], got[0])
+        if not isinstance(got[0], safeloss.SafeLossError):  # a documented conversion returns
+            raise got[0]
+        assert isinstance(got[0], type(want[0])), (got[0], want[0])
+        return
+    assert not isinstance(got[0], Exception), got[0]
+    _same(got[0], want[0], x.dtype)
+    # The Triton kernel gives an ignored row exactly zero gradient where stock gives NaN for its
+    # non-finite logits (docs/migration.md): none here, all logits are finite.
+    _same(got[1], want[1], x.dtype)
+    _same(got[2], want[2], x.dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_odd_calls(), st.data())
+def test_a_planned_call_is_a_fresh_call(call, data) -> None:
+    """Same signature, other values and strides: the second call (served by the plan of the
+    first) raises, warns and returns exactly what the same call does with no plan."""
+    x, t, kw, backend = call
+    if x.numel() == 0:
+        return
+    bad = data.draw(st.sampled_from(["none", "nan", "softmaxed", "label", "all-ignored", "negative-weight"]))
+    x2 = _relayout(x.clone().contiguous(), data.draw(st.sampled_from(LAYOUTS)), 1)
+    x2 = x2.clone() if bad in ("nan", "softmaxed") else x2
+    t2 = t.clone()
+    kw2 = dict(kw)
+    if bad == "nan":
+        x2[(0,) * x2.dim()] = float("nan")
+    elif bad == "softmaxed":
+        x2 = x2.float().softmax(0 if x2.dim() == 1 else 1).to(x.dtype)
+    elif bad == "label" and not t2.is_floating_point() and t2.numel():
+        t2[(-1,) * t2.dim()] = x.shape[0 if x.dim() == 1 else 1] + (0 if t2.dtype == torch.uint8 else 5)
+    elif bad == "all-ignored" and not t2.is_floating_point():
+        t2 = torch.full_like(t2.long(), kw["ignore_index"]).to(t2.dtype) if kw["ignore_index"] >= 0 or t2.dtype != torch.uint8 else t2
+    elif bad == "negative-weight" and "weight" in kw:
+        kw2["weight"] = kw["weight"].clone()
+        kw2["weight"][0] = -1.0
+
+    def outcome():
+        safeloss.reset_warnings()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = safeloss.cross_entropy(x2, t2, backend=backend, **kw2)
+            except safeloss.SafeLossError as e:
+                out = e
+        msgs = sorted(str(w.message) for w in caught if issubclass(w.category, safeloss.SafeLossWarning))
+        return out, msgs
+
+    plans.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            safeloss.cross_entropy(x, t, backend=backend, **kw)
+        except safeloss.SafeLossError:
+            return
+    planned = outcome()
+    plans.clear()
+    fresh = outcome()
+    assert planned[1] == fresh[1], (planned, fresh)
+    if isinstance(fresh[0], Exception):
+        assert type(planned[0]) is type(fresh[0]) and str(planned[0]) == str(fresh[0])
+    else:
+        assert not isinstance(planned[0], Exception), planned[0]
+        torch.testing.assert_close(planned[0], fresh[0], rtol=0, atol=0, equal_nan=True)

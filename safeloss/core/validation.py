@@ -251,6 +251,21 @@ def _check_input(input: object, target: object = None) -> Tensor:
     return input
 
 
+def _kd_no_classes(x: Tensor) -> None:
+    """3-D and 5-D+ logits with an empty class dimension and some positions: stock runs them as
+    4-D, ``view(N, C, 1, -1)``, which cannot keep the positions of an empty tensor, and fails
+    ("size mismatch", a RuntimeError) for any class-index target."""
+    raise InputError(
+        f"cross_entropy got logits with no classes (input shape {fmt_shape(x.shape)}: the class "
+        "dimension, dim 1, has size 0), so there is no loss to compute; stock torch fails on "
+        f"{x.dim()}-D logits with an empty class dimension (\"size mismatch\"), whatever the labels.\n"
+        "The final layer most likely has 0 outputs, or the logits were sliced or reshaped along "
+        "the wrong dimension.\n"
+        "Fix: check the final layer's output size (e.g. nn.Conv1d(d, num_classes, 1) with "
+        "num_classes > 0) and that the classes are in dim 1"
+    )
+
+
 # --------------------------------------------------------------------------------- devices
 
 
@@ -740,7 +755,8 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
 
 
 def _index_target(
-    target: Tensor, input: Tensor, ignore_index: int, read_values: bool = True
+    target: Tensor, input: Tensor, ignore_index: int, read_values: bool = True,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, list[Finding]]:
     # The common case first: int64 labels (N,) for logits (N, C), where nothing below applies;
     # checked in 1/3 of the time the general path takes to get there (~1 us).
@@ -784,6 +800,15 @@ def _index_target(
             ))
             target = target.squeeze(1)
         elif input.dim() == 1 and tshape == (1,):
+            if label_smoothing > 0.0:
+                raise TargetShapeError(
+                    f"cross_entropy got a target of shape (1,) for unbatched logits of shape "
+                    f"{fmt_shape(ishape)} with label_smoothing={label_smoothing}; stock torch "
+                    "takes it as the 0-d target () only without smoothing (with smoothing: \"output "
+                    "with shape [] doesn't match the broadcast shape [1]\").\n"
+                    "Fix: target.reshape(()) (e.g. labels[i] instead of labels[i:i + 1]), or "
+                    "logits.unsqueeze(0) for a batch of one"
+                )
             target = target.reshape(())  # stock accepts a (1,) target for (C,) logits: same result
         else:
             _shape_error(input, target, expected)
@@ -915,8 +940,10 @@ def normalize(
         prob = True
         out_dtype = torch.promote_types(_autocast_dtype(x.dtype, x), _autocast_dtype(target.dtype, x))
     else:
-        target, more = _index_target(target, x, ignore_index, read_values)
+        target, more = _index_target(target, x, ignore_index, read_values, label_smoothing)
         findings += more
+        if C == 0 and x.dim() != 4 and x.dim() >= 3 and target.numel():
+            _kd_no_classes(x)
         prob = False
         out_dtype = _autocast_dtype(x.dtype, x)
 
