@@ -388,3 +388,59 @@ def test_a_planned_call_is_a_fresh_call(call, data) -> None:
     else:
         assert not isinstance(planned[0], Exception), planned[0]
         torch.testing.assert_close(planned[0], fresh[0], rtol=0, atol=0, equal_nan=True)
+
+
+@st.composite
+def _odd_linear_calls(draw):
+    n, C, H = draw(st.integers(0, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    lead = draw(st.sampled_from([(n,), (2, n), ()]))
+    dt = draw(st.sampled_from([torch.float32, torch.float64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    lay = st.sampled_from(LAYOUTS[:5])
+    h = _relayout(torch.randn(*lead, H, generator=g, dtype=dt), draw(lay), draw(st.integers(0, 3)))
+    w = _relayout(torch.randn(C, H, generator=g, dtype=dt), draw(lay), draw(st.integers(0, 3)))
+    kw: dict = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+                "label_smoothing": draw(st.sampled_from([0.0, 0.2]))}
+    if draw(st.booleans()):
+        kw["linear_bias"] = _relayout(torch.randn(C, generator=g, dtype=dt), draw(lay), 0)
+    if draw(st.booleans()):
+        kw["weight"] = _relayout(torch.rand(C, generator=g, dtype=dt) + 0.1, draw(lay), 0)
+    if draw(st.booleans()):
+        t = torch.rand(*lead, C, generator=g, dtype=dt).softmax(-1)
+    else:
+        t = torch.randint(0, C, lead, generator=g)
+        if draw(st.booleans()):
+            kw["ignore_index"] = draw(st.sampled_from([-100, -1, 0]))
+            if t.numel():
+                t[(0,) * t.dim()] = kw["ignore_index"]
+    t = _relayout(t, draw(lay), draw(st.integers(0, 3)))
+    return h, w, t, kw, draw(st.sampled_from(["torch", "triton"])) if dt == torch.float32 and _TRITON else "torch"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_odd_linear_calls())
+def test_odd_linear_calls_are_stock(call) -> None:
+    h, w, t, kw, backend = call
+
+    def run(fn):
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        k = dict(kw)
+        if "linear_bias" in k:
+            k["linear_bias"] = k["linear_bias"].detach().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                out = fn(hh, ww, t, **k)
+            except Exception as e:  # compared with stock's
+                return (e,)
+            out.sum().backward()
+        return out.detach(), hh.grad, ww.grad, k["linear_bias"].grad if "linear_bias" in k else None
+
+    want = run(F.linear_cross_entropy)
+    got = run(lambda *a, **k: safeloss.linear_cross_entropy(*a, backend=backend, **k))
+    if isinstance(want[0], Exception):
+        assert isinstance(got[0], safeloss.SafeLossError) and isinstance(got[0], type(want[0])), (got[0], want[0])
+        return
+    assert not isinstance(got[0], Exception), got[0]
+    for a, b in zip(got, want):
+        _same(a, b, h.dtype)
