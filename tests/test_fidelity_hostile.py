@@ -445,3 +445,21 @@ def test_odd_linear_calls_are_stock(call) -> None:
     assert not isinstance(got[0], Exception), got[0]
     for a, b in zip(got, want):
         _same(a, b, h.dtype)
+
+
+# ------------------------------------------------------- what a finite overflow is blamed on
+# Finite logits, huge finite class weights, reduction="sum": the weighted loss overflows float32
+# (stock: inf). The message blamed "the logits spread beyond its range" alone; it names the weights.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_overflow_from_huge_class_weights_names_the_weights(backend: str) -> None:
+    x, t = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 2.0]]), torch.tensor([0, 1])
+    w = torch.tensor([3e38, 3e38, 1.0])
+    want = F.cross_entropy(x, t, w, reduction="none")
+    with pytest.warns(safeloss.SafeLossWarning, match=r"float32 loss overflowed: the logits, targets and class weights "
+                      r"are all finite, but the logits' spread, scaled by class weights as large as 3e\+38, left its range"):
+        got = safeloss.cross_entropy(x, t, w, reduction="none", backend=backend)
+    torch.testing.assert_close(got, want)
+    # Without weights the logits' spread is the cause, as before.
+    big = torch.tensor([[3e38, -3e38, 0.0]])
+    with pytest.warns(safeloss.SafeLossWarning, match=r"but the logits spread beyond its range"):
+        safeloss.cross_entropy(big, torch.tensor([1]), backend=backend)

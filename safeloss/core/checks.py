@@ -520,9 +520,12 @@ def nonfinite_finding(
         computed = losses.dtype if losses is not None else (half or p.out_dtype)
         if computed == torch.float16:
             return overflow_finding(p, count, where, out, stock_values=True)
+        wmax = float(p.weight.detach().abs().max()) if p.weight is not None and p.weight.numel() else 0.0
         cause = (
             f"the {str(computed).removeprefix('torch.')} loss overflowed: the logits, targets and "
-            "class weights are all finite, but the logits spread beyond its range"
+            "class weights are all finite, but "
+            + (f"the logits' spread, scaled by class weights as large as {wmax:.3g}, left its range" if wmax > 1.0
+               else "the logits spread beyond its range")
         )
     elif found:
         cause = " and ".join(found)
