@@ -463,3 +463,28 @@ def test_overflow_from_huge_class_weights_names_the_weights(backend: str) -> Non
     big = torch.tensor([[3e38, -3e38, 0.0]])
     with pytest.warns(safeloss.SafeLossWarning, match=r"but the logits spread beyond its range"):
         safeloss.cross_entropy(big, torch.tensor([1]), backend=backend)
+
+
+# --------------------------------------------------------------- tensor subclasses: the result's type
+# Stock's F.cross_entropy hands a call with any tensor-subclass argument to its __torch_function__,
+# so the default one returns the subclass. The Triton backend's eager path looked at the logits
+# only: a subclass target or weight got a plain Tensor back.
+class _Tagged(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["input", "target", "weight"])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_subclass_arguments_give_stocks_type(backend: str, which: str, prob: bool, reduction: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    t = torch.rand(4, 3, generator=g).softmax(1) if prob else torch.tensor([0, 2, 1, 1])
+    w = torch.rand(3, generator=g) + 0.5
+    args = {"input": x, "target": t, "weight": w}
+    args[which] = args[which].as_subclass(_Tagged)
+    want = F.cross_entropy(args["input"], args["target"], args["weight"], reduction=reduction)
+    got = safeloss.cross_entropy(args["input"], args["target"], args["weight"], reduction=reduction, backend=backend)
+    assert type(want) is _Tagged and type(got) is _Tagged
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
