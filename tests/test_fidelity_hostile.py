@@ -488,3 +488,23 @@ def test_subclass_arguments_give_stocks_type(backend: str, which: str, prob: boo
     got = safeloss.cross_entropy(args["input"], args["target"], args["weight"], reduction=reduction, backend=backend)
     assert type(want) is _Tagged and type(got) is _Tagged
     torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+
+
+# ------------------------------------------------------------- an option given as a meta tensor
+# A 0-d meta tensor passes stock's parser, which then cannot read it ("Tensor.item() cannot be
+# called on meta tensors", a RuntimeError); safeloss let the same bare RuntimeError through.
+@pytest.mark.parametrize("option", ["label_smoothing", "ignore_index"])
+def test_an_option_held_in_a_meta_tensor_is_an_argument_error(option: str) -> None:
+    x, t = torch.randn(3, 3), torch.tensor([0, 2, 1])
+    h, w = torch.randn(3, 2), torch.randn(3, 2)
+    value = torch.tensor(0.1 if option == "label_smoothing" else 2, device="meta")
+    assert type(_stock_error(lambda: F.cross_entropy(x, t, **{option: value}))) is RuntimeError
+    calls = {
+        "cross_entropy": lambda: safeloss.cross_entropy(x, t, **{option: value}),
+        "module": lambda: safeloss.SafeCrossEntropyLoss(**{option: value})(x, t),
+        "linear_cross_entropy": lambda: safeloss.linear_cross_entropy(h, w, t, **{option: value}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(safeloss.ArgumentTypeError, match=rf"{option} .*a meta tensor, which holds no value"):
+            call()
+        assert isinstance(_stock_error(call), RuntimeError), name

@@ -53,9 +53,21 @@ def _fits(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
+def reject_meta_option(value: object, name: str, op: str = "cross_entropy") -> None:
+    """A 0-d meta tensor as an option: stock's parser takes it, then cannot read it (a
+    RuntimeError); so would ``float`` / ``operator.index``, without safeloss's words."""
+    if isinstance(value, Tensor) and value.is_meta:
+        raise stock_class(ArgumentTypeError, RuntimeError)(
+            f"{op + ': ' if op else ''}{name} must be a number, got {value!r}: a meta tensor, which holds no value "
+            "(stock torch: \"Tensor.item() cannot be called on meta tensors\").\n"
+            f"Fix: pass {name} as a Python number"
+        )
+
+
 def reject_bool_tensor_index(ignore_index: object, op: str = "cross_entropy") -> None:
     """A bool tensor as ``ignore_index``: stock fails on it (an internal assert, a RuntimeError);
-    ``operator.index`` would read it as 0 or 1."""
+    ``operator.index`` would read it as 0 or 1. A meta tensor: ``reject_meta_option``."""
+    reject_meta_option(ignore_index, "ignore_index", op)
     if isinstance(ignore_index, Tensor) and ignore_index.dtype == torch.bool:
         raise stock_class(ArgumentTypeError, RuntimeError)(
             f"{op}: ignore_index must be an int, got {ignore_index!r} (a bool tensor; stock torch "
@@ -156,6 +168,7 @@ def check_label_smoothing(label_smoothing: object) -> float:
             "scalar or a 0-d tensor that does not require grad (no gradient flows into it).\n"
             "Fix: label_smoothing=float(value), e.g. label_smoothing=0.1"
         )
+    reject_meta_option(label_smoothing, "label_smoothing", "")
     try:
         eps = float(label_smoothing)  # type: ignore[arg-type]
     except (TypeError, ValueError):
