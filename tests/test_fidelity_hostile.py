@@ -508,3 +508,12 @@ def test_an_option_held_in_a_meta_tensor_is_an_argument_error(option: str) -> No
         with pytest.raises(safeloss.ArgumentTypeError, match=rf"{option} .*a meta tensor, which holds no value"):
             call()
         assert isinstance(_stock_error(call), RuntimeError), name
+
+
+# -------------------------------------------------------------- one softmaxed row, said in English
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_softmaxed_row_is_one_row(backend: str) -> None:
+    x = torch.tensor([0.7, 0.2, 0.1])  # unbatched logits that are probabilities
+    with pytest.warns(safeloss.SafeLossWarning, match=r"looks already softmaxed: its one row lies in \[0, 1\] and sums to 1\."):
+        got = safeloss.cross_entropy(x, torch.tensor(0), backend=backend)
+    torch.testing.assert_close(got, F.cross_entropy(x, torch.tensor(0)))

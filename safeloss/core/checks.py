@@ -436,9 +436,12 @@ def softmax_finding(like: int, checked: int, num_classes: int, n_positions: int)
     C = num_classes
     floor = math.log1p((C - 1) / math.e)
     rows = f"all {n_positions} rows" if checked >= n_positions else f"all {checked} sampled rows (of {n_positions})"
+    # One position (unbatched logits): "its one row lies", never "all 1 rows lie".
+    verbs = "lie in [0, 1] and sum to 1" if n_positions != 1 else "lies in [0, 1] and sums to 1"
+    rows = rows if n_positions != 1 else "its one row"
     return Finding(
         "softmaxed-input", InputError,
-        f"the input to cross_entropy looks already softmaxed: {rows} lie in [0, 1] and sum to 1.\n"
+        f"the input to cross_entropy looks already softmaxed: {rows} {verbs}.\n"
         "CrossEntropyLoss applies log-softmax itself and expects raw logits; a softmax before it "
         f"caps the loss (with {C} classes it can never go below {floor:.2f}) and shrinks the "
         "gradients, so training stalls.\n"
