@@ -517,3 +517,12 @@ def test_one_softmaxed_row_is_one_row(backend: str) -> None:
     with pytest.warns(safeloss.SafeLossWarning, match=r"looks already softmaxed: its one row lies in \[0, 1\] and sums to 1\."):
         got = safeloss.cross_entropy(x, torch.tensor(0), backend=backend)
     torch.testing.assert_close(got, F.cross_entropy(x, torch.tensor(0)))
+
+
+def test_complex_weight_with_probability_targets_is_rejected_as_documented() -> None:
+    """Stock returns a complex loss; safeloss asks for a float weight (docs/migration.md)."""
+    x, t = torch.randn(3, 4), torch.rand(3, 4).softmax(1)
+    w = torch.rand(4, dtype=torch.complex64)
+    assert F.cross_entropy(x, t, weight=w).is_complex()
+    with pytest.raises(safeloss.WeightError, match=r"weight must be floating point, got dtype torch\.complex64"):
+        safeloss.cross_entropy(x, t, weight=w)
