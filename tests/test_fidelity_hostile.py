@@ -526,3 +526,44 @@ def test_complex_weight_with_probability_targets_is_rejected_as_documented() -> 
     assert F.cross_entropy(x, t, weight=w).is_complex()
     with pytest.raises(safeloss.WeightError, match=r"weight must be floating point, got dtype torch\.complex64"):
         safeloss.cross_entropy(x, t, weight=w)
+
+
+# ------------------------------------------------------------- two mistakes: stock's order of checks
+# Stock checks the reduction name (a ValueError), then its argument parser rejects any argument of
+# the wrong type (a TypeError), then an ignore_index outside int64 (a ValueError), and only then
+# do its kernels check values (RuntimeErrors). safeloss checked label_smoothing's range, and
+# probability targets against ignore_index, before the types of weight and ignore_index: a call
+# with two mistakes raised another builtin than stock.
+TWO_MISTAKES = {
+    "smoothing-range+weight-list": ("index", dict(label_smoothing=1.5, weight=[1.0] * 4)),
+    "negative-smoothing+weight-list": ("prob", dict(label_smoothing=-0.1, weight=[1.0] * 4)),
+    "nan-smoothing+weight-list": ("index", dict(label_smoothing=float("nan"), weight=[1.0] * 4)),
+    "smoothing-range+ignore_index-str": ("index", dict(label_smoothing=1.5, ignore_index="a")),
+    "ignore_index-overflow+weight-list": ("index", dict(ignore_index=2**63, weight=[1.0] * 4)),
+    "ignore_index-overflow+smoothing-str": ("prob", dict(ignore_index=2**63, label_smoothing="x")),
+    "prob-ignore_index+weight-list": ("prob", dict(ignore_index=0, weight=[1.0] * 4)),
+    "smoothing-range+ignore_index-overflow": ("index", dict(label_smoothing=2.0, ignore_index=2**63)),
+}
+
+
+# A module's weight is a buffer, which cannot hold a list: the module runs the other cases.
+_CALLS = [pytest.param(case, api, id=f"{api}-{name}") for name, case in TWO_MISTAKES.items()
+          for api in ("functional", "module") if api == "functional" or "weight" not in case[1]]
+
+
+@pytest.mark.parametrize("case, api", _CALLS)
+def test_two_mistakes_raise_stocks_class(case, api: str) -> None:
+    kind, kw = case
+    x = torch.randn(3, 4)
+    t = torch.rand(3, 4).softmax(1) if kind == "prob" else torch.tensor([0, 3, 1])
+    stock = _stock_error(lambda: F.cross_entropy(x, t, **kw))
+    if api == "functional":
+        call = lambda: safeloss.cross_entropy(x, t, **kw)  # noqa: E731
+    else:
+        loss = safeloss.SafeCrossEntropyLoss()
+        for name, value in kw.items():  # set after construction, which checks label_smoothing
+            setattr(loss, name, value)
+        call = lambda: loss(x, t)  # noqa: E731
+    with pytest.raises(safeloss.SafeLossError) as e:
+        call()
+    assert isinstance(e.value, type(stock)), (e.value, stock)

@@ -156,6 +156,19 @@ def check_reduction(reduction: object, op: str = "cross_entropy") -> str:
 def check_label_smoothing(label_smoothing: object) -> float:
     if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
         return label_smoothing  # the common case, checked on every call: first
+    _smoothing_type(label_smoothing)
+    try:
+        eps = float(label_smoothing)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
+            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
+        ) from None
+    return _smoothing_range(eps, label_smoothing)
+
+
+def _smoothing_type(label_smoothing: object) -> None:
+    """What stock's parser rejects (a TypeError), and a meta tensor it cannot read."""
     if isinstance(label_smoothing, (str, bytes, bool)) or label_smoothing is None:
         raise ArgumentTypeError(
             f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
@@ -169,13 +182,9 @@ def check_label_smoothing(label_smoothing: object) -> float:
             "Fix: label_smoothing=float(value), e.g. label_smoothing=0.1"
         )
     reject_meta_option(label_smoothing, "label_smoothing", "")
-    try:
-        eps = float(label_smoothing)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ArgumentTypeError(
-            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
-            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
-        ) from None
+
+
+def _smoothing_range(eps: float, label_smoothing: object) -> float:
     if not 0.0 <= eps <= 1.0:  # also rejects NaN
         hint = ""
         if eps < 0:
@@ -889,6 +898,46 @@ def _unsigned_index_target(target: Tensor, input: Tensor, ignore_index: int, rea
     return t
 
 
+def _target_type_error(target: object) -> None:
+    raise ArgumentTypeError(
+        f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
+        "Fix: torch.as_tensor(labels, device=logits.device)"
+    )
+
+
+def _index_value(ignore_index: object) -> int:
+    """An int-like ``ignore_index`` as an int (numpy integers, 0-d integer tensors, as torch)."""
+    reject_bool_tensor_index(ignore_index)
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentTypeError(
+            f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
+            "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
+        ) from None
+
+
+def argument_types(input: object, target: object, weight: object, ignore_index: object,
+                   label_smoothing: object) -> None:
+    """Stock's argument parser rejects an argument of the wrong type (a TypeError), then an
+    ``ignore_index`` outside int64 (a ValueError), before any check of values: the same order
+    here (each with the message the later check gives), so that a call with two mistakes, say
+    ``label_smoothing=1.5`` and a list as ``weight``, raises stock's class. Cold path only."""
+    if not isinstance(input, Tensor):
+        _check_input(input, target)
+    if not isinstance(target, Tensor):
+        _target_type_error(target)
+    if weight is not None and not isinstance(weight, Tensor):
+        _check_weight(weight, input, 0)  # type: ignore[arg-type]
+    ii = ignore_index if type(ignore_index) is int else _index_value(ignore_index)
+    if type(label_smoothing) is not float:
+        _smoothing_type(label_smoothing)
+    if not _INT64_MIN <= ii < 2**63:
+        check_ignore_index_range(ii)
+
+
 def normalize(
     input: object,
     target: object,
@@ -905,21 +954,9 @@ def normalize(
     ``weight`` entries), for tracing under torch.compile.
     """
     if not isinstance(target, Tensor):  # stock's argument parser checks types first
-        raise ArgumentTypeError(
-            f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
-            "Fix: torch.as_tensor(labels, device=logits.device)"
-        )
+        _target_type_error(target)
     if type(ignore_index) is not int:
-        reject_bool_tensor_index(ignore_index)
-        try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
-            if isinstance(ignore_index, bool):
-                raise TypeError
-            ignore_index = operator.index(ignore_index)
-        except TypeError:
-            raise ArgumentTypeError(
-                f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
-                "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
-            ) from None
+        ignore_index = _index_value(ignore_index)
     if not _INT64_MIN <= ignore_index < 2**63:
         check_ignore_index_range(ignore_index)
     x = _check_input(input, target)
