@@ -891,7 +891,9 @@ def row_losses(
     None where the caller reduces.
     """
     fused = bool(fused_grad) and input.requires_grad and torch.is_grad_enabled()
-    if _eager(input):
+    # A tensor subclass among the target and weight takes the custom op too: its
+    # __torch_function__ sees the call (stock's result has the subclass's type).
+    if _eager(input) and type(target) in _PLAIN and (weight is None or type(weight) in _PLAIN):
         pos = tuple(_pos_shape(input))
         cfg = (int(ignore_index), float(label_smoothing), bool(prob_target), bool(check_softmax),
                fused, bool(inplace_backward), float(out_max), pos, math.prod(pos))

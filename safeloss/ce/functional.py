@@ -11,7 +11,7 @@ from ..core import tools as tracing
 from ..core._traceback import trim
 from ..core.errors import SafeLossError
 from ..core.mode import Mode, decide
-from ..core.validation import check_label_smoothing, resolve_reduction
+from ..core.validation import argument_types, check_label_smoothing, resolve_reduction
 from . import extras as ce_extras
 from . import pipeline
 
@@ -107,9 +107,10 @@ def cross_entropy(
                 label_smoothing, softcap, temperature, z_loss, return_stats, strict=strict,
                 backend=backend, inplace_backward=inplace_backward, fused_grad=fused_grad,
             )
+        red = resolve_reduction(size_average, reduce, reduction)  # stock: before its parser
+        argument_types(input, target, weight, ignore_index, label_smoothing)  # then types
         return pipeline.run(
-            mode, input, target, weight, ignore_index,
-            resolve_reduction(size_average, reduce, reduction),
+            mode, input, target, weight, ignore_index, red,
             check_label_smoothing(label_smoothing),
             strict=strict, backend=check_backend(backend), inplace_backward=inplace_backward,
             fused_grad=fused_grad, owner=None, key=key if mode is Mode.EAGER else None,

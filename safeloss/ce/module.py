@@ -11,7 +11,7 @@ from ..core import tools as tracing
 from ..core._traceback import boundary, module_call, trim
 from ..core.errors import ArgumentTypeError, SafeLossError
 from ..core.mode import Mode, decide
-from ..core.validation import check_label_smoothing, check_reduction
+from ..core.validation import argument_types, check_label_smoothing, check_reduction
 from . import extras as ce_extras
 from . import pipeline
 from .functional import cross_entropy
@@ -166,8 +166,10 @@ def _forward(self: SafeCrossEntropyLoss, input: Tensor, target: Tensor, compilin
             extras=None if plain else (self.softcap, self.temperature, self.z_loss, self.return_stats))
     if not plain:
         return ce_extras.module_forward(self, input, target)  # type: ignore[return-value]
+    red = check_reduction(self.reduction, "SafeCrossEntropyLoss")
+    argument_types(input, target, weight, self.ignore_index, self.label_smoothing)  # stock's order
     return pipeline.run(
-        mode, input, target, weight, self.ignore_index, check_reduction(self.reduction, "SafeCrossEntropyLoss"),
+        mode, input, target, weight, self.ignore_index, red,
         check_label_smoothing(self.label_smoothing), strict=self.strict,
         backend=check_backend(self.backend), inplace_backward=self.inplace_backward,
         fused_grad=self.fused_grad, owner=self, key=key if mode is Mode.EAGER else None,

@@ -436,9 +436,12 @@ def softmax_finding(like: int, checked: int, num_classes: int, n_positions: int)
     C = num_classes
     floor = math.log1p((C - 1) / math.e)
     rows = f"all {n_positions} rows" if checked >= n_positions else f"all {checked} sampled rows (of {n_positions})"
+    # One position (unbatched logits): "its one row lies", never "all 1 rows lie".
+    verbs = "lie in [0, 1] and sum to 1" if n_positions != 1 else "lies in [0, 1] and sums to 1"
+    rows = rows if n_positions != 1 else "its one row"
     return Finding(
         "softmaxed-input", InputError,
-        f"the input to cross_entropy looks already softmaxed: {rows} lie in [0, 1] and sum to 1.\n"
+        f"the input to cross_entropy looks already softmaxed: {rows} {verbs}.\n"
         "CrossEntropyLoss applies log-softmax itself and expects raw logits; a softmax before it "
         f"caps the loss (with {C} classes it can never go below {floor:.2f}) and shrinks the "
         "gradients, so training stalls.\n"
@@ -520,9 +523,12 @@ def nonfinite_finding(
         computed = losses.dtype if losses is not None else (half or p.out_dtype)
         if computed == torch.float16:
             return overflow_finding(p, count, where, out, stock_values=True)
+        wmax = float(p.weight.detach().abs().max()) if p.weight is not None and p.weight.numel() else 0.0
         cause = (
             f"the {str(computed).removeprefix('torch.')} loss overflowed: the logits, targets and "
-            "class weights are all finite, but the logits spread beyond its range"
+            "class weights are all finite, but "
+            + (f"the logits' spread, scaled by class weights as large as {wmax:.3g}, left its range" if wmax > 1.0
+               else "the logits spread beyond its range")
         )
     elif found:
         cause = " and ".join(found)

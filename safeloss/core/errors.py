@@ -184,6 +184,10 @@ for _cls, _builtin in [
     # with torch.gather's RuntimeError, not cross_entropy's IndexError; linear_cross_entropy inside
     # torch.func.vmap: stock's batched gather raises a RuntimeError too.
     (TargetOutOfRangeError, RuntimeError),
+    # an ignore_index outside int64: stock's argument parser raises a ValueError
+    (IgnoreIndexError, ValueError),
+    # a bool tensor as ignore_index: stock fails on an internal assert, a RuntimeError
+    (ArgumentTypeError, RuntimeError),
 ]:
     _VARIANTS[_cls, _builtin] = _variant(_cls, _builtin)
 del _cls, _builtin

@@ -53,6 +53,42 @@ def _fits(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
+def reject_meta_option(value: object, name: str, op: str = "cross_entropy") -> None:
+    """A 0-d meta tensor as an option: stock's parser takes it, then cannot read it (a
+    RuntimeError); so would ``float`` / ``operator.index``, without safeloss's words."""
+    if isinstance(value, Tensor) and value.is_meta:
+        raise stock_class(ArgumentTypeError, RuntimeError)(
+            f"{op + ': ' if op else ''}{name} must be a number, got {value!r}: a meta tensor, which holds no value "
+            "(stock torch: \"Tensor.item() cannot be called on meta tensors\").\n"
+            f"Fix: pass {name} as a Python number"
+        )
+
+
+def reject_bool_tensor_index(ignore_index: object, op: str = "cross_entropy") -> None:
+    """A bool tensor as ``ignore_index``: stock fails on it (an internal assert, a RuntimeError);
+    ``operator.index`` would read it as 0 or 1. A meta tensor: ``reject_meta_option``."""
+    reject_meta_option(ignore_index, "ignore_index", op)
+    if isinstance(ignore_index, Tensor) and ignore_index.dtype == torch.bool:
+        raise stock_class(ArgumentTypeError, RuntimeError)(
+            f"{op}: ignore_index must be an int, got {ignore_index!r} (a bool tensor; stock torch "
+            "fails on it with an internal assert).\n"
+            "Fix: ignore_index=-100 (the default) or the label value to skip, as a Python int"
+        )
+
+
+def check_ignore_index_range(ignore_index: int, op: str = "cross_entropy") -> None:
+    """Stock's argument parser takes ``ignore_index`` as an int64 and rejects any other int
+    ("Overflow when unpacking long long", a ValueError), before it looks at anything else."""
+    if not _INT64_MIN <= ignore_index < 2**63:
+        raise stock_class(IgnoreIndexError, ValueError)(
+            f"{op}: ignore_index={ignore_index} does not fit int64 ({_INT64_MIN} .. {2**63 - 1}), "
+            "the type labels are compared in (stock torch: \"Overflow when unpacking long long\"), "
+            "so no label could ever equal it.\n"
+            "Fix: ignore_index=-100 (the default) or the label value to skip, e.g. 255 for "
+            "segmentation masks; a -1 stored as uint64 (2**64 - 1) is ignore_index=-1"
+        )
+
+
 # torch's ScalarType names, as its dtype-mismatch errors print them.
 _SCALAR_NAME = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
                 torch.bfloat16: "BFloat16"}
@@ -120,11 +156,7 @@ def check_reduction(reduction: object, op: str = "cross_entropy") -> str:
 def check_label_smoothing(label_smoothing: object) -> float:
     if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
         return label_smoothing  # the common case, checked on every call: first
-    if isinstance(label_smoothing, (str, bytes, bool)) or label_smoothing is None:
-        raise ArgumentTypeError(
-            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
-            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
-        )
+    _smoothing_type(label_smoothing)
     try:
         eps = float(label_smoothing)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -132,6 +164,27 @@ def check_label_smoothing(label_smoothing: object) -> float:
             f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
             "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
         ) from None
+    return _smoothing_range(eps, label_smoothing)
+
+
+def _smoothing_type(label_smoothing: object) -> None:
+    """What stock's parser rejects (a TypeError), and a meta tensor it cannot read."""
+    if isinstance(label_smoothing, (str, bytes, bool)) or label_smoothing is None:
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r}.\n"
+            "Fix: label_smoothing=0.1 (or 0.0 to turn it off)"
+        )
+    if not _stock_float(label_smoothing):
+        raise ArgumentTypeError(
+            f"label_smoothing must be a number between 0.0 and 1.0, got {label_smoothing!r} (of type "
+            f"{type(label_smoothing).__name__}); stock torch takes a Python float or int, a NumPy "
+            "scalar or a 0-d tensor that does not require grad (no gradient flows into it).\n"
+            "Fix: label_smoothing=float(value), e.g. label_smoothing=0.1"
+        )
+    reject_meta_option(label_smoothing, "label_smoothing", "")
+
+
+def _smoothing_range(eps: float, label_smoothing: object) -> float:
     if not 0.0 <= eps <= 1.0:  # also rejects NaN
         hint = ""
         if eps < 0:
@@ -147,6 +200,17 @@ def check_label_smoothing(label_smoothing: object) -> float:
             "values are 0.05 to 0.2.\nFix: label_smoothing=0.1 (or 0.0 to turn it off)"
         )
     return eps
+
+
+def _stock_float(value: object) -> bool:
+    """Whether stock's argument parser takes ``value`` for a float argument: a float or int (or a
+    subclass), a NumPy scalar, a 0-d tensor that does not require grad, or a symbolic number."""
+    kind = type(value)
+    if isinstance(value, (float, int)) or (kind.__module__ == "numpy" and kind.__name__ != "ndarray"):
+        return True
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    return isinstance(value, (torch.SymFloat, torch.SymInt))
 
 
 # --------------------------------------------------------------------------------- the logits
@@ -207,6 +271,21 @@ def _check_input(input: object, target: object = None) -> Tensor:
             "yes/no score use torch.nn.BCEWithLogitsLoss"
         )
     return input
+
+
+def _kd_no_classes(x: Tensor) -> None:
+    """3-D and 5-D+ logits with an empty class dimension and some positions: stock runs them as
+    4-D, ``view(N, C, 1, -1)``, which cannot keep the positions of an empty tensor, and fails
+    ("size mismatch", a RuntimeError) for any class-index target."""
+    raise InputError(
+        f"cross_entropy got logits with no classes (input shape {fmt_shape(x.shape)}: the class "
+        "dimension, dim 1, has size 0), so there is no loss to compute; stock torch fails on "
+        f"{x.dim()}-D logits with an empty class dimension (\"size mismatch\"), whatever the labels.\n"
+        "The final layer most likely has 0 outputs, or the logits were sliced or reshaped along "
+        "the wrong dimension.\n"
+        "Fix: check the final layer's output size (e.g. nn.Conv1d(d, num_classes, 1) with "
+        "num_classes > 0) and that the classes are in dim 1"
+    )
 
 
 # --------------------------------------------------------------------------------- devices
@@ -698,7 +777,8 @@ def _onehot_target(target: Tensor, input: Tensor, cdim: int, weighted: bool = Fa
 
 
 def _index_target(
-    target: Tensor, input: Tensor, ignore_index: int, read_values: bool = True
+    target: Tensor, input: Tensor, ignore_index: int, read_values: bool = True,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, list[Finding]]:
     # The common case first: int64 labels (N,) for logits (N, C), where nothing below applies;
     # checked in 1/3 of the time the general path takes to get there (~1 us).
@@ -742,6 +822,15 @@ def _index_target(
             ))
             target = target.squeeze(1)
         elif input.dim() == 1 and tshape == (1,):
+            if label_smoothing > 0.0:
+                raise TargetShapeError(
+                    f"cross_entropy got a target of shape (1,) for unbatched logits of shape "
+                    f"{fmt_shape(ishape)} with label_smoothing={label_smoothing}; stock torch "
+                    "takes it as the 0-d target () only without smoothing (with smoothing: \"output "
+                    "with shape [] doesn't match the broadcast shape [1]\").\n"
+                    "Fix: target.reshape(()) (e.g. labels[i] instead of labels[i:i + 1]), or "
+                    "logits.unsqueeze(0) for a batch of one"
+                )
             target = target.reshape(())  # stock accepts a (1,) target for (C,) logits: same result
         else:
             _shape_error(input, target, expected)
@@ -809,6 +898,46 @@ def _unsigned_index_target(target: Tensor, input: Tensor, ignore_index: int, rea
     return t
 
 
+def _target_type_error(target: object) -> None:
+    raise ArgumentTypeError(
+        f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
+        "Fix: torch.as_tensor(labels, device=logits.device)"
+    )
+
+
+def _index_value(ignore_index: object) -> int:
+    """An int-like ``ignore_index`` as an int (numpy integers, 0-d integer tensors, as torch)."""
+    reject_bool_tensor_index(ignore_index)
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentTypeError(
+            f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
+            "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
+        ) from None
+
+
+def argument_types(input: object, target: object, weight: object, ignore_index: object,
+                   label_smoothing: object) -> None:
+    """Stock's argument parser rejects an argument of the wrong type (a TypeError), then an
+    ``ignore_index`` outside int64 (a ValueError), before any check of values: the same order
+    here (each with the message the later check gives), so that a call with two mistakes, say
+    ``label_smoothing=1.5`` and a list as ``weight``, raises stock's class. Cold path only."""
+    if not isinstance(input, Tensor):
+        _check_input(input, target)
+    if not isinstance(target, Tensor):
+        _target_type_error(target)
+    if weight is not None and not isinstance(weight, Tensor):
+        _check_weight(weight, input, 0)  # type: ignore[arg-type]
+    ii = ignore_index if type(ignore_index) is int else _index_value(ignore_index)
+    if type(label_smoothing) is not float:
+        _smoothing_type(label_smoothing)
+    if not _INT64_MIN <= ii < 2**63:
+        check_ignore_index_range(ii)
+
+
 def normalize(
     input: object,
     target: object,
@@ -825,21 +954,12 @@ def normalize(
     ``weight`` entries), for tracing under torch.compile.
     """
     if not isinstance(target, Tensor):  # stock's argument parser checks types first
-        raise ArgumentTypeError(
-            f"cross_entropy expects the target to be a torch.Tensor, got {type(target).__name__}.\n"
-            "Fix: torch.as_tensor(labels, device=logits.device)"
-        )
-    x = _check_input(input, target)
+        _target_type_error(target)
     if type(ignore_index) is not int:
-        try:  # int-likes torch accepts too: numpy integers, 0-d integer tensors
-            if isinstance(ignore_index, bool):
-                raise TypeError
-            ignore_index = operator.index(ignore_index)
-        except TypeError:
-            raise ArgumentTypeError(
-                f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
-                "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
-            ) from None
+        ignore_index = _index_value(ignore_index)
+    if not _INT64_MIN <= ignore_index < 2**63:
+        check_ignore_index_range(ignore_index)
+    x = _check_input(input, target)
     _check_devices(x, target, weight if isinstance(weight, Tensor) else None)
     cdim = _class_dim(x)
     C = x.shape[cdim]
@@ -870,8 +990,10 @@ def normalize(
         prob = True
         out_dtype = torch.promote_types(_autocast_dtype(x.dtype, x), _autocast_dtype(target.dtype, x))
     else:
-        target, more = _index_target(target, x, ignore_index, read_values)
+        target, more = _index_target(target, x, ignore_index, read_values, label_smoothing)
         findings += more
+        if C == 0 and x.dim() != 4 and x.dim() >= 3 and target.numel():
+            _kd_no_classes(x)
         prob = False
         out_dtype = _autocast_dtype(x.dtype, x)
 

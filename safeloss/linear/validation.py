@@ -38,7 +38,7 @@ from ..core.errors import (
     stock_class,
 )
 from ..core.report import Finding
-from ..core.validation import Problem, normalize
+from ..core.validation import Problem, check_ignore_index_range, normalize, reject_bool_tensor_index
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WORD = re.compile(r"(?<![\w.])cross_entropy\b")
@@ -504,17 +504,21 @@ def _labels_per_position(target: Tensor) -> bool:
 
 
 def _ignore_index(ignore_index: object) -> int | None:
-    if ignore_index is None or type(ignore_index) is int:
-        return ignore_index  # type: ignore[return-value]
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        return operator.index(ignore_index)  # type: ignore[arg-type]
-    except TypeError:
-        raise ArgumentTypeError(
-            f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
-            "(the default: -100 for class indices) or the label value to skip, e.g. -100"
-        ) from None
+    if ignore_index is None:
+        return None
+    if type(ignore_index) is not int:
+        reject_bool_tensor_index(ignore_index, "linear_cross_entropy")
+        try:
+            if isinstance(ignore_index, bool):
+                raise TypeError
+            ignore_index = operator.index(ignore_index)  # type: ignore[arg-type]
+        except TypeError:
+            raise ArgumentTypeError(
+                f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
+                "(the default: -100 for class indices) or the label value to skip, e.g. -100"
+            ) from None
+    check_ignore_index_range(ignore_index, "linear_cross_entropy")  # type: ignore[arg-type]
+    return ignore_index  # type: ignore[return-value]
 
 
 def validate(
