@@ -60,6 +60,7 @@ from .validation import (
     named,
     nonfinite_finding,
     reworded,
+    stock_first,
     tile_plan,
     validate,
 )
@@ -137,8 +138,12 @@ def linear_cross_entropy(
             key=key if mode is Mode.EAGER else None,
         )
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
-        trim(e)
-        raise
+        first = stock_first(e, input, linear_weight, target, linear_bias, weight, reduction,
+                            ignore_index, label_smoothing)  # stock's order of checks
+        trim(first)
+        if first is e:
+            raise
+        raise first from None
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -283,8 +288,12 @@ def module_forward(m: Any, input: Tensor, target: Tensor,
             options=m.options, key=key if mode is Mode.EAGER else None,
         )
     except SafeLossError as e:
-        trim(e)
-        raise
+        first = stock_first(e, input, w, target, b, m.weight, m.reduction, m.ignore_index, m.label_smoothing,
+                            "SafeLinearCrossEntropyLoss")
+        trim(first)
+        if first is e:
+            raise
+        raise first from None
 
 
 def _fx_module(m: Any, input: Any, target: Any, strict: bool | None, backend: str) -> Any:

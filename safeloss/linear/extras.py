@@ -46,6 +46,7 @@ from .validation import (
     nonfinite_finding,
     reword,
     reworded,
+    stock_first,
     validate,
 )
 
@@ -68,8 +69,12 @@ def linear_cross_entropy(
                    check_label_smoothing(label_smoothing), ex, strict=strict, owner=None,
                    backend=check_backend(backend))
     except SafeLossError as e:  # the traceback ends at the caller's line (core._traceback)
-        trim(e)
-        raise
+        first = stock_first(e, input, linear_weight, target, linear_bias, weight, reduction,
+                            ignore_index, label_smoothing)  # stock's order of checks
+        trim(first)
+        if first is e:
+            raise
+        raise first from None
 
 
 def module_forward(m: Any, input: Tensor, target: Tensor) -> Result:
@@ -79,9 +84,16 @@ def module_forward(m: Any, input: Tensor, target: Tensor) -> Result:
     lin = m.linear
     w = lin.weight.reshape((m.num_classes, *m.out_features, lin.in_features))
     b = None if lin.bias is None else lin.bias.reshape((m.num_classes, *m.out_features))
-    return run(decide(input, w, target, b, m.weight), input, w, target, b, m.weight,
-               check_reduction(m.reduction, "SafeLinearCrossEntropyLoss"), m.ignore_index, check_label_smoothing(m.label_smoothing),
-               ex, strict=m.strict, owner=m, backend=backend)
+    try:
+        return run(decide(input, w, target, b, m.weight), input, w, target, b, m.weight,
+                   check_reduction(m.reduction, "SafeLinearCrossEntropyLoss"), m.ignore_index,
+                   check_label_smoothing(m.label_smoothing), ex, strict=m.strict, owner=m, backend=backend)
+    except SafeLossError as e:  # stock's order of checks
+        first = stock_first(e, input, w, target, b, m.weight, m.reduction, m.ignore_index,
+                            m.label_smoothing, "SafeLinearCrossEntropyLoss")
+        if first is e:
+            raise
+        raise first from None
 
 
 def _forward_ad(*vs: object) -> bool:

@@ -38,7 +38,14 @@ from ..core.errors import (
     stock_class,
 )
 from ..core.report import Finding
-from ..core.validation import Problem, check_ignore_index_range, normalize, reject_bool_tensor_index
+from ..core.validation import (
+    Problem,
+    _smoothing_type,
+    check_ignore_index_range,
+    check_reduction,
+    normalize,
+    reject_bool_tensor_index,
+)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _WORD = re.compile(r"(?<![\w.])cross_entropy\b")
@@ -504,6 +511,14 @@ def _labels_per_position(target: Tensor) -> bool:
 
 
 def _ignore_index(ignore_index: object) -> int | None:
+    ignore_index = _index_type(ignore_index)
+    if ignore_index is not None:
+        check_ignore_index_range(ignore_index, "linear_cross_entropy")
+    return ignore_index
+
+
+def _index_type(ignore_index: object) -> int | None:
+    """``ignore_index`` as an int (or None), its type checked (a TypeError), not its range."""
     if ignore_index is None:
         return None
     if type(ignore_index) is not int:
@@ -517,8 +532,78 @@ def _ignore_index(ignore_index: object) -> int | None:
                 f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
                 "(the default: -100 for class indices) or the label value to skip, e.g. -100"
             ) from None
-    check_ignore_index_range(ignore_index, "linear_cross_entropy")  # type: ignore[arg-type]
     return ignore_index  # type: ignore[return-value]
+
+
+def _unbatched_kdim(x: Tensor, w: Tensor, out: tuple[int, ...]) -> None:
+    if out and x.dim() != 2:
+        raise InputError(
+            f"linear_cross_entropy: a K-dimensional loss ({_layer(w)}, out_features {out}) needs "
+            f"batched input (N, {w.shape[-1]}), got the unbatched input of shape "
+            f"{fmt_shape(x.shape)}.\nFix: input.unsqueeze(0), with the target's batch dimension "
+            f"added too\n(stock torch: K-dimensional loss defined by linear_weight shape "
+            f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
+            f"with shape {tuple(x.shape)})"
+        )
+
+
+def _probabilities_with_index(ii: object, logits_shape: tuple[int, ...]) -> None:
+    raise IgnoreIndexError(
+        f"linear_cross_entropy: ignore_index={ii!r} cannot be used with probability targets (the target has the "
+        f"logits' shape {fmt_shape(logits_shape)}, so each entry is a class probability, not "
+        "a label that could be skipped); stock torch raises \"ignore_index cannot be "
+        "specified when target contains probabilities\".\n"
+        "Fix: ignore_index=None; to skip rows, leave them out (input[keep], target[keep])"
+    )
+
+
+def stock_order(
+    input: object, linear_weight: object, target: object, linear_bias: object, weight: object,
+    reduction: object, ignore_index: object, label_smoothing: object,
+    op: str = "linear_cross_entropy",
+) -> None:
+    """Stock's checks in stock's order, so that a call with two mistakes raises the class stock
+    raises (docs/errors.md): its own shape checks (input, linear_weight, linear_bias, a
+    K-dimensional head's batch, then probability targets with an ``ignore_index``), then
+    ``linear`` (dtypes and devices of the layer), then ``cross_entropy``'s reduction string, its
+    argument parser's types (a TypeError), an ``ignore_index`` outside int64 (a ValueError).
+    Everything later (values, the target's shape and dtype) is :func:`validate`'s. Run on the
+    error path only (:func:`stock_first`): a call that passes safeloss's checks passes these."""
+    x = _tensor("the input", input, "the hidden states, shape (N, H)")
+    w = _tensor("linear_weight", linear_weight, "the output layer's weight, e.g. lm_head.weight")
+    _check_input(x, w)
+    _feature_error(x, w)
+    b = None if linear_bias is None else _tensor("linear_bias", linear_bias, "head.bias or None")
+    if b is not None:
+        _check_bias(b, w, x)
+    out = tuple(int(d) for d in w.shape[1:-1])
+    _unbatched_kdim(x, w, out)
+    t = _tensor("the target", target, "torch.as_tensor(labels, device=input.device)")
+    logits_shape = tuple(x.shape[:-1]) + (w.shape[0], *out)
+    if ignore_index is not None and tuple(t.shape) == logits_shape:
+        _probabilities_with_index(ignore_index, logits_shape)
+    _check_devices(x, [("linear_weight", w), ("linear_bias", b)])
+    _check_dtypes(x, w, b, autocast_enabled(x.device))
+    check_reduction(reduction, op)
+    if weight is not None and not isinstance(weight, Tensor):
+        _tensor("weight", weight, "a 1-D float tensor with one entry per class", attribute=False)
+    ii = _index_type(ignore_index)
+    if type(label_smoothing) is not float:
+        _smoothing_type(label_smoothing)
+    if ii is not None:
+        check_ignore_index_range(ii, "linear_cross_entropy")
+
+
+def stock_first(e: SafeLossError, *args: object) -> SafeLossError:
+    """``e``, a call's error, or the one stock raises before it for the call's arguments
+    (``args``: :func:`stock_order`'s): the error path's, so a clean call pays nothing."""
+    try:
+        stock_order(*args)  # type: ignore[arg-type]
+    except SafeLossError as first:
+        return first
+    except Exception:  # never hide the call's own error behind a failure of this check
+        return e
+    return e
 
 
 def validate(
@@ -543,15 +628,7 @@ def validate(
     _check_dtypes(x, w, b, autocast)
     C, out = w.shape[0], tuple(int(d) for d in w.shape[1:-1])
     batched = x.dim() == 2
-    if out and not batched:
-        raise InputError(
-            f"linear_cross_entropy: a K-dimensional loss ({_layer(w)}, out_features {out}) needs "
-            f"batched input (N, {w.shape[-1]}), got the unbatched input of shape "
-            f"{fmt_shape(x.shape)}.\nFix: input.unsqueeze(0), with the target's batch dimension "
-            f"added too\n(stock torch: K-dimensional loss defined by linear_weight shape "
-            f"{tuple(w.shape)} requires batched input, (N, {w.shape[-1]}), got unbatched input "
-            f"with shape {tuple(x.shape)})"
-        )
+    _unbatched_kdim(x, w, out)
     # (1, C) and (C, 1) pass on to the shared checks, which take them as cross_entropy does
     flat_ok = weight is not None and weight.numel() == C and max(weight.shape, default=0) == C
     if weight is not None and not flat_ok and (weight.dim() != 1 or weight.shape[0] != C):
@@ -572,13 +649,7 @@ def validate(
         x2 = x if batched else x.unsqueeze(0)
         _target_error(x2, w, t, expected, logits_shape, batched)
     if prob_shaped and ii is not None:
-        raise IgnoreIndexError(
-            f"linear_cross_entropy: ignore_index={ii} cannot be used with probability targets (the target has the "
-            f"logits' shape {fmt_shape(logits_shape)}, so each entry is a class probability, not "
-            "a label that could be skipped); stock torch raises \"ignore_index cannot be "
-            "specified when target contains probabilities\".\n"
-            "Fix: ignore_index=None; to skip rows, leave them out (input[keep], target[keep])"
-        )
+        _probabilities_with_index(ii, logits_shape)
     compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     if compute_dtype not in _FLOATS or x.dtype == torch.float64:
         compute_dtype = x.dtype
