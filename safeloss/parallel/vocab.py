@@ -875,14 +875,19 @@ def _head(vals: list[int], cworld: int, device: torch.device, rng: Tensor | None
 
 
 def _as_index(ignore_index: object) -> int | None:
+    """``ignore_index`` as an int64 value, or None where validation must raise its error (not
+    an int, a bool or bool tensor, a meta tensor, outside int64: the labels are compared with it
+    before validation runs)."""
     if type(ignore_index) is int:
-        return ignore_index
-    if isinstance(ignore_index, bool):
+        return ignore_index if -(2**63) <= ignore_index < 2**63 else None
+    if isinstance(ignore_index, bool) or (isinstance(ignore_index, Tensor) and (
+            ignore_index.dtype == torch.bool or ignore_index.is_meta)):
         return None
     try:
-        return operator.index(ignore_index)  # type: ignore[arg-type]
+        ii = operator.index(ignore_index)  # type: ignore[arg-type]
     except TypeError:
         return None
+    return ii if -(2**63) <= ii < 2**63 else None
 
 
 def _refuse_dtensors(input: object, target: object, weight: object) -> None:
