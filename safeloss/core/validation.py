@@ -79,7 +79,7 @@ def reject_bool_tensor_index(ignore_index: object, op: str = "cross_entropy") ->
 def check_ignore_index_range(ignore_index: int, op: str = "cross_entropy") -> None:
     """Stock's argument parser takes ``ignore_index`` as an int64 and rejects any other int
     ("Overflow when unpacking long long", a ValueError), before it looks at anything else."""
-    if not _INT64_MIN <= ignore_index < 2**63:
+    if not fits_int64(ignore_index):
         raise stock_class(IgnoreIndexError, ValueError)(
             f"{op}: ignore_index={ignore_index} does not fit int64 ({_INT64_MIN} .. {2**63 - 1}), "
             "the type labels are compared in (stock torch: \"Overflow when unpacking long long\"), "
@@ -905,18 +905,32 @@ def _target_type_error(target: object) -> None:
     )
 
 
+def int_index(value: object) -> int | None:
+    """``value`` as an int the way stock's argument parser reads an int argument (Python and
+    NumPy integers, 0-d integer tensors), or None where it refuses one: a bool, a bool or meta
+    tensor, anything without ``__index__``. Its range is not checked (``fits_int64``)."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_meta)):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def fits_int64(value: int) -> bool:
+    return _INT64_MIN <= value < 2**63
+
+
 def _index_value(ignore_index: object) -> int:
     """An int-like ``ignore_index`` as an int (numpy integers, 0-d integer tensors, as torch)."""
     reject_bool_tensor_index(ignore_index)
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        return operator.index(ignore_index)  # type: ignore[arg-type]
-    except TypeError:
+    ii = int_index(ignore_index)
+    if ii is None:
         raise ArgumentTypeError(
             f"ignore_index must be an int, got {ignore_index!r}.\nFix: ignore_index=-100 (the "
             "default) or the label value to skip, e.g. ignore_index=255 for segmentation masks"
-        ) from None
+        )
+    return ii
 
 
 def argument_types(input: object, target: object, weight: object, ignore_index: object,
@@ -934,8 +948,7 @@ def argument_types(input: object, target: object, weight: object, ignore_index: 
     ii = ignore_index if type(ignore_index) is int else _index_value(ignore_index)
     if type(label_smoothing) is not float:
         _smoothing_type(label_smoothing)
-    if not _INT64_MIN <= ii < 2**63:
-        check_ignore_index_range(ii)
+    check_ignore_index_range(ii)
 
 
 def normalize(

@@ -11,7 +11,6 @@ element, so nothing logits-sized is ever allocated.
 from __future__ import annotations
 
 import math
-import operator
 import re
 from dataclasses import dataclass, replace
 
@@ -43,6 +42,7 @@ from ..core.validation import (
     _smoothing_type,
     check_ignore_index_range,
     check_reduction,
+    int_index,
     normalize,
     reject_bool_tensor_index,
 )
@@ -521,18 +521,16 @@ def _index_type(ignore_index: object) -> int | None:
     """``ignore_index`` as an int (or None), its type checked (a TypeError), not its range."""
     if ignore_index is None:
         return None
-    if type(ignore_index) is not int:
-        reject_bool_tensor_index(ignore_index, "linear_cross_entropy")
-        try:
-            if isinstance(ignore_index, bool):
-                raise TypeError
-            ignore_index = operator.index(ignore_index)  # type: ignore[arg-type]
-        except TypeError:
-            raise ArgumentTypeError(
-                f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
-                "(the default: -100 for class indices) or the label value to skip, e.g. -100"
-            ) from None
-    return ignore_index  # type: ignore[return-value]
+    if type(ignore_index) is int:
+        return ignore_index
+    reject_bool_tensor_index(ignore_index, "linear_cross_entropy")
+    ii = int_index(ignore_index)
+    if ii is None:
+        raise ArgumentTypeError(
+            f"linear_cross_entropy: ignore_index must be an int or None, got {ignore_index!r}.\nFix: ignore_index=None "
+            "(the default: -100 for class indices) or the label value to skip, e.g. -100"
+        )
+    return ii
 
 
 def _unbatched_kdim(x: Tensor, w: Tensor, out: tuple[int, ...]) -> None:

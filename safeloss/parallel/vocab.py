@@ -59,7 +59,6 @@ import array
 import builtins
 import hashlib
 import math
-import operator
 import random
 import re
 import secrets
@@ -102,6 +101,8 @@ from ..core.validation import (
     _negative_classes,
     check_label_smoothing,
     check_reduction,
+    fits_int64,
+    int_index,
     normalize,
     weight_grad_quote,
 )
@@ -878,16 +879,8 @@ def _as_index(ignore_index: object) -> int | None:
     """``ignore_index`` as an int64 value, or None where validation must raise its error (not
     an int, a bool or bool tensor, a meta tensor, outside int64: the labels are compared with it
     before validation runs)."""
-    if type(ignore_index) is int:
-        return ignore_index if -(2**63) <= ignore_index < 2**63 else None
-    if isinstance(ignore_index, bool) or (isinstance(ignore_index, Tensor) and (
-            ignore_index.dtype == torch.bool or ignore_index.is_meta)):
-        return None
-    try:
-        ii = operator.index(ignore_index)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    return ii if -(2**63) <= ii < 2**63 else None
+    ii = ignore_index if type(ignore_index) is int else int_index(ignore_index)
+    return ii if ii is not None and fits_int64(ii) else None
 
 
 def _refuse_dtensors(input: object, target: object, weight: object) -> None:
