@@ -549,17 +549,20 @@ def _vocab_rows(seconds: float, min_rounds: int) -> list[Row]:
 
 # --------------------------------------------------------------------------- instructions
 
-# (section, case, safe step, stock step, target as in the timed rows, versus): the timed rows'
-# pairs, counted in executed instructions instead of time (``--instructions``).
-ICOUNT_ROWS: list[tuple[str, str, str, str, float | None, str | None]] = [
-    ("torch", "(8, 10)", "torch/safe-module", "torch/stock-module", 1.20, None),
-    ("torch", "(8, 10)", "torch/safe-functional", "torch/stock-functional", 1.20, None),
-    ("stubbed", "(8, 10)", "stubbed/safe-module", "stubbed/stock-module", 1.5, None),
-    ("stubbed", "(8, 10)", "stubbed/floor", "stubbed/stock-module", None, None),
-    ("stubbed", "(8, 10)", "stubbed/node", "stubbed/stock-module", None, None),
-    ("family", "(8, 16) x (10, 16)", "linear/safe-linear", "linear/stock-linear", None, "cross_entropy"),
-    ("family", "(8, 10), 1 gloo rank", "vocab/safe-vocab", "vocab/stock-vocab", None, "cross_entropy"),
-    ("family", "(8, 10), 1 gloo rank, vs plain", "vocab/safe-vocab", "vocab/plain-vocab", None, "cross_entropy"),
+# (section, case, api, safe step, stock step, target as in the timed rows, versus): the timed
+# rows' pairs, counted in executed instructions instead of time (``--instructions``).
+ICOUNT_ROWS: list[tuple[str, str, str, str, str, float | None, str | None]] = [
+    ("torch", "(8, 10)", "module", "torch/safe-module", "torch/stock-module", 1.20, None),
+    ("torch", "(8, 10)", "functional", "torch/safe-functional", "torch/stock-functional", 1.20, None),
+    ("stubbed", "(8, 10)", "module", "stubbed/safe-module", "stubbed/stock-module", 1.5, None),
+    ("stubbed", "(8, 10)", "floor", "stubbed/floor", "stubbed/stock-module", None, None),
+    ("stubbed", "(8, 10)", "node", "stubbed/node", "stubbed/stock-module", None, None),
+    ("family", "(8, 16) x (10, 16)", "linear_cross_entropy", "linear/safe-linear", "linear/stock-linear", None,
+     "cross_entropy"),
+    ("family", "(8, 10), 1 gloo rank", "vocab_parallel", "vocab/safe-vocab", "vocab/stock-vocab", None,
+     "cross_entropy"),
+    ("family", "(8, 10), 1 gloo rank, vs plain", "vocab_parallel (plain)", "vocab/safe-vocab",
+     "vocab/plain-vocab", None, "cross_entropy"),
 ]
 ICOUNT_CALLS = 300
 
@@ -652,19 +655,14 @@ def instruction_rows(calls: int = ICOUNT_CALLS) -> list[Row]:
     if missing:
         raise SystemExit(f"--instructions needs valgrind (with its headers) and a C compiler; not found: "
                          f"{', '.join(missing)} (Debian: apt-get install valgrind gcc)")
-    names = sorted({n for row in ICOUNT_ROWS for n in row[2:4]})
+    names = sorted({n for row in ICOUNT_ROWS for n in row[3:5]})
     with tempfile.TemporaryDirectory() as tmp, \
             concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         lib = _callgrind_requests(Path(tmp))
         counts = dict(zip(names, pool.map(lambda n: _instructions(n, calls, Path(tmp), lib), names), strict=True))
     ce_extra = (counts["torch/safe-functional"] - counts["torch/stock-functional"]) / 1e3
     rows = []
-    for section, case, safe, stock, limit, versus in ICOUNT_ROWS:
-        step = safe.split("/")[1]
-        api = {"linear": "linear_cross_entropy", "vocab": "vocab_parallel"}.get(safe.split("/")[0],
-                                                                               step.removeprefix("safe-"))
-        if stock.endswith("plain-vocab"):
-            api = "vocab_parallel (plain)"
+    for section, case, api, safe, stock, limit, versus in ICOUNT_ROWS:
         row = Row(section, case, api, 1, "instr", ce_extra if versus else limit, versus=versus)
         row.safe_us, row.stock_us = counts[safe] / 1e3, counts[stock] / 1e3
         row.paired, row.extra_us, row.rounds = row.safe_us / row.stock_us, row.safe_us - row.stock_us, calls

@@ -368,7 +368,7 @@ def test_cpu_overhead_instruction_counts(benchmark_script, monkeypatch: pytest.M
     valgrind, two calls each), and the rows are the counts' ratios and differences, the family
     rows judged on their extra instructions against the cross-entropy path's."""
     tool = benchmark_script("cpu_overhead")
-    names = sorted({n for row in tool.ICOUNT_ROWS for n in row[2:4]})
+    names = sorted({n for row in tool.ICOUNT_ROWS for n in row[3:5]})
     for name in names:
         tool._icount_child(name, 2)
     counts = {name: 100_000.0 for name in names}
