@@ -1,5 +1,7 @@
+import contextlib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 # Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be set
 # before triton is first imported, and importing torch may import triton: so before torch.
@@ -92,3 +94,20 @@ def one_rank() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def autocast_or_skip() -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """``with autocast_or_skip(device):`` autocast for ``device`` (bfloat16 on the CPU), or skip
+    the test where this torch build cannot enter it (torch's note that no such device is present
+    silenced)."""
+    @contextlib.contextmanager
+    def enter(device: str) -> Iterator[None]:
+        kw = {"dtype": torch.bfloat16} if device == "cpu" else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note that no XPU is present
+            with torch.autocast(device, **kw):  # type: ignore[arg-type]
+                if not torch._C._is_any_autocast_enabled():
+                    pytest.skip(f"this torch build cannot enter {device} autocast")
+                yield
+    return enter

@@ -14,7 +14,6 @@ import builtins
 import subprocess
 import sys
 import textwrap
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -175,7 +174,7 @@ def test_ce_under_a_function_mode_is_stocks() -> None:
 
 # ----------------------------------------------------------------------------------- autocast
 
-def test_linear_plan_made_under_another_devices_autocast_is_not_taken_under_cpu_autocast() -> None:
+def test_linear_plan_made_under_another_devices_autocast_is_not_taken_under_cpu_autocast(autocast_or_skip) -> None:
     """Autocast on for a device other than the tensors' (XPU here: it needs no such device to be
     entered) changes nothing for a CPU call, which may store a plan; the CPU's own autocast
     changes the compute dtype, which the planned path (plain float32 ops) must not run under:
@@ -184,13 +183,8 @@ def test_linear_plan_made_under_another_devices_autocast_is_not_taken_under_cpu_
     x.requires_grad_()
 
     def call(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = {"dtype": torch.bfloat16} if device == "cpu" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's note that no XPU is present
-            with torch.autocast(device, **kw):  # type: ignore[arg-type]
-                if not torch._C._is_any_autocast_enabled():
-                    pytest.skip(f"this torch build cannot enter {device} autocast")
-                out = safeloss.linear_cross_entropy(x, w, t)
+        with autocast_or_skip(device):
+            out = safeloss.linear_cross_entropy(x, w, t)
         return out, torch.autograd.grad(out, x)[0]
 
     call("xpu")

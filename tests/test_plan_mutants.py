@@ -268,17 +268,12 @@ def test_a_plan_made_outside_autocast_does_not_serve_calls_under_it() -> None:
     _planned_as_fresh(lambda: ce(_x(dtype=torch.bfloat16), _t(), backend="triton"), probe)
 
 
-def test_a_plan_made_under_another_devices_autocast_does_not_serve_cpu_autocast() -> None:
+def test_a_plan_made_under_another_devices_autocast_does_not_serve_cpu_autocast(autocast_or_skip) -> None:
     """Autocast for XPU changes nothing for CPU tensors (the plan made there is a plain one);
     the CPU's own autocast is another signature (the Triton path's result dtype follows it)."""
     def call(device: str) -> object:
-        kw = {"dtype": torch.bfloat16} if device == "cpu" else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's note that no XPU is present
-            with torch.autocast(device, **kw):  # type: ignore[arg-type]
-                if not torch._C._is_any_autocast_enabled():
-                    pytest.skip(f"this torch build cannot enter {device} autocast")
-                return ce(_x(dtype=torch.bfloat16), _t(), backend="triton")
+        with autocast_or_skip(device):
+            return ce(_x(dtype=torch.bfloat16), _t(), backend="triton")
 
     _planned_as_fresh(lambda: call("xpu"), lambda: call("cpu"))
 
